@@ -1,0 +1,8 @@
+"""fastmlp: fast multi-layer perceptron training on the CPU, with fused Numba
+kernels and a plain NumPy oracle (`fastmlp.reference`) that tests them."""
+from . import reference
+from .model import MLP
+from .training import History, fit
+
+__all__ = ["MLP", "fit", "History", "reference"]
+__version__ = "0.1.0"

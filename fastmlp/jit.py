@@ -1,0 +1,28 @@
+"""Every JIT option of fastmlp lives here, so kernels never spell their own.
+
+fastmath: the flag set is explicit. It lets LLVM reassociate sums (so loops
+vectorise), contract multiply-adds into FMAs, use reciprocals and ignore the
+sign of zero. It leaves out ``nnan`` and ``ninf`` so that NaN and inf still
+propagate and a diverging run stays visible. It also leaves out ``afn``:
+approximate ``exp``/``log`` would move results away from the NumPy oracle.
+
+Determinism: a compiled function is the same machine code whatever the
+thread count, and every parallel loop in fastmlp writes disjoint memory with
+a work partition fixed by the problem size (never by the thread count), so
+results are bit-identical for 1 or N threads.
+
+cache: compiled kernels are cached on disk (keyed on the CPU by Numba), so a
+second process starts without compiling.
+"""
+import numba
+
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+CACHE = True
+
+# A serial kernel: called from inside parallel loops, never parallel itself.
+kernel = numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy")
+
+# A kernel that owns one `prange` region (both cores).
+parallel_kernel = numba.njit(
+    parallel=True, fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy"
+)

@@ -1,0 +1,222 @@
+"""Layer kernels: small serial Numba functions, outputs first, then inputs.
+
+Dimension letters used in the shape comments:
+  B  rows of the minibatch workspace (its capacity; rows r0:r1 are touched)
+  N  rows of the whole dataset
+  C  input features of a layer, OC its output features
+  K  classes (the output layer's width)
+
+The activation of a hidden layer is a compile-time code (below); derivatives
+are written in terms of the activation's output, so the forward pass keeps
+only post-activations (as scikit-learn does). Callers choose which rows or
+weight rows a call covers, so that parallel callers write disjoint memory.
+"""
+import math
+
+import numpy as np
+
+from .jit import kernel
+
+SIGMOID = 0
+TANH = 1
+RELU = 2
+IDENTITY = 3
+ACTIVATIONS = {"sigmoid": SIGMOID, "tanh": TANH, "relu": RELU}
+
+# Constants are float32 literals: exact in float32, so a float32 kernel stays
+# float32 and a float64 kernel promotes them without loss.
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+
+
+# ----------------------------------------------------------------------------
+# input
+
+@kernel
+def gather_rows(out, labels_out, X, y, idx, start, scale, r0, r1):
+    # out is (B, C), labels_out is (B,), X is (N, C), y is (N,), idx is (>=start+r1,)
+    # Row b of the batch is dataset row idx[start + b], times `scale`
+    # (1/255 for uint8 pixels, 1 for floats): uint8 data is never copied whole.
+    C = out.shape[1]
+    for b in range(r0, r1):
+        i = idx[start + b]
+        src = X[i]
+        dst = out[b]
+        for c in range(C):
+            dst[c] = src[c] * scale
+        labels_out[b] = y[i]
+
+
+# ----------------------------------------------------------------------------
+# dense layer with its activation fused
+
+@kernel
+def activate(z, activation):
+    if activation == SIGMOID:
+        return ONE / (ONE + math.exp(-z))
+    if activation == TANH:
+        return math.tanh(z)
+    if activation == RELU:
+        return z if z > ZERO else ZERO
+    return z
+
+
+@kernel
+def activation_derivative(a, activation):
+    # the derivative at the pre-activation, written with the output a
+    if activation == SIGMOID:
+        return a * (ONE - a)
+    if activation == TANH:
+        return ONE - a * a
+    if activation == RELU:
+        return ONE if a > ZERO else ZERO
+    return ONE
+
+
+@kernel
+def dense_forward(out, inp, weight, bias, activation, r0, r1):
+    # out is (B, OC), inp is (B, C), weight is (OC, C), bias is (OC,)
+    # out = activation(inp @ weight.T + bias) for rows r0:r1.
+    # Weights are stored (OC, C) so that every output is a dot product along
+    # the long, contiguous C axis. A tile of 2 rows x 4 outputs keeps 8
+    # accumulators in registers and loads 6 values per 8 multiply-adds. At an
+    # edge the tile repeats the last row or output and stores only what is
+    # real, so every output is computed by the same instructions.
+    OC, C = weight.shape
+    for b in range(r0, r1, 2):
+        b1 = min(b + 1, r1 - 1)
+        x = inp[b]
+        y = inp[b1]
+        for j in range(0, OC, 4):
+            w0 = weight[j]
+            w1 = weight[min(j + 1, OC - 1)]
+            w2 = weight[min(j + 2, OC - 1)]
+            w3 = weight[min(j + 3, OC - 1)]
+            s0 = ZERO; s1 = ZERO; s2 = ZERO; s3 = ZERO
+            t0 = ZERO; t1 = ZERO; t2 = ZERO; t3 = ZERO
+            for k in range(C):
+                xk = x[k]
+                yk = y[k]
+                s0 += xk * w0[k]; s1 += xk * w1[k]; s2 += xk * w2[k]; s3 += xk * w3[k]
+                t0 += yk * w0[k]; t1 += yk * w1[k]; t2 += yk * w2[k]; t3 += yk * w3[k]
+            for i, s, t in ((0, s0, t0), (1, s1, t1), (2, s2, t2), (3, s3, t3)):
+                if j + i < OC:
+                    out[b, j + i] = activate(s + bias[j + i], activation)
+                    out[b1, j + i] = activate(t + bias[j + i], activation)
+
+
+@kernel
+def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
+    # dinp is (B, C), dout is (B, OC), weight is (OC, C), inp is (B, C)
+    # dinp = (dout @ weight) * activation'(inp) for rows r0:r1, where inp is
+    # the previous layer's output: the delta of the previous layer's
+    # pre-activation, ready for its own weight gradient. Four weight rows
+    # per pass over the contiguous output row (5 loads, 1 store, 4 FMAs).
+    OC, C = weight.shape
+    for b in range(r0, r1):
+        d = dout[b]
+        g = dinp[b]
+        for k in range(C):
+            g[k] = ZERO
+        for j in range(0, OC, 4):
+            last = OC - 1
+            w0 = weight[j]
+            w1 = weight[min(j + 1, last)]
+            w2 = weight[min(j + 2, last)]
+            w3 = weight[min(j + 3, last)]
+            d0 = d[j]
+            d1 = d[j + 1] if j + 1 < OC else ZERO
+            d2 = d[j + 2] if j + 2 < OC else ZERO
+            d3 = d[j + 3] if j + 3 < OC else ZERO
+            for k in range(C):
+                g[k] += d0 * w0[k] + d1 * w1[k] + d2 * w2[k] + d3 * w3[k]
+        a = inp[b]
+        for k in range(C):
+            g[k] *= activation_derivative(a[k], activation)
+
+
+@kernel
+def dense_backward_weight(dweight, dout, inp, j0, j1, nrows):
+    # dweight is (OC, C), dout is (B, OC), inp is (B, C)
+    # dweight[j0:j1] = dout[:nrows, j0:j1].T @ inp[:nrows], summed over rows
+    # in order 0..nrows-1, four rows per pass (deterministic: one writer per
+    # weight row, whatever the thread count).
+    C = dweight.shape[1]
+    last = nrows - 1
+    for j in range(j0, j1):
+        dw = dweight[j]
+        for k in range(C):
+            dw[k] = ZERO
+        for b in range(0, nrows, 4):
+            a0 = inp[b]
+            a1 = inp[min(b + 1, last)]
+            a2 = inp[min(b + 2, last)]
+            a3 = inp[min(b + 3, last)]
+            d0 = dout[b, j]
+            d1 = dout[b + 1, j] if b + 1 < nrows else ZERO
+            d2 = dout[b + 2, j] if b + 2 < nrows else ZERO
+            d3 = dout[b + 3, j] if b + 3 < nrows else ZERO
+            for k in range(C):
+                dw[k] += d0 * a0[k] + d1 * a1[k] + d2 * a2[k] + d3 * a3[k]
+
+
+@kernel
+def dense_backward_bias(dbias, dout, nrows):
+    # dbias is (OC,), dout is (B, OC)
+    OC = dbias.shape[0]
+    for j in range(OC):
+        dbias[j] = ZERO
+    for b in range(nrows):
+        d = dout[b]
+        for j in range(OC):
+            dbias[j] += d[j]
+
+
+# ----------------------------------------------------------------------------
+# softmax output with mean categorical cross-entropy
+
+@kernel
+def softmax_crossentropy_forward(probs, labels, r0, r1):
+    # probs is (B, K), holding logits on entry and probabilities on exit;
+    # labels is (B,). Returns (sum of -log p[label], number of rows whose
+    # argmax equals the label) over rows r0:r1, the loss in float64.
+    K = probs.shape[1]
+    loss = 0.0
+    correct = 0
+    for b in range(r0, r1):
+        p = probs[b]
+        top = p[0]
+        best = 0
+        for j in range(1, K):
+            if p[j] > top:
+                top = p[j]
+                best = j
+        label_logit = p[labels[b]]
+        total = ZERO
+        for j in range(K):
+            e = math.exp(p[j] - top)
+            p[j] = e
+            total += e
+        inv = ONE / total
+        for j in range(K):
+            p[j] *= inv
+        # -log softmax(z)[y] = log(sum exp(z - max)) - (z_y - max), stable
+        loss += math.log(total) - (label_logit - top)
+        if best == labels[b]:
+            correct += 1
+    return loss, correct
+
+
+@kernel
+def softmax_crossentropy_backward(dlogits, probs, labels, inv_rows, r0, r1):
+    # dlogits is (B, K), probs is (B, K), labels is (B,)
+    # Softmax and cross-entropy together have the plain derivative
+    # probs - onehot(label): the softmax Jacobian cancels against d(-log p).
+    # inv_rows = 1/rows makes it the gradient of the batch mean.
+    K = probs.shape[1]
+    for b in range(r0, r1):
+        p = probs[b]
+        d = dlogits[b]
+        for j in range(K):
+            d[j] = p[j] * inv_rows
+        d[labels[b]] -= inv_rows

@@ -1,0 +1,182 @@
+"""The model: one flat parameter vector carved into per-layer views, and the
+workspace of activation and delta buffers that the kernels run in."""
+import numpy as np
+
+from .kernels import ACTIVATIONS
+from .optimizers import NONE, make_hyper
+from .step import N_CHUNKS, forward_backward, gradients_update, make_tasks
+from .validation import (
+    check_activation,
+    check_choice,
+    check_dtype,
+    check_float,
+    check_layer_sizes,
+    check_X,
+    check_Xy,
+    input_scale,
+)
+
+INITS = ("normal", "xavier", "he")
+PREDICT_BATCH = 1024  # rows per forward call in predict/evaluate
+
+
+def parameter_layout(layer_sizes):
+    """Offsets of W_0, b_0, W_1, b_1, ... in the flat vector, and its size.
+    W_l is stored (fan_out, fan_in) row-major, so that kernels take dot
+    products along contiguous fan_in rows; b_l is (fan_out,)."""
+    w_off, b_off, offset = [], [], 0
+    for fan_in, fan_out in zip(layer_sizes[:-1], layer_sizes[1:]):
+        w_off.append(offset)
+        offset += fan_in * fan_out
+        b_off.append(offset)
+        offset += fan_out
+    return np.array(w_off, np.int64), np.array(b_off, np.int64), offset
+
+
+class Workspace:
+    """Activation and delta buffers for batches of up to `batch_size` rows,
+    allocated once. A_l (and D_l, the loss gradient of layer l's
+    pre-activation) is a (batch_size, layer_sizes[l]) block at act_off[l];
+    D_0 is never written."""
+
+    def __init__(self, layer_sizes, batch_size, dtype, backward=True):
+        sizes = np.asarray(layer_sizes, np.int64)
+        blocks = batch_size * sizes
+        self.batch_size = batch_size
+        self.act_off = np.concatenate([[0], np.cumsum(blocks)[:-1]]).astype(np.int64)
+        self.acts = np.zeros(int(blocks.sum()), dtype)
+        self.deltas = np.zeros(self.acts.size if backward else 0, dtype)
+        self.labels = np.zeros(batch_size, np.int32)
+        self.chunk_stats = np.zeros((N_CHUNKS, 2), np.float64)
+        start = int(self.act_off[-1])
+        self.output = self.acts[start:start + blocks[-1]].reshape(batch_size, sizes[-1])
+
+
+class MLP:
+    """A multi-layer perceptron: dense layers with one hidden activation
+    (sigmoid, tanh or relu) and a softmax output trained with mean
+    categorical cross-entropy.
+
+    `params` is one flat contiguous array; `weights[i]` (fan_in, fan_out) and
+    `biases[i]` are writable views into it (weights[i] is the transpose of the
+    stored (fan_out, fan_in) block, so it is Fortran-ordered).
+    """
+
+    def __init__(self, layer_sizes, activation="sigmoid", dtype="float32",
+                 init="normal", init_scale=0.01, seed=None):
+        self.layer_sizes = check_layer_sizes(layer_sizes)
+        check_activation(activation)
+        self.activation = activation
+        self.dtype = check_dtype(dtype)
+        self.init = check_choice("init", init, INITS)
+        self.init_scale = check_float("init_scale", init_scale, minimum=0.0)
+        self.seed = seed
+
+        self.w_off, self.b_off, n_params = parameter_layout(self.layer_sizes)
+        self._sizes = np.array(self.layer_sizes, np.int64)
+        self._tasks = make_tasks(self.layer_sizes)
+        self.params = np.zeros(n_params, self.dtype)
+        self.weights, self.biases = self.layer_views(self.params)
+        self.optimizer_state = None  # set by fit, kept so a second fit continues
+        self._initialize(np.random.default_rng(seed))
+
+    def _initialize(self, rng):
+        # normal: init_scale * N(0, 1), the classic lesson's draw; xavier:
+        # Glorot uniform, U(+-sqrt(6 / (fan_in + fan_out))); he: N(0, 2 / fan_in).
+        # Biases start at zero.
+        for w in self.weights:
+            fan_in, fan_out = w.shape
+            if self.init == "normal":
+                w[...] = self.init_scale * rng.standard_normal(w.shape)
+            elif self.init == "xavier":
+                limit = np.sqrt(6.0 / (fan_in + fan_out))
+                w[...] = rng.uniform(-limit, limit, w.shape)
+            else:
+                w[...] = np.sqrt(2.0 / fan_in) * rng.standard_normal(w.shape)
+
+    def layer_views(self, flat):
+        """(weights, biases): per-layer views of a vector laid out like params."""
+        fans = zip(self.layer_sizes[:-1], self.layer_sizes[1:])
+        weights = [flat[w:w + i * o].reshape(o, i).T for w, (i, o) in zip(self.w_off, fans)]
+        biases = [flat[b:b + o] for b, o in zip(self.b_off, self.layer_sizes[1:])]
+        return weights, biases
+
+    @property
+    def n_params(self):
+        return self.params.size
+
+    @property
+    def n_features(self):
+        return self.layer_sizes[0]
+
+    @property
+    def n_classes(self):
+        return self.layer_sizes[-1]
+
+    @property
+    def activation_code(self):
+        return ACTIVATIONS[self.activation]
+
+    def __repr__(self):
+        return (f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "
+                f"dtype={self.dtype.name!r}, params={self.n_params})")
+
+    # ------------------------------------------------------------------
+    # kernels on a whole array
+
+    def _forward(self, X, y, workspace, idx, start, nrows, backward):
+        return forward_backward(workspace.acts, workspace.deltas, workspace.labels,
+                                workspace.chunk_stats, X, y, idx, start, nrows,
+                                input_scale(X, self.dtype), self.params, self._sizes,
+                                self.w_off, self.b_off, workspace.act_off,
+                                self.activation_code, backward)
+
+    def _forward_all(self, X, y, probs=None):
+        """Loss sum and correct count over X (labels y), in batches of
+        PREDICT_BATCH rows; fills probs if given."""
+        n = X.shape[0]
+        workspace = Workspace(self.layer_sizes, min(n, PREDICT_BATCH), self.dtype, backward=False)
+        idx = np.arange(n, dtype=np.int64)
+        loss, correct = 0.0, 0
+        for start in range(0, n, workspace.batch_size):
+            nrows = min(workspace.batch_size, n - start)
+            n_chunks = self._forward(X, y, workspace, idx, start, nrows, False)
+            loss += workspace.chunk_stats[:n_chunks, 0].sum()
+            correct += int(workspace.chunk_stats[:n_chunks, 1].sum())
+            if probs is not None:
+                probs[start:start + nrows] = workspace.output[:nrows]
+        return loss, correct
+
+    def predict_proba(self, X):
+        """Class probabilities, shape (n_samples, n_classes)."""
+        X = check_X(X, self.n_features)
+        probs = np.empty((X.shape[0], self.n_classes), self.dtype)
+        self._forward_all(X, np.zeros(X.shape[0], np.int32), probs)
+        return probs
+
+    def predict(self, X):
+        """The most probable class of each row."""
+        return np.argmax(self.predict_proba(X), axis=1)
+
+    def evaluate(self, X, y):
+        """(mean cross-entropy, accuracy) on X, y."""
+        X, y = check_Xy(X, y, self.n_features, self.n_classes)
+        loss, correct = self._forward_all(X, y)
+        return loss / X.shape[0], correct / X.shape[0]
+
+    def gradients(self, X, y):
+        """(loss, dweights, dbiases): the mean cross-entropy over the batch X,
+        y and its exact gradients, from the same kernels training runs."""
+        X, y = check_Xy(X, y, self.n_features, self.n_classes)
+        n = X.shape[0]
+        workspace = Workspace(self.layer_sizes, n, self.dtype)
+        grads = np.zeros_like(self.params)
+        n_chunks = self._forward(X, y, workspace, np.arange(n, dtype=np.int64), 0, n, True)
+        empty = np.zeros(0, self.dtype)
+        gradients_update(self.params, grads, empty, empty, workspace.acts,
+                         workspace.deltas, n, n, self._sizes, self.w_off, self.b_off,
+                         workspace.act_off, self._tasks, NONE,
+                         make_hyper(self.dtype, 0.0, 0.0, 0.0), False)
+        loss = workspace.chunk_stats[:n_chunks, 0].sum() / n
+        dweights, dbiases = self.layer_views(grads)
+        return loss, dweights, dbiases

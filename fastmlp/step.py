@@ -1,0 +1,193 @@
+"""The fused minibatch step, and the loop that runs many steps in compiled code.
+
+A step is two parallel regions:
+
+1. `forward_backward`: the batch is cut into at most N_CHUNKS fixed row
+   chunks (the cut depends on the batch size only, never on the thread
+   count). Each chunk gathers its rows from the dataset, runs every layer
+   forward, softmax and cross-entropy, and every delta backward. Rows are
+   independent, so chunks need no synchronisation between layers, and each
+   chunk writes its loss into its own slot, summed afterwards in chunk order.
+2. `gradients_update`: weight gradients are sums over the batch, so they are
+   split by *parameter* instead: each task owns a block of weight rows (or
+   one layer's bias), sums over all rows of the batch in row order, and then
+   applies the optimizer update to that same flat range while it is hot in
+   cache. One writer per parameter: no atomics, no per-thread slabs, and the
+   result is bit-identical for any thread count.
+
+`train_steps` runs steps start..stop in one call, so an epoch costs one
+Python call. Nothing is allocated: every array is a view of the workspace or
+of the parameter and optimizer-state vectors.
+"""
+import numpy as np
+from numba import prange
+
+from .jit import kernel, parallel_kernel
+from .kernels import (
+    IDENTITY,
+    dense_backward_bias,
+    dense_backward_input,
+    dense_backward_weight,
+    dense_forward,
+    gather_rows,
+    softmax_crossentropy_backward,
+    softmax_crossentropy_forward,
+)
+from .optimizers import (
+    ADAM,
+    ADAM_ALPHA,
+    BETA1,
+    BETA2,
+    DECAY,
+    EPSILON,
+    LR,
+    MOMENTUM,
+    MOMENTUM_COEF,
+    SGD,
+    adam_alpha,
+    adam_update,
+    momentum_update,
+    sgd_update,
+)
+
+# Row chunks per batch in forward_backward. Fixed, so that the partition of
+# the work (and the order of the loss sum) never depends on the thread count.
+N_CHUNKS = 16
+
+# A task of gradients_update covers about this many parameters.
+TASK_PARAMS = 2048
+WEIGHT_TASK = 0
+BIAS_TASK = 1
+
+
+def make_tasks(layer_sizes):
+    """(layer, kind, j0, j1) rows: blocks of rows of the (fan_out, fan_in)
+    weight matrices, then one bias task per layer. Depends on the layer sizes
+    only, never on the thread count."""
+    tasks = []
+    for layer in range(len(layer_sizes) - 1):
+        fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
+        rows = max(1, -(-TASK_PARAMS // fan_in))
+        for j0 in range(0, fan_out, rows):
+            tasks.append((layer, WEIGHT_TASK, j0, min(fan_out, j0 + rows)))
+    for layer in range(len(layer_sizes) - 1):
+        tasks.append((layer, BIAS_TASK, 0, 0))
+    return np.array(tasks, dtype=np.int64).reshape(-1, 4)
+
+
+@kernel
+def view2d(flat, offsets, index, rows, cols):
+    # flat[offsets[index]:...] seen as a (rows, cols) matrix
+    start = offsets[index]
+    return flat[start:start + rows * cols].reshape((rows, cols))
+
+
+@kernel
+def chunk_rows(nrows):
+    # rows per chunk and the number of chunks for a batch of nrows
+    per_chunk = (nrows + N_CHUNKS - 1) // N_CHUNKS
+    return per_chunk, (nrows + per_chunk - 1) // per_chunk
+
+
+@parallel_kernel
+def forward_backward(acts, deltas, labels, chunk_stats, X, y, idx, start, nrows,
+                     scale, params, sizes, w_off, b_off, act_off, activation,
+                     backward):
+    # acts holds A_0..A_L, each (B, sizes[l]) at act_off[l]; deltas holds
+    # D_1..D_L at the same offsets (D_l is the loss gradient of layer l's
+    # pre-activation); labels is (B,); chunk_stats is (N_CHUNKS, 2).
+    # Rows 0:nrows of the batch are dataset rows idx[start:start + nrows].
+    B = labels.shape[0]
+    L = sizes.shape[0] - 1
+    per_chunk, n_chunks = chunk_rows(nrows)
+    inv_rows = params.dtype.type(1.0) / params.dtype.type(nrows)
+    for c in prange(n_chunks):
+        r0 = c * per_chunk
+        r1 = min(nrows, r0 + per_chunk)
+        gather_rows(view2d(acts, act_off, 0, B, sizes[0]), labels, X, y, idx,
+                    start, scale, r0, r1)
+        for l in range(L):
+            dense_forward(view2d(acts, act_off, l + 1, B, sizes[l + 1]),
+                          view2d(acts, act_off, l, B, sizes[l]),
+                          view2d(params, w_off, l, sizes[l + 1], sizes[l]),
+                          params[b_off[l]:b_off[l] + sizes[l + 1]],
+                          activation if l < L - 1 else IDENTITY, r0, r1)
+        probs = view2d(acts, act_off, L, B, sizes[L])
+        loss, correct = softmax_crossentropy_forward(probs, labels, r0, r1)
+        chunk_stats[c, 0] = loss
+        chunk_stats[c, 1] = correct
+        if backward:
+            softmax_crossentropy_backward(view2d(deltas, act_off, L, B, sizes[L]),
+                                          probs, labels, inv_rows, r0, r1)
+            for l in range(L - 1, 0, -1):
+                dense_backward_input(view2d(deltas, act_off, l, B, sizes[l]),
+                                     view2d(deltas, act_off, l + 1, B, sizes[l + 1]),
+                                     view2d(params, w_off, l, sizes[l + 1], sizes[l]),
+                                     view2d(acts, act_off, l, B, sizes[l]),
+                                     activation, r0, r1)
+    return n_chunks
+
+
+@parallel_kernel
+def gradients_update(params, grads, state1, state2, acts, deltas, nrows, B,
+                     sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
+                     nesterov):
+    # params, grads, state1, state2 are flat (P,) vectors of one layout
+    # (state: momentum's velocity, or Adam's m and v); tasks is (T, 4).
+    # Computes the gradient of every parameter, then (unless optimizer is
+    # NONE) updates it.
+    for t in prange(tasks.shape[0]):
+        l = tasks[t, 0]
+        fan_in = sizes[l]
+        fan_out = sizes[l + 1]
+        dout = view2d(deltas, act_off, l + 1, B, fan_out)
+        if tasks[t, 1] == WEIGHT_TASK:
+            j0 = tasks[t, 2]
+            j1 = tasks[t, 3]
+            dense_backward_weight(view2d(grads, w_off, l, fan_out, fan_in), dout,
+                                  view2d(acts, act_off, l, B, fan_in), j0, j1, nrows)
+            p0 = w_off[l] + j0 * fan_in
+            p1 = w_off[l] + j1 * fan_in
+            decay = hyper[DECAY]
+        else:
+            p0 = b_off[l]
+            p1 = p0 + fan_out
+            dense_backward_bias(grads[p0:p1], dout, nrows)
+            decay = hyper.dtype.type(0.0)
+        if optimizer == SGD:
+            sgd_update(params, grads, p0, p1, hyper[LR], decay)
+        elif optimizer == MOMENTUM:
+            momentum_update(params, grads, state1, p0, p1, hyper[LR],
+                            hyper[MOMENTUM_COEF], decay, nesterov)
+        elif optimizer == ADAM:
+            adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
+                        hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
+
+
+@kernel
+def train_steps(params, grads, state1, state2, acts, deltas, labels, chunk_stats,
+                X, y, idx, n_rows, step0, step1, update_count, scale, sizes, w_off,
+                b_off, act_off, tasks, activation, optimizer, hyper, nesterov):
+    # Runs steps step0..step1 of an epoch whose rows, in order, are
+    # idx[0:n_rows]; step s covers idx[s*B : min((s+1)*B, n_rows)].
+    # update_count is the number of updates done before (Adam's t).
+    # Returns (sum of the per-row losses, number of correct rows).
+    B = labels.shape[0]
+    loss_sum = 0.0
+    correct = 0
+    for s in range(step0, step1):
+        start = s * B
+        nrows = min(B, n_rows - start)
+        n_chunks = forward_backward(acts, deltas, labels, chunk_stats, X, y, idx,
+                                    start, nrows, scale, params, sizes, w_off,
+                                    b_off, act_off, activation, True)
+        for c in range(n_chunks):
+            loss_sum += chunk_stats[c, 0]
+            correct += int(chunk_stats[c, 1])
+        update_count += 1
+        if optimizer == ADAM:
+            hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
+        gradients_update(params, grads, state1, state2, acts, deltas, nrows, B,
+                         sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
+                         nesterov)
+    return loss_sum, correct

@@ -1,0 +1,131 @@
+"""Checks and conversions at the Python boundary: kernels see only clean
+arrays and scalars, and bad input gets a ValueError that names the problem."""
+import numbers
+
+import numpy as np
+
+from .kernels import ACTIVATIONS
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+INPUT_DTYPES = (np.uint8, np.float32, np.float64)
+FINITE_CHECK_ROWS = 8192  # rows per block when scanning for NaN/inf
+
+
+def check_dtype(dtype):
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return np.dtype(DTYPES[name])
+
+
+def check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[activation]
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
+    return value
+
+
+def check_int(name, value, minimum=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_float(name, value, minimum=None, maximum=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_layer_sizes(layer_sizes):
+    try:
+        sizes = list(layer_sizes)
+    except TypeError:
+        raise ValueError(f"layer_sizes must be a sequence of integers, got {layer_sizes!r}") from None
+    if len(sizes) < 2:
+        raise ValueError("layer_sizes needs at least an input and an output size, "
+                         f"got {sizes!r}")
+    for size in sizes:
+        check_int("every layer size", size, minimum=1)
+    if sizes[-1] < 2:
+        raise ValueError(f"the output layer needs at least 2 classes, got {sizes[-1]}")
+    return tuple(int(s) for s in sizes)
+
+
+def check_X(X, n_features, name="X"):
+    """A 2-D C-contiguous array of uint8, float32 or float64 with n_features
+    columns and finite values. uint8 and float arrays that are already
+    C-contiguous are used as they are (no copy)."""
+    if not isinstance(X, np.ndarray):
+        X = np.asarray(X)
+    if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise ValueError(f"{name} must hold numbers, got dtype {X.dtype}")
+    if np.issubdtype(X.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real, got dtype {X.dtype}")
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has no samples")
+    if X.shape[1] != n_features:
+        raise ValueError(f"{name} has {X.shape[1]} features but the model expects {n_features}")
+    if X.dtype.type not in INPUT_DTYPES or not X.dtype.isnative:
+        X = X.astype(np.float64 if X.dtype.itemsize > 4 else np.float32)
+    X = np.ascontiguousarray(X)
+    if X.dtype != np.uint8:
+        for start in range(0, X.shape[0], FINITE_CHECK_ROWS):
+            block = X[start:start + FINITE_CHECK_ROWS]
+            if not np.isfinite(block).all():
+                row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise ValueError(f"{name} contains NaN or inf (first in row {row})")
+    return X
+
+
+def check_y(y, n_samples, n_classes, name="y"):
+    """Integer class labels in 0..n_classes-1, as a contiguous int32 array."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per sample), got shape {y.shape}")
+    if y.shape[0] != n_samples:
+        raise ValueError(f"X has {n_samples} samples but {name} has {y.shape[0]} labels")
+    if y.dtype == bool or not np.issubdtype(y.dtype, np.number):
+        raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise ValueError(f"{name} must hold integer class labels; found non-integer values")
+    if y.size:
+        low, high = y.min(), y.max()
+        if low < 0 or high >= n_classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} has label {bad!r} outside 0..{n_classes - 1} "
+                             f"(the model has {n_classes} classes)")
+    return np.ascontiguousarray(y, dtype=np.int32)
+
+
+def check_Xy(X, y, n_features, n_classes, names=("X", "y")):
+    X = check_X(X, n_features, names[0])
+    y = check_y(y, X.shape[0], n_classes, names[1])
+    return X, y
+
+
+def input_scale(X, dtype):
+    """uint8 pixels are scaled by 1/255 while gathered; floats are used as is."""
+    return dtype.type(1.0 / 255.0) if X.dtype == np.uint8 else dtype.type(1.0)
