@@ -115,7 +115,7 @@ def check_y(y, n_samples, n_classes, name="y"):
         low, high = y.min(), y.max()
         if low < 0 or high >= n_classes:
             bad = low if low < 0 else high
-            raise ValueError(f"{name} has label {bad!r} outside 0..{n_classes - 1} "
+            raise ValueError(f"{name} has label {bad.item()!r} outside 0..{n_classes - 1} "
                              f"(the model has {n_classes} classes)")
     return np.ascontiguousarray(y, dtype=np.int32)
 

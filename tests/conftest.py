@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+import fastmlp
+
+
+def relative_error(actual, expected):
+    """max |actual - expected| / max(|expected|), the scale of the whole array"""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = max(np.abs(expected).max(), 1e-30)
+    return float(np.abs(actual - expected).max() / scale)
+
+
+def random_problem(layer_sizes, n, activation, dtype, seed, x_dtype=None, init="xavier"):
+    """A model with non-trivial weights and biases, and a batch X, y."""
+    rng = np.random.default_rng(seed)
+    model = fastmlp.MLP(layer_sizes, activation=activation, dtype=dtype, init=init, seed=seed)
+    for b in model.biases:
+        b[...] = 0.1 * rng.standard_normal(b.shape)
+    if x_dtype == np.uint8:
+        X = rng.integers(0, 256, (n, layer_sizes[0]), dtype=np.uint8)
+        X[rng.random(X.shape) < 0.3] = 0
+    else:
+        X = rng.standard_normal((n, layer_sizes[0])).astype(x_dtype or dtype)
+    y = rng.integers(0, layer_sizes[-1], n)
+    return model, X, y
+
+
+def reference_copy(model):
+    """The model's weights and biases as fresh arrays, for the oracle."""
+    return [w.copy() for w in model.weights], [b.copy() for b in model.biases]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

@@ -1,0 +1,127 @@
+"""The public API: parameter views, initialisation, prediction, and clear
+ValueErrors for bad input."""
+import numpy as np
+import pytest
+
+import fastmlp
+
+from conftest import random_problem
+
+
+def test_params_is_one_flat_vector_with_writable_views():
+    model = fastmlp.MLP([784, 50, 10], seed=0)
+    assert model.params.ndim == 1 and model.params.flags.c_contiguous
+    assert model.n_params == 39760 == model.params.size
+    assert [w.shape for w in model.weights] == [(784, 50), (50, 10)]
+    assert [b.shape for b in model.biases] == [(50,), (10,)]
+    for view in model.weights + model.biases:
+        assert np.shares_memory(view, model.params)
+    model.weights[1][3, 7] = 42.0
+    model.biases[0][5] = -3.0
+    assert (model.params == 42.0).sum() == 1 and (model.params == -3.0).sum() == 1
+    # and the kernels see the change
+    X = np.zeros((1, 784), np.float32)
+    before = model.predict_proba(X)
+    model.biases[1][:] = [100.0] + [0.0] * 9
+    assert model.predict(X)[0] == 0 and not np.allclose(before, model.predict_proba(X))
+
+
+def test_lesson_initialisation():
+    model = fastmlp.MLP([784, 50, 10], seed=0)
+    assert model.dtype == np.float32
+    assert all((b == 0).all() for b in model.biases)
+    w = model.weights[0]
+    assert abs(w.std() - 0.01) < 0.0005 and abs(w.mean()) < 0.0005
+    same = fastmlp.MLP([784, 50, 10], seed=0)
+    assert np.array_equal(model.params, same.params)
+    assert not np.array_equal(model.params, fastmlp.MLP([784, 50, 10], seed=1).params)
+
+
+def test_xavier_and_he_initialisation():
+    xavier = fastmlp.MLP([400, 300, 10], init="xavier", seed=0, dtype="float64")
+    limit = np.sqrt(6 / 700)
+    assert np.abs(xavier.weights[0]).max() <= limit
+    assert abs(xavier.weights[0].std() - limit / np.sqrt(3)) < 0.01 * limit
+    he = fastmlp.MLP([400, 300, 10], init="he", seed=0)
+    assert abs(he.weights[0].std() - np.sqrt(2 / 400)) < 0.02 * np.sqrt(2 / 400)
+
+
+def test_predict_evaluate_shapes_and_consistency():
+    model, X, y = random_problem([6, 5, 4], 2500, "relu", np.float32, seed=0)  # > one predict batch
+    probs = model.predict_proba(X)
+    assert probs.shape == (2500, 4) and probs.dtype == np.float32
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert np.array_equal(model.predict(X), probs.argmax(axis=1))
+    loss, accuracy = model.evaluate(X, y)
+    assert accuracy == np.mean(model.predict(X) == y)
+    assert abs(loss + np.mean(np.log(probs[np.arange(2500), y]))) < 1e-5
+    assert "MLP([6, 5, 4]" in repr(model)
+
+
+def test_inputs_of_every_accepted_kind_give_the_same_answer():
+    model, X, y = random_problem([5, 4, 3], 20, "tanh", np.float64, seed=1)
+    expected = model.predict_proba(X)
+    for variant in (X.tolist(), np.asfortranarray(X), X[:, ::-1][:, ::-1], X.astype(">f8"),
+                    np.repeat(X, 2, axis=0)[::2]):
+        assert np.allclose(model.predict_proba(variant), expected, rtol=1e-12, atol=0)
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 5), dtype=np.uint8)
+    assert np.allclose(model.predict_proba(pixels), model.predict_proba(pixels / 255.0), rtol=1e-12)
+
+
+GOOD = dict(X=np.zeros((4, 3)), y=np.array([0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(X=np.zeros((4, 5))), "has 5 features but the model expects 3"),
+    (dict(X=np.zeros((0, 3)), y=np.zeros(0, int)), "empty"),
+    (dict(X=np.zeros(3)), "must be 2-D"),
+    (dict(X=np.array([[0, 0, np.nan]] * 4)), "NaN or inf"),
+    (dict(X=np.array([[0, np.inf, 0]] * 4)), "NaN or inf"),
+    (dict(X=np.array([["a", "b", "c"]] * 4)), "must hold numbers"),
+    (dict(y=np.array([0, 1, 2, 0])), "label 2 outside 0..1"),
+    (dict(y=np.array([0, -1, 0, 0])), "label -1 outside"),
+    (dict(y=np.array([0, 1.5, 0, 1])), "non-integer"),
+    (dict(y=np.array(["a", "b", "a", "b"])), "integer class labels"),
+    (dict(y=np.array([0, 1, 0])), "4 samples but y has 3 labels"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(batch_size=2.5), "batch_size must be an integer"),
+    (dict(optimizer="rmsprop"), "unknown optimizer 'rmsprop'"),
+    (dict(sampling="bootstrap"), "unknown sampling"),
+    (dict(lr=-1.0), "lr must be >= 0"),
+    (dict(lr=float("nan")), "lr must be finite"),
+    (dict(momentum=1.5), "momentum must be <= 1"),
+    (dict(epochs=-1), "epochs must be >= 0"),
+    (dict(threads=0), "threads must be >= 1"),
+    (dict(threads=10**6), "threads must be <="),
+    (dict(validation_data=(np.zeros((2, 4)), [0, 1])), "validation X has 4 features"),
+])
+def test_fit_rejects_bad_input_with_a_clear_message(change, message):
+    model = fastmlp.MLP([3, 2], seed=0)
+    args = {**GOOD, **change}
+    X, y = args.pop("X"), args.pop("y")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        fastmlp.fit(model, X, y, **args)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(layer_sizes=[3]), "at least an input and an output"),
+    (dict(layer_sizes=[3, 0, 2]), "must be >= 1"),
+    (dict(layer_sizes=[3, 1]), "at least 2 classes"),
+    (dict(layer_sizes=5), "sequence of integers"),
+    (dict(activation="softplus"), "unknown activation 'softplus'"),
+    (dict(dtype="float16"), "dtype must be 'float32' or 'float64'"),
+    (dict(init="orthogonal"), "unknown init"),
+])
+def test_model_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fastmlp.MLP(**{"layer_sizes": [3, 2], **kwargs})
+
+
+def test_predict_and_gradients_validate_too():
+    model = fastmlp.MLP([3, 2], seed=0)
+    with pytest.raises(ValueError, match="features"):
+        model.predict(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="outside"):
+        model.gradients(np.zeros((2, 3)), [0, 5])
+    with pytest.raises(ValueError, match="outside"):
+        model.evaluate(np.zeros((2, 3)), [0, 5])

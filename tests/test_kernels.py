@@ -1,0 +1,175 @@
+"""Each kernel, and the model's forward pass, loss and gradients, against the
+NumPy oracle."""
+import numba
+import numpy as np
+import pytest
+
+from fastmlp import jit, kernels, optimizers, reference
+from fastmlp.kernels import ACTIVATIONS, IDENTITY
+
+from conftest import random_problem, reference_copy, relative_error
+
+TOL = {np.float64: 1e-12, np.float32: 1e-5}
+
+
+def random_configs(count, seed=2024):
+    """Configurations drawn from: 0-3 hidden layers, widths 1-300, batch
+    sizes 1, 7, 100, 257, every activation, both dtypes; the edges are
+    always in."""
+    rng = np.random.default_rng(seed)
+    configs = [
+        ([5, 2], 1, "sigmoid", np.float64),
+        ([300, 1, 3], 7, "relu", np.float32),
+        ([1, 300, 300, 2], 257, "tanh", np.float64),
+        ([784, 50, 10], 100, "sigmoid", np.float32),
+    ]
+    while len(configs) < count:
+        hidden = [int(w) for w in rng.integers(1, 301, rng.integers(0, 4))]
+        sizes = [int(rng.integers(1, 301))] + hidden + [int(rng.integers(2, 30))]
+        configs.append((sizes, int(rng.choice([1, 7, 100, 257])),
+                        str(rng.choice(sorted(ACTIVATIONS))),
+                        [np.float32, np.float64][rng.integers(2)]))
+    return configs
+
+
+CONFIGS = random_configs(28)
+
+
+@pytest.mark.parametrize("sizes,n,activation,dtype", CONFIGS,
+                         ids=[f"{s}-n{n}-{a}-{d.__name__}" for s, n, a, d in CONFIGS])
+def test_forward_loss_gradients_match_oracle(sizes, n, activation, dtype):
+    x_dtype = np.uint8 if sizes[0] % 3 == 0 else dtype  # about a third take pixels
+    model, X, y = random_problem(sizes, n, activation, dtype, seed=sum(sizes) + n, x_dtype=x_dtype)
+    weights, biases = reference_copy(model)
+    tol = TOL[dtype]
+
+    probs = model.predict_proba(X)
+    expected = reference.forward(weights, biases, X, activation)[-1]
+    assert probs.dtype == dtype
+    assert relative_error(probs, expected) < tol
+
+    loss, dweights, dbiases = model.gradients(X, y)
+    ref_loss, ref_dweights, ref_dbiases = reference.loss_and_gradients(weights, biases, X, y, activation)
+    assert abs(loss - ref_loss) <= tol * max(1.0, abs(ref_loss))
+    for l, (got, want) in enumerate(zip(dweights + dbiases, ref_dweights + ref_dbiases)):
+        assert got.shape == want.shape
+        assert relative_error(got, want) < 10 * tol, f"gradient {l} differs"
+
+    eval_loss, accuracy = model.evaluate(X, y)
+    assert abs(eval_loss - ref_loss) <= tol * max(1.0, abs(ref_loss))
+    assert accuracy == np.mean(np.argmax(expected, axis=1) == y)
+
+
+# --- single kernels on row ranges, against plain NumPy ----------------------
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
+@pytest.mark.parametrize("C,OC,r0,r1", [(1, 1, 0, 1), (13, 5, 2, 9), (64, 10, 0, 64), (7, 9, 3, 4)])
+def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
+    code = ACTIVATIONS.get(activation, IDENTITY)
+    inp = rng.standard_normal((r1 + 2, C))
+    weight = rng.standard_normal((OC, C))
+    bias = rng.standard_normal(OC)
+    out = np.full((r1 + 2, OC), 7.0)
+    kernels.dense_forward(out, inp, weight, bias, code, r0, r1)
+    z = inp[r0:r1] @ weight.T + bias
+    expected = z if activation == "identity" else reference.ACTIVATION[activation](z)
+    assert relative_error(out[r0:r1], expected) < 1e-13
+    # rows outside r0:r1 are not touched
+    assert (out[:r0] == 7.0).all() and (out[r1:] == 7.0).all()
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("C,OC", [(1, 1), (9, 6), (50, 10), (3, 17)])
+def test_dense_backward_input(activation, C, OC, rng):
+    code = ACTIVATIONS[activation]
+    dout = rng.standard_normal((6, OC))
+    weight = rng.standard_normal((OC, C))
+    inp = reference.ACTIVATION[activation](rng.standard_normal((6, C)))
+    dinp = np.full((6, C), 7.0)
+    kernels.dense_backward_input(dinp, dout, weight, inp, code, 1, 5)
+    expected = (dout @ weight) * reference.DERIVATIVE[activation](inp)
+    assert relative_error(dinp[1:5], expected[1:5]) < 1e-13
+    assert (dinp[0] == 7.0).all() and (dinp[5] == 7.0).all()
+
+
+@pytest.mark.parametrize("nrows", [1, 3, 4, 9])
+def test_dense_backward_weight_and_bias(nrows, rng):
+    dout = rng.standard_normal((10, 6))
+    inp = rng.standard_normal((10, 11))
+    dweight = np.full((6, 11), 7.0)
+    kernels.dense_backward_weight(dweight, dout, inp, 2, 5, nrows)
+    expected = dout[:nrows].T @ inp[:nrows]
+    assert relative_error(dweight[2:5], expected[2:5]) < 1e-13
+    assert (dweight[:2] == 7.0).all() and (dweight[5:] == 7.0).all()
+    dbias = np.full(6, 7.0)
+    kernels.dense_backward_bias(dbias, dout, nrows)
+    assert relative_error(dbias, dout[:nrows].sum(axis=0)) < 1e-13
+
+
+def test_softmax_crossentropy_forward_backward(rng):
+    logits = rng.standard_normal((8, 5)) * 30  # large logits: stability matters
+    labels = rng.integers(0, 5, 8).astype(np.int32)
+    probs = logits.copy()
+    loss, correct = kernels.softmax_crossentropy_forward(probs, labels, 2, 8)
+    expected = reference.softmax(logits[2:8])
+    assert relative_error(probs[2:8], expected) < 1e-13
+    assert (probs[:2] == logits[:2]).all()
+    expected_loss = -np.log(expected[np.arange(6), labels[2:8]]).sum()
+    assert abs(loss - expected_loss) < 1e-10 * max(1, abs(expected_loss))
+    assert correct == np.sum(np.argmax(logits[2:8], axis=1) == labels[2:8])
+    dlogits = np.zeros_like(probs)
+    kernels.softmax_crossentropy_backward(dlogits, probs, labels, 1 / 6, 2, 8)
+    onehot = np.eye(5)[labels[2:8]]
+    assert relative_error(dlogits[2:8], (expected - onehot) / 6) < 1e-13
+
+
+def test_gather_rows_scales_uint8_and_follows_index(rng):
+    X = rng.integers(0, 256, (20, 9), dtype=np.uint8)
+    y = rng.integers(0, 3, 20).astype(np.int32)
+    idx = rng.permutation(20)
+    out = np.zeros((5, 9), np.float32)
+    labels = np.zeros(5, np.int32)
+    scale = np.float32(1 / 255)
+    kernels.gather_rows(out, labels, X, y, idx, 10, scale, 0, 5)
+    assert np.array_equal(out, X[idx[10:15]].astype(np.float32) * scale)
+    assert np.array_equal(labels, y[idx[10:15]])
+
+
+def float32_ir(function, *args):
+    """LLVM IR of a kernel compiled afresh (cached code cannot be inspected)
+    for the given float32 arguments."""
+    fresh = numba.njit(fastmath=jit.FASTMATH, error_model="numpy")(function.py_func)
+    fresh(*args)
+    return fresh.inspect_llvm(fresh.signatures[0])
+
+
+def test_float32_kernels_never_widen_to_float64():
+    """A float64 constant or scalar in a float32 kernel makes it silently
+    compute in float64: LLVM then has to `fpext` float to double."""
+    f32 = np.float32
+    inp, out = np.ones((4, 8), f32), np.ones((4, 3), f32)
+    weight, vec = np.ones((3, 8), f32), np.ones(3, f32)
+    labels = np.zeros(4, np.int32)
+    compiled = {
+        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, vec, 0, 0, 4),
+        "dense_backward_input": float32_ir(kernels.dense_backward_input, inp, out, weight, inp, 0, 0, 4),
+        "dense_backward_weight": float32_ir(kernels.dense_backward_weight, weight, out, inp, 0, 3, 4),
+        "dense_backward_bias": float32_ir(kernels.dense_backward_bias, vec, out, 4),
+        "softmax_crossentropy_backward": float32_ir(
+            kernels.softmax_crossentropy_backward, out, out, labels, f32(0.25), 0, 4),
+        "sgd_update": float32_ir(optimizers.sgd_update, vec, vec, 0, 3, f32(0.1), f32(0)),
+        "momentum_update": float32_ir(optimizers.momentum_update, vec, vec, vec, 0, 3,
+                                      f32(0.1), f32(0.9), f32(0), True),
+        "adam_update": float32_ir(optimizers.adam_update, vec, vec, vec, vec, 0, 3, f32(0.1),
+                                  f32(0.9), f32(0.999), f32(1e-7), f32(0)),
+    }
+    widened = [name for name, ir in compiled.items() if "fpext" in ir]
+    assert not widened, f"float32 kernels computing in float64: {widened}"
+    # the check can see a widening: a float64 literal in a float32 loop
+    assert "fpext" in float32_ir(_widening_kernel, vec)
+
+
+@numba.njit
+def _widening_kernel(v):
+    for i in range(v.shape[0]):
+        v[i] = v[i] * 0.1

@@ -1,0 +1,173 @@
+"""Training trajectories against the oracle, determinism, and the promise that
+nothing is allocated inside an epoch."""
+import numba
+import numpy as np
+import pytest
+from numba.core.runtime import _nrt_python, rtsys
+
+import fastmlp
+from fastmlp import reference
+from fastmlp.model import Workspace
+from fastmlp.optimizers import OPTIMIZERS, make_hyper
+from fastmlp.step import train_steps
+from fastmlp.validation import input_scale
+
+from conftest import random_problem, reference_copy, relative_error
+
+OPTIMIZER_CASES = [
+    ("sgd", {"lr": 0.1}),
+    ("sgd", {"lr": 0.05, "weight_decay": 0.01}),
+    ("momentum", {"lr": 0.05, "momentum": 0.9}),
+    ("momentum", {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.001}),
+    ("adam", {"lr": 0.003}),
+    ("adam", {"lr": 0.001, "weight_decay": 0.01}),
+]
+
+
+def batches_in_order(n, batch_size):
+    return [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+@pytest.mark.parametrize("optimizer,options", OPTIMIZER_CASES)
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_fifty_steps_follow_the_oracle(optimizer, options, activation):
+    # 50 steps of 16 rows, then the last of them partial: 49 full + 1 of 9
+    n, batch_size = 49 * 16 + 9, 16
+    model, X, y = random_problem([12, 10, 7, 4], n, activation, np.float64, seed=7)
+    weights, biases = reference_copy(model)
+    history = fastmlp.fit(model, X, y, epochs=1, batch_size=batch_size, optimizer=optimizer,
+                          shuffle=False, **options)
+    losses = reference.train(weights, biases, X, y, activation, batches_in_order(n, batch_size),
+                             optimizer=optimizer, **options)
+    assert len(losses) == 50
+    for got, want in zip(model.weights + model.biases, weights + biases):
+        assert relative_error(got, want) < 1e-9
+    # the epoch's loss is the mean over rows of the per-step losses
+    sizes = [len(b) for b in batches_in_order(n, batch_size)]
+    expected_loss = np.dot(losses, sizes) / n
+    assert abs(history.history["loss"][0] - expected_loss) < 1e-9 * expected_loss
+    # and training did something
+    assert relative_error(model.weights[0], reference_copy(
+        fastmlp.MLP([12, 10, 7, 4], activation=activation, dtype="float64", init="xavier", seed=7))[0][0]) > 1e-3
+
+
+def test_float32_trajectory_stays_close_to_the_oracle():
+    model, X, y = random_problem([20, 16, 5], 400, "tanh", np.float32, seed=1, x_dtype=np.uint8)
+    weights, biases = reference_copy(model)
+    fastmlp.fit(model, X, y, epochs=2, batch_size=40, optimizer="adam", lr=0.01, shuffle=False)
+    reference.train(weights, biases, X, y, "tanh", batches_in_order(400, 40) * 2,
+                    optimizer="adam", lr=np.float32(0.01))
+    for got, want in zip(model.weights + model.biases, weights + biases):
+        assert relative_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("sampling,shuffle", [("epoch", True), ("replacement", True)])
+def test_shuffled_and_replacement_batches_are_the_seeded_draws(sampling, shuffle):
+    n, batch_size, seed = 300, 32, 99
+    model, X, y = random_problem([8, 6, 3], n, "sigmoid", np.float64, seed=2)
+    weights, biases = reference_copy(model)
+    fastmlp.fit(model, X, y, epochs=2, batch_size=batch_size, lr=0.5, shuffle=shuffle,
+                sampling=sampling, seed=seed)
+    rng = np.random.default_rng(seed)
+    idx = np.arange(n)
+    batches = []
+    for _ in range(2):
+        if sampling == "replacement":
+            idx = rng.integers(0, n, size=n)
+        else:
+            rng.shuffle(idx)
+        batches += [idx[rows] for rows in batches_in_order(n, batch_size)]
+    reference.train(weights, biases, X, y, "sigmoid", batches, optimizer="sgd", lr=0.5)
+    for got, want in zip(model.weights + model.biases, weights + biases):
+        assert relative_error(got, want) < 1e-9
+
+
+def test_second_fit_continues_the_optimizer():
+    model_a, X, y = random_problem([10, 8, 3], 200, "relu", np.float64, seed=5)
+    model_b, _, _ = random_problem([10, 8, 3], 200, "relu", np.float64, seed=5)
+    options = dict(batch_size=25, optimizer="adam", lr=0.01, shuffle=False)
+    fastmlp.fit(model_a, X, y, epochs=4, **options)
+    fastmlp.fit(model_b, X, y, epochs=2, **options)
+    fastmlp.fit(model_b, X, y, epochs=2, **options)
+    assert np.array_equal(model_a.params, model_b.params)
+
+
+def train_lesson_epoch(threads, seed=0):
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (2000, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, 2000)
+    model = fastmlp.MLP([784, 50, 10], seed=0)
+    fastmlp.fit(model, X, y, epochs=1, batch_size=100, optimizer="momentum", lr=0.1,
+                seed=seed, threads=threads)
+    return model.params.copy()
+
+
+def test_parameters_are_bit_identical_across_thread_counts_and_runs():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads")
+    one = train_lesson_epoch(threads=1)
+    two = train_lesson_epoch(threads=2)
+    again = train_lesson_epoch(threads=2)
+    assert np.array_equal(one, two)
+    assert np.array_equal(two, again)
+    # a different seed is a different run: the comparison can fail
+    assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1))
+
+
+def test_an_epoch_allocates_nothing():
+    """Numba's allocation counters: a call running 100 steps allocates exactly
+    what a call running 1 step does (the boxing of its arguments), so the
+    steps themselves allocate nothing."""
+    model, X, y = random_problem([64, 32, 16, 10], 1000, "relu", np.float32, seed=0,
+                                 x_dtype=np.uint8)
+    y = y.astype(np.int32)
+    ws = Workspace(model.layer_sizes, 10, model.dtype)
+    grads = np.zeros_like(model.params)
+    m, v = np.zeros_like(model.params), np.zeros_like(model.params)
+    idx = np.arange(1000)
+    hyper = make_hyper(model.dtype, 0.001, 0.9, 0.0)
+
+    def run(steps):
+        before = rtsys.get_allocation_stats()
+        train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels, ws.chunk_stats,
+                    X, y, idx, 1000, 0, steps, 0, input_scale(X, model.dtype), model._sizes,
+                    model.w_off, model.b_off, ws.act_off, model._tasks, model.activation_code,
+                    OPTIMIZERS["adam"], hyper, False)
+        after = rtsys.get_allocation_stats()
+        return after.alloc - before.alloc, after.free - before.free
+
+    _nrt_python.memsys_enable_stats()
+    try:
+        run(1)  # compile
+        one_step = run(1)
+        many_steps = run(100)
+    finally:
+        _nrt_python.memsys_disable_stats()
+    assert many_steps == one_step
+    # the counters do count: a kernel that allocates per step is seen
+    _nrt_python.memsys_enable_stats()
+    try:
+        before = rtsys.get_allocation_stats().alloc
+        _allocate_per_step(100)
+        assert rtsys.get_allocation_stats().alloc - before >= 100
+    finally:
+        _nrt_python.memsys_disable_stats()
+
+
+@numba.njit
+def _allocate_per_step(steps):
+    total = 0.0
+    for s in range(steps):
+        total += np.ones(s + 1).sum()
+    return total
+
+
+def test_history_records_every_epoch_and_validation():
+    model, X, y = random_problem([10, 8, 3], 150, "tanh", np.float64, seed=4)
+    Xv, yv = X[:50], y[:50]
+    history = fastmlp.fit(model, X, y, epochs=3, batch_size=32, validation_data=(Xv, yv), seed=0)
+    assert history.epoch == [0, 1, 2]
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "epoch_time"}
+    assert all(len(v) == 3 for v in history.history.values())
+    assert (history.history["val_loss"][-1], history.history["val_accuracy"][-1]) == model.evaluate(Xv, yv)
+    assert 0 <= history.history["accuracy"][0] <= 1
