@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs everything fastmlp's tests and examples need on a fresh Debian
+# machine: the Fashion-MNIST package and fastmlp itself with its test extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq dataset-fashion-mnist
+fi
+python -m pip install --quiet -e ".[test]"
