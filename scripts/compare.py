@@ -1,0 +1,195 @@
+"""fastmlp against its peers on the performance workloads, back to back.
+
+    python scripts/compare.py [--workloads W1,W2,W3] [--epochs 2] [--peers fastmlp,numpy,torch,sklearn]
+
+Every (peer, workload) runs in a child process of its own, one after the
+other, so that each peak RSS is its own. Each trains from the same
+initialisation for --epochs timed epochs of SGD (after one untimed warm-up
+step that compiles), then reports the median epochs per second, the test
+accuracy after the timed epochs (so no one wins by computing something
+else), its peak RSS, and the BLAS kernel threadpoolctl saw. Peers that are
+not installed are skipped with a note.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from workloads import WORKLOADS, flops_per_epoch, sgemm_gflops  # noqa: E402
+
+PEERS = ["fastmlp", "numpy", "torch", "sklearn", "jax", "keras"]
+MODULE_OF = {"fastmlp": "fastmlp", "numpy": "numpy", "torch": "torch",
+             "sklearn": "sklearn", "jax": "jax", "keras": "keras"}
+
+
+def load_data():
+    from fastmlp.datasets import DEBIAN_FASHION_MNIST, load_directory
+    return load_directory(DEBIAN_FASHION_MNIST)
+
+
+def initial_weights(sizes, seed=0):
+    """Glorot-uniform weights (fan_in, fan_out) and zero biases, float32."""
+    rng = np.random.default_rng(seed)
+    weights = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        weights.append(rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32))
+    return weights, [np.zeros(s, np.float32) for s in sizes[1:]]
+
+
+def run_fastmlp(workload, data, epochs):
+    import fastmlp
+    sizes, activation, batch_size, lr = WORKLOADS[workload]
+    x_train, y_train, x_test, y_test = data
+    model = fastmlp.MLP(sizes, activation=activation)
+    weights, biases = initial_weights(sizes)
+    for w, w0 in zip(model.weights, weights):
+        w[...] = w0
+    fastmlp.fit(model, x_train[:batch_size], y_train[:batch_size], lr=lr)  # compile
+    model.optimizer_state = None
+    for w, w0 in zip(model.weights, weights):
+        w[...] = w0
+    history = fastmlp.fit(model, x_train, y_train, epochs=epochs, batch_size=batch_size,
+                          lr=lr, seed=0)
+    return history.history["epoch_time"], model.evaluate(x_test, y_test)[1]
+
+
+def run_numpy(workload, data, epochs):
+    from fastmlp import reference
+    sizes, activation, batch_size, lr = WORKLOADS[workload]
+    x_train, y_train, x_test, y_test = data
+    weights, biases = initial_weights(sizes)
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(epochs):
+        order = rng.permutation(len(x_train))
+        start = time.perf_counter()
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        reference.train(weights, biases, x_train, y_train, activation, batches, lr=np.float32(lr))
+        times.append(time.perf_counter() - start)
+    probs = reference.forward(weights, biases, x_test, activation)[-1]
+    return times, float(np.mean(probs.argmax(axis=1) == y_test))
+
+
+def run_torch(workload, data, epochs):
+    import torch
+    sizes, activation, batch_size, lr = WORKLOADS[workload]
+    x_train, y_train, x_test, y_test = data
+    torch.manual_seed(0)
+    weights, biases = initial_weights(sizes)
+    layers = []
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        linear = torch.nn.Linear(*w.shape)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(w.T.copy()))
+            linear.bias.zero_()
+        layers.append(linear)
+        if l < len(weights) - 1:
+            layers.append({"sigmoid": torch.nn.Sigmoid, "relu": torch.nn.ReLU,
+                           "tanh": torch.nn.Tanh}[activation]())
+    model = torch.nn.Sequential(*layers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    X = torch.from_numpy(x_train.astype(np.float32) / 255)
+    y = torch.from_numpy(y_train.astype(np.int64))
+    times = []
+    for _ in range(epochs):
+        order = torch.randperm(len(X))
+        start = time.perf_counter()
+        for s in range(0, len(X), batch_size):
+            rows = order[s:s + batch_size]
+            optimizer.zero_grad()
+            loss_fn(model(X[rows]), y[rows]).backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x_test.astype(np.float32) / 255)).argmax(dim=1).numpy()
+    return times, float(np.mean(pred == y_test))
+
+
+def run_sklearn(workload, data, epochs):
+    from sklearn.neural_network import MLPClassifier
+    sizes, activation, batch_size, lr = WORKLOADS[workload]
+    x_train, y_train, x_test, y_test = data
+    X = x_train.astype(np.float32) / 255
+    clf = MLPClassifier(hidden_layer_sizes=tuple(sizes[1:-1]),
+                        activation={"sigmoid": "logistic"}.get(activation, activation),
+                        solver="sgd", learning_rate_init=lr, momentum=0.0, alpha=0.0,
+                        batch_size=batch_size, random_state=0)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        clf.partial_fit(X, y_train, classes=np.arange(10))
+        times.append(time.perf_counter() - start)
+    return times, float(clf.score(x_test.astype(np.float32) / 255, y_test))
+
+
+def blas_kernel():
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed"
+    info = [f"{i.get('internal_api')} {i.get('architecture', '')} x{i.get('num_threads')}"
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(info) or "none"
+
+
+def child(peer, workload, epochs):
+    data = load_data()
+    times, accuracy = globals()[f"run_{peer}"](workload, data, epochs)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"epoch_times": times, "accuracy": accuracy, "rss_mb": rss_mb,
+                      "blas": blas_kernel()}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run")
+    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child[0], args.child[1], args.epochs)
+        return 0
+    import importlib.util
+    peak = sgemm_gflops()
+    print(f"sgemm peak (NumPy, float32, 1024^3): {peak:.0f} GFLOP/s; BLAS: {blas_kernel()}")
+    for workload in args.workloads.split(","):
+        sizes, activation, batch_size, lr = WORKLOADS[workload]
+        flops = flops_per_epoch(sizes)
+        print(f"\n{workload}: {sizes} {activation}, SGD lr {lr}, batch {batch_size}; "
+              f"{flops / 1e9:.1f} GFLOP/epoch, limit at sgemm peak {peak * 1e9 / flops:.2f} epochs/s")
+        print(f"{'peer':10} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
+              f"{'RSS MB':>7}  BLAS")
+        rates = {}
+        for peer in args.peers.split(","):
+            if importlib.util.find_spec(MODULE_OF[peer]) is None or f"run_{peer}" not in globals():
+                print(f"{peer:10} skipped: not installed here")
+                continue
+            if peer in ("numpy", "sklearn") and workload == "W3":
+                print(f"{peer:10} skipped: too slow for W3")
+                continue
+            out = subprocess.run([sys.executable, __file__, "--epochs", str(args.epochs),
+                                  "--child", peer, workload], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{peer:10} failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            rate = 1 / float(np.median(result["epoch_times"]))
+            rates[peer] = rate
+            ratio = rates.get("fastmlp", float("nan")) / rate
+            print(f"{peer:10} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
+                  f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {result['blas']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
