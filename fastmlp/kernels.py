@@ -113,13 +113,13 @@ def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
     # pre-activation, ready for its own weight gradient. Four weight rows
     # per pass over the contiguous output row (5 loads, 1 store, 4 FMAs).
     OC, C = weight.shape
+    last = OC - 1
     for b in range(r0, r1):
         d = dout[b]
         g = dinp[b]
         for k in range(C):
             g[k] = ZERO
         for j in range(0, OC, 4):
-            last = OC - 1
             w0 = weight[j]
             w1 = weight[min(j + 1, last)]
             w2 = weight[min(j + 2, last)]

@@ -15,7 +15,7 @@ A step is two parallel regions:
    cache. One writer per parameter: no atomics, no per-thread slabs, and the
    result is bit-identical for any thread count.
 
-`train_steps` runs steps start..stop in one call, so an epoch costs one
+`train_steps` runs steps step0..step1 in one call, so an epoch costs one
 Python call. Nothing is allocated: every array is a view of the workspace or
 of the parameter and optimizer-state vectors.
 """
