@@ -2,7 +2,8 @@
 kernels and a plain NumPy oracle (`fastmlp.reference`) that tests them."""
 from . import reference
 from .model import MLP
+from .modelfile import load
 from .training import History, fit
 
-__all__ = ["MLP", "fit", "History", "reference"]
+__all__ = ["MLP", "fit", "load", "History", "reference"]
 __version__ = "0.1.0"

@@ -1,6 +1,21 @@
-"""Datasets in IDX format (MNIST, Fashion-MNIST)."""
+"""Datasets: MNIST and Fashion-MNIST in IDX format, found locally or
+downloaded from their public mirrors, and scikit-learn's 8x8 digits.
+
+`load(name)` looks in data_dir, then $FASTMLP_DATA, then the user cache
+($XDG_CACHE_HOME/fastmlp or ~/.cache/fastmlp), then (Fashion-MNIST only)
+Debian's /usr/share/datasets/fashion-mnist; a directory may hold the four
+files itself or in a subdirectory named after the dataset. Otherwise it
+downloads into the cache, trying each mirror in turn, checking each file's
+published MD5, and writing each file atomically.
+"""
 import gzip
+import hashlib
+import math
 import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
 
 import numpy as np
 
@@ -45,7 +60,7 @@ def load_idx(path):
         raise ValueError(f"{path}: header is truncated")
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     dtype = IDX_DTYPES[type_code]
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(data) != expected:
         raise ValueError(f"{path}: the header's shape {shape} needs {expected} bytes, "
                          f"the file has {len(data)}")
@@ -67,3 +82,156 @@ def load_directory(directory):
         array = load_idx(path)
         arrays.append(array.reshape(array.shape[0], -1) if key.startswith("x") else array)
     return tuple(arrays)
+
+
+# name -> (mirrors, {IDX file name: published MD5 of its .gz})
+DATASETS = {
+    "mnist": (
+        ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+         "https://storage.googleapis.com/cvdf-datasets/mnist/",
+         "http://yann.lecun.com/exdb/mnist/"],
+        {"train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+         "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+         "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+         "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion-mnist": (
+        ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"],
+        {"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+         "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+         "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+         "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+NAMES = sorted(DATASETS) + ["digits"]
+DOWNLOAD_TIMEOUT = 30  # seconds without data before a mirror is given up
+
+
+class DatasetNotFound(OSError):
+    """The data is in none of the places looked in, and could not be downloaded."""
+
+
+def cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastmlp")
+
+
+def has_idx_files(directory):
+    return all(os.path.exists(os.path.join(directory, name)) or
+               os.path.exists(os.path.join(directory, name + ".gz")) for name in FILES.values())
+
+
+def candidate_dirs(name, data_dir=None):
+    """Where load looks, in order."""
+    roots = [data_dir, os.environ.get("FASTMLP_DATA")]
+    dirs = []
+    for root in roots:
+        if root:
+            dirs += [root, os.path.join(root, name)]
+    dirs.append(os.path.join(cache_dir(), name))
+    if name == "fashion-mnist":
+        dirs.append(DEBIAN_FASHION_MNIST)
+    return dirs
+
+
+def load(name, data_dir=None, download=True, progress=True):
+    """(x_train, y_train, x_test, y_test): x as uint8 (n, features), y as
+    integer labels. name: 'mnist', 'fashion-mnist' or 'digits'."""
+    if name == "digits":
+        return load_digits()
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {NAMES}")
+    dirs = candidate_dirs(name, data_dir)
+    for directory in dirs:
+        if has_idx_files(directory):
+            return load_directory(directory)
+    target = os.path.join(cache_dir(), name)
+    looked = ", ".join(dirs)
+    if not download:
+        raise DatasetNotFound(f"{name}: no IDX files in {looked}, and downloading is off; "
+                              "point data_dir (--data-dir) or $FASTMLP_DATA at a directory "
+                              "holding the four files")
+    mirrors, checksums = DATASETS[name]
+    failures = fetch(mirrors, checksums, target, progress=progress)
+    if failures:
+        raise DatasetNotFound(
+            f"{name}: no IDX files in {looked}, and the download failed ({'; '.join(failures)}); "
+            "point data_dir (--data-dir) or $FASTMLP_DATA at a directory holding the four "
+            f"files, or put them in {target}")
+    return load_directory(target)
+
+
+def fetch(mirrors, checksums, directory, progress=True):
+    """Downloads every file `name.gz` of checksums into directory from the
+    first mirror that serves it whole with the right MD5. Returns the
+    failures (empty when every file arrived)."""
+    os.makedirs(directory, exist_ok=True)
+    failures = []
+    for name, md5 in checksums.items():
+        filename = name + ".gz"
+        destination = os.path.join(directory, filename)
+        if os.path.exists(destination):
+            continue
+        errors = []
+        for mirror in mirrors:
+            try:
+                download(mirror + filename, destination, md5, progress)
+                break
+            except (OSError, ValueError) as exc:
+                errors.append(f"{mirror + filename}: {exc}")
+        else:
+            failures += errors
+            break
+    return failures
+
+
+def download(url, destination, md5, progress=True):
+    """Fetches url into destination atomically; a wrong MD5 or a transfer
+    that breaks off raises (ValueError or OSError) and leaves nothing."""
+    directory = os.path.dirname(destination)
+    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=directory)
+    try:
+        digest = hashlib.md5()
+        received = 0
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            while True:
+                block = response.read(1 << 16)
+                if not block:
+                    break
+                out.write(block)
+                digest.update(block)
+                received += len(block)
+                if progress:
+                    shown = f"{received / total:6.1%}" if total else f"{received >> 10} KiB"
+                    print(f"\rDownloading {url}: {shown}", end="", file=sys.stderr, flush=True)
+            if total and received != total:
+                raise OSError(f"transfer broke off after {received} of {total} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        if progress:
+            print(file=sys.stderr)
+        if digest.hexdigest() != md5:
+            raise ValueError(f"checksum mismatch: MD5 {digest.hexdigest()}, expected {md5}")
+        os.replace(tmp, destination)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_digits(test_fraction=0.2):
+    """scikit-learn's bundled 8x8 digits (offline anywhere), pixels 0..16
+    scaled to uint8 0..255, split into train and test at a fixed point after
+    a fixed shuffle."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise DatasetNotFound("the digits dataset needs scikit-learn: "
+                              "pip install 'fastmlp[digits]'") from None
+    digits = sklearn_digits()
+    x = np.round(digits.data * (255 / 16)).astype(np.uint8)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order], y[order]
+    n_test = int(round(len(y) * test_fraction))
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]

@@ -77,7 +77,9 @@ class MLP:
         self._tasks = make_tasks(self.layer_sizes)
         self.params = np.zeros(n_params, self.dtype)
         self.weights, self.biases = self.layer_views(self.params)
-        self.optimizer_state = None  # set by fit, kept so a second fit continues
+        # set by fit and kept, so that a second fit (or a loaded file) continues
+        self.optimizer_state = None
+        self.training_state = None
         self._initialize(np.random.default_rng(seed))
 
     def _initialize(self, rng):
@@ -93,6 +95,12 @@ class MLP:
                 w[...] = rng.uniform(-limit, limit, w.shape)
             else:
                 w[...] = np.sqrt(2.0 / fan_in) * rng.standard_normal(w.shape)
+
+    def save(self, path):
+        """Writes the model, with its optimizer and training state, to path
+        (atomically; see fastmlp.modelfile for the format)."""
+        from .modelfile import save
+        save(self, path)
 
     def layer_views(self, flat):
         """(weights, biases): per-layer views of a vector laid out like params."""

@@ -1,17 +1,23 @@
-"""fit: validates once, allocates once, then runs each epoch as one call into
-compiled code (`step.train_steps`)."""
+"""fit: validates once, allocates once, then runs each epoch as a few calls
+into compiled code (`step.train_steps`), each many steps long."""
 import contextlib
+import signal
+import threading
 import time
 
 import numba
 import numpy as np
 
-from .optimizers import DEFAULT_LR, OPTIMIZERS, make_hyper
 from .model import Workspace
+from .optimizers import DEFAULT_LR, OPTIMIZERS, make_hyper
+from .progress import ProgressPrinter
 from .step import train_steps
 from .validation import check_choice, check_float, check_int, check_Xy, input_scale
 
 SAMPLINGS = ("epoch", "replacement")
+# An epoch runs as this many calls into compiled code (fewer for short
+# epochs): progress, Ctrl-C and checkpoints act between two calls.
+CHUNKS_PER_EPOCH = 50
 
 
 class History:
@@ -47,6 +53,23 @@ class OptimizerState:
         self.settings = (lr, momentum, nesterov, weight_decay)
 
 
+class TrainingState:
+    """Where training stands, kept on the model (and in its files) so that
+    training can stop anywhere and resume bit for bit: completed epochs,
+    steps done in the current epoch, and the shuffling generator's state at
+    the start of the current epoch (from which its row order is drawn again)."""
+
+    def __init__(self, seed=None):
+        self.epoch = 0
+        self.step = 0
+        self.rng_state = np.random.default_rng(seed).bit_generator.state
+
+    def generator(self):
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = self.rng_state
+        return rng
+
+
 @contextlib.contextmanager
 def thread_count(threads):
     if threads is None:
@@ -60,9 +83,40 @@ def thread_count(threads):
         numba.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) sets a flag instead of raising at a random point; fit
+    checks it between chunks of steps, when the model and its optimizer and
+    training state agree, and raises KeyboardInterrupt there. Only in the
+    main thread (elsewhere signals cannot be handled)."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def epoch_order(idx, rng, n, shuffle, sampling):
+    """Fills idx with the epoch's rows in training order, drawn from rng."""
+    if sampling == "replacement":
+        idx[:] = rng.integers(0, n, size=n)
+    elif shuffle:
+        idx[:] = rng.permutation(n)
+    else:
+        idx[:] = np.arange(n)
+
+
 def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentum=0.9,
         nesterov=False, weight_decay=0.0, shuffle=True, sampling="epoch",
-        validation_data=None, seed=None, threads=None, verbose=0):
+        validation_data=None, seed=None, threads=None, verbose=0, callbacks=()):
     """Train `model` in place and return a History.
 
     X: (n, features) uint8 pixels (scaled by 1/255 while gathered, never
@@ -71,7 +125,14 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     shuffle=False takes rows in order; sampling="replacement" draws every
     row of every batch uniformly with replacement (the classic lesson's
     np.random.choice). lr=None takes the optimizer's Keras default.
-    A second fit with the same optimizer settings continues its state.
+
+    A second fit continues where the first stopped: the optimizer state
+    (when its settings are the same) and, unless a seed is given, the
+    shuffling generator; an interrupted epoch is finished first, in the same
+    row order, and counts as one of `epochs`. Ctrl-C stops after the current
+    chunk of steps with everything consistent, then raises KeyboardInterrupt.
+    callbacks: fastmlp.progress.Callback objects; verbose=1 adds a
+    Keras-style ProgressPrinter.
     """
     X, y = check_Xy(X, y, model.n_features, model.n_classes)
     epochs = check_int("epochs", epochs, minimum=0)
@@ -90,20 +151,29 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             raise ValueError("validation_data must be a pair (X_val, y_val)")
         X_val, y_val = check_Xy(*validation_data, model.n_features, model.n_classes,
                                 names=("validation X", "validation y"))
+    callbacks = list(callbacks)
+    if verbose:
+        callbacks.append(ProgressPrinter())
 
     state = model.optimizer_state
     settings = (lr, momentum, bool(nesterov), weight_decay)
     if state is None or state.name != optimizer or state.settings != settings:
         state = OptimizerState(optimizer, model.dtype, model.n_params, *settings)
         model.optimizer_state = state
+    if seed is not None or model.training_state is None:
+        model.training_state = TrainingState(seed)
+    progress = model.training_state
 
     n = X.shape[0]
     batch_size = min(batch_size, n)
     n_steps = -(-n // batch_size)
+    if progress.step >= n_steps:
+        raise ValueError(f"the model stopped at step {progress.step} of an epoch, but this data "
+                         f"and batch_size give epochs of {n_steps} steps")
+    chunk = -(-n_steps // CHUNKS_PER_EPOCH)
     workspace = Workspace(model.layer_sizes, batch_size, model.dtype)
     grads = np.zeros_like(model.params)
-    idx = np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng(seed)
+    idx = np.empty(n, dtype=np.int64)
     scale = input_scale(X, model.dtype)
     history = History()
 
@@ -114,29 +184,55 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                            model.w_off, model.b_off, workspace.act_off, model._tasks,
                            model.activation_code, state.code, state.hyper, state.nesterov)
 
-    with thread_count(threads):
+    with thread_count(threads), deferred_interrupt() as interrupt:
         start = time.perf_counter()
         run(0, 0)  # compiles (or loads from cache) without training
         history.compile_time = time.perf_counter() - start
-        for epoch in range(epochs):
-            if sampling == "replacement":
-                idx[:] = rng.integers(0, n, size=n)
-            elif shuffle:
-                rng.shuffle(idx)
-            start = time.perf_counter()
-            loss_sum, correct = run(0, n_steps)
-            elapsed = time.perf_counter() - start
-            state.updates += n_steps
-            history.epoch.append(epoch)
-            history.history["loss"].append(loss_sum / n)
-            history.history["accuracy"].append(correct / n)
+        total_epochs = progress.epoch + epochs
+        for callback in callbacks:
+            callback.on_train_begin(history.compile_time)
+        for _ in range(epochs):
+            rng = progress.generator()
+            epoch_order(idx, rng, n, shuffle, sampling)
+            for callback in callbacks:
+                callback.on_epoch_begin(progress.epoch, total_epochs, n_steps)
+            first = progress.step
+            rows = loss_sum = correct = 0
+            elapsed = 0.0
+            for step0 in range(first, n_steps, chunk):
+                step1 = min(step0 + chunk, n_steps)
+                start = time.perf_counter()
+                chunk_loss, chunk_correct = run(step0, step1)
+                elapsed += time.perf_counter() - start
+                state.updates += step1 - step0
+                progress.step = step1
+                rows += min(step1 * batch_size, n) - step0 * batch_size
+                loss_sum += chunk_loss
+                correct += chunk_correct
+                logs = {"loss": loss_sum / rows, "accuracy": correct / rows}
+                for callback in callbacks:
+                    callback.on_steps(step1, n_steps, logs)
+                if interrupt["set"]:
+                    if step1 == n_steps:
+                        end_epoch(progress, rng)
+                    raise KeyboardInterrupt
+            end_epoch(progress, rng)
+            history.epoch.append(progress.epoch - 1)
+            history.history["loss"].append(logs["loss"])
+            history.history["accuracy"].append(logs["accuracy"])
             history.history["epoch_time"].append(elapsed)
             if validation_data is not None:
-                val_loss, val_accuracy = model.evaluate(X_val, y_val)
-                history.history.setdefault("val_loss", []).append(val_loss)
-                history.history.setdefault("val_accuracy", []).append(val_accuracy)
-            if verbose:
-                metrics = " - ".join(f"{k}: {v[-1]:.4f}" for k, v in history.history.items()
-                                     if k != "epoch_time")
-                print(f"Epoch {epoch + 1}/{epochs} - {elapsed:.2f}s - {metrics}", flush=True)
+                logs["val_loss"], logs["val_accuracy"] = model.evaluate(X_val, y_val)
+                history.history.setdefault("val_loss", []).append(logs["val_loss"])
+                history.history.setdefault("val_accuracy", []).append(logs["val_accuracy"])
+            for callback in callbacks:
+                callback.on_epoch_end(progress.epoch - 1, n_steps - first, elapsed, logs)
+        if interrupt["set"]:  # arrived after the last chunk
+            raise KeyboardInterrupt
     return history
+
+
+def end_epoch(progress, rng):
+    progress.epoch += 1
+    progress.step = 0
+    progress.rng_state = rng.bit_generator.state

@@ -1,5 +1,8 @@
 """Training trajectories against the oracle, determinism, and the promise that
 nothing is allocated inside an epoch."""
+import os
+import signal
+
 import numba
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import fastmlp
 from fastmlp import reference
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, make_hyper
+from fastmlp.progress import Callback
 from fastmlp.step import train_steps
 from fastmlp.validation import input_scale
 
@@ -69,13 +73,12 @@ def test_shuffled_and_replacement_batches_are_the_seeded_draws(sampling, shuffle
     fastmlp.fit(model, X, y, epochs=2, batch_size=batch_size, lr=0.5, shuffle=shuffle,
                 sampling=sampling, seed=seed)
     rng = np.random.default_rng(seed)
-    idx = np.arange(n)
     batches = []
     for _ in range(2):
         if sampling == "replacement":
             idx = rng.integers(0, n, size=n)
         else:
-            rng.shuffle(idx)
+            idx = rng.permutation(n)
         batches += [idx[rows] for rows in batches_in_order(n, batch_size)]
     reference.train(weights, biases, X, y, "sigmoid", batches, optimizer="sgd", lr=0.5)
     for got, want in zip(model.weights + model.biases, weights + biases):
@@ -90,6 +93,45 @@ def test_second_fit_continues_the_optimizer():
     fastmlp.fit(model_b, X, y, epochs=2, **options)
     fastmlp.fit(model_b, X, y, epochs=2, **options)
     assert np.array_equal(model_a.params, model_b.params)
+
+
+def test_second_fit_continues_the_shuffling():
+    model_a, X, y = random_problem([10, 8, 3], 200, "sigmoid", np.float64, seed=5)
+    model_b, _, _ = random_problem([10, 8, 3], 200, "sigmoid", np.float64, seed=5)
+    fastmlp.fit(model_a, X, y, epochs=3, batch_size=16, seed=3)
+    fastmlp.fit(model_b, X, y, epochs=1, batch_size=16, seed=3)
+    fastmlp.fit(model_b, X, y, epochs=2, batch_size=16)
+    assert np.array_equal(model_a.params, model_b.params)
+    assert model_b.training_state.epoch == 3 and model_b.training_state.step == 0
+
+
+class InterruptAt(Callback):
+    """Sends this process SIGINT after a given chunk."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def on_steps(self, step, n_steps, logs):
+        self.calls -= 1
+        if self.calls == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_ctrl_c_stops_cleanly_and_training_resumes_bit_for_bit(optimizer):
+    model_a, X, y = random_problem([10, 8, 3], 500, "relu", np.float32, seed=8)
+    model_b, _, _ = random_problem([10, 8, 3], 500, "relu", np.float32, seed=8)
+    options = dict(batch_size=10, optimizer=optimizer, lr=0.01)  # 50 steps, 50 chunks an epoch
+    fastmlp.fit(model_a, X, y, epochs=3, seed=1, **options)
+    with pytest.raises(KeyboardInterrupt):
+        fastmlp.fit(model_b, X, y, epochs=3, seed=1, callbacks=[InterruptAt(70)], **options)
+    assert (model_b.training_state.epoch, model_b.training_state.step) == (1, 20)
+    assert model_b.optimizer_state.updates == 70
+    assert not np.array_equal(model_a.params, model_b.params)
+    fastmlp.fit(model_b, X, y, epochs=2, **options)  # finishes epoch 2, then epoch 3
+    assert np.array_equal(model_a.params, model_b.params)
+    # the default SIGINT handler is back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def train_lesson_epoch(threads, seed=0):

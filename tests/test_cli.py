@@ -1,0 +1,182 @@
+"""fastmlp-train, through main(argv) and once as the installed command."""
+import csv
+import io
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastmlp
+import fastmlp.datasets
+from fastmlp.cli import main
+from fastmlp.progress import ProgressPrinter
+
+from test_datasets import write_dataset
+
+EPOCH_LINE = re.compile(r"^\d+/\d+ - \d+\.\d\ds - \d+us/step - loss: \d\.\d{4} - accuracy: \d\.\d{4}"
+                        r" - val_loss: \d\.\d{4} - val_accuracy: \d\.\d{4}$")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_dataset(tmp_path / "data", n_train=250, n_test=50)
+    return str(tmp_path / "data")
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_training_prints_summary_progress_and_results(data_dir, capsys):
+    code, out, err = run(["--data-dir", data_dir, "--epochs", "2"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert 'Model: "784-50-10" (float32)' in lines
+    assert any(re.match(r"dense_1 \(sigmoid\)\s+\(None, 50\)\s+39,250$", l) for l in lines)
+    assert any(re.match(r"dense_2 \(softmax\)\s+\(None, 10\)\s+510$", l) for l in lines)
+    assert "Total params: 39,760" in lines
+    assert sum(l.startswith("JIT compile: ") for l in lines) == 1
+    assert lines.count("Epoch 1/2") == 1 and lines.count("Epoch 2/2") == 1
+    epoch_lines = [l for l in lines if l.startswith("3/3 - ")]
+    assert len(epoch_lines) == 2 and all(EPOCH_LINE.match(l) for l in epoch_lines)
+    assert re.search(r"^Test loss: \d\.\d{4} - test accuracy: \d\.\d{4}$", out, re.M)
+    assert re.search(r"^Trained 2 epochs in .*epochs/s", out, re.M)
+
+
+def test_history_files_and_plot(data_dir, tmp_path, capsys):
+    csv_path, json_path, png = tmp_path / "h.csv", tmp_path / "h.json", tmp_path / "c.png"
+    assert run(["--data-dir", data_dir, "--epochs", "3", "--quiet", "--history", str(csv_path),
+                "--plot", str(png)], capsys)[0] == 0
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_time"}
+    assert float(rows[2]["loss"]) < float(rows[0]["loss"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+    assert run(["--data-dir", data_dir, "--epochs", "1", "--quiet", "--history", str(json_path)],
+               capsys)[0] == 0
+    assert json.loads(json_path.read_text())[0]["epoch"] == 1
+
+
+def test_save_evaluate_and_resume_equals_a_straight_run(data_dir, tmp_path, capsys):
+    common = ["--data-dir", data_dir, "--quiet", "--optimizer", "adam", "--hidden", "16,8",
+              "--activation", "relu"]
+    straight, half, resumed = tmp_path / "s.fmlp", tmp_path / "h.fmlp", tmp_path / "r.fmlp"
+    assert run(common + ["--epochs", "4", "--save", str(straight)], capsys)[0] == 0
+    assert run(common + ["--epochs", "2", "--save", str(half)], capsys)[0] == 0
+    code, out, err = run(["--data-dir", data_dir, "--quiet", "--resume", str(half),
+                          "--epochs", "4", "--save", str(resumed)], capsys)
+    assert code == 0, err
+    assert np.array_equal(fastmlp.load(straight).params, fastmlp.load(resumed).params)
+    assert fastmlp.load(resumed).optimizer_state.name == "adam"
+    code, out, _ = run(["--data-dir", data_dir, "--evaluate", str(resumed)], capsys)
+    x_test, y_test = fastmlp.datasets.load_directory(data_dir)[2:]
+    loss, accuracy = fastmlp.load(resumed).evaluate(x_test, y_test)
+    assert code == 0
+    assert out.strip() == f"{resumed}: test loss {loss:.4f} - test accuracy {accuracy:.4f}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--hidden", "a,b"], "--hidden takes comma-separated integers"),
+    (["--lr", "-1"], None),
+    (["--history", "h.txt"], None),
+    (["--batch-size", "0"], None),
+    (["--evaluate", "x", "--save", "y"], None),
+    (["--activation", "softsign"], None),
+])
+def test_usage_errors_exit_2(data_dir, capsys, argv, message):
+    try:
+        code = main(["--data-dir", data_dir, "--epochs", "1"] + argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    if message:
+        assert message in err
+
+
+def test_plot_without_matplotlib_is_a_usage_error(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    with pytest.raises(SystemExit) as info:
+        main(["--data-dir", data_dir, "--plot", str(tmp_path / "c.png")])
+    assert info.value.code == 2
+    assert "--plot needs matplotlib: pip install 'fastmlp[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, data_dir, capsys):
+    (tmp_path / "bad.fmlp").write_bytes(b"garbage")
+    for argv in (["--evaluate", str(tmp_path / "bad.fmlp"), "--data-dir", data_dir],
+                 ["--evaluate", str(tmp_path / "missing.fmlp"), "--data-dir", data_dir],
+                 ["--dataset", "mnist", "--no-download", "--data-dir", str(tmp_path / "empty")]):
+        code, out, err = run(argv, capsys)
+        assert code == 2
+        assert err.startswith("fastmlp-train: error: ") and err.count("\n") == 1
+
+
+def test_resume_refuses_architecture_flags(data_dir, tmp_path, capsys):
+    path = tmp_path / "m.fmlp"
+    run(["--data-dir", data_dir, "--epochs", "1", "--quiet", "--save", str(path)], capsys)
+    with pytest.raises(SystemExit) as info:
+        main(["--data-dir", data_dir, "--resume", str(path), "--hidden", "3"])
+    assert info.value.code == 2
+    code, _, err = run(["--data-dir", data_dir, "--resume", str(path), "--epochs", "1"], capsys)
+    assert code == 2 and "trained 1 epochs already" in err
+
+
+def test_progress_redraws_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    printer = ProgressPrinter(stream)
+    printer.on_epoch_begin(0, 3, 600)
+    printer.on_steps(300, 600, {"loss": 0.5, "accuracy": 0.75})
+    printer.on_epoch_end(0, 600, 0.2, {"loss": 0.4, "accuracy": 0.8})
+    text = stream.getvalue()
+    assert text.startswith("Epoch 1/3\n\r300/600 [")
+    assert "ETA" in text and "\r600/600 - 0.20s - 333us/step - loss: 0.4000" in text
+    plain = io.StringIO()
+    ProgressPrinter(plain).on_steps(300, 600, {"loss": 0.5})
+    assert plain.getvalue() == ""  # not a terminal: one line per epoch only
+
+
+def command():
+    path = shutil.which("fastmlp-train")
+    assert path, "fastmlp-train is not installed (pip install -e .)"
+    return path
+
+
+def test_the_installed_command_runs(data_dir):
+    result = subprocess.run([command(), "--data-dir", data_dir, "--epochs", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Total params: 39,760" in result.stdout and "Epoch 1/1" in result.stdout
+    help_text = subprocess.run([command(), "--help"], capture_output=True, text=True).stdout
+    assert "examples:" in help_text and "(default: 100)" in help_text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig):
+    path = tmp_path / "ck.fmlp"
+    proc = subprocess.Popen([sys.executable, "-m", "fastmlp.cli", "--dataset", "digits",
+                             "--epochs", "100000", "--batch-size", "8", "--save", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training runs
+        if line.startswith("Epoch 3/"):
+            break
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Interrupted; saved" in err
+    model = fastmlp.load(path)
+    assert model.training_state.epoch >= 2
+    assert model.optimizer_state.updates == model.training_state.epoch * 180 + model.training_state.step

@@ -1,0 +1,204 @@
+"""IDX reading, dataset lookup, and downloads from a local HTTP server."""
+import gzip
+import hashlib
+import http.server
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from fastmlp import datasets
+from fastmlp.datasets import FILES, load, load_directory, load_idx
+
+
+def idx_bytes(array, type_code=0x08):
+    array = np.asarray(array)
+    header = bytes([0, 0, type_code, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(datasets.IDX_DTYPES[type_code]).tobytes()
+
+
+def write_dataset(directory, n_train=30, n_test=10, gz=True, seed=0):
+    """Four small IDX files; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {"x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "y_train": rng.integers(0, 10, n_train).astype(np.uint8),
+              "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "y_test": rng.integers(0, 10, n_test).astype(np.uint8)}
+    os.makedirs(directory, exist_ok=True)
+    for key, name in FILES.items():
+        data = idx_bytes(arrays[key])
+        if gz:
+            with gzip.open(os.path.join(directory, name + ".gz"), "wb") as f:
+                f.write(data)
+        else:
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+    return arrays
+
+
+@pytest.mark.parametrize("type_code", sorted(datasets.IDX_DTYPES))
+def test_load_idx_reads_every_dtype(tmp_path, type_code):
+    array = (np.arange(24).reshape(2, 3, 4) - 5).astype(datasets.IDX_DTYPES[type_code])
+    if type_code == 0x08:
+        array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "a.idx"
+    path.write_bytes(idx_bytes(array, type_code))
+    loaded = load_idx(path)
+    assert loaded.dtype.isnative and loaded.shape == (2, 3, 4)
+    assert np.array_equal(loaded, array)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda b: b[:-1], "needs 24 bytes, the file has 23"),
+    (lambda b: b + b"\0", "the file has 25"),
+    (lambda b: b"\1" + b[1:], "bad magic number"),
+    (lambda b: b[:2] + b"\x07" + b[3:], "bad magic number"),
+    (lambda b: b[:6], "header is truncated"),
+    (lambda b: b[:2], "too short"),
+    (lambda b: b[:4] + b"\xff\xff\xff\xff" * 3 + b[16:], "needs"),
+])
+def test_load_idx_refuses_damaged_files_by_name(tmp_path, mutate, message):
+    path = tmp_path / "bad.idx"
+    path.write_bytes(mutate(idx_bytes(np.zeros((3, 4), np.uint8) + 1)))
+    with pytest.raises(ValueError, match=message) as info:
+        load_idx(path)
+    assert "bad.idx" in str(info.value)
+
+
+def test_load_idx_refuses_a_truncated_gzip(tmp_path):
+    data = gzip.compress(idx_bytes(np.ones((50, 50), np.uint8)))
+    path = tmp_path / "cut.gz"
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="cut.gz"):
+        load_idx(path)
+
+
+def test_load_directory_flattens_images_gz_or_not(tmp_path):
+    for gz in (True, False):
+        directory = tmp_path / str(gz)
+        arrays = write_dataset(directory, gz=gz)
+        x_train, y_train, x_test, y_test = load_directory(directory)
+        assert x_train.shape == (30, 784) and x_test.shape == (10, 784)
+        assert np.array_equal(x_train, arrays["x_train"].reshape(30, -1))
+        assert np.array_equal(y_test, arrays["y_test"])
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No $FASTMLP_DATA, a private cache."""
+    monkeypatch.delenv("FASTMLP_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_lookup_order_data_dir_then_env_then_cache(isolated, monkeypatch):
+    write_dataset(isolated / "cache" / "fastmlp" / "mnist", n_train=5, seed=1)
+    assert load("mnist", download=False)[0].shape[0] == 5
+    write_dataset(isolated / "env" / "mnist", n_train=6, seed=2)
+    monkeypatch.setenv("FASTMLP_DATA", str(isolated / "env"))
+    assert load("mnist", download=False)[0].shape[0] == 6
+    write_dataset(isolated / "mine", n_train=7, seed=3)
+    assert load("mnist", data_dir=isolated / "mine", download=False)[0].shape[0] == 7
+
+
+def test_fashion_mnist_falls_back_to_debian(isolated):
+    if not os.path.isdir(datasets.DEBIAN_FASHION_MNIST):
+        pytest.fail("apt-get install dataset-fashion-mnist")
+    assert load("fashion-mnist", download=False)[0].shape == (60000, 784)
+
+
+def test_digits_works_offline():
+    x_train, y_train, x_test, y_test = load("digits")
+    assert x_train.dtype == np.uint8 and x_train.shape[1] == 64
+    assert len(x_train) + len(x_test) == 1797 and x_train.max() == 255
+    assert set(np.unique(y_train)) == set(range(10))
+
+
+def test_unknown_name_and_no_download(isolated):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        load("cifar")
+    with pytest.raises(datasets.DatasetNotFound, match="downloading is off"):
+        load("mnist", download=False)
+
+
+class Server:
+    """An HTTP server on 127.0.0.1 serving {path: bytes}; a path in `cut`
+    announces its full length but sends half, then closes."""
+
+    def __init__(self, files, cut=()):
+        outer = self
+        self.files, self.cut, self.requests = files, set(cut), []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append(self.path)
+                data = outer.files.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:len(data) // 2] if self.path in outer.cut else data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_tries_mirrors_checks_md5_and_writes_atomically(isolated, monkeypatch):
+    source = isolated / "source"
+    arrays = write_dataset(source, n_train=12, n_test=4)
+    good = {name: (source / (name + ".gz")).read_bytes() for name in FILES.values()}
+    md5 = {name: hashlib.md5(data).hexdigest() for name, data in good.items()}
+    names = list(FILES.values())
+    # mirror a: a wrong file for the first name, a broken-off transfer for the second
+    files = {f"/a/{names[0]}.gz": b"not the file", f"/a/{names[1]}.gz": good[names[1]]}
+    files.update({f"/b/{name}.gz": data for name, data in good.items()})
+    with Server(files, cut={f"/a/{names[1]}.gz"}) as server:
+        monkeypatch.setitem(datasets.DATASETS, "mnist", ([server.url + "/a/", server.url + "/b/"], md5))
+        x_train, y_train, x_test, y_test = load("mnist", progress=False)
+    assert np.array_equal(x_train, arrays["x_train"].reshape(12, -1))
+    assert np.array_equal(y_test, arrays["y_test"])
+    assert f"/a/{names[0]}.gz" in server.requests and f"/b/{names[0]}.gz" in server.requests
+    assert f"/a/{names[1]}.gz" in server.requests and f"/b/{names[1]}.gz" in server.requests
+    cache = isolated / "cache" / "fastmlp" / "mnist"
+    assert sorted(os.listdir(cache)) == sorted(name + ".gz" for name in names)  # no temp files left
+    # the second load reads the cache and asks no server
+    monkeypatch.setitem(datasets.DATASETS, "mnist", (["http://127.0.0.1:9/"], md5))
+    assert np.array_equal(load("mnist", download=False)[0], x_train)
+
+
+def test_failed_download_says_what_it_tried(isolated, monkeypatch):
+    md5 = {name: "0" * 32 for name in FILES.values()}
+    with Server({}) as server:
+        monkeypatch.setitem(datasets.DATASETS, "mnist", ([server.url + "/x/", server.url + "/y/"], md5))
+        with pytest.raises(datasets.DatasetNotFound) as info:
+            load("mnist", progress=False)
+    message = str(info.value)
+    assert "/x/train-images-idx3-ubyte.gz" in message and "/y/train-images-idx3-ubyte.gz" in message
+    assert "--data-dir" in message and "FASTMLP_DATA" in message
+    assert os.listdir(isolated / "cache" / "fastmlp" / "mnist") == []
+
+
+def test_wrong_checksum_everywhere_leaves_nothing(isolated, monkeypatch):
+    md5 = {name: "0" * 32 for name in FILES.values()}
+    files = {f"/m/{name}.gz": b"some bytes" for name in FILES.values()}
+    with Server(files) as server:
+        monkeypatch.setitem(datasets.DATASETS, "mnist", ([server.url + "/m/"], md5))
+        with pytest.raises(datasets.DatasetNotFound, match="checksum mismatch"):
+            load("mnist", progress=False)
+    assert os.listdir(isolated / "cache" / "fastmlp" / "mnist") == []
