@@ -12,8 +12,8 @@ from . import datasets
 from .model import MLP
 from .modelfile import load as load_model
 from .optimizers import DEFAULT_LR, OPTIMIZERS
-from .progress import ProgressPrinter
-from .training import SAMPLINGS, fit
+from .progress import Callback, ProgressPrinter
+from .training import SAMPLINGS, TrainingDiverged, fit
 
 EXAMPLES = """examples:
   fastmlp-train                                   the classic lesson: MNIST, 784-50-10 sigmoid, SGD 0.1, batch 100
@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   fastmlp-train --hidden 256,128 --activation relu --init he --optimizer adam --epochs 20
   fastmlp-train --dataset fashion-mnist --epochs 5 --save model.fmlp
   fastmlp-train --resume model.fmlp --epochs 10 --save model.fmlp   (epochs 6 to 10)
+  fastmlp-train --epochs 50 --save model.fmlp --checkpoint-every 5
   fastmlp-train --evaluate model.fmlp --dataset fashion-mnist
 
 exit codes: 0 success, 2 usage error or bad input, 130 interrupted (after --save)
@@ -93,7 +94,10 @@ def build_parser():
     out.add_argument("--history", metavar="FILE", help="per-epoch metrics as .csv or .json")
     out.add_argument("--plot", metavar="FILE.png",
                      help="accuracy and loss curves (needs matplotlib: pip install 'fastmlp[plot]')")
-    out.add_argument("--save", metavar="FILE", help="write the trained model (also on Ctrl-C)")
+    out.add_argument("--save", metavar="FILE",
+                     help="write the trained model (also on Ctrl-C, SIGTERM or divergence)")
+    out.add_argument("--checkpoint-every", metavar="N", type=int,
+                     help="also write --save every N epochs, atomically, to resume from")
     out.add_argument("--resume", metavar="FILE", help="continue training a saved model")
     out.add_argument("--evaluate", metavar="FILE",
                      help="only report the test loss and accuracy of a saved model")
@@ -116,6 +120,8 @@ def check_args(parser, args):
                  if getattr(args, key) is not None]
         if given:
             parser.error(f"{', '.join(given)} cannot change a resumed model (the file decides)")
+    if args.checkpoint_every is not None and (args.checkpoint_every < 1 or not args.save):
+        parser.error("--checkpoint-every N needs N >= 1 and --save FILE")
     if args.history and os.path.splitext(args.history)[1].lower() not in (".csv", ".json"):
         parser.error("--history FILE must end in .csv or .json")
     if args.plot:
@@ -207,7 +213,7 @@ def main(argv=None):
                       **optimizer_settings(args, model), shuffle=not args.no_shuffle, sampling=args.sampling,
                       validation_data=(x_test, y_test), threads=args.threads,
                       seed=None if args.resume else args.seed,
-                      callbacks=[] if args.quiet else [ProgressPrinter(out)])
+                      callbacks=callbacks(args, model, out))
         elapsed = time.perf_counter() - started - history.compile_time
         loss, accuracy = model.evaluate(x_test, y_test)
         trained = sum(history.history["epoch_time"])
@@ -223,6 +229,13 @@ def main(argv=None):
             model.save(args.save)
             out.write(f"Saved {args.save}\n")
         return 0
+    except TrainingDiverged as exc:
+        saved = ""
+        if args.save:
+            model.save(args.save)
+            saved = f" (saved the last finite parameters to {args.save})"
+        sys.stderr.write(f"fastmlp-train: error: {exc}{saved}\n")
+        return 2
     except KeyboardInterrupt:
         if model is not None and args.save:
             model.save(args.save)
@@ -235,6 +248,24 @@ def main(argv=None):
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous_term)
+
+
+class Checkpointer(Callback):
+    """Writes the model to path after every `every` epochs (atomically)."""
+
+    def __init__(self, model, path, every):
+        self.model, self.path, self.every = model, path, every
+
+    def on_epoch_end(self, epoch, n_steps, epoch_time, logs):
+        if (epoch + 1) % self.every == 0:
+            self.model.save(self.path)
+
+
+def callbacks(args, model, out):
+    chosen = [] if args.quiet else [ProgressPrinter(out)]
+    if args.checkpoint_every:
+        chosen.append(Checkpointer(model, args.save, args.checkpoint_every))
+    return chosen
 
 
 def optimizer_settings(args, model):

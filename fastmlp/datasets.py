@@ -16,6 +16,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -46,9 +47,9 @@ def load_idx(path):
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as exc:  # gzip raises these for damaged streams
-        if isinstance(exc, FileNotFoundError):
-            raise
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:  # gzip raises these for damaged streams
         raise ValueError(f"{path}: cannot read: {exc}") from None
     if len(data) < 4:
         raise ValueError(f"{path}: too short for an IDX header ({len(data)} bytes)")
@@ -217,6 +218,29 @@ def download(url, destination, md5, progress=True):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+NPY_NAMES = ("x_train", "y_train", "x_test", "y_test")
+
+
+def save_npy(arrays, directory):
+    """Writes (x_train, y_train, x_test, y_test) as four .npy files in
+    directory, for load_npy to memory-map; returns their paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for name, array in zip(NPY_NAMES, arrays):
+        path = os.path.join(directory, name + ".npy")
+        np.save(path, np.ascontiguousarray(array))
+        paths.append(path)
+    return paths
+
+
+def load_npy(directory):
+    """(x_train, y_train, x_test, y_test) from save_npy's files, memory-mapped
+    read-only: fit trains from the mapped pages without reading them into
+    memory."""
+    return tuple(np.load(os.path.join(directory, name + ".npy"), mmap_mode="r")
+                 for name in NPY_NAMES)
 
 
 def load_digits(test_fraction=0.2):

@@ -1,5 +1,9 @@
 """The model: one flat parameter vector carved into per-layer views, and the
 workspace of activation and delta buffers that the kernels run in."""
+import contextlib
+import threading
+
+import numba
 import numpy as np
 
 from .kernels import ACTIVATIONS
@@ -17,6 +21,19 @@ from .validation import (
 )
 
 INITS = ("normal", "xavier", "he")
+_LAUNCH_LOCK = threading.Lock()
+
+
+def parallel_launch_guard():
+    """predict and evaluate may run in several Python threads at once: each
+    call has its own workspace, and the OpenMP and TBB threading layers take
+    concurrent parallel launches. Numba's fallback layer, workqueue, does not,
+    so there (or before any layer is chosen) launches take turns."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = None
+    return contextlib.nullcontext() if layer in ("omp", "tbb") else _LAUNCH_LOCK
 PREDICT_BATCH = 1024  # rows per forward call in predict/evaluate
 
 
@@ -48,6 +65,7 @@ class Workspace:
         self.deltas = np.zeros(self.acts.size if backward else 0, dtype)
         self.labels = np.zeros(batch_size, np.int32)
         self.chunk_stats = np.zeros((N_CHUNKS, 2), np.float64)
+        self.task_checks = np.zeros(len(make_tasks(layer_sizes)), np.float64)
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + blocks[-1]].reshape(batch_size, sizes[-1])
 
@@ -133,11 +151,12 @@ class MLP:
     # kernels on a whole array
 
     def _forward(self, X, y, workspace, idx, start, nrows, backward):
-        return forward_backward(workspace.acts, workspace.deltas, workspace.labels,
-                                workspace.chunk_stats, X, y, idx, start, nrows,
-                                input_scale(X, self.dtype), self.params, self._sizes,
-                                self.w_off, self.b_off, workspace.act_off,
-                                self.activation_code, backward)
+        with parallel_launch_guard():
+            return forward_backward(workspace.acts, workspace.deltas, workspace.labels,
+                                    workspace.chunk_stats, X, y, idx, start, nrows,
+                                    input_scale(X, self.dtype), self.params, self._sizes,
+                                    self.w_off, self.b_off, workspace.act_off,
+                                    self.activation_code, backward)
 
     def _forward_all(self, X, y, probs=None):
         """Loss sum and correct count over X (labels y), in batches of
@@ -182,8 +201,8 @@ class MLP:
         n_chunks = self._forward(X, y, workspace, np.arange(n, dtype=np.int64), 0, n, True)
         empty = np.zeros(0, self.dtype)
         gradients_update(self.params, grads, empty, empty, workspace.acts,
-                         workspace.deltas, n, n, self._sizes, self.w_off, self.b_off,
-                         workspace.act_off, self._tasks, NONE,
+                         workspace.deltas, workspace.task_checks, n, n, self._sizes,
+                         self.w_off, self.b_off, workspace.act_off, self._tasks, NONE,
                          make_hyper(self.dtype, 0.0, 0.0, 0.0), False)
         loss = workspace.chunk_stats[:n_chunks, 0].sum() / n
         dweights, dbiases = self.layer_views(grads)

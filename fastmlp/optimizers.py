@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .jit import kernel
-from .kernels import ONE
+from .kernels import ONE, ZERO
 
 NONE = 0  # gradients only
 SGD = 1
@@ -50,33 +50,47 @@ def adam_alpha(lr, step):
     return lr * math.sqrt(1.0 - math.pow(ADAM_BETA2, step)) / (1.0 - math.pow(ADAM_BETA1, step))
 
 
+# Each update returns the sum of (new value * 0) over its range: 0 when every
+# new parameter is finite, NaN otherwise. It costs one multiply-add per value
+# in a loop that is memory-bound anyway, and it cannot be folded away because
+# the fastmath flags keep NaN and inf semantics.
+
 @kernel
 def sgd_update(params, grads, p0, p1, lr, decay):
+    check = ZERO
     for i in range(p0, p1):
-        params[i] -= lr * (grads[i] + decay * params[i])
+        w = params[i] - lr * (grads[i] + decay * params[i])
+        params[i] = w
+        check += w * ZERO
+    return check
 
 
 @kernel
 def momentum_update(params, grads, velocity, p0, p1, lr, mu, decay, nesterov):
     # v <- mu v - lr g; w <- w + v  (Nesterov: w <- w + mu v - lr g)
+    check = ZERO
     for i in range(p0, p1):
         g = grads[i] + decay * params[i]
         v = mu * velocity[i] - lr * g
         velocity[i] = v
-        if nesterov:
-            params[i] += mu * v - lr * g
-        else:
-            params[i] += v
+        w = params[i] + (mu * v - lr * g if nesterov else v)
+        params[i] = w
+        check += w * ZERO
+    return check
 
 
 @kernel
 def adam_update(params, grads, m, v, p0, p1, alpha, beta1, beta2, eps, decay):
     # m <- m + (g - m)(1 - b1); v <- v + (g^2 - v)(1 - b2);
     # w <- w - alpha m / (sqrt(v) + eps), alpha from adam_alpha
+    check = ZERO
     for i in range(p0, p1):
         g = grads[i] + decay * params[i]
         mi = m[i] + (g - m[i]) * (ONE - beta1)
         vi = v[i] + (g * g - v[i]) * (ONE - beta2)
         m[i] = mi
         v[i] = vi
-        params[i] -= alpha * mi / (math.sqrt(vi) + eps)
+        w = params[i] - alpha * mi / (math.sqrt(vi) + eps)
+        params[i] = w
+        check += w * ZERO
+    return check

@@ -19,6 +19,8 @@ A step is two parallel regions:
 Python call. Nothing is allocated: every array is a view of the workspace or
 of the parameter and optimizer-state vectors.
 """
+import math
+
 import numpy as np
 from numba import prange
 
@@ -129,13 +131,14 @@ def forward_backward(acts, deltas, labels, chunk_stats, X, y, idx, start, nrows,
 
 
 @parallel_kernel
-def gradients_update(params, grads, state1, state2, acts, deltas, nrows, B,
-                     sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
+def gradients_update(params, grads, state1, state2, acts, deltas, task_checks, nrows,
+                     B, sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
                      nesterov):
     # params, grads, state1, state2 are flat (P,) vectors of one layout
-    # (state: momentum's velocity, or Adam's m and v); tasks is (T, 4).
-    # Computes the gradient of every parameter, then (unless optimizer is
-    # NONE) updates it.
+    # (state: momentum's velocity, or Adam's m and v); tasks is (T, 4),
+    # task_checks (T,). Computes the gradient of every parameter, then
+    # (unless optimizer is NONE) updates it; task_checks[t] is NaN when task
+    # t produced a non-finite parameter, else 0.
     for t in prange(tasks.shape[0]):
         l = tasks[t, 0]
         fan_in = sizes[l]
@@ -154,24 +157,36 @@ def gradients_update(params, grads, state1, state2, acts, deltas, nrows, B,
             p1 = p0 + fan_out
             dense_backward_bias(grads[p0:p1], dout, nrows)
             decay = hyper.dtype.type(0.0)
+        check = 0.0
         if optimizer == SGD:
-            sgd_update(params, grads, p0, p1, hyper[LR], decay)
+            check = sgd_update(params, grads, p0, p1, hyper[LR], decay)
         elif optimizer == MOMENTUM:
-            momentum_update(params, grads, state1, p0, p1, hyper[LR],
-                            hyper[MOMENTUM_COEF], decay, nesterov)
+            check = momentum_update(params, grads, state1, p0, p1, hyper[LR],
+                                    hyper[MOMENTUM_COEF], decay, nesterov)
         elif optimizer == ADAM:
-            adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
-                        hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
+            check = adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
+                                hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
+        task_checks[t] = check
+
+
+# train_steps' status
+STEPS_DONE = 0
+LOSS_NOT_FINITE = 1  # at the returned step, before its update: nothing applied
+PARAMS_NOT_FINITE = 2  # the returned step's update made a parameter NaN or inf
 
 
 @kernel
 def train_steps(params, grads, state1, state2, acts, deltas, labels, chunk_stats,
-                X, y, idx, n_rows, step0, step1, update_count, scale, sizes, w_off,
-                b_off, act_off, tasks, activation, optimizer, hyper, nesterov):
+                task_checks, X, y, idx, n_rows, step0, step1, update_count, scale,
+                sizes, w_off, b_off, act_off, tasks, activation, optimizer, hyper,
+                nesterov):
     # Runs steps step0..step1 of an epoch whose rows, in order, are
     # idx[0:n_rows]; step s covers idx[s*B : min((s+1)*B, n_rows)].
     # update_count is the number of updates done before (Adam's t).
-    # Returns (sum of the per-row losses, number of correct rows).
+    # Returns (sum of the per-row losses, number of correct rows, status,
+    # the step the status is about: step1 when all went well). Divergence
+    # costs one finiteness test of the loss and of the update's check sum
+    # per step.
     B = labels.shape[0]
     loss_sum = 0.0
     correct = 0
@@ -181,13 +196,19 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, chunk_stats
         n_chunks = forward_backward(acts, deltas, labels, chunk_stats, X, y, idx,
                                     start, nrows, scale, params, sizes, w_off,
                                     b_off, act_off, activation, True)
+        step_loss = 0.0
         for c in range(n_chunks):
-            loss_sum += chunk_stats[c, 0]
+            step_loss += chunk_stats[c, 0]
             correct += int(chunk_stats[c, 1])
+        if not math.isfinite(step_loss):
+            return loss_sum, correct, LOSS_NOT_FINITE, s
+        loss_sum += step_loss
         update_count += 1
         if optimizer == ADAM:
             hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
-        gradients_update(params, grads, state1, state2, acts, deltas, nrows, B,
-                         sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
+        gradients_update(params, grads, state1, state2, acts, deltas, task_checks, nrows,
+                         B, sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
                          nesterov)
-    return loss_sum, correct
+        if not math.isfinite(task_checks.sum()):
+            return loss_sum, correct, PARAMS_NOT_FINITE, s
+    return loss_sum, correct, STEPS_DONE, step1

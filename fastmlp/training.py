@@ -1,6 +1,7 @@
 """fit: validates once, allocates once, then runs each epoch as a few calls
 into compiled code (`step.train_steps`), each many steps long."""
 import contextlib
+import mmap
 import signal
 import threading
 import time
@@ -11,13 +12,20 @@ import numpy as np
 from .model import Workspace
 from .optimizers import DEFAULT_LR, OPTIMIZERS, make_hyper
 from .progress import ProgressPrinter
-from .step import train_steps
+from .step import LOSS_NOT_FINITE, PARAMS_NOT_FINITE, STEPS_DONE, train_steps
 from .validation import check_choice, check_float, check_int, check_Xy, input_scale
 
 SAMPLINGS = ("epoch", "replacement")
-# An epoch runs as this many calls into compiled code (fewer for short
-# epochs): progress, Ctrl-C and checkpoints act between two calls.
+# An epoch runs as calls into compiled code of about CHUNK_SECONDS each (and
+# at least CHUNKS_PER_EPOCH of them): progress, Ctrl-C and a memory map's
+# page release act between two calls.
 CHUNKS_PER_EPOCH = 50
+CHUNK_SECONDS = 0.05
+# With a memory-mapped X, the pages a chunk touched are released after it:
+# a chunk reads at most this many rows, which bounds the resident set. (The
+# kernel may map a whole large folio of page cache, up to megabytes, for one
+# row read at random, so the bound has to be in rows, and small.)
+MAPPED_CHUNK_ROWS = 256
 
 
 class History:
@@ -170,19 +178,28 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     if progress.step >= n_steps:
         raise ValueError(f"the model stopped at step {progress.step} of an epoch, but this data "
                          f"and batch_size give epochs of {n_steps} steps")
-    chunk = -(-n_steps // CHUNKS_PER_EPOCH)
+    max_chunk = -(-n_steps // CHUNKS_PER_EPOCH)
     workspace = Workspace(model.layer_sizes, batch_size, model.dtype)
     grads = np.zeros_like(model.params)
     idx = np.empty(n, dtype=np.int64)
     scale = input_scale(X, model.dtype)
+    mapping = mapped_file(X)
+    if mapping is not None:
+        # random rows: no read-ahead and no mapping of neighbouring pages, so
+        # that a step makes resident only the pages of its own rows
+        mapping.madvise(mmap.MADV_SEQUENTIAL if not shuffle and sampling == "epoch"
+                        else mmap.MADV_RANDOM)
+        max_chunk = max(1, min(max_chunk, MAPPED_CHUNK_ROWS // batch_size))
+    saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
     history = History()
 
     def run(step0, step1):
         return train_steps(model.params, grads, state.state1, state.state2, workspace.acts,
-                           workspace.deltas, workspace.labels, workspace.chunk_stats, X, y,
-                           idx, n, step0, step1, state.updates, scale, model._sizes,
-                           model.w_off, model.b_off, workspace.act_off, model._tasks,
-                           model.activation_code, state.code, state.hyper, state.nesterov)
+                           workspace.deltas, workspace.labels, workspace.chunk_stats,
+                           workspace.task_checks, X, y, idx, n, step0, step1, state.updates,
+                           scale, model._sizes, model.w_off, model.b_off, workspace.act_off,
+                           model._tasks, model.activation_code, state.code, state.hyper,
+                           state.nesterov)
 
     with thread_count(threads), deferred_interrupt() as interrupt:
         start = time.perf_counter()
@@ -197,25 +214,40 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             for callback in callbacks:
                 callback.on_epoch_begin(progress.epoch, total_epochs, n_steps)
             first = progress.step
+            # where a diverged epoch is replayed from (costs a copy per epoch)
+            for copy, source in zip(saved, (model.params, state.state1, state.state2)):
+                np.copyto(copy, source)
+            first_update = state.updates
             rows = loss_sum = correct = 0
             elapsed = 0.0
-            for step0 in range(first, n_steps, chunk):
+            chunk = 1  # then as many steps as take about CHUNK_SECONDS
+            step0 = first
+            while step0 < n_steps:
                 step1 = min(step0 + chunk, n_steps)
                 start = time.perf_counter()
-                chunk_loss, chunk_correct = run(step0, step1)
-                elapsed += time.perf_counter() - start
+                chunk_loss, chunk_correct, status, at = run(step0, step1)
+                seconds = time.perf_counter() - start
+                elapsed += seconds
+                if status != STEPS_DONE:
+                    diverged(model, state, progress, run, saved, first, first_update, status,
+                             at, step0, n_steps, optimizer, lr)
                 state.updates += step1 - step0
                 progress.step = step1
                 rows += min(step1 * batch_size, n) - step0 * batch_size
                 loss_sum += chunk_loss
                 correct += chunk_correct
                 logs = {"loss": loss_sum / rows, "accuracy": correct / rows}
+                if mapping is not None:  # keep only this chunk's pages resident
+                    mapping.madvise(mmap.MADV_DONTNEED)
                 for callback in callbacks:
                     callback.on_steps(step1, n_steps, logs)
                 if interrupt["set"]:
                     if step1 == n_steps:
                         end_epoch(progress, rng)
                     raise KeyboardInterrupt
+                per_step = seconds / (step1 - step0)
+                chunk = int(min(max_chunk, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+                step0 = step1
             end_epoch(progress, rng)
             history.epoch.append(progress.epoch - 1)
             history.history["loss"].append(logs["loss"])
@@ -230,6 +262,49 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         if interrupt["set"]:  # arrived after the last chunk
             raise KeyboardInterrupt
     return history
+
+
+class TrainingDiverged(ValueError):
+    """The loss or a parameter became NaN or inf. The model keeps the
+    parameters from before the step that diverged; `epoch` and `step` (from
+    0) name that step."""
+
+    def __init__(self, message, epoch, step):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+def diverged(model, state, progress, run, saved, first, first_update, status, at, step0,
+             n_steps, optimizer, lr):
+    """Leaves the model as it was before step `at` and raises TrainingDiverged.
+    A loss that is not finite stops before its update; a parameter that is
+    not finite is undone by replaying the epoch from its start up to `at`
+    (training is deterministic, so the replay gives the very same values)."""
+    if status == PARAMS_NOT_FINITE:
+        for copy, target in zip(saved, (model.params, state.state1, state.state2)):
+            np.copyto(target, copy)
+        state.updates = first_update
+        step0 = first
+        if run(first, at)[2] != STEPS_DONE:
+            raise RuntimeError("replaying the steps before the divergence diverged too")
+    state.updates += at - step0
+    progress.step = at
+    what = ("the loss became NaN or inf" if status == LOSS_NOT_FINITE
+            else "a parameter became NaN or inf")
+    raise TrainingDiverged(
+        f"training diverged at epoch {progress.epoch + 1}, step {at + 1} of {n_steps}: {what}; "
+        f"the model keeps its parameters from before that step. Try a smaller learning rate "
+        f"than {optimizer} lr={lr:g}.", progress.epoch, at)
+
+
+def mapped_file(X):
+    """The mmap behind X when X is (a view of) a numpy.memmap, else None."""
+    while X is not None:
+        if isinstance(getattr(X, "_mmap", None), mmap.mmap):
+            return X._mmap
+        X = getattr(X, "base", None)
+    return None
 
 
 def end_epoch(progress, rng):

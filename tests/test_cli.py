@@ -2,11 +2,13 @@
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -180,3 +182,61 @@ def test_interrupt_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig):
     model = fastmlp.load(path)
     assert model.training_state.epoch >= 2
     assert model.optimizer_state.updates == model.training_state.epoch * 180 + model.training_state.step
+
+
+def test_divergence_exits_2_and_saves_the_last_finite_parameters(data_dir, tmp_path, capsys):
+    path = tmp_path / "d.fmlp"
+    code, out, err = run(["--data-dir", data_dir, "--activation", "relu", "--lr", "1e38",
+                          "--batch-size", "10", "--epochs", "3", "--save", str(path)], capsys)
+    assert code == 2
+    assert re.match(r"fastmlp-train: error: training diverged at epoch \d+, step \d+ of 25: "
+                    r".*smaller learning rate.*saved the last finite parameters", err)
+    model = fastmlp.load(path)
+    assert np.isfinite(model.params).all() and model.training_state.step > 0
+
+
+def test_checkpoint_every_needs_save(data_dir):
+    with pytest.raises(SystemExit) as info:
+        main(["--data-dir", data_dir, "--checkpoint-every", "2"])
+    assert info.value.code == 2
+
+
+def test_sigkill_at_random_moments_never_damages_the_checkpoint(tmp_path):
+    """Kills the command while it checkpoints every epoch, many times; the
+    file is always loadable, and resuming from the last one reaches the same
+    parameters as a run that was never killed."""
+    path = tmp_path / "ck.fmlp"
+    common = [sys.executable, "-m", "fastmlp.cli", "--dataset", "digits", "--batch-size", "16"]
+    new = ["--hidden", "64", "--activation", "relu"]
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in range(KILLS):
+        argv = common + ["--save", str(path), "--checkpoint-every", "1"]
+        argv += ["--resume", str(path), "--epochs", "1000"] if path.exists() else new + ["--epochs", "1000"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:  # training has started
+            if line.startswith("Epoch"):
+                break
+        time.sleep(rng.uniform(0, 1.0))
+        proc.kill()
+        proc.wait()
+        kills += proc.returncode == -signal.SIGKILL
+        if path.exists():
+            fastmlp.load(path)  # raises if damaged
+        leftovers = [p for p in os.listdir(tmp_path) if p != "ck.fmlp"]
+        assert all(p.startswith(".fastmlp-") for p in leftovers)  # at most temporaries
+    assert kills == KILLS
+    model = fastmlp.load(path)
+    epochs = model.training_state.epoch
+    assert epochs >= 2  # checkpoints were written and resumed from
+    finish = subprocess.run(common + ["--quiet", "--resume", str(path), "--epochs", str(epochs + 2),
+                                      "--save", str(path)], capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    straight = tmp_path / "straight.fmlp"
+    result = subprocess.run(common + new + ["--quiet", "--epochs", str(epochs + 2), "--save", str(straight)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(fastmlp.load(path).params, fastmlp.load(straight).params)
+
+
+KILLS = int(os.environ.get("FASTMLP_KILLS", "12"))

@@ -172,6 +172,7 @@ def test_an_epoch_allocates_nothing():
     def run(steps):
         before = rtsys.get_allocation_stats()
         train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels, ws.chunk_stats,
+                    ws.task_checks,
                     X, y, idx, 1000, 0, steps, 0, input_scale(X, model.dtype), model._sizes,
                     model.w_off, model.b_off, ws.act_off, model._tasks, model.activation_code,
                     OPTIMIZERS["adam"], hyper, False)
@@ -213,3 +214,47 @@ def test_history_records_every_epoch_and_validation():
     assert all(len(v) == 3 for v in history.history.values())
     assert (history.history["val_loss"][-1], history.history["val_accuracy"][-1]) == model.evaluate(Xv, yv)
     assert 0 <= history.history["accuracy"][0] <= 1
+
+
+def diverging_problem(kind):
+    model, X, y = random_problem([10, 8, 3], 300, "relu", np.float32, seed=2)
+    if kind == "parameter":
+        # a weight fed by an always-zero input: the forward pass never sees
+        # it, while weight decay (w <- w - 3w) doubles it until it overflows
+        X[:, 0] = 0
+        model.weights[0][0, :] = 1e37
+    return model, X, y
+
+
+@pytest.mark.parametrize("optimizer,options,kind", [
+    ("sgd", dict(lr=1e4), "loss"),
+    ("momentum", dict(lr=1e4), "loss"),
+    ("adam", dict(lr=1e30), "loss"),
+    ("sgd", dict(lr=1.0, weight_decay=3.0), "parameter"),
+])
+def test_divergence_stops_at_the_step_and_keeps_the_last_finite_parameters(optimizer, options, kind):
+    model, X, y = diverging_problem(kind)
+    settings = dict(batch_size=10, optimizer=optimizer, seed=0, **options)  # 30 steps an epoch
+    message = "the loss became NaN or inf" if kind == "loss" else "a parameter became NaN or inf"
+    with pytest.raises(fastmlp.TrainingDiverged,
+                       match=rf"diverged at epoch 1, step \d+ of 30: {message}.*smaller learning rate"):
+        fastmlp.fit(model, X, y, epochs=3, **settings)
+    assert np.isfinite(model.params).all()
+    steps = model.training_state.step
+    assert model.optimizer_state.updates == steps and steps > 0
+    # exactly the parameters before the diverging step: the same run stopped
+    # after that many steps (one step per chunk here) has them bit for bit
+    probe, _, _ = diverging_problem(kind)
+    with pytest.raises(KeyboardInterrupt):
+        fastmlp.fit(probe, X, y, epochs=3, callbacks=[InterruptAt(steps)], **settings)
+    assert np.array_equal(probe.params, model.params)
+    assert np.array_equal(probe.optimizer_state.state1, model.optimizer_state.state1)
+
+
+def test_a_nan_parameter_is_caught_even_when_relu_hides_it():
+    model, X, y = random_problem([6, 5, 3], 40, "relu", np.float32, seed=1)
+    model.weights[0][:, 0] = -1e30  # unit 0 always inactive
+    model.weights[0][0, 0] = np.nan  # relu(NaN) gives 0 here: the loss stays finite
+    assert np.isfinite(model.evaluate(X, y)[0])
+    with pytest.raises(fastmlp.TrainingDiverged, match="a parameter became NaN or inf"):
+        fastmlp.fit(model, X, y, epochs=1, batch_size=8, lr=0.1)
