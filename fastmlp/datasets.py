@@ -235,6 +235,19 @@ def save_npy(arrays, directory):
     return paths
 
 
+def drop_cached(path):
+    """Writes path's pages to disk and drops them from the page cache, so
+    that the next reads come from disk, as they do for data larger than
+    memory. (Pages still cached may be mapped in large folios, so a memory
+    map of a freshly written file can look far bigger in RSS.)"""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def load_npy(directory):
     """(x_train, y_train, x_test, y_test) from save_npy's files, memory-mapped
     read-only: fit trains from the mapped pages without reading them into

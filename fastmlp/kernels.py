@@ -33,8 +33,9 @@ ONE = np.float32(1.0)
 # input
 
 @kernel
-def gather_rows(out, labels_out, X, y, idx, start, scale, r0, r1):
-    # out is (B, C), labels_out is (B,), X is (N, C), y is (N,), idx is (>=start+r1,)
+def gather_rows(out, labels_out, weights_out, X, y, sample_weight, idx, start, scale, r0, r1):
+    # out is (B, C), labels_out and weights_out are (B,), X is (N, C), y and
+    # sample_weight are (N,), idx is (>=start+r1,)
     # Row b of the batch is dataset row idx[start + b], times `scale`
     # (1/255 for uint8 pixels, 1 for floats): uint8 data is never copied whole.
     C = out.shape[1]
@@ -45,6 +46,7 @@ def gather_rows(out, labels_out, X, y, idx, start, scale, r0, r1):
         for c in range(C):
             dst[c] = src[c] * scale
         labels_out[b] = y[i]
+        weights_out[b] = sample_weight[i]
 
 
 # ----------------------------------------------------------------------------
@@ -176,10 +178,11 @@ def dense_backward_bias(dbias, dout, nrows):
 # softmax output with mean categorical cross-entropy
 
 @kernel
-def softmax_crossentropy_forward(probs, labels, r0, r1):
+def softmax_crossentropy_forward(probs, labels, weights, r0, r1):
     # probs is (B, K), holding logits on entry and probabilities on exit;
-    # labels is (B,). Returns (sum of -log p[label], number of rows whose
-    # argmax equals the label) over rows r0:r1, the loss in float64.
+    # labels and weights are (B,). Returns (sum of weight * -log p[label],
+    # number of rows whose argmax equals the label) over rows r0:r1, the
+    # loss in float64.
     K = probs.shape[1]
     loss = 0.0
     correct = 0
@@ -201,22 +204,24 @@ def softmax_crossentropy_forward(probs, labels, r0, r1):
         for j in range(K):
             p[j] *= inv
         # -log softmax(z)[y] = log(sum exp(z - max)) - (z_y - max), stable
-        loss += math.log(total) - (label_logit - top)
+        loss += weights[b] * (math.log(total) - (label_logit - top))
         if best == labels[b]:
             correct += 1
     return loss, correct
 
 
 @kernel
-def softmax_crossentropy_backward(dlogits, probs, labels, inv_rows, r0, r1):
-    # dlogits is (B, K), probs is (B, K), labels is (B,)
+def softmax_crossentropy_backward(dlogits, probs, labels, weights, inv_total, r0, r1):
+    # dlogits is (B, K), probs is (B, K), labels and weights are (B,)
     # Softmax and cross-entropy together have the plain derivative
     # probs - onehot(label): the softmax Jacobian cancels against d(-log p).
-    # inv_rows = 1/rows makes it the gradient of the batch mean.
+    # weight / inv_total (the batch's total weight) makes it the gradient
+    # of the batch's weighted mean.
     K = probs.shape[1]
     for b in range(r0, r1):
         p = probs[b]
         d = dlogits[b]
+        scale = weights[b] * inv_total
         for j in range(K):
-            d[j] = p[j] * inv_rows
-        d[labels[b]] -= inv_rows
+            d[j] = p[j] * scale
+        d[labels[b]] -= scale

@@ -15,6 +15,7 @@ from .validation import (
     check_dtype,
     check_float,
     check_layer_sizes,
+    check_sample_weight,
     check_X,
     check_Xy,
     input_scale,
@@ -64,6 +65,7 @@ class Workspace:
         self.acts = np.zeros(int(blocks.sum()), dtype)
         self.deltas = np.zeros(self.acts.size if backward else 0, dtype)
         self.labels = np.zeros(batch_size, np.int32)
+        self.row_weights = np.zeros(batch_size, dtype)
         self.chunk_stats = np.zeros((N_CHUNKS, 2), np.float64)
         self.task_checks = np.zeros(len(make_tasks(layer_sizes)), np.float64)
         start = int(self.act_off[-1])
@@ -150,10 +152,12 @@ class MLP:
     # ------------------------------------------------------------------
     # kernels on a whole array
 
-    def _forward(self, X, y, workspace, idx, start, nrows, backward):
+    def _forward(self, X, y, sample_weight, workspace, idx, start, nrows, backward):
+        inv_total = self.dtype.type(1.0 / sample_weight[idx[start:start + nrows]].sum())
         with parallel_launch_guard():
             return forward_backward(workspace.acts, workspace.deltas, workspace.labels,
-                                    workspace.chunk_stats, X, y, idx, start, nrows,
+                                    workspace.row_weights, workspace.chunk_stats, X, y,
+                                    sample_weight, idx, start, nrows, inv_total,
                                     input_scale(X, self.dtype), self.params, self._sizes,
                                     self.w_off, self.b_off, workspace.act_off,
                                     self.activation_code, backward)
@@ -164,10 +168,11 @@ class MLP:
         n = X.shape[0]
         workspace = Workspace(self.layer_sizes, min(n, PREDICT_BATCH), self.dtype, backward=False)
         idx = np.arange(n, dtype=np.int64)
+        ones = np.ones(n, self.dtype)
         loss, correct = 0.0, 0
         for start in range(0, n, workspace.batch_size):
             nrows = min(workspace.batch_size, n - start)
-            n_chunks = self._forward(X, y, workspace, idx, start, nrows, False)
+            n_chunks = self._forward(X, y, ones, workspace, idx, start, nrows, False)
             loss += workspace.chunk_stats[:n_chunks, 0].sum()
             correct += int(workspace.chunk_stats[:n_chunks, 1].sum())
             if probs is not None:
@@ -191,19 +196,22 @@ class MLP:
         loss, correct = self._forward_all(X, y)
         return loss / X.shape[0], correct / X.shape[0]
 
-    def gradients(self, X, y):
+    def gradients(self, X, y, sample_weight=None):
         """(loss, dweights, dbiases): the mean cross-entropy over the batch X,
-        y and its exact gradients, from the same kernels training runs."""
+        y (weighted by sample_weight, if given) and its exact gradients, from
+        the same kernels training runs."""
         X, y = check_Xy(X, y, self.n_features, self.n_classes)
         n = X.shape[0]
+        sample_weight = check_sample_weight(sample_weight, n, self.dtype)
         workspace = Workspace(self.layer_sizes, n, self.dtype)
         grads = np.zeros_like(self.params)
-        n_chunks = self._forward(X, y, workspace, np.arange(n, dtype=np.int64), 0, n, True)
+        n_chunks = self._forward(X, y, sample_weight, workspace,
+                                 np.arange(n, dtype=np.int64), 0, n, True)
         empty = np.zeros(0, self.dtype)
         gradients_update(self.params, grads, empty, empty, workspace.acts,
                          workspace.deltas, workspace.task_checks, n, n, self._sizes,
                          self.w_off, self.b_off, workspace.act_off, self._tasks, NONE,
                          make_hyper(self.dtype, 0.0, 0.0, 0.0), False)
-        loss = workspace.chunk_stats[:n_chunks, 0].sum() / n
+        loss = workspace.chunk_stats[:n_chunks, 0].sum() / sample_weight.sum()
         dweights, dbiases = self.layer_views(grads)
         return loss, dweights, dbiases

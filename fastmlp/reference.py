@@ -50,25 +50,32 @@ def forward(weights, biases, X, activation):
     return acts
 
 
-def cross_entropy(probs, y):
-    return float(-np.mean(np.log(probs[np.arange(len(y)), y])))
+def cross_entropy(probs, y, sample_weight=None):
+    losses = -np.log(probs[np.arange(len(y)), y])
+    if sample_weight is not None and np.sum(sample_weight) == 0:
+        return 0.0  # a batch of zero weight counts for nothing
+    return float(np.average(losses, weights=sample_weight))
 
 
-def loss_and_gradients(weights, biases, X, y, activation):
-    """(mean cross-entropy, dweights, dbiases) for the batch X, y."""
+def loss_and_gradients(weights, biases, X, y, activation, sample_weight=None):
+    """(mean cross-entropy, dweights, dbiases) for the batch X, y; with
+    sample_weight, the weighted mean."""
     acts = forward(weights, biases, X, activation)
     probs = acts[-1]
     n = len(y)
     onehot = np.zeros_like(probs)
     onehot[np.arange(n), y] = 1
-    delta = (probs - onehot) / n  # softmax + cross-entropy: probs - onehot
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    # softmax + cross-entropy: probs - onehot, weighted over the batch
+    share = w / w.sum() if w.sum() > 0 else np.zeros(n)  # zero weight: zero gradient
+    delta = (probs - onehot) * share[:, None].astype(probs.dtype)
     dweights, dbiases = [None] * len(weights), [None] * len(weights)
     for l in range(len(weights) - 1, -1, -1):
         dweights[l] = acts[l].T @ delta
         dbiases[l] = delta.sum(axis=0)
         if l > 0:
             delta = (delta @ weights[l].T) * DERIVATIVE[activation](acts[l])
-    return cross_entropy(probs, y), dweights, dbiases
+    return cross_entropy(probs, y, sample_weight), dweights, dbiases
 
 
 def sgd_step(params, grads, lr, weight_decay, decays):
@@ -94,7 +101,7 @@ def adam_step(params, grads, m, v, t, lr, weight_decay, decays):
 
 
 def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
-          momentum=0.9, nesterov=False, weight_decay=0.0):
+          momentum=0.9, nesterov=False, weight_decay=0.0, sample_weight=None):
     """Trains the lists weights and biases in place over `batches` (a list of
     row-index arrays), one update each; returns the loss of every batch."""
     params = list(weights) + list(biases)
@@ -103,7 +110,9 @@ def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
     state2 = [np.zeros_like(p) for p in params]
     losses = []
     for t, rows in enumerate(batches, start=1):
-        loss, dweights, dbiases = loss_and_gradients(weights, biases, X[rows], y[rows], activation)
+        batch_weight = None if sample_weight is None else sample_weight[rows]
+        loss, dweights, dbiases = loss_and_gradients(weights, biases, X[rows], y[rows], activation,
+                                                     batch_weight)
         losses.append(loss)
         grads = dweights + dbiases
         if optimizer == "sgd":

@@ -92,22 +92,22 @@ def chunk_rows(nrows):
 
 
 @parallel_kernel
-def forward_backward(acts, deltas, labels, chunk_stats, X, y, idx, start, nrows,
-                     scale, params, sizes, w_off, b_off, act_off, activation,
-                     backward):
+def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
+                     sample_weight, idx, start, nrows, inv_total, scale, params, sizes,
+                     w_off, b_off, act_off, activation, backward):
     # acts holds A_0..A_L, each (B, sizes[l]) at act_off[l]; deltas holds
     # D_1..D_L at the same offsets (D_l is the loss gradient of layer l's
-    # pre-activation); labels is (B,); chunk_stats is (N_CHUNKS, 2).
-    # Rows 0:nrows of the batch are dataset rows idx[start:start + nrows].
+    # pre-activation); labels and row_weights are (B,); chunk_stats is
+    # (N_CHUNKS, 2). Rows 0:nrows of the batch are dataset rows
+    # idx[start:start + nrows]; inv_total is 1 / their total sample weight.
     B = labels.shape[0]
     L = sizes.shape[0] - 1
     per_chunk, n_chunks = chunk_rows(nrows)
-    inv_rows = params.dtype.type(1.0) / params.dtype.type(nrows)
     for c in prange(n_chunks):
         r0 = c * per_chunk
         r1 = min(nrows, r0 + per_chunk)
-        gather_rows(view2d(acts, act_off, 0, B, sizes[0]), labels, X, y, idx,
-                    start, scale, r0, r1)
+        gather_rows(view2d(acts, act_off, 0, B, sizes[0]), labels, row_weights, X, y,
+                    sample_weight, idx, start, scale, r0, r1)
         for l in range(L):
             dense_forward(view2d(acts, act_off, l + 1, B, sizes[l + 1]),
                           view2d(acts, act_off, l, B, sizes[l]),
@@ -115,12 +115,12 @@ def forward_backward(acts, deltas, labels, chunk_stats, X, y, idx, start, nrows,
                           params[b_off[l]:b_off[l] + sizes[l + 1]],
                           activation if l < L - 1 else IDENTITY, r0, r1)
         probs = view2d(acts, act_off, L, B, sizes[L])
-        loss, correct = softmax_crossentropy_forward(probs, labels, r0, r1)
+        loss, correct = softmax_crossentropy_forward(probs, labels, row_weights, r0, r1)
         chunk_stats[c, 0] = loss
         chunk_stats[c, 1] = correct
         if backward:
             softmax_crossentropy_backward(view2d(deltas, act_off, L, B, sizes[L]),
-                                          probs, labels, inv_rows, r0, r1)
+                                          probs, labels, row_weights, inv_total, r0, r1)
             for l in range(L - 1, 0, -1):
                 dense_backward_input(view2d(deltas, act_off, l, B, sizes[l]),
                                      view2d(deltas, act_off, l + 1, B, sizes[l + 1]),
@@ -176,33 +176,40 @@ PARAMS_NOT_FINITE = 2  # the returned step's update made a parameter NaN or inf
 
 
 @kernel
-def train_steps(params, grads, state1, state2, acts, deltas, labels, chunk_stats,
-                task_checks, X, y, idx, n_rows, step0, step1, update_count, scale,
-                sizes, w_off, b_off, act_off, tasks, activation, optimizer, hyper,
-                nesterov):
+def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights,
+                chunk_stats, task_checks, X, y, sample_weight, idx, n_rows, step0, step1,
+                update_count, scale, sizes, w_off, b_off, act_off, tasks, activation,
+                optimizer, hyper, nesterov):
     # Runs steps step0..step1 of an epoch whose rows, in order, are
     # idx[0:n_rows]; step s covers idx[s*B : min((s+1)*B, n_rows)].
     # update_count is the number of updates done before (Adam's t).
-    # Returns (sum of the per-row losses, number of correct rows, status,
-    # the step the status is about: step1 when all went well). Divergence
-    # costs one finiteness test of the loss and of the update's check sum
-    # per step.
+    # Returns (sum of the weighted per-row losses, total sample weight, number
+    # of correct rows, status, the step the status is about: step1 when all
+    # went well). Divergence costs one finiteness test of the loss and of the
+    # update's check sum per step.
     B = labels.shape[0]
     loss_sum = 0.0
+    weight_sum = 0.0
     correct = 0
     for s in range(step0, step1):
         start = s * B
         nrows = min(B, n_rows - start)
-        n_chunks = forward_backward(acts, deltas, labels, chunk_stats, X, y, idx,
-                                    start, nrows, scale, params, sizes, w_off,
-                                    b_off, act_off, activation, True)
+        total = 0.0
+        for b in range(start, start + nrows):
+            total += sample_weight[idx[b]]
+        # a batch of zero weight has zero gradients (and zero loss)
+        inv_total = params.dtype.type(1.0 / total if total > 0 else 0.0)
+        n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
+                                    sample_weight, idx, start, nrows, inv_total, scale,
+                                    params, sizes, w_off, b_off, act_off, activation, True)
         step_loss = 0.0
         for c in range(n_chunks):
             step_loss += chunk_stats[c, 0]
             correct += int(chunk_stats[c, 1])
         if not math.isfinite(step_loss):
-            return loss_sum, correct, LOSS_NOT_FINITE, s
+            return loss_sum, weight_sum, correct, LOSS_NOT_FINITE, s
         loss_sum += step_loss
+        weight_sum += total
         update_count += 1
         if optimizer == ADAM:
             hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
@@ -210,5 +217,5 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, chunk_stats
                          B, sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
                          nesterov)
         if not math.isfinite(task_checks.sum()):
-            return loss_sum, correct, PARAMS_NOT_FINITE, s
-    return loss_sum, correct, STEPS_DONE, step1
+            return loss_sum, weight_sum, correct, PARAMS_NOT_FINITE, s
+    return loss_sum, weight_sum, correct, STEPS_DONE, step1

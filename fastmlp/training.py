@@ -13,7 +13,14 @@ from .model import Workspace
 from .optimizers import DEFAULT_LR, OPTIMIZERS, make_hyper
 from .progress import ProgressPrinter
 from .step import LOSS_NOT_FINITE, PARAMS_NOT_FINITE, STEPS_DONE, train_steps
-from .validation import check_choice, check_float, check_int, check_Xy, input_scale
+from .validation import (
+    check_choice,
+    check_float,
+    check_int,
+    check_sample_weight,
+    check_Xy,
+    input_scale,
+)
 
 SAMPLINGS = ("epoch", "replacement")
 # An epoch runs as calls into compiled code of about CHUNK_SECONDS each (and
@@ -124,7 +131,8 @@ def epoch_order(idx, rng, n, shuffle, sampling):
 
 def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentum=0.9,
         nesterov=False, weight_decay=0.0, shuffle=True, sampling="epoch",
-        validation_data=None, seed=None, threads=None, verbose=0, callbacks=()):
+        validation_data=None, seed=None, threads=None, verbose=0, callbacks=(),
+        sample_weight=None):
     """Train `model` in place and return a History.
 
     X: (n, features) uint8 pixels (scaled by 1/255 while gathered, never
@@ -133,6 +141,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     shuffle=False takes rows in order; sampling="replacement" draws every
     row of every batch uniformly with replacement (the classic lesson's
     np.random.choice). lr=None takes the optimizer's Keras default.
+    sample_weight: one non-negative weight per row; each step then minimises
+    its batch's weighted mean loss (and History's loss is weighted too).
 
     A second fit continues where the first stopped: the optimizer state
     (when its settings are the same) and, unless a seed is given, the
@@ -143,6 +153,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     Keras-style ProgressPrinter.
     """
     X, y = check_Xy(X, y, model.n_features, model.n_classes)
+    sample_weight = check_sample_weight(sample_weight, X.shape[0], model.dtype)
     epochs = check_int("epochs", epochs, minimum=0)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -195,11 +206,11 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
 
     def run(step0, step1):
         return train_steps(model.params, grads, state.state1, state.state2, workspace.acts,
-                           workspace.deltas, workspace.labels, workspace.chunk_stats,
-                           workspace.task_checks, X, y, idx, n, step0, step1, state.updates,
-                           scale, model._sizes, model.w_off, model.b_off, workspace.act_off,
-                           model._tasks, model.activation_code, state.code, state.hyper,
-                           state.nesterov)
+                           workspace.deltas, workspace.labels, workspace.row_weights,
+                           workspace.chunk_stats, workspace.task_checks, X, y, sample_weight,
+                           idx, n, step0, step1, state.updates, scale, model._sizes,
+                           model.w_off, model.b_off, workspace.act_off, model._tasks,
+                           model.activation_code, state.code, state.hyper, state.nesterov)
 
     with thread_count(threads), deferred_interrupt() as interrupt:
         start = time.perf_counter()
@@ -218,14 +229,14 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             for copy, source in zip(saved, (model.params, state.state1, state.state2)):
                 np.copyto(copy, source)
             first_update = state.updates
-            rows = loss_sum = correct = 0
+            rows = loss_sum = weight_sum = correct = 0
             elapsed = 0.0
             chunk = 1  # then as many steps as take about CHUNK_SECONDS
             step0 = first
             while step0 < n_steps:
                 step1 = min(step0 + chunk, n_steps)
                 start = time.perf_counter()
-                chunk_loss, chunk_correct, status, at = run(step0, step1)
+                chunk_loss, chunk_weight, chunk_correct, status, at = run(step0, step1)
                 seconds = time.perf_counter() - start
                 elapsed += seconds
                 if status != STEPS_DONE:
@@ -235,8 +246,10 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 progress.step = step1
                 rows += min(step1 * batch_size, n) - step0 * batch_size
                 loss_sum += chunk_loss
+                weight_sum += chunk_weight
                 correct += chunk_correct
-                logs = {"loss": loss_sum / rows, "accuracy": correct / rows}
+                logs = {"loss": loss_sum / weight_sum if weight_sum else 0.0,
+                        "accuracy": correct / rows}
                 if mapping is not None:  # keep only this chunk's pages resident
                     mapping.madvise(mmap.MADV_DONTNEED)
                 for callback in callbacks:
@@ -286,7 +299,7 @@ def diverged(model, state, progress, run, saved, first, first_update, status, at
             np.copyto(target, copy)
         state.updates = first_update
         step0 = first
-        if run(first, at)[2] != STEPS_DONE:
+        if run(first, at)[3] != STEPS_DONE:
             raise RuntimeError("replaying the steps before the divergence diverged too")
     state.updates += at - step0
     progress.step = at

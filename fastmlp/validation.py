@@ -120,6 +120,25 @@ def check_y(y, n_samples, n_classes, name="y"):
     return np.ascontiguousarray(y, dtype=np.int32)
 
 
+def check_sample_weight(sample_weight, n_samples, dtype):
+    """Non-negative finite weights, one per sample, not all zero, as a
+    contiguous array of the model's dtype; None means all ones."""
+    if sample_weight is None:
+        return np.ones(n_samples, dtype)
+    w = np.asarray(sample_weight)
+    if w.ndim != 1 or w.shape[0] != n_samples:
+        raise ValueError(f"sample_weight must hold one weight per sample ({n_samples}), "
+                         f"got shape {w.shape}")
+    if w.dtype == object or not np.issubdtype(w.dtype, np.number) or np.iscomplexobj(w):
+        raise ValueError(f"sample_weight must hold real numbers, got dtype {w.dtype}")
+    w = np.ascontiguousarray(w, dtype=dtype)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("sample_weight must be finite and non-negative")
+    if not w.sum() > 0:
+        raise ValueError("sample_weight sums to zero: nothing to learn from")
+    return w
+
+
 def check_Xy(X, y, n_features, n_classes, names=("X", "y")):
     X = check_X(X, n_features, names[0])
     y = check_y(y, X.shape[0], n_classes, names[1])

@@ -111,30 +111,36 @@ def test_dense_backward_weight_and_bias(nrows, rng):
 def test_softmax_crossentropy_forward_backward(rng):
     logits = rng.standard_normal((8, 5)) * 30  # large logits: stability matters
     labels = rng.integers(0, 5, 8).astype(np.int32)
+    weights = rng.uniform(0, 2, 8)
     probs = logits.copy()
-    loss, correct = kernels.softmax_crossentropy_forward(probs, labels, 2, 8)
+    loss, correct = kernels.softmax_crossentropy_forward(probs, labels, weights, 2, 8)
     expected = reference.softmax(logits[2:8])
     assert relative_error(probs[2:8], expected) < 1e-13
     assert (probs[:2] == logits[:2]).all()
-    expected_loss = -np.log(expected[np.arange(6), labels[2:8]]).sum()
+    expected_loss = -(weights[2:8] * np.log(expected[np.arange(6), labels[2:8]])).sum()
     assert abs(loss - expected_loss) < 1e-10 * max(1, abs(expected_loss))
     assert correct == np.sum(np.argmax(logits[2:8], axis=1) == labels[2:8])
     dlogits = np.zeros_like(probs)
-    kernels.softmax_crossentropy_backward(dlogits, probs, labels, 1 / 6, 2, 8)
+    total = weights[2:8].sum()
+    kernels.softmax_crossentropy_backward(dlogits, probs, labels, weights, 1 / total, 2, 8)
     onehot = np.eye(5)[labels[2:8]]
-    assert relative_error(dlogits[2:8], (expected - onehot) / 6) < 1e-13
+    expected_delta = (expected - onehot) * weights[2:8, None] / total
+    assert relative_error(dlogits[2:8], expected_delta) < 1e-13
 
 
 def test_gather_rows_scales_uint8_and_follows_index(rng):
     X = rng.integers(0, 256, (20, 9), dtype=np.uint8)
     y = rng.integers(0, 3, 20).astype(np.int32)
     idx = rng.permutation(20)
+    sample_weight = rng.uniform(0, 1, 20).astype(np.float32)
     out = np.zeros((5, 9), np.float32)
     labels = np.zeros(5, np.int32)
+    weights = np.zeros(5, np.float32)
     scale = np.float32(1 / 255)
-    kernels.gather_rows(out, labels, X, y, idx, 10, scale, 0, 5)
+    kernels.gather_rows(out, labels, weights, X, y, sample_weight, idx, 10, scale, 0, 5)
     assert np.array_equal(out, X[idx[10:15]].astype(np.float32) * scale)
     assert np.array_equal(labels, y[idx[10:15]])
+    assert np.array_equal(weights, sample_weight[idx[10:15]])
 
 
 def float32_ir(function, *args):
@@ -162,7 +168,8 @@ def test_float32_kernels_never_widen_to_float64():
         "dense_backward_weight": float32_ir(kernels.dense_backward_weight, weight, out, inp, 0, 3, 4),
         "dense_backward_bias": float32_ir(kernels.dense_backward_bias, vec, out, 4),
         "softmax_crossentropy_backward": float32_ir(
-            kernels.softmax_crossentropy_backward, out, out, labels, f32(0.25), 0, 4),
+            kernels.softmax_crossentropy_backward, out, out, labels, np.ones(4, f32), f32(0.25),
+            0, 4),
         "sgd_update": float32_ir(optimizers.sgd_update, vec, vec, 0, 3, f32(0.1), f32(0)),
         "momentum_update": float32_ir(optimizers.momentum_update, vec, vec, vec, 0, 3,
                                       f32(0.1), f32(0.9), f32(0), True),

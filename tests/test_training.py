@@ -167,13 +167,14 @@ def test_an_epoch_allocates_nothing():
     grads = np.zeros_like(model.params)
     m, v = np.zeros_like(model.params), np.zeros_like(model.params)
     idx = np.arange(1000)
+    weights = np.ones(1000, model.dtype)
     hyper = make_hyper(model.dtype, 0.001, 0.9, 0.0)
 
     def run(steps):
         before = rtsys.get_allocation_stats()
-        train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels, ws.chunk_stats,
-                    ws.task_checks,
-                    X, y, idx, 1000, 0, steps, 0, input_scale(X, model.dtype), model._sizes,
+        train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels, ws.row_weights,
+                    ws.chunk_stats, ws.task_checks, X, y, weights, idx, 1000, 0, steps, 0,
+                    input_scale(X, model.dtype), model._sizes,
                     model.w_off, model.b_off, ws.act_off, model._tasks, model.activation_code,
                     OPTIMIZERS["adam"], hyper, False)
         after = rtsys.get_allocation_stats()
@@ -258,3 +259,48 @@ def test_a_nan_parameter_is_caught_even_when_relu_hides_it():
     assert np.isfinite(model.evaluate(X, y)[0])
     with pytest.raises(fastmlp.TrainingDiverged, match="a parameter became NaN or inf"):
         fastmlp.fit(model, X, y, epochs=1, batch_size=8, lr=0.1)
+
+
+def test_sample_weights_follow_the_oracle():
+    model, X, y = random_problem([8, 6, 3], 200, "sigmoid", np.float64, seed=9)
+    weights, biases = reference_copy(model)
+    sample_weight = np.random.default_rng(1).uniform(0, 3, 200)
+    sample_weight[:20] = 0  # rows that must not count at all
+    loss, dweights, dbiases = model.gradients(X, y, sample_weight)
+    ref_loss, ref_dweights, ref_dbiases = reference.loss_and_gradients(
+        weights, biases, X, y, "sigmoid", sample_weight)
+    assert abs(loss - ref_loss) < 1e-12 * ref_loss
+    for got, want in zip(dweights + dbiases, ref_dweights + ref_dbiases):
+        assert relative_error(got, want) < 1e-12
+    history = fastmlp.fit(model, X, y, epochs=1, batch_size=16, lr=0.3, shuffle=False,
+                          sample_weight=sample_weight)
+    losses = reference.train(weights, biases, X, y, "sigmoid", batches_in_order(200, 16),
+                             lr=0.3, sample_weight=sample_weight)
+    for got, want in zip(model.weights + model.biases, weights + biases):
+        assert relative_error(got, want) < 1e-9
+    batch_weights = [sample_weight[b].sum() for b in batches_in_order(200, 16)]
+    assert abs(history.history["loss"][0] - np.dot(losses, batch_weights) / sum(batch_weights)) < 1e-9
+
+
+def test_integer_weights_equal_repeated_rows():
+    model, X, y = random_problem([5, 4, 3], 30, "tanh", np.float64, seed=3)
+    counts = np.random.default_rng(0).integers(0, 4, 30)
+    counts[0] = 1
+    weighted = model.gradients(X, y, counts)
+    repeated = model.gradients(np.repeat(X, counts, axis=0), np.repeat(y, counts))
+    assert abs(weighted[0] - repeated[0]) < 1e-12
+    for got, want in zip(weighted[1] + weighted[2], repeated[1] + repeated[2]):
+        assert relative_error(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.ones(5), "one weight per sample"),
+    (-np.ones(10), "non-negative"),
+    (np.full(10, np.nan), "finite"),
+    (np.zeros(10), "sums to zero"),
+    (np.array(["a"] * 10), "real numbers"),
+])
+def test_bad_sample_weights_are_refused(bad, message):
+    model, X, y = random_problem([5, 4, 3], 10, "tanh", np.float64, seed=3)
+    with pytest.raises(ValueError, match=message):
+        fastmlp.fit(model, X, y, sample_weight=bad)
