@@ -13,7 +13,7 @@ from .model import MLP
 from .modelfile import load as load_model
 from .optimizers import DEFAULT_LR, OPTIMIZERS
 from .progress import Callback, ProgressPrinter
-from .training import SAMPLINGS, TrainingDiverged, fit
+from .training import MONITORS, SAMPLINGS, TrainingDiverged, fit
 
 EXAMPLES = """examples:
   fastmlp-train                                   the classic lesson: MNIST, 784-50-10 sigmoid, SGD 0.1, batch 100
@@ -90,6 +90,14 @@ def build_parser():
     train.add_argument("--no-shuffle", action="store_true", help="take rows in order")
     train.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     train.add_argument("--threads", type=int, help="threads (default: all cores)")
+    train.add_argument("--patience", type=int, help="early stopping: stop after this many "
+                       "epochs without improvement of --monitor (default: off)")
+    train.add_argument("--monitor", default="val_loss", choices=MONITORS,
+                       help="the metric early stopping watches (on the test set for val_*)")
+    train.add_argument("--min-delta", type=float, default=0.0,
+                       help="the least change that counts as an improvement")
+    train.add_argument("--no-restore-best", action="store_true",
+                       help="keep the last epoch's parameters, not the best epoch's")
     out = parser.add_argument_group("output")
     out.add_argument("--history", metavar="FILE", help="per-epoch metrics as .csv or .json")
     out.add_argument("--plot", metavar="FILE.png",
@@ -129,7 +137,9 @@ def check_args(parser, args):
             import matplotlib  # noqa: F401  (only whether it is there)
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'fastmlp[plot]'")
-    for flag in ("lr", "momentum", "weight_decay"):
+    if args.patience is not None and args.patience < 1:
+        parser.error("--patience must be >= 1")
+    for flag in ("lr", "momentum", "weight_decay", "min_delta"):
         value = getattr(args, flag)
         if value is not None and not value >= 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0")
@@ -213,6 +223,8 @@ def main(argv=None):
                       **optimizer_settings(args, model), shuffle=not args.no_shuffle, sampling=args.sampling,
                       validation_data=(x_test, y_test), threads=args.threads,
                       seed=None if args.resume else args.seed,
+                      patience=args.patience, monitor=args.monitor, min_delta=args.min_delta,
+                      restore_best_weights=not args.no_restore_best,
                       callbacks=callbacks(args, model, out))
         elapsed = time.perf_counter() - started - history.compile_time
         loss, accuracy = model.evaluate(x_test, y_test)
@@ -221,6 +233,11 @@ def main(argv=None):
         if history.epoch:
             out.write(f"Trained {len(history.epoch)} epochs in {elapsed:.2f}s "
                       f"({len(history.epoch) / trained:.2f} epochs/s in the training loop)\n")
+        if history.stopped_epoch is not None:
+            out.write(f"Early stopping after epoch {history.stopped_epoch + 1}: no "
+                      f"{args.monitor} improvement for {args.patience} epochs")
+            out.write(f"; restored epoch {history.best_epoch + 1}\n" if not args.no_restore_best
+                      else "\n")
         if args.history:
             write_history(history, args.history)
         if args.plot:

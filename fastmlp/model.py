@@ -116,6 +116,16 @@ class MLP:
             else:
                 w[...] = np.sqrt(2.0 / fan_in) * rng.standard_normal(w.shape)
 
+    def __getstate__(self):
+        # weights and biases are views of params: rebuilt after unpickling
+        state = dict(self.__dict__)
+        del state["weights"], state["biases"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.weights, self.biases = self.layer_views(self.params)
+
     def save(self, path):
         """Writes the model, with its optimizer and training state, to path
         (atomically; see fastmlp.modelfile for the format)."""

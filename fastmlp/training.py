@@ -46,6 +46,8 @@ class History:
         self.history = {"loss": [], "accuracy": [], "epoch_time": []}
         self.epoch = []
         self.compile_time = 0.0
+        self.best_epoch = None  # with early stopping
+        self.stopped_epoch = None
 
     def __repr__(self):
         last = {k: v[-1] for k, v in self.history.items() if v}
@@ -132,7 +134,8 @@ def epoch_order(idx, rng, n, shuffle, sampling):
 def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentum=0.9,
         nesterov=False, weight_decay=0.0, shuffle=True, sampling="epoch",
         validation_data=None, seed=None, threads=None, verbose=0, callbacks=(),
-        sample_weight=None):
+        sample_weight=None, patience=None, min_delta=0.0, monitor=None,
+        restore_best_weights=True):
     """Train `model` in place and return a History.
 
     X: (n, features) uint8 pixels (scaled by 1/255 while gathered, never
@@ -151,6 +154,13 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     chunk of steps with everything consistent, then raises KeyboardInterrupt.
     callbacks: fastmlp.progress.Callback objects; verbose=1 adds a
     Keras-style ProgressPrinter.
+
+    Early stopping: with patience=N, training stops once `monitor` (default
+    'val_loss' with validation data, else 'loss'; also 'accuracy',
+    'val_accuracy') has not improved by more than min_delta for N epochs in
+    a row; with restore_best_weights the model then gets the parameters of
+    its best epoch back (also when all epochs ran). History.best_epoch and
+    History.stopped_epoch tell what happened.
     """
     X, y = check_Xy(X, y, model.n_features, model.n_classes)
     sample_weight = check_sample_weight(sample_weight, X.shape[0], model.dtype)
@@ -173,6 +183,15 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     callbacks = list(callbacks)
     if verbose:
         callbacks.append(ProgressPrinter())
+    stopper = None
+    if patience is not None:
+        monitor = monitor or ("val_loss" if validation_data is not None else "loss")
+        check_choice("monitor", monitor, MONITORS)
+        if monitor.startswith("val_") and validation_data is None:
+            raise ValueError(f"monitor={monitor!r} needs validation_data")
+        stopper = EarlyStopping(model, check_int("patience", patience, minimum=1), monitor,
+                                check_float("min_delta", min_delta, minimum=0.0),
+                                bool(restore_best_weights))
 
     state = model.optimizer_state
     settings = (lr, momentum, bool(nesterov), weight_decay)
@@ -272,9 +291,47 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 history.history.setdefault("val_accuracy", []).append(logs["val_accuracy"])
             for callback in callbacks:
                 callback.on_epoch_end(progress.epoch - 1, n_steps - first, elapsed, logs)
+            if stopper is not None and stopper.should_stop(progress.epoch - 1, logs):
+                history.stopped_epoch = progress.epoch - 1
+                break
+        if stopper is not None:
+            history.best_epoch = stopper.finish()
         if interrupt["set"]:  # arrived after the last chunk
             raise KeyboardInterrupt
     return history
+
+
+MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+class EarlyStopping:
+    """Tracks the monitored metric for fit; keeps a copy of the best epoch's
+    parameters when they are to be restored."""
+
+    def __init__(self, model, patience, monitor, min_delta, restore_best_weights):
+        self.model, self.patience, self.monitor = model, patience, monitor
+        self.min_delta = min_delta
+        self.sign = 1.0 if monitor.endswith("loss") else -1.0  # lower is better for losses
+        self.best = np.inf
+        self.best_epoch = None
+        self.wait = 0
+        self.best_params = np.empty_like(model.params) if restore_best_weights else None
+
+    def should_stop(self, epoch, logs):
+        value = self.sign * logs[self.monitor]
+        if value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.best_params is not None:
+                np.copyto(self.best_params, self.model.params)
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
+
+    def finish(self):
+        """Restores the best parameters if asked; returns the best epoch."""
+        if self.best_params is not None and self.best_epoch is not None:
+            np.copyto(self.model.params, self.best_params)
+        return self.best_epoch
 
 
 class TrainingDiverged(ValueError):

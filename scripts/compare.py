@@ -1,6 +1,7 @@
 """fastmlp against its peers on the performance workloads, back to back.
 
     python scripts/compare.py [--workloads W1,W2,W3] [--epochs 2] [--peers fastmlp,numpy,torch,sklearn]
+    python scripts/compare.py --workloads "" --sklearn   # only the MLPClassifier comparison
 
 Every (peer, workload) runs in a child process of its own, one after the
 other, so that each peak RSS is its own. Each trains from the same
@@ -130,6 +131,49 @@ def run_sklearn(workload, data, epochs):
     return times, float(clf.score(x_test.astype(np.float32) / 255, y_test))
 
 
+SKLEARN_SETTINGS = dict(hidden_layer_sizes=(100,), solver="adam", batch_size=200, max_iter=20,
+                        n_iter_no_change=1000, random_state=0)
+
+
+def run_estimator(which, data):
+    """scikit-learn's MLPClassifier or fastmlp's, same hyperparameters,
+    pixels scaled to [0, 1] float32 for both; returns (fit seconds, test
+    accuracy)."""
+    import warnings
+    if which == "fastmlp":
+        from fastmlp import MLPClassifier
+    else:
+        from sklearn.neural_network import MLPClassifier
+    x_train, y_train, x_test, y_test = data
+    X, Xt = x_train.astype(np.float32) / 255, x_test.astype(np.float32) / 255
+    if which == "fastmlp":  # compile (or load the cache) outside the timing
+        MLPClassifier(**{**SKLEARN_SETTINGS, "max_iter": 1}).fit(X[:400], y_train[:400])
+    clf = MLPClassifier(**SKLEARN_SETTINGS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter reached, on purpose
+        start = time.perf_counter()
+        clf.fit(X, y_train)
+        seconds = time.perf_counter() - start
+    return seconds, float(clf.score(Xt, y_test))
+
+
+def compare_estimators():
+    print(f"\nMLPClassifier, Fashion-MNIST, {SKLEARN_SETTINGS}")
+    print(f"{'estimator':10} {'fit s':>8} {'speed-up':>9} {'test acc':>9}")
+    results = {}
+    for which in ("sklearn", "fastmlp"):
+        out = subprocess.run([sys.executable, __file__, "--estimator", which],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{which:10} failed: {out.stderr.strip().splitlines()[-1:]}")
+            continue
+        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results.get("sklearn", {}).get("seconds")
+    for which, result in results.items():
+        speedup = base / result["seconds"] if base else float("nan")
+        print(f"{which:10} {result['seconds']:8.1f} {speedup:9.1f} {result['accuracy']:9.4f}")
+
+
 def blas_kernel():
     try:
         from threadpoolctl import threadpool_info
@@ -154,15 +198,22 @@ def main(argv=None):
     parser.add_argument("--workloads", default="W1,W2,W3")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run")
     parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--sklearn", action="store_true",
+                        help="also compare fastmlp.MLPClassifier with scikit-learn's on one fit")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--estimator", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], args.child[1], args.epochs)
         return 0
+    if args.estimator:
+        seconds, accuracy = run_estimator(args.estimator, load_data())
+        print(json.dumps({"seconds": seconds, "accuracy": accuracy}))
+        return 0
     import importlib.util
     peak = sgemm_gflops()
     print(f"sgemm peak (NumPy, float32, 1024^3): {peak:.0f} GFLOP/s; BLAS: {blas_kernel()}")
-    for workload in args.workloads.split(","):
+    for workload in filter(None, args.workloads.split(",")):
         sizes, activation, batch_size, lr = WORKLOADS[workload]
         flops = flops_per_epoch(sizes)
         print(f"\n{workload}: {sizes} {activation}, SGD lr {lr}, batch {batch_size}; "
@@ -188,6 +239,8 @@ def main(argv=None):
             ratio = rates.get("fastmlp", float("nan")) / rate
             print(f"{peer:10} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
                   f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {result['blas']}")
+    if args.sklearn:
+        compare_estimators()
     return 0
 
 

@@ -240,3 +240,20 @@ def test_sigkill_at_random_moments_never_damages_the_checkpoint(tmp_path):
 
 
 KILLS = int(os.environ.get("FASTMLP_KILLS", "12"))
+
+
+def test_early_stopping_flags(data_dir, tmp_path, capsys):
+    path = tmp_path / "h.json"
+    code, out, err = run(["--data-dir", data_dir, "--epochs", "100", "--patience", "2",
+                          "--optimizer", "adam", "--lr", "0.01", "--activation", "relu",
+                          "--quiet", "--history", str(path)], capsys)
+    assert code == 0, err
+    rows = json.loads(path.read_text())
+    assert len(rows) < 100
+    match = re.search(r"Early stopping after epoch (\d+): no val_loss improvement for 2 epochs; "
+                      r"restored epoch (\d+)", out)
+    stopped, best = int(match[1]), int(match[2])
+    assert stopped == len(rows) == best + 2
+    assert min(r["val_loss"] for r in rows) == rows[best - 1]["val_loss"]
+    with pytest.raises(SystemExit):
+        main(["--data-dir", data_dir, "--patience", "0"])

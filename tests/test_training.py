@@ -304,3 +304,26 @@ def test_bad_sample_weights_are_refused(bad, message):
     model, X, y = random_problem([5, 4, 3], 10, "tanh", np.float64, seed=3)
     with pytest.raises(ValueError, match=message):
         fastmlp.fit(model, X, y, sample_weight=bad)
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch():
+    model, X, y = random_problem([8, 32, 3], 120, "relu", np.float64, seed=4)
+    Xv, yv = random_problem([8, 32, 3], 60, "relu", np.float64, seed=5)[1:]  # unrelated labels
+    history = fastmlp.fit(model, X, y, epochs=200, batch_size=8, optimizer="adam", lr=0.01,
+                          validation_data=(Xv, yv), patience=3, seed=0)
+    val = history.history["val_loss"]
+    assert history.stopped_epoch is not None and len(val) < 200
+    best = int(np.argmin(val))
+    assert history.best_epoch == best and len(val) == best + 4  # 3 epochs without improvement
+    assert model.evaluate(Xv, yv)[0] == val[best]  # the best epoch's parameters are back
+
+
+def test_early_stopping_on_training_loss_without_restoring():
+    model, X, y = random_problem([8, 6, 3], 100, "tanh", np.float64, seed=4)
+    history = fastmlp.fit(model, X, y, epochs=500, batch_size=100, lr=1e-4, patience=2,
+                          min_delta=1e-3, restore_best_weights=False, seed=0)
+    losses = history.history["loss"]
+    # lr is tiny: the loss falls by less than min_delta per epoch
+    assert history.stopped_epoch == 2 and len(losses) == 3
+    with pytest.raises(ValueError, match="needs validation_data"):
+        fastmlp.fit(model, X, y, patience=2, monitor="val_accuracy")
