@@ -86,8 +86,10 @@ def view2d(flat, offsets, index, rows, cols):
 
 @kernel
 def chunk_rows(nrows):
-    # rows per chunk and the number of chunks for a batch of nrows
+    # rows per chunk and the number of chunks for a batch of nrows; chunks
+    # are a whole number of dense_forward's 4-row tiles
     per_chunk = (nrows + N_CHUNKS - 1) // N_CHUNKS
+    per_chunk = (per_chunk + 3) // 4 * 4
     return per_chunk, (nrows + per_chunk - 1) // per_chunk
 
 
