@@ -212,7 +212,9 @@ def test_sigkill_at_random_moments_never_damages_the_checkpoint(tmp_path):
     kills = 0
     for attempt in range(KILLS):
         argv = common + ["--save", str(path), "--checkpoint-every", "1"]
-        argv += ["--resume", str(path), "--epochs", "1000"] if path.exists() else new + ["--epochs", "1000"]
+        # --epochs is the total to reach: far more than any run gets through
+        argv += ["--resume", str(path), "--epochs", "10000000"] if path.exists() \
+            else new + ["--epochs", "10000000"]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in proc.stdout:  # training has started
             if line.startswith("Epoch"):
