@@ -68,7 +68,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """One epoch over X, y; the first call needs `classes`."""
         if self.solver not in ("sgd", "adam"):
-            raise AttributeError(f"partial_fit is only available for solvers 'sgd' and 'adam'")
+            raise AttributeError("partial_fit is only available for solvers 'sgd' and 'adam'")
         first = not hasattr(self, "classes_")
         if first and classes is None:
             raise ValueError("classes must be passed on the first call to partial_fit")

@@ -13,7 +13,6 @@ from sklearn.utils.estimator_checks import (
     parametrize_with_checks,
 )
 
-import fastmlp
 from fastmlp import MLPClassifier
 
 EXPECTED_FAILURES = {
