@@ -215,8 +215,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     scale = input_scale(X, model.dtype)
     mapping = mapped_file(X)
     if mapping is not None:
-        # random rows: no read-ahead and no mapping of neighbouring pages, so
-        # that a step makes resident only the pages of its own rows
+        # random rows: no read-ahead, so that a chunk makes resident little
+        # more than the pages of its own rows
         mapping.madvise(mmap.MADV_SEQUENTIAL if not shuffle and sampling == "epoch"
                         else mmap.MADV_RANDOM)
         max_chunk = max(1, min(max_chunk, MAPPED_CHUNK_ROWS // batch_size))
@@ -369,10 +369,12 @@ def diverged(model, state, progress, run, saved, first, first_update, status, at
 
 
 def mapped_file(X):
-    """The mmap behind X when X is (a view of) a numpy.memmap, else None."""
+    """The mmap behind X when X is (a view of) a shared numpy.memmap, whose
+    pages fit may release, else None. A copy-on-write map (mode 'c') is left
+    alone: releasing its pages would discard the changes made to it."""
     while X is not None:
         if isinstance(getattr(X, "_mmap", None), mmap.mmap):
-            return X._mmap
+            return X._mmap if getattr(X, "mode", "c") != "c" else None
         X = getattr(X, "base", None)
     return None
 

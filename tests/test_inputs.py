@@ -137,6 +137,7 @@ def test_memory_mapped_data_trains_like_memory_and_stays_on_disk(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     growth = int(out.stdout.split()[-1])
+    print(f"peak RSS growth {growth / 1e6:.1f} MB")
     data_bytes = rows * 784
     assert growth < data_bytes / 4, f"peak RSS grew by {growth / 1e6:.0f} MB for {data_bytes / 1e6:.0f} MB"
     # the same training from memory
@@ -154,3 +155,18 @@ def test_save_npy_round_trip(tmp_path):
                                                      "x_test.npy", "y_test.npy"]
     for original, mapped in zip(arrays, datasets.load_npy(tmp_path)):
         assert isinstance(mapped, np.memmap) and np.array_equal(original, mapped)
+
+
+def test_a_copy_on_write_map_keeps_its_changes(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.integers(0, 256, (3000, 20), dtype=np.uint8))
+    x = np.load(tmp_path / "x.npy", mmap_mode="c")
+    x[::7] = 255  # changed in memory only
+    changed = np.array(x)
+    y = rng.integers(0, 3, 3000)
+    model = fastmlp.MLP([20, 8, 3], seed=0)
+    fastmlp.fit(model, x, y, epochs=2, batch_size=10, seed=0)
+    assert np.array_equal(np.asarray(x), changed)
+    reference = fastmlp.MLP([20, 8, 3], seed=0)
+    fastmlp.fit(reference, changed, y, epochs=2, batch_size=10, seed=0)
+    assert np.array_equal(model.params, reference.params)
