@@ -12,7 +12,11 @@ a work partition fixed by the problem size (never by the thread count), so
 results are bit-identical for 1 or N threads.
 
 cache: compiled kernels are cached on disk (keyed on the CPU by Numba), so a
-second process starts without compiling.
+second process starts without compiling. Numba invalidates a cached function
+only when its own source file changes, yet a function's machine code includes
+the kernels it calls from other files: after editing kernels.py or
+optimizers.py, delete fastmlp/__pycache__/*.nbi and *.nbc, or step.py's
+cached functions keep the old kernels.
 """
 import numba
 
