@@ -220,7 +220,8 @@ def main(argv=None):
         print_summary(model, out)
         started = time.perf_counter()
         history = fit(model, x_train, y_train, epochs=epochs, batch_size=args.batch_size,
-                      **optimizer_settings(args, model), shuffle=not args.no_shuffle, sampling=args.sampling,
+                      **optimizer_settings(args, model), shuffle=not args.no_shuffle,
+                      sampling=args.sampling,
                       validation_data=(x_test, y_test), threads=args.threads,
                       seed=None if args.resume else args.seed,
                       patience=args.patience, monitor=args.monitor, min_delta=args.min_delta,

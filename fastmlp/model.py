@@ -163,7 +163,9 @@ class MLP:
     # kernels on a whole array
 
     def _forward(self, X, y, sample_weight, workspace, idx, start, nrows, backward):
-        inv_total = self.dtype.type(1.0 / sample_weight[idx[start:start + nrows]].sum())
+        # 1 / the rows' total weight scales the output deltas: only backward needs it
+        inv_total = self.dtype.type(1.0 / sample_weight[idx[start:start + nrows]].sum()
+                                    if backward else 0.0)
         with parallel_launch_guard():
             return forward_backward(workspace.acts, workspace.deltas, workspace.labels,
                                     workspace.row_weights, workspace.chunk_stats, X, y,
