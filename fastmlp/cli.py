@@ -8,12 +8,12 @@ import sys
 import time
 
 
-from . import datasets
+from . import datasets, distributed
 from .model import MLP
-from .modelfile import load as load_model
+from .modelfile import load as load_model, loads as load_model_bytes
 from .optimizers import DEFAULT_LR, OPTIMIZERS
 from .progress import Callback, ProgressPrinter
-from .training import MONITORS, SAMPLINGS, TrainingDiverged, fit
+from .training import MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted, fit
 
 EXAMPLES = """examples:
   fastmlp-train                                   the classic lesson: MNIST, 784-50-10 sigmoid, SGD 0.1, batch 100
@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   fastmlp-train --resume model.fmlp --epochs 10 --save model.fmlp   (epochs 6 to 10)
   fastmlp-train --epochs 50 --save model.fmlp --checkpoint-every 5
   fastmlp-train --evaluate model.fmlp --dataset fashion-mnist
+  mpiexec -n 4 fastmlp-train --distributed --hidden 512,512 --activation relu --batch-size 128
 
 exit codes: 0 success, 2 usage error or bad input, 130 interrupted (after --save)
 """
@@ -89,7 +90,13 @@ def build_parser():
                        help="epoch: a permutation per epoch; replacement: rows drawn with replacement")
     train.add_argument("--no-shuffle", action="store_true", help="take rows in order")
     train.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
-    train.add_argument("--threads", type=int, help="threads (default: all cores)")
+    train.add_argument("--threads", type=int, help="threads (default: all cores; with "
+                       "--distributed, the cores each rank has to itself)")
+    train.add_argument("--distributed", action="store_true",
+                       help="data-parallel training over MPI: start with mpiexec -n N; each "
+                       "rank trains its shard of every batch (--batch-size is the global "
+                       "batch) and rank 0 alone prints and writes files (needs "
+                       "pip install 'fastmlp[mpi]')")
     train.add_argument("--patience", type=int, help="early stopping: stop after this many "
                        "epochs without improvement of --monitor (default: off)")
     train.add_argument("--monitor", default="val_loss", choices=MONITORS,
@@ -121,8 +128,9 @@ def parse_hidden(text):
 
 
 def check_args(parser, args):
-    if args.evaluate and (args.resume or args.save):
-        parser.error("--evaluate only reads a model: it takes no --resume or --save")
+    if args.evaluate and (args.resume or args.save or args.distributed):
+        parser.error("--evaluate only reads a model: it takes no --resume, --save or "
+                     "--distributed")
     if args.resume:
         given = [f"--{key.replace('_', '-')}" for key in ARCHITECTURE_DEFAULTS
                  if getattr(args, key) is not None]
@@ -200,24 +208,34 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    out = sys.stdout
+    comm = None
+    if args.distributed:
+        try:
+            comm = distributed.world()
+        except ImportError as exc:
+            parser.error(f"--distributed: {exc}")
+    leader = comm is None or comm.rank == 0
+    # with MPI, rank 0 alone prints and writes files
+    out = sys.stdout if leader else open(os.devnull, "w")
     # SIGTERM stops training like Ctrl-C: at a consistent point, saved.
     previous_term = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     model = None
     try:
-        x_train, y_train, x_test, y_test = datasets.load(
-            args.dataset, data_dir=args.data_dir, download=not args.no_download)
+        x_train, y_train, x_test, y_test = load_data(args, comm)
         if args.evaluate:
             model = load_model(args.evaluate)
             loss, accuracy = model.evaluate(x_test, y_test)
             out.write(f"{args.evaluate}: test loss {loss:.4f} - test accuracy {accuracy:.4f}\n")
             return 0
-        model = make_model(args, x_train, y_train, y_test)
+        model = make_model(args, x_train, y_train, y_test, comm)
         epochs = args.epochs - model.training_state.epoch if args.resume else args.epochs
         if args.resume and epochs <= 0:
             raise UsageError(f"{args.resume} has trained {model.training_state.epoch} epochs "
                              f"already; --epochs is the total to reach, ask for more")
         print_summary(model, out)
+        if comm is not None:
+            out.write(f"Distributed over {comm.size} MPI ranks: {args.batch_size} rows per step "
+                      f"in all\n")
         started = time.perf_counter()
         history = fit(model, x_train, y_train, epochs=epochs, batch_size=args.batch_size,
                       **optimizer_settings(args, model), shuffle=not args.no_shuffle,
@@ -226,8 +244,10 @@ def main(argv=None):
                       seed=None if args.resume else args.seed,
                       patience=args.patience, monitor=args.monitor, min_delta=args.min_delta,
                       restore_best_weights=not args.no_restore_best,
-                      callbacks=callbacks(args, model, out))
+                      callbacks=callbacks(args, model, out) if leader else (), comm=comm)
         elapsed = time.perf_counter() - started - history.compile_time
+        if not leader:
+            return 0
         loss, accuracy = model.evaluate(x_test, y_test)
         trained = sum(history.history["epoch_time"])
         out.write(f"Test loss: {loss:.4f} - test accuracy: {accuracy:.4f}\n")
@@ -247,25 +267,53 @@ def main(argv=None):
             model.save(args.save)
             out.write(f"Saved {args.save}\n")
         return 0
-    except TrainingDiverged as exc:
+    except TrainingDiverged as exc:  # every MPI rank stops at the same step
         saved = ""
-        if args.save:
+        if args.save and leader:
             model.save(args.save)
             saved = f" (saved the last finite parameters to {args.save})"
-        sys.stderr.write(f"fastmlp-train: error: {exc}{saved}\n")
+        if leader:
+            sys.stderr.write(f"fastmlp-train: error: {exc}{saved}\n")
         return 2
-    except KeyboardInterrupt:
-        if model is not None and args.save:
+    except KeyboardInterrupt as exc:
+        if not leader:
+            pass
+        elif model is not None and args.save and isinstance(exc, TrainingInterrupted):
             model.save(args.save)
             sys.stderr.write(f"\nInterrupted; saved {args.save} (resume with --resume {args.save})\n")
         else:
             sys.stderr.write("\nInterrupted\n")
-        return 130
+        # TrainingInterrupted stops every MPI rank at the same step; any
+        # other interrupt may have hit one rank only
+        return 130 if isinstance(exc, TrainingInterrupted) else abort_ranks(comm, 130)
     except (UsageError, ValueError, OSError) as exc:
-        sys.stderr.write(f"fastmlp-train: error: {exc}\n")
-        return 2
+        rank = f"rank {comm.rank}: " if comm is not None and comm.size > 1 else ""
+        sys.stderr.write(f"fastmlp-train: error: {rank}{exc}\n")
+        return abort_ranks(comm, 2)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
+
+
+def abort_ranks(comm, code):
+    """Returns code; with other MPI ranks, which may be waiting for this one
+    in a collective call, ends them all first (MPI_Abort)."""
+    if comm is not None and comm.size > 1:
+        sys.stderr.flush()
+        comm.Abort(code)
+    return code
+
+
+def load_data(args, comm):
+    """The dataset; with MPI, rank 0 loads (and downloads) it first, so that
+    ranks sharing a file system find it in the cache."""
+    def load():
+        return datasets.load(args.dataset, data_dir=args.data_dir, download=not args.no_download)
+
+    if comm is None:
+        return load()
+    data = load() if comm.rank == 0 else None
+    comm.Barrier()
+    return data if comm.rank == 0 else load()
 
 
 class Checkpointer(Callback):
@@ -302,11 +350,19 @@ def optimizer_settings(args, model):
     return settings
 
 
-def make_model(args, x_train, y_train, y_test):
+def make_model(args, x_train, y_train, y_test, comm=None):
     """A new model shaped by the flags and the data, or the resumed one (the
-    data must then fit it: fit checks)."""
+    data must then fit it: fit checks). With MPI, rank 0 reads the file and
+    sends its bytes to the others."""
     if args.resume:
-        model = load_model(args.resume)
+        if comm is None:
+            model = load_model(args.resume)
+        else:
+            data = None
+            if comm.rank == 0:
+                with open(args.resume, "rb") as f:
+                    data = f.read()
+            model = load_model_bytes(comm.bcast(data, root=0), args.resume)
         if model.training_state is None:
             from .training import TrainingState
             model.training_state = TrainingState(args.seed)

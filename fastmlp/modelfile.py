@@ -100,10 +100,15 @@ def load(path):
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
+    return loads(data, path)
+
+
+def loads(data, name="<bytes>"):
+    """The model held by the bytes of a model file (`name` for messages)."""
     try:
         return _parse(data)
     except _Malformed as exc:
-        raise ValueError(f"{path}: not a valid fastmlp model file: {exc}") from None
+        raise ValueError(f"{name}: not a valid fastmlp model file: {exc}") from None
 
 
 class _Malformed(Exception):

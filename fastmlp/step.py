@@ -45,6 +45,7 @@ from .optimizers import (
     LR,
     MOMENTUM,
     MOMENTUM_COEF,
+    NONE,
     SGD,
     adam_alpha,
     adam_update,
@@ -132,6 +133,50 @@ def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
     return n_chunks
 
 
+@kernel
+def task_range(tasks, t, sizes, w_off, b_off):
+    # the flat range [p0, p1) that task t owns
+    l = tasks[t, 0]
+    if tasks[t, 1] == WEIGHT_TASK:
+        return w_off[l] + tasks[t, 2] * sizes[l], w_off[l] + tasks[t, 3] * sizes[l]
+    return b_off[l], b_off[l] + sizes[l + 1]
+
+
+@kernel
+def task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off, tasks):
+    # the gradient of task t's parameters over batch rows 0:nrows
+    l = tasks[t, 0]
+    fan_in = sizes[l]
+    fan_out = sizes[l + 1]
+    dout = view2d(deltas, act_off, l + 1, B, fan_out)
+    if tasks[t, 1] == WEIGHT_TASK:
+        dense_backward_weight(view2d(grads, w_off, l, fan_out, fan_in), dout,
+                              view2d(acts, act_off, l, B, fan_in), tasks[t, 2], tasks[t, 3],
+                              nrows)
+    else:
+        dense_backward_bias(grads[b_off[l]:b_off[l] + fan_out], dout, nrows)
+
+
+@kernel
+def task_update(params, grads, state1, state2, t, sizes, w_off, b_off, tasks, optimizer,
+                hyper, nesterov):
+    # applies the optimizer to task t's parameters; returns the update's
+    # check sum (NaN when a new value is not finite)
+    p0, p1 = task_range(tasks, t, sizes, w_off, b_off)
+    # weight decay applies to weights only
+    decay = hyper[DECAY] if tasks[t, 1] == WEIGHT_TASK else hyper.dtype.type(0.0)
+    check = 0.0
+    if optimizer == SGD:
+        check = sgd_update(params, grads, p0, p1, hyper[LR], decay)
+    elif optimizer == MOMENTUM:
+        check = momentum_update(params, grads, state1, p0, p1, hyper[LR],
+                                hyper[MOMENTUM_COEF], decay, nesterov)
+    elif optimizer == ADAM:
+        check = adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
+                            hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
+    return check
+
+
 @parallel_kernel
 def gradients_update(params, grads, state1, state2, acts, deltas, task_checks, nrows,
                      B, sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
@@ -139,36 +184,54 @@ def gradients_update(params, grads, state1, state2, acts, deltas, task_checks, n
     # params, grads, state1, state2 are flat (P,) vectors of one layout
     # (state: momentum's velocity, or Adam's m and v); tasks is (T, 4),
     # task_checks (T,). Computes the gradient of every parameter, then
-    # (unless optimizer is NONE) updates it; task_checks[t] is NaN when task
-    # t produced a non-finite parameter, else 0.
+    # (unless optimizer is NONE) updates it while it is hot in cache;
+    # task_checks[t] is NaN when task t produced a non-finite parameter, else 0.
     for t in prange(tasks.shape[0]):
-        l = tasks[t, 0]
-        fan_in = sizes[l]
-        fan_out = sizes[l + 1]
-        dout = view2d(deltas, act_off, l + 1, B, fan_out)
-        if tasks[t, 1] == WEIGHT_TASK:
-            j0 = tasks[t, 2]
-            j1 = tasks[t, 3]
-            dense_backward_weight(view2d(grads, w_off, l, fan_out, fan_in), dout,
-                                  view2d(acts, act_off, l, B, fan_in), j0, j1, nrows)
-            p0 = w_off[l] + j0 * fan_in
-            p1 = w_off[l] + j1 * fan_in
-            decay = hyper[DECAY]
-        else:
-            p0 = b_off[l]
-            p1 = p0 + fan_out
-            dense_backward_bias(grads[p0:p1], dout, nrows)
-            decay = hyper.dtype.type(0.0)
-        check = 0.0
-        if optimizer == SGD:
-            check = sgd_update(params, grads, p0, p1, hyper[LR], decay)
-        elif optimizer == MOMENTUM:
-            check = momentum_update(params, grads, state1, p0, p1, hyper[LR],
-                                    hyper[MOMENTUM_COEF], decay, nesterov)
-        elif optimizer == ADAM:
-            check = adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
-                                hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
-        task_checks[t] = check
+        task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off, tasks)
+        task_checks[t] = task_update(params, grads, state1, state2, t, sizes, w_off, b_off,
+                                     tasks, optimizer, hyper, nesterov)
+
+
+@parallel_kernel
+def apply_updates(params, grads, state1, state2, task_checks, sizes, w_off, b_off, tasks,
+                  optimizer, hyper, nesterov):
+    # the update half of gradients_update, for gradients summed elsewhere
+    # (over MPI ranks)
+    for t in prange(tasks.shape[0]):
+        task_checks[t] = task_update(params, grads, state1, state2, t, sizes, w_off, b_off,
+                                     tasks, optimizer, hyper, nesterov)
+
+
+@kernel
+def batch_weight(sample_weight, idx, start, nrows):
+    # total sample weight of rows idx[start:start + nrows], in float64
+    total = 0.0
+    for b in range(start, start + nrows):
+        total += sample_weight[idx[b]]
+    return total
+
+
+@kernel
+def shard_gradients(params, grads, acts, deltas, labels, row_weights, chunk_stats,
+                    task_checks, X, y, sample_weight, idx, start, nrows, inv_total, scale,
+                    sizes, w_off, b_off, act_off, tasks, activation, hyper):
+    # One MPI rank's share of a step: grads (the first P values) = the
+    # gradient over rows idx[start:start + nrows], scaled by the whole
+    # batch's inv_total, so that the ranks' grads sum to the batch gradient.
+    # nrows may be 0 (a small last batch split over many ranks): zero
+    # gradients. Returns (weighted loss sum, correct rows) of these rows.
+    loss = 0.0
+    correct = 0
+    if nrows > 0:
+        n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
+                                    sample_weight, idx, start, nrows, inv_total, scale,
+                                    params, sizes, w_off, b_off, act_off, activation, True)
+        for c in range(n_chunks):
+            loss += chunk_stats[c, 0]
+            correct += int(chunk_stats[c, 1])
+    gradients_update(params, grads, grads, grads, acts, deltas, task_checks, nrows,
+                     labels.shape[0], sizes, w_off, b_off, act_off, tasks, NONE, hyper, False)
+    return loss, correct
 
 
 # train_steps' status
@@ -196,9 +259,7 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
     for s in range(step0, step1):
         start = s * B
         nrows = min(B, n_rows - start)
-        total = 0.0
-        for b in range(start, start + nrows):
-            total += sample_weight[idx[b]]
+        total = batch_weight(sample_weight, idx, start, nrows)
         # a batch of zero weight has zero gradients (and zero loss)
         inv_total = params.dtype.type(1.0 / total if total > 0 else 0.0)
         n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,

@@ -104,7 +104,7 @@ def thread_count(threads):
 def deferred_interrupt():
     """Ctrl-C (SIGINT) sets a flag instead of raising at a random point; fit
     checks it between chunks of steps, when the model and its optimizer and
-    training state agree, and raises KeyboardInterrupt there. Only in the
+    training state agree, and raises TrainingInterrupted there. Only in the
     main thread (elsewhere signals cannot be handled)."""
     flag = {"set": False}
     if threading.current_thread() is not threading.main_thread():
@@ -135,7 +135,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         nesterov=False, weight_decay=0.0, shuffle=True, sampling="epoch",
         validation_data=None, seed=None, threads=None, verbose=0, callbacks=(),
         sample_weight=None, patience=None, min_delta=0.0, monitor=None,
-        restore_best_weights=True):
+        restore_best_weights=True, comm=None):
     """Train `model` in place and return a History.
 
     X: (n, features) uint8 pixels (scaled by 1/255 while gathered, never
@@ -151,7 +151,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     (when its settings are the same) and, unless a seed is given, the
     shuffling generator; an interrupted epoch is finished first, in the same
     row order, and counts as one of `epochs`. Ctrl-C stops after the current
-    chunk of steps with everything consistent, then raises KeyboardInterrupt.
+    chunk of steps with everything consistent, then raises TrainingInterrupted
+    (a KeyboardInterrupt).
     callbacks: fastmlp.progress.Callback objects; verbose=1 adds a
     Keras-style ProgressPrinter.
 
@@ -161,6 +162,14 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     a row; with restore_best_weights the model then gets the parameters of
     its best epoch back (also when all epochs ran). History.best_epoch and
     History.stopped_epoch tell what happened.
+
+    comm: an mpi4py communicator (e.g. MPI.COMM_WORLD) for data-parallel
+    training: every rank calls fit with the same data and settings, trains
+    its shard of every batch and takes part in one Allreduce per step (see
+    fastmlp.distributed); the result is that of one process with the same
+    batch_size. Rank 0's model and training state are broadcast first;
+    threads default to the cores each rank has to itself; only rank 0 shows
+    progress with verbose=1 (callbacks run on every rank).
     """
     X, y = check_Xy(X, y, model.n_features, model.n_classes)
     sample_weight = check_sample_weight(sample_weight, X.shape[0], model.dtype)
@@ -181,7 +190,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         X_val, y_val = check_Xy(*validation_data, model.n_features, model.n_classes,
                                 names=("validation X", "validation y"))
     callbacks = list(callbacks)
-    if verbose:
+    if verbose and (comm is None or comm.rank == 0):
         callbacks.append(ProgressPrinter())
     stopper = None
     if patience is not None:
@@ -204,13 +213,27 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
 
     n = X.shape[0]
     batch_size = min(batch_size, n)
+    if comm is not None:
+        from . import distributed
+        distributed.check_same_job(comm, dict(
+            rows=n, layer_sizes=list(model.layer_sizes), activation=model.activation,
+            dtype=model.dtype.name, labels=distributed.data_digest(y), epochs=epochs,
+            batch_size=batch_size, optimizer=optimizer, settings=settings, shuffle=bool(shuffle),
+            sampling=sampling, weighted=sample_weight is not None and bool(np.any(sample_weight != 1)),
+            validation=validation_data is not None, patience=patience, monitor=monitor))
+        distributed.broadcast_state(comm, model)
+        if threads is None:
+            threads = min(max_threads, distributed.rank_threads(comm))
     n_steps = -(-n // batch_size)
     if progress.step >= n_steps:
         raise ValueError(f"the model stopped at step {progress.step} of an epoch, but this data "
                          f"and batch_size give epochs of {n_steps} steps")
     max_chunk = -(-n_steps // CHUNKS_PER_EPOCH)
-    workspace = Workspace(model.layer_sizes, batch_size, model.dtype)
-    grads = np.zeros_like(model.params)
+    ranks = 1 if comm is None else comm.size
+    workspace = Workspace(model.layer_sizes, -(-batch_size // ranks), model.dtype)
+    # with MPI, the step's loss, correct rows and interrupt flag travel behind
+    # the gradients in the one Allreduce
+    grads = np.zeros(model.n_params + (0 if comm is None else distributed.TAIL), model.dtype)
     idx = np.empty(n, dtype=np.int64)
     scale = input_scale(X, model.dtype)
     mapping = mapped_file(X)
@@ -223,7 +246,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
     history = History()
 
-    def run(step0, step1):
+    def run_here(step0, step1):
         return train_steps(model.params, grads, state.state1, state.state2, workspace.acts,
                            workspace.deltas, workspace.labels, workspace.row_weights,
                            workspace.chunk_stats, workspace.task_checks, X, y, sample_weight,
@@ -232,8 +255,17 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                            model.activation_code, state.code, state.hyper, state.nesterov)
 
     with thread_count(threads), deferred_interrupt() as interrupt:
+        # with MPI, only an interrupt that every rank has heard of counts
+        stop_key = "set" if comm is None else "agreed"
+        interrupt["agreed"] = False
         start = time.perf_counter()
-        run(0, 0)  # compiles (or loads from cache) without training
+        if comm is None:
+            run = run_here
+            run(0, 0)  # compiles (or loads from cache) without training
+        else:
+            run = distributed.ShardedSteps(comm, model, state, workspace, grads, X, y,
+                                           sample_weight, idx, scale, batch_size, interrupt)
+            run.compile()
         history.compile_time = time.perf_counter() - start
         total_epochs = progress.epoch + epochs
         for callback in callbacks:
@@ -261,6 +293,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 if status != STEPS_DONE:
                     diverged(model, state, progress, run, saved, first, first_update, status,
                              at, step0, n_steps, optimizer, lr)
+                step1 = at  # sooner than asked when MPI ranks agreed to stop
                 state.updates += step1 - step0
                 progress.step = step1
                 rows += min(step1 * batch_size, n) - step0 * batch_size
@@ -273,14 +306,16 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                     mapping.madvise(mmap.MADV_DONTNEED)
                 for callback in callbacks:
                     callback.on_steps(step1, n_steps, logs)
-                if interrupt["set"]:
+                if interrupt[stop_key]:
                     if step1 == n_steps:
                         end_epoch(progress, rng)
-                    raise KeyboardInterrupt
+                    raise TrainingInterrupted
                 per_step = seconds / (step1 - step0)
                 chunk = int(min(max_chunk, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
                 step0 = step1
             end_epoch(progress, rng)
+            if comm is not None:
+                distributed.check_params_agree(comm, model.params, progress.epoch - 1)
             history.epoch.append(progress.epoch - 1)
             history.history["loss"].append(logs["loss"])
             history.history["accuracy"].append(logs["accuracy"])
@@ -296,8 +331,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 break
         if stopper is not None:
             history.best_epoch = stopper.finish()
-        if interrupt["set"]:  # arrived after the last chunk
-            raise KeyboardInterrupt
+        if interrupt[stop_key]:  # arrived after the last chunk
+            raise TrainingInterrupted
     return history
 
 
@@ -332,6 +367,11 @@ class EarlyStopping:
         if self.best_params is not None and self.best_epoch is not None:
             np.copyto(self.model.params, self.best_params)
         return self.best_epoch
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """fit stopped at Ctrl-C (or, with MPI, when any rank had one): the model,
+    its optimizer and training state agree and can be saved and resumed."""
 
 
 class TrainingDiverged(ValueError):
