@@ -254,6 +254,10 @@ def main(argv=None):
         if history.epoch:
             out.write(f"Trained {len(history.epoch)} epochs in {elapsed:.2f}s "
                       f"({len(history.epoch) / trained:.2f} epochs/s in the training loop)\n")
+        if comm is not None and history.allreduce_steps:
+            per_step = history.allreduce_time / history.allreduce_steps
+            out.write(f"Allreduce: {per_step * 1e6:.0f}us per step, "
+                      f"{history.allreduce_time / trained:.0%} of the training loop\n")
         if history.stopped_epoch is not None:
             out.write(f"Early stopping after epoch {history.stopped_epoch + 1}: no "
                       f"{args.monitor} improvement for {args.patience} epochs")

@@ -22,6 +22,7 @@ rank) and stops with an error rather than go on with ranks that disagree.
 """
 import math
 import os
+import time
 import zlib
 
 import numpy as np
@@ -125,6 +126,8 @@ class ShardedSteps:
         self.grads, self.X, self.y, self.sample_weight = grads, X, y, sample_weight
         self.idx, self.scale, self.batch_size, self.interrupt = idx, scale, batch_size, interrupt
         self.tail = grads[model.n_params:]
+        self.reduce_seconds = 0.0  # spent in Allreduce, waiting for other ranks included
+        self.steps = 0
 
     def compile(self):
         """Compiles (or loads from cache) both kernels without training: a
@@ -159,7 +162,10 @@ class ShardedSteps:
             self.tail[LOSS_SLOT] = loss
             self.tail[CORRECT_SLOT] = right
             self.tail[INTERRUPT_SLOT] = 1.0 if self.interrupt["set"] else 0.0
+            started = time.perf_counter()
             self.comm.Allreduce(self.in_place, grads, op=self.sum)
+            self.reduce_seconds += time.perf_counter() - started
+            self.steps += 1
             step_loss = float(self.tail[LOSS_SLOT])
             if not math.isfinite(step_loss):
                 return loss_sum, weight_sum, correct, LOSS_NOT_FINITE, s

@@ -48,6 +48,9 @@ class History:
         self.compile_time = 0.0
         self.best_epoch = None  # with early stopping
         self.stopped_epoch = None
+        # with MPI: seconds spent in the per-step Allreduce, and steps taken
+        self.allreduce_time = None
+        self.allreduce_steps = 0
 
     def __repr__(self):
         last = {k: v[-1] for k, v in self.history.items() if v}
@@ -331,6 +334,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 break
         if stopper is not None:
             history.best_epoch = stopper.finish()
+        if comm is not None:
+            history.allreduce_time, history.allreduce_steps = run.reduce_seconds, run.steps
         if interrupt[stop_key]:  # arrived after the last chunk
             raise TrainingInterrupted
     return history
