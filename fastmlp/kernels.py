@@ -128,26 +128,11 @@ def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
     # dinp is (B, C), dout is (B, OC), weight is (OC, C), inp is (B, C)
     # dinp = (dout @ weight) * activation'(inp) for rows r0:r1, where inp is
     # the previous layer's output: the delta of the previous layer's
-    # pre-activation, ready for its own weight gradient. Four weight rows
-    # per pass over the contiguous output row (5 loads, 1 store, 4 FMAs).
-    OC, C = weight.shape
-    last = OC - 1
+    # pre-activation, ready for its own weight gradient.
+    rows_times_matrix(dinp, dout, weight, r0, r1, weight.shape[0])
+    C = dinp.shape[1]
     for b in range(r0, r1):
-        d = dout[b]
         g = dinp[b]
-        for k in range(C):
-            g[k] = ZERO
-        for j in range(0, OC, 4):
-            w0 = weight[j]
-            w1 = weight[min(j + 1, last)]
-            w2 = weight[min(j + 2, last)]
-            w3 = weight[min(j + 3, last)]
-            d0 = d[j]
-            d1 = d[j + 1] if j + 1 < OC else ZERO
-            d2 = d[j + 2] if j + 2 < OC else ZERO
-            d3 = d[j + 3] if j + 3 < OC else ZERO
-            for k in range(C):
-                g[k] += d0 * w0[k] + d1 * w1[k] + d2 * w2[k] + d3 * w3[k]
         a = inp[b]
         for k in range(C):
             g[k] *= activation_derivative(a[k], activation)
@@ -156,26 +141,100 @@ def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
 @kernel
 def dense_backward_weight(dweight, dout, inp, j0, j1, nrows):
     # dweight is (OC, C), dout is (B, OC), inp is (B, C)
-    # dweight[j0:j1] = dout[:nrows, j0:j1].T @ inp[:nrows], summed over rows
-    # in order 0..nrows-1, four rows per pass (deterministic: one writer per
-    # weight row, whatever the thread count).
-    C = dweight.shape[1]
-    last = nrows - 1
-    for j in range(j0, j1):
-        dw = dweight[j]
-        for k in range(C):
-            dw[k] = ZERO
-        for b in range(0, nrows, 4):
-            a0 = inp[b]
-            a1 = inp[min(b + 1, last)]
-            a2 = inp[min(b + 2, last)]
-            a3 = inp[min(b + 3, last)]
-            d0 = dout[b, j]
-            d1 = dout[b + 1, j] if b + 1 < nrows else ZERO
-            d2 = dout[b + 2, j] if b + 2 < nrows else ZERO
-            d3 = dout[b + 3, j] if b + 3 < nrows else ZERO
+    # dweight[j0:j1] = dout[:nrows, j0:j1].T @ inp[:nrows]. One writer per
+    # weight row, and each row sums over batch rows in the same order
+    # whatever the thread count.
+    rows_times_matrix(dweight, dout.T, inp, j0, j1, nrows)
+
+
+@kernel
+def rows_times_matrix(out, coef, src, r0, r1, nt):
+    # out is (R, C), coef is (R, T), src is (T, C)
+    # out[r0:r1] = coef[r0:r1, :nt] @ src[:nt], both backward products:
+    # each output row is a sum of source rows, all contiguous along C.
+    # Four output rows share each pass over C and take 8 source rows at a
+    # time, in order 0..nt-1: per vector of C, 8 source loads and 4 output
+    # loads and stores feed 32 multiply-adds (one output row at a time spent
+    # more on loads and stores than on arithmetic). Which rows share a pass
+    # depends on r0 and r1 only.
+    tiled = r0 + (r1 - r0) // 4 * 4
+    for r in range(r0, tiled, 4):
+        rows_times_matrix_tile(out, coef, src, r, 4, nt)
+    for r in range(tiled, r1):
+        rows_times_matrix_tile(out, coef, src, r, 1, nt)
+
+
+@kernel
+def rows_times_matrix_tile(out, coef, src, r, rows, nt):
+    # out[r:r + rows] as in rows_times_matrix, rows being 4 or 1 (then the
+    # three other rows repeat row r and are neither computed nor stored)
+    C = out.shape[1]
+    last = nt - 1
+    ra = r + 1 if rows == 4 else r
+    rb = r + 2 if rows == 4 else r
+    rc = r + 3 if rows == 4 else r
+    g0 = out[r]
+    for k in range(C):
+        g0[k] = ZERO
+    if rows == 4:
+        out[ra, :] = ZERO
+        out[rb, :] = ZERO
+        out[rc, :] = ZERO
+    c0 = coef[r]
+    for t in range(0, nt, 8):
+        # source rows past nt repeat the last one with a zero coefficient
+        x0 = src[t]
+        x1 = src[min(t + 1, last)]
+        x2 = src[min(t + 2, last)]
+        x3 = src[min(t + 3, last)]
+        x4 = src[min(t + 4, last)]
+        x5 = src[min(t + 5, last)]
+        x6 = src[min(t + 6, last)]
+        x7 = src[min(t + 7, last)]
+        t1 = min(t + 1, last)
+        t2 = min(t + 2, last)
+        t3 = min(t + 3, last)
+        t4 = min(t + 4, last)
+        t5 = min(t + 5, last)
+        t6 = min(t + 6, last)
+        t7 = min(t + 7, last)
+        m1 = ONE if t + 1 < nt else ZERO
+        m2 = ONE if t + 2 < nt else ZERO
+        m3 = ONE if t + 3 < nt else ZERO
+        m4 = ONE if t + 4 < nt else ZERO
+        m5 = ONE if t + 5 < nt else ZERO
+        m6 = ONE if t + 6 < nt else ZERO
+        m7 = ONE if t + 7 < nt else ZERO
+        p0 = c0[t]; p1 = c0[t1] * m1; p2 = c0[t2] * m2; p3 = c0[t3] * m3
+        p4 = c0[t4] * m4; p5 = c0[t5] * m5; p6 = c0[t6] * m6; p7 = c0[t7] * m7
+        if rows == 1:
             for k in range(C):
-                dw[k] += d0 * a0[k] + d1 * a1[k] + d2 * a2[k] + d3 * a3[k]
+                g0[k] += (p0 * x0[k] + p1 * x1[k] + p2 * x2[k] + p3 * x3[k]
+                          + p4 * x4[k] + p5 * x5[k] + p6 * x6[k] + p7 * x7[k])
+            continue
+        g1 = out[ra]
+        g2 = out[rb]
+        g3 = out[rc]
+        c1 = coef[ra]
+        c2 = coef[rb]
+        c3 = coef[rc]
+        q0 = c1[t]; q1 = c1[t1] * m1; q2 = c1[t2] * m2; q3 = c1[t3] * m3
+        q4 = c1[t4] * m4; q5 = c1[t5] * m5; q6 = c1[t6] * m6; q7 = c1[t7] * m7
+        u0 = c2[t]; u1 = c2[t1] * m1; u2 = c2[t2] * m2; u3 = c2[t3] * m3
+        u4 = c2[t4] * m4; u5 = c2[t5] * m5; u6 = c2[t6] * m6; u7 = c2[t7] * m7
+        v0 = c3[t]; v1 = c3[t1] * m1; v2 = c3[t2] * m2; v3 = c3[t3] * m3
+        v4 = c3[t4] * m4; v5 = c3[t5] * m5; v6 = c3[t6] * m6; v7 = c3[t7] * m7
+        for k in range(C):
+            y0 = x0[k]; y1 = x1[k]; y2 = x2[k]; y3 = x3[k]
+            y4 = x4[k]; y5 = x5[k]; y6 = x6[k]; y7 = x7[k]
+            g0[k] += (p0 * y0 + p1 * y1 + p2 * y2 + p3 * y3
+                      + p4 * y4 + p5 * y5 + p6 * y6 + p7 * y7)
+            g1[k] += (q0 * y0 + q1 * y1 + q2 * y2 + q3 * y3
+                      + q4 * y4 + q5 * y5 + q6 * y6 + q7 * y7)
+            g2[k] += (u0 * y0 + u1 * y1 + u2 * y2 + u3 * y3
+                      + u4 * y4 + u5 * y5 + u6 * y6 + u7 * y7)
+            g3[k] += (v0 * y0 + v1 * y1 + v2 * y2 + v3 * y3
+                      + v4 * y4 + v5 * y5 + v6 * y6 + v7 * y7)
 
 
 @kernel

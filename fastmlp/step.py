@@ -70,7 +70,8 @@ def make_tasks(layer_sizes):
     tasks = []
     for layer in range(len(layer_sizes) - 1):
         fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
-        rows = max(1, -(-TASK_PARAMS // fan_in))
+        # whole groups of the 4 rows that dense_backward_weight computes together
+        rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // 4) * 4
         for j0 in range(0, fan_out, rows):
             tasks.append((layer, WEIGHT_TASK, j0, min(fan_out, j0 + rows)))
     for layer in range(len(layer_sizes) - 1):

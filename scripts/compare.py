@@ -114,6 +114,57 @@ def run_torch(workload, data, epochs):
     return times, float(np.mean(pred == y_test))
 
 
+def run_jax(workload, data, epochs):
+    """The peer table's JAX set-up: a whole epoch in one jit, the steps of its
+    full batches in lax.scan (the last, partial batch is one more jitted step)."""
+    import jax
+    import jax.numpy as jnp
+    sizes, activation, batch_size, lr = WORKLOADS[workload]
+    x_train, y_train, x_test, y_test = data
+    act = {"sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh}[activation]
+    weights, biases = initial_weights(sizes)
+    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(weights, biases)]
+
+    def logits(params, x):
+        for w, b in params[:-1]:
+            x = act(x @ w + b)
+        w, b = params[-1]
+        return x @ w + b
+
+    def loss(params, x, y):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits(params, x)),
+                                             y[:, None], axis=1))
+
+    def step(params, batch):
+        grads = jax.grad(loss)(params, *batch)
+        return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), None
+
+    n = len(x_train)
+    full = n // batch_size * batch_size
+
+    @jax.jit
+    def epoch(params, X, y, order):
+        xs = X[order[:full]].reshape(-1, batch_size, X.shape[1])
+        ys = y[order[:full]].reshape(-1, batch_size)
+        params, _ = jax.lax.scan(step, params, (xs, ys))
+        if full < n:
+            params, _ = step(params, (X[order[full:]], y[order[full:]]))
+        return params
+
+    X = jnp.asarray(x_train.astype(np.float32) / 255)
+    y = jnp.asarray(y_train.astype(np.int32))
+    rng = np.random.default_rng(0)
+    jax.block_until_ready(epoch(params, X, y, jnp.asarray(rng.permutation(n))))  # compile
+    times = []
+    for _ in range(epochs):
+        order = jnp.asarray(rng.permutation(n))
+        start = time.perf_counter()
+        params = jax.block_until_ready(epoch(params, X, y, order))
+        times.append(time.perf_counter() - start)
+    pred = np.asarray(logits(params, jnp.asarray(x_test.astype(np.float32) / 255)).argmax(1))
+    return times, float(np.mean(pred == y_test))
+
+
 def run_sklearn(workload, data, epochs):
     from sklearn.neural_network import MLPClassifier
     sizes, activation, batch_size, lr = WORKLOADS[workload]
