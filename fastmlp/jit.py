@@ -26,6 +26,13 @@ CACHE = True
 # A serial kernel: called from inside parallel loops, never parallel itself.
 kernel = numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy")
 
+# A serial kernel whose sums run in source order (no `reassoc`): for loops
+# that vectorize without reordering, so that their results cannot depend on
+# the function they are inlined into. LLVM compiles a kernel anew inside each
+# caller, and with `reassoc` it may associate the same sum differently there.
+ordered_kernel = numba.njit(fastmath=FASTMATH - {"reassoc"}, cache=CACHE, nogil=True,
+                            error_model="numpy")
+
 # A kernel that owns one `prange` region (both cores).
 parallel_kernel = numba.njit(
     parallel=True, fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy"

@@ -15,7 +15,8 @@ import math
 
 import numpy as np
 
-from .jit import kernel
+from .expf import fast_exp
+from .jit import kernel, ordered_kernel
 
 SIGMOID = 0
 TANH = 1
@@ -27,6 +28,14 @@ ACTIVATIONS = {"sigmoid": SIGMOID, "tanh": TANH, "relu": RELU}
 # float32 and a float64 kernel promotes them without loss.
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
+
+
+@kernel
+def finite(x):
+    # not NaN and not inf. (math.isfinite tests x - x, which the fastmath
+    # flags may fold to 0: it then calls NaN finite. Comparisons keep NaN and
+    # inf visible under these flags.)
+    return x == x and abs(x) != np.inf
 
 
 # ----------------------------------------------------------------------------
@@ -53,14 +62,19 @@ def gather_rows(out, labels_out, weights_out, X, y, sample_weight, idx, start, s
 # dense layer with its activation fused
 
 @kernel
-def activate(z, activation):
+def activate_row(row, activation):
+    # row = activation(row), one loop per activation so that each vectorizes
+    n = row.shape[0]
     if activation == SIGMOID:
-        return ONE / (ONE + math.exp(-z))
-    if activation == TANH:
-        return math.tanh(z)
-    if activation == RELU:
-        return z if z > ZERO else ZERO
-    return z
+        for j in range(n):
+            row[j] = ONE / (ONE + fast_exp(-row[j]))
+    elif activation == TANH:
+        for j in range(n):
+            row[j] = math.tanh(row[j])
+    elif activation == RELU:
+        for j in range(n):
+            z = row[j]
+            row[j] = z if z > ZERO else ZERO
 
 
 @kernel
@@ -114,13 +128,16 @@ def dense_forward(out, inp, weight, bias, activation, r0, r1):
                 if b + i < r1:
                     o = out[b + i]
                     if j < OC:
-                        o[j] = activate(t0 + bias[j], activation)
+                        o[j] = t0 + bias[j]
                     if j + 1 < OC:
-                        o[j + 1] = activate(t1 + bias[j + 1], activation)
+                        o[j + 1] = t1 + bias[j + 1]
                     if j + 2 < OC:
-                        o[j + 2] = activate(t2 + bias[j + 2], activation)
+                        o[j + 2] = t2 + bias[j + 2]
                     if j + 3 < OC:
-                        o[j + 3] = activate(t3 + bias[j + 3], activation)
+                        o[j + 3] = t3 + bias[j + 3]
+        # the activation in a loop of its own, which vectorizes (exp too)
+        for i in range(b, min(b + 4, r1)):
+            activate_row(out[i], activation)
 
 
 @kernel
@@ -156,7 +173,9 @@ def rows_times_matrix(out, coef, src, r0, r1, nt):
     # time, in order 0..nt-1: per vector of C, 8 source loads and 4 output
     # loads and stores feed 32 multiply-adds (one output row at a time spent
     # more on loads and stores than on arithmetic). Which rows share a pass
-    # depends on r0 and r1 only.
+    # depends on r0 and r1 only. The tile is an ordered_kernel: each sum of
+    # eight products is a fixed tree (short enough to keep the FMA units
+    # busy), the same in whatever function LLVM inlines it.
     tiled = r0 + (r1 - r0) // 4 * 4
     for r in range(r0, tiled, 4):
         rows_times_matrix_tile(out, coef, src, r, 4, nt)
@@ -164,7 +183,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt):
         rows_times_matrix_tile(out, coef, src, r, 1, nt)
 
 
-@kernel
+@ordered_kernel
 def rows_times_matrix_tile(out, coef, src, r, rows, nt):
     # out[r:r + rows] as in rows_times_matrix, rows being 4 or 1 (then the
     # three other rows repeat row r and are neither computed nor stored)
@@ -209,8 +228,8 @@ def rows_times_matrix_tile(out, coef, src, r, rows, nt):
         p4 = c0[t4] * m4; p5 = c0[t5] * m5; p6 = c0[t6] * m6; p7 = c0[t7] * m7
         if rows == 1:
             for k in range(C):
-                g0[k] += (p0 * x0[k] + p1 * x1[k] + p2 * x2[k] + p3 * x3[k]
-                          + p4 * x4[k] + p5 * x5[k] + p6 * x6[k] + p7 * x7[k])
+                g0[k] += ((p0 * x0[k] + p1 * x1[k]) + (p2 * x2[k] + p3 * x3[k])
+                          + ((p4 * x4[k] + p5 * x5[k]) + (p6 * x6[k] + p7 * x7[k])))
             continue
         g1 = out[ra]
         g2 = out[rb]
@@ -227,14 +246,14 @@ def rows_times_matrix_tile(out, coef, src, r, rows, nt):
         for k in range(C):
             y0 = x0[k]; y1 = x1[k]; y2 = x2[k]; y3 = x3[k]
             y4 = x4[k]; y5 = x5[k]; y6 = x6[k]; y7 = x7[k]
-            g0[k] += (p0 * y0 + p1 * y1 + p2 * y2 + p3 * y3
-                      + p4 * y4 + p5 * y5 + p6 * y6 + p7 * y7)
-            g1[k] += (q0 * y0 + q1 * y1 + q2 * y2 + q3 * y3
-                      + q4 * y4 + q5 * y5 + q6 * y6 + q7 * y7)
-            g2[k] += (u0 * y0 + u1 * y1 + u2 * y2 + u3 * y3
-                      + u4 * y4 + u5 * y5 + u6 * y6 + u7 * y7)
-            g3[k] += (v0 * y0 + v1 * y1 + v2 * y2 + v3 * y3
-                      + v4 * y4 + v5 * y5 + v6 * y6 + v7 * y7)
+            g0[k] += ((p0 * y0 + p1 * y1) + (p2 * y2 + p3 * y3)
+                      + ((p4 * y4 + p5 * y5) + (p6 * y6 + p7 * y7)))
+            g1[k] += ((q0 * y0 + q1 * y1) + (q2 * y2 + q3 * y3)
+                      + ((q4 * y4 + q5 * y5) + (q6 * y6 + q7 * y7)))
+            g2[k] += ((u0 * y0 + u1 * y1) + (u2 * y2 + u3 * y3)
+                      + ((u4 * y4 + u5 * y5) + (u6 * y6 + u7 * y7)))
+            g3[k] += ((v0 * y0 + v1 * y1) + (v2 * y2 + v3 * y3)
+                      + ((v4 * y4 + v5 * y5) + (v6 * y6 + v7 * y7)))
 
 
 @kernel
@@ -272,7 +291,7 @@ def softmax_crossentropy_forward(probs, labels, weights, r0, r1):
         label_logit = p[labels[b]]
         total = ZERO
         for j in range(K):
-            e = math.exp(p[j] - top)
+            e = fast_exp(p[j] - top)
             p[j] = e
             total += e
         inv = ONE / total

@@ -19,8 +19,6 @@ A step is two parallel regions:
 Python call. Nothing is allocated: every array is a view of the workspace or
 of the parameter and optimizer-state vectors.
 """
-import math
-
 import numpy as np
 from numba import prange
 
@@ -31,6 +29,7 @@ from .kernels import (
     dense_backward_input,
     dense_backward_weight,
     dense_forward,
+    finite,
     gather_rows,
     softmax_crossentropy_backward,
     softmax_crossentropy_forward,
@@ -87,12 +86,14 @@ def view2d(flat, offsets, index, rows, cols):
 
 
 @kernel
-def chunk_rows(nrows):
-    # rows per chunk and the number of chunks for a batch of nrows; chunks
-    # are a whole number of dense_forward's 4-row tiles
-    per_chunk = (nrows + N_CHUNKS - 1) // N_CHUNKS
-    per_chunk = (per_chunk + 3) // 4 * 4
-    return per_chunk, (nrows + per_chunk - 1) // per_chunk
+def chunk_bounds(nrows, c):
+    # rows [r0, r1) of chunk c (of N_CHUNKS) for a batch of nrows: the
+    # batch's 4-row tiles (dense_forward's) dealt out evenly, so that any
+    # even split of the chunks between threads splits the rows evenly too
+    tiles = (nrows + 3) // 4
+    r0 = min(nrows, c * tiles // N_CHUNKS * 4)
+    r1 = min(nrows, (c + 1) * tiles // N_CHUNKS * 4)
+    return r0, r1
 
 
 @parallel_kernel
@@ -106,10 +107,12 @@ def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
     # idx[start:start + nrows]; inv_total is 1 / their total sample weight.
     B = labels.shape[0]
     L = sizes.shape[0] - 1
-    per_chunk, n_chunks = chunk_rows(nrows)
-    for c in prange(n_chunks):
-        r0 = c * per_chunk
-        r1 = min(nrows, r0 + per_chunk)
+    for c in prange(N_CHUNKS):
+        r0, r1 = chunk_bounds(nrows, c)
+        if r0 == r1:  # fewer tiles than chunks
+            chunk_stats[c, 0] = 0.0
+            chunk_stats[c, 1] = 0.0
+            continue
         gather_rows(view2d(acts, act_off, 0, B, sizes[0]), labels, row_weights, X, y,
                     sample_weight, idx, start, scale, r0, r1)
         for l in range(L):
@@ -131,7 +134,7 @@ def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                                      view2d(params, w_off, l, sizes[l + 1], sizes[l]),
                                      view2d(acts, act_off, l, B, sizes[l]),
                                      activation, r0, r1)
-    return n_chunks
+    return N_CHUNKS
 
 
 @kernel
@@ -270,7 +273,7 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
         for c in range(n_chunks):
             step_loss += chunk_stats[c, 0]
             correct += int(chunk_stats[c, 1])
-        if not math.isfinite(step_loss):
+        if not finite(step_loss):
             return loss_sum, weight_sum, correct, LOSS_NOT_FINITE, s
         loss_sum += step_loss
         weight_sum += total
@@ -280,6 +283,6 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
         gradients_update(params, grads, state1, state2, acts, deltas, task_checks, nrows,
                          B, sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
                          nesterov)
-        if not math.isfinite(task_checks.sum()):
+        if not finite(task_checks.sum()):
             return loss_sum, weight_sum, correct, PARAMS_NOT_FINITE, s
     return loss_sum, weight_sum, correct, STEPS_DONE, step1

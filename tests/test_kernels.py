@@ -1,12 +1,13 @@
 """Each kernel, and the model's forward pass, loss and gradients, against the
 NumPy oracle."""
+import math
 import re
 
 import numba
 import numpy as np
 import pytest
 
-from fastmlp import jit, kernels, optimizers, reference
+from fastmlp import expf, jit, kernels, optimizers, reference
 from fastmlp.kernels import ACTIVATIONS, IDENTITY
 
 from conftest import random_problem, reference_copy, relative_error
@@ -186,3 +187,51 @@ def test_float32_kernels_never_widen_to_float64():
 def _widening_kernel(v):
     for i in range(v.shape[0]):
         v[i] = v[i] * 0.1
+
+
+# --- exp and the finiteness test under the fastmath flags -------------------
+
+@jit.kernel
+def _exp_all(out, x):
+    for i in range(x.shape[0]):
+        out[i] = expf.fast_exp(x[i])
+
+
+def test_fast_exp_float32_is_within_3e7_and_keeps_nan():
+    x = np.linspace(-87, 88, 1_000_001, dtype=np.float32)
+    out = np.empty_like(x)
+    _exp_all(out, x)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - exact) / exact) < 3e-7
+    special = np.array([np.nan, np.inf, -np.inf, -1000, 1000, 0], np.float32)
+    out = np.empty_like(special)
+    _exp_all(out, special)
+    assert np.isnan(out[0])
+    # clamped to [-87, 88]: never inf, never subnormal
+    assert out[1] == out[4] and abs(out[1] / np.exp(88.0) - 1) < 3e-7
+    assert out[2] == out[3] and abs(out[2] / np.exp(-87.0) - 1) < 3e-7
+    assert out[5] == 1
+
+
+def test_fast_exp_float64_is_libm_exp():
+    x = np.linspace(-700, 700, 10001)
+    out = np.empty_like(x)
+    _exp_all(out, x)
+    assert np.array_equal(out, [math.exp(v) for v in x])  # the C library's exp
+
+
+@jit.kernel
+def _finite_sum(values):
+    # a fixed-length sum: the shape in which math.isfinite called NaN finite
+    total = 0.0
+    for i in range(16):
+        total += values[i]
+    return kernels.finite(total)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_finite_sees_nan_and_inf_under_the_fastmath_flags(bad):
+    values = np.zeros(16)
+    assert _finite_sum(values)
+    values[5] = bad
+    assert not _finite_sum(values)

@@ -1,0 +1,59 @@
+"""`fast_exp`: exp that LLVM can vectorize, for the kernels' float32 paths.
+
+Numba's math.exp is a call into libm, one value at a time (Numba lost its
+SVML vector library in 0.62), and costs about as much as the sigmoid
+layer's whole dot product. For float32, fast_exp is Cephes' expf written
+as plain arithmetic: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two
+parts so that n ln2 is exact), a degree-6 polynomial for exp(r), and 2^n
+built from its IEEE bits. Across [-87, 88] its relative error is at most
+3e-7 (2.5 ulp; float32's own np.exp is within 2e-7 on [-20, 20]), and a
+loop of it compiles to AVX-512 code about 10x faster than libm. Arguments
+are clamped to [-87, 88], so exp never reaches inf or a subnormal there;
+NaN stays NaN.
+float64 keeps math.exp: its tests hold fastmlp to 1e-12.
+"""
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from .jit import FASTMATH
+
+F = np.float32
+LOG2E = F(1.44269504088896341)
+LN2_HIGH = F(0.693359375)  # few significant bits: n * LN2_HIGH is exact
+LN2_LOW = F(-2.12194440e-4)
+LOWEST = F(-87.0)
+HIGHEST = F(88.0)
+
+
+@intrinsic
+def int32_bits_as_float32(typingctx, bits):
+    # the float32 whose IEEE-754 bits are the int32 `bits` (a plain bitcast)
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+def fast_exp(x):
+    """exp(x); in compiled code vectorizable for float32 (see the module)."""
+    return math.exp(x)
+
+
+@overload(fast_exp, jit_options={"fastmath": FASTMATH})
+def _fast_exp(x):
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def expf(x):
+        # clamped so that NaN stays NaN (min and max could drop it)
+        x = LOWEST if x < LOWEST else (HIGHEST if x > HIGHEST else x)
+        n = np.floor(x * LOG2E + F(0.5))
+        r = x - n * LN2_HIGH - n * LN2_LOW
+        p = (((((F(1.9875691500e-4) * r + F(1.3981999507e-3)) * r + F(8.3334519073e-3)) * r
+               + F(4.1665795894e-2)) * r + F(1.6666665459e-1)) * r + F(5.0000001201e-1))
+        return (p * (r * r) + r + F(1.0)) * int32_bits_as_float32(
+            (np.int32(n) + np.int32(127)) << np.int32(23))
+    return expf
