@@ -140,12 +140,15 @@ def dense_forward(out, inp, weight, bias, activation, r0, r1):
             activate_row(out[i], activation)
 
 
-@kernel
+@ordered_kernel
 def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
     # dinp is (B, C), dout is (B, OC), weight is (OC, C), inp is (B, C)
     # dinp = (dout @ weight) * activation'(inp) for rows r0:r1, where inp is
     # the previous layer's output: the delta of the previous layer's
-    # pre-activation, ready for its own weight gradient.
+    # pre-activation, ready for its own weight gradient. An ordered_kernel:
+    # with `reassoc`, g * (a * (1 - a)) could become (g * a) * (1 - a) in one
+    # caller and not in another (seen: a fresh compile and the cached one
+    # trained to different parameters).
     rows_times_matrix(dinp, dout, weight, r0, r1, weight.shape[0])
     C = dinp.shape[1]
     for b in range(r0, r1):
