@@ -58,6 +58,7 @@ N_CHUNKS = 16
 
 # A task of gradients_update covers about this many parameters.
 TASK_PARAMS = 2048
+TASK_GROUPS = 4
 WEIGHT_TASK = 0
 BIAS_TASK = 1
 
@@ -75,7 +76,13 @@ def make_tasks(layer_sizes):
             tasks.append((layer, WEIGHT_TASK, j0, min(fan_out, j0 + rows)))
     for layer in range(len(layer_sizes) - 1):
         tasks.append((layer, BIAS_TASK, 0, 0))
-    return np.array(tasks, dtype=np.int64).reshape(-1, 4)
+    # prange hands each thread one contiguous block of tasks; in layer order
+    # those blocks hold different layers of different widths (W3: one thread
+    # got 61% of the work). Dealt out round-robin into 4 groups, contiguous
+    # halves and quarters get a similar share. Which thread runs a task never
+    # changes its result.
+    order = [t for start in range(TASK_GROUPS) for t in range(start, len(tasks), TASK_GROUPS)]
+    return np.array([tasks[t] for t in order], dtype=np.int64).reshape(-1, 4)
 
 
 @kernel
