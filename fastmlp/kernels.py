@@ -14,6 +14,10 @@ weight rows a call covers, so that parallel callers write disjoint memory.
 import math
 
 import numpy as np
+from llvmlite import ir
+from numba import carray, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .expf import fast_exp
 from .jit import kernel, ordered_kernel
@@ -167,52 +171,110 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows):
     rows_times_matrix(dweight, dout.T, inp, j0, j1, nrows)
 
 
+# Columns of a register block in rows_times_matrix: 4 rows x 64 float32
+# columns are 16 AVX-512 registers of accumulators.
+BLOCK_COLUMNS = 64
+BLOCK_VALUES = 4 * BLOCK_COLUMNS  # a literal for stack_buffer
+
+
+@intrinsic
+def stack_buffer(typingctx, size, like):
+    # a pointer to `size` (a literal) values of like's type on the stack:
+    # with constant indices LLVM keeps them in registers
+    if not isinstance(size, types.IntegerLiteral) or not isinstance(like, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value_type = context.get_value_type(like)
+        buffer = cgutils.alloca_once(builder, ir.ArrayType(value_type, size.literal_value))
+        return builder.bitcast(buffer, value_type.as_pointer())
+    return types.CPointer(like)(size, like), codegen
+
+
 @kernel
 def rows_times_matrix(out, coef, src, r0, r1, nt):
     # out is (R, C), coef is (R, T), src is (T, C)
     # out[r0:r1] = coef[r0:r1, :nt] @ src[:nt], both backward products:
     # each output row is a sum of source rows, all contiguous along C.
-    # Four output rows share each pass over C and take 8 source rows at a
-    # time, in order 0..nt-1: per vector of C, 8 source loads and 4 output
-    # loads and stores feed 32 multiply-adds (one output row at a time spent
-    # more on loads and stores than on arithmetic). Which rows share a pass
-    # depends on r0 and r1 only. The tile is an ordered_kernel: each sum of
-    # eight products is a fixed tree (short enough to keep the FMA units
-    # busy), the same in whatever function LLVM inlines it.
+    # Groups of 4 output rows take C in blocks of BLOCK_COLUMNS whose
+    # accumulators stay in registers over the whole sum (rows_times_matrix_block:
+    # 4 source loads and 4 broadcasts per 16 multiply-adds, no stores until
+    # the end); the columns past the last block, and rows past the last group
+    # of 4, go through rows_times_matrix_tile. Which path an output takes
+    # depends on the shapes and r0, r1 only, never on the thread count or
+    # the caller (both are ordered_kernels).
+    C = out.shape[1]
+    blocked = C // BLOCK_COLUMNS * BLOCK_COLUMNS
     tiled = r0 + (r1 - r0) // 4 * 4
     for r in range(r0, tiled, 4):
-        rows_times_matrix_tile(out, coef, src, r, 4, nt)
+        for k0 in range(0, blocked, BLOCK_COLUMNS):
+            rows_times_matrix_block(out, coef, src, r, k0, nt)
+        if blocked < C:
+            rows_times_matrix_tile(out, coef, src, r, 4, nt, blocked)
     for r in range(tiled, r1):
-        rows_times_matrix_tile(out, coef, src, r, 1, nt)
+        rows_times_matrix_tile(out, coef, src, r, 1, nt, 0)
 
 
 @ordered_kernel
-def rows_times_matrix_tile(out, coef, src, r, rows, nt):
-    # out[r:r + rows] as in rows_times_matrix, rows being 4 or 1 (then the
-    # three other rows repeat row r and are neither computed nor stored)
-    C = out.shape[1]
+def rows_times_matrix_block(out, coef, src, r, k0, nt):
+    # out[r:r + 4, k0:k0 + BLOCK_COLUMNS] as in rows_times_matrix, summed
+    # over source rows 0..nt-1 in order, on the stack
+    acc = carray(stack_buffer(BLOCK_VALUES, out[r, k0]), BLOCK_VALUES)
+    for i in range(BLOCK_VALUES):
+        acc[i] = ZERO
+    c0 = coef[r]
+    c1 = coef[r + 1]
+    c2 = coef[r + 2]
+    c3 = coef[r + 3]
+    for t in range(nt):
+        x = src[t, k0:k0 + BLOCK_COLUMNS]
+        a0 = c0[t]
+        a1 = c1[t]
+        a2 = c2[t]
+        a3 = c3[t]
+        for k in range(BLOCK_COLUMNS):
+            v = x[k]
+            acc[k] += a0 * v
+            acc[BLOCK_COLUMNS + k] += a1 * v
+            acc[2 * BLOCK_COLUMNS + k] += a2 * v
+            acc[3 * BLOCK_COLUMNS + k] += a3 * v
+    for i in range(4):
+        g = out[r + i, k0:k0 + BLOCK_COLUMNS]
+        for k in range(BLOCK_COLUMNS):
+            g[k] = acc[i * BLOCK_COLUMNS + k]
+
+
+@ordered_kernel
+def rows_times_matrix_tile(out, coef, src, r, rows, nt, k0):
+    # out[r:r + rows, k0:] as in rows_times_matrix, rows being 4 or 1 (then
+    # the three other rows repeat row r and are neither computed nor
+    # stored). Four output rows share each pass over the columns and take 8
+    # source rows at a time, in order 0..nt-1: 8 source loads and 4 output
+    # loads and stores per 32 multiply-adds. Each sum of eight products is a
+    # fixed tree, short enough to keep the FMA units busy.
     last = nt - 1
     ra = r + 1 if rows == 4 else r
     rb = r + 2 if rows == 4 else r
     rc = r + 3 if rows == 4 else r
-    g0 = out[r]
+    g0 = out[r, k0:]
+    C = g0.shape[0]
     for k in range(C):
         g0[k] = ZERO
     if rows == 4:
-        out[ra, :] = ZERO
-        out[rb, :] = ZERO
-        out[rc, :] = ZERO
+        out[ra, k0:] = ZERO
+        out[rb, k0:] = ZERO
+        out[rc, k0:] = ZERO
     c0 = coef[r]
     for t in range(0, nt, 8):
         # source rows past nt repeat the last one with a zero coefficient
-        x0 = src[t]
-        x1 = src[min(t + 1, last)]
-        x2 = src[min(t + 2, last)]
-        x3 = src[min(t + 3, last)]
-        x4 = src[min(t + 4, last)]
-        x5 = src[min(t + 5, last)]
-        x6 = src[min(t + 6, last)]
-        x7 = src[min(t + 7, last)]
+        x0 = src[t, k0:]
+        x1 = src[min(t + 1, last), k0:]
+        x2 = src[min(t + 2, last), k0:]
+        x3 = src[min(t + 3, last), k0:]
+        x4 = src[min(t + 4, last), k0:]
+        x5 = src[min(t + 5, last), k0:]
+        x6 = src[min(t + 6, last), k0:]
+        x7 = src[min(t + 7, last), k0:]
         t1 = min(t + 1, last)
         t2 = min(t + 2, last)
         t3 = min(t + 3, last)
@@ -234,9 +296,9 @@ def rows_times_matrix_tile(out, coef, src, r, rows, nt):
                 g0[k] += ((p0 * x0[k] + p1 * x1[k]) + (p2 * x2[k] + p3 * x3[k])
                           + ((p4 * x4[k] + p5 * x5[k]) + (p6 * x6[k] + p7 * x7[k])))
             continue
-        g1 = out[ra]
-        g2 = out[rb]
-        g3 = out[rc]
+        g1 = out[ra, k0:]
+        g2 = out[rb, k0:]
+        g3 = out[rc, k0:]
         c1 = coef[ra]
         c2 = coef[rb]
         c3 = coef[rc]

@@ -235,3 +235,19 @@ def test_finite_sees_nan_and_inf_under_the_fastmath_flags(bad):
     assert _finite_sum(values)
     values[5] = bad
     assert not _finite_sum(values)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+@pytest.mark.parametrize("nt", [0, 1, 13])
+@pytest.mark.parametrize("C", [64, 150, 7])  # whole register blocks, blocks plus a remainder, none
+def test_rows_times_matrix_blocks_and_remainders(C, nt, dtype, tol, rng):
+    coef = rng.standard_normal((11, 13)).astype(dtype)
+    src = rng.standard_normal((13, C)).astype(dtype)
+    out = np.full((11, C), 7.0, dtype)
+    kernels.rows_times_matrix(out, coef, src, 1, 10, nt)  # 2 groups of 4 rows and 1 more
+    expected = coef[1:10, :nt].astype(np.float64) @ src[:nt].astype(np.float64)
+    if nt:
+        assert relative_error(out[1:10], expected) < tol
+    else:
+        assert (out[1:10] == 0).all()
+    assert (out[0] == 7.0).all() and (out[10] == 7.0).all()
