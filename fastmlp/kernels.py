@@ -45,6 +45,36 @@ def finite(x):
 # ----------------------------------------------------------------------------
 # input
 
+@intrinsic
+def prefetch(typingctx, address):
+    # a hint to fetch the cache line at `address` (an integer) into L2
+    def codegen(context, builder, signature, args):
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        # read, locality 2 (L2 and beyond), data
+        builder.call(function, [builder.inttoptr(args[0], byte_pointer), ir.Constant(i32, 0),
+                                ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(types.uintp), codegen
+
+
+@kernel
+def prefetch_rows(X, idx, start, r0, r1):
+    # X is (N, C), idx is (>=start+r1,)
+    # asks for dataset rows idx[start + r0:start + r1] ahead of their use:
+    # rows drawn at random from a large X otherwise arrive one DRAM latency
+    # at a time
+    base = X.ctypes.data
+    row_bytes = X.shape[1] * X.itemsize
+    for b in range(r0, r1):
+        row = base + idx[start + b] * X.strides[0]
+        for offset in range(0, row_bytes, 64):
+            prefetch(row + offset)
+
+
 @kernel
 def gather_rows(out, labels_out, weights_out, X, y, sample_weight, idx, start, scale, r0, r1):
     # out is (B, C), labels_out and weights_out are (B,), X is (N, C), y and

@@ -172,7 +172,7 @@ class MLP:
                                     sample_weight, idx, start, nrows, inv_total,
                                     input_scale(X, self.dtype), self.params, self._sizes,
                                     self.w_off, self.b_off, workspace.act_off,
-                                    self.activation_code, backward)
+                                    self.activation_code, backward, 0)
 
     def _forward_all(self, X, y, probs=None):
         """Loss sum and correct count over X (labels y), in batches of

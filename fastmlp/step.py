@@ -31,6 +31,7 @@ from .kernels import (
     dense_forward,
     finite,
     gather_rows,
+    prefetch_rows,
     softmax_crossentropy_backward,
     softmax_crossentropy_forward,
 )
@@ -106,15 +107,20 @@ def chunk_bounds(nrows, c):
 @parallel_kernel
 def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                      sample_weight, idx, start, nrows, inv_total, scale, params, sizes,
-                     w_off, b_off, act_off, activation, backward):
+                     w_off, b_off, act_off, activation, backward, next_rows):
     # acts holds A_0..A_L, each (B, sizes[l]) at act_off[l]; deltas holds
     # D_1..D_L at the same offsets (D_l is the loss gradient of layer l's
     # pre-activation); labels and row_weights are (B,); chunk_stats is
     # (N_CHUNKS, 2). Rows 0:nrows of the batch are dataset rows
     # idx[start:start + nrows]; inv_total is 1 / their total sample weight.
+    # Each chunk ends by prefetching its share of the next batch, the
+    # next_rows rows at idx[start + nrows:] (the same chunk runs on the same
+    # thread next time, under prange's static schedule).
     B = labels.shape[0]
     L = sizes.shape[0] - 1
     for c in prange(N_CHUNKS):
+        n0, n1 = chunk_bounds(next_rows, c)
+        prefetch_rows(X, idx, start + nrows, n0, n1)
         r0, r1 = chunk_bounds(nrows, c)
         if r0 == r1:  # fewer tiles than chunks
             chunk_stats[c, 0] = 0.0
@@ -236,7 +242,7 @@ def shard_gradients(params, grads, acts, deltas, labels, row_weights, chunk_stat
     if nrows > 0:
         n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                                     sample_weight, idx, start, nrows, inv_total, scale,
-                                    params, sizes, w_off, b_off, act_off, activation, True)
+                                    params, sizes, w_off, b_off, act_off, activation, True, 0)
         for c in range(n_chunks):
             loss += chunk_stats[c, 0]
             correct += int(chunk_stats[c, 1])
@@ -273,9 +279,12 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
         total = batch_weight(sample_weight, idx, start, nrows)
         # a batch of zero weight has zero gradients (and zero loss)
         inv_total = params.dtype.type(1.0 / total if total > 0 else 0.0)
+        # the next step's rows, when this call runs it
+        next_rows = min(B, n_rows - start - nrows) if s + 1 < step1 else 0
         n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                                     sample_weight, idx, start, nrows, inv_total, scale,
-                                    params, sizes, w_off, b_off, act_off, activation, True)
+                                    params, sizes, w_off, b_off, act_off, activation, True,
+                                    next_rows)
         step_loss = 0.0
         for c in range(n_chunks):
             step_loss += chunk_stats[c, 0]
