@@ -282,7 +282,7 @@ def main(argv=None):
     except KeyboardInterrupt as exc:
         if not leader:
             pass
-        elif model is not None and args.save and isinstance(exc, TrainingInterrupted):
+        elif model is not None and args.save:  # outside fit's steps the model is consistent
             model.save(args.save)
             sys.stderr.write(f"\nInterrupted; saved {args.save} (resume with --resume {args.save})\n")
         else:
