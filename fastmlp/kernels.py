@@ -183,7 +183,7 @@ def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
     # with `reassoc`, g * (a * (1 - a)) could become (g * a) * (1 - a) in one
     # caller and not in another (seen: a fresh compile and the cached one
     # trained to different parameters).
-    rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0])
+    rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], 0, dinp.shape[1])
     C = dinp.shape[1]
     for b in range(r0, r1):
         g = dinp[b]
@@ -193,14 +193,15 @@ def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
 
 
 @kernel
-def dense_backward_weight(dweight, dout, inp, j0, j1, nrows):
+def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # dweight is (OC, C), dout is (B, OC), inp is (B, C)
-    # dweight[j0:j1] = dout[:nrows, j0:j1].T @ inp[:nrows]. One writer per
+    # dweight[j0:j1, k0:k1] = dout[:nrows, j0:j1].T @ inp[:nrows, k0:k1],
+    # k0 a multiple of BLOCK_COLUMNS (or k0:k1 all of C). One writer per
     # weight row, and each row sums over batch rows in the same order
     # whatever the thread count. (Both callers pass coef as `[:, ::1]`, which
     # Numba types as any-layout: one compiled rows_times_matrix instead of a
     # C and an F one, seconds less of compiling; it only reads coef's scalars.)
-    rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows)
+    rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1)
 
 
 # Columns of a register block in rows_times_matrix: 4 rows x 64 float32
@@ -224,9 +225,10 @@ def stack_buffer(typingctx, size, like):
 
 
 @kernel
-def rows_times_matrix(out, coef, src, r0, r1, nt):
+def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1):
     # out is (R, C), coef is (R, T), src is (T, C)
-    # out[r0:r1] = coef[r0:r1, :nt] @ src[:nt], both backward products:
+    # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1], both backward
+    # products (k0 a multiple of BLOCK_COLUMNS, or 0):
     # each output row is a sum of source rows, all contiguous along C.
     # Groups of 4 output rows take C in blocks of BLOCK_COLUMNS whose
     # accumulators stay in registers over the whole sum (rows_times_matrix_block:
@@ -235,16 +237,15 @@ def rows_times_matrix(out, coef, src, r0, r1, nt):
     # of 4, go through rows_times_matrix_tile. Which path an output takes
     # depends on the shapes and r0, r1 only, never on the thread count or
     # the caller (both are ordered_kernels).
-    C = out.shape[1]
-    blocked = C // BLOCK_COLUMNS * BLOCK_COLUMNS
+    blocked = k0 + (k1 - k0) // BLOCK_COLUMNS * BLOCK_COLUMNS
     tiled = r0 + (r1 - r0) // 4 * 4
     for r in range(r0, tiled, 4):
-        for k0 in range(0, blocked, BLOCK_COLUMNS):
-            rows_times_matrix_block(out, coef, src, r, k0, nt)
-        if blocked < C:
-            rows_times_matrix_tile(out, coef, src, r, 4, nt, blocked)
+        for k in range(k0, blocked, BLOCK_COLUMNS):
+            rows_times_matrix_block(out, coef, src, r, k, nt)
+        if blocked < k1:
+            rows_times_matrix_tile(out, coef, src, r, 4, nt, blocked, k1)
     for r in range(tiled, r1):
-        rows_times_matrix_tile(out, coef, src, r, 1, nt, 0)
+        rows_times_matrix_tile(out, coef, src, r, 1, nt, k0, k1)
 
 
 @ordered_kernel
@@ -277,8 +278,8 @@ def rows_times_matrix_block(out, coef, src, r, k0, nt):
 
 
 @ordered_kernel
-def rows_times_matrix_tile(out, coef, src, r, rows, nt, k0):
-    # out[r:r + rows, k0:] as in rows_times_matrix, rows being 4 or 1 (then
+def rows_times_matrix_tile(out, coef, src, r, rows, nt, k0, k1):
+    # out[r:r + rows, k0:k1] as in rows_times_matrix, rows being 4 or 1 (then
     # the three other rows repeat row r and are neither computed nor
     # stored). Four output rows share each pass over the columns and take 8
     # source rows at a time, in order 0..nt-1: 8 source loads and 4 output
@@ -288,25 +289,25 @@ def rows_times_matrix_tile(out, coef, src, r, rows, nt, k0):
     ra = r + 1 if rows == 4 else r
     rb = r + 2 if rows == 4 else r
     rc = r + 3 if rows == 4 else r
-    g0 = out[r, k0:]
+    g0 = out[r, k0:k1]
     C = g0.shape[0]
     for k in range(C):
         g0[k] = ZERO
     if rows == 4:
-        out[ra, k0:] = ZERO
-        out[rb, k0:] = ZERO
-        out[rc, k0:] = ZERO
+        out[ra, k0:k1] = ZERO
+        out[rb, k0:k1] = ZERO
+        out[rc, k0:k1] = ZERO
     c0 = coef[r]
     for t in range(0, nt, 8):
         # source rows past nt repeat the last one with a zero coefficient
-        x0 = src[t, k0:]
-        x1 = src[min(t + 1, last), k0:]
-        x2 = src[min(t + 2, last), k0:]
-        x3 = src[min(t + 3, last), k0:]
-        x4 = src[min(t + 4, last), k0:]
-        x5 = src[min(t + 5, last), k0:]
-        x6 = src[min(t + 6, last), k0:]
-        x7 = src[min(t + 7, last), k0:]
+        x0 = src[t, k0:k1]
+        x1 = src[min(t + 1, last), k0:k1]
+        x2 = src[min(t + 2, last), k0:k1]
+        x3 = src[min(t + 3, last), k0:k1]
+        x4 = src[min(t + 4, last), k0:k1]
+        x5 = src[min(t + 5, last), k0:k1]
+        x6 = src[min(t + 6, last), k0:k1]
+        x7 = src[min(t + 7, last), k0:k1]
         t1 = min(t + 1, last)
         t2 = min(t + 2, last)
         t3 = min(t + 3, last)
@@ -328,9 +329,9 @@ def rows_times_matrix_tile(out, coef, src, r, rows, nt, k0):
                 g0[k] += ((p0 * x0[k] + p1 * x1[k]) + (p2 * x2[k] + p3 * x3[k])
                           + ((p4 * x4[k] + p5 * x5[k]) + (p6 * x6[k] + p7 * x7[k])))
             continue
-        g1 = out[ra, k0:]
-        g2 = out[rb, k0:]
-        g3 = out[rc, k0:]
+        g1 = out[ra, k0:k1]
+        g2 = out[rb, k0:k1]
+        g3 = out[rc, k0:k1]
         c1 = coef[ra]
         c2 = coef[rb]
         c3 = coef[rc]

@@ -24,6 +24,7 @@ from numba import prange
 
 from .jit import kernel, parallel_kernel
 from .kernels import (
+    BLOCK_COLUMNS,
     IDENTITY,
     dense_backward_bias,
     dense_backward_input,
@@ -60,30 +61,59 @@ N_CHUNKS = 16
 # A task of gradients_update covers about this many parameters.
 TASK_PARAMS = 2048
 TASK_GROUPS = 4
+# layers with fewer row groups than this get their columns split in
+# COLUMN_PIECES too
+FEW_ROW_GROUPS = 32
+COLUMN_PIECES = 2
 WEIGHT_TASK = 0
 BIAS_TASK = 1
+NO_TASK = 2  # pads the task list (see make_tasks)
 
 
 def make_tasks(layer_sizes):
-    """(layer, kind, j0, j1) rows: blocks of rows of the (fan_out, fan_in)
-    weight matrices, then one bias task per layer. Depends on the layer sizes
-    only, never on the thread count."""
+    """(layer, kind, j0, j1, k0, k1) rows: blocks [j0, j1) x [k0, k1) of the
+    (fan_out, fan_in) weight matrices, then one bias task per layer. Depends
+    on the layer sizes only, never on the thread count."""
     tasks = []
     for layer in range(len(layer_sizes) - 1):
         fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
         # whole groups of the 4 rows that dense_backward_weight computes together
         rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // 4) * 4
+        # A layer of few row groups (W1's 50 rows: 13) cannot be shared out
+        # evenly by rows, so its columns are split too, at whole register
+        # blocks: every weight is then computed exactly as without the split.
+        blocks = fan_in // BLOCK_COLUMNS
+        pieces = max(1, min(COLUMN_PIECES, blocks)) if -(-fan_out // rows) < FEW_ROW_GROUPS else 1
+        cuts = [piece * blocks // pieces * BLOCK_COLUMNS for piece in range(pieces)] + [fan_in]
         for j0 in range(0, fan_out, rows):
-            tasks.append((layer, WEIGHT_TASK, j0, min(fan_out, j0 + rows)))
+            for k0, k1 in zip(cuts[:-1], cuts[1:]):
+                tasks.append((layer, WEIGHT_TASK, j0, min(fan_out, j0 + rows), k0, k1))
     for layer in range(len(layer_sizes) - 1):
-        tasks.append((layer, BIAS_TASK, 0, 0))
-    # prange hands each thread one contiguous block of tasks; in layer order
-    # those blocks hold different layers of different widths (W3: one thread
-    # got 61% of the work). Dealt out round-robin into 4 groups, contiguous
-    # halves and quarters get a similar share. Which thread runs a task never
-    # changes its result.
-    order = [t for start in range(TASK_GROUPS) for t in range(start, len(tasks), TASK_GROUPS)]
-    return np.array([tasks[t] for t in order], dtype=np.int64).reshape(-1, 4)
+        tasks.append((layer, BIAS_TASK, 0, 0, 0, 0))
+    # prange hands each thread one contiguous block of tasks, by count. The
+    # tasks are dealt into TASK_GROUPS bins of equal count and similar cost
+    # (largest first, each to the cheapest bin with room; no-op tasks pad the
+    # bins), so that contiguous halves and quarters get similar work (in
+    # layer order, one thread had 61% of W3's). Which thread runs a task
+    # never changes its result.
+    per_bin = -(-len(tasks) // TASK_GROUPS)
+    bins = [[] for _ in range(TASK_GROUPS)]
+    loads = [0] * TASK_GROUPS
+    for task in sorted(tasks, key=task_cost, reverse=True):
+        open_bins = [g for g in range(TASK_GROUPS) if len(bins[g]) < per_bin]
+        g = min(open_bins, key=lambda g: loads[g])
+        bins[g].append(task)
+        loads[g] += task_cost(task)
+    for tasks_of_bin in bins:
+        tasks_of_bin += [(0, NO_TASK, 0, 0, 0, 0)] * (per_bin - len(tasks_of_bin))
+    return np.array([task for tasks_of_bin in bins for task in tasks_of_bin],
+                    dtype=np.int64).reshape(-1, 6)
+
+
+def task_cost(task):
+    # rough: weights computed (a bias task sums a batch of deltas: small)
+    layer, kind, j0, j1, k0, k1 = task
+    return (j1 - j0) * (k1 - k0) if kind == WEIGHT_TASK else 0
 
 
 @kernel
@@ -151,25 +181,18 @@ def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
 
 
 @kernel
-def task_range(tasks, t, sizes, w_off, b_off):
-    # the flat range [p0, p1) that task t owns
-    l = tasks[t, 0]
-    if tasks[t, 1] == WEIGHT_TASK:
-        return w_off[l] + tasks[t, 2] * sizes[l], w_off[l] + tasks[t, 3] * sizes[l]
-    return b_off[l], b_off[l] + sizes[l + 1]
-
-
-@kernel
 def task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off, tasks):
     # the gradient of task t's parameters over batch rows 0:nrows
     l = tasks[t, 0]
     fan_in = sizes[l]
     fan_out = sizes[l + 1]
     dout = view2d(deltas, act_off, l + 1, B, fan_out)
+    if tasks[t, 1] == NO_TASK:
+        return
     if tasks[t, 1] == WEIGHT_TASK:
         dense_backward_weight(view2d(grads, w_off, l, fan_out, fan_in), dout,
                               view2d(acts, act_off, l, B, fan_in), tasks[t, 2], tasks[t, 3],
-                              nrows)
+                              nrows, tasks[t, 4], tasks[t, 5])
     else:
         dense_backward_bias(grads[b_off[l]:b_off[l] + fan_out], dout, nrows)
 
@@ -177,20 +200,38 @@ def task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off
 @kernel
 def task_update(params, grads, state1, state2, t, sizes, w_off, b_off, tasks, optimizer,
                 hyper, nesterov):
-    # applies the optimizer to task t's parameters; returns the update's
-    # check sum (NaN when a new value is not finite)
-    p0, p1 = task_range(tasks, t, sizes, w_off, b_off)
-    # weight decay applies to weights only
-    decay = hyper[DECAY] if tasks[t, 1] == WEIGHT_TASK else hyper.dtype.type(0.0)
+    # applies the optimizer to task t's parameters, one flat range per
+    # weight row (or the layer's biases); returns the update's check sum
+    # (NaN when a new value is not finite)
+    l = tasks[t, 0]
+    if tasks[t, 1] == WEIGHT_TASK:
+        first = w_off[l] + tasks[t, 2] * sizes[l]
+        n_ranges = tasks[t, 3] - tasks[t, 2]
+        k0 = tasks[t, 4]
+        k1 = tasks[t, 5]
+        stride = sizes[l]
+        decay = hyper[DECAY]  # weight decay applies to weights only
+    elif tasks[t, 1] == NO_TASK:
+        return 0.0
+    else:
+        first = b_off[l]
+        n_ranges = 1
+        k0 = 0
+        k1 = sizes[l + 1]
+        stride = 0
+        decay = hyper.dtype.type(0.0)
     check = 0.0
-    if optimizer == SGD:
-        check = sgd_update(params, grads, p0, p1, hyper[LR], decay)
-    elif optimizer == MOMENTUM:
-        check = momentum_update(params, grads, state1, p0, p1, hyper[LR],
-                                hyper[MOMENTUM_COEF], decay, nesterov)
-    elif optimizer == ADAM:
-        check = adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
-                            hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
+    for i in range(n_ranges):
+        p0 = first + i * stride + k0
+        p1 = first + i * stride + k1
+        if optimizer == SGD:
+            check += sgd_update(params, grads, p0, p1, hyper[LR], decay)
+        elif optimizer == MOMENTUM:
+            check += momentum_update(params, grads, state1, p0, p1, hyper[LR],
+                                     hyper[MOMENTUM_COEF], decay, nesterov)
+        elif optimizer == ADAM:
+            check += adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
+                                 hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
     return check
 
 
@@ -199,7 +240,7 @@ def gradients_update(params, grads, state1, state2, acts, deltas, task_checks, n
                      B, sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
                      nesterov):
     # params, grads, state1, state2 are flat (P,) vectors of one layout
-    # (state: momentum's velocity, or Adam's m and v); tasks is (T, 4),
+    # (state: momentum's velocity, or Adam's m and v); tasks is (T, 6),
     # task_checks (T,). Computes the gradient of every parameter, then
     # (unless optimizer is NONE) updates it while it is hot in cache;
     # task_checks[t] is NaN when task t produced a non-finite parameter, else 0.

@@ -100,7 +100,7 @@ def test_dense_backward_weight_and_bias(nrows, rng):
     dout = rng.standard_normal((10, 6))
     inp = rng.standard_normal((10, 11))
     dweight = np.full((6, 11), 7.0)
-    kernels.dense_backward_weight(dweight, dout, inp, 2, 5, nrows)
+    kernels.dense_backward_weight(dweight, dout, inp, 2, 5, nrows, 0, 11)
     expected = dout[:nrows].T @ inp[:nrows]
     assert relative_error(dweight[2:5], expected[2:5]) < 1e-13
     assert (dweight[:2] == 7.0).all() and (dweight[5:] == 7.0).all()
@@ -166,7 +166,7 @@ def test_float32_kernels_never_widen_to_float64():
     compiled = {
         "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, vec, 0, 0, 4),
         "dense_backward_input": float32_ir(kernels.dense_backward_input, inp, out, weight, inp, 0, 0, 4),
-        "dense_backward_weight": float32_ir(kernels.dense_backward_weight, weight, out, inp, 0, 3, 4),
+        "dense_backward_weight": float32_ir(kernels.dense_backward_weight, weight, out, inp, 0, 3, 4, 0, 8),
         "dense_backward_bias": float32_ir(kernels.dense_backward_bias, vec, out, 4),
         "softmax_crossentropy_backward": float32_ir(
             kernels.softmax_crossentropy_backward, out, out, labels, np.ones(4, f32), f32(0.25),
@@ -244,7 +244,7 @@ def test_rows_times_matrix_blocks_and_remainders(C, nt, dtype, tol, rng):
     coef = rng.standard_normal((11, 13)).astype(dtype)
     src = rng.standard_normal((13, C)).astype(dtype)
     out = np.full((11, C), 7.0, dtype)
-    kernels.rows_times_matrix(out, coef, src, 1, 10, nt)  # 2 groups of 4 rows and 1 more
+    kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 0, C)  # 2 groups of 4 rows and 1 more
     expected = coef[1:10, :nt].astype(np.float64) @ src[:nt].astype(np.float64)
     if nt:
         assert relative_error(out[1:10], expected) < tol
