@@ -9,10 +9,10 @@ A step is two parallel regions:
    independent, so chunks need no synchronisation between layers, and each
    chunk writes its loss into its own slot, summed afterwards in chunk order.
 2. `gradients_update`: weight gradients are sums over the batch, so they are
-   split by *parameter* instead: each task owns a block of weight rows (or
-   one layer's bias), sums over all rows of the batch in row order, and then
-   applies the optimizer update to that same flat range while it is hot in
-   cache. One writer per parameter: no atomics, no per-thread slabs, and the
+   split by *parameter* instead: each task owns a block of weight rows and
+   columns (or one layer's bias), sums over all rows of the batch in row
+   order, and then applies the optimizer update to those same values while
+   they are hot in cache. One writer per parameter: no atomics, no per-thread slabs, and the
    result is bit-identical for any thread count.
 
 `train_steps` runs steps step0..step1 in one call, so an epoch costs one
