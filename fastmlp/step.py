@@ -12,8 +12,8 @@ A step is two parallel regions:
    split by *parameter* instead: each task owns a block of weight rows and
    columns (or one layer's bias), sums over all rows of the batch in row
    order, and then applies the optimizer update to those same values while
-   they are hot in cache. One writer per parameter: no atomics, no per-thread slabs, and the
-   result is bit-identical for any thread count.
+   they are hot in cache. One writer per parameter: no atomics, no
+   per-thread slabs, and the result is bit-identical for any thread count.
 
 `train_steps` runs steps step0..step1 in one call, so an epoch costs one
 Python call. Nothing is allocated: every array is a view of the workspace or
@@ -183,12 +183,12 @@ def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
 @kernel
 def task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off, tasks):
     # the gradient of task t's parameters over batch rows 0:nrows
+    if tasks[t, 1] == NO_TASK:
+        return
     l = tasks[t, 0]
     fan_in = sizes[l]
     fan_out = sizes[l + 1]
     dout = view2d(deltas, act_off, l + 1, B, fan_out)
-    if tasks[t, 1] == NO_TASK:
-        return
     if tasks[t, 1] == WEIGHT_TASK:
         dense_backward_weight(view2d(grads, w_off, l, fan_out, fan_in), dout,
                               view2d(acts, act_off, l, B, fan_in), tasks[t, 2], tasks[t, 3],
@@ -276,17 +276,17 @@ def shard_gradients(params, grads, acts, deltas, labels, row_weights, chunk_stat
     # One MPI rank's share of a step: grads (the first P values) = the
     # gradient over rows idx[start:start + nrows], scaled by the whole
     # batch's inv_total, so that the ranks' grads sum to the batch gradient.
-    # nrows may be 0 (a small last batch split over many ranks): zero
-    # gradients. Returns (weighted loss sum, correct rows) of these rows.
+    # nrows may be 0 (a small last batch split over many ranks): every chunk
+    # is then empty and the gradients zero. Returns (weighted loss sum,
+    # correct rows) of these rows.
+    n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
+                                sample_weight, idx, start, nrows, inv_total, scale,
+                                params, sizes, w_off, b_off, act_off, activation, True, 0)
     loss = 0.0
     correct = 0
-    if nrows > 0:
-        n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
-                                    sample_weight, idx, start, nrows, inv_total, scale,
-                                    params, sizes, w_off, b_off, act_off, activation, True, 0)
-        for c in range(n_chunks):
-            loss += chunk_stats[c, 0]
-            correct += int(chunk_stats[c, 1])
+    for c in range(n_chunks):
+        loss += chunk_stats[c, 0]
+        correct += int(chunk_stats[c, 1])
     gradients_update(params, grads, grads, grads, acts, deltas, task_checks, nrows,
                      labels.shape[0], sizes, w_off, b_off, act_off, tasks, NONE, hyper, False)
     return loss, correct

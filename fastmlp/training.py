@@ -222,7 +222,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             rows=n, layer_sizes=list(model.layer_sizes), activation=model.activation,
             dtype=model.dtype.name, labels=distributed.data_digest(y), epochs=epochs,
             batch_size=batch_size, optimizer=optimizer, settings=settings, shuffle=bool(shuffle),
-            sampling=sampling, weighted=sample_weight is not None and bool(np.any(sample_weight != 1)),
+            sampling=sampling, weighted=bool(np.any(sample_weight != 1)),
             validation=validation_data is not None, patience=patience, monitor=monitor))
         distributed.broadcast_state(comm, model)
         if threads is None:

@@ -14,7 +14,6 @@
 """
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
