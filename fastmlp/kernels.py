@@ -239,10 +239,11 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1):
     # the caller (both are ordered_kernels).
     blocked = k0 + (k1 - k0) // BLOCK_COLUMNS * BLOCK_COLUMNS
     tiled = r0 + (r1 - r0) // 4 * 4
-    for r in range(r0, tiled, 4):
-        for k in range(k0, blocked, BLOCK_COLUMNS):
+    for k in range(k0, blocked, BLOCK_COLUMNS):
+        for r in range(r0, tiled, 4):
             rows_times_matrix_block(out, coef, src, r, k, nt)
-        if blocked < k1:
+    if blocked < k1:
+        for r in range(r0, tiled, 4):
             rows_times_matrix_tile(out, coef, src, r, 4, nt, blocked, k1)
     for r in range(tiled, r1):
         rows_times_matrix_tile(out, coef, src, r, 1, nt, k0, k1)

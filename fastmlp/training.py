@@ -9,7 +9,7 @@ import time
 import numba
 import numpy as np
 
-from .model import Workspace
+from .model import Workspace, aligned_copy, aligned_zeros
 from .optimizers import DEFAULT_LR, OPTIMIZERS, make_hyper
 from .progress import ProgressPrinter
 from .step import LOSS_NOT_FINITE, PARAMS_NOT_FINITE, STEPS_DONE, train_steps
@@ -67,10 +67,15 @@ class OptimizerState:
         self.nesterov = nesterov
         self.hyper = make_hyper(dtype, lr, momentum, weight_decay)
         n_state = {"sgd": (0, 0), "momentum": (n_params, 0), "adam": (n_params, n_params)}[name]
-        self.state1 = np.zeros(n_state[0], dtype)
-        self.state2 = np.zeros(n_state[1], dtype)
+        self.state1 = aligned_zeros(n_state[0], dtype)
+        self.state2 = aligned_zeros(n_state[1], dtype)
         self.updates = 0  # updates done so far (Adam's t)
         self.settings = (lr, momentum, nesterov, weight_decay)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.state1 = aligned_copy(self.state1)
+        self.state2 = aligned_copy(self.state2)
 
 
 class TrainingState:
@@ -236,7 +241,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     workspace = Workspace(model.layer_sizes, -(-batch_size // ranks), model.dtype)
     # with MPI, the step's loss, correct rows and interrupt flag travel behind
     # the gradients in the one Allreduce
-    grads = np.zeros(model.n_params + (0 if comm is None else distributed.TAIL), model.dtype)
+    grads = aligned_zeros(model.n_params + (0 if comm is None else distributed.TAIL), model.dtype)
     idx = np.empty(n, dtype=np.int64)
     scale = input_scale(X, model.dtype)
     mapping = mapped_file(X)
