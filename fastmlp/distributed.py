@@ -35,6 +35,7 @@ from .step import (
     apply_updates,
     batch_weight,
     shard_gradients,
+    transpose_weights,
 )
 
 TAIL = 3
@@ -134,9 +135,9 @@ class ShardedSteps:
         shard of no rows and an update that changes nothing."""
         model, state, ws = self.model, self.state, self.workspace
         self._shard_gradients(0, 0, model.dtype.type(0.0))
-        apply_updates(model.params, self.grads, state.state1, state.state2, ws.task_checks,
-                      model._sizes, model.w_off, model.b_off, model._tasks, NONE, state.hyper,
-                      state.nesterov)
+        apply_updates(model.params, self.grads, state.state1, state.state2, ws.weights_t,
+                      ws.task_checks, model._sizes, model.w_off, model.b_off, ws.wt_off,
+                      model._tasks, NONE, state.hyper, state.nesterov)
 
     def _shard_gradients(self, start, nrows, inv_total):
         model, ws = self.model, self.workspace
@@ -144,7 +145,8 @@ class ShardedSteps:
             model.params, self.grads, ws.acts, ws.deltas, ws.labels, ws.row_weights,
             ws.chunk_stats, ws.task_checks, self.X, self.y, self.sample_weight, self.idx,
             start, nrows, inv_total, self.scale, model._sizes, model.w_off, model.b_off,
-            ws.act_off, model._tasks, model.activation_code, self.state.hyper)
+            ws.act_off, ws.weights_t, ws.wt_off, model._tasks, model.activation_code,
+            self.state.hyper)
 
     def __call__(self, step0, step1):
         model, state, ws, grads = self.model, self.state, self.workspace, self.grads
@@ -152,6 +154,9 @@ class ShardedSteps:
         lr = float(state.hyper[LR])
         loss_sum = weight_sum = 0.0
         correct = 0
+        # params may have changed since the last call; apply_updates then
+        # keeps the transposed weights current
+        transpose_weights(ws.weights_t, model.params, model._sizes, model.w_off, ws.wt_off)
         for s in range(step0, step1):
             start = s * B
             nrows = min(B, n - start)
@@ -174,9 +179,9 @@ class ShardedSteps:
             correct += int(round(float(self.tail[CORRECT_SLOT])))
             if state.code == ADAM:
                 state.hyper[ADAM_ALPHA] = adam_alpha(lr, state.updates + s - step0 + 1)
-            apply_updates(model.params, grads, state.state1, state.state2, ws.task_checks,
-                          model._sizes, model.w_off, model.b_off, model._tasks, state.code,
-                          state.hyper, state.nesterov)
+            apply_updates(model.params, grads, state.state1, state.state2, ws.weights_t,
+                          ws.task_checks, model._sizes, model.w_off, model.b_off, ws.wt_off,
+                          model._tasks, state.code, state.hyper, state.nesterov)
             if not math.isfinite(ws.task_checks.sum()):
                 return loss_sum, weight_sum, correct, PARAMS_NOT_FINITE, s
             if self.tail[INTERRUPT_SLOT] > 0:

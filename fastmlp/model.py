@@ -8,7 +8,14 @@ import numpy as np
 
 from .kernels import ACTIVATIONS
 from .optimizers import NONE, make_hyper
-from .step import N_CHUNKS, forward_backward, gradients_update, make_tasks
+from .step import (
+    N_CHUNKS,
+    forward_backward,
+    gradients_update,
+    make_tasks,
+    transpose_weights,
+    transposed_layout,
+)
 from .validation import (
     check_activation,
     check_choice,
@@ -90,6 +97,9 @@ class Workspace:
         self.row_weights = np.zeros(batch_size, dtype)
         self.chunk_stats = np.zeros((N_CHUNKS, 2), np.float64)
         self.task_checks = np.zeros(len(make_tasks(layer_sizes)), np.float64)
+        # the weights of wide layers transposed, for dense_forward
+        self.wt_off, n_transposed = transposed_layout(layer_sizes)
+        self.weights_t = aligned_zeros(n_transposed, dtype)
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * sizes[-1]].reshape(batch_size,
                                                                               sizes[-1])
@@ -186,6 +196,12 @@ class MLP:
     # ------------------------------------------------------------------
     # kernels on a whole array
 
+    def _transpose(self, workspace):
+        # workspace's transposed weights from params, for dense_forward
+        with parallel_launch_guard():
+            transpose_weights(workspace.weights_t, self.params, self._sizes, self.w_off,
+                              workspace.wt_off)
+
     def _forward(self, X, y, sample_weight, workspace, idx, start, nrows, backward):
         # 1 / the rows' total weight scales the output deltas: only backward needs it
         inv_total = self.dtype.type(1.0 / sample_weight[idx[start:start + nrows]].sum()
@@ -196,6 +212,7 @@ class MLP:
                                     sample_weight, idx, start, nrows, inv_total,
                                     input_scale(X, self.dtype), self.params, self._sizes,
                                     self.w_off, self.b_off, workspace.act_off,
+                                    workspace.weights_t, workspace.wt_off,
                                     self.activation_code, backward, 0)
 
     def _forward_all(self, X, y, probs=None):
@@ -206,6 +223,7 @@ class MLP:
         idx = np.arange(n, dtype=np.int64)
         ones = np.ones(n, self.dtype)
         loss, correct = 0.0, 0
+        self._transpose(workspace)
         for start in range(0, n, workspace.batch_size):
             nrows = min(workspace.batch_size, n - start)
             n_chunks = self._forward(X, y, ones, workspace, idx, start, nrows, False)
@@ -241,12 +259,14 @@ class MLP:
         sample_weight = check_sample_weight(sample_weight, n, self.dtype)
         workspace = Workspace(self.layer_sizes, n, self.dtype)
         grads = aligned_zeros(self.params.size, self.dtype)
+        self._transpose(workspace)
         n_chunks = self._forward(X, y, sample_weight, workspace,
                                  np.arange(n, dtype=np.int64), 0, n, True)
         empty = np.zeros(0, self.dtype)
-        gradients_update(self.params, grads, empty, empty, workspace.acts,
+        gradients_update(self.params, grads, empty, empty, workspace.weights_t, workspace.acts,
                          workspace.deltas, workspace.task_checks, n, n, self._sizes,
-                         self.w_off, self.b_off, workspace.act_off, self._tasks, NONE,
+                         self.w_off, self.b_off, workspace.act_off, workspace.wt_off,
+                         self._tasks, NONE,
                          make_hyper(self.dtype, 0.0, 0.0, 0.0), False)
         loss = workspace.chunk_stats[:n_chunks, 0].sum() / sample_weight.sum()
         dweights, dbiases = self.layer_views(grads)

@@ -35,6 +35,8 @@ from .kernels import (
     prefetch_rows,
     softmax_crossentropy_backward,
     softmax_crossentropy_forward,
+    transpose_weight_block,
+    transposed_outputs,
 )
 from .optimizers import (
     ADAM,
@@ -77,8 +79,11 @@ def make_tasks(layer_sizes):
     tasks = []
     for layer in range(len(layer_sizes) - 1):
         fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
-        # whole groups of the 4 rows that dense_backward_weight computes together
-        rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // 4) * 4
+        # whole groups of the 4 rows that dense_backward_weight computes
+        # together; 16 rows (a cache line of the transposed block that the
+        # task writes after its update) when the layer has one
+        group = 16 if transposed_outputs(fan_out) > 0 else 4
+        rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // group) * group
         # A layer of few row groups (W1's 50 rows: 13) cannot be shared out
         # evenly by rows, so its columns are split too, at whole register
         # blocks: every weight is then computed exactly as without the split.
@@ -116,6 +121,36 @@ def task_cost(task):
     return (j1 - j0) * (k1 - k0) if kind == WEIGHT_TASK else 0
 
 
+def transposed_layout(layer_sizes):
+    """Offsets of the transposed weight blocks (fan_in, transposed_outputs)
+    that dense_forward reads, each on a cache line, and their total size."""
+    offsets, offset = [], 0
+    for fan_in, fan_out in zip(layer_sizes[:-1], layer_sizes[1:]):
+        offsets.append(offset)
+        offset += -(-fan_in * transposed_outputs(fan_out) // 16) * 16
+    return np.array(offsets, np.int64), offset
+
+
+# pieces of fan_in rows per layer in transpose_weights
+TRANSPOSE_PIECES = 8
+
+
+@parallel_kernel
+def transpose_weights(weights_t, params, sizes, w_off, wt_off):
+    # every layer's transposed block from its weights: needed after params
+    # change anywhere but in task_update, which keeps the blocks current
+    L = sizes.shape[0] - 1
+    for p in prange(L * TRANSPOSE_PIECES):
+        l = p // TRANSPOSE_PIECES
+        piece = p % TRANSPOSE_PIECES
+        C = sizes[l]
+        OC = sizes[l + 1]
+        OCT = transposed_outputs(OC)
+        transpose_weight_block(view2d(weights_t, wt_off, l, C, OCT),
+                               view2d(params, w_off, l, OC, C), 0, OCT,
+                               piece * C // TRANSPOSE_PIECES, (piece + 1) * C // TRANSPOSE_PIECES)
+
+
 @kernel
 def view2d(flat, offsets, index, rows, cols):
     # flat[offsets[index]:...] seen as a (rows, cols) matrix
@@ -137,7 +172,8 @@ def chunk_bounds(nrows, c):
 @parallel_kernel
 def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                      sample_weight, idx, start, nrows, inv_total, scale, params, sizes,
-                     w_off, b_off, act_off, activation, backward, next_rows):
+                     w_off, b_off, act_off, weights_t, wt_off, activation, backward,
+                     next_rows):
     # acts holds A_0..A_L, each (B, sizes[l]) at act_off[l]; deltas holds
     # D_1..D_L at the same offsets (D_l is the loss gradient of layer l's
     # pre-activation); labels and row_weights are (B,); chunk_stats is
@@ -162,6 +198,7 @@ def forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
             dense_forward(view2d(acts, act_off, l + 1, B, sizes[l + 1]),
                           view2d(acts, act_off, l, B, sizes[l]),
                           view2d(params, w_off, l, sizes[l + 1], sizes[l]),
+                          view2d(weights_t, wt_off, l, sizes[l], transposed_outputs(sizes[l + 1])),
                           params[b_off[l]:b_off[l] + sizes[l + 1]],
                           activation if l < L - 1 else IDENTITY, r0, r1)
         probs = view2d(acts, act_off, L, B, sizes[L])
@@ -198,8 +235,8 @@ def task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off
 
 
 @kernel
-def task_update(params, grads, state1, state2, t, sizes, w_off, b_off, tasks, optimizer,
-                hyper, nesterov):
+def task_update(params, grads, state1, state2, weights_t, t, sizes, w_off, b_off, wt_off,
+                tasks, optimizer, hyper, nesterov):
     # applies the optimizer to task t's parameters, one flat range per
     # weight row (or the layer's biases); returns the update's check sum
     # (NaN when a new value is not finite)
@@ -232,12 +269,21 @@ def task_update(params, grads, state1, state2, t, sizes, w_off, b_off, tasks, op
         elif optimizer == ADAM:
             check += adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
                                  hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
+    if stride > 0 and optimizer != NONE:
+        # the new weights, still in cache, into dense_forward's transposed block
+        OC = sizes[l + 1]
+        OCT = transposed_outputs(OC)
+        j0 = tasks[t, 2]
+        if j0 < OCT:
+            transpose_weight_block(view2d(weights_t, wt_off, l, stride, OCT),
+                                   view2d(params, w_off, l, OC, stride), j0,
+                                   min(tasks[t, 3], OCT), k0, k1)
     return check
 
 
 @parallel_kernel
-def gradients_update(params, grads, state1, state2, acts, deltas, task_checks, nrows,
-                     B, sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
+def gradients_update(params, grads, state1, state2, weights_t, acts, deltas, task_checks,
+                     nrows, B, sizes, w_off, b_off, act_off, wt_off, tasks, optimizer, hyper,
                      nesterov):
     # params, grads, state1, state2 are flat (P,) vectors of one layout
     # (state: momentum's velocity, or Adam's m and v); tasks is (T, 6),
@@ -246,18 +292,18 @@ def gradients_update(params, grads, state1, state2, acts, deltas, task_checks, n
     # task_checks[t] is NaN when task t produced a non-finite parameter, else 0.
     for t in prange(tasks.shape[0]):
         task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off, tasks)
-        task_checks[t] = task_update(params, grads, state1, state2, t, sizes, w_off, b_off,
-                                     tasks, optimizer, hyper, nesterov)
+        task_checks[t] = task_update(params, grads, state1, state2, weights_t, t, sizes,
+                                     w_off, b_off, wt_off, tasks, optimizer, hyper, nesterov)
 
 
 @parallel_kernel
-def apply_updates(params, grads, state1, state2, task_checks, sizes, w_off, b_off, tasks,
-                  optimizer, hyper, nesterov):
+def apply_updates(params, grads, state1, state2, weights_t, task_checks, sizes, w_off, b_off,
+                  wt_off, tasks, optimizer, hyper, nesterov):
     # the update half of gradients_update, for gradients summed elsewhere
     # (over MPI ranks)
     for t in prange(tasks.shape[0]):
-        task_checks[t] = task_update(params, grads, state1, state2, t, sizes, w_off, b_off,
-                                     tasks, optimizer, hyper, nesterov)
+        task_checks[t] = task_update(params, grads, state1, state2, weights_t, t, sizes,
+                                     w_off, b_off, wt_off, tasks, optimizer, hyper, nesterov)
 
 
 @kernel
@@ -272,7 +318,7 @@ def batch_weight(sample_weight, idx, start, nrows):
 @kernel
 def shard_gradients(params, grads, acts, deltas, labels, row_weights, chunk_stats,
                     task_checks, X, y, sample_weight, idx, start, nrows, inv_total, scale,
-                    sizes, w_off, b_off, act_off, tasks, activation, hyper):
+                    sizes, w_off, b_off, act_off, weights_t, wt_off, tasks, activation, hyper):
     # One MPI rank's share of a step: grads (the first P values) = the
     # gradient over rows idx[start:start + nrows], scaled by the whole
     # batch's inv_total, so that the ranks' grads sum to the batch gradient.
@@ -281,14 +327,16 @@ def shard_gradients(params, grads, acts, deltas, labels, row_weights, chunk_stat
     # correct rows) of these rows.
     n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                                 sample_weight, idx, start, nrows, inv_total, scale,
-                                params, sizes, w_off, b_off, act_off, activation, True, 0)
+                                params, sizes, w_off, b_off, act_off, weights_t, wt_off,
+                                activation, True, 0)
     loss = 0.0
     correct = 0
     for c in range(n_chunks):
         loss += chunk_stats[c, 0]
         correct += int(chunk_stats[c, 1])
-    gradients_update(params, grads, grads, grads, acts, deltas, task_checks, nrows,
-                     labels.shape[0], sizes, w_off, b_off, act_off, tasks, NONE, hyper, False)
+    gradients_update(params, grads, grads, grads, weights_t, acts, deltas, task_checks, nrows,
+                     labels.shape[0], sizes, w_off, b_off, act_off, wt_off, tasks, NONE, hyper,
+                     False)
     return loss, correct
 
 
@@ -301,8 +349,8 @@ PARAMS_NOT_FINITE = 2  # the returned step's update made a parameter NaN or inf
 @kernel
 def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights,
                 chunk_stats, task_checks, X, y, sample_weight, idx, n_rows, step0, step1,
-                update_count, scale, sizes, w_off, b_off, act_off, tasks, activation,
-                optimizer, hyper, nesterov):
+                update_count, scale, sizes, w_off, b_off, act_off, weights_t, wt_off, tasks,
+                activation, optimizer, hyper, nesterov):
     # Runs steps step0..step1 of an epoch whose rows, in order, are
     # idx[0:n_rows]; step s covers idx[s*B : min((s+1)*B, n_rows)].
     # update_count is the number of updates done before (Adam's t).
@@ -314,6 +362,8 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
     loss_sum = 0.0
     weight_sum = 0.0
     correct = 0
+    # params may have changed since the last call (a new fit, a rollback)
+    transpose_weights(weights_t, params, sizes, w_off, wt_off)
     for s in range(step0, step1):
         start = s * B
         nrows = min(B, n_rows - start)
@@ -324,8 +374,8 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
         next_rows = min(B, n_rows - start - nrows) if s + 1 < step1 else 0
         n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                                     sample_weight, idx, start, nrows, inv_total, scale,
-                                    params, sizes, w_off, b_off, act_off, activation, True,
-                                    next_rows)
+                                    params, sizes, w_off, b_off, act_off, weights_t, wt_off,
+                                    activation, True, next_rows)
         step_loss = 0.0
         for c in range(n_chunks):
             step_loss += chunk_stats[c, 0]
@@ -337,9 +387,9 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
         update_count += 1
         if optimizer == ADAM:
             hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
-        gradients_update(params, grads, state1, state2, acts, deltas, task_checks, nrows,
-                         B, sizes, w_off, b_off, act_off, tasks, optimizer, hyper,
-                         nesterov)
+        gradients_update(params, grads, state1, state2, weights_t, acts, deltas, task_checks,
+                         nrows, B, sizes, w_off, b_off, act_off, wt_off, tasks, optimizer,
+                         hyper, nesterov)
         if not finite(task_checks.sum()):
             return loss_sum, weight_sum, correct, PARAMS_NOT_FINITE, s
     return loss_sum, weight_sum, correct, STEPS_DONE, step1

@@ -259,7 +259,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                            workspace.deltas, workspace.labels, workspace.row_weights,
                            workspace.chunk_stats, workspace.task_checks, X, y, sample_weight,
                            idx, n, step0, step1, state.updates, scale, model._sizes,
-                           model.w_off, model.b_off, workspace.act_off, model._tasks,
+                           model.w_off, model.b_off, workspace.act_off, workspace.weights_t,
+                           workspace.wt_off, model._tasks,
                            model.activation_code, state.code, state.hyper, state.nesterov)
 
     with thread_count(threads), deferred_interrupt() as interrupt:

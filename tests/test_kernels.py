@@ -66,14 +66,22 @@ def test_forward_loss_gradients_match_oracle(sizes, n, activation, dtype):
 # --- single kernels on row ranges, against plain NumPy ----------------------
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
-@pytest.mark.parametrize("C,OC,r0,r1", [(1, 1, 0, 1), (13, 5, 2, 9), (64, 10, 0, 64), (7, 9, 3, 4)])
+@pytest.mark.parametrize("C,OC,r0,r1", [(1, 1, 0, 1), (13, 5, 2, 9), (64, 10, 0, 64), (7, 9, 3, 4),
+                                        (9, 64, 0, 8), (70, 133, 1, 10), (3, 128, 4, 5)])
 def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
+    # OC >= 64: the leading whole blocks of 64 outputs come from the
+    # transposed weights, the rest from dot products
     code = ACTIVATIONS.get(activation, IDENTITY)
     inp = rng.standard_normal((r1 + 2, C))
     weight = rng.standard_normal((OC, C))
     bias = rng.standard_normal(OC)
     out = np.full((r1 + 2, OC), 7.0)
-    kernels.dense_forward(out, inp, weight, bias, code, r0, r1)
+    OCT = kernels.transposed_outputs(OC)
+    assert OCT == OC // 64 * 64
+    weight_t = np.full((C, OCT), 7.0)
+    kernels.transpose_weight_block(weight_t, weight, 0, OCT, 0, C)
+    assert (weight_t == weight[:OCT].T).all()
+    kernels.dense_forward(out, inp, weight, weight_t, bias, code, r0, r1)
     z = inp[r0:r1] @ weight.T + bias
     expected = z if activation == "identity" else reference.ACTIVATION[activation](z)
     assert relative_error(out[r0:r1], expected) < 1e-13
@@ -164,7 +172,10 @@ def test_float32_kernels_never_widen_to_float64():
     weight, vec = np.ones((3, 8), f32), np.ones(3, f32)
     labels = np.zeros(4, np.int32)
     compiled = {
-        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, vec, 0, 0, 4),
+        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, inp.T.copy(), vec,
+                                    0, 0, 4),
+        "transpose_weight_block": float32_ir(kernels.transpose_weight_block, inp.T.copy(), weight,
+                                             0, 0, 0, 8),
         "dense_backward_input": float32_ir(kernels.dense_backward_input, inp, out, weight, inp, 0, 0, 4),
         "dense_backward_weight": float32_ir(kernels.dense_backward_weight, weight, out, inp, 0, 3, 4, 0, 8),
         "dense_backward_bias": float32_ir(kernels.dense_backward_bias, vec, out, 4),

@@ -55,6 +55,27 @@ def test_fifty_steps_follow_the_oracle(optimizer, options, activation):
         fastmlp.MLP([12, 10, 7, 4], activation=activation, dtype="float64", init="xavier", seed=7))[0][0]) > 1e-3
 
 
+@pytest.mark.parametrize("optimizer,options", [OPTIMIZER_CASES[3], OPTIMIZER_CASES[5]])
+def test_wide_layers_follow_the_oracle(optimizer, options):
+    # layers of 64 outputs or more run forward from transposed weights that
+    # each update task rewrites: a stale block would leave the oracle's path
+    # from the second step on (fit's calls run up to 10 steps here). Two
+    # fits of 500 steps, the second resuming.
+    n, batch_size = 500 * 2, 2
+    model, X, y = random_problem([20, 130, 64, 5], n, "relu", np.float64, seed=3)
+    weights, biases = reference_copy(model)
+    for _ in range(2):
+        fastmlp.fit(model, X, y, epochs=1, batch_size=batch_size, optimizer=optimizer,
+                    shuffle=False, **options)
+    reference.train(weights, biases, X, y, "relu", batches_in_order(n, batch_size) * 2,
+                    optimizer=optimizer, **options)
+    for got, want in zip(model.weights + model.biases, weights + biases):
+        assert relative_error(got, want) < 1e-9
+    assert relative_error(model.weights[1], reference_copy(
+        fastmlp.MLP([20, 130, 64, 5], activation="relu", dtype="float64", init="xavier",
+                    seed=3))[0][1]) > 1e-3
+
+
 def test_float32_trajectory_stays_close_to_the_oracle():
     model, X, y = random_problem([20, 16, 5], 400, "tanh", np.float32, seed=1, x_dtype=np.uint8)
     weights, biases = reference_copy(model)
@@ -157,11 +178,33 @@ def test_parameters_are_bit_identical_across_thread_counts_and_runs():
     assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1))
 
 
+def test_update_tasks_keep_the_transposed_weights_current():
+    """train_steps transposes the weights of layers with 64 outputs or more
+    once per call; then each update task rewrites its part."""
+    model, X, y = random_problem([30, 200, 64, 10], 300, "tanh", np.float32, seed=4)
+    ws = Workspace(model.layer_sizes, 10, model.dtype)
+    grads, m, v = (np.zeros_like(model.params) for _ in range(3))
+    hyper = make_hyper(model.dtype, 0.01, 0.9, 0.0)
+    status = train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels,
+                         ws.row_weights, ws.chunk_stats, ws.task_checks, X, y.astype(np.int32),
+                         np.ones(300, model.dtype), np.arange(300), 300, 0, 30, 0,
+                         input_scale(X, model.dtype), model._sizes, model.w_off, model.b_off,
+                         ws.act_off, ws.weights_t, ws.wt_off, model._tasks,
+                         model.activation_code, OPTIMIZERS["adam"], hyper, False)[3]
+    assert status == 0
+    for l, (fan_in, fan_out) in enumerate([(30, 200), (200, 64)]):
+        block = ws.weights_t[ws.wt_off[l]:ws.wt_off[l] + fan_in * (fan_out // 64 * 64)]
+        assert np.array_equal(block.reshape(fan_in, -1), model.weights[l][:, :fan_out // 64 * 64])
+    assert ws.wt_off[2] == ws.weights_t.size  # 10 outputs: no transposed block
+    assert relative_error(model.weights[0], random_problem([30, 200, 64, 10], 300, "tanh",
+                                                           np.float32, seed=4)[0].weights[0]) > 1e-3
+
+
 def test_an_epoch_allocates_nothing():
     """Numba's allocation counters: a call running 100 steps allocates exactly
     what a call running 1 step does (the boxing of its arguments), so the
     steps themselves allocate nothing."""
-    model, X, y = random_problem([64, 32, 16, 10], 1000, "relu", np.float32, seed=0,
+    model, X, y = random_problem([64, 80, 16, 10], 1000, "relu", np.float32, seed=0,
                                  x_dtype=np.uint8)
     y = y.astype(np.int32)
     ws = Workspace(model.layer_sizes, 10, model.dtype)
@@ -176,7 +219,8 @@ def test_an_epoch_allocates_nothing():
         train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels, ws.row_weights,
                     ws.chunk_stats, ws.task_checks, X, y, weights, idx, 1000, 0, steps, 0,
                     input_scale(X, model.dtype), model._sizes,
-                    model.w_off, model.b_off, ws.act_off, model._tasks, model.activation_code,
+                    model.w_off, model.b_off, ws.act_off, ws.weights_t, ws.wt_off, model._tasks,
+                    model.activation_code,
                     OPTIMIZERS["adam"], hyper, False)
         after = rtsys.get_allocation_stats()
         return after.alloc - before.alloc, after.free - before.free
