@@ -250,7 +250,9 @@ def test_finite_sees_nan_and_inf_under_the_fastmath_flags(bad):
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
 @pytest.mark.parametrize("nt", [0, 1, 13])
-@pytest.mark.parametrize("C", [64, 150, 7])  # whole register blocks, blocks plus a remainder, none
+# whole register blocks; blocks, narrow blocks of 16 and a remainder; none;
+# narrow blocks only
+@pytest.mark.parametrize("C", [64, 150, 7, 48])
 def test_rows_times_matrix_blocks_and_remainders(C, nt, dtype, tol, rng):
     coef = rng.standard_normal((11, 13)).astype(dtype)
     src = rng.standard_normal((13, C)).astype(dtype)
@@ -262,3 +264,10 @@ def test_rows_times_matrix_blocks_and_remainders(C, nt, dtype, tol, rng):
     else:
         assert (out[1:10] == 0).all()
     assert (out[0] == 7.0).all() and (out[10] == 7.0).all()
+    # a range of columns from a block boundary on, the others untouched
+    if C > 64:
+        out[...] = 7.0
+        kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 64, C)
+        if nt:
+            assert relative_error(out[1:10, 64:], expected[:, 64:]) < tol
+        assert (out[:, :64] == 7.0).all()
