@@ -1,5 +1,11 @@
 """Layer kernels: small serial Numba functions, outputs first, then inputs.
 
+A constant argument reaches a kernel as a literal type, and Numba compiles
+the kernel once more for that literal (rows_times_matrix for k0 = 0 besides
+k0 an int64; forward_backward for backward = True besides a bool: seconds of
+a cold start each), so kernels pass constants as np.int64(0) or
+np.bool_(True), ordinary values.
+
 Dimension letters used in the shape comments:
   B  rows of the minibatch workspace (its capacity; rows r0:r1 are touched)
   N  rows of the whole dataset
@@ -140,7 +146,7 @@ def dense_forward(out, inp, weight, weight_t, bias, activation, r0, r1):
     OC, C = weight.shape
     OCT = weight_t.shape[1]
     if OCT > 0:
-        rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, 0, OCT)
+        rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, np.int64(0), OCT)
     last_row = r1 - 1
     last_out = OC - 1
     for b in range(r0, r1, 4):
@@ -212,7 +218,8 @@ def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
     # with `reassoc`, g * (a * (1 - a)) could become (g * a) * (1 - a) in one
     # caller and not in another (seen: a fresh compile and the cached one
     # trained to different parameters).
-    rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], 0, dinp.shape[1])
+    rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], np.int64(0),
+                      dinp.shape[1])
     C = dinp.shape[1]
     for b in range(r0, r1):
         g = dinp[b]

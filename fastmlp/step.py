@@ -328,15 +328,15 @@ def shard_gradients(params, grads, acts, deltas, labels, row_weights, chunk_stat
     n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                                 sample_weight, idx, start, nrows, inv_total, scale,
                                 params, sizes, w_off, b_off, act_off, weights_t, wt_off,
-                                activation, True, 0)
+                                activation, np.bool_(True), np.int64(0))
     loss = 0.0
     correct = 0
     for c in range(n_chunks):
         loss += chunk_stats[c, 0]
         correct += int(chunk_stats[c, 1])
     gradients_update(params, grads, grads, grads, weights_t, acts, deltas, task_checks, nrows,
-                     labels.shape[0], sizes, w_off, b_off, act_off, wt_off, tasks, NONE, hyper,
-                     False)
+                     labels.shape[0], sizes, w_off, b_off, act_off, wt_off, tasks,
+                     np.int64(NONE), hyper, np.bool_(False))
     return loss, correct
 
 
@@ -375,7 +375,7 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
         n_chunks = forward_backward(acts, deltas, labels, row_weights, chunk_stats, X, y,
                                     sample_weight, idx, start, nrows, inv_total, scale,
                                     params, sizes, w_off, b_off, act_off, weights_t, wt_off,
-                                    activation, True, next_rows)
+                                    activation, np.bool_(True), next_rows)
         step_loss = 0.0
         for c in range(n_chunks):
             step_loss += chunk_stats[c, 0]
