@@ -25,6 +25,7 @@ import os
 import time
 import zlib
 
+import numba
 import numpy as np
 
 from .optimizers import ADAM, ADAM_ALPHA, LR, NONE, adam_alpha
@@ -143,10 +144,10 @@ class ShardedSteps:
         model, ws = self.model, self.workspace
         return shard_gradients(
             model.params, self.grads, ws.acts, ws.deltas, ws.labels, ws.row_weights,
-            ws.chunk_stats, ws.task_checks, self.X, self.y, self.sample_weight, self.idx,
+            ws.row_stats, ws.task_checks, self.X, self.y, self.sample_weight, self.idx,
             start, nrows, inv_total, self.scale, model._sizes, model.w_off, model.b_off,
             ws.act_off, ws.weights_t, ws.wt_off, model._tasks, model.activation_code,
-            self.state.hyper)
+            self.state.hyper, numba.get_num_threads())
 
     def __call__(self, step0, step1):
         model, state, ws, grads = self.model, self.state, self.workspace, self.grads

@@ -418,14 +418,12 @@ def dense_backward_bias(dbias, dout, nrows):
 # softmax output with mean categorical cross-entropy
 
 @kernel
-def softmax_crossentropy_forward(probs, labels, weights, r0, r1):
+def softmax_crossentropy_forward(probs, row_stats, labels, weights, r0, r1):
     # probs is (B, K), holding logits on entry and probabilities on exit;
-    # labels and weights are (B,). Returns (sum of weight * -log p[label],
-    # number of rows whose argmax equals the label) over rows r0:r1, the
-    # loss in float64.
+    # row_stats is (B, 2), labels and weights are (B,). For rows r0:r1,
+    # row_stats[b] = (weight * -log p[label] in float64, 1.0 if the argmax is
+    # the label else 0.0): callers sum them in row order.
     K = probs.shape[1]
-    loss = 0.0
-    correct = 0
     for b in range(r0, r1):
         p = probs[b]
         top = p[0]
@@ -444,10 +442,8 @@ def softmax_crossentropy_forward(probs, labels, weights, r0, r1):
         for j in range(K):
             p[j] *= inv
         # -log softmax(z)[y] = log(sum exp(z - max)) - (z_y - max), stable
-        loss += weights[b] * (math.log(total) - (label_logit - top))
-        if best == labels[b]:
-            correct += 1
-    return loss, correct
+        row_stats[b, 0] = weights[b] * (math.log(total) - (label_logit - top))
+        row_stats[b, 1] = 1.0 if best == labels[b] else 0.0
 
 
 @kernel

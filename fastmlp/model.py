@@ -9,7 +9,6 @@ import numpy as np
 from .kernels import ACTIVATIONS
 from .optimizers import NONE, make_hyper
 from .step import (
-    N_CHUNKS,
     forward_backward,
     gradients_update,
     make_tasks,
@@ -95,7 +94,7 @@ class Workspace:
         self.deltas = aligned_zeros(self.acts.size if backward else 0, dtype)
         self.labels = np.zeros(batch_size, np.int32)
         self.row_weights = np.zeros(batch_size, dtype)
-        self.chunk_stats = np.zeros((N_CHUNKS, 2), np.float64)
+        self.row_stats = np.zeros((batch_size, 2), np.float64)  # per-row loss, correct
         self.task_checks = np.zeros(len(make_tasks(layer_sizes)), np.float64)
         # the weights of wide layers transposed, for dense_forward
         self.wt_off, n_transposed = transposed_layout(layer_sizes)
@@ -207,13 +206,12 @@ class MLP:
         inv_total = self.dtype.type(1.0 / sample_weight[idx[start:start + nrows]].sum()
                                     if backward else 0.0)
         with parallel_launch_guard():
-            return forward_backward(workspace.acts, workspace.deltas, workspace.labels,
-                                    workspace.row_weights, workspace.chunk_stats, X, y,
-                                    sample_weight, idx, start, nrows, inv_total,
-                                    input_scale(X, self.dtype), self.params, self._sizes,
-                                    self.w_off, self.b_off, workspace.act_off,
-                                    workspace.weights_t, workspace.wt_off,
-                                    self.activation_code, backward, 0)
+            forward_backward(workspace.acts, workspace.deltas, workspace.labels,
+                             workspace.row_weights, workspace.row_stats, X, y, sample_weight,
+                             idx, start, nrows, inv_total, input_scale(X, self.dtype),
+                             self.params, self._sizes, self.w_off, self.b_off,
+                             workspace.act_off, workspace.weights_t, workspace.wt_off,
+                             self.activation_code, backward, 0, numba.get_num_threads())
 
     def _forward_all(self, X, y, probs=None):
         """Loss sum and correct count over X (labels y), in batches of
@@ -226,9 +224,9 @@ class MLP:
         self._transpose(workspace)
         for start in range(0, n, workspace.batch_size):
             nrows = min(workspace.batch_size, n - start)
-            n_chunks = self._forward(X, y, ones, workspace, idx, start, nrows, False)
-            loss += workspace.chunk_stats[:n_chunks, 0].sum()
-            correct += int(workspace.chunk_stats[:n_chunks, 1].sum())
+            self._forward(X, y, ones, workspace, idx, start, nrows, False)
+            loss += workspace.row_stats[:nrows, 0].sum()
+            correct += int(workspace.row_stats[:nrows, 1].sum())
             if probs is not None:
                 probs[start:start + nrows] = workspace.output[:nrows]
         return loss, correct
@@ -260,14 +258,13 @@ class MLP:
         workspace = Workspace(self.layer_sizes, n, self.dtype)
         grads = aligned_zeros(self.params.size, self.dtype)
         self._transpose(workspace)
-        n_chunks = self._forward(X, y, sample_weight, workspace,
-                                 np.arange(n, dtype=np.int64), 0, n, True)
+        self._forward(X, y, sample_weight, workspace, np.arange(n, dtype=np.int64), 0, n, True)
         empty = np.zeros(0, self.dtype)
         gradients_update(self.params, grads, empty, empty, workspace.weights_t, workspace.acts,
                          workspace.deltas, workspace.task_checks, n, n, self._sizes,
                          self.w_off, self.b_off, workspace.act_off, workspace.wt_off,
                          self._tasks, NONE,
                          make_hyper(self.dtype, 0.0, 0.0, 0.0), False)
-        loss = workspace.chunk_stats[:n_chunks, 0].sum() / sample_weight.sum()
+        loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()
         dweights, dbiases = self.layer_views(grads)
         return loss, dweights, dbiases

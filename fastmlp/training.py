@@ -257,11 +257,12 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     def run_here(step0, step1):
         return train_steps(model.params, grads, state.state1, state.state2, workspace.acts,
                            workspace.deltas, workspace.labels, workspace.row_weights,
-                           workspace.chunk_stats, workspace.task_checks, X, y, sample_weight,
+                           workspace.row_stats, workspace.task_checks, X, y, sample_weight,
                            idx, n, step0, step1, state.updates, scale, model._sizes,
                            model.w_off, model.b_off, workspace.act_off, workspace.weights_t,
                            workspace.wt_off, model._tasks,
-                           model.activation_code, state.code, state.hyper, state.nesterov)
+                           model.activation_code, state.code, state.hyper, state.nesterov,
+                           numba.get_num_threads())
 
     with thread_count(threads), deferred_interrupt() as interrupt:
         # with MPI, only an interrupt that every rank has heard of counts

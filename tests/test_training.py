@@ -186,11 +186,11 @@ def test_update_tasks_keep_the_transposed_weights_current():
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
     hyper = make_hyper(model.dtype, 0.01, 0.9, 0.0)
     status = train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels,
-                         ws.row_weights, ws.chunk_stats, ws.task_checks, X, y.astype(np.int32),
+                         ws.row_weights, ws.row_stats, ws.task_checks, X, y.astype(np.int32),
                          np.ones(300, model.dtype), np.arange(300), 300, 0, 30, 0,
                          input_scale(X, model.dtype), model._sizes, model.w_off, model.b_off,
                          ws.act_off, ws.weights_t, ws.wt_off, model._tasks,
-                         model.activation_code, OPTIMIZERS["adam"], hyper, False)[3]
+                         model.activation_code, OPTIMIZERS["adam"], hyper, False, 2)[3]
     assert status == 0
     for l, (fan_in, fan_out) in enumerate([(30, 200), (200, 64)]):
         block = ws.weights_t[ws.wt_off[l]:ws.wt_off[l] + fan_in * (fan_out // 64 * 64)]
@@ -217,11 +217,10 @@ def test_an_epoch_allocates_nothing():
     def run(steps):
         before = rtsys.get_allocation_stats()
         train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels, ws.row_weights,
-                    ws.chunk_stats, ws.task_checks, X, y, weights, idx, 1000, 0, steps, 0,
+                    ws.row_stats, ws.task_checks, X, y, weights, idx, 1000, 0, steps, 0,
                     input_scale(X, model.dtype), model._sizes,
                     model.w_off, model.b_off, ws.act_off, ws.weights_t, ws.wt_off, model._tasks,
-                    model.activation_code,
-                    OPTIMIZERS["adam"], hyper, False)
+                    model.activation_code, OPTIMIZERS["adam"], hyper, False, 2)
         after = rtsys.get_allocation_stats()
         return after.alloc - before.alloc, after.free - before.free
 
