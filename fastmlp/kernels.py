@@ -269,44 +269,46 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1):
     # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1], both backward
     # products and the forward one from transposed weights (k0 a multiple of
     # BLOCK_COLUMNS, or 0): each output row is a sum of source rows, all
-    # contiguous along C. Groups of 4 output rows take C in blocks of
-    # BLOCK_COLUMNS, then NARROW_COLUMNS, whose accumulators stay in
-    # registers over the whole sum (rows_times_matrix_block: 4 source loads
-    # and 4 broadcasts per 16 multiply-adds, no stores until the end). Column
-    # blocks are the outer loop, so that a block of src stays in cache for
-    # every row group. The last few columns, and rows past the last group of
-    # 4, go through rows_times_matrix_tile. Which path an output takes
-    # depends on the shapes and r0, r1 only, never on the thread count or
-    # the caller (both are ordered_kernels).
+    # contiguous along C. Groups of 4 output rows (the last group may have
+    # fewer) take C in blocks of BLOCK_COLUMNS, then NARROW_COLUMNS, whose
+    # accumulators stay in registers over the whole sum
+    # (rows_times_matrix_block: 4 source loads and 4 broadcasts per 16
+    # multiply-adds, no stores until the end). Column blocks are the outer
+    # loop, so that a block of src stays in cache for every row group. The
+    # last few columns go through rows_times_matrix_tile. Which path an
+    # output takes depends on the shapes and r0, r1 only, never on the
+    # thread count or the caller (both are ordered_kernels).
     blocked = k0 + (k1 - k0) // BLOCK_COLUMNS * BLOCK_COLUMNS
     narrow = blocked + (k1 - blocked) // NARROW_COLUMNS * NARROW_COLUMNS
     tiled = r0 + (r1 - r0) // 4 * 4
     for k in range(k0, blocked, BLOCK_COLUMNS):
-        for r in range(r0, tiled, 4):
-            rows_times_matrix_block(out, coef, src, r, k, nt, BLOCK_COLUMNS)
+        for r in range(r0, r1, 4):
+            rows_times_matrix_block(out, coef, src, r, min(4, r1 - r), k, nt, BLOCK_COLUMNS)
     for k in range(blocked, narrow, NARROW_COLUMNS):
-        for r in range(r0, tiled, 4):
-            rows_times_matrix_block(out, coef, src, r, k, nt, NARROW_COLUMNS)
+        for r in range(r0, r1, 4):
+            rows_times_matrix_block(out, coef, src, r, min(4, r1 - r), k, nt, NARROW_COLUMNS)
     if narrow < k1:
         for r in range(r0, tiled, 4):
             rows_times_matrix_tile(out, coef, src, r, 4, nt, narrow, k1)
-    for r in range(tiled, r1):
-        rows_times_matrix_tile(out, coef, src, r, 1, nt, k0, k1)
+        for r in range(tiled, r1):
+            rows_times_matrix_tile(out, coef, src, r, 1, nt, narrow, k1)
 
 
 @ordered_kernel
-def rows_times_matrix_block(out, coef, src, r, k0, nt, width):
-    # out[r:r + 4, k0:k0 + width] as in rows_times_matrix, summed over
-    # source rows 0..nt-1 in order, on the stack. width is a constant at
-    # every call, so that once LLVM inlines this, the loops over it unroll
+def rows_times_matrix_block(out, coef, src, r, rows, k0, nt, width):
+    # out[r:r + rows, k0:k0 + width] as in rows_times_matrix (rows 1 to 4:
+    # past the last real row the block repeats it and stores nothing), summed
+    # over source rows 0..nt-1 in order, on the stack. width is a constant
+    # at every call, so that once LLVM inlines this, the loops over it unroll
     # and the accumulators become registers.
     acc = carray(stack_buffer(BLOCK_VALUES, out[r, k0]), BLOCK_VALUES)
     for i in range(4 * width):
         acc[i] = ZERO
+    last = r + rows - 1
     c0 = coef[r]
-    c1 = coef[r + 1]
-    c2 = coef[r + 2]
-    c3 = coef[r + 3]
+    c1 = coef[min(r + 1, last)]
+    c2 = coef[min(r + 2, last)]
+    c3 = coef[min(r + 3, last)]
     for t in range(nt):
         x = src[t, k0:k0 + width]
         a0 = c0[t]
@@ -319,10 +321,12 @@ def rows_times_matrix_block(out, coef, src, r, k0, nt, width):
             acc[width + k] += a1 * v
             acc[2 * width + k] += a2 * v
             acc[3 * width + k] += a3 * v
+    # constant indices into acc (a loop to `rows` would keep acc in memory)
     for i in range(4):
-        g = out[r + i, k0:k0 + width]
-        for k in range(width):
-            g[k] = acc[i * width + k]
+        if i < rows:
+            g = out[r + i, k0:k0 + width]
+            for k in range(width):
+                g[k] = acc[i * width + k]
 
 
 @ordered_kernel
