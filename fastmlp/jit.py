@@ -7,8 +7,10 @@ propagate and a diverging run stays visible. It also leaves out ``afn``:
 approximate ``exp``/``log`` would move results away from the NumPy oracle.
 
 Determinism: a compiled function is the same machine code whatever the
-thread count, and every parallel loop in fastmlp writes disjoint memory with
-a work partition fixed by the problem size (never by the thread count), so
+thread count, and every parallel loop in fastmlp writes disjoint memory
+either with a work partition fixed by the problem size (gradient tasks) or
+with one whose cut no computed value depends on (forward_backward's parts,
+one per thread, cut at the 4-row tiles that the kernels use anyway), so
 results are bit-identical for 1 or N threads.
 
 cache: compiled kernels are cached on disk (keyed on the CPU by Numba), so a
