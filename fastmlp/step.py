@@ -76,6 +76,7 @@ def make_tasks(layer_sizes):
     (fan_out, fan_in) weight matrices, then one bias task per layer. Depends
     on the layer sizes only, never on the thread count."""
     tasks = []
+    preferred = {}  # task: the bins it goes to while they have room
     for layer in range(len(layer_sizes) - 1):
         fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
         # whole groups of the 4 rows that dense_backward_weight computes
@@ -90,8 +91,14 @@ def make_tasks(layer_sizes):
         pieces = max(1, min(COLUMN_PIECES, blocks)) if -(-fan_out // rows) < FEW_ROW_GROUPS else 1
         cuts = [piece * blocks // pieces * BLOCK_COLUMNS for piece in range(pieces)] + [fan_in]
         for j0 in range(0, fan_out, rows):
-            for k0, k1 in zip(cuts[:-1], cuts[1:]):
+            for piece, (k0, k1) in enumerate(zip(cuts[:-1], cuts[1:])):
                 tasks.append((layer, WEIGHT_TASK, j0, min(fan_out, j0 + rows), k0, k1))
+                # piece p of P keeps to bins p*G/P..(p+1)*G/P - 1 while they
+                # have room: with 2 threads, each thread then reads only its
+                # own columns of the batch's inputs, half of them written by
+                # the other core in the forward pass, not all of them
+                preferred[tasks[-1]] = range(piece * TASK_GROUPS // pieces,
+                                             (piece + 1) * TASK_GROUPS // pieces)
     for layer in range(len(layer_sizes) - 1):
         tasks.append((layer, BIAS_TASK, 0, 0, 0, 0))
     # prange hands each thread one contiguous block of tasks, by count. The
@@ -105,7 +112,8 @@ def make_tasks(layer_sizes):
     loads = [0] * TASK_GROUPS
     for task in sorted(tasks, key=task_cost, reverse=True):
         open_bins = [g for g in range(TASK_GROUPS) if len(bins[g]) < per_bin]
-        g = min(open_bins, key=lambda g: loads[g])
+        open_preferred = [g for g in open_bins if g in preferred.get(task, open_bins)]
+        g = min(open_preferred or open_bins, key=lambda g: loads[g])
         bins[g].append(task)
         loads[g] += task_cost(task)
     for tasks_of_bin in bins:

@@ -13,7 +13,15 @@ from fastmlp import reference
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, make_hyper
 from fastmlp.progress import Callback
-from fastmlp.step import train_steps
+from fastmlp.step import (
+    BIAS_TASK,
+    NO_TASK,
+    TASK_GROUPS,
+    WEIGHT_TASK,
+    make_tasks,
+    task_cost,
+    train_steps,
+)
 from fastmlp.validation import input_scale
 
 from conftest import random_problem, reference_copy, relative_error
@@ -176,6 +184,38 @@ def test_parameters_are_bit_identical_across_thread_counts_and_runs():
     assert np.array_equal(two, again)
     # a different seed is a different run: the comparison can fail
     assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1))
+
+
+@pytest.mark.parametrize("sizes,balanced", [([784, 50, 10], True), ([784, 100, 10], True),
+                                            ([784, 512, 512, 10], True), ([130, 300, 20], True),
+                                            ([3, 1, 7, 2], False)])  # 3 weight tasks
+def test_gradient_tasks_cover_every_parameter_once_in_balanced_bins(sizes, balanced):
+    tasks = make_tasks(sizes)
+    assert len(tasks) % TASK_GROUPS == 0
+    covered = [np.zeros((fan_out, fan_in), int) for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
+    biases = np.zeros(len(sizes) - 1, int)
+    for layer, kind, j0, j1, k0, k1 in tasks:
+        if kind == WEIGHT_TASK:
+            covered[layer][j0:j1, k0:k1] += 1
+        elif kind == BIAS_TASK:
+            biases[layer] += 1
+        else:
+            assert kind == NO_TASK
+    assert all((c == 1).all() for c in covered) and (biases == 1).all()
+    # contiguous quarters (what prange gives 4 threads) and halves carry
+    # similar work
+    per_bin = len(tasks) // TASK_GROUPS
+    loads = [sum(task_cost(tuple(t)) for t in tasks[g * per_bin:(g + 1) * per_bin])
+             for g in range(TASK_GROUPS)]
+    if balanced:
+        total = sum(loads)
+        assert abs(loads[0] + loads[1] - total / 2) <= 0.05 * total
+        assert max(loads) <= 1.2 * min(loads)
+    # W1's first layer is split in two column pieces, one for each half
+    if sizes == [784, 50, 10]:
+        halves = [{(t[4], t[5]) for t in tasks[h * 2 * per_bin:(h + 1) * 2 * per_bin]
+                   if t[1] == WEIGHT_TASK and t[0] == 0} for h in range(2)]
+        assert halves[0] == {(0, 384)} and halves[1] == {(384, 784)}
 
 
 def test_update_tasks_keep_the_transposed_weights_current():
