@@ -190,13 +190,6 @@ def dense_forward(out, inp, weight, weight_t, bias, activation, r0, r1):
 
 
 @kernel
-def transposed_outputs(OC):
-    # how many leading outputs of a layer of OC outputs dense_forward takes
-    # from transposed weights: whole register blocks
-    return OC // BLOCK_COLUMNS * BLOCK_COLUMNS
-
-
-@kernel
 def transpose_weight_block(weight_t, weight, j0, j1, k0, k1):
     # weight_t is (C, OCT), weight is (OC, C); j0, j1 multiples of 16
     # weight_t[k0:k1, j0:j1] = weight[j0:j1, k0:k1].T, one cache line of
@@ -247,6 +240,13 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
 BLOCK_COLUMNS = 64
 NARROW_COLUMNS = 16
 BLOCK_VALUES = 4 * BLOCK_COLUMNS  # a literal for stack_buffer
+
+
+@kernel
+def transposed_outputs(OC):
+    # how many leading outputs of a layer of OC outputs dense_forward takes
+    # from transposed weights: whole register blocks
+    return OC // BLOCK_COLUMNS * BLOCK_COLUMNS
 
 
 @intrinsic

@@ -274,14 +274,15 @@ def task_update(params, grads, state1, state2, weights_t, t, sizes, w_off, b_off
         elif optimizer == ADAM:
             check += adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
                                  hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
-    if stride > 0 and optimizer != NONE:
+    if tasks[t, 1] == WEIGHT_TASK and optimizer != NONE:
         # the new weights, still in cache, into dense_forward's transposed block
+        C = sizes[l]
         OC = sizes[l + 1]
         OCT = transposed_outputs(OC)
         j0 = tasks[t, 2]
         if j0 < OCT:
-            transpose_weight_block(view2d(weights_t, wt_off, l, stride, OCT),
-                                   view2d(params, w_off, l, OC, stride), j0,
+            transpose_weight_block(view2d(weights_t, wt_off, l, C, OCT),
+                                   view2d(params, w_off, l, OC, C), j0,
                                    min(tasks[t, 3], OCT), k0, k1)
     return check
 
