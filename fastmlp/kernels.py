@@ -146,7 +146,7 @@ def dense_forward(out, inp, weight, weight_t, bias, activation, r0, r1):
     OC, C = weight.shape
     OCT = weight_t.shape[1]
     if OCT > 0:
-        rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, np.int64(0), OCT)
+        rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, np.int64(0), OCT, C)
     last_row = r1 - 1
     last_out = OC - 1
     for b in range(r0, r1, 4):
@@ -212,7 +212,7 @@ def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
     # caller and not in another (seen: a fresh compile and the cached one
     # trained to different parameters).
     rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], np.int64(0),
-                      dinp.shape[1])
+                      dinp.shape[1], weight.shape[0])
     C = dinp.shape[1]
     for b in range(r0, r1):
         g = dinp[b]
@@ -230,7 +230,9 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # whatever the thread count. (Both callers pass coef as `[:, ::1]`, which
     # Numba types as any-layout: one compiled rows_times_matrix instead of a
     # C and an F one, seconds less of compiling; it only reads coef's scalars.)
-    rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1)
+    passes = max(1, -(-nrows // MAX_SUM_ROWS))
+    rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
+                      max(1, -(-nrows // passes)))
 
 
 # Columns of a register block in rows_times_matrix: 4 rows x 64 float32
@@ -240,6 +242,11 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
 BLOCK_COLUMNS = 64
 NARROW_COLUMNS = 16
 BLOCK_VALUES = 4 * BLOCK_COLUMNS  # a literal for stack_buffer
+# dense_backward_weight sums a batch of more rows than this in equal passes
+# of at most this many: a 64-column block of the inputs (32 KB at most)
+# then stays in L1 for every row group of the task (weight gradient of
+# 784-100 on 200 rows 1.2x faster in two passes of 100, measured).
+MAX_SUM_ROWS = 128
 
 
 @kernel
@@ -264,7 +271,7 @@ def stack_buffer(typingctx, size, like):
 
 
 @kernel
-def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1):
+def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # out is (R, C), coef is (R, T), src is (T, C)
     # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1], both backward
     # products and the forward one from transposed weights (k0 a multiple of
@@ -273,20 +280,29 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1):
     # fewer) take C in blocks of BLOCK_COLUMNS, then NARROW_COLUMNS, whose
     # accumulators stay in registers over the whole sum
     # (rows_times_matrix_block: 4 source loads and 4 broadcasts per 16
-    # multiply-adds, no stores until the end). Column blocks are the outer
-    # loop, so that a block of src stays in cache for every row group. The
-    # last few columns go through rows_times_matrix_tile. Which path an
+    # multiply-adds, no stores until the end of a pass). Column blocks are the outer
+    # loop, so that a block of src stays in cache for every row group; within
+    # a column block, source rows go in passes of sum_rows, each continuing
+    # the sums the pass before stored (the same additions in the same order
+    # as in one pass). The last few columns go through
+    # rows_times_matrix_tile, in one pass. Which path an
     # output takes depends on the shapes and r0, r1 only, never on the
     # thread count or the caller (both are ordered_kernels).
     blocked = k0 + (k1 - k0) // BLOCK_COLUMNS * BLOCK_COLUMNS
     narrow = blocked + (k1 - blocked) // NARROW_COLUMNS * NARROW_COLUMNS
     tiled = r0 + (r1 - r0) // 4 * 4
     for k in range(k0, blocked, BLOCK_COLUMNS):
-        for r in range(r0, r1, 4):
-            rows_times_matrix_block(out, coef, src, r, min(4, r1 - r), k, nt, BLOCK_COLUMNS)
+        for t0 in range(0, max(nt, 1), sum_rows):  # once when nt is 0: zeros
+            t1 = min(nt, t0 + sum_rows)
+            for r in range(r0, r1, 4):
+                rows_times_matrix_block(out, coef[:, t0:t1], src[t0:t1], r, min(4, r1 - r), k,
+                                        t1 - t0, t0 > 0, BLOCK_COLUMNS)
     for k in range(blocked, narrow, NARROW_COLUMNS):
-        for r in range(r0, r1, 4):
-            rows_times_matrix_block(out, coef, src, r, min(4, r1 - r), k, nt, NARROW_COLUMNS)
+        for t0 in range(0, max(nt, 1), sum_rows):  # once when nt is 0: zeros
+            t1 = min(nt, t0 + sum_rows)
+            for r in range(r0, r1, 4):
+                rows_times_matrix_block(out, coef[:, t0:t1], src[t0:t1], r, min(4, r1 - r), k,
+                                        t1 - t0, t0 > 0, NARROW_COLUMNS)
     if narrow < k1:
         for r in range(r0, tiled, 4):
             rows_times_matrix_tile(out, coef, src, r, 4, nt, narrow, k1)
@@ -295,16 +311,23 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1):
 
 
 @ordered_kernel
-def rows_times_matrix_block(out, coef, src, r, rows, k0, nt, width):
+def rows_times_matrix_block(out, coef, src, r, rows, k0, nt, add, width):
     # out[r:r + rows, k0:k0 + width] as in rows_times_matrix (rows 1 to 4:
-    # past the last real row the block repeats it and stores nothing), summed
-    # over source rows 0..nt-1 in order, on the stack. width is a constant
-    # at every call, so that once LLVM inlines this, the loops over it unroll
-    # and the accumulators become registers.
+    # past the last real row the block repeats it and stores nothing): the
+    # sum over source rows 0..nt-1 in order, on the stack, started from what
+    # `out` holds if `add`, else from 0. width is a constant at every call,
+    # so that once LLVM inlines this, the loops over it unroll and the
+    # accumulators become registers.
     acc = carray(stack_buffer(BLOCK_VALUES, out[r, k0]), BLOCK_VALUES)
-    for i in range(4 * width):
-        acc[i] = ZERO
     last = r + rows - 1
+    if add:
+        for i in range(4):
+            g = out[min(r + i, last), k0:k0 + width]
+            for k in range(width):
+                acc[i * width + k] = g[k]
+    else:
+        for i in range(4 * width):
+            acc[i] = ZERO
     c0 = coef[r]
     c1 = coef[min(r + 1, last)]
     c2 = coef[min(r + 2, last)]

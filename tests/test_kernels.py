@@ -117,6 +117,22 @@ def test_dense_backward_weight_and_bias(nrows, rng):
     assert relative_error(dbias, dout[:nrows].sum(axis=0)) < 1e-13
 
 
+@pytest.mark.parametrize("nrows", [kernels.MAX_SUM_ROWS + 1, 300])
+def test_dense_backward_weight_in_passes_sums_as_one_pass(nrows, rng):
+    # more rows than MAX_SUM_ROWS: summed in passes, each continuing the
+    # sums of the one before, so every weight gets the very same value as
+    # from a single pass (and the oracle's up to rounding)
+    dout = rng.standard_normal((nrows, 9)).astype(np.float32)
+    inp = rng.standard_normal((nrows, 150)).astype(np.float32)
+    in_passes = np.full((9, 150), 7.0, np.float32)
+    kernels.dense_backward_weight(in_passes, dout, inp, 0, 9, nrows, 0, 150)
+    one_pass = np.full((9, 150), 7.0, np.float32)
+    kernels.rows_times_matrix(one_pass, dout.T.copy(), inp, 0, 9, nrows, 0, 150, nrows)
+    assert np.array_equal(in_passes, one_pass)
+    expected = dout.T.astype(np.float64) @ inp.astype(np.float64)
+    assert relative_error(in_passes, expected) < 1e-5
+
+
 def test_softmax_crossentropy_forward_backward(rng):
     logits = rng.standard_normal((8, 5)) * 30  # large logits: stability matters
     labels = rng.integers(0, 5, 8).astype(np.int32)
@@ -255,11 +271,14 @@ def test_finite_sees_nan_and_inf_under_the_fastmath_flags(bad):
 # whole register blocks; blocks, narrow blocks of 16 and a remainder; none;
 # narrow blocks only
 @pytest.mark.parametrize("C", [64, 150, 7, 48])
-def test_rows_times_matrix_blocks_and_remainders(C, nt, dtype, tol, rng):
+# source rows summed in one pass, or in passes of 5 (the last one shorter)
+@pytest.mark.parametrize("sum_rows", [13, 5])
+def test_rows_times_matrix_blocks_and_remainders(C, nt, sum_rows, dtype, tol, rng):
     coef = rng.standard_normal((11, 13)).astype(dtype)
     src = rng.standard_normal((13, C)).astype(dtype)
     out = np.full((11, C), 7.0, dtype)
-    kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 0, C)  # 2 groups of 4 rows and 1 more
+    # 2 groups of 4 rows and 1 more
+    kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 0, C, sum_rows)
     expected = coef[1:10, :nt].astype(np.float64) @ src[:nt].astype(np.float64)
     if nt:
         assert relative_error(out[1:10], expected) < tol
@@ -269,7 +288,7 @@ def test_rows_times_matrix_blocks_and_remainders(C, nt, dtype, tol, rng):
     # a range of columns from a block boundary on, the others untouched
     if C > 64:
         out[...] = 7.0
-        kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 64, C)
+        kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 64, C, sum_rows)
         if nt:
             assert relative_error(out[1:10, 64:], expected[:, 64:]) < tol
         assert (out[:, :64] == 7.0).all()
