@@ -278,15 +278,14 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # BLOCK_COLUMNS, or 0): each output row is a sum of source rows, all
     # contiguous along C. Groups of 4 output rows (the last group may have
     # fewer) take C in blocks of BLOCK_COLUMNS, then NARROW_COLUMNS, whose
-    # accumulators stay in registers over the whole sum
-    # (rows_times_matrix_block: 4 source loads and 4 broadcasts per 16
-    # multiply-adds, no stores until the end of a pass). Column blocks are the outer
-    # loop, so that a block of src stays in cache for every row group; within
-    # a column block, source rows go in passes of sum_rows, each continuing
-    # the sums the pass before stored (the same additions in the same order
-    # as in one pass). The last few columns go through
-    # rows_times_matrix_tile, in one pass. Which path an
-    # output takes depends on the shapes and r0, r1 only, never on the
+    # accumulators stay in registers over a pass (rows_times_matrix_block:
+    # 4 source loads and 4 broadcasts per 16 multiply-adds, no stores until
+    # the end). Column blocks are the outer loop, so that a block of src
+    # stays in cache for every row group; within a column block, source rows
+    # go in passes of sum_rows, each continuing the sums the pass before
+    # stored (the same additions in the same order as in one pass). The last
+    # few columns go through rows_times_matrix_tile, in one pass. Which path
+    # an output takes depends on the shapes and r0, r1 only, never on the
     # thread count or the caller (both are ordered_kernels).
     blocked = k0 + (k1 - k0) // BLOCK_COLUMNS * BLOCK_COLUMNS
     narrow = blocked + (k1 - blocked) // NARROW_COLUMNS * NARROW_COLUMNS
