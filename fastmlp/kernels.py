@@ -290,6 +290,8 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     blocked = k0 + (k1 - k0) // BLOCK_COLUMNS * BLOCK_COLUMNS
     narrow = blocked + (k1 - blocked) // NARROW_COLUMNS * NARROW_COLUMNS
     tiled = r0 + (r1 - r0) // 4 * 4
+    # two loops alike but for the width, a literal in each (the same loops in
+    # a shared helper ran the weight gradient 2% slower, measured)
     for k in range(k0, blocked, BLOCK_COLUMNS):
         for t0 in range(0, max(nt, 1), sum_rows):  # once when nt is 0: zeros
             t1 = min(nt, t0 + sum_rows)

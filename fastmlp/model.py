@@ -49,6 +49,8 @@ def aligned_copy(a):
     out = aligned_zeros(a.size, a.dtype)
     out[:] = a.ravel()
     return out
+
+
 _LAUNCH_LOCK = threading.Lock()
 
 
@@ -263,8 +265,7 @@ class MLP:
         gradients_update(self.params, grads, empty, empty, workspace.weights_t, workspace.acts,
                          workspace.deltas, workspace.task_checks, n, n, self._sizes,
                          self.w_off, self.b_off, workspace.act_off, workspace.wt_off,
-                         self._tasks, NONE,
-                         make_hyper(self.dtype, 0.0, 0.0, 0.0), False)
+                         self._tasks, NONE, make_hyper(self.dtype, 0.0, 0.0, 0.0), False)
         loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()
         dweights, dbiases = self.layer_views(grads)
         return loss, dweights, dbiases

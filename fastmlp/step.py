@@ -323,6 +323,17 @@ def apply_updates(params, grads, state1, state2, weights_t, task_checks, sizes, 
 
 
 @kernel
+def sum_row_stats(row_stats, nrows):
+    # (weighted loss sum, correct rows) of batch rows 0:nrows, in row order
+    loss = 0.0
+    correct = 0
+    for b in range(nrows):
+        loss += row_stats[b, 0]
+        correct += int(row_stats[b, 1])
+    return loss, correct
+
+
+@kernel
 def batch_weight(sample_weight, idx, start, nrows):
     # total sample weight of rows idx[start:start + nrows], in float64
     total = 0.0
@@ -346,11 +357,7 @@ def shard_gradients(params, grads, acts, deltas, labels, row_weights, row_stats,
                      sample_weight, idx, start, nrows, inv_total, scale,
                      params, sizes, w_off, b_off, act_off, weights_t, wt_off,
                      activation, np.bool_(True), np.int64(0), threads)
-    loss = 0.0
-    correct = 0
-    for b in range(nrows):
-        loss += row_stats[b, 0]
-        correct += int(row_stats[b, 1])
+    loss, correct = sum_row_stats(row_stats, nrows)
     gradients_update(params, grads, grads, grads, weights_t, acts, deltas, task_checks, nrows,
                      labels.shape[0], sizes, w_off, b_off, act_off, wt_off, tasks,
                      np.int64(NONE), hyper, np.bool_(False))
@@ -393,10 +400,8 @@ def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights
                          sample_weight, idx, start, nrows, inv_total, scale,
                          params, sizes, w_off, b_off, act_off, weights_t, wt_off,
                          activation, np.bool_(True), next_rows, threads)
-        step_loss = 0.0
-        for b in range(nrows):
-            step_loss += row_stats[b, 0]
-            correct += int(row_stats[b, 1])
+        step_loss, step_correct = sum_row_stats(row_stats, nrows)
+        correct += step_correct
         if not finite(step_loss):
             return loss_sum, weight_sum, correct, LOSS_NOT_FINITE, s
         loss_sum += step_loss
