@@ -21,12 +21,13 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .expf import fast_exp
 from .jit import kernel, ordered_kernel
+from .microkernel import block_multiply_add
 
 SIGMOID = 0
 TANH = 1
@@ -235,13 +236,11 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
                       max(1, -(-nrows // passes)))
 
 
-# Columns of a register block in rows_times_matrix: 4 rows x 64 float32
-# columns are 16 AVX-512 registers of accumulators. Columns past the last
-# whole block go in narrow blocks of 16 (one register per row) while they
-# last.
+# Columns of a block in rows_times_matrix: block_multiply_add takes them in
+# register panels that fit the CPU's vector registers. Columns past the
+# last whole block go in narrow blocks of 16 while they last.
 BLOCK_COLUMNS = 64
 NARROW_COLUMNS = 16
-BLOCK_VALUES = 4 * BLOCK_COLUMNS  # a literal for stack_buffer
 # dense_backward_weight sums a batch of more rows than this in equal passes
 # of at most this many: a 64-column block of the inputs (32 KB at most)
 # then stays in L1 for every row group of the task (weight gradient of
@@ -256,20 +255,6 @@ def transposed_outputs(OC):
     return OC // BLOCK_COLUMNS * BLOCK_COLUMNS
 
 
-@intrinsic
-def stack_buffer(typingctx, size, like):
-    # a pointer to `size` (a literal) values of like's type on the stack:
-    # with constant indices LLVM keeps them in registers
-    if not isinstance(size, types.IntegerLiteral) or not isinstance(like, types.Float):
-        return None
-
-    def codegen(context, builder, signature, args):
-        value_type = context.get_value_type(like)
-        buffer = cgutils.alloca_once(builder, ir.ArrayType(value_type, size.literal_value))
-        return builder.bitcast(buffer, value_type.as_pointer())
-    return types.CPointer(like)(size, like), codegen
-
-
 @kernel
 def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # out is (R, C), coef is (R, T), src is (T, C)
@@ -278,10 +263,10 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # BLOCK_COLUMNS, or 0): each output row is a sum of source rows, all
     # contiguous along C. Groups of 4 output rows (the last group may have
     # fewer) take C in blocks of BLOCK_COLUMNS, then NARROW_COLUMNS, whose
-    # accumulators stay in registers over a pass (rows_times_matrix_block:
-    # 4 source loads and 4 broadcasts per 16 multiply-adds, no stores until
-    # the end). Column blocks are the outer loop, so that a block of src
-    # stays in cache for every row group; within a column block, source rows
+    # accumulators stay in registers over a pass (block_multiply_add in
+    # microkernel.py: explicit vectors, no stores until the end). Column
+    # blocks are the outer loop, so that a block of src stays in cache for
+    # every row group; within a column block, source rows
     # go in passes of sum_rows, each continuing the sums the pass before
     # stored (the same additions in the same order as in one pass). The last
     # few columns go through rows_times_matrix_tile, in one pass. Which path
@@ -296,61 +281,19 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
         for t0 in range(0, max(nt, 1), sum_rows):  # once when nt is 0: zeros
             t1 = min(nt, t0 + sum_rows)
             for r in range(r0, r1, 4):
-                rows_times_matrix_block(out, coef[:, t0:t1], src[t0:t1], r, min(4, r1 - r), k,
-                                        t1 - t0, t0 > 0, BLOCK_COLUMNS)
+                block_multiply_add(out, coef[:, t0:t1], src[t0:t1], r, min(4, r1 - r), k,
+                                   t1 - t0, t0 > 0, BLOCK_COLUMNS)
     for k in range(blocked, narrow, NARROW_COLUMNS):
         for t0 in range(0, max(nt, 1), sum_rows):  # once when nt is 0: zeros
             t1 = min(nt, t0 + sum_rows)
             for r in range(r0, r1, 4):
-                rows_times_matrix_block(out, coef[:, t0:t1], src[t0:t1], r, min(4, r1 - r), k,
-                                        t1 - t0, t0 > 0, NARROW_COLUMNS)
+                block_multiply_add(out, coef[:, t0:t1], src[t0:t1], r, min(4, r1 - r), k,
+                                   t1 - t0, t0 > 0, NARROW_COLUMNS)
     if narrow < k1:
         for r in range(r0, tiled, 4):
             rows_times_matrix_tile(out, coef, src, r, 4, nt, narrow, k1)
         for r in range(tiled, r1):
             rows_times_matrix_tile(out, coef, src, r, 1, nt, narrow, k1)
-
-
-@ordered_kernel
-def rows_times_matrix_block(out, coef, src, r, rows, k0, nt, add, width):
-    # out[r:r + rows, k0:k0 + width] as in rows_times_matrix (rows 1 to 4:
-    # past the last real row the block repeats it and stores nothing): the
-    # sum over source rows 0..nt-1 in order, on the stack, started from what
-    # `out` holds if `add`, else from 0. width is a constant at every call,
-    # so that once LLVM inlines this, the loops over it unroll and the
-    # accumulators become registers.
-    acc = carray(stack_buffer(BLOCK_VALUES, out[r, k0]), BLOCK_VALUES)
-    last = r + rows - 1
-    if add:
-        for i in range(4):
-            g = out[min(r + i, last), k0:k0 + width]
-            for k in range(width):
-                acc[i * width + k] = g[k]
-    else:
-        for i in range(4 * width):
-            acc[i] = ZERO
-    c0 = coef[r]
-    c1 = coef[min(r + 1, last)]
-    c2 = coef[min(r + 2, last)]
-    c3 = coef[min(r + 3, last)]
-    for t in range(nt):
-        x = src[t, k0:k0 + width]
-        a0 = c0[t]
-        a1 = c1[t]
-        a2 = c2[t]
-        a3 = c3[t]
-        for k in range(width):
-            v = x[k]
-            acc[k] += a0 * v
-            acc[width + k] += a1 * v
-            acc[2 * width + k] += a2 * v
-            acc[3 * width + k] += a3 * v
-    # constant indices into acc (a loop to `rows` would keep acc in memory)
-    for i in range(4):
-        if i < rows:
-            g = out[r + i, k0:k0 + width]
-            for k in range(width):
-                g[k] = acc[i * width + k]
 
 
 @ordered_kernel
