@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import carray, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -231,21 +231,20 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # whatever the thread count. (Both callers pass coef as `[:, ::1]`, which
     # Numba types as any-layout: one compiled rows_times_matrix instead of a
     # C and an F one, seconds less of compiling; it only reads coef's scalars.)
-    passes = max(1, -(-nrows // MAX_SUM_ROWS))
-    rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
-                      max(1, -(-nrows // passes)))
+    rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1, MAX_SUM_ROWS)
 
 
 # Columns of a block in rows_times_matrix: block_multiply_add takes them in
-# register panels that fit the CPU's vector registers. Columns past the
-# last whole block go in narrow blocks of 16 while they last.
+# register panels that fit the CPU's vector registers. The whole 16s of
+# columns past the last whole block go in one narrow block.
 BLOCK_COLUMNS = 64
 NARROW_COLUMNS = 16
-# dense_backward_weight sums a batch of more rows than this in equal passes
-# of at most this many: a 64-column block of the inputs (32 KB at most)
-# then stays in L1 for every row group of the task (weight gradient of
-# 784-100 on 200 rows 1.2x faster in two passes of 100, measured).
+# rows_times_matrix sums more source rows than this in equal passes of at
+# most this many: a packed 64-column panel (32 KB at most in float32) then
+# stays in L1 for every row group (weight gradient of 784-100 on 200 rows
+# 1.2x faster in two passes of 100, measured).
 MAX_SUM_ROWS = 128
+PACK_VALUES = MAX_SUM_ROWS * BLOCK_COLUMNS  # rows_times_matrix's packed panel
 
 
 @kernel
@@ -255,6 +254,34 @@ def transposed_outputs(OC):
     return OC // BLOCK_COLUMNS * BLOCK_COLUMNS
 
 
+@intrinsic
+def stack_buffer(typingctx, size, like):
+    # a pointer to `size` (a literal) values of the array like's dtype, on
+    # the stack of the function this is inlined into
+    if not isinstance(size, types.IntegerLiteral) or not isinstance(like, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value_type = context.get_value_type(like.dtype)
+        buffer = cgutils.alloca_once(builder, ir.ArrayType(value_type, size.literal_value))
+        buffer.align = 64
+        return builder.bitcast(buffer, value_type.as_pointer())
+    return types.CPointer(like.dtype)(size, like), codegen
+
+
+@kernel
+def pack_panel(packed, src, t0, t1, k, width):
+    # src[t0:t1, k:k + width] copied into the first values of packed, as a
+    # contiguous (t1 - t0, width) matrix
+    panel = packed[:(t1 - t0) * width].reshape((t1 - t0, width))
+    for t in range(t0, t1):
+        row = src[t, k:k + width]
+        dst = panel[t - t0]
+        for c in range(width):
+            dst[c] = row[c]
+    return panel
+
+
 @kernel
 def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # out is (R, C), coef is (R, T), src is (T, C)
@@ -262,38 +289,62 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # products and the forward one from transposed weights (k0 a multiple of
     # BLOCK_COLUMNS, or 0): each output row is a sum of source rows, all
     # contiguous along C. Groups of 4 output rows (the last group may have
-    # fewer) take C in blocks of BLOCK_COLUMNS, then NARROW_COLUMNS, whose
-    # accumulators stay in registers over a pass (block_multiply_add in
-    # microkernel.py: explicit vectors, no stores until the end). Column
+    # fewer) take C in blocks of BLOCK_COLUMNS, then the whole 16s of
+    # columns left in one narrow block, whose accumulators stay in
+    # registers over a pass (block_multiply_add in microkernel.py: explicit
+    # vectors, no stores until the end). Column
     # blocks are the outer loop, so that a block of src stays in cache for
-    # every row group; within a column block, source rows
-    # go in passes of sum_rows, each continuing the sums the pass before
-    # stored (the same additions in the same order as in one pass). The last
+    # every row group; within a column block, source rows go in equal passes
+    # of at most sum_rows (and MAX_SUM_ROWS), each continuing the sums the
+    # pass before stored (the same additions in the same order as in one
+    # pass). The last
     # few columns go through rows_times_matrix_tile, in one pass. Which path
     # an output takes depends on the shapes and r0, r1 only, never on the
     # thread count or the caller (both are ordered_kernels).
     blocked = k0 + (k1 - k0) // BLOCK_COLUMNS * BLOCK_COLUMNS
     narrow = blocked + (k1 - blocked) // NARROW_COLUMNS * NARROW_COLUMNS
     tiled = r0 + (r1 - r0) // 4 * 4
+    # each pass packs its rows of the source block into a contiguous panel
+    # on the stack that every row group then reads: source rows whose
+    # stride is a multiple of 2 KB (512 columns) fall into few L1 sets and
+    # would be fetched from L2 again for every row group
+    packed = carray(stack_buffer(PACK_VALUES, out), PACK_VALUES)
+    passes = max(1, -(-nt // min(sum_rows, MAX_SUM_ROWS)))
+    step = max(1, -(-nt // passes))  # equal passes that fit the panel
     # two loops alike but for the width, a literal in each (the same loops in
     # a shared helper ran the weight gradient 2% slower, measured)
     for k in range(k0, blocked, BLOCK_COLUMNS):
-        for t0 in range(0, max(nt, 1), sum_rows):  # once when nt is 0: zeros
-            t1 = min(nt, t0 + sum_rows)
+        for t0 in range(0, max(nt, 1), step):  # once when nt is 0: zeros
+            t1 = min(nt, t0 + step)
+            panel = pack_panel(packed, src, t0, t1, k, BLOCK_COLUMNS)
             for r in range(r0, r1, 4):
-                block_multiply_add(out, coef[:, t0:t1], src[t0:t1], r, min(4, r1 - r), k,
-                                   t1 - t0, t0 > 0, BLOCK_COLUMNS)
-    for k in range(blocked, narrow, NARROW_COLUMNS):
-        for t0 in range(0, max(nt, 1), sum_rows):  # once when nt is 0: zeros
-            t1 = min(nt, t0 + sum_rows)
+                block_multiply_add(out[:, k:], coef[:, t0:t1], panel, r, min(4, r1 - r),
+                                   0, t1 - t0, t0 > 0, BLOCK_COLUMNS)
+    if narrow > blocked:  # 16, 32 or 48 columns: one block, as wide as they are
+        rest = narrow - blocked
+        for t0 in range(0, max(nt, 1), step):  # once when nt is 0: zeros
+            t1 = min(nt, t0 + step)
+            panel = pack_panel(packed, src, t0, t1, blocked, rest)
             for r in range(r0, r1, 4):
-                block_multiply_add(out, coef[:, t0:t1], src[t0:t1], r, min(4, r1 - r), k,
-                                   t1 - t0, t0 > 0, NARROW_COLUMNS)
+                narrow_block(out[:, blocked:], coef[:, t0:t1], panel, r, min(4, r1 - r),
+                             t1 - t0, t0 > 0, rest)
     if narrow < k1:
         for r in range(r0, tiled, 4):
             rows_times_matrix_tile(out, coef, src, r, 4, nt, narrow, k1)
         for r in range(tiled, r1):
             rows_times_matrix_tile(out, coef, src, r, 1, nt, narrow, k1)
+
+
+@kernel
+def narrow_block(out, coef, src, r, rows, nt, add, width):
+    # block_multiply_add on the first `width` columns (16, 32 or 48) of out
+    # and src, each width a literal of its own
+    if width == 16:
+        block_multiply_add(out, coef, src, r, rows, 0, nt, add, 16)
+    elif width == 32:
+        block_multiply_add(out, coef, src, r, rows, 0, nt, add, 32)
+    else:
+        block_multiply_add(out, coef, src, r, rows, 0, nt, add, 48)
 
 
 @ordered_kernel

@@ -62,6 +62,15 @@ def vector_bits(cpu_name, features):
     return 256 if "ymm" in assembly else 128
 
 
+def compiled_target():
+    """(LLVM CPU name, vector bits) that kernels compiled in this process
+    are generated for: the host's, or NUMBA_CPU_NAME's."""
+    from numba.core.registry import cpu_target
+    codegen = cpu_target.target_context.codegen()
+    name = codegen._get_host_cpu_name()
+    return name, vector_bits(name, codegen._tm_features)
+
+
 def target_vector_bits(context):
     # the vector width of the CPU that `context` compiles for
     # (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, or the host)
@@ -80,6 +89,96 @@ def panels(nvec, most):
     # near-equal sizes (8 AVX2 vectors: 3, 3, 2)
     count = -(-nvec // most)
     return [nvec * (i + 1) // count - nvec * i // count for i in range(count)]
+
+
+def panel_function(module, value, itemsize, lanes, nvec):
+    """The LLVM function that runs one column panel of nvec vectors a row,
+    defined once per module:
+
+      void panel(out, out_stride, coef, coef_stride, coef_step, src,
+                 src_stride, nt, rows, add)
+
+    pointers to out[r, k], coef[r, 0] and src[0, k]; strides and the step
+    along coef's t axis in bytes. A function of its own (not inlined), so
+    that only the panel's own values are live in its loop: general
+    registers then suffice for its pointers, and nothing is spilled."""
+    name = f"fastmlp_panel_{value}_{lanes}x{nvec}"
+    try:
+        return module.get_global(name)
+    except KeyError:
+        pass
+    i64 = ir.IntType(64)
+    byte_pointer = ir.IntType(8).as_pointer()
+    function = ir.Function(module, ir.FunctionType(ir.VoidType(), [
+        byte_pointer, i64, byte_pointer, i64, i64, byte_pointer, i64, i64, i64, ir.IntType(1)]),
+        name)
+    function.linkage = "internal"
+    function.attributes.add("noinline")
+    function.attributes.add("nounwind")
+    # no unrolling: unrolled by 2, the loop wants a second set of coef
+    # offsets (their step is not a constant), and one spilled to the stack
+    function.attributes.add("optsize")
+    out, out_stride, coef, coef_stride, coef_step, src, src_stride, nt, rows, add = function.args
+    vector = ir.VectorType(value, lanes)
+    builder = ir.IRBuilder(function.append_basic_block("entry"))
+
+    def at(pointer, offset, kind=value):
+        # pointer + offset bytes, as a pointer to `kind`
+        return builder.bitcast(builder.gep(pointer, [offset]), kind.as_pointer())
+
+    # rows past the last real one repeat it (loaded, never stored)
+    last = builder.sub(rows, ir.Constant(i64, 1))
+    row = [builder.select(builder.icmp_signed("<", ir.Constant(i64, i), rows),
+                          ir.Constant(i64, i), last) for i in range(ROWS)]
+    out_rows = [builder.gep(out, [builder.mul(i, out_stride)]) for i in row]
+    coef_rows = [builder.gep(coef, [builder.mul(i, coef_stride)]) for i in row]
+
+    def vector_at(pointer, v):
+        return at(pointer, ir.Constant(i64, v * lanes * itemsize), vector)
+
+    zero = ir.Constant(vector, None)
+    start = [builder.select(add, builder.load(vector_at(out_rows[i], v), align=itemsize), zero)
+             for i in range(ROWS) for v in range(nvec)]
+    # the loop over source rows t, accumulators as phi nodes
+    entry = builder.block
+    header = function.append_basic_block("loop")
+    body = function.append_basic_block("body")
+    done = function.append_basic_block("done")
+    builder.branch(header)
+    builder.position_at_end(header)
+    t = builder.phi(i64)
+    t.add_incoming(ir.Constant(i64, 0), entry)
+    acc = []
+    for s in start:
+        phi = builder.phi(vector)
+        phi.add_incoming(s, entry)
+        acc.append(phi)
+    builder.cbranch(builder.icmp_signed("<", t, nt), body, done)
+    builder.position_at_end(body)
+    src_row = builder.gep(src, [builder.mul(t, src_stride)])
+    x = [builder.load(vector_at(src_row, v), align=itemsize) for v in range(nvec)]
+    flags = ("contract",)  # as every kernel's: FMAs wherever the CPU has them
+    new = []
+    for i in range(ROWS):
+        a = builder.load(at(coef_rows[i], builder.mul(t, coef_step)))
+        splat = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(vector, ir.Undefined), a,
+                                   ir.Constant(ir.IntType(32), 0)),
+            ir.Constant(vector, ir.Undefined),
+            ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+        for v in range(nvec):
+            new.append(builder.fadd(acc[i * nvec + v], builder.fmul(splat, x[v], flags=flags),
+                                    flags=flags))
+    for phi, value_ in zip(acc + [t], new + [builder.add(t, ir.Constant(i64, 1))]):
+        phi.add_incoming(value_, builder.block)
+    builder.branch(header)
+    builder.position_at_end(done)
+    for i in range(ROWS):
+        with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, i), rows), likely=True):
+            for v in range(nvec):
+                builder.store(acc[i * nvec + v], vector_at(out_rows[i], v), align=itemsize)
+    builder.ret_void()
+    return function
 
 
 @intrinsic
@@ -105,89 +204,25 @@ def block_multiply_add(typingctx, out, coef, src, r, rows, k0, nt, add, width):
         itemsize = context.get_abi_sizeof(value)
         bits = target_vector_bits(context)
         lanes = bits // 8 // itemsize
-        vector = ir.VectorType(value, lanes)
-        # rows past the last real one repeat it (loaded, never stored)
-        last = builder.sub(rows_, ir.Constant(i64, 1))
-        row_index = [builder.add(r_, builder.select(
-            builder.icmp_signed("<", ir.Constant(i64, i), rows_), ir.Constant(i64, i), last))
-            for i in range(ROWS)]
 
-        def row_pointer(array, row, column):
-            # &array[row, column] as a pointer to `value`
-            stride = builder.extract_value(array.strides, 0)
-            byte = builder.add(builder.mul(row, stride),
-                               builder.mul(column, ir.Constant(i64, itemsize)))
+        def address(array, row, column):
+            # &array[row, column] as a byte pointer
             data = builder.bitcast(array.data, ir.IntType(8).as_pointer())
-            return builder.bitcast(builder.gep(data, [byte]), value.as_pointer())
+            return builder.gep(data, [builder.add(
+                builder.mul(row, builder.extract_value(array.strides, 0)),
+                builder.mul(column, ir.Constant(i64, itemsize)))])
 
-        def vector_at(pointer, offset):
-            return builder.bitcast(builder.gep(pointer, [ir.Constant(i64, offset)]),
-                                   vector.as_pointer())
-
-        def element_at(pointer, index, step):
-            # pointer + index * step bytes
-            byte = builder.gep(builder.bitcast(pointer, ir.IntType(8).as_pointer()),
-                               [builder.mul(index, step)])
-            return builder.bitcast(byte, value.as_pointer())
-
-        coef_rows = [row_pointer(coef_arr, row, ir.Constant(i64, 0)) for row in row_index]
-        coef_step = builder.extract_value(coef_arr.strides, 1)  # dout.T's is not 1
-        flags = ("contract",)
         column = 0
         for nvec in panels(columns // lanes, panel_vectors(bits)):
             k = builder.add(k0_, ir.Constant(i64, column))
-            out_rows = [row_pointer(out_arr, row, k) for row in row_index]
-            src_first = row_pointer(src_arr, ir.Constant(i64, 0), k)
-            src_stride = builder.extract_value(src_arr.strides, 0)
-            zero = ir.Constant(vector, None)
-            start = []
-            for i in range(ROWS):
-                for v in range(nvec):
-                    held = builder.load(vector_at(out_rows[i], v * lanes), align=itemsize)
-                    start.append(builder.select(add_, held, zero))
-            # the loop over source rows t, accumulators as phi nodes
-            entry = builder.block
-            header = builder.append_basic_block("panel_loop")
-            body = builder.append_basic_block("panel_body")
-            done = builder.append_basic_block("panel_done")
-            builder.branch(header)
-            builder.position_at_end(header)
-            t = builder.phi(i64)
-            t.add_incoming(ir.Constant(i64, 0), entry)
-            acc = []
-            for s in start:
-                phi = builder.phi(vector)
-                phi.add_incoming(s, entry)
-                acc.append(phi)
-            builder.cbranch(builder.icmp_signed("<", t, nt_), body, done)
-            builder.position_at_end(body)
-            src_row = element_at(src_first, t, src_stride)
-            x = [builder.load(vector_at(src_row, v * lanes), align=itemsize)
-                 for v in range(nvec)]
-            new = []
-            for i in range(ROWS):
-                a = builder.load(element_at(coef_rows[i], t, coef_step))
-                splat = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(vector, ir.Undefined), a,
-                                           ir.Constant(ir.IntType(32), 0)),
-                    ir.Constant(vector, ir.Undefined),
-                    ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
-                for v in range(nvec):
-                    product = builder.fmul(splat, x[v], flags=flags)
-                    new.append(builder.fadd(acc[i * nvec + v], product, flags=flags))
-            t_next = builder.add(t, ir.Constant(i64, 1))
-            body_end = builder.block
-            t.add_incoming(t_next, body_end)
-            for phi, n in zip(acc, new):
-                phi.add_incoming(n, body_end)
-            builder.branch(header)
-            builder.position_at_end(done)
-            for i in range(ROWS):
-                real = builder.icmp_signed("<", ir.Constant(i64, i), rows_)
-                with builder.if_then(real, likely=True):
-                    for v in range(nvec):
-                        builder.store(acc[i * nvec + v], vector_at(out_rows[i], v * lanes),
-                                      align=itemsize)
+            panel = panel_function(builder.module, value, itemsize, lanes, nvec)
+            builder.call(panel, [
+                address(out_arr, r_, k), builder.extract_value(out_arr.strides, 0),
+                address(coef_arr, r_, ir.Constant(i64, 0)),
+                builder.extract_value(coef_arr.strides, 0),
+                builder.extract_value(coef_arr.strides, 1),  # dout.T's is not 1
+                address(src_arr, ir.Constant(i64, 0), k),
+                builder.extract_value(src_arr.strides, 0), nt_, rows_, add_])
             column += nvec * lanes
         return context.get_dummy_value()
 

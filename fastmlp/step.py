@@ -25,6 +25,7 @@ of the parameter and optimizer-state vectors.
 import numpy as np
 from numba import prange
 
+from .fpenv import flush_subnormals, write_fp_control
 from .jit import kernel, parallel_kernel
 from .kernels import (
     BLOCK_COLUMNS,
@@ -210,6 +211,7 @@ def forward_backward(acts, deltas, labels, row_weights, row_stats, X, y,
         r0, r1 = part_bounds(nrows, part, parts)
         if r0 == r1:  # fewer tiles than parts
             continue
+        fp_control = flush_subnormals()
         gather_rows(view2d(acts, act_off, 0, B, sizes[0]), labels, row_weights, X, y,
                     sample_weight, idx, start, scale, r0, r1)
         for l in range(L):
@@ -230,6 +232,7 @@ def forward_backward(acts, deltas, labels, row_weights, row_stats, X, y,
                                      view2d(params, w_off, l, sizes[l + 1], sizes[l]),
                                      view2d(acts, act_off, l, B, sizes[l]),
                                      activation, r0, r1)
+        write_fp_control(fp_control)
 
 
 @kernel
@@ -307,9 +310,11 @@ def gradients_update(params, grads, state1, state2, weights_t, acts, deltas, tas
     # (unless optimizer is NONE) updates it while it is hot in cache;
     # task_checks[t] is NaN when task t produced a non-finite parameter, else 0.
     for t in prange(tasks.shape[0]):
+        fp_control = flush_subnormals()
         task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off, tasks)
         task_checks[t] = task_update(params, grads, state1, state2, weights_t, t, sizes,
                                      w_off, b_off, wt_off, tasks, optimizer, hyper, nesterov)
+        write_fp_control(fp_control)
 
 
 @parallel_kernel
@@ -318,8 +323,10 @@ def apply_updates(params, grads, state1, state2, weights_t, task_checks, sizes, 
     # the update half of gradients_update, for gradients summed elsewhere
     # (over MPI ranks)
     for t in prange(tasks.shape[0]):
+        fp_control = flush_subnormals()
         task_checks[t] = task_update(params, grads, state1, state2, weights_t, t, sizes,
                                      w_off, b_off, wt_off, tasks, optimizer, hyper, nesterov)
+        write_fp_control(fp_control)
 
 
 @kernel

@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from workloads import WORKLOADS, flops_per_epoch, sgemm_gflops  # noqa: E402
 
-PEERS = ["fastmlp", "numpy", "torch", "sklearn", "jax", "keras"]
-MODULE_OF = {"fastmlp": "fastmlp", "numpy": "numpy", "torch": "torch",
+PEERS = ["fastmlp", "numpy", "torch", "torch_bf16", "sklearn", "jax", "keras"]
+MODULE_OF = {"fastmlp": "fastmlp", "numpy": "numpy", "torch": "torch", "torch_bf16": "torch",
              "sklearn": "sklearn", "jax": "jax", "keras": "keras"}
 
 
@@ -78,7 +78,10 @@ def run_numpy(workload, data, epochs):
     return times, float(np.mean(probs.argmax(axis=1) == y_test))
 
 
-def run_torch(workload, data, epochs):
+def run_torch(workload, data, epochs, bf16=False):
+    """PyTorch eager, float32; with bf16, under torch.autocast("cpu",
+    torch.bfloat16), as a PyTorch user on a recent CPU would train."""
+    import contextlib
     import torch
     sizes, activation, batch_size, lr = WORKLOADS[workload]
     x_train, y_train, x_test, y_test = data
@@ -99,6 +102,10 @@ def run_torch(workload, data, epochs):
     loss_fn = torch.nn.CrossEntropyLoss()
     X = torch.from_numpy(x_train.astype(np.float32) / 255)
     y = torch.from_numpy(y_train.astype(np.int64))
+
+    def autocast():
+        return (torch.autocast("cpu", dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
     times = []
     for _ in range(epochs):
         order = torch.randperm(len(X))
@@ -106,12 +113,18 @@ def run_torch(workload, data, epochs):
         for s in range(0, len(X), batch_size):
             rows = order[s:s + batch_size]
             optimizer.zero_grad()
-            loss_fn(model(X[rows]), y[rows]).backward()
+            with autocast():
+                loss = loss_fn(model(X[rows]), y[rows])
+            loss.backward()
             optimizer.step()
         times.append(time.perf_counter() - start)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         pred = model(torch.from_numpy(x_test.astype(np.float32) / 255)).argmax(dim=1).numpy()
     return times, float(np.mean(pred == y_test))
+
+
+def run_torch_bf16(workload, data, epochs):
+    return run_torch(workload, data, epochs, bf16=True)
 
 
 def run_jax(workload, data, epochs):
@@ -249,6 +262,21 @@ def blas_kernel():
     return "; ".join(info) or "none"
 
 
+def machine_summary():
+    """The CPU, and what fastmlp's kernels are compiled for on it."""
+    from fastmlp.microkernel import compiled_target, panel_vectors
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    name, bits = compiled_target()
+    return (f"CPU: {model}; LLVM CPU name: {name}; microkernels: {bits}-bit vectors, "
+            f"4 rows x up to {panel_vectors(bits)} vectors")
+
+
 def child(peer, workload, epochs):
     data = load_data()
     times, accuracy = globals()[f"run_{peer}"](workload, data, epochs)
@@ -283,6 +311,7 @@ def main(argv=None):
         print(json.dumps({"seconds": seconds, "accuracy": accuracy}))
         return 0
     import importlib.util
+    print(machine_summary())
     peak = sgemm_gflops()
     print(f"sgemm peak (NumPy, float32, 1024^3): {peak:.0f} GFLOP/s; BLAS: {blas_kernel()}")
     for workload in filter(None, args.workloads.split(",")):

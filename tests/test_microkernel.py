@@ -1,0 +1,154 @@
+"""block_multiply_add: its values against NumPy, and its machine code under
+the code generation of every CPU family fastmlp users run (compiled for a
+named CPU in a child process; nothing runs there, so no such CPU is needed)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from numba import njit
+
+from fastmlp.jit import FASTMATH
+from fastmlp.microkernel import block_multiply_add, panel_vectors, panels, vector_bits
+
+
+@njit(fastmath=FASTMATH)
+def multiply_add(out, coef, src, r, rows, k0, nt, add, width):
+    if width == 64:
+        block_multiply_add(out, coef, src, r, rows, k0, nt, add, 64)
+    else:
+        block_multiply_add(out, coef, src, r, rows, k0, nt, add, 16)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [64, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("add", [False, True])
+def test_block_multiply_add_against_numpy(dtype, width, rows, add, rng):
+    # coef is a transposed view (strided along t), as the weight gradient
+    # passes it; rows past `rows` and columns outside the block stay as they were
+    coef = rng.standard_normal((37, 9)).astype(dtype).T
+    src = rng.standard_normal((37, 100)).astype(dtype)
+    out = rng.standard_normal((9, 100)).astype(dtype)
+    before = out.copy()
+    r, k0, nt = 2, 20, 35
+    multiply_add(out, coef, src, r, rows, k0, nt, add, width)
+    block = np.s_[r:r + rows, k0:k0 + width]
+    expected = coef[r:r + rows, :nt].astype(np.float64) @ src[:nt, k0:k0 + width]
+    if add:
+        expected += before[block]
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out[block], expected, rtol=tol, atol=tol)
+    outside = np.ones(out.shape, bool)
+    outside[block] = False
+    np.testing.assert_array_equal(out[outside], before[outside])
+
+
+def test_block_multiply_add_is_one_chain_of_fmas_in_order(rng):
+    # each output is fma(coef[t], src[t], acc) for t = 0, 1, ... in turn:
+    # the sum a scalar loop of the same multiply-adds gives, bit for bit
+    coef = rng.standard_normal((4, 50)).astype(np.float32)
+    src = rng.standard_normal((50, 64)).astype(np.float32)
+    out = np.zeros((4, 64), np.float32)
+    multiply_add(out, coef, src, 0, 4, 0, 50, False, 64)
+    expected = np.zeros((4, 64), np.float64)
+    for t in range(50):  # exact products in float64, one rounding per step
+        expected = (expected + coef[:, t:t + 1].astype(np.float64) * src[t]).astype(np.float32)
+        expected = expected.astype(np.float64)
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+
+
+def test_panels_fit_the_register_file():
+    for bits, registers in ((512, 32), (256, 16), (128, 16)):
+        most = panel_vectors(bits)
+        assert 4 * most + most + 1 <= registers
+    assert panels(4, 6) == [4]  # AVX-512 float32, 64 columns: one panel
+    assert panels(8, 3) == [2, 3, 3]  # AVX2 float32
+    assert panels(16, 3) == [2, 3, 3, 2, 3, 3]  # AVX2 float64
+
+
+# CPU names LLVM knows, with the vector registers their code must use
+CPUS = {
+    "skylake-avx512": 512, "icelake-server": 512, "sapphirerapids": 512,  # Intel tuning
+    "znver4": 512, "znver5": 512,  # AMD tuning
+    "haswell": 256, "znver3": 256,  # AVX2: 16 registers
+}
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import numba
+    from numba import njit, types
+    from fastmlp.jit import FASTMATH
+    from fastmlp.microkernel import block_multiply_add
+    out = {}
+    for dtype in (types.float32, types.float64):
+        matrix = types.Array(dtype, 2, "A")
+        signature = types.void(matrix, matrix, matrix, types.intp, types.intp, types.intp,
+                               types.intp, types.boolean)
+        for width in (64, 48, 16):
+            exec(f"def block(out, coef, src, r, rows, k0, nt, add):\\n"
+                 f"    block_multiply_add(out, coef, src, r, rows, k0, nt, add, {width})",
+                 globals())
+            compiled = njit(signature, fastmath=FASTMATH)(block)
+            out[f"{dtype}-{width}"] = compiled.inspect_asm(compiled.signatures[0])
+    print(json.dumps(out))
+""")
+
+
+def loops(assembly):
+    """The bodies of the innermost loops: the lines from a label to a
+    branch back to it with no other label in between."""
+    lines = assembly.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        jump = re.match(r"\s+j\w+\s+(\.LBB\S+)", line)
+        if not jump:
+            continue
+        for j in range(i - 1, -1, -1):
+            if lines[j].startswith(jump.group(1) + ":"):
+                body = lines[j + 1:i]
+                if not any(re.match(r"\.LBB\S+:", b) for b in body):
+                    found.append(body)
+                break
+    return found
+
+
+@pytest.fixture(scope="module")
+def assemblies(tmp_path_factory):
+    children = {}
+    for cpu in CPUS:
+        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="",
+                   NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp(cpu)))
+        children[cpu] = subprocess.Popen([sys.executable, "-c", CHILD], env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True)
+    results = {}
+    for cpu, child in children.items():
+        stdout, stderr = child.communicate(timeout=600)
+        assert child.returncode == 0, stderr
+        results[cpu] = json.loads(stdout.splitlines()[-1])
+    return results
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_inner_loops_keep_accumulators_in_registers(assemblies, cpu):
+    bits = CPUS[cpu]
+    register = {512: "zmm", 256: "ymm"}[bits]
+    assert vector_bits(cpu, "") == bits
+    for name, assembly in assemblies[cpu].items():
+        fma_loops = [body for body in loops(assembly) if any("vfmadd" in b for b in body)]
+        assert fma_loops, f"{cpu} {name}: no loop of FMAs"
+        for body in fma_loops:
+            text = "\n".join(body)
+            # no spill or reload: nothing in the loop addresses the stack
+            assert "(%rsp" not in text, f"{cpu} {name}: stack access in the loop\n{text}"
+            fmas = [b for b in body if "vfmadd" in b]
+            assert all(f"%{register}" in b for b in fmas), \
+                f"{cpu} {name}: FMAs not all on {register}\n{text}"
+            # every FMA's accumulator is a register, never memory: the
+            # last operand (the destination) is a register
+            assert all(re.search(rf"%{register}\d+\s*$", b) for b in fmas), text
