@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 
 from .expf import fast_exp
 from .jit import kernel, ordered_kernel
-from .microkernel import block_multiply_add
+from .microkernel import block_multiply_add, dot_tile
 
 SIGMOID = 0
 TANH = 1
@@ -139,49 +139,18 @@ def dense_forward(out, inp, weight, weight_t, bias, activation, r0, r1):
     # transposed_outputs) are rows of inp times weight_t through
     # rows_times_matrix's register blocks (about 1.5x the rate of the dot
     # products below, measured). The rest are dot products along the long,
-    # contiguous C axis of weight's rows: a tile of 4 rows x 4 outputs keeps
-    # 16 accumulators in vector registers and loads 8 values per 16
-    # multiply-adds. At an edge the tile repeats the last row or output and
-    # stores only what is real, so every output is computed by the same
-    # instructions.
+    # contiguous C axis of weight's rows, in tiles of 4 rows x 4 outputs
+    # (dot_tile in microkernel.py: explicit vectors, sub-tiles that fit the
+    # CPU's registers). At an edge a tile repeats the last row or output
+    # and stores only what is real, so every output is computed by the
+    # same instructions.
     OC, C = weight.shape
     OCT = weight_t.shape[1]
     if OCT > 0:
         rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, np.int64(0), OCT, C)
-    last_row = r1 - 1
-    last_out = OC - 1
     for b in range(r0, r1, 4):
-        x0 = inp[b]
-        x1 = inp[min(b + 1, last_row)]
-        x2 = inp[min(b + 2, last_row)]
-        x3 = inp[min(b + 3, last_row)]
         for j in range(OCT, OC, 4):
-            w0 = weight[j]
-            w1 = weight[min(j + 1, last_out)]
-            w2 = weight[min(j + 2, last_out)]
-            w3 = weight[min(j + 3, last_out)]
-            s00 = ZERO; s01 = ZERO; s02 = ZERO; s03 = ZERO
-            s10 = ZERO; s11 = ZERO; s12 = ZERO; s13 = ZERO
-            s20 = ZERO; s21 = ZERO; s22 = ZERO; s23 = ZERO
-            s30 = ZERO; s31 = ZERO; s32 = ZERO; s33 = ZERO
-            for k in range(C):
-                a0 = x0[k]; a1 = x1[k]; a2 = x2[k]; a3 = x3[k]
-                v0 = w0[k]; v1 = w1[k]; v2 = w2[k]; v3 = w3[k]
-                s00 += a0 * v0; s01 += a0 * v1; s02 += a0 * v2; s03 += a0 * v3
-                s10 += a1 * v0; s11 += a1 * v1; s12 += a1 * v2; s13 += a1 * v3
-                s20 += a2 * v0; s21 += a2 * v1; s22 += a2 * v2; s23 += a2 * v3
-                s30 += a3 * v0; s31 += a3 * v1; s32 += a3 * v2; s33 += a3 * v3
-            for i, t0, t1, t2, t3 in ((0, s00, s01, s02, s03), (1, s10, s11, s12, s13),
-                                      (2, s20, s21, s22, s23), (3, s30, s31, s32, s33)):
-                if b + i < r1:
-                    o = out[b + i]
-                    o[j] = t0
-                    if j + 1 < OC:
-                        o[j + 1] = t1
-                    if j + 2 < OC:
-                        o[j + 2] = t2
-                    if j + 3 < OC:
-                        o[j + 3] = t3
+            dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(4, OC - j))
         # bias and activation in loops of their own, which vectorize (exp too)
         for i in range(b, min(b + 4, r1)):
             o = out[i]

@@ -13,7 +13,13 @@ import pytest
 from numba import njit
 
 from fastmlp.jit import FASTMATH
-from fastmlp.microkernel import block_multiply_add, panel_vectors, panels, vector_bits
+from fastmlp.microkernel import (
+    block_multiply_add,
+    dot_tile,
+    panel_vectors,
+    panels,
+    vector_bits,
+)
 
 
 @njit(fastmath=FASTMATH)
@@ -62,6 +68,30 @@ def test_block_multiply_add_is_one_chain_of_fmas_in_order(rng):
     np.testing.assert_array_equal(out, expected.astype(np.float32))
 
 
+@njit(fastmath=FASTMATH)
+def dot_tiles(out, inp, weight, r0, r1):
+    OC = weight.shape[0]
+    for b in range(r0, r1, 4):
+        for j in range(0, OC, 4):
+            dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(4, OC - j))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [1, 7, 16, 50, 784])
+@pytest.mark.parametrize("OC", [1, 3, 4, 10])
+def test_dot_tile_against_numpy(dtype, C, OC, rng):
+    # C past the last whole vector (masked), rows and outputs past the last
+    # whole tile (repeated, never stored): rows 1:10 of 12
+    inp = rng.standard_normal((12, C)).astype(dtype)
+    weight = rng.standard_normal((OC, C)).astype(dtype)
+    out = np.full((12, OC), 7.0, dtype)
+    dot_tiles(out, inp, weight, 1, 10)
+    expected = inp[1:10].astype(np.float64) @ weight.T
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out[1:10], expected, rtol=tol, atol=tol * np.sqrt(C))
+    np.testing.assert_array_equal(out[[0, 10, 11]], 7.0)
+
+
 def test_panels_fit_the_register_file():
     for bits, registers in ((512, 32), (256, 16), (128, 16)):
         most = panel_vectors(bits)
@@ -83,7 +113,7 @@ CHILD = textwrap.dedent("""
     import numba
     from numba import njit, types
     from fastmlp.jit import FASTMATH
-    from fastmlp.microkernel import block_multiply_add
+    from fastmlp.microkernel import block_multiply_add, dot_tile
     out = {}
     for dtype in (types.float32, types.float64):
         matrix = types.Array(dtype, 2, "A")
@@ -95,6 +125,12 @@ CHILD = textwrap.dedent("""
                  globals())
             compiled = njit(signature, fastmath=FASTMATH)(block)
             out[f"{dtype}-{width}"] = compiled.inspect_asm(compiled.signatures[0])
+        tile_signature = types.void(matrix, matrix, matrix, types.intp, types.intp,
+                                    types.intp, types.intp)
+        compiled = njit(tile_signature, fastmath=FASTMATH)(
+            lambda out, inp, weight, b, rows, j, outs: dot_tile(out, inp, weight, b, rows, j,
+                                                                outs))
+        out[f"{dtype}-dot"] = compiled.inspect_asm(compiled.signatures[0])
     print(json.dumps(out))
 """)
 
