@@ -214,6 +214,7 @@ NARROW_COLUMNS = 16
 # 1.2x faster in two passes of 100, measured).
 MAX_SUM_ROWS = 128
 PACK_VALUES = MAX_SUM_ROWS * BLOCK_COLUMNS  # rows_times_matrix's packed panel
+PACK_MIN_ROWS = 16
 
 
 @kernel
@@ -239,16 +240,18 @@ def stack_buffer(typingctx, size, like):
 
 
 @kernel
-def pack_panel(packed, src, t0, t1, k, width):
-    # src[t0:t1, k:k + width] copied into the first values of packed, as a
-    # contiguous (t1 - t0, width) matrix
+def source_panel(packed, src, t0, t1, k, width, pack):
+    # src[t0:t1, k:k + width], copied into the first values of packed as a
+    # contiguous (t1 - t0, width) matrix if `pack`, else as it is
+    if not pack:
+        return src[t0:t1, k:k + width]
     panel = packed[:(t1 - t0) * width].reshape((t1 - t0, width))
     for t in range(t0, t1):
         row = src[t, k:k + width]
         dst = panel[t - t0]
         for c in range(width):
             dst[c] = row[c]
-    return panel
+    return panel[:, ::1]  # typed as the view above: one compiled caller
 
 
 @kernel
@@ -278,6 +281,9 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # stride is a multiple of 2 KB (512 columns) fall into few L1 sets and
     # would be fetched from L2 again for every row group
     packed = carray(stack_buffer(PACK_VALUES, out), PACK_VALUES)
+    # a panel read by few row groups is not worth its copy (W3's weight
+    # gradient tasks of 16 rows: 7.7-8.1 to 5.4-7.4 ms a step on Zen 3)
+    pack = r1 - r0 > PACK_MIN_ROWS
     passes = max(1, -(-nt // min(sum_rows, MAX_SUM_ROWS)))
     step = max(1, -(-nt // passes))  # equal passes that fit the panel
     # two loops alike but for the width, a literal in each (the same loops in
@@ -285,7 +291,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     for k in range(k0, blocked, BLOCK_COLUMNS):
         for t0 in range(0, max(nt, 1), step):  # once when nt is 0: zeros
             t1 = min(nt, t0 + step)
-            panel = pack_panel(packed, src, t0, t1, k, BLOCK_COLUMNS)
+            panel = source_panel(packed, src, t0, t1, k, BLOCK_COLUMNS, pack)
             for r in range(r0, r1, 4):
                 block_multiply_add(out[:, k:], coef[:, t0:t1], panel, r, min(4, r1 - r),
                                    0, t1 - t0, t0 > 0, BLOCK_COLUMNS)
@@ -293,7 +299,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
         rest = narrow - blocked
         for t0 in range(0, max(nt, 1), step):  # once when nt is 0: zeros
             t1 = min(nt, t0 + step)
-            panel = pack_panel(packed, src, t0, t1, blocked, rest)
+            panel = source_panel(packed, src, t0, t1, blocked, rest, pack)
             for r in range(r0, r1, 4):
                 narrow_block(out[:, blocked:], coef[:, t0:t1], panel, r, min(4, r1 - r),
                              t1 - t0, t0 > 0, rest)
