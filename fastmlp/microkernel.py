@@ -61,11 +61,9 @@ def vector_bits(cpu_name, features):
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     module = llvm.parse_assembly(
-        "define void @probe(ptr %p) {\n"
-        "  %a = load <16 x float>, ptr %p\n"
+        "define <16 x float> @probe(<16 x float> %a) {\n"
         "  %b = fadd <16 x float> %a, %a\n"
-        "  store <16 x float> %b, ptr %p\n"
-        "  ret void\n}\n")
+        "  ret <16 x float> %b\n}\n")
     target = llvm.Target.from_default_triple()
     machine = target.create_target_machine(cpu=cpu_name, features=features, opt=2)
     assembly = machine.emit_assembly(module)
