@@ -101,6 +101,71 @@ def panels(nvec, most):
     return [nvec * (i + 1) // count - nvec * i // count for i in range(count)]
 
 
+def out_of_line_function(module, name, arguments):
+    """(function, builder at its entry) for a new internal LLVM function
+    returning void, or (the module's function of that name, None). Not
+    inlined, so that only its own values are live in its loop (general
+    registers then suffice for its pointers); optimized for size, so that
+    LLVM does not unroll its loop into needing a second set of them (seen:
+    one spilled to the stack)."""
+    try:
+        return module.get_global(name), None
+    except KeyError:
+        pass
+    function = ir.Function(module, ir.FunctionType(ir.VoidType(), arguments), name)
+    function.linkage = "internal"
+    for attribute in ("noinline", "nounwind", "optsize"):
+        function.attributes.add(attribute)
+    return function, ir.IRBuilder(function.append_basic_block("entry"))
+
+
+def clamped_rows(builder, count, n):
+    # row indices 0..n-1 of a tile with `count` real rows, the rows past the
+    # last real one repeating it (loaded, never stored)
+    i64 = ir.IntType(64)
+    last = builder.sub(count, ir.Constant(i64, 1))
+    return [builder.select(builder.icmp_signed("<", ir.Constant(i64, i), count),
+                           ir.Constant(i64, i), last) for i in range(n)]
+
+
+def accumulating_loop(builder, starts, limit, step, body):
+    """Emits `for i in range(0, limit, step)` carrying one accumulator per
+    start value as phi nodes: body(i, accumulators) returns their new
+    values. Leaves the builder after the loop; returns the final values."""
+    i64 = ir.IntType(64)
+    function = builder.function
+    entry = builder.block
+    header = function.append_basic_block("loop")
+    inside = function.append_basic_block("body")
+    done = function.append_basic_block("done")
+    builder.branch(header)
+    builder.position_at_end(header)
+    index = builder.phi(i64)
+    index.add_incoming(ir.Constant(i64, 0), entry)
+    acc = []
+    for start in starts:
+        phi = builder.phi(start.type)
+        phi.add_incoming(start, entry)
+        acc.append(phi)
+    builder.cbranch(builder.icmp_signed("<", index, limit), inside, done)
+    builder.position_at_end(inside)
+    new = body(index, acc)
+    for phi, value in zip(acc + [index], new + [builder.add(index, ir.Constant(i64, step))]):
+        phi.add_incoming(value, builder.block)
+    builder.branch(header)
+    builder.position_at_end(done)
+    return acc
+
+
+def splat(builder, scalar, vector):
+    # a vector of `scalar` in every lane
+    i32 = ir.IntType(32)
+    return builder.shuffle_vector(
+        builder.insert_element(ir.Constant(vector, ir.Undefined), scalar, ir.Constant(i32, 0)),
+        ir.Constant(vector, ir.Undefined),
+        ir.Constant(ir.VectorType(i32, vector.count), [0] * vector.count))
+
+
 def panel_function(module, value, itemsize, lanes, nvec):
     """The LLVM function that runs one column panel of nvec vectors a row,
     defined once per module:
@@ -109,80 +174,44 @@ def panel_function(module, value, itemsize, lanes, nvec):
                  src_stride, nt, rows, add)
 
     pointers to out[r, k], coef[r, 0] and src[0, k]; strides and the step
-    along coef's t axis in bytes. A function of its own (not inlined), so
-    that only the panel's own values are live in its loop: general
-    registers then suffice for its pointers, and nothing is spilled."""
-    name = f"fastmlp_panel_{value}_{lanes}x{nvec}"
-    try:
-        return module.get_global(name)
-    except KeyError:
-        pass
+    along coef's t axis in bytes."""
     i64 = ir.IntType(64)
     byte_pointer = ir.IntType(8).as_pointer()
-    function = ir.Function(module, ir.FunctionType(ir.VoidType(), [
-        byte_pointer, i64, byte_pointer, i64, i64, byte_pointer, i64, i64, i64, ir.IntType(1)]),
-        name)
-    function.linkage = "internal"
-    function.attributes.add("noinline")
-    function.attributes.add("nounwind")
-    # no unrolling: unrolled by 2, the loop wants a second set of coef
-    # offsets (their step is not a constant), and one spilled to the stack
-    function.attributes.add("optsize")
+    function, builder = out_of_line_function(
+        module, f"fastmlp_panel_{value}_{lanes}x{nvec}",
+        [byte_pointer, i64, byte_pointer, i64, i64, byte_pointer, i64, i64, i64, ir.IntType(1)])
+    if builder is None:
+        return function
     out, out_stride, coef, coef_stride, coef_step, src, src_stride, nt, rows, add = function.args
     vector = ir.VectorType(value, lanes)
-    builder = ir.IRBuilder(function.append_basic_block("entry"))
 
     def at(pointer, offset, kind=value):
         # pointer + offset bytes, as a pointer to `kind`
         return builder.bitcast(builder.gep(pointer, [offset]), kind.as_pointer())
 
-    # rows past the last real one repeat it (loaded, never stored)
-    last = builder.sub(rows, ir.Constant(i64, 1))
-    row = [builder.select(builder.icmp_signed("<", ir.Constant(i64, i), rows),
-                          ir.Constant(i64, i), last) for i in range(ROWS)]
-    out_rows = [builder.gep(out, [builder.mul(i, out_stride)]) for i in row]
-    coef_rows = [builder.gep(coef, [builder.mul(i, coef_stride)]) for i in row]
-
     def vector_at(pointer, v):
         return at(pointer, ir.Constant(i64, v * lanes * itemsize), vector)
 
+    row = clamped_rows(builder, rows, ROWS)
+    out_rows = [builder.gep(out, [builder.mul(i, out_stride)]) for i in row]
+    coef_rows = [builder.gep(coef, [builder.mul(i, coef_stride)]) for i in row]
     zero = ir.Constant(vector, None)
     start = [builder.select(add, builder.load(vector_at(out_rows[i], v), align=itemsize), zero)
              for i in range(ROWS) for v in range(nvec)]
-    # the loop over source rows t, accumulators as phi nodes
-    entry = builder.block
-    header = function.append_basic_block("loop")
-    body = function.append_basic_block("body")
-    done = function.append_basic_block("done")
-    builder.branch(header)
-    builder.position_at_end(header)
-    t = builder.phi(i64)
-    t.add_incoming(ir.Constant(i64, 0), entry)
-    acc = []
-    for s in start:
-        phi = builder.phi(vector)
-        phi.add_incoming(s, entry)
-        acc.append(phi)
-    builder.cbranch(builder.icmp_signed("<", t, nt), body, done)
-    builder.position_at_end(body)
-    src_row = builder.gep(src, [builder.mul(t, src_stride)])
-    x = [builder.load(vector_at(src_row, v), align=itemsize) for v in range(nvec)]
     flags = ("contract",)  # as every kernel's: FMAs wherever the CPU has them
-    new = []
-    for i in range(ROWS):
-        a = builder.load(at(coef_rows[i], builder.mul(t, coef_step)))
-        splat = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(vector, ir.Undefined), a,
-                                   ir.Constant(ir.IntType(32), 0)),
-            ir.Constant(vector, ir.Undefined),
-            ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
-        for v in range(nvec):
-            new.append(builder.fadd(acc[i * nvec + v], builder.fmul(splat, x[v], flags=flags),
-                                    flags=flags))
-    for phi, value_ in zip(acc + [t], new + [builder.add(t, ir.Constant(i64, 1))]):
-        phi.add_incoming(value_, builder.block)
-    builder.branch(header)
-    builder.position_at_end(done)
+
+    def step(t, acc):
+        # source row t: nvec vectors, times each row's coefficient
+        src_row = builder.gep(src, [builder.mul(t, src_stride)])
+        x = [builder.load(vector_at(src_row, v), align=itemsize) for v in range(nvec)]
+        new = []
+        for i in range(ROWS):
+            a = splat(builder, builder.load(at(coef_rows[i], builder.mul(t, coef_step))), vector)
+            new += [builder.fadd(acc[i * nvec + v], builder.fmul(a, x[v], flags=flags),
+                                 flags=flags) for v in range(nvec)]
+        return new
+
+    acc = accumulating_loop(builder, start, nt, 1, step)
     for i in range(ROWS):
         with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, i), rows), likely=True):
             for v in range(nvec):
@@ -255,33 +284,21 @@ def dot_function(module, value, itemsize, lanes, rows_per_tile):
     o < outs; pointers to the first row of each, strides in bytes. Each
     accumulator holds `lanes` partial sums along C (a masked step takes the
     last C % lanes), added up at the end by a fixed tree of halves."""
-    name = f"fastmlp_dot_{value}_{lanes}x{rows_per_tile}"
-    try:
-        return module.get_global(name)
-    except KeyError:
-        pass
     i64 = ir.IntType(64)
     i32 = ir.IntType(32)
     byte_pointer = ir.IntType(8).as_pointer()
-    function = ir.Function(module, ir.FunctionType(ir.VoidType(), [
-        byte_pointer, i64, byte_pointer, i64, byte_pointer, i64, i64, i64, i64]), name)
-    function.linkage = "internal"
-    for attribute in ("noinline", "nounwind", "optsize"):
-        function.attributes.add(attribute)
+    function, builder = out_of_line_function(
+        module, f"fastmlp_dot_{value}_{lanes}x{rows_per_tile}",
+        [byte_pointer, i64, byte_pointer, i64, byte_pointer, i64, i64, i64, i64])
+    if builder is None:
+        return function
     out, out_stride, inp, inp_stride, weight, weight_stride, C, rows, outs = function.args
     vector = ir.VectorType(value, lanes)
-    builder = ir.IRBuilder(function.append_basic_block("entry"))
     flags = ("contract",)
-
-    def clamped(count, n):
-        # pointers' row indices 0..n-1, repeating the last real one
-        last = builder.sub(count, ir.Constant(i64, 1))
-        return [builder.select(builder.icmp_signed("<", ir.Constant(i64, i), count),
-                               ir.Constant(i64, i), last) for i in range(n)]
-
     x_rows = [builder.gep(inp, [builder.mul(i, inp_stride)])
-              for i in clamped(rows, rows_per_tile)]
-    w_rows = [builder.gep(weight, [builder.mul(o, weight_stride)]) for o in clamped(outs, 4)]
+              for i in clamped_rows(builder, rows, rows_per_tile)]
+    w_rows = [builder.gep(weight, [builder.mul(o, weight_stride)])
+              for o in clamped_rows(builder, outs, 4)]
 
     def vector_at(row, c):
         # the vector at element c of a row
@@ -293,37 +310,16 @@ def dot_function(module, value, itemsize, lanes, rows_per_tile):
                 for i in range(rows_per_tile) for o in range(4)]
 
     full = builder.mul(builder.sdiv(C, ir.Constant(i64, lanes)), ir.Constant(i64, lanes))
-    entry = builder.block
-    header = function.append_basic_block("loop")
-    body = function.append_basic_block("body")
-    done = function.append_basic_block("done")
-    builder.branch(header)
-    builder.position_at_end(header)
-    c = builder.phi(i64)
-    c.add_incoming(ir.Constant(i64, 0), entry)
-    acc = []
-    for _ in range(rows_per_tile * 4):
-        phi = builder.phi(vector)
-        phi.add_incoming(ir.Constant(vector, None), entry)
-        acc.append(phi)
-    builder.cbranch(builder.icmp_signed("<", c, full), body, done)
-    builder.position_at_end(body)
-    new = multiply_add(acc, [builder.load(vector_at(r, c), align=itemsize) for r in x_rows],
-                       [builder.load(vector_at(r, c), align=itemsize) for r in w_rows])
-    for phi, value_ in zip(acc + [c], new + [builder.add(c, ir.Constant(i64, lanes))]):
-        phi.add_incoming(value_, builder.block)
-    builder.branch(header)
-    builder.position_at_end(done)
+    acc = accumulating_loop(
+        builder, [ir.Constant(vector, None)] * (rows_per_tile * 4), full, lanes,
+        lambda c, acc: multiply_add(
+            acc, [builder.load(vector_at(r, c), align=itemsize) for r in x_rows],
+            [builder.load(vector_at(r, c), align=itemsize) for r in w_rows]))
     # the last C % lanes values, as a step with the rest masked off (adding
     # exact zeros where the mask is off)
-    left = builder.sub(C, full)
-    mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(i64, lanes), list(range(lanes))),
-                               builder.shuffle_vector(
-                                   builder.insert_element(ir.Constant(ir.VectorType(i64, lanes),
-                                                                      ir.Undefined),
-                                                          left, ir.Constant(i32, 0)),
-                                   ir.Constant(ir.VectorType(i64, lanes), ir.Undefined),
-                                   ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)))
+    lane_indices = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+    mask = builder.icmp_signed("<", lane_indices,
+                               splat(builder, builder.sub(C, full), ir.VectorType(i64, lanes)))
     masked_load = cgutils.get_or_insert_function(
         module, ir.FunctionType(vector, [vector.as_pointer(), i32, mask.type, vector]),
         f"llvm.masked.load.v{lanes}{'f32' if itemsize == 4 else 'f64'}.p0")
