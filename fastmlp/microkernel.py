@@ -6,7 +6,7 @@ both backward products and the forward pass of wide layers) and `dot_tile`
 
 `block_multiply_add(out, coef, src, r, rows, k0, nt, add, width)` computes
 out[r:r + rows, k0:k0 + width] (+)= coef[r:r + rows, :nt] @ src[:nt, k0:k0 + width]
-for rows 1 to 4: each output is one chain of multiply-adds over t = 0..nt-1
+for rows 1 to 4; each output is one chain of multiply-adds over t = 0..nt-1
 in order, started from what `out` holds if `add`, else from 0.
 
 Written as scalar loops (as before), LLVM's choices decided whether the 4 x
@@ -21,8 +21,10 @@ preferred width. The `width` columns go in column panels of at most
 `panel_vectors()` vectors per row, so that 4 rows of accumulators, one
 panel of source vectors and a broadcast fit the register file (BLIS's rule):
 
-  AVX-512 (32 registers): 4 rows x 4 vectors = 16 accumulators
-  AVX2/SSE (16 registers): 4 rows x 3 vectors = 12 accumulators
+  AVX-512 (32 registers): up to 4 rows x 6 vectors; float32's 64 columns
+    are one panel of 4 x 4 (16 accumulators), float64's two of 4 x 4
+  AVX2/SSE (16 registers): up to 4 rows x 3 vectors (12 accumulators);
+    float32's 64 columns are panels of 2, 3 and 3 vectors
 
 Its multiply-adds carry the `contract` flag, as every kernel's do, so they
 become FMAs wherever the CPU has them: each output is one chain of FMAs in
@@ -83,7 +85,8 @@ def compiled_target():
 
 def target_vector_bits(context):
     # the vector width of the CPU that `context` compiles for
-    # (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, or the host)
+    # (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, or the host), from the same
+    # codegen attributes that key Numba's cache (private in Numba 0.68)
     codegen = context.codegen()
     return vector_bits(codegen._get_host_cpu_name(), codegen._tm_features)
 
@@ -96,7 +99,7 @@ def panel_vectors(bits):
 
 def panels(nvec, most):
     # nvec vectors in as few panels of at most `most` as possible, of
-    # near-equal sizes (8 AVX2 vectors: 3, 3, 2)
+    # near-equal sizes (8 AVX2 vectors: 2, 3, 3)
     count = -(-nvec // most)
     return [nvec * (i + 1) // count - nvec * i // count for i in range(count)]
 
