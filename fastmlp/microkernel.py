@@ -169,6 +169,16 @@ def splat(builder, scalar, vector):
         ir.Constant(ir.VectorType(i32, vector.count), [0] * vector.count))
 
 
+def element_address(builder, array, row, column, itemsize):
+    # &array[row, column] of a Numba array struct, as a byte pointer
+    # (column in elements of `itemsize` bytes: the last axis has unit stride)
+    i64 = ir.IntType(64)
+    data = builder.bitcast(array.data, ir.IntType(8).as_pointer())
+    return builder.gep(data, [builder.add(
+        builder.mul(row, builder.extract_value(array.strides, 0)),
+        builder.mul(column, ir.Constant(i64, itemsize)))])
+
+
 def panel_function(module, value, itemsize, lanes, nvec):
     """The LLVM function that runs one column panel of nvec vectors a row,
     defined once per module:
@@ -248,11 +258,7 @@ def block_multiply_add(typingctx, out, coef, src, r, rows, k0, nt, add, width):
         lanes = bits // 8 // itemsize
 
         def address(array, row, column):
-            # &array[row, column] as a byte pointer
-            data = builder.bitcast(array.data, ir.IntType(8).as_pointer())
-            return builder.gep(data, [builder.add(
-                builder.mul(row, builder.extract_value(array.strides, 0)),
-                builder.mul(column, ir.Constant(i64, itemsize)))])
+            return element_address(builder, array, row, column, itemsize)
 
         column = 0
         for nvec in panels(columns // lanes, panel_vectors(bits)):
@@ -380,10 +386,7 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
         function = dot_function(builder.module, value, itemsize, bits // 8 // itemsize, per_tile)
 
         def address(array, row, column):
-            data = builder.bitcast(array.data, ir.IntType(8).as_pointer())
-            return builder.gep(data, [builder.add(
-                builder.mul(row, builder.extract_value(array.strides, 0)),
-                builder.mul(column, ir.Constant(i64, itemsize)))])
+            return element_address(builder, array, row, column, itemsize)
 
         zero = ir.Constant(i64, 0)
         C = builder.extract_value(weight_arr.shape, 1)
