@@ -1,5 +1,7 @@
 """fastmlp: fast multi-layer perceptron training on the CPU, with fused Numba
 kernels and a plain NumPy oracle (`fastmlp.reference`) that tests them."""
+__version__ = "0.1.0"
+
 from . import reference
 from .model import MLP
 from .modelfile import load
@@ -14,4 +16,3 @@ def __getattr__(name):
         from .estimator import MLPClassifier
         return MLPClassifier
     raise AttributeError(f"module 'fastmlp' has no attribute {name!r}")
-__version__ = "0.1.0"

@@ -1,14 +1,16 @@
 """fastmlp-train: train, evaluate and resume MLPs from the terminal."""
 import argparse
 import csv
+import difflib
 import json
+import math
 import os
+import re
 import signal
 import sys
 import time
 
-
-from . import datasets, distributed
+from . import __version__, datasets, distributed, sources, tabular
 from .model import MLP
 from .modelfile import load as load_model, loads as load_model_bytes
 from .optimizers import DEFAULT_LR, OPTIMIZERS
@@ -19,21 +21,32 @@ EXAMPLES = """examples:
   fastmlp-train                                   the classic lesson: MNIST, 784-50-10 sigmoid, SGD 0.1, batch 100
   fastmlp-train --dataset fashion-mnist --plot curves.png --history history.csv
   fastmlp-train --hidden 256,128 --activation relu --init he --optimizer adam --epochs 20
+  fastmlp-train --data train.csv --target species --save model.fmlp   (your own table; 10% held out)
+  fastmlp-predict model.fmlp new.csv -o predictions.csv
   fastmlp-train --dataset fashion-mnist --epochs 5 --save model.fmlp
-  fastmlp-train --resume model.fmlp --epochs 10 --save model.fmlp   (epochs 6 to 10)
+  fastmlp-train --resume model.fmlp --epochs 10 --save model.fmlp   (epochs 6 to 10, same data)
+  fastmlp-train --evaluate model.fmlp                                 (on the data it was trained on)
   fastmlp-train --epochs 50 --save model.fmlp --checkpoint-every 5
-  fastmlp-train --evaluate model.fmlp --dataset fashion-mnist
   mpiexec -n 4 fastmlp-train --distributed --hidden 512,512 --activation relu --batch-size 128
+  fastmlp-train --compile-only                    compile the kernels once, so later runs start at once
 
 exit codes: 0 success, 2 usage error or bad input, 130 interrupted (after --save)
 """
 # Architecture flags: defaults apply to a new model; with --resume the file decides.
 ARCHITECTURE_DEFAULTS = {"hidden": "50", "activation": "sigmoid", "dtype": "float32",
                          "init": "normal", "init_scale": 0.01}
-
-
 OPTIMIZER_DEFAULTS = {"optimizer": "sgd", "lr": None, "momentum": 0.9, "nesterov": False,
                       "weight_decay": 0.0}
+RUN_DEFAULTS = {"epochs": 10, "batch_size": 100}
+# Where the lesson's settings learn nothing (digits' 1,437 rows give too few
+# steps) or suit tables badly, a new model gets these instead, and the run's
+# summary says so. Flags that are given always win.
+DATA_DEFAULTS = {
+    "digits": {"init": "xavier", "optimizer": "adam", "lr": 0.01, "batch_size": 32},
+    "files": {"init": "xavier", "optimizer": "adam", "lr": 0.01, "batch_size": 32},
+}
+KIND_NAMES = {"files": "your data"}
+DEFAULT_DATASET = "mnist"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -49,17 +62,49 @@ class UsageError(Exception):
     """Bad flags or input: one line on stderr, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (--data is never --dataset), whose
+    errors are one line, with a suggestion for a mistyped flag."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        match = re.match(r"unrecognized arguments: (\S+)", message)
+        if match and match.group(1).startswith("-"):
+            flag = match.group(1).split("=")[0]
+            close = difflib.get_close_matches(flag, self._option_string_actions, n=1)
+            if close:
+                message = f"unrecognized argument {flag}; did you mean {close[0]}?"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="fastmlp-train", description="Train a multi-layer perceptron on MNIST-style data "
-        "with fastmlp: model summary, Keras-style progress, test accuracy, optional history, "
-        "plot and model file.", epilog=EXAMPLES,
-        formatter_class=lambda prog: HelpFormatter(prog, width=100))
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="mnist", choices=datasets.NAMES,
-                      help="downloaded when not found locally (digits ships with scikit-learn)")
-    data.add_argument("--data-dir", help="a directory holding the four IDX files")
+    parser = Parser(
+        prog="fastmlp-train", description="Train a multi-layer perceptron with fastmlp on "
+        "MNIST-style images or on your own table (CSV, NumPy, Parquet): model summary, "
+        "Keras-style progress, test accuracy, optional history, plot and model file.",
+        epilog=EXAMPLES, formatter_class=lambda prog: HelpFormatter(prog, width=100))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    data = parser.add_argument_group(
+        "data (with --resume or --evaluate, the data recorded in the model unless given)")
+    data.add_argument("--dataset", choices=datasets.NAMES, help="downloaded when not found "
+                      "locally (digits ships with scikit-learn) (default: mnist)")
+    data.add_argument("--data-dir", help="look for the dataset's four IDX files only here "
+                      "(and in its subdirectory named after the dataset)")
     data.add_argument("--no-download", action="store_true", help="never download")
+    data.add_argument("--data", metavar="FILE", help="train on your own table: .csv (with a "
+                      "header line), .npz (arrays X and y), .npy or .parquet; features are "
+                      "standardized and labels may be numbers or strings")
+    data.add_argument("--target", help="--data's label column (default: 'target' or 'label' "
+                      "if there is one, else the last column; for .npy, a column index)")
+    data.add_argument("--test", metavar="FILE", help="a test table like --data, to report on")
+    data.add_argument("--validation-split", type=float, metavar="FRACTION",
+                      help="with --data and no --test, the share of rows held out to report "
+                      "on (default: 0.1)")
+    data.add_argument("--missing", choices=tabular.MISSING, help="what to do with empty or "
+                      "NaN feature cells in --data: error, drop their rows, or fill in the "
+                      "column's mean (default: error)")
     model = parser.add_argument_group("model (taken from the file with --resume)")
     model.add_argument("--hidden", help="hidden layer widths, comma separated ('' for none) "
                        f"(default: {ARCHITECTURE_DEFAULTS['hidden']})")
@@ -68,28 +113,32 @@ def build_parser():
     model.add_argument("--dtype", choices=["float32", "float64"],
                        help=f"(default: {ARCHITECTURE_DEFAULTS['dtype']})")
     model.add_argument("--init", choices=["normal", "xavier", "he"],
-                       help=f"(default: {ARCHITECTURE_DEFAULTS['init']})")
+                       help=f"(default: {ARCHITECTURE_DEFAULTS['init']}; xavier for digits "
+                       "and --data)")
     model.add_argument("--init-scale", type=float,
                        help=f"std of --init normal (default: {ARCHITECTURE_DEFAULTS['init_scale']})")
     train = parser.add_argument_group("training")
     train.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
-                       help=f"(default: {OPTIMIZER_DEFAULTS['optimizer']}; with --resume, the file's)")
+                       help=f"(default: {OPTIMIZER_DEFAULTS['optimizer']}; adam for digits and "
+                       "--data; with --resume, the file's)")
     train.add_argument("--lr", type=float, help="learning rate (default: 0.1 for sgd, as in the "
                        f"lesson; {DEFAULT_LR['momentum']} for momentum; {DEFAULT_LR['adam']} "
-                       "for adam; with --resume, the file's)")
+                       "for adam, 0.01 for digits and --data; with --resume, the file's)")
     train.add_argument("--momentum", type=float,
                        help=f"(default: {OPTIMIZER_DEFAULTS['momentum']}; with --resume, the file's)")
     train.add_argument("--nesterov", action="store_const", const=True,
                        help="Nesterov momentum (with --resume, the file's)")
     train.add_argument("--weight-decay", type=float, help="L2 on weights "
                        f"(default: {OPTIMIZER_DEFAULTS['weight_decay']}; with --resume, the file's)")
-    train.add_argument("--epochs", type=int, default=10,
-                       help="epochs to train; with --resume, the total to reach")
-    train.add_argument("--batch-size", type=int, default=100, help="rows per step")
+    train.add_argument("--epochs", type=int, help="epochs to train; with --resume, the total "
+                       f"to reach (default: {RUN_DEFAULTS['epochs']})")
+    train.add_argument("--batch-size", type=int, help="rows per step (default: "
+                       f"{RUN_DEFAULTS['batch_size']}; 32 for digits and --data)")
     train.add_argument("--sampling", default="epoch", choices=SAMPLINGS,
                        help="epoch: a permutation per epoch; replacement: rows drawn with replacement")
     train.add_argument("--no-shuffle", action="store_true", help="take rows in order")
-    train.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
+    train.add_argument("--seed", type=int, default=0,
+                       help="initialisation, shuffling and --validation-split seed")
     train.add_argument("--threads", type=int, help="threads (default: all cores; with "
                        "--distributed, the cores each rank has to itself)")
     train.add_argument("--distributed", action="store_true",
@@ -116,15 +165,22 @@ def build_parser():
     out.add_argument("--resume", metavar="FILE", help="continue training a saved model")
     out.add_argument("--evaluate", metavar="FILE",
                      help="only report the test loss and accuracy of a saved model")
+    out.add_argument("--compile-only", action="store_true", help="compile the kernels for this "
+                     "CPU into Numba's cache and exit (the first run otherwise does it)")
     out.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     return parser
 
 
 def parse_hidden(text):
+    if not text.strip():
+        return []
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        widths = [int(part) for part in text.split(",")]
     except ValueError:
         raise UsageError(f"--hidden takes comma-separated integers, got {text!r}") from None
+    if any(width < 1 for width in widths):
+        raise UsageError(f"--hidden widths must be >= 1, got {text!r}")
+    return widths
 
 
 def check_args(parser, args):
@@ -136,6 +192,15 @@ def check_args(parser, args):
                  if getattr(args, key) is not None]
         if given:
             parser.error(f"{', '.join(given)} cannot change a resumed model (the file decides)")
+    if args.data and (args.dataset or args.data_dir):
+        parser.error("--data is your own file: it takes no --dataset or --data-dir")
+    for flag in ("target", "test", "validation_split", "missing"):
+        if getattr(args, flag) is not None and not args.data:
+            parser.error(f"--{flag.replace('_', '-')} goes with --data FILE")
+    if args.test and args.validation_split is not None:
+        parser.error("--test and --validation-split both say what to report on: give one")
+    if args.validation_split is not None and not 0 <= args.validation_split < 1:
+        parser.error("--validation-split must be >= 0 and < 1")
     if args.checkpoint_every is not None and (args.checkpoint_every < 1 or not args.save):
         parser.error("--checkpoint-every N needs N >= 1 and --save FILE")
     if args.history and os.path.splitext(args.history)[1].lower() not in (".csv", ".json"):
@@ -151,7 +216,8 @@ def check_args(parser, args):
         value = getattr(args, flag)
         if value is not None and not value >= 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0")
-    if args.epochs < 0 or args.batch_size < 1:
+    if (args.epochs is not None and args.epochs < 0) or (args.batch_size is not None
+                                                         and args.batch_size < 1):
         parser.error("--epochs must be >= 0 and --batch-size >= 1")
 
 
@@ -208,6 +274,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if args.compile_only:
+        return compile_only(args)
     comm = None
     if args.distributed:
         try:
@@ -221,26 +289,40 @@ def main(argv=None):
     previous_term = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     model = None
     try:
-        x_train, y_train, x_test, y_test = load_data(args, comm)
+        saved = read_model(args, comm)
+        source, note = choose_source(args, saved)
+        kind = data_kind(source)
+        dtype = saved.dtype if saved is not None else args.dtype or "float32"
+        data = load_data(args, source, saved, dtype, comm)
+        if note:
+            out.write(note + "\n")
         if args.evaluate:
-            model = load_model(args.evaluate)
-            loss, accuracy = model.evaluate(x_test, y_test)
-            out.write(f"{args.evaluate}: test loss {loss:.4f} - test accuracy {accuracy:.4f}\n")
+            evaluate(saved, data, args.evaluate, out)
             return 0
-        model = make_model(args, x_train, y_train, y_test, comm)
+        chosen = apply_defaults(args, kind, resumed=saved is not None)
+        model = saved if saved is not None else new_model(args, data)
+        model.source, model.preprocessing = data.source, data.preprocessing
+        if model.training_state is None:
+            from .training import TrainingState
+            model.training_state = TrainingState(args.seed)
         epochs = args.epochs - model.training_state.epoch if args.resume else args.epochs
         if args.resume and epochs <= 0:
-            raise UsageError(f"{args.resume} has trained {model.training_state.epoch} epochs "
+            raise UsageError(f"{args.resume} has trained {plural(model.training_state.epoch, 'epoch')} "
                              f"already; --epochs is the total to reach, ask for more")
         print_summary(model, out)
+        out.write(f"Data: {data.description}\n")
+        if chosen:
+            out.write(f"Settings for {KIND_NAMES.get(kind, kind)}: {' '.join(chosen)} "
+                      "(flags override them)\n")
         if comm is not None:
             out.write(f"Distributed over {comm.size} MPI ranks: {args.batch_size} rows per step "
                       f"in all\n")
+        validation = (data.x_test, data.y_test) if data.x_test is not None else None
+        settings = optimizer_settings(args, model)
         started = time.perf_counter()
-        history = fit(model, x_train, y_train, epochs=epochs, batch_size=args.batch_size,
-                      **optimizer_settings(args, model), shuffle=not args.no_shuffle,
-                      sampling=args.sampling,
-                      validation_data=(x_test, y_test), threads=args.threads,
+        history = fit(model, data.x_train, data.y_train, epochs=epochs,
+                      batch_size=args.batch_size, **settings, shuffle=not args.no_shuffle,
+                      sampling=args.sampling, validation_data=validation, threads=args.threads,
                       seed=None if args.resume else args.seed,
                       patience=args.patience, monitor=args.monitor, min_delta=args.min_delta,
                       restore_best_weights=not args.no_restore_best,
@@ -248,11 +330,13 @@ def main(argv=None):
         elapsed = time.perf_counter() - started - history.compile_time
         if not leader:
             return 0
-        loss, accuracy = model.evaluate(x_test, y_test)
+        if validation is not None:
+            loss, accuracy = model.evaluate(*validation)
+            on = data.held_out
+            out.write(f"{on.capitalize()} loss: {loss:.4f} - {on} accuracy: {accuracy:.4f}\n")
         trained = sum(history.history["epoch_time"])
-        out.write(f"Test loss: {loss:.4f} - test accuracy: {accuracy:.4f}\n")
         if history.epoch:
-            out.write(f"Trained {len(history.epoch)} epochs in {elapsed:.2f}s "
+            out.write(f"Trained {plural(len(history.epoch), 'epoch')} in {elapsed:.2f}s "
                       f"({len(history.epoch) / trained:.2f} epochs/s in the training loop)\n")
         if comm is not None and history.allreduce_steps:
             per_step = history.allreduce_time / history.allreduce_steps
@@ -260,9 +344,12 @@ def main(argv=None):
                       f"{history.allreduce_time / trained:.0%} of the training loop\n")
         if history.stopped_epoch is not None:
             out.write(f"Early stopping after epoch {history.stopped_epoch + 1}: no "
-                      f"{args.monitor} improvement for {args.patience} epochs")
+                      f"{args.monitor} improvement for {plural(args.patience, 'epoch')}")
             out.write(f"; restored epoch {history.best_epoch + 1}\n" if not args.no_restore_best
                       else "\n")
+        warning = training_trouble(history, model.n_classes, settings)
+        if warning:
+            sys.stderr.write(f"fastmlp-train: warning: {warning}\n")
         if args.history:
             write_history(history, args.history)
         if args.plot:
@@ -292,10 +379,54 @@ def main(argv=None):
         return 130 if isinstance(exc, TrainingInterrupted) else abort_ranks(comm, 130)
     except (UsageError, ValueError, OSError) as exc:
         rank = f"rank {comm.rank}: " if comm is not None and comm.size > 1 else ""
-        sys.stderr.write(f"fastmlp-train: error: {rank}{exc}\n")
+        message = str(exc)
+        if isinstance(exc, datasets.DatasetNotFound):
+            message += available_datasets()
+        sys.stderr.write(f"fastmlp-train: error: {rank}{message}\n")
         return abort_ranks(comm, 2)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
+
+
+def plural(count, noun):
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def training_trouble(history, n_classes, settings):
+    """A warning when the training loss went the wrong way: an epoch ending
+    above this run's first epoch, or above chance level (the loss of
+    guessing every class alike, log n_classes) after the model's first
+    epoch. None when training looks sane."""
+    losses = history.history["loss"]
+    chance = math.log(n_classes)
+    worse = [e for e, loss in zip(history.epoch[1:], losses[1:]) if loss > losses[0]]
+    guessing = [e for e, loss in zip(history.epoch, losses) if e >= 1 and loss > chance]
+    if not worse and not guessing:
+        return None
+    epoch = min(worse + guessing)
+    what = (f"ended above the first epoch's ({losses[0]:.4f})" if epoch in worse
+            else f"is above chance level (log {n_classes} = {chance:.4f})")
+    loss = losses[history.epoch.index(epoch)]
+    return (f"the training loss after epoch {epoch + 1} ({loss:.4f}) {what}: training is "
+            f"not converging. Try a smaller learning rate than {settings['optimizer']} "
+            f"--lr {settings['lr']:g}.")
+
+
+def compile_only(args):
+    """Compiles (or loads from the cache) the kernels the common runs need:
+    8-bit images and float tables into a model of --dtype."""
+    import numpy as np
+
+    from .model import MLP
+    dtype = args.dtype or "float32"
+    started = time.perf_counter()
+    for x in (np.zeros((4, 3), np.uint8), np.zeros((4, 3), dtype)):
+        model = MLP([3, 2, 2], dtype=dtype)
+        fit(model, x, np.array([0, 1, 0, 1]), epochs=1, batch_size=2,
+            callbacks=[ProgressPrinter(sys.stdout, epochs=False)])
+        model.evaluate(x, np.array([0, 1, 0, 1]))
+    print(f"Kernels ready for this CPU ({dtype}): {time.perf_counter() - started:.1f}s")
+    return 0
 
 
 def abort_ranks(comm, code):
@@ -307,17 +438,85 @@ def abort_ranks(comm, code):
     return code
 
 
-def load_data(args, comm):
-    """The dataset; with MPI, rank 0 loads (and downloads) it first, so that
-    ranks sharing a file system find it in the cache."""
+def read_model(args, comm):
+    """The model of --evaluate or --resume, or None. With MPI, rank 0 reads
+    the file and sends its bytes to the others."""
+    path = args.evaluate or args.resume
+    if path is None:
+        return None
+    if comm is None:
+        return load_model(path)
+    data = None
+    if comm.rank == 0:
+        with open(path, "rb") as f:
+            data = f.read()
+    return load_model_bytes(comm.bcast(data, root=0), path)
+
+
+def choose_source(args, saved):
+    """(source, note): the data the flags name, else those the model file
+    records, else MNIST; the note tells the user when that is not plain."""
+    recorded = saved.source if saved is not None else None
+    path = args.evaluate or args.resume
+    if args.data:
+        split = args.validation_split if args.validation_split is not None else 0.1
+        source = sources.files_source(args.data, args.target, args.test, split, args.seed,
+                                      args.missing or "error")
+    elif args.dataset:
+        source = sources.dataset_source(args.dataset, args.data_dir)
+    elif recorded is not None and "dataset" in recorded and args.data_dir:
+        source = sources.dataset_source(recorded["dataset"], args.data_dir)
+    elif recorded is not None:
+        return recorded, None
+    else:
+        source = sources.dataset_source(DEFAULT_DATASET, args.data_dir)
+        if saved is not None:
+            return source, (f"{path} records no training data (an older file); using "
+                            f"--dataset {DEFAULT_DATASET}")
+        return source, None
+    if recorded is not None and sources.describe(source) != sources.describe(recorded):
+        return source, (f"Using {sources.describe(source)}, not the data {path} was trained on "
+                        f"({sources.describe(recorded)})")
+    return source, None
+
+
+def data_kind(source):
+    return "files" if "data" in source else source["dataset"]
+
+
+def load_data(args, source, saved, dtype, comm):
+    """The run's Data; with MPI, rank 0 loads (and downloads) them first, so
+    that ranks sharing a file system find them in the cache."""
+    recorded = saved is not None and source is saved.source
+    preprocessing = saved.preprocessing if saved is not None and "data" in source else None
+
     def load():
-        return datasets.load(args.dataset, data_dir=args.data_dir, download=not args.no_download)
+        return sources.load(source, preprocessing, download=not args.no_download,
+                            check_files=recorded, dtype=dtype)
 
     if comm is None:
         return load()
     data = load() if comm.rank == 0 else None
     comm.Barrier()
     return data if comm.rank == 0 else load()
+
+
+def available_datasets():
+    """Lines naming the datasets this machine has right now, with their commands."""
+    lines = [f"  fastmlp-train --dataset {name}   ({where})"
+             for name, where in datasets.available()]
+    if not lines:
+        return ""
+    return "\navailable now:\n" + "\n".join(lines)
+
+
+def evaluate(model, data, path, out):
+    x, y, on = data.x_test, data.y_test, data.held_out
+    if x is None:
+        x, y, on = data.x_train, data.y_train, "training"
+    loss, accuracy = model.evaluate(x, y)
+    out.write(f"{path}: {on} loss {loss:.4f} - {on} accuracy {accuracy:.4f} "
+              f"({len(y)} {on} rows of {data.name})\n")
 
 
 class Checkpointer(Callback):
@@ -338,6 +537,24 @@ def callbacks(args, model, out):
     return chosen
 
 
+def apply_defaults(args, kind, resumed):
+    """Fills the flags left unset: the data's own settings (for a new
+    model), then the lesson's. Returns the data's settings it used, as flags."""
+    chosen = []
+    own_optimizer = args.optimizer is not None  # then its own default lr
+    for key, value in DATA_DEFAULTS.get(kind, {}).items():
+        new_only = key != "batch_size"  # a resumed model keeps its own
+        if key == "lr" and own_optimizer:
+            continue
+        if getattr(args, key) is None and not (resumed and new_only):
+            setattr(args, key, value)
+            chosen.append(f"--{key.replace('_', '-')} {value}")
+    for key, value in RUN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return chosen
+
+
 def optimizer_settings(args, model):
     """fit's optimizer keywords: the flags given, else (with --resume) the
     file's, else the defaults (SGD at the lesson's 0.1)."""
@@ -349,32 +566,21 @@ def optimizer_settings(args, model):
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if settings["lr"] is None and settings["optimizer"] == "sgd":
-        settings["lr"] = 0.1
+    if settings["lr"] is None:
+        settings["lr"] = 0.1 if settings["optimizer"] == "sgd" else DEFAULT_LR[settings["optimizer"]]
     return settings
 
 
-def make_model(args, x_train, y_train, y_test, comm=None):
-    """A new model shaped by the flags and the data, or the resumed one (the
-    data must then fit it: fit checks). With MPI, rank 0 reads the file and
-    sends its bytes to the others."""
-    if args.resume:
-        if comm is None:
-            model = load_model(args.resume)
-        else:
-            data = None
-            if comm.rank == 0:
-                with open(args.resume, "rb") as f:
-                    data = f.read()
-            model = load_model_bytes(comm.bcast(data, root=0), args.resume)
-        if model.training_state is None:
-            from .training import TrainingState
-            model.training_state = TrainingState(args.seed)
-        return model
+def new_model(args, data):
+    """A new model shaped by the flags and the data."""
     settings = {key: getattr(args, key) if getattr(args, key) is not None else default
                 for key, default in ARCHITECTURE_DEFAULTS.items()}
-    n_classes = max(2, int(max(y_train.max(), y_test.max())) + 1)
-    sizes = [x_train.shape[1]] + parse_hidden(settings["hidden"]) + [n_classes]
+    if data.preprocessing is not None:
+        n_classes = len(data.preprocessing["classes"])
+    else:
+        labels = [data.y_train] + ([data.y_test] if data.y_test is not None else [])
+        n_classes = max(2, max(int(y.max()) for y in labels) + 1)
+    sizes = [data.x_train.shape[1]] + parse_hidden(settings["hidden"]) + [n_classes]
     return MLP(sizes, activation=settings["activation"], dtype=settings["dtype"],
                init=settings["init"], init_scale=settings["init_scale"], seed=args.seed)
 

@@ -1,12 +1,13 @@
 """Datasets: MNIST and Fashion-MNIST in IDX format, found locally or
 downloaded from their public mirrors, and scikit-learn's 8x8 digits.
 
-`load(name)` looks in data_dir, then $FASTMLP_DATA, then the user cache
+`load(name)` looks in $FASTMLP_DATA, then the user cache
 ($XDG_CACHE_HOME/fastmlp or ~/.cache/fastmlp), then (Fashion-MNIST only)
 Debian's /usr/share/datasets/fashion-mnist; a directory may hold the four
 files itself or in a subdirectory named after the dataset. Otherwise it
 downloads into the cache, trying each mirror in turn, checking each file's
-published MD5, and writing each file atomically.
+published MD5, and writing each file atomically. Given a data_dir, it looks
+there alone and downloads there.
 """
 import gzip
 import hashlib
@@ -122,16 +123,33 @@ def has_idx_files(directory):
 
 
 def candidate_dirs(name, data_dir=None):
-    """Where load looks, in order."""
-    roots = [data_dir, os.environ.get("FASTMLP_DATA")]
+    """Where load looks, in order: data_dir alone when it is given."""
+    if data_dir:
+        data_dir = os.fspath(data_dir)
+        return [data_dir, os.path.join(data_dir, name)]
     dirs = []
-    for root in roots:
-        if root:
-            dirs += [root, os.path.join(root, name)]
+    root = os.environ.get("FASTMLP_DATA")
+    if root:
+        dirs += [root, os.path.join(root, name)]
     dirs.append(os.path.join(cache_dir(), name))
     if name == "fashion-mnist":
         dirs.append(DEBIAN_FASHION_MNIST)
     return dirs
+
+
+def available():
+    """(name, where) of every dataset that loads without a download now."""
+    found = []
+    for name in DATASETS:
+        directory = next((d for d in candidate_dirs(name) if has_idx_files(d)), None)
+        if directory is not None:
+            found.append((name, directory))
+    try:
+        import sklearn  # noqa: F401  (only whether digits can load)
+        found.append(("digits", "ships with scikit-learn"))
+    except ImportError:
+        pass
+    return found
 
 
 def load(name, data_dir=None, download=True, progress=True):
@@ -145,19 +163,16 @@ def load(name, data_dir=None, download=True, progress=True):
     for directory in dirs:
         if has_idx_files(directory):
             return load_directory(directory)
-    target = os.path.join(cache_dir(), name)
-    looked = ", ".join(dirs)
+    target = os.path.join(os.fspath(data_dir or cache_dir()), name)
+    looked = " or ".join(dirs if data_dir else dirs[:1] + ["the other places it looks"])
     if not download:
-        raise DatasetNotFound(f"{name}: no IDX files in {looked}, and downloading is off; "
-                              "point data_dir (--data-dir) or $FASTMLP_DATA at a directory "
-                              "holding the four files")
+        raise DatasetNotFound(f"{name}: no IDX files in {looked}, and downloading is off")
     mirrors, checksums = DATASETS[name]
     failures = fetch(mirrors, checksums, target, progress=progress)
     if failures:
-        raise DatasetNotFound(
-            f"{name}: no IDX files in {looked}, and the download failed ({'; '.join(failures)}); "
-            "point data_dir (--data-dir) or $FASTMLP_DATA at a directory holding the four "
-            f"files, or put them in {target}")
+        raise DatasetNotFound(f"{name} is not here and the download failed:\n"
+                              + "\n".join(f"  {failure}" for failure in failures)
+                              + f"\nput the four IDX files in {target} to use it offline")
     return load_directory(target)
 
 
@@ -178,11 +193,19 @@ def fetch(mirrors, checksums, directory, progress=True):
                 download(mirror + filename, destination, md5, progress)
                 break
             except (OSError, ValueError) as exc:
-                errors.append(f"{mirror + filename}: {exc}")
+                errors.append(f"{mirror + filename}: {short_reason(exc)}")
         else:
             failures += errors
             break
     return failures
+
+
+def short_reason(exc):
+    """Why a download failed, in a few words (urllib nests its reasons)."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        reason = getattr(reason, "strerror", None) or str(reason)
+    return str(reason or exc)
 
 
 def download(url, destination, md5, progress=True):

@@ -43,3 +43,20 @@ ordered_kernel = numba.njit(fastmath=FASTMATH - {"reassoc"}, cache=CACHE, nogil=
 parallel_kernel = numba.njit(
     parallel=True, fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy"
 )
+
+
+def ready(dispatcher, args):
+    """Whether calling dispatcher with args runs without compiling: machine
+    code for their types is loaded already or waits in the disk cache for
+    this CPU. (It reads Numba's private cache index; if that ever fails, the
+    answer is False, so at worst the user is told of a compile that is
+    quick.)"""
+    try:
+        signature = tuple(dispatcher.typeof_pyval(arg) for arg in args)
+        if signature in dispatcher.overloads:
+            return True
+        magic = dispatcher.targetctx.codegen().magic_tuple()
+        index = dispatcher._cache._cache_file._load_index()
+        return any(key[0] == signature and key[1] == magic for key in index)
+    except Exception:
+        return False

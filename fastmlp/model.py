@@ -134,6 +134,9 @@ class MLP:
         # set by fit and kept, so that a second fit (or a loaded file) continues
         self.optimizer_state = None
         self.training_state = None
+        # set by fastmlp-train and saved: the training data (see fastmlp.sources)
+        self.source = None
+        self.preprocessing = None
         self._initialize(np.random.default_rng(seed))
 
     def _initialize(self, rng):
@@ -157,6 +160,8 @@ class MLP:
         return state
 
     def __setstate__(self, state):
+        state.setdefault("source", None)  # pickled by an earlier fastmlp
+        state.setdefault("preprocessing", None)
         self.__dict__.update(state)
         self.params = aligned_copy(self.params)
         self.weights, self.biases = self.layer_views(self.params)

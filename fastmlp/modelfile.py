@@ -8,7 +8,11 @@ Layout (all integers little-endian):
     H bytes       header, UTF-8 JSON: layer_sizes, activation, dtype, init,
                   init_scale, optimizer (name, lr, momentum, nesterov,
                   weight_decay, updates) or null, training (epoch, step, rng:
-                  NumPy PCG64 state) or null, and buffers: [{"name", "count"}]
+                  NumPy PCG64 state) or null, source (the training data: a
+                  dataset's name, or the user's files with their SHA-256) or
+                  null, preprocessing (for the user's files: feature columns,
+                  their mean and scale, the missing-cell policy, the classes)
+                  or null, and buffers: [{"name", "count"}]
     buffers       raw little-endian values of the model's dtype, in header
                   order: params, then the optimizer's state vectors
     32 bytes      SHA-256 of everything before it
@@ -32,7 +36,7 @@ import numpy as np
 
 MAGIC = b"FASTMLP\0"
 VERSION = 1
-MAX_HEADER = 1 << 20
+MAX_HEADER = 1 << 24  # room for the scaling of ~400,000 features
 DIGEST = 32
 PREFIX = struct.Struct("<8sII")
 MAX_LAYERS = 1000
@@ -58,9 +62,14 @@ def save(model, path):
         "training": None if model.training_state is None else {
             "epoch": model.training_state.epoch, "step": model.training_state.step,
             "rng": model.training_state.rng_state},
+        "source": model.source,
+        "preprocessing": model.preprocessing,
         "buffers": [{"name": name, "count": int(array.size)} for name, array in buffers],
     }
-    header_bytes = json.dumps(header).encode()
+    header_bytes = json.dumps(header, allow_nan=False).encode()
+    if len(header_bytes) > MAX_HEADER:
+        raise ValueError(f"{path}: the model's header needs {len(header_bytes)} bytes, more "
+                         f"than the format's {MAX_HEADER}")
     body = [PREFIX.pack(MAGIC, VERSION, len(header_bytes)), header_bytes]
     body += [np.ascontiguousarray(array, dtype=dtype).tobytes() for _, array in buffers]
     digest = hashlib.sha256()
@@ -214,4 +223,55 @@ def _parse(data):
         model.optimizer_state = state
     if training is not None:
         model.training_state = progress
+    model.source = _source(header.get("source"))
+    model.preprocessing = _preprocessing(header.get("preprocessing"), sizes)
     return model
+
+
+SOURCE_KEYS = {"dataset", "data_dir", "data", "data_sha256", "target", "test", "test_sha256",
+               "validation_split", "seed", "missing"}
+
+
+def _source(source):
+    if source is None:
+        return None
+    _require(isinstance(source, dict) and set(source) <= SOURCE_KEYS
+             and ("dataset" in source) != ("data" in source), "bad source")
+    for key, value in source.items():
+        _require(value is None or isinstance(value, (str, int, float))
+                 and not isinstance(value, bool), f"bad source {key}")
+    for key in ("dataset", "data", "data_dir", "test"):
+        _require(source.get(key) is None or isinstance(source[key], str), f"bad source {key}")
+    if "data" in source:
+        _require(source.get("missing") in ("error", "drop", "mean"), "bad source missing policy")
+        split = source.get("validation_split")
+        _require(split is None or isinstance(split, (int, float)) and 0 <= split < 1,
+                 "bad source validation_split")
+        _int(source.get("seed"), "source seed")
+    return source
+
+
+def _preprocessing(prep, sizes):
+    if prep is None:
+        return None
+    keys = {"features", "target", "missing", "mean", "scale", "classes"}
+    _require(isinstance(prep, dict) and set(prep) == keys, "bad preprocessing")
+    n_features, n_classes = sizes[0], sizes[-1]
+    for key in ("mean", "scale"):
+        values = prep[key]
+        _require(isinstance(values, list) and len(values) == n_features
+                 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and math.isfinite(v) for v in values),
+                 f"preprocessing {key} must hold {n_features} finite numbers")
+    _require(all(v > 0 for v in prep["scale"]), "preprocessing scale must be > 0")
+    names = prep["features"]
+    _require(names is None or isinstance(names, list) and len(names) == n_features
+             and all(isinstance(n, str) for n in names), "bad preprocessing features")
+    _require(prep["target"] is None or isinstance(prep["target"], str), "bad preprocessing target")
+    _require(prep["missing"] in ("error", "drop", "mean"), "bad preprocessing missing policy")
+    classes = prep["classes"]
+    _require(isinstance(classes, list) and len(classes) == n_classes
+             and all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in classes)
+             and len(set(classes)) == n_classes,
+             f"preprocessing classes must be {n_classes} distinct labels")
+    return prep

@@ -7,9 +7,11 @@ otherwise (a file, a pipe, CI logs) one line is written per epoch:
     600/600 - 0.08s - 140us/step - loss: 0.2345 - accuracy: 0.9312 - val_loss: ... - val_accuracy: ...
 """
 import sys
+import threading
 import time
 
 BAR_WIDTH = 30
+SPINNER = "|/-\\"
 
 
 def format_metrics(logs):
@@ -17,10 +19,15 @@ def format_metrics(logs):
 
 
 class Callback:
-    """What fit calls, in order: on_train_begin(compile_time) once, then per
+    """What fit calls, in order: on_compile_begin(cached) once (cached: the
+    kernels are in Numba's cache for this CPU; None when unknown), then
+    on_train_begin(compile_time) once, then per
     epoch on_epoch_begin(epoch, total_epochs, n_steps), on_steps(step,
     n_steps, logs) after every chunk of steps, and on_epoch_end(epoch,
     n_steps, epoch_time, logs). Epochs count from 0 over the model's life."""
+
+    def on_compile_begin(self, cached):
+        pass
 
     def on_train_begin(self, compile_time):
         pass
@@ -35,25 +42,47 @@ class Callback:
         pass
 
 
+# what the first run's compile takes, said before it starts
+COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about a minute on 2 cores, "
+                  "cached after)")
+
+
 class ProgressPrinter(Callback):
-    def __init__(self, stream=None):
+    """epochs=False prints the compile notice and time only."""
+
+    def __init__(self, stream=None, epochs=True):
         self.stream = stream or sys.stdout
         self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.epochs = epochs
+        self.spinner = None
 
     def write(self, text):
         self.stream.write(text)
         self.stream.flush()
 
+    def on_compile_begin(self, cached):
+        if cached is not False:
+            return
+        self.write(COMPILE_NOTICE + ("" if self.live else "...\n"))
+        if self.live:
+            self.spinner = Spinner(self.write)
+
     def on_train_begin(self, compile_time):
+        if self.spinner is not None:
+            self.spinner.stop()
+            self.spinner = None
+            self.write("\r\x1b[K")
         # compiling (or loading cached kernels) is reported once, apart
         self.write(f"JIT compile: {compile_time:.2f}s\n")
 
     def on_epoch_begin(self, epoch, total_epochs, n_steps):
+        if not self.epochs:
+            return
         self.write(f"Epoch {epoch + 1}/{total_epochs}\n")
         self.started = time.perf_counter()
 
     def on_steps(self, step, n_steps, logs):
-        if not self.live:
+        if not self.live or not self.epochs:
             return
         done = step / n_steps
         filled = int(BAR_WIDTH * done)
@@ -65,8 +94,31 @@ class ProgressPrinter(Callback):
                    f"{format_metrics(logs)}")
 
     def on_epoch_end(self, epoch, n_steps, epoch_time, logs):
+        if not self.epochs:
+            return
         per_step = epoch_time / max(n_steps, 1)
         line = (f"{n_steps}/{n_steps} - {epoch_time:.2f}s - {per_step * 1e6:.0f}us/step - "
                 f"{format_metrics(logs)}")
         # on a terminal, overwrite the bar and clear what is left of it
         self.write(f"\r{line}\x1b[K\n" if self.live else f"{line}\n")
+
+
+class Spinner:
+    """Turns a character after the current line on a terminal, from a thread
+    of its own, until stop()."""
+
+    def __init__(self, write, interval=0.25):
+        self.write, self.interval = write, interval
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        turn = 0
+        while not self.done.wait(self.interval):
+            self.write(f" {SPINNER[turn % len(SPINNER)]}\b\b")
+            turn += 1
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()

@@ -9,6 +9,7 @@ import time
 import numba
 import numpy as np
 
+from . import jit
 from .model import Workspace, aligned_copy, aligned_zeros
 from .optimizers import DEFAULT_LR, OPTIMIZERS, make_hyper
 from .progress import ProgressPrinter
@@ -254,20 +255,26 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
     history = History()
 
+    def step_arguments(step0, step1):
+        return (model.params, grads, state.state1, state.state2, workspace.acts,
+                workspace.deltas, workspace.labels, workspace.row_weights,
+                workspace.row_stats, workspace.task_checks, X, y, sample_weight,
+                idx, n, step0, step1, state.updates, scale, model._sizes,
+                model.w_off, model.b_off, workspace.act_off, workspace.weights_t,
+                workspace.wt_off, model._tasks,
+                model.activation_code, state.code, state.hyper, state.nesterov,
+                numba.get_num_threads())
+
     def run_here(step0, step1):
-        return train_steps(model.params, grads, state.state1, state.state2, workspace.acts,
-                           workspace.deltas, workspace.labels, workspace.row_weights,
-                           workspace.row_stats, workspace.task_checks, X, y, sample_weight,
-                           idx, n, step0, step1, state.updates, scale, model._sizes,
-                           model.w_off, model.b_off, workspace.act_off, workspace.weights_t,
-                           workspace.wt_off, model._tasks,
-                           model.activation_code, state.code, state.hyper, state.nesterov,
-                           numba.get_num_threads())
+        return train_steps(*step_arguments(step0, step1))
 
     with thread_count(threads), deferred_interrupt() as interrupt:
         # with MPI, only an interrupt that every rank has heard of counts
         stop_key = "set" if comm is None else "agreed"
         interrupt["agreed"] = False
+        cached = jit.ready(train_steps, step_arguments(0, 0)) if comm is None else None
+        for callback in callbacks:
+            callback.on_compile_begin(cached)
         start = time.perf_counter()
         if comm is None:
             run = run_here

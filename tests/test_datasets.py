@@ -107,6 +107,13 @@ def test_fashion_mnist_falls_back_to_debian(isolated):
     if not os.path.isdir(datasets.DEBIAN_FASHION_MNIST):
         pytest.fail("apt-get install dataset-fashion-mnist")
     assert load("fashion-mnist", download=False)[0].shape == (60000, 784)
+    assert ("fashion-mnist", datasets.DEBIAN_FASHION_MNIST) in datasets.available()
+
+
+def test_a_data_dir_given_is_the_only_place_looked(isolated):
+    (isolated / "empty").mkdir()
+    with pytest.raises(datasets.DatasetNotFound, match="empty"):
+        load("fashion-mnist", data_dir=isolated / "empty", download=False)
 
 
 def test_digits_works_offline():
@@ -190,7 +197,10 @@ def test_failed_download_says_what_it_tried(isolated, monkeypatch):
             load("mnist", progress=False)
     message = str(info.value)
     assert "/x/train-images-idx3-ubyte.gz" in message and "/y/train-images-idx3-ubyte.gz" in message
-    assert "--data-dir" in message and "FASTMLP_DATA" in message
+    # one short line per source tried, then where the files may go
+    lines = message.splitlines()
+    assert len(lines) == 4 and all(len(line) < 80 for line in lines[:3])
+    assert lines[1].endswith(": Not Found") and "to use it offline" in lines[3]
     assert os.listdir(isolated / "cache" / "fastmlp" / "mnist") == []
 
 

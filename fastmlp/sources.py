@@ -1,0 +1,151 @@
+"""Where a command's data come from: a named dataset or the user's own files.
+
+A model file records its source (`MLP.source`) and, for the user's files,
+how raw rows become the model's input (`MLP.preprocessing`: the classes in
+order, the feature columns and their scaling), so that `--evaluate MODEL`,
+`--resume MODEL` and `fastmlp-predict` need nothing else.
+"""
+import os
+
+import numpy as np
+
+from . import datasets, tabular
+
+
+class Data:
+    """The arrays of one run and what they are. x_test is None when nothing
+    is held out."""
+
+    def __init__(self, x_train, y_train, x_test, y_test, source, description,
+                 preprocessing=None, name=None, held_out="test"):
+        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
+        self.source, self.description, self.preprocessing = source, description, preprocessing
+        self.name = name or description  # short, for messages
+        self.held_out = held_out  # what x_test is: "test" or "held-out"
+
+
+def dataset_source(name, data_dir=None):
+    return {"dataset": name, "data_dir": os.path.abspath(data_dir) if data_dir else None}
+
+
+def files_source(data, target=None, test=None, validation_split=0.1, seed=0, missing="error"):
+    """The source for the user's files; checksums are added as they are read."""
+    return {"data": os.path.abspath(data), "target": target,
+            "test": os.path.abspath(test) if test else None,
+            "validation_split": None if test else validation_split, "seed": seed,
+            "missing": missing}
+
+
+def load(source, preprocessing=None, download=True, check_files=False, dtype="float32"):
+    """The Data of a source. preprocessing: a model's (classes, columns and
+    scaling are then taken from it, not learnt). check_files: the source was
+    recorded in a model, so its files must still have the recorded checksums.
+    dtype: the model's, which standardized features are given in."""
+    if "dataset" in source:
+        name = source["dataset"]
+        arrays = datasets.load(name, data_dir=source.get("data_dir"), download=download)
+        return Data(*arrays, source=source, description=f"dataset {name}", name=name)
+    return load_files(dict(source), preprocessing, check_files, np.dtype(dtype))
+
+
+def load_files(source, preprocessing, check_files, dtype):
+    paths = [("data", source["data"])] + ([("test", source["test"])] if source["test"] else [])
+    for key, path in paths:
+        digest = tabular.file_sha256(path) if os.path.exists(path) else None
+        recorded = source.get(f"{key}_sha256")
+        if check_files and recorded and digest != recorded:
+            what = "is gone" if digest is None else "has changed since"
+            raise tabular.DataError(f"the model was trained on {path}, which {what}; pass "
+                                    f"--data (and --test) to use other files")
+        source[f"{key}_sha256"] = digest
+    names = preprocessing["features"] if preprocessing else None
+    train = tabular.read_table(source["data"], source["target"], feature_names=names)
+    if train.target is None:
+        raise tabular.DataError(f"{source['data']}: no target column {source['target']!r}")
+    source["target"] = train.target_name
+    missing = preprocessing["missing"] if preprocessing else source["missing"]
+    if preprocessing is None:
+        mean, spread = tabular.learn_scaling(train.features)
+        preprocessing = {"features": train.names, "target": train.target_name,
+                         "missing": missing, "mean": mean.tolist(), "scale": spread.tolist(),
+                         "classes": None}
+    mean = np.array(preprocessing["mean"])
+    tabular.handle_missing(train, missing, mean)
+    y_train, classes = tabular.encode_labels(train.path, train.target, preprocessing["classes"])
+    preprocessing["classes"] = classes
+    if source["test"]:
+        test = tabular.read_table(source["test"], train.target_name,
+                                  feature_names=preprocessing["features"])
+        if test.target is None:
+            raise tabular.DataError(f"{test.path}: no target column {train.target_name!r}")
+        tabular.handle_missing(test, missing, mean)
+        x_train, x_test = train.features, test.features
+        y_test = tabular.encode_labels(test.path, test.target, classes)[0]
+        held = f", test file {source['test']} ({len(y_test)} rows)"
+    else:
+        x_train, y_train, x_test, y_test = split(train.features, y_train,
+                                                 source["validation_split"], source["seed"])
+        held = (f", {len(y_test)} rows held out (--validation-split "
+                f"{source['validation_split']:g})" if x_test is not None else "")
+    description = (f"{source['data']} ({len(y_train)} training rows, {x_train.shape[1]} "
+                   f"features, target {train.target_name!r} with {len(classes)} classes{held})")
+    return Data(scale(x_train, preprocessing, dtype), y_train,
+                None if x_test is None else scale(x_test, preprocessing, dtype), y_test,
+                source, description, preprocessing, name=source["data"],
+                held_out="test" if source["test"] else "held-out")
+
+
+def split(x, y, fraction, seed):
+    """(x_train, y_train, x_held, y_held): a seeded random `fraction` of the
+    rows held out (none for fraction 0)."""
+    n_held = int(round(len(y) * fraction)) if fraction else 0
+    if n_held == 0:
+        return x, y, None, None
+    if n_held >= len(y):
+        raise tabular.DataError(f"--validation-split {fraction:g} leaves no training rows "
+                                f"of {len(y)}")
+    order = np.random.default_rng(seed).permutation(len(y))
+    held, kept = np.sort(order[:n_held]), np.sort(order[n_held:])
+    return x[kept], y[kept], x[held], y[held]
+
+
+def scale(features, preprocessing, dtype):
+    """The model's input: features standardized as preprocessing says."""
+    mean = np.array(preprocessing["mean"])
+    spread = np.array(preprocessing["scale"])
+    return ((features - mean) / spread).astype(dtype)
+
+
+def model_input(path, model):
+    """(the model's input, the table read) from a file to predict on: raw
+    columns scaled as the model's preprocessing says; for a model trained on
+    an image dataset, 8-bit pixel values."""
+    preprocessing = model.preprocessing
+    if preprocessing is None:
+        table = tabular.read_table(path, need_target=False, n_features=model.n_features)
+        x = table.features
+        if x.shape[1] != model.n_features:
+            raise tabular.DataError(f"{path}: {x.shape[1]} columns, the model takes "
+                                    f"{model.n_features} features")
+        if model.source is not None and "dataset" in model.source:
+            if np.isnan(x).any() or (x < 0).any() or (x > 255).any() or (x != np.round(x)).any():
+                raise tabular.DataError(f"{path}: the model was trained on "
+                                        f"{model.source['dataset']}, whose features are pixel "
+                                        "values 0..255; this file holds other values")
+            x = x.astype(np.uint8)
+        return x, table
+    table = tabular.read_table(path, preprocessing["target"], need_target=False,
+                               feature_names=preprocessing["features"],
+                               n_features=model.n_features)
+    policy = "mean" if preprocessing["missing"] == "mean" else "error"
+    tabular.handle_missing(table, policy, np.array(preprocessing["mean"]))
+    return scale(table.features, preprocessing, model.dtype), table
+
+
+def describe(source):
+    """A short name for a recorded source, for messages."""
+    if source is None:
+        return "nothing recorded"
+    if "dataset" in source:
+        return f"--dataset {source['dataset']}"
+    return f"--data {source['data']}"

@@ -1,0 +1,298 @@
+"""The user's own data files: a table of numeric features and one target
+column, read from CSV, NumPy (.npy, .npz) or Parquet; the target's classes;
+and the feature scaling learnt from the training rows.
+
+Every problem with a file is a DataError (a ValueError) that names the file,
+and for CSV the line and the column.
+"""
+import csv
+import hashlib
+import math
+import os
+
+import numpy as np
+
+SUFFIXES = (".csv", ".npy", ".npz", ".parquet")
+MISSING = ("error", "drop", "mean")  # what to do with NaN or empty feature cells
+NA_CELLS = {"", "nan", "NaN", "NA", "N/A", "null", "NULL", "?"}
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is."""
+
+
+class Table:
+    """features: (n, f) float64, NaN where a cell is missing; target: (n,)
+    labels (numbers or strings) or None; names: the feature columns' names."""
+
+    def __init__(self, path, features, target, names, target_name):
+        self.path, self.features, self.target = path, features, target
+        self.names, self.target_name = names, target_name
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_table(path, target=None, need_target=True, feature_names=None, n_features=None):
+    """The table in path. target: the target column's name (CSV, Parquet) or
+    index (.npy; negative counts from the end); None takes a column named
+    'target' or 'label', else the last. feature_names: when given, exactly
+    these columns in this order are the features (for prediction; the target
+    may then be absent); n_features: for prediction from an .npy file, how
+    many features the model takes (an array one column wider holds a target)."""
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unknown file type {suffix or '(none)'!r}; fastmlp reads "
+                        f"{', '.join(SUFFIXES)}")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if suffix == ".npz":
+        return read_npz(path, need_target)
+    if suffix == ".npy":
+        return read_npy(path, target, need_target, n_features)
+    names, columns = read_csv(path) if suffix == ".csv" else read_parquet(path)
+    return split_columns(path, names, columns, target, need_target, feature_names)
+
+
+def read_csv(path):
+    """(header, columns): the cells of each column as strings. The first
+    line is the header."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: the file is empty") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}, line 1: {exc}") from None
+        header = [name.strip() for name in header]
+        check_header(path, header)
+        columns = [[] for _ in header]
+        try:
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells, the "
+                                    f"header has {len(header)}")
+                for column, cell in zip(columns, row):
+                    column.append(cell)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}, line {reader.line_num}: {exc}") from None
+    if not columns[0]:
+        raise DataError(f"{path}: no rows below the header")
+    return header, columns
+
+
+def check_header(path, header):
+    if any(not name for name in header):
+        raise DataError(f"{path}, line 1: a column has no name (the first line must be a header)")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}, line 1: column {repeated[0]!r} appears twice")
+
+
+def read_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises its own error types for damaged files
+        raise DataError(f"{path}: cannot read Parquet: {exc}") from None
+    header = list(table.column_names)
+    check_header(path, header)
+    return header, [table.column(name).to_numpy(zero_copy_only=False) for name in header]
+
+
+def read_npz(path, need_target):
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "X" not in archive.files or (need_target and "y" not in archive.files):
+                raise DataError(f"{path}: an .npz file must hold arrays 'X' and 'y'; it has "
+                                f"{', '.join(archive.files) or 'none'}")
+            X, y = archive["X"], archive["y"] if "y" in archive.files else None
+    except (OSError, EOFError) as exc:  # also zipfile.BadZipFile
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    features = numeric_matrix(path, X, "X")
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or y.shape[0] != features.shape[0]:
+            raise DataError(f"{path}: y must hold one label per row of X ({features.shape[0]}), "
+                            f"got shape {y.shape}")
+        check_target_cells(path, y, "y")
+    return Table(path, features, y, None, "y")
+
+
+def read_npy(path, target, need_target, n_features):
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    array = numeric_matrix(path, array, "the array")
+    width = array.shape[1]
+    if not need_target and width == n_features:
+        return Table(path, array, None, None, None)
+    index = -1 if target is None else target
+    try:
+        index = int(index)
+        if not -width <= index < width:
+            raise ValueError
+    except ValueError:
+        raise DataError(f"{path}: the target of an .npy file is a column index in "
+                        f"{-width}..{width - 1}, got {target!r}") from None
+    index %= width
+    y = array[:, index]
+    check_target_cells(path, y, f"column {index}")
+    return Table(path, np.delete(array, index, axis=1), y, None, str(index))
+
+
+def numeric_matrix(path, array, name):
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number)
+                                     or array.dtype == bool) or np.iscomplexobj(array):
+        raise DataError(f"{path}: {name} must hold real numbers, got dtype {array.dtype}")
+    if array.ndim != 2 or 0 in array.shape:
+        raise DataError(f"{path}: {name} must be a non-empty 2-D array (rows, columns), got "
+                        f"shape {array.shape}")
+    return np.asarray(array, np.float64)
+
+
+def check_target_cells(path, y, name):
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        row = int(np.flatnonzero(~np.isfinite(y))[0])
+        raise DataError(f"{path}: the target {name} is NaN or inf in row {row + 1}")
+
+
+def split_columns(path, names, columns, target, need_target, feature_names):
+    """The Table of named columns (strings from CSV or arrays from Parquet)."""
+    if feature_names is not None:
+        missing = [name for name in feature_names if name not in names]
+        if missing:
+            raise DataError(f"{path}: no column {missing[0]!r}, which the model was trained "
+                            f"on; the file has {', '.join(names)}")
+        target_name = target if target in names else None
+        chosen = list(feature_names)
+    else:
+        if target is None:
+            target = next((n for n in ("target", "label") if n in names), names[-1])
+        elif target not in names:
+            raise DataError(f"{path}: no target column {target!r}; the columns are "
+                            f"{', '.join(names)}")
+        target_name = target
+        chosen = [name for name in names if name != target]
+        if not chosen:
+            raise DataError(f"{path}: no feature columns besides the target {target!r}")
+    by_name = dict(zip(names, columns))
+    features = np.empty((len(by_name[chosen[0]]), len(chosen)), np.float64)
+    for j, name in enumerate(chosen):
+        features[:, j] = numeric_column(path, name, by_name[name])
+    y = None
+    if target_name is not None and (need_target or feature_names is None):
+        y = target_values(path, target_name, by_name[target_name])
+    return Table(path, features, y, chosen, target_name)
+
+
+def numeric_column(path, name, cells):
+    """cells as float64, NaN for a missing cell; anything else that is not a
+    number is an error naming the line and the column."""
+    if isinstance(cells, np.ndarray) and cells.dtype != object:
+        if not (np.issubdtype(cells.dtype, np.number) or cells.dtype == bool):
+            raise DataError(f"{path}: column {name!r} holds {cells.dtype}, not numbers")
+        return cells.astype(np.float64)
+    values = np.empty(len(cells), np.float64)
+    for i, cell in enumerate(cells):
+        if cell is None:
+            values[i] = math.nan
+            continue
+        text = cell.strip() if isinstance(cell, str) else cell
+        if isinstance(text, str) and text in NA_CELLS:
+            values[i] = math.nan
+            continue
+        try:
+            values[i] = float(text)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}, line {i + 2}, column {name!r}: {cell!r} is not a "
+                            "number") from None
+    return values
+
+
+def target_values(path, name, cells):
+    """The target column: integers or floats when every cell is one, else strings."""
+    if isinstance(cells, np.ndarray) and cells.dtype != object:
+        check_target_cells(path, cells, f"column {name!r}")
+        return cells
+    texts = ["" if cell is None else str(cell).strip() for cell in cells]
+    for i, text in enumerate(texts):
+        if text in NA_CELLS:
+            raise DataError(f"{path}, line {i + 2}, column {name!r}: the target is missing")
+    for kind in (int, float):
+        try:
+            values = np.array([kind(text) for text in texts])
+        except ValueError:
+            continue
+        check_target_cells(path, values, f"column {name!r}")
+        return values
+    return np.array(texts)
+
+
+def handle_missing(table, policy, fill=None):
+    """Applies the missing-cell policy to table.features (in place, rows may
+    go): 'error' refuses NaN cells, 'drop' drops their rows, 'mean' puts
+    `fill` (one value per column) in them. Returns the table."""
+    bad = np.isnan(table.features)
+    if not bad.any():
+        return table
+    rows = np.flatnonzero(bad.any(axis=1))
+    if policy == "error":
+        column = int(np.flatnonzero(bad[rows[0]])[0])
+        where = (f"column {table.names[column]!r}" if table.names else f"column {column}")
+        raise DataError(f"{table.path}: {len(rows)} rows have missing or NaN features (the first "
+                        f"is row {rows[0] + 1}, {where}); choose --missing drop or --missing mean")
+    if policy == "drop":
+        keep = np.ones(len(table.features), bool)
+        keep[rows] = False
+        if not keep.any():
+            raise DataError(f"{table.path}: every row has a missing feature")
+        table.features = table.features[keep]
+        if table.target is not None:
+            table.target = table.target[keep]
+        return table
+    table.features[bad] = np.take(fill, np.nonzero(bad)[1])
+    return table
+
+
+def learn_scaling(features):
+    """(mean, scale) of every column, NaN cells left out; scale 1 where a
+    column is constant."""
+    if np.isnan(features).all(axis=0).any():
+        raise DataError("a feature column has no values at all")
+    mean = np.nanmean(features, axis=0)
+    scale = np.nanstd(features, axis=0)
+    scale[~(scale > 0)] = 1.0
+    return mean, scale
+
+
+def encode_labels(path, y, classes=None):
+    """(codes int32, classes): codes index the sorted classes of y, or the
+    given classes (labels outside them are an error)."""
+    if classes is None:
+        classes = np.unique(y).tolist()
+        if len(classes) < 2:
+            raise DataError(f"{path}: the target has a single class ({classes[0]!r}); a "
+                            "classifier needs at least 2")
+    lookup = {label: i for i, label in enumerate(classes)}
+    try:
+        codes = np.array([lookup[label] for label in y.tolist()], np.int32)
+    except KeyError as exc:
+        raise DataError(f"{path}: label {exc.args[0]!r} is not one of the model's classes "
+                        f"{classes}") from None
+    return codes, classes
