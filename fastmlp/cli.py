@@ -192,6 +192,11 @@ def check_args(parser, args):
                  if getattr(args, key) is not None]
         if given:
             parser.error(f"{', '.join(given)} cannot change a resumed model (the file decides)")
+    if args.hidden is not None:
+        try:
+            parse_hidden(args.hidden)
+        except UsageError as exc:
+            parser.error(str(exc))
     if args.data and (args.dataset or args.data_dir):
         parser.error("--data is your own file: it takes no --dataset or --data-dir")
     for flag in ("target", "test", "validation_split", "missing"):

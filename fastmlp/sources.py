@@ -59,34 +59,38 @@ def load_files(source, preprocessing, check_files, dtype):
                                     f"--data (and --test) to use other files")
         source[f"{key}_sha256"] = digest
     names = preprocessing["features"] if preprocessing else None
-    train = tabular.read_table(source["data"], source["target"], feature_names=names)
+    target = source["target"] or (preprocessing["target"] if preprocessing else None)
+    train = tabular.read_table(source["data"], target, feature_names=names)
     if train.target is None:
-        raise tabular.DataError(f"{source['data']}: no target column {source['target']!r}")
+        raise tabular.DataError(f"{source['data']}: no target column {target!r}")
     source["target"] = train.target_name
     missing = preprocessing["missing"] if preprocessing else source["missing"]
-    if preprocessing is None:
-        mean, spread = tabular.learn_scaling(train.features)
-        preprocessing = {"features": train.names, "target": train.target_name,
-                         "missing": missing, "mean": mean.tolist(), "scale": spread.tolist(),
-                         "classes": None}
-    mean = np.array(preprocessing["mean"])
-    tabular.handle_missing(train, missing, mean)
-    y_train, classes = tabular.encode_labels(train.path, train.target, preprocessing["classes"])
-    preprocessing["classes"] = classes
+    tabular.handle_missing(train, missing)
+    y_all, classes = tabular.encode_labels(train.path, train.target,
+                                           preprocessing["classes"] if preprocessing else None)
     if source["test"]:
         test = tabular.read_table(source["test"], train.target_name,
-                                  feature_names=preprocessing["features"])
+                                  feature_names=train.names)
         if test.target is None:
             raise tabular.DataError(f"{test.path}: no target column {train.target_name!r}")
-        tabular.handle_missing(test, missing, mean)
-        x_train, x_test = train.features, test.features
+        tabular.handle_missing(test, missing)
+        x_train, y_train, x_test = train.features, y_all, test.features
         y_test = tabular.encode_labels(test.path, test.target, classes)[0]
         held = f", test file {source['test']} ({len(y_test)} rows)"
     else:
-        x_train, y_train, x_test, y_test = split(train.features, y_train,
+        x_train, y_train, x_test, y_test = split(train.features, y_all,
                                                  source["validation_split"], source["seed"])
         held = (f", {len(y_test)} rows held out (--validation-split "
                 f"{source['validation_split']:g})" if x_test is not None else "")
+    if preprocessing is None:  # the scaling is learnt from the training rows alone
+        mean, spread = tabular.learn_scaling(x_train)
+        preprocessing = {"features": train.names, "target": train.target_name,
+                         "missing": missing, "mean": mean.tolist(), "scale": spread.tolist(),
+                         "classes": classes}
+    mean = np.array(preprocessing["mean"])
+    for x in (x_train, x_test):
+        if x is not None:
+            tabular.fill_missing(x, mean)
     description = (f"{source['data']} ({len(y_train)} training rows, {x_train.shape[1]} "
                    f"features, target {train.target_name!r} with {len(classes)} classes{held})")
     return Data(scale(x_train, preprocessing, dtype), y_train,
@@ -137,8 +141,9 @@ def model_input(path, model):
     table = tabular.read_table(path, preprocessing["target"], need_target=False,
                                feature_names=preprocessing["features"],
                                n_features=model.n_features)
-    policy = "mean" if preprocessing["missing"] == "mean" else "error"
-    tabular.handle_missing(table, policy, np.array(preprocessing["mean"]))
+    if preprocessing["missing"] != "mean":  # one prediction per row: no row can go
+        tabular.handle_missing(table, "error")
+    tabular.fill_missing(table.features, np.array(preprocessing["mean"]))
     return scale(table.features, preprocessing, model.dtype), table
 
 

@@ -244,12 +244,12 @@ def target_values(path, name, cells):
     return np.array(texts)
 
 
-def handle_missing(table, policy, fill=None):
-    """Applies the missing-cell policy to table.features (in place, rows may
-    go): 'error' refuses NaN cells, 'drop' drops their rows, 'mean' puts
-    `fill` (one value per column) in them. Returns the table."""
+def handle_missing(table, policy):
+    """Applies a missing-cell policy to table (NaN cells in its features):
+    'error' refuses them, 'drop' drops their rows, anything else leaves them
+    for fill_missing. Returns the table."""
     bad = np.isnan(table.features)
-    if not bad.any():
+    if policy not in ("error", "drop") or not bad.any():
         return table
     rows = np.flatnonzero(bad.any(axis=1))
     if policy == "error":
@@ -257,17 +257,21 @@ def handle_missing(table, policy, fill=None):
         where = (f"column {table.names[column]!r}" if table.names else f"column {column}")
         raise DataError(f"{table.path}: {len(rows)} rows have missing or NaN features (the first "
                         f"is row {rows[0] + 1}, {where}); choose --missing drop or --missing mean")
-    if policy == "drop":
-        keep = np.ones(len(table.features), bool)
-        keep[rows] = False
-        if not keep.any():
-            raise DataError(f"{table.path}: every row has a missing feature")
-        table.features = table.features[keep]
-        if table.target is not None:
-            table.target = table.target[keep]
-        return table
-    table.features[bad] = np.take(fill, np.nonzero(bad)[1])
+    keep = np.ones(len(table.features), bool)
+    keep[rows] = False
+    if not keep.any():
+        raise DataError(f"{table.path}: every row has a missing feature")
+    table.features = table.features[keep]
+    if table.target is not None:
+        table.target = table.target[keep]
     return table
+
+
+def fill_missing(features, fill):
+    """Puts fill[j] in the NaN cells of column j, in place."""
+    bad = np.isnan(features)
+    if bad.any():
+        features[bad] = np.take(fill, np.nonzero(bad)[1])
 
 
 def learn_scaling(features):

@@ -1,0 +1,275 @@
+"""The user's own files: fastmlp-train --data and fastmlp-predict, the data a
+model file records, and the first-run behaviour of the command line."""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastmlp
+from fastmlp import jit, sources, tabular
+from fastmlp.cli import main
+from fastmlp.predict import main as predict_main
+from fastmlp.progress import COMPILE_NOTICE, ProgressPrinter
+
+SPECIES = ["setosa", "versicolor", "virginica"]
+FEATURES = ["length", "width", "depth"]
+
+
+def write_csv(path, features, labels, names=FEATURES, target="species"):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(names) + ([target] if labels is not None else []))
+        for i, row in enumerate(features):
+            writer.writerow([repr(float(v)) for v in row] + ([labels[i]] if labels is not None else []))
+    return str(path)
+
+
+def blobs(n=300, seed=0):
+    """Three well separated classes in 3 features of very different scales."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, 3)) * 0.3 + y[:, None] * 2.0
+    x *= [1.0, 100.0, 0.01]
+    return x, np.array(SPECIES)[y]
+
+
+def run(argv, capsys, command=main):
+    code = command(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def table(tmp_path):
+    x, labels = blobs()
+    return write_csv(tmp_path / "train.csv", x, labels), x, labels
+
+
+def test_csv_with_string_labels_trains_saves_evaluates_and_predicts(table, tmp_path, capsys):
+    path, x, labels = table
+    model_path = str(tmp_path / "m.fmlp")
+    code, out, err = run(["--data", path, "--target", "species", "--epochs", "20", "--quiet",
+                          "--save", model_path], capsys)
+    assert code == 0, err
+    assert "270 training rows, 3 features, target 'species' with 3 classes, 30 rows held out" in out
+    assert "Settings for your data: --init xavier --optimizer adam --lr 0.01 --batch-size 32" in out
+    held_accuracy = float(out.split("held-out accuracy: ")[1].split()[0])
+    assert held_accuracy >= 0.95
+
+    model = fastmlp.load(model_path)
+    assert model.preprocessing["classes"] == SPECIES
+    assert model.preprocessing["features"] == FEATURES
+    kept = np.sort(np.random.default_rng(0).permutation(300)[30:])  # --seed 0's split
+    assert np.allclose(model.preprocessing["mean"], x[kept].mean(axis=0))
+    assert np.allclose(model.preprocessing["scale"], x[kept].std(axis=0))
+    assert model.source["data"] == path and len(model.source["data_sha256"]) == 64
+
+    # evaluate with no other flag: the recorded file, the same held-out rows
+    code, out, err = run(["--evaluate", model_path], capsys)
+    assert code == 0, err
+    assert out.startswith(f"{model_path}: held-out loss ") and f"{held_accuracy:.4f}" in out
+
+    # predictions come back as the original labels, columns found by name
+    new = write_csv(tmp_path / "new.csv", x[:, ::-1][:20], None, names=FEATURES[::-1])
+    output = tmp_path / "pred.csv"
+    code, out, err = run([model_path, new, "--proba", "-o", str(output)], capsys,
+                         predict_main)
+    assert code == 0, err
+    rows = list(csv.reader(open(output)))
+    assert rows[0] == ["prediction", "p(setosa)", "p(versicolor)", "p(virginica)"]
+    expected = model.predict(sources.scale(x[:20], model.preprocessing, model.dtype))
+    assert [row[0] for row in rows[1:]] == [SPECIES[i] for i in expected]
+    assert [row[0] for row in rows[1:]] == list(labels[:20])
+    assert np.allclose([sum(map(float, row[1:])) for row in rows[1:]], 1.0, atol=1e-5)
+
+
+def test_resume_continues_on_the_recorded_data_bit_for_bit(table, tmp_path, capsys):
+    path = table[0]
+    straight, half = str(tmp_path / "s.fmlp"), str(tmp_path / "h.fmlp")
+    assert run(["--data", path, "--epochs", "4", "--quiet", "--save", straight], capsys)[0] == 0
+    assert run(["--data", path, "--epochs", "2", "--quiet", "--save", half], capsys)[0] == 0
+    code, out, err = run(["--resume", half, "--epochs", "4", "--quiet", "--save", half], capsys)
+    assert code == 0, err
+    assert np.array_equal(fastmlp.load(straight).params, fastmlp.load(half).params)
+
+
+def test_a_changed_file_is_named_and_an_explicit_source_overrides(table, tmp_path, capsys):
+    path, x, labels = table
+    model_path = str(tmp_path / "m.fmlp")
+    assert run(["--data", path, "--epochs", "1", "--quiet", "--save", model_path], capsys)[0] == 0
+    with open(path, "a") as f:
+        f.write("1,2,3,setosa\n")
+    code, out, err = run(["--evaluate", model_path], capsys)
+    assert code == 2 and f"trained on {path}, which has changed since" in err
+    other = write_csv(tmp_path / "other.csv", x[:50], labels[:50])
+    code, out, err = run(["--evaluate", model_path, "--data", other], capsys)
+    assert code == 0, err
+    assert out.startswith(f"Using --data {other}, not the data {model_path} was trained on")
+
+
+@pytest.mark.parametrize("kind", ["npz", "npy", "parquet", "test-file"])
+def test_other_file_kinds(kind, tmp_path, capsys):
+    x, labels = blobs()
+    codes = np.searchsorted(SPECIES, labels)
+    argv = ["--epochs", "20", "--quiet"]
+    if kind == "npz":
+        np.savez(tmp_path / "d.npz", X=x, y=codes)
+        argv += ["--data", str(tmp_path / "d.npz")]
+    elif kind == "npy":
+        np.save(tmp_path / "d.npy", np.column_stack([codes, x]))
+        argv += ["--data", str(tmp_path / "d.npy"), "--target", "0"]
+    elif kind == "parquet":
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        columns = {name: x[:, j] for j, name in enumerate(FEATURES)}
+        pq.write_table(pa.table({**columns, "species": labels}), tmp_path / "d.parquet")
+        argv += ["--data", str(tmp_path / "d.parquet")]  # target: the last column
+    else:
+        argv += ["--data", write_csv(tmp_path / "a.csv", x[:250], labels[:250]),
+                 "--test", write_csv(tmp_path / "b.csv", x[250:], labels[250:])]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    accuracy = float(out.split("accuracy: ")[-1].split()[0])
+    assert accuracy >= 0.95
+    assert ("test file" in out) == (kind == "test-file")
+
+
+def test_missing_cells_are_refused_unless_a_policy_is_chosen(tmp_path, capsys):
+    x, labels = blobs(60)
+    path = write_csv(tmp_path / "gaps.csv", x, labels)
+    lines = open(path).read().splitlines()
+    lines[5] = ",".join(["1.0", "", "0.5", "setosa"])  # row 5: the width is empty
+    lines[9] = ",".join(["NaN", "3.0", "0.5", "virginica"])
+    open(path, "w").write("\n".join(lines) + "\n")
+    code, out, err = run(["--data", path, "--epochs", "1", "--quiet"], capsys)
+    assert code == 2
+    assert "2 rows have missing or NaN features (the first is row 5, column 'width')" in err
+    assert "--missing drop" in err and err.count("\n") == 1
+    code, out, err = run(["--data", path, "--epochs", "1", "--quiet", "--missing", "drop"], capsys)
+    assert code == 0 and "52 training rows" in out  # 58 rows, 6 held out
+    code, out, err = run(["--data", path, "--epochs", "1", "--quiet", "--missing", "mean"], capsys)
+    assert code == 0 and "54 training rows" in out
+
+
+@pytest.mark.parametrize("content,argv,message", [
+    ("a,b,species\n1,2,x\n3,oops,y\n", [], "bad.csv, line 3, column 'b': 'oops' is not a number"),
+    ("a,b,species\n1,2,x\n3,4\n", [], "bad.csv, line 3: 2 cells, the header has 3"),
+    ("a,b,species\n1,2,x\n3,4,y\n", ["--target", "label"],
+     "bad.csv: no target column 'label'; the columns are a, b, species"),
+    ("a,b,species\n1,2,x\n3,4,x\n", [], "the target has a single class ('x')"),
+    ("a,a,species\n1,2,x\n", [], "column 'a' appears twice"),
+    ("", [], "bad.csv: the file is empty"),
+    ("a,b,species\n", [], "no rows below the header"),
+])
+def test_bad_files_exit_2_with_the_place_named(tmp_path, capsys, content, argv, message):
+    (tmp_path / "bad.csv").write_text(content)
+    code, out, err = run(["--data", str(tmp_path / "bad.csv"), "--quiet"] + argv, capsys)
+    assert code == 2
+    assert err.startswith("fastmlp-train: error: ") and err.count("\n") == 1
+    assert message in err
+
+
+def test_predict_refuses_bad_input_and_writes_nothing(table, tmp_path, capsys):
+    path = table[0]
+    model_path = str(tmp_path / "m.fmlp")
+    assert run(["--data", path, "--epochs", "1", "--quiet", "--save", model_path], capsys)[0] == 0
+    (tmp_path / "new.csv").write_text("length,depth\n1,2\n")
+    output = tmp_path / "out.csv"
+    code, out, err = run([model_path, str(tmp_path / "new.csv"), "-o", str(output)], capsys,
+                         predict_main)
+    assert code == 2 and "no column 'width', which the model was trained on" in err
+    assert sorted(os.listdir(tmp_path)) == ["m.fmlp", "new.csv", "train.csv"]
+
+
+def test_an_image_model_predicts_pixels_from_npy(tmp_path, capsys):
+    model_path = str(tmp_path / "d.fmlp")
+    assert run(["--dataset", "digits", "--epochs", "1", "--quiet", "--save", model_path],
+               capsys)[0] == 0
+    x_test = fastmlp.datasets.load("digits")[2]
+    np.save(tmp_path / "images.npy", x_test[:7])
+    code, out, err = run([model_path, str(tmp_path / "images.npy")], capsys, predict_main)
+    assert code == 0, err
+    model = fastmlp.load(model_path)
+    assert out.split() == ["prediction"] + [str(v) for v in model.predict(x_test[:7])]
+    np.save(tmp_path / "scaled.npy", x_test[:7] / 255.0)
+    code, out, err = run([model_path, str(tmp_path / "scaled.npy")], capsys, predict_main)
+    assert code == 2 and "pixel values 0..255" in err
+
+
+def test_digits_defaults_learn(capsys):
+    code, out, err = run(["--dataset", "digits", "--quiet"], capsys)
+    assert code == 0, err
+    assert "Settings for digits: --init xavier --optimizer adam --lr 0.01 --batch-size 32" in out
+    assert float(out.split("test accuracy: ")[1].split()[0]) >= 0.95
+    assert "Trained 10 epochs in" in out and not err
+
+
+def test_a_diverging_run_is_named(capsys):
+    code, out, err = run(["--dataset", "digits", "--optimizer", "sgd", "--lr", "100",
+                          "--epochs", "3", "--quiet"], capsys)
+    assert code == 0
+    assert "fastmlp-train: warning: the training loss after epoch" in err
+    assert "Try a smaller learning rate than sgd --lr 100" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--datas", "x.csv"], "unrecognized argument --datas; did you mean --data?"),
+    (["--epoch", "3"], "unrecognized argument --epoch; did you mean --epochs?"),
+    (["--hidden", "128,,64"], "--hidden takes comma-separated integers, got '128,,64'"),
+    (["--test", "t.csv"], "--test goes with --data FILE"),
+    (["--data", "x.csv", "--dataset", "digits"], "--data is your own file"),
+    (["--data", "x.txt"], "x.txt: unknown file type '.txt'"),
+])
+def test_usage_errors_are_one_line(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_version_and_python_m_fastmlp():
+    result = subprocess.run([sys.executable, "-m", "fastmlp", "--version"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"fastmlp-train {fastmlp.__version__}"
+
+
+def test_one_epoch_is_singular(capsys):
+    code, out, err = run(["--dataset", "digits", "--epochs", "1", "--quiet"], capsys)
+    assert code == 0 and "Trained 1 epoch in" in out
+
+
+def test_the_compile_notice_shows_only_when_compiling(capsys, tmp_path):
+    printer = ProgressPrinter()
+    printer.on_compile_begin(False)
+    printer.on_train_begin(1.0)
+    printer.on_compile_begin(True)
+    printer.on_train_begin(0.01)
+    assert capsys.readouterr().out == f"{COMPILE_NOTICE}...\nJIT compile: 1.00s\nJIT compile: 0.01s\n"
+    # ready() tells a cached function from one that must compile, across processes
+    (tmp_path / "cached_kernel.py").write_text(
+        "import numba\n@numba.njit(cache=True)\ndef twice(x):\n    return 2 * x\n")
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy as np\n"
+              "from fastmlp.jit import ready; from cached_kernel import twice\n"
+              "x = np.ones(3); print(ready(twice, (x,)), ready(twice, (np.ones(3, np.int8),)))\n"
+              "twice(x)\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    answers = [subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=120).stdout.split()
+               for _ in range(2)]
+    assert answers == [["False", "False"], ["True", "False"]]
+
+
+def test_tables_read_alike_from_every_format(tmp_path):
+    x, labels = blobs(20)
+    csv_table = tabular.read_table(write_csv(tmp_path / "t.csv", x, labels))
+    assert csv_table.names == FEATURES and csv_table.target_name == "species"
+    assert np.array_equal(csv_table.features, x) and list(csv_table.target) == list(labels)
+    np.savez(tmp_path / "t.npz", X=x, y=np.arange(20))
+    npz = tabular.read_table(tmp_path / "t.npz")
+    assert np.array_equal(npz.features, x) and list(npz.target) == list(range(20))
+    numbers = tabular.read_table(write_csv(tmp_path / "n.csv", x, [str(i % 4) for i in range(20)]))
+    assert numbers.target.dtype.kind == "i"  # numeric labels stay numbers
