@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything fastmlp's tests and examples need on a fresh Debian
-# machine: the Fashion-MNIST package and fastmlp itself with its test extra.
+# machine: the Fashion-MNIST package and fastmlp itself with its test extra,
+# then compiles the kernels into Numba's cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
@@ -9,3 +10,6 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   apt-get install -y -qq dataset-fashion-mnist
 fi
 python -m pip install --quiet -e ".[test]"
+# compile the kernels for this CPU now (about a minute), so that the first
+# fastmlp-train starts at once
+fastmlp-train --compile-only
