@@ -2,7 +2,7 @@
 kernels and a plain NumPy oracle (`fastmlp.reference`) that tests them."""
 __version__ = "0.1.0"
 
-from . import reference
+from . import datasets, reference
 from .model import MLP
 from .modelfile import load
 from .training import History, TrainingDiverged, fit

@@ -21,12 +21,13 @@ EXAMPLES = """examples:
   fastmlp-train                                   the classic lesson: MNIST, 784-50-10 sigmoid, SGD 0.1, batch 100
   fastmlp-train --dataset fashion-mnist --plot curves.png --history history.csv
   fastmlp-train --hidden 256,128 --activation relu --init he --optimizer adam --epochs 20
-  fastmlp-train --data train.csv --target species --save model.fmlp   (your own table; 10% held out)
-  fastmlp-predict model.fmlp new.csv -o predictions.csv
-  fastmlp-train --dataset fashion-mnist --epochs 5 --save model.fmlp
-  fastmlp-train --resume model.fmlp --epochs 10 --save model.fmlp   (epochs 6 to 10, same data)
-  fastmlp-train --evaluate model.fmlp                                 (on the data it was trained on)
-  fastmlp-train --epochs 50 --save model.fmlp --checkpoint-every 5
+  fastmlp-train --data train.csv --target species --save model.safetensors   (your own table)
+  fastmlp-predict model.safetensors new.csv -o predictions.csv
+  fastmlp-train --dataset fashion-mnist --epochs 5 --save model.safetensors --onnx model.onnx
+  fastmlp-train --resume model.safetensors --epochs 10 --save model.safetensors   (epochs 6 to 10)
+  fastmlp-train --evaluate model.safetensors             (on the data it was trained on)
+  fastmlp-train --epochs 50 --save model.safetensors --checkpoint-every 5
+  fastmlp-train --convert old.fmlp model.safetensors     (a model file of fastmlp 0.1)
   mpiexec -n 4 fastmlp-train --distributed --hidden 512,512 --activation relu --batch-size 128
   fastmlp-train --compile-only                    compile the kernels once, so later runs start at once
 
@@ -158,8 +159,12 @@ def build_parser():
     out.add_argument("--history", metavar="FILE", help="per-epoch metrics as .csv or .json")
     out.add_argument("--plot", metavar="FILE.png",
                      help="accuracy and loss curves (needs matplotlib: pip install 'fastmlp[plot]')")
-    out.add_argument("--save", metavar="FILE",
-                     help="write the trained model (also on Ctrl-C, SIGTERM or divergence)")
+    out.add_argument("--save", metavar="FILE", help="write the trained model as safetensors "
+                     "(also on Ctrl-C, SIGTERM or divergence)")
+    out.add_argument("--onnx", metavar="FILE", help="also write the model as an ONNX graph "
+                     "(needs pip install 'fastmlp[onnx]')")
+    out.add_argument("--convert", nargs=2, metavar=("OLD", "NEW"),
+                     help="rewrite a model file of fastmlp 0.1 (.fmlp) as safetensors, and exit")
     out.add_argument("--checkpoint-every", metavar="N", type=int,
                      help="also write --save every N epochs, atomically, to resume from")
     out.add_argument("--resume", metavar="FILE", help="continue training a saved model")
@@ -184,6 +189,13 @@ def parse_hidden(text):
 
 
 def check_args(parser, args):
+    if args.convert and (args.evaluate or args.resume or args.save or args.compile_only):
+        parser.error("--convert OLD NEW only rewrites a model file")
+    if args.onnx:
+        try:
+            import onnx  # noqa: F401  (only whether it is there)
+        except ImportError:
+            parser.error("--onnx needs onnx: pip install 'fastmlp[onnx]'")
     if args.evaluate and (args.resume or args.save or args.distributed):
         parser.error("--evaluate only reads a model: it takes no --resume, --save or "
                      "--distributed")
@@ -281,6 +293,8 @@ def main(argv=None):
     check_args(parser, args)
     if args.compile_only:
         return compile_only(args)
+    if args.convert:
+        return convert(*args.convert)
     comm = None
     if args.distributed:
         try:
@@ -303,8 +317,11 @@ def main(argv=None):
             out.write(note + "\n")
         if args.evaluate:
             evaluate(saved, data, args.evaluate, out)
+            if args.onnx:
+                saved.to_onnx(args.onnx)
+                out.write(f"Wrote {args.onnx}\n")
             return 0
-        chosen = apply_defaults(args, kind, resumed=saved is not None)
+        chosen = apply_defaults(args, kind, saved)
         model = saved if saved is not None else new_model(args, data)
         model.source, model.preprocessing = data.source, data.preprocessing
         if model.training_state is None:
@@ -362,6 +379,9 @@ def main(argv=None):
         if args.save:
             model.save(args.save)
             out.write(f"Saved {args.save}\n")
+        if args.onnx:
+            model.to_onnx(args.onnx)
+            out.write(f"Wrote {args.onnx}\n")
         return 0
     except TrainingDiverged as exc:  # every MPI rank stops at the same step
         saved = ""
@@ -391,6 +411,17 @@ def main(argv=None):
         return abort_ranks(comm, 2)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
+
+
+def convert(old, new):
+    """Rewrites a model file (of either format) as safetensors."""
+    try:
+        load_model(old).save(new)
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"fastmlp-train: error: {exc}\n")
+        return 2
+    print(f"Wrote {new} (safetensors) from {old}")
+    return 0
 
 
 def plural(count, noun):
@@ -508,8 +539,9 @@ def load_data(args, source, saved, dtype, comm):
 
 def available_datasets():
     """Lines naming the datasets this machine has right now, with their commands."""
-    lines = [f"  fastmlp-train --dataset {name}   ({where})"
-             for name, where in datasets.available()]
+    found = datasets.available()
+    width = max((len(name) for name, _ in found), default=0)
+    lines = [f"  fastmlp-train --dataset {name:<{width}}   ({where})" for name, where in found]
     if not lines:
         return ""
     return "\navailable now:\n" + "\n".join(lines)
@@ -542,9 +574,13 @@ def callbacks(args, model, out):
     return chosen
 
 
-def apply_defaults(args, kind, resumed):
-    """Fills the flags left unset: the data's own settings (for a new
-    model), then the lesson's. Returns the data's settings it used, as flags."""
+def apply_defaults(args, kind, saved):
+    """Fills the flags left unset: a resumed model's batch size, the data's
+    own settings (for a new model), then the lesson's. Returns the data's
+    settings it used, as flags."""
+    resumed = saved is not None
+    if resumed and args.batch_size is None and saved.training_state is not None:
+        args.batch_size = saved.training_state.batch_size
     chosen = []
     own_optimizer = args.optimizer is not None  # then its own default lr
     for key, value in DATA_DEFAULTS.get(kind, {}).items():

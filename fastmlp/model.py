@@ -168,9 +168,28 @@ class MLP:
 
     def save(self, path):
         """Writes the model, with its optimizer and training state, to path
-        (atomically; see fastmlp.modelfile for the format)."""
+        as safetensors (atomically; see fastmlp.modelfile)."""
         from .modelfile import save
         save(self, path)
+
+    def to_onnx(self, path):
+        """Writes the model as an ONNX graph that takes float32 features, as
+        predict_proba does (see fastmlp.interop)."""
+        from .interop import to_onnx
+        to_onnx(self, path)
+
+    @classmethod
+    def from_torch(cls, sequential):
+        """The MLP of a PyTorch nn.Sequential of Linear layers with Sigmoid,
+        Tanh or ReLU between them (and an optional final Softmax)."""
+        from .interop import from_torch
+        return from_torch(sequential)
+
+    @classmethod
+    def from_sklearn(cls, fitted):
+        """The MLP of a fitted scikit-learn MLPClassifier."""
+        from .interop import from_sklearn
+        return from_sklearn(fitted)
 
     def layer_views(self, flat):
         """(weights, biases): per-layer views of a vector laid out like params."""

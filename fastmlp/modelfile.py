@@ -1,81 +1,118 @@
-"""Model files: a pickle-free format that loading can check completely.
+"""Model files: safetensors, which PyTorch, JAX, Hugging Face and others read.
 
-Layout (all integers little-endian):
+Tensors, little-endian, in the model's dtype:
 
-    bytes 0-7     magic b"FASTMLP\\0"
-    bytes 8-11    format version (uint32), 1
-    bytes 12-15   header length H (uint32), at most MAX_HEADER
-    H bytes       header, UTF-8 JSON: layer_sizes, activation, dtype, init,
-                  init_scale, optimizer (name, lr, momentum, nesterov,
-                  weight_decay, updates) or null, training (epoch, step, rng:
-                  NumPy PCG64 state) or null, source (the training data: a
-                  dataset's name, or the user's files with their SHA-256) or
-                  null, preprocessing (for the user's files: feature columns,
-                  their mean and scale, the missing-cell policy, the classes)
-                  or null, and buffers: [{"name", "count"}]
-    buffers       raw little-endian values of the model's dtype, in header
-                  order: params, then the optimizer's state vectors
-    32 bytes      SHA-256 of everything before it
+    "0.weight" (fan_out, fan_in), "0.bias" (fan_out,), "2.weight", ...
+        the dense layers under the names of PyTorch's nn.Sequential of Linear
+        layers with an activation module between them (layer l is "2l")
+    "optimizer.state1", "optimizer.state2"
+        the optimizer's state vectors, laid out like the flat parameters
+        (velocity, or Adam's m and v), for the optimizers that keep them
 
-Loading reads the file, checks the magic, version and header, computes the
-expected size from the header with Python integers and compares it with the
-real size before anything is allocated from the header, checks the digest,
-the parameter count against the layer sizes, and that every value is finite.
-Any failure is a ValueError naming the file. Writing is atomic: a temporary
+The string-to-string `__metadata__` holds JSON values: "fastmlp" (the format
+version), "model" (layer_sizes, activation, dtype, init, init_scale),
+"optimizer", "training", "source", "preprocessing" (see `build_model`), and
+"sha256", the digest of every tensor's name and bytes and of every other
+metadata entry, in name order.
+
+safetensors' own loader (Rust, fuzzed by its maintainers) checks that the
+header's offsets fit the file before anything is read from it, so no size in
+a file can make fastmlp allocate more than the file holds. Loading then
+checks the tensor names, shapes and dtypes against the layer sizes, the
+digest, and that every value is finite. Any failure is a ValueError naming
+the file; nothing in a file is ever executed. Writing is atomic: a temporary
 file in the same directory, fsync, then os.replace.
+
+Files of fastmlp's first format (magic "FASTMLP\\0") still load, through
+`legacy_modelfile`.
 """
 import contextlib
 import hashlib
 import json
 import math
 import os
-import struct
 import tempfile
 
 import numpy as np
 
-MAGIC = b"FASTMLP\0"
-VERSION = 1
-MAX_HEADER = 1 << 24  # room for the scaling of ~400,000 features
-DIGEST = 32
-PREFIX = struct.Struct("<8sII")
+FORMAT_VERSION = "2"
 MAX_LAYERS = 1000
+MAX_METADATA = 1 << 24  # bytes of JSON: room for the scaling of ~400,000 features
+INITS = ("normal", "xavier", "he")
+MISSING_POLICIES = ("error", "drop", "mean")
+SOURCE_KEYS = {"dataset", "data_dir", "data", "data_sha256", "target", "test", "test_sha256",
+               "validation_split", "seed", "missing"}
 
 
-def save(model, path):
-    """Writes model (parameters, optimizer and training state) to path, atomically."""
-    dtype = model.dtype.newbyteorder("<")
-    buffers = [("params", model.params)]
+def layer_name(l):
+    """The nn.Sequential index of dense layer l (activations sit between)."""
+    return str(2 * l)
+
+
+def tensors(model):
+    """{name: array}: the file's tensors for model."""
+    out = {}
+    for l, (w, b) in enumerate(zip(model.weights, model.biases)):
+        out[f"{layer_name(l)}.weight"] = np.ascontiguousarray(w.T)  # (fan_out, fan_in)
+        out[f"{layer_name(l)}.bias"] = np.ascontiguousarray(b)
     opt = model.optimizer_state
-    if opt is not None:
-        buffers += [("state1", opt.state1), ("state2", opt.state2)]
-    header = {
-        "layer_sizes": list(model.layer_sizes),
-        "activation": model.activation,
-        "dtype": model.dtype.name,
-        "init": model.init,
-        "init_scale": model.init_scale,
+    if opt is not None and opt.state1.size:
+        out["optimizer.state1"] = opt.state1
+    if opt is not None and opt.state2.size:
+        out["optimizer.state2"] = opt.state2
+    little = model.dtype.newbyteorder("<")
+    return {name: np.ascontiguousarray(a, dtype=little) for name, a in out.items()}
+
+
+def digest(arrays, metadata):
+    """SHA-256 of every tensor's name and bytes and every metadata entry but
+    the digest itself, in name order."""
+    sha = hashlib.sha256()
+    for name in sorted(arrays):
+        sha.update(name.encode() + b"\0")
+        sha.update(np.ascontiguousarray(arrays[name]).astype(
+            arrays[name].dtype.newbyteorder("<")).tobytes())
+    for key in sorted(metadata):
+        if key != "sha256":
+            sha.update(f"{key}\0{metadata[key]}\0".encode())
+    return sha.hexdigest()
+
+
+def header(model):
+    """The settings saved with a model, as one JSON-ready dict."""
+    opt, progress = model.optimizer_state, model.training_state
+    return {
+        "model": {"layer_sizes": list(model.layer_sizes), "activation": model.activation,
+                  "dtype": model.dtype.name, "init": model.init, "init_scale": model.init_scale},
         "optimizer": None if opt is None else {
             "name": opt.name, "lr": opt.settings[0], "momentum": opt.settings[1],
             "nesterov": opt.settings[2], "weight_decay": opt.settings[3],
             "updates": opt.updates},
-        "training": None if model.training_state is None else {
-            "epoch": model.training_state.epoch, "step": model.training_state.step,
-            "rng": model.training_state.rng_state},
+        "training": None if progress is None else {
+            "epoch": progress.epoch, "step": progress.step, "batch_size": progress.batch_size,
+            "rng": progress.rng_state},
         "source": model.source,
         "preprocessing": model.preprocessing,
-        "buffers": [{"name": name, "count": int(array.size)} for name, array in buffers],
     }
-    header_bytes = json.dumps(header, allow_nan=False).encode()
-    if len(header_bytes) > MAX_HEADER:
-        raise ValueError(f"{path}: the model's header needs {len(header_bytes)} bytes, more "
-                         f"than the format's {MAX_HEADER}")
-    body = [PREFIX.pack(MAGIC, VERSION, len(header_bytes)), header_bytes]
-    body += [np.ascontiguousarray(array, dtype=dtype).tobytes() for _, array in buffers]
-    digest = hashlib.sha256()
-    for part in body:
-        digest.update(part)
-    atomic_write(path, body + [digest.digest()])
+
+
+def dumps(model):
+    """The bytes of model's file."""
+    from safetensors.numpy import save as safetensors_bytes
+    arrays = tensors(model)
+    metadata = {key: json.dumps(value, allow_nan=False) for key, value in header(model).items()}
+    size = sum(len(v) for v in metadata.values())
+    if size > MAX_METADATA:
+        raise ValueError(f"the model's settings need {size} bytes of metadata, more than the "
+                         f"{MAX_METADATA} a model file may hold")
+    metadata["fastmlp"] = FORMAT_VERSION
+    metadata["sha256"] = digest(arrays, metadata)
+    return safetensors_bytes(arrays, metadata=metadata)
+
+
+def save(model, path):
+    """Writes model (parameters, optimizer and training state) to path, atomically."""
+    atomic_write(path, [dumps(model)])
 
 
 def atomic_write(path, parts):
@@ -104,8 +141,8 @@ def atomic_write(path, parts):
 
 
 def load(path):
-    """Reads a model file written by save; returns an MLP with its optimizer
-    and training state."""
+    """Reads a model file written by save (or by fastmlp's first format);
+    returns an MLP with its optimizer and training state."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
@@ -114,164 +151,210 @@ def load(path):
 
 def loads(data, name="<bytes>"):
     """The model held by the bytes of a model file (`name` for messages)."""
+    from . import legacy_modelfile
     try:
-        return _parse(data)
-    except _Malformed as exc:
+        if data[:len(legacy_modelfile.MAGIC)] == legacy_modelfile.MAGIC:
+            return legacy_modelfile.parse(data)
+        return parse(data)
+    except Malformed as exc:
         raise ValueError(f"{name}: not a valid fastmlp model file: {exc}") from None
 
 
-class _Malformed(Exception):
+class Malformed(Exception):
     pass
 
 
-def _require(condition, message):
+def require(condition, message):
     if not condition:
-        raise _Malformed(message)
+        raise Malformed(message)
 
 
-def _int(value, name, minimum=0):
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-             f"{name} must be an integer >= {minimum}, got {value!r}")
+def parse(data):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as safetensors_arrays
+
+    require(len(data) >= 8, f"too short ({len(data)} bytes)")
+    try:
+        arrays = safetensors_arrays(bytes(data))
+        metadata = read_metadata(data)
+    except (SafetensorError, ValueError, TypeError, OverflowError, UnicodeDecodeError,
+            RecursionError) as exc:
+        raise Malformed(f"not a safetensors file ({str(exc)[:200]})") from None
+    require(isinstance(metadata, dict) and metadata.get("fastmlp") == FORMAT_VERSION,
+            "no fastmlp metadata of format version " + FORMAT_VERSION)
+    settings = {}
+    for key in ("model", "optimizer", "training", "source", "preprocessing"):
+        text = metadata.get(key)
+        require(isinstance(text, str) and len(text) <= MAX_METADATA, f"no {key} metadata")
+        try:
+            settings[key] = json.loads(text)
+        except (ValueError, RecursionError):
+            raise Malformed(f"{key} metadata is not valid JSON") from None
+    model = settings["model"]
+    require(isinstance(model, dict), "bad model metadata")
+    sizes = check_layer_sizes(model.get("layer_sizes"))
+    dtype = check_dtype(model.get("dtype"))
+    n_layers = len(sizes) - 1
+    expected = {}
+    for l in range(n_layers):
+        expected[f"{layer_name(l)}.weight"] = (sizes[l + 1], sizes[l])
+        expected[f"{layer_name(l)}.bias"] = (sizes[l + 1],)
+    n_params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
+    opt = settings["optimizer"]
+    if isinstance(opt, dict):
+        n_state = {"sgd": 0, "momentum": 1, "adam": 2}.get(opt.get("name"), 0)
+        for k in range(1, n_state + 1):
+            expected[f"optimizer.state{k}"] = (n_params,)
+    require(set(arrays) == set(expected), f"the tensors should be {sorted(expected)}, the file "
+            f"has {sorted(arrays)[:20]}")
+    for tensor_name, shape in expected.items():
+        array = arrays[tensor_name]
+        require(array.shape == shape, f"tensor {tensor_name} should have shape {shape}, it has "
+                f"{array.shape}")
+        require(array.dtype == dtype, f"tensor {tensor_name} should hold {dtype.name}, it holds "
+                f"{array.dtype.name}")
+        require(np.isfinite(array).all(), f"{tensor_name} holds NaN or inf")
+    require(all(isinstance(v, str) for v in metadata.values()), "bad metadata")
+    require(metadata.get("sha256") == digest(arrays, metadata),
+            "checksum mismatch (the file is damaged)")
+    params = np.concatenate([arrays[f"{layer_name(l)}.{part}"].ravel()
+                             for l in range(n_layers) for part in ("weight", "bias")])
+    state = [arrays.get(f"optimizer.state{k}") for k in (1, 2)]
+    return build_model(settings, params, state)
+
+
+def read_metadata(data):
+    """The __metadata__ map of safetensors bytes (the loader checked the header)."""
+    length = int.from_bytes(data[:8], "little")
+    require(8 + length <= len(data), "truncated header")
+    return json.loads(bytes(data[8:8 + length]).decode()).get("__metadata__")
+
+
+def integer(value, name, minimum=0):
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
-def _number(value, name):
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-             and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0")
+def number(value, name):
+    require(isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0")
     return float(value)
 
 
-def _parse(data):
-    from .model import MLP
-    from .training import OptimizerState, TrainingState
-    from .optimizers import OPTIMIZERS
-    from .kernels import ACTIVATIONS
-
-    _require(len(data) >= PREFIX.size + DIGEST, f"too short ({len(data)} bytes)")
-    magic, version, header_len = PREFIX.unpack_from(data)
-    _require(magic == MAGIC, "wrong magic number")
-    _require(version == VERSION, f"format version {version}, this fastmlp reads {VERSION}")
-    _require(header_len <= MAX_HEADER, f"header length {header_len} is absurd")
-    _require(PREFIX.size + header_len + DIGEST <= len(data), "truncated header")
-    try:
-        header = json.loads(data[PREFIX.size:PREFIX.size + header_len].decode())
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _Malformed("header is not valid JSON") from None
-    _require(isinstance(header, dict), "header is not a JSON object")
-
-    sizes = header.get("layer_sizes")
-    _require(isinstance(sizes, list) and 2 <= len(sizes) <= MAX_LAYERS, "bad layer_sizes")
+def check_layer_sizes(sizes):
+    require(isinstance(sizes, list) and 2 <= len(sizes) <= MAX_LAYERS, "bad layer_sizes")
     for size in sizes:
-        _int(size, "a layer size", minimum=1)
-    _require(sizes[-1] >= 2, "the output layer needs at least 2 classes")
-    _require(header.get("activation") in ACTIVATIONS, "unknown activation")
-    _require(header.get("dtype") in ("float32", "float64"), "unknown dtype")
-    _require(header.get("init") in ("normal", "xavier", "he"), "unknown init")
-    init_scale = _number(header.get("init_scale"), "init_scale")
-    dtype = np.dtype(header["dtype"]).newbyteorder("<")
-    n_params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))  # Python ints: no overflow
+        integer(size, "a layer size", minimum=1)
+    require(sizes[-1] >= 2, "the output layer needs at least 2 classes")
+    return sizes
 
-    opt = header.get("optimizer")
-    expected = [("params", n_params)]
+
+def check_dtype(name):
+    require(name in ("float32", "float64"), "unknown dtype")
+    return np.dtype(name).newbyteorder("<")
+
+
+def build_model(settings, params, state):
+    """The MLP that settings (the JSON values of `header`) and its arrays
+    describe, every setting checked: params is the flat parameter vector,
+    state the optimizer's two state vectors (None where it keeps none)."""
+    from .kernels import ACTIVATIONS
+    from .model import MLP
+    from .optimizers import OPTIMIZERS
+    from .training import OptimizerState, TrainingState
+
+    spec = settings["model"]
+    require(isinstance(spec, dict), "bad model settings")
+    sizes = check_layer_sizes(spec.get("layer_sizes"))
+    require(spec.get("activation") in ACTIVATIONS, "unknown activation")
+    check_dtype(spec.get("dtype"))
+    require(spec.get("init") in INITS, "unknown init")
+    init_scale = number(spec.get("init_scale"), "init_scale")
+    n_params = sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
+    require(params.size == n_params, f"params should hold {n_params} values")
+
+    model = MLP(sizes, activation=spec["activation"], dtype=spec["dtype"], init=spec["init"],
+                init_scale=init_scale, seed=0)
+    model.params[:] = params
+    opt = settings["optimizer"]
     if opt is not None:
-        _require(isinstance(opt, dict) and opt.get("name") in OPTIMIZERS, "bad optimizer")
-        _require(isinstance(opt.get("nesterov"), bool), "bad optimizer nesterov flag")
-        lr, momentum, decay = (_number(opt.get(key), key) for key in ("lr", "momentum", "weight_decay"))
-        _require(momentum <= 1, "momentum must be <= 1")
-        updates = _int(opt.get("updates"), "optimizer updates")
-        n_state = {"sgd": (0, 0), "momentum": (n_params, 0), "adam": (n_params, n_params)}[opt["name"]]
-        expected += [("state1", n_state[0]), ("state2", n_state[1])]
-    buffers = header.get("buffers")
-    _require(isinstance(buffers, list) and len(buffers) == len(expected), "bad buffer list")
-    for entry, (name, count) in zip(buffers, expected):
-        _require(isinstance(entry, dict) and entry.get("name") == name and entry.get("count") == count,
-                 f"buffer {name} should hold {count} values")
-
-    body = PREFIX.size + header_len
-    size = body + sum(count for _, count in expected) * dtype.itemsize + DIGEST
-    _require(len(data) == size, f"the header describes {size} bytes, the file has {len(data)}")
-    _require(hashlib.sha256(data[:-DIGEST]).digest() == data[-DIGEST:],
-             "checksum mismatch (the file is damaged)")
-
-    arrays, offset = {}, body
-    for name, count in expected:
-        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-        offset += count * dtype.itemsize
-        _require(np.isfinite(arrays[name]).all(), f"{name} holds NaN or inf")
-
-    training = header.get("training")
+        require(isinstance(opt, dict) and opt.get("name") in OPTIMIZERS, "bad optimizer")
+        require(isinstance(opt.get("nesterov"), bool), "bad optimizer nesterov flag")
+        lr, momentum, decay = (number(opt.get(key), key) for key in ("lr", "momentum",
+                                                                     "weight_decay"))
+        require(momentum <= 1, "momentum must be <= 1")
+        updates = integer(opt.get("updates"), "optimizer updates")
+        optimizer = OptimizerState(opt["name"], model.dtype, n_params, lr, momentum,
+                                   opt["nesterov"], decay)
+        for target, values in zip((optimizer.state1, optimizer.state2), state):
+            require((values is None and target.size == 0) or
+                    (values is not None and values.size == target.size),
+                    f"the {opt['name']} optimizer's state does not fit the model")
+            if values is not None:
+                target[:] = values
+        optimizer.updates = updates
+        model.optimizer_state = optimizer
+    training = settings["training"]
     if training is not None:
-        _require(isinstance(training, dict), "bad training state")
+        require(isinstance(training, dict), "bad training state")
         progress = TrainingState()
-        progress.epoch = _int(training.get("epoch"), "training epoch")
-        progress.step = _int(training.get("step"), "training step")
+        progress.epoch = integer(training.get("epoch"), "training epoch")
+        progress.step = integer(training.get("step"), "training step")
+        if training.get("batch_size") is not None:  # files of fastmlp 0.1 have none
+            progress.batch_size = integer(training["batch_size"], "training batch_size", 1)
         try:
             rng = np.random.Generator(np.random.PCG64())
             rng.bit_generator.state = training.get("rng")
             progress.rng_state = rng.bit_generator.state
         except (TypeError, ValueError, KeyError, OverflowError):
-            raise _Malformed("bad random generator state") from None
-
-    model = MLP(sizes, activation=header["activation"], dtype=header["dtype"],
-                init=header["init"], init_scale=init_scale, seed=0)
-    model.params[:] = arrays["params"]
-    if opt is not None:
-        state = OptimizerState(opt["name"], model.dtype, n_params, lr, momentum, opt["nesterov"], decay)
-        state.state1[:] = arrays["state1"]
-        state.state2[:] = arrays["state2"]
-        state.updates = updates
-        model.optimizer_state = state
-    if training is not None:
+            raise Malformed("bad random generator state") from None
         model.training_state = progress
-    model.source = _source(header.get("source"))
-    model.preprocessing = _preprocessing(header.get("preprocessing"), sizes)
+    model.source = check_source(settings.get("source"))
+    model.preprocessing = check_preprocessing(settings.get("preprocessing"), sizes)
     return model
 
 
-SOURCE_KEYS = {"dataset", "data_dir", "data", "data_sha256", "target", "test", "test_sha256",
-               "validation_split", "seed", "missing"}
-
-
-def _source(source):
+def check_source(source):
     if source is None:
         return None
-    _require(isinstance(source, dict) and set(source) <= SOURCE_KEYS
-             and ("dataset" in source) != ("data" in source), "bad source")
+    require(isinstance(source, dict) and set(source) <= SOURCE_KEYS
+            and ("dataset" in source) != ("data" in source), "bad source")
     for key, value in source.items():
-        _require(value is None or isinstance(value, (str, int, float))
-                 and not isinstance(value, bool), f"bad source {key}")
+        require(value is None or isinstance(value, (str, int, float))
+                and not isinstance(value, bool), f"bad source {key}")
     for key in ("dataset", "data", "data_dir", "test"):
-        _require(source.get(key) is None or isinstance(source[key], str), f"bad source {key}")
+        require(source.get(key) is None or isinstance(source[key], str), f"bad source {key}")
     if "data" in source:
-        _require(source.get("missing") in ("error", "drop", "mean"), "bad source missing policy")
+        require(source.get("missing") in MISSING_POLICIES, "bad source missing policy")
         split = source.get("validation_split")
-        _require(split is None or isinstance(split, (int, float)) and 0 <= split < 1,
-                 "bad source validation_split")
-        _int(source.get("seed"), "source seed")
+        require(split is None or isinstance(split, (int, float)) and 0 <= split < 1,
+                "bad source validation_split")
+        integer(source.get("seed"), "source seed")
     return source
 
 
-def _preprocessing(prep, sizes):
+def check_preprocessing(prep, sizes):
     if prep is None:
         return None
     keys = {"features", "target", "missing", "mean", "scale", "classes"}
-    _require(isinstance(prep, dict) and set(prep) == keys, "bad preprocessing")
+    require(isinstance(prep, dict) and set(prep) == keys, "bad preprocessing")
     n_features, n_classes = sizes[0], sizes[-1]
     for key in ("mean", "scale"):
         values = prep[key]
-        _require(isinstance(values, list) and len(values) == n_features
-                 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                         and math.isfinite(v) for v in values),
-                 f"preprocessing {key} must hold {n_features} finite numbers")
-    _require(all(v > 0 for v in prep["scale"]), "preprocessing scale must be > 0")
+        require(isinstance(values, list) and len(values) == n_features
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) for v in values),
+                f"preprocessing {key} must hold {n_features} finite numbers")
+    require(all(v > 0 for v in prep["scale"]), "preprocessing scale must be > 0")
     names = prep["features"]
-    _require(names is None or isinstance(names, list) and len(names) == n_features
-             and all(isinstance(n, str) for n in names), "bad preprocessing features")
-    _require(prep["target"] is None or isinstance(prep["target"], str), "bad preprocessing target")
-    _require(prep["missing"] in ("error", "drop", "mean"), "bad preprocessing missing policy")
+    require(names is None or isinstance(names, list) and len(names) == n_features
+            and all(isinstance(n, str) for n in names), "bad preprocessing features")
+    require(prep["target"] is None or isinstance(prep["target"], str), "bad preprocessing target")
+    require(prep["missing"] in MISSING_POLICIES, "bad preprocessing missing policy")
     classes = prep["classes"]
-    _require(isinstance(classes, list) and len(classes) == n_classes
-             and all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in classes)
-             and len(set(classes)) == n_classes,
-             f"preprocessing classes must be {n_classes} distinct labels")
+    require(isinstance(classes, list) and len(classes) == n_classes
+            and all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in classes)
+            and len(set(classes)) == n_classes,
+            f"preprocessing classes must be {n_classes} distinct labels")
     return prep

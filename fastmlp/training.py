@@ -82,12 +82,14 @@ class OptimizerState:
 class TrainingState:
     """Where training stands, kept on the model (and in its files) so that
     training can stop anywhere and resume bit for bit: completed epochs,
-    steps done in the current epoch, and the shuffling generator's state at
-    the start of the current epoch (from which its row order is drawn again)."""
+    steps done in the current epoch, the shuffling generator's state at
+    the start of the current epoch (from which its row order is drawn again),
+    and the batch size of the last fit (None before any)."""
 
     def __init__(self, seed=None):
         self.epoch = 0
         self.step = 0
+        self.batch_size = None
         self.rng_state = np.random.default_rng(seed).bit_generator.state
 
     def generator(self):
@@ -234,6 +236,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         if threads is None:
             threads = min(max_threads, distributed.rank_threads(comm))
     n_steps = -(-n // batch_size)
+    progress.batch_size = batch_size
     if progress.step >= n_steps:
         raise ValueError(f"the model stopped at step {progress.step} of an epoch, but this data "
                          f"and batch_size give epochs of {n_steps} steps")

@@ -189,6 +189,16 @@ def test_interrupt_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig):
     model = fastmlp.load(path)
     assert model.training_state.epoch >= 2
     assert model.optimizer_state.updates == model.training_state.epoch * 180 + model.training_state.step
+    # the checkpoint knows its data and batch size: the printed command
+    # resumes it with no other flag (and --epochs to end the epoch it is in)
+    epoch = model.training_state.epoch
+    result = subprocess.run([sys.executable, "-m", "fastmlp", "--resume", str(path), "--epochs",
+                             str(epoch + 1), "--save", str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Data: dataset digits" in result.stdout and f"Epoch {epoch + 1}/{epoch + 1}" in result.stdout
+    resumed = fastmlp.load(path)
+    assert resumed.training_state.epoch == epoch + 1 and resumed.training_state.batch_size == 8
 
 
 def test_divergence_exits_2_and_saves_the_last_finite_parameters(data_dir, tmp_path, capsys):

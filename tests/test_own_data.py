@@ -237,6 +237,12 @@ def test_version_and_python_m_fastmlp():
     assert result.returncode == 0 and result.stdout.strip() == f"fastmlp-train {fastmlp.__version__}"
 
 
+def test_compile_only_compiles_and_trains_nothing(capsys, tmp_path):
+    code, out, err = run(["--compile-only"], capsys)
+    assert code == 0 and out.endswith("s\n") and "Kernels ready for this CPU (float32)" in out
+    assert "Epoch" not in out and not list(tmp_path.iterdir())
+
+
 def test_one_epoch_is_singular(capsys):
     code, out, err = run(["--dataset", "digits", "--epochs", "1", "--quiet"], capsys)
     assert code == 0 and "Trained 1 epoch in" in out

@@ -1,0 +1,131 @@
+"""Models to and from other tools: ONNX export, and import from a PyTorch
+nn.Sequential or a fitted scikit-learn MLPClassifier. (Model files are
+safetensors, which PyTorch reads directly: see fastmlp.modelfile.)"""
+import numpy as np
+
+from .modelfile import atomic_write
+
+ONNX_OPSET = 17
+ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+TORCH_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "ReLU": "relu"}
+SKLEARN_ACTIVATIONS = {"logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+
+
+def onnx_model(model):
+    """The ONNX graph of model: Gemm layers with the hidden activation between
+    them and Softmax at the end, float32 in and out. Input "input" (batch,
+    features) holds features as predict_proba takes them, already scaled
+    (uint8 pixels divided by 255); output "probabilities" (batch, classes)."""
+    from onnx import TensorProto, checker, helper, numpy_helper
+
+    nodes, initializers = [], []
+    current = "input"
+    n_layers = len(model.weights)
+    for l, (w, b) in enumerate(zip(model.weights, model.biases)):
+        weight, bias = f"{2 * l}.weight", f"{2 * l}.bias"
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(w.T, np.float32), weight))
+        initializers.append(numpy_helper.from_array(np.asarray(b, np.float32), bias))
+        out = f"logits_{l}"
+        nodes.append(helper.make_node("Gemm", [current, weight, bias], [out], transB=1))
+        if l < n_layers - 1:
+            current = f"hidden_{l}"
+            nodes.append(helper.make_node(ONNX_ACTIVATIONS[model.activation], [out], [current]))
+        else:
+            nodes.append(helper.make_node("Softmax", [out], ["probabilities"], axis=1))
+    graph = helper.make_graph(
+        nodes, "fastmlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", model.n_features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
+                                       ["batch", model.n_classes])],
+        initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                              producer_name="fastmlp")
+    checker.check_model(proto, full_check=True)
+    return proto
+
+
+def to_onnx(model, path):
+    """Writes model's ONNX graph to path, atomically."""
+    try:
+        proto = onnx_model(model)
+    except ImportError:
+        raise ImportError("ONNX export needs onnx: pip install 'fastmlp[onnx]'") from None
+    atomic_write(path, [proto.SerializeToString()])
+
+
+def from_layers(weights, biases, activation):
+    """An MLP with these (fan_in, fan_out) weights and biases."""
+    from .model import MLP
+    dtype = np.result_type(*weights, *biases)
+    if dtype not in (np.float32, np.float64):
+        dtype = np.float32
+    sizes = [weights[0].shape[0]] + [w.shape[1] for w in weights]
+    model = MLP(sizes, activation=activation, dtype=dtype.name, seed=0)
+    for target, source in zip(model.weights + model.biases, list(weights) + list(biases)):
+        if target.shape != source.shape:
+            raise ValueError(f"a layer of shape {source.shape} does not follow the one before")
+        target[...] = source
+    return model
+
+
+def from_torch(sequential):
+    """An MLP from a PyTorch nn.Sequential of Linear layers with one kind of
+    activation (Sigmoid, Tanh or ReLU) between them, optionally ending in
+    Softmax(dim=1) (fastmlp's output is always a softmax of the last
+    Linear)."""
+    modules = list(sequential.children()) if hasattr(sequential, "children") else None
+    if not modules:
+        raise ValueError("from_torch takes a torch.nn.Sequential of Linear and activation layers")
+    if type(modules[-1]).__name__ == "Softmax":
+        if getattr(modules[-1], "dim", None) not in (1, -1):
+            raise ValueError("a final Softmax must be over dim 1")
+        modules = modules[:-1]
+    weights, biases, activations = [], [], set()
+    for i, module in enumerate(modules):
+        kind = type(module).__name__
+        expect_linear = i % 2 == 0
+        if expect_linear and kind == "Linear":
+            w = module.weight.detach().cpu().numpy()
+            b = (module.bias.detach().cpu().numpy() if module.bias is not None
+                 else np.zeros(w.shape[0], w.dtype))
+            weights.append(w.T)
+            biases.append(b)
+        elif not expect_linear and kind in TORCH_ACTIVATIONS:
+            activations.add(TORCH_ACTIVATIONS[kind])
+        else:
+            wanted = "Linear" if expect_linear else "Sigmoid, Tanh or ReLU"
+            raise ValueError(f"layer {i} ({kind}) is not supported there: fastmlp takes "
+                             f"{wanted} at position {i}")
+    if len(modules) % 2 == 0:
+        raise ValueError("the Sequential must end with a Linear layer (then an optional Softmax)")
+    if len(activations) > 1:
+        raise ValueError(f"fastmlp uses one hidden activation; this Sequential has "
+                         f"{sorted(activations)}")
+    return from_layers(weights, biases, activations.pop() if activations else "sigmoid")
+
+
+def from_sklearn(fitted):
+    """An MLP from a fitted scikit-learn MLPClassifier with one output per
+    class (softmax), or a binary one (a logistic output unit, written as
+    the equal two-class softmax: softmax([0, z]) = [1 - sigmoid(z),
+    sigmoid(z)]). Predicted indices are positions in fitted.classes_."""
+    kind = type(fitted).__name__
+    if not hasattr(fitted, "coefs_"):
+        raise ValueError(f"from_sklearn takes a fitted scikit-learn MLPClassifier, got {kind}")
+    if kind == "MLPRegressor":
+        raise ValueError("MLPRegressor needs a linear output layer, which fastmlp does not "
+                         "have yet; only MLPClassifier imports")
+    if fitted.activation not in SKLEARN_ACTIVATIONS:
+        raise ValueError(f"activation {fitted.activation!r} is not supported; fastmlp has "
+                         f"{sorted(SKLEARN_ACTIVATIONS)}")
+    weights = [np.asarray(w) for w in fitted.coefs_]
+    biases = [np.asarray(b) for b in fitted.intercepts_]
+    if fitted.out_activation_ == "logistic":
+        if weights[-1].shape[1] != 1:
+            raise ValueError("a multi-label MLPClassifier needs independent sigmoid outputs, "
+                             "which fastmlp does not have yet")
+        weights[-1] = np.hstack([np.zeros_like(weights[-1]), weights[-1]])
+        biases[-1] = np.concatenate([np.zeros_like(biases[-1]), biases[-1]])
+    elif fitted.out_activation_ != "softmax":
+        raise ValueError(f"output activation {fitted.out_activation_!r} is not supported")
+    return from_layers(weights, biases, SKLEARN_ACTIVATIONS[fitted.activation])

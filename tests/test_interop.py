@@ -1,0 +1,112 @@
+"""Models in other tools: ONNX export run by onnxruntime, and import from
+PyTorch and scikit-learn."""
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from sklearn.neural_network import MLPClassifier as SklearnMLP
+
+import fastmlp
+from fastmlp.cli import main
+from fastmlp.interop import ONNX_OPSET
+
+from conftest import random_problem
+
+
+def trained(activation, dtype=np.float32, sizes=(9, 8, 7, 4)):
+    model, X, y = random_problem(list(sizes), 200, activation, dtype, seed=2)
+    fastmlp.fit(model, X, y, epochs=3, batch_size=16, optimizer="adam", lr=0.01, seed=1)
+    return model, X, y
+
+
+def onnx_proba(path, X):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"input": np.asarray(X, np.float32)})[0]
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_onnx_export_equals_predict_proba(tmp_path, activation, dtype):
+    model, X, _ = trained(activation, dtype)
+    model.to_onnx(tmp_path / "m.onnx")
+    graph = onnx.load(tmp_path / "m.onnx")
+    onnx.checker.check_model(graph, full_check=True)
+    assert graph.opset_import[0].version == ONNX_OPSET
+    assert [node.op_type for node in graph.graph.node] == (
+        ["Gemm", {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}[activation]] * 2
+        + ["Gemm", "Softmax"])
+    expected = model.predict_proba(X)
+    assert np.abs(onnx_proba(tmp_path / "m.onnx", X) - expected).max() < 1e-5
+    assert np.abs(expected - 0.25).max() > 0.05  # the model has learnt something
+
+
+def test_onnx_from_the_command_line(tmp_path, capsys):
+    from test_datasets import write_dataset
+    write_dataset(tmp_path / "data", n_train=250, n_test=50)
+    onnx_path = tmp_path / "m.onnx"
+    code = main(["--data-dir", str(tmp_path / "data"), "--epochs", "1", "--quiet",
+                 "--save", str(tmp_path / "m.safetensors"), "--onnx", str(onnx_path)])
+    assert code == 0 and f"Wrote {onnx_path}" in capsys.readouterr().out
+    model = fastmlp.load(tmp_path / "m.safetensors")
+    x_test = fastmlp.datasets.load_directory(tmp_path / "data")[2]
+    # the graph takes scaled features: uint8 pixels divided by 255
+    assert np.abs(onnx_proba(onnx_path, x_test / np.float32(255)) -
+                  model.predict_proba(x_test)).max() < 1e-5
+
+
+@pytest.mark.parametrize("activation,module", [("sigmoid", torch.nn.Sigmoid),
+                                               ("tanh", torch.nn.Tanh), ("relu", torch.nn.ReLU)])
+def test_from_torch_predicts_the_same_and_trains_on(activation, module):
+    torch.manual_seed(0)
+    sequential = torch.nn.Sequential(torch.nn.Linear(9, 8), module(), torch.nn.Linear(8, 7),
+                                     module(), torch.nn.Linear(7, 4), torch.nn.Softmax(dim=1))
+    model = fastmlp.MLP.from_torch(sequential)
+    assert model.layer_sizes == (9, 8, 7, 4) and model.activation == activation
+    _, X, y = random_problem([9, 8, 7, 4], 100, activation, np.float32, seed=3)
+    with torch.no_grad():
+        expected = sequential(torch.from_numpy(X)).numpy()
+    assert np.abs(model.predict_proba(X) - expected).max() < 1e-6
+    before = model.params.copy()
+    fastmlp.fit(model, X, y, epochs=1, batch_size=10, optimizer="adam")
+    assert not np.array_equal(before, model.params)
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([torch.nn.Linear(4, 3), torch.nn.GELU(), torch.nn.Linear(3, 2)], "layer 1 \\(GELU\\)"),
+    ([torch.nn.Linear(4, 3), torch.nn.Dropout(), torch.nn.Linear(3, 2)], "layer 1 \\(Dropout\\)"),
+    ([torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3), torch.nn.Tanh(),
+      torch.nn.Linear(3, 2)], "one hidden activation"),
+    ([torch.nn.Conv1d(1, 1, 1)], "layer 0 \\(Conv1d\\)"),
+    ([torch.nn.Linear(4, 3), torch.nn.ReLU()], "end with a Linear"),
+])
+def test_from_torch_names_what_it_cannot_take(layers, message):
+    with pytest.raises(ValueError, match=message):
+        fastmlp.MLP.from_torch(torch.nn.Sequential(*layers))
+
+
+@pytest.mark.parametrize("activation", ["logistic", "tanh", "relu"])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_from_sklearn_predicts_the_same_and_trains_on(activation, n_classes):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 5))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int) + (n_classes == 3) * (X[:, 2] > 0.5)
+    fitted = SklearnMLP(hidden_layer_sizes=(6,), activation=activation, max_iter=300,
+                        random_state=0).fit(X, y)
+    model = fastmlp.MLP.from_sklearn(fitted)
+    assert model.dtype == np.float64 and model.n_classes == n_classes
+    assert np.abs(model.predict_proba(X) - fitted.predict_proba(X)).max() < 1e-12
+    assert np.array_equal(fitted.classes_[model.predict(X)], fitted.predict(X))
+    fastmlp.fit(model, X, y, epochs=1, batch_size=10)
+
+
+def test_from_sklearn_names_what_it_cannot_take():
+    from sklearn.neural_network import MLPRegressor
+    X = np.random.default_rng(0).normal(size=(30, 3))
+    with pytest.raises(ValueError, match="MLPRegressor needs a linear output layer"):
+        fastmlp.MLP.from_sklearn(MLPRegressor(max_iter=5).fit(X, X[:, 0]))
+    with pytest.raises(ValueError, match="activation 'identity' is not supported"):
+        fastmlp.MLP.from_sklearn(SklearnMLP(activation="identity", max_iter=5)
+                                 .fit(X, X[:, 0] > 0))
+    with pytest.raises(ValueError, match="fitted"):
+        fastmlp.MLP.from_sklearn(SklearnMLP())
