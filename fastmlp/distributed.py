@@ -10,7 +10,7 @@ same parameters (`step.apply_updates`). The result is single-process
 training with batch size B, up to the order of the gradient sums.
 
 The gradient buffer carries TAIL extra values after the P gradients: the
-shard's loss sum, its correct rows and its rank's Ctrl-C flag, so that the
+shard's loss sum, its score sum and its rank's Ctrl-C flag, so that the
 one Allreduce per step also tells every rank the step's loss (divergence is
 judged on the same number everywhere) and whether any rank was interrupted
 (all ranks stop after the same step). Nothing in a step is pickled.
@@ -40,7 +40,7 @@ from .step import (
 )
 
 TAIL = 3
-LOSS_SLOT, CORRECT_SLOT, INTERRUPT_SLOT = range(TAIL)
+LOSS_SLOT, SCORE_SLOT, INTERRUPT_SLOT = range(TAIL)
 
 MISSING_MPI = ("distributed training needs mpi4py and an MPI library: pip install "
                "'fastmlp[mpi]' (plus 'mpich' where the machine has no MPI of its own), "
@@ -115,58 +115,50 @@ def check_params_agree(comm, params, epoch):
 
 class ShardedSteps:
     """fit's `run(step0, step1)` for MPI ranks: the same contract as
-    `step.train_steps` (returns loss sum, weight sum and correct rows of
-    the whole global batches, a status and the step it is about), one
-    Allreduce per step. When any rank was interrupted, stops after the
-    current step on every rank and sets interrupt['agreed']."""
+    `step.train_steps` (returns loss sum, weight sum and score sum of the
+    whole global batches, a status and the step it is about), one Allreduce
+    per step. When any rank was interrupted, stops after the current step on
+    every rank and sets interrupt['agreed']."""
 
-    def __init__(self, comm, model, state, workspace, grads, X, y, sample_weight, idx, scale,
-                 batch_size, interrupt):
+    def __init__(self, comm, model, state, workspace, optimizer, data, batch_size, interrupt):
         from mpi4py import MPI
         self.in_place, self.sum = MPI.IN_PLACE, MPI.SUM
         self.comm, self.model, self.state, self.workspace = comm, model, state, workspace
-        self.grads, self.X, self.y, self.sample_weight = grads, X, y, sample_weight
-        self.idx, self.scale, self.batch_size, self.interrupt = idx, scale, batch_size, interrupt
-        self.tail = grads[model.n_params:]
+        self.optimizer, self.data, self.batch_size = optimizer, data, batch_size
+        self.interrupt = interrupt
+        self.tail = optimizer.grads[model.n_params:]
         self.reduce_seconds = 0.0  # spent in Allreduce, waiting for other ranks included
         self.steps = 0
 
     def compile(self):
         """Compiles (or loads from cache) both kernels without training: a
         shard of no rows and an update that changes nothing."""
-        model, state, ws = self.model, self.state, self.workspace
-        self._shard_gradients(0, 0, model.dtype.type(0.0))
-        apply_updates(model.params, self.grads, state.state1, state.state2, ws.weights_t,
-                      ws.task_checks, model._sizes, model.w_off, model.b_off, ws.wt_off,
-                      model._tasks, NONE, state.hyper, state.nesterov)
+        self._shard_gradients(0, 0, self.model.dtype.type(0.0))
+        opt = self.optimizer._replace(code=NONE)
+        apply_updates(self.workspace.work, self.model.network(), opt)
 
     def _shard_gradients(self, start, nrows, inv_total):
-        model, ws = self.model, self.workspace
-        return shard_gradients(
-            model.params, self.grads, ws.acts, ws.deltas, ws.labels, ws.row_weights,
-            ws.row_stats, ws.task_checks, self.X, self.y, self.sample_weight, self.idx,
-            start, nrows, inv_total, self.scale, model._sizes, model.w_off, model.b_off,
-            ws.act_off, ws.weights_t, ws.wt_off, model._tasks, model.activation_code,
-            self.state.hyper, numba.get_num_threads())
+        return shard_gradients(self.workspace.work, self.model.network(), self.optimizer,
+                               self.data, start, nrows, inv_total, numba.get_num_threads())
 
     def __call__(self, step0, step1):
-        model, state, ws, grads = self.model, self.state, self.workspace, self.grads
-        n, B = self.idx.shape[0], self.batch_size
+        model, state, work = self.model, self.state, self.workspace.work
+        data, grads = self.data, self.optimizer.grads
+        n, B = data.idx.shape[0], self.batch_size
         lr = float(state.hyper[LR])
-        loss_sum = weight_sum = 0.0
-        correct = 0
+        loss_sum = weight_sum = score_sum = 0.0
         # params may have changed since the last call; apply_updates then
         # keeps the transposed weights current
-        transpose_weights(ws.weights_t, model.params, model._sizes, model.w_off, ws.wt_off)
+        transpose_weights(work.weights_t, model.network())
         for s in range(step0, step1):
             start = s * B
             nrows = min(B, n - start)
             lo, hi = shard(nrows, self.comm.rank, self.comm.size)
-            total = batch_weight(self.sample_weight, self.idx, start, nrows)
+            total = batch_weight(data.sample_weight, data.idx, start, nrows)
             inv_total = model.dtype.type(1.0 / total if total > 0 else 0.0)
             loss, right = self._shard_gradients(start + lo, hi - lo, inv_total)
             self.tail[LOSS_SLOT] = loss
-            self.tail[CORRECT_SLOT] = right
+            self.tail[SCORE_SLOT] = right
             self.tail[INTERRUPT_SLOT] = 1.0 if self.interrupt["set"] else 0.0
             started = time.perf_counter()
             self.comm.Allreduce(self.in_place, grads, op=self.sum)
@@ -174,18 +166,16 @@ class ShardedSteps:
             self.steps += 1
             step_loss = float(self.tail[LOSS_SLOT])
             if not math.isfinite(step_loss):
-                return loss_sum, weight_sum, correct, LOSS_NOT_FINITE, s
+                return loss_sum, weight_sum, score_sum, LOSS_NOT_FINITE, s
             loss_sum += step_loss
             weight_sum += total
-            correct += int(round(float(self.tail[CORRECT_SLOT])))
+            score_sum += float(self.tail[SCORE_SLOT])
             if state.code == ADAM:
                 state.hyper[ADAM_ALPHA] = adam_alpha(lr, state.updates + s - step0 + 1)
-            apply_updates(model.params, grads, state.state1, state.state2, ws.weights_t,
-                          ws.task_checks, model._sizes, model.w_off, model.b_off, ws.wt_off,
-                          model._tasks, state.code, state.hyper, state.nesterov)
-            if not math.isfinite(ws.task_checks.sum()):
-                return loss_sum, weight_sum, correct, PARAMS_NOT_FINITE, s
+            apply_updates(work, model.network(), self.optimizer)
+            if not math.isfinite(work.task_checks.sum()):
+                return loss_sum, weight_sum, score_sum, PARAMS_NOT_FINITE, s
             if self.tail[INTERRUPT_SLOT] > 0:
                 self.interrupt["agreed"] = True
-                return loss_sum, weight_sum, correct, STEPS_DONE, s + 1
-        return loss_sum, weight_sum, correct, STEPS_DONE, step1
+                return loss_sum, weight_sum, score_sum, STEPS_DONE, s + 1
+        return loss_sum, weight_sum, score_sum, STEPS_DONE, step1

@@ -11,11 +11,17 @@ TORCH_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "ReLU": "relu"}
 SKLEARN_ACTIVATIONS = {"logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 
 
+OUTPUT_NODES = {"softmax": ("Softmax", "probabilities"), "linear": ("Identity", "predictions"),
+                "sigmoid": ("Sigmoid", "probabilities")}
+
+
 def onnx_model(model):
     """The ONNX graph of model: Gemm layers with the hidden activation between
-    them and Softmax at the end, float32 in and out. Input "input" (batch,
-    features) holds features as predict_proba takes them, already scaled
-    (uint8 pixels divided by 255); output "probabilities" (batch, classes)."""
+    them and the head's output at the end (Softmax, Identity or Sigmoid),
+    float32 in and out. Input "input" (batch, features) holds features as
+    predict takes them, already scaled (uint8 pixels divided by 255); output
+    "probabilities" (softmax, sigmoid) or "predictions" (linear), (batch,
+    outputs)."""
     from onnx import TensorProto, checker, helper, numpy_helper
 
     nodes, initializers = [], []
@@ -31,12 +37,14 @@ def onnx_model(model):
             current = f"hidden_{l}"
             nodes.append(helper.make_node(ONNX_ACTIVATIONS[model.activation], [out], [current]))
         else:
-            nodes.append(helper.make_node("Softmax", [out], ["probabilities"], axis=1))
+            op, name = OUTPUT_NODES[model.output]
+            nodes.append(helper.make_node(op, [out], [name], **({"axis": 1} if op == "Softmax"
+                                                                 else {})))
     graph = helper.make_graph(
         nodes, "fastmlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", model.n_features])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
-                                       ["batch", model.n_classes])],
+        [helper.make_tensor_value_info(OUTPUT_NODES[model.output][1], TensorProto.FLOAT,
+                                       ["batch", model.n_outputs])],
         initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                               producer_name="fastmlp")
@@ -53,14 +61,14 @@ def to_onnx(model, path):
     atomic_write(path, [proto.SerializeToString()])
 
 
-def from_layers(weights, biases, activation):
+def from_layers(weights, biases, activation, output="softmax"):
     """An MLP with these (fan_in, fan_out) weights and biases."""
     from .model import MLP
     dtype = np.result_type(*weights, *biases)
     if dtype not in (np.float32, np.float64):
         dtype = np.float32
     sizes = [weights[0].shape[0]] + [w.shape[1] for w in weights]
-    model = MLP(sizes, activation=activation, dtype=dtype.name, seed=0)
+    model = MLP(sizes, activation=activation, dtype=dtype.name, seed=0, output=output)
     for target, source in zip(model.weights + model.biases, list(weights) + list(biases)):
         if target.shape != source.shape:
             raise ValueError(f"a layer of shape {source.shape} does not follow the one before")
@@ -68,18 +76,28 @@ def from_layers(weights, biases, activation):
     return model
 
 
-def from_torch(sequential):
+def from_torch(sequential, output=None):
     """An MLP from a PyTorch nn.Sequential of Linear layers with one kind of
-    activation (Sigmoid, Tanh or ReLU) between them, optionally ending in
-    Softmax(dim=1) (fastmlp's output is always a softmax of the last
-    Linear)."""
+    activation (Sigmoid, Tanh or ReLU) between them. A final Softmax(dim=1)
+    makes the softmax head, a final Sigmoid the sigmoid (multi-label) head;
+    a Sequential that ends in Linear gets output (default "softmax", its
+    logits; "linear" for regression)."""
+    from .heads import HEADS
     modules = list(sequential.children()) if hasattr(sequential, "children") else None
     if not modules:
         raise ValueError("from_torch takes a torch.nn.Sequential of Linear and activation layers")
-    if type(modules[-1]).__name__ == "Softmax":
-        if getattr(modules[-1], "dim", None) not in (1, -1):
+    last = type(modules[-1]).__name__
+    if last in ("Softmax", "Sigmoid") and len(modules) % 2 == 0:
+        if last == "Softmax" and getattr(modules[-1], "dim", None) not in (1, -1):
             raise ValueError("a final Softmax must be over dim 1")
+        found = last.lower()
+        if output not in (None, found):
+            raise ValueError(f"the Sequential ends in {last}, which is output={found!r}")
+        output = found
         modules = modules[:-1]
+    output = output or "softmax"
+    if output not in HEADS:
+        raise ValueError(f"unknown output {output!r}; expected one of {sorted(HEADS)}")
     weights, biases, activations = [], [], set()
     for i, module in enumerate(modules):
         kind = type(module).__name__
@@ -101,31 +119,35 @@ def from_torch(sequential):
     if len(activations) > 1:
         raise ValueError(f"fastmlp uses one hidden activation; this Sequential has "
                          f"{sorted(activations)}")
-    return from_layers(weights, biases, activations.pop() if activations else "sigmoid")
+    return from_layers(weights, biases, activations.pop() if activations else "sigmoid", output)
 
 
 def from_sklearn(fitted):
-    """An MLP from a fitted scikit-learn MLPClassifier with one output per
-    class (softmax), or a binary one (a logistic output unit, written as
-    the equal two-class softmax: softmax([0, z]) = [1 - sigmoid(z),
-    sigmoid(z)]). Predicted indices are positions in fitted.classes_."""
+    """An MLP from a fitted scikit-learn MLPRegressor (the linear head) or
+    MLPClassifier: multi-class (softmax), multi-label (sigmoid), or binary
+    (a logistic output unit, written as the equal two-class softmax:
+    softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]). Predicted class indices
+    are positions in fitted.classes_."""
     kind = type(fitted).__name__
     if not hasattr(fitted, "coefs_"):
-        raise ValueError(f"from_sklearn takes a fitted scikit-learn MLPClassifier, got {kind}")
-    if kind == "MLPRegressor":
-        raise ValueError("MLPRegressor needs a linear output layer, which fastmlp does not "
-                         "have yet; only MLPClassifier imports")
+        raise ValueError(f"from_sklearn takes a fitted scikit-learn MLPClassifier or "
+                         f"MLPRegressor, got {kind}")
     if fitted.activation not in SKLEARN_ACTIVATIONS:
         raise ValueError(f"activation {fitted.activation!r} is not supported; fastmlp has "
                          f"{sorted(SKLEARN_ACTIVATIONS)}")
     weights = [np.asarray(w) for w in fitted.coefs_]
     biases = [np.asarray(b) for b in fitted.intercepts_]
-    if fitted.out_activation_ == "logistic":
-        if weights[-1].shape[1] != 1:
-            raise ValueError("a multi-label MLPClassifier needs independent sigmoid outputs, "
-                             "which fastmlp does not have yet")
+    output = {"softmax": "softmax", "identity": "linear", "logistic": "sigmoid"}.get(
+        fitted.out_activation_)
+    if output is None:
+        raise ValueError(f"output activation {fitted.out_activation_!r} is not supported")
+    binary = output == "sigmoid" and getattr(fitted, "_label_binarizer", None) is not None \
+        and fitted._label_binarizer.y_type_ == "binary"
+    if binary:
         weights[-1] = np.hstack([np.zeros_like(weights[-1]), weights[-1]])
         biases[-1] = np.concatenate([np.zeros_like(biases[-1]), biases[-1]])
-    elif fitted.out_activation_ != "softmax":
-        raise ValueError(f"output activation {fitted.out_activation_!r} is not supported")
-    return from_layers(weights, biases, SKLEARN_ACTIVATIONS[fitted.activation])
+        output = "softmax"
+    model = from_layers(weights, biases, SKLEARN_ACTIVATIONS[fitted.activation], output)
+    if output == "linear":
+        model.flat_targets = fitted.n_outputs_ == 1  # as scikit-learn's predict
+    return model

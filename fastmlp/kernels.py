@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .expf import fast_exp
+from .heads import copy_target
 from .jit import kernel, ordered_kernel
 from .microkernel import block_multiply_add, dot_tile
 
@@ -83,9 +84,11 @@ def prefetch_rows(X, idx, start, r0, r1):
 
 
 @kernel
-def gather_rows(out, labels_out, weights_out, X, y, sample_weight, idx, start, scale, r0, r1):
-    # out is (B, C), labels_out and weights_out are (B,), X is (N, C), y and
-    # sample_weight are (N,), idx is (>=start+r1,)
+def gather_rows(out, labels_out, targets_out, weights_out, X, y, sample_weight, idx, start,
+                scale, r0, r1):
+    # out is (B, C), labels_out and weights_out are (B,), targets_out (B, K),
+    # X is (N, C), y is (N,) labels or (N, K) targets, sample_weight is (N,),
+    # idx is (>=start+r1,)
     # Row b of the batch is dataset row idx[start + b], times `scale`
     # (1/255 for uint8 pixels, 1 for floats): uint8 data is never copied whole.
     C = out.shape[1]
@@ -95,7 +98,7 @@ def gather_rows(out, labels_out, weights_out, X, y, sample_weight, idx, start, s
         dst = out[b]
         for c in range(C):
             dst[c] = src[c] * scale
-        labels_out[b] = y[i]
+        copy_target(labels_out, targets_out, y, b, i)
         weights_out[b] = sample_weight[i]
 
 
@@ -412,48 +415,3 @@ def dense_backward_bias(dbias, dout, nrows):
 
 # ----------------------------------------------------------------------------
 # softmax output with mean categorical cross-entropy
-
-@kernel
-def softmax_crossentropy_forward(probs, row_stats, labels, weights, r0, r1):
-    # probs is (B, K), holding logits on entry and probabilities on exit;
-    # row_stats is (B, 2), labels and weights are (B,). For rows r0:r1,
-    # row_stats[b] = (weight * -log p[label] in float64, 1.0 if the argmax is
-    # the label else 0.0): callers sum them in row order.
-    K = probs.shape[1]
-    for b in range(r0, r1):
-        p = probs[b]
-        top = p[0]
-        best = 0
-        for j in range(1, K):
-            if p[j] > top:
-                top = p[j]
-                best = j
-        label_logit = p[labels[b]]
-        total = ZERO
-        for j in range(K):
-            e = fast_exp(p[j] - top)
-            p[j] = e
-            total += e
-        inv = ONE / total
-        for j in range(K):
-            p[j] *= inv
-        # -log softmax(z)[y] = log(sum exp(z - max)) - (z_y - max), stable
-        row_stats[b, 0] = weights[b] * (math.log(total) - (label_logit - top))
-        row_stats[b, 1] = 1.0 if best == labels[b] else 0.0
-
-
-@kernel
-def softmax_crossentropy_backward(dlogits, probs, labels, weights, inv_total, r0, r1):
-    # dlogits is (B, K), probs is (B, K), labels and weights are (B,)
-    # Softmax and cross-entropy together have the plain derivative
-    # probs - onehot(label): the softmax Jacobian cancels against d(-log p).
-    # weight / inv_total (the batch's total weight) makes it the gradient
-    # of the batch's weighted mean.
-    K = probs.shape[1]
-    for b in range(r0, r1):
-        p = probs[b]
-        d = dlogits[b]
-        scale = weights[b] * inv_total
-        for j in range(K):
-            d[j] = p[j] * scale
-        d[labels[b]] -= scale

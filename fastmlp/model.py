@@ -6,6 +6,8 @@ import threading
 import numba
 import numpy as np
 
+from .buffers import Data, Network, Optimizer, Work
+from .heads import HEADS, METRICS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
 from .optimizers import NONE, make_hyper
 from .step import (
@@ -23,7 +25,6 @@ from .validation import (
     check_layer_sizes,
     check_sample_weight,
     check_X,
-    check_Xy,
     input_scale,
 )
 
@@ -84,7 +85,8 @@ class Workspace:
     """Activation and delta buffers for batches of up to `batch_size` rows,
     allocated once. A_l (and D_l, the loss gradient of layer l's
     pre-activation) is a (batch_size, layer_sizes[l]) block at act_off[l];
-    D_0 is never written."""
+    D_0 is never written. `work` groups them as the kernels take them
+    (buffers.Work)."""
 
     def __init__(self, layer_sizes, batch_size, dtype, backward=True):
         sizes = np.asarray(layer_sizes, np.int64)
@@ -94,22 +96,29 @@ class Workspace:
         self.act_off = np.concatenate([[0], np.cumsum(blocks)[:-1]]).astype(np.int64)
         self.acts = aligned_zeros(int(blocks.sum()), dtype)
         self.deltas = aligned_zeros(self.acts.size if backward else 0, dtype)
-        self.labels = np.zeros(batch_size, np.int32)
-        self.row_weights = np.zeros(batch_size, dtype)
-        self.row_stats = np.zeros((batch_size, 2), np.float64)  # per-row loss, correct
-        self.task_checks = np.zeros(len(make_tasks(layer_sizes)), np.float64)
+        n_outputs = int(sizes[-1])
         # the weights of wide layers transposed, for dense_forward
-        self.wt_off, n_transposed = transposed_layout(layer_sizes)
-        self.weights_t = aligned_zeros(n_transposed, dtype)
+        n_transposed = transposed_layout(layer_sizes)[1]
+        self.work = Work(
+            acts=self.acts, deltas=self.deltas, act_off=self.act_off,
+            labels=np.zeros(batch_size, np.int32),
+            targets=np.zeros((batch_size, n_outputs), dtype),
+            row_weights=np.zeros(batch_size, dtype),
+            row_stats=np.zeros((batch_size, 2), np.float64),  # per-row loss, score
+            target_scale=np.zeros(n_outputs, dtype),
+            task_checks=np.zeros(len(make_tasks(layer_sizes)), np.float64),
+            weights_t=aligned_zeros(n_transposed, dtype))
+        self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])
-        self.output = self.acts[start:start + batch_size * sizes[-1]].reshape(batch_size,
-                                                                              sizes[-1])
+        self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,
+                                                                               n_outputs)
 
 
 class MLP:
     """A multi-layer perceptron: dense layers with one hidden activation
-    (sigmoid, tanh or relu) and a softmax output trained with mean
-    categorical cross-entropy.
+    (sigmoid, tanh or relu) and an output head (heads.py): "softmax" (class
+    probabilities, cross-entropy, integer labels), "linear" (regression,
+    mean squared error) or "sigmoid" (multi-label, binary cross-entropy).
 
     `params` is one flat contiguous array; `weights[i]` (fan_in, fan_out) and
     `biases[i]` are writable views into it (weights[i] is the transpose of the
@@ -117,8 +126,9 @@ class MLP:
     """
 
     def __init__(self, layer_sizes, activation="sigmoid", dtype="float32",
-                 init="normal", init_scale=0.01, seed=None):
-        self.layer_sizes = check_layer_sizes(layer_sizes)
+                 init="normal", init_scale=0.01, seed=None, output="softmax"):
+        self.output = check_choice("output", output, HEADS)
+        self.layer_sizes = check_layer_sizes(layer_sizes, output)
         check_activation(activation)
         self.activation = activation
         self.dtype = check_dtype(dtype)
@@ -129,6 +139,9 @@ class MLP:
         self.w_off, self.b_off, n_params = parameter_layout(self.layer_sizes)
         self._sizes = np.array(self.layer_sizes, np.int64)
         self._tasks = make_tasks(self.layer_sizes)
+        self._wt_off = transposed_layout(self.layer_sizes)[0]
+        # linear: predict returns (n,) rather than (n, 1); fit sets it from y
+        self.flat_targets = self.layer_sizes[-1] == 1
         self.params = aligned_zeros(n_params, self.dtype)
         self.weights, self.biases = self.layer_views(self.params)
         # set by fit and kept, so that a second fit (or a loaded file) continues
@@ -160,8 +173,11 @@ class MLP:
         return state
 
     def __setstate__(self, state):
-        state.setdefault("source", None)  # pickled by an earlier fastmlp
-        state.setdefault("preprocessing", None)
+        for key, value in (("source", None), ("preprocessing", None), ("output", "softmax"),
+                           ("flat_targets", False)):
+            state.setdefault(key, value)  # pickled by an earlier fastmlp
+        if "_wt_off" not in state:
+            state["_wt_off"] = transposed_layout(state["layer_sizes"])[0]
         self.__dict__.update(state)
         self.params = aligned_copy(self.params)
         self.weights, self.biases = self.layer_views(self.params)
@@ -179,15 +195,16 @@ class MLP:
         to_onnx(self, path)
 
     @classmethod
-    def from_torch(cls, sequential):
+    def from_torch(cls, sequential, output=None):
         """The MLP of a PyTorch nn.Sequential of Linear layers with Sigmoid,
-        Tanh or ReLU between them (and an optional final Softmax)."""
+        Tanh or ReLU between them; a final Softmax or Sigmoid gives the head,
+        else `output` (default "softmax")."""
         from .interop import from_torch
-        return from_torch(sequential)
+        return from_torch(sequential, output)
 
     @classmethod
     def from_sklearn(cls, fitted):
-        """The MLP of a fitted scikit-learn MLPClassifier."""
+        """The MLP of a fitted scikit-learn MLPClassifier or MLPRegressor."""
         from .interop import from_sklearn
         return from_sklearn(fitted)
 
@@ -211,12 +228,26 @@ class MLP:
         return self.layer_sizes[-1]
 
     @property
+    def n_outputs(self):
+        return self.layer_sizes[-1]
+
+    @property
     def activation_code(self):
         return ACTIVATIONS[self.activation]
 
+    @property
+    def metric(self):
+        """The name of the head's score: "accuracy" or "r2"."""
+        return METRICS[self.output]
+
+    def network(self):
+        """The parameters and their layout as the kernels take them."""
+        return Network(self.params, self._sizes, self.w_off, self.b_off, self._wt_off,
+                       self._tasks, self.activation_code, HEADS[self.output])
+
     def __repr__(self):
         return (f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "
-                f"dtype={self.dtype.name!r}, params={self.n_params})")
+                f"output={self.output!r}, dtype={self.dtype.name!r}, params={self.n_params})")
 
     # ------------------------------------------------------------------
     # kernels on a whole array
@@ -224,72 +255,89 @@ class MLP:
     def _transpose(self, workspace):
         # workspace's transposed weights from params, for dense_forward
         with parallel_launch_guard():
-            transpose_weights(workspace.weights_t, self.params, self._sizes, self.w_off,
-                              workspace.wt_off)
+            transpose_weights(workspace.work.weights_t, self.network())
 
-    def _forward(self, X, y, sample_weight, workspace, idx, start, nrows, backward):
+    def _forward(self, data, workspace, start, nrows, backward):
         # 1 / the rows' total weight scales the output deltas: only backward needs it
-        inv_total = self.dtype.type(1.0 / sample_weight[idx[start:start + nrows]].sum()
-                                    if backward else 0.0)
+        weights = data.sample_weight[data.idx[start:start + nrows]]
+        inv_total = self.dtype.type(1.0 / weights.sum() if backward else 0.0)
         with parallel_launch_guard():
-            forward_backward(workspace.acts, workspace.deltas, workspace.labels,
-                             workspace.row_weights, workspace.row_stats, X, y, sample_weight,
-                             idx, start, nrows, inv_total, input_scale(X, self.dtype),
-                             self.params, self._sizes, self.w_off, self.b_off,
-                             workspace.act_off, workspace.weights_t, workspace.wt_off,
-                             self.activation_code, backward, 0, numba.get_num_threads())
+            forward_backward(workspace.work, self.network(), data, start, nrows, inv_total,
+                             backward, 0, numba.get_num_threads())
 
-    def _forward_all(self, X, y, probs=None):
-        """Loss sum and correct count over X (labels y), in batches of
-        PREDICT_BATCH rows; fills probs if given."""
+    def check_targets(self, y, n_samples, name="y"):
+        """y as the kernels take it for this model's head (see heads.py)."""
+        return check_targets(self.output, y, n_samples, self.n_outputs, self.dtype, name)
+
+    def _forward_all(self, X, y, outputs=None):
+        """(loss sum, score sum) over X (targets y, checked), in batches of
+        PREDICT_BATCH rows; fills outputs if given."""
         n = X.shape[0]
         workspace = Workspace(self.layer_sizes, min(n, PREDICT_BATCH), self.dtype, backward=False)
-        idx = np.arange(n, dtype=np.int64)
-        ones = np.ones(n, self.dtype)
-        loss, correct = 0.0, 0
+        workspace.work.target_scale[:] = target_scale(self.output, y, self.n_outputs, self.dtype)
+        data = Data(X, y, np.ones(n, self.dtype), np.arange(n, dtype=np.int64),
+                    input_scale(X, self.dtype))
+        loss, score = 0.0, 0.0
         self._transpose(workspace)
         for start in range(0, n, workspace.batch_size):
             nrows = min(workspace.batch_size, n - start)
-            self._forward(X, y, ones, workspace, idx, start, nrows, False)
+            self._forward(data, workspace, start, nrows, False)
             loss += workspace.row_stats[:nrows, 0].sum()
-            correct += int(workspace.row_stats[:nrows, 1].sum())
-            if probs is not None:
-                probs[start:start + nrows] = workspace.output[:nrows]
-        return loss, correct
+            score += workspace.row_stats[:nrows, 1].sum()
+            if outputs is not None:
+                outputs[start:start + nrows] = workspace.output[:nrows]
+        return loss, score
+
+    def _outputs(self, X):
+        X = check_X(X, self.n_features)
+        outputs = np.empty((X.shape[0], self.n_outputs), self.dtype)
+        if self.output == "softmax":
+            y = np.zeros(X.shape[0], np.int32)
+        else:
+            y = np.zeros((X.shape[0], self.n_outputs), self.dtype)
+        self._forward_all(X, y, outputs)
+        return outputs
 
     def predict_proba(self, X):
-        """Class probabilities, shape (n_samples, n_classes)."""
-        X = check_X(X, self.n_features)
-        probs = np.empty((X.shape[0], self.n_classes), self.dtype)
-        self._forward_all(X, np.zeros(X.shape[0], np.int32), probs)
-        return probs
+        """softmax: class probabilities (n_samples, n_classes); sigmoid: each
+        label's probability (n_samples, n_labels)."""
+        if self.output == "linear":
+            raise ValueError("a regression model (output='linear') has no probabilities; "
+                             "use predict")
+        return self._outputs(X)
 
     def predict(self, X):
-        """The most probable class of each row."""
-        return np.argmax(self.predict_proba(X), axis=1)
+        """softmax: the most probable class of each row; linear: the
+        predicted values, (n,) or (n, k) like the targets fit saw; sigmoid:
+        a 0/1 matrix, each label present where its probability is >= 0.5."""
+        return predictions(self.output, self._outputs(X), self.flat_targets)
 
     def evaluate(self, X, y):
-        """(mean cross-entropy, accuracy) on X, y."""
-        X, y = check_Xy(X, y, self.n_features, self.n_classes)
-        loss, correct = self._forward_all(X, y)
-        return loss / X.shape[0], correct / X.shape[0]
+        """(loss, score): the mean loss (cross-entropy, squared error or
+        binary cross-entropy) and the head's metric (accuracy; R² averaged
+        over outputs, as sklearn.metrics.r2_score; subset accuracy)."""
+        X = check_X(X, self.n_features)
+        y = self.check_targets(y, X.shape[0])
+        loss, score_sum = self._forward_all(X, y)
+        return loss / X.shape[0], score(self.output, score_sum, X.shape[0])
 
     def gradients(self, X, y, sample_weight=None):
-        """(loss, dweights, dbiases): the mean cross-entropy over the batch X,
+        """(loss, dweights, dbiases): the head's mean loss over the batch X,
         y (weighted by sample_weight, if given) and its exact gradients, from
         the same kernels training runs."""
-        X, y = check_Xy(X, y, self.n_features, self.n_classes)
+        X = check_X(X, self.n_features)
+        y = self.check_targets(y, X.shape[0])
         n = X.shape[0]
         sample_weight = check_sample_weight(sample_weight, n, self.dtype)
         workspace = Workspace(self.layer_sizes, n, self.dtype)
         grads = aligned_zeros(self.params.size, self.dtype)
         self._transpose(workspace)
-        self._forward(X, y, sample_weight, workspace, np.arange(n, dtype=np.int64), 0, n, True)
+        data = Data(X, y, sample_weight, np.arange(n, dtype=np.int64), input_scale(X, self.dtype))
+        self._forward(data, workspace, 0, n, True)
         empty = np.zeros(0, self.dtype)
-        gradients_update(self.params, grads, empty, empty, workspace.weights_t, workspace.acts,
-                         workspace.deltas, workspace.task_checks, n, n, self._sizes,
-                         self.w_off, self.b_off, workspace.act_off, workspace.wt_off,
-                         self._tasks, NONE, make_hyper(self.dtype, 0.0, 0.0, 0.0), False)
+        optimizer = Optimizer(grads, empty, empty, make_hyper(self.dtype, 0.0, 0.0, 0.0), NONE,
+                              False)
+        gradients_update(workspace.work, self.network(), optimizer, n, False)
         loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()
         dweights, dbiases = self.layer_views(grads)
         return loss, dweights, dbiases

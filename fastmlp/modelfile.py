@@ -10,7 +10,8 @@ Tensors, little-endian, in the model's dtype:
         (velocity, or Adam's m and v), for the optimizers that keep them
 
 The string-to-string `__metadata__` holds JSON values: "fastmlp" (the format
-version), "model" (layer_sizes, activation, dtype, init, init_scale),
+version), "model" (layer_sizes, activation, output, flat_targets, dtype,
+init, init_scale),
 "optimizer", "training", "source", "preprocessing" (see `build_model`), and
 "sha256", the digest of every tensor's name and bytes and of every other
 metadata entry, in name order.
@@ -83,6 +84,7 @@ def header(model):
     opt, progress = model.optimizer_state, model.training_state
     return {
         "model": {"layer_sizes": list(model.layer_sizes), "activation": model.activation,
+                  "output": model.output, "flat_targets": model.flat_targets,
                   "dtype": model.dtype.name, "init": model.init, "init_scale": model.init_scale},
         "optimizer": None if opt is None else {
             "name": opt.name, "lr": opt.settings[0], "momentum": opt.settings[1],
@@ -192,7 +194,7 @@ def parse(data):
             raise Malformed(f"{key} metadata is not valid JSON") from None
     model = settings["model"]
     require(isinstance(model, dict), "bad model metadata")
-    sizes = check_layer_sizes(model.get("layer_sizes"))
+    sizes = check_layer_sizes(model.get("layer_sizes"), model.get("output", "softmax"))
     dtype = check_dtype(model.get("dtype"))
     n_layers = len(sizes) - 1
     expected = {}
@@ -242,11 +244,11 @@ def number(value, name):
     return float(value)
 
 
-def check_layer_sizes(sizes):
+def check_layer_sizes(sizes, output="softmax"):
     require(isinstance(sizes, list) and 2 <= len(sizes) <= MAX_LAYERS, "bad layer_sizes")
     for size in sizes:
         integer(size, "a layer size", minimum=1)
-    require(sizes[-1] >= 2, "the output layer needs at least 2 classes")
+    require(output != "softmax" or sizes[-1] >= 2, "the output layer needs at least 2 classes")
     return sizes
 
 
@@ -264,9 +266,12 @@ def build_model(settings, params, state):
     from .optimizers import OPTIMIZERS
     from .training import OptimizerState, TrainingState
 
+    from .heads import HEADS
     spec = settings["model"]
     require(isinstance(spec, dict), "bad model settings")
-    sizes = check_layer_sizes(spec.get("layer_sizes"))
+    output = spec.get("output", "softmax")  # files of fastmlp 0.1 have no other head
+    require(output in HEADS, "unknown output head")
+    sizes = check_layer_sizes(spec.get("layer_sizes"), output)
     require(spec.get("activation") in ACTIVATIONS, "unknown activation")
     check_dtype(spec.get("dtype"))
     require(spec.get("init") in INITS, "unknown init")
@@ -275,8 +280,11 @@ def build_model(settings, params, state):
     require(params.size == n_params, f"params should hold {n_params} values")
 
     model = MLP(sizes, activation=spec["activation"], dtype=spec["dtype"], init=spec["init"],
-                init_scale=init_scale, seed=0)
+                init_scale=init_scale, seed=0, output=output)
     model.params[:] = params
+    flat = spec.get("flat_targets", model.flat_targets)
+    require(isinstance(flat, bool), "bad flat_targets")
+    model.flat_targets = flat
     opt = settings["optimizer"]
     if opt is not None:
         require(isinstance(opt, dict) and opt.get("name") in OPTIMIZERS, "bad optimizer")
@@ -339,7 +347,7 @@ def check_preprocessing(prep, sizes):
         return None
     keys = {"features", "target", "missing", "mean", "scale", "classes"}
     require(isinstance(prep, dict) and set(prep) == keys, "bad preprocessing")
-    n_features, n_classes = sizes[0], sizes[-1]
+    n_features, n_outputs = sizes[0], sizes[-1]
     for key in ("mean", "scale"):
         values = prep[key]
         require(isinstance(values, list) and len(values) == n_features
@@ -353,8 +361,8 @@ def check_preprocessing(prep, sizes):
     require(prep["target"] is None or isinstance(prep["target"], str), "bad preprocessing target")
     require(prep["missing"] in MISSING_POLICIES, "bad preprocessing missing policy")
     classes = prep["classes"]
-    require(isinstance(classes, list) and len(classes) == n_classes
+    require(classes is None or isinstance(classes, list) and len(classes) == n_outputs
             and all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in classes)
-            and len(set(classes)) == n_classes,
-            f"preprocessing classes must be {n_classes} distinct labels")
+            and len(set(classes)) == n_outputs,
+            f"preprocessing classes must be {n_outputs} distinct labels, or null")
     return prep

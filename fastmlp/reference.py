@@ -3,13 +3,17 @@ classic lesson. Tests and benchmarks compare fastmlp against it; training
 never uses it.
 
 A network is a list of weights W[l] (fan_in, fan_out) and biases b[l]; the
-hidden activation is one of sigmoid, tanh, relu; the output is softmax with
-mean categorical cross-entropy. uint8 inputs are scaled by the dtype's
-nearest value of 1/255.
+hidden activation is one of sigmoid, tanh, relu; the output is one of the
+heads of fastmlp.heads (softmax with cross-entropy, linear with squared
+error, sigmoid with binary cross-entropy), whose oracle twins are defined
+there next to their kernels. uint8 inputs are scaled by the dtype's nearest
+value of 1/255.
 """
 import math
 
 import numpy as np
+
+from .heads import oracle_loss_and_delta, oracle_output
 
 ACTIVATION = {
     "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)),
@@ -36,17 +40,22 @@ def as_input(X, dtype):
 
 
 def softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return oracle_output("softmax", z)
 
 
-def forward(weights, biases, X, activation):
-    """Every layer's output: [X, A_1, ..., probabilities]."""
+def forward(weights, biases, X, activation, output="softmax", logits=None):
+    """Every layer's output: [X, A_1, ..., the head's outputs]. logits, a
+    list, receives the last layer's pre-activations."""
     dtype = weights[0].dtype
     acts = [as_input(X, dtype)]
     for l, (W, b) in enumerate(zip(weights, biases)):
         z = acts[-1] @ W + b
-        acts.append(ACTIVATION[activation](z) if l < len(weights) - 1 else softmax(z))
+        if l < len(weights) - 1:
+            acts.append(ACTIVATION[activation](z))
+        else:
+            acts.append(oracle_output(output, z))
+            if logits is not None:
+                logits.append(z)
     return acts
 
 
@@ -57,25 +66,25 @@ def cross_entropy(probs, y, sample_weight=None):
     return float(np.average(losses, weights=sample_weight))
 
 
-def loss_and_gradients(weights, biases, X, y, activation, sample_weight=None):
-    """(mean cross-entropy, dweights, dbiases) for the batch X, y; with
-    sample_weight, the weighted mean."""
-    acts = forward(weights, biases, X, activation)
-    probs = acts[-1]
+def loss_and_gradients(weights, biases, X, y, activation, sample_weight=None,
+                       output="softmax"):
+    """(mean loss, dweights, dbiases) for the batch X, y under the output
+    head's loss; with sample_weight, the weighted mean."""
+    logits = []
+    acts = forward(weights, biases, X, activation, output, logits)
     n = len(y)
-    onehot = np.zeros_like(probs)
-    onehot[np.arange(n), y] = 1
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)
-    # softmax + cross-entropy: probs - onehot, weighted over the batch
     share = w / w.sum() if w.sum() > 0 else np.zeros(n)  # zero weight: zero gradient
-    delta = (probs - onehot) * share[:, None].astype(probs.dtype)
+    losses, delta = oracle_loss_and_delta(output, logits[0], acts[-1], y, share)
     dweights, dbiases = [None] * len(weights), [None] * len(weights)
     for l in range(len(weights) - 1, -1, -1):
         dweights[l] = acts[l].T @ delta
         dbiases[l] = delta.sum(axis=0)
         if l > 0:
             delta = (delta @ weights[l].T) * DERIVATIVE[activation](acts[l])
-    return cross_entropy(probs, y, sample_weight), dweights, dbiases
+    if sample_weight is not None and np.sum(sample_weight) == 0:
+        return 0.0, dweights, dbiases  # a batch of zero weight counts for nothing
+    return float(np.average(losses, weights=sample_weight)), dweights, dbiases
 
 
 def sgd_step(params, grads, lr, weight_decay, decays):
@@ -101,7 +110,8 @@ def adam_step(params, grads, m, v, t, lr, weight_decay, decays):
 
 
 def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
-          momentum=0.9, nesterov=False, weight_decay=0.0, sample_weight=None):
+          momentum=0.9, nesterov=False, weight_decay=0.0, sample_weight=None,
+          output="softmax"):
     """Trains the lists weights and biases in place over `batches` (a list of
     row-index arrays), one update each; returns the loss of every batch."""
     params = list(weights) + list(biases)
@@ -112,7 +122,7 @@ def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
     for t, rows in enumerate(batches, start=1):
         batch_weight = None if sample_weight is None else sample_weight[rows]
         loss, dweights, dbiases = loss_and_gradients(weights, biases, X[rows], y[rows], activation,
-                                                     batch_weight)
+                                                     batch_weight, output)
         losses.append(loss)
         grads = dweights + dbiases
         if optimizer == "sgd":

@@ -4,8 +4,8 @@ A step is two parallel regions:
 
 1. `forward_backward`: the batch is cut into one contiguous part per
    thread, at multiples of 4 rows. Each part gathers its rows from the
-   dataset, runs every layer forward, softmax and cross-entropy, and every
-   delta backward. Rows are independent, so parts need no synchronisation
+   dataset, runs every layer forward, the output head (heads.py: softmax
+   and cross-entropy, say), and every delta backward. Rows are independent, so parts need no synchronisation
    between layers, and no row's result depends on the cut: the kernels group
    rows by 4 from multiples of 4. Each row writes its loss into its own
    slot, summed afterwards in row order. Few, large parts let a block of
@@ -27,6 +27,7 @@ from numba import prange
 
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import kernel, parallel_kernel
+from .heads import head_backward, head_forward
 from .kernels import (
     BLOCK_COLUMNS,
     IDENTITY,
@@ -37,8 +38,6 @@ from .kernels import (
     finite,
     gather_rows,
     prefetch_rows,
-    softmax_crossentropy_backward,
-    softmax_crossentropy_forward,
     transpose_weight_block,
     transposed_outputs,
 )
@@ -154,18 +153,18 @@ TRANSPOSE_PIECES = 8
 
 
 @parallel_kernel
-def transpose_weights(weights_t, params, sizes, w_off, wt_off):
+def transpose_weights(weights_t, net):
     # every layer's transposed block from its weights: needed after params
     # change anywhere but in task_update, which keeps the blocks current
-    L = sizes.shape[0] - 1
+    L = net.sizes.shape[0] - 1
     for p in prange(L * TRANSPOSE_PIECES):
         l = p // TRANSPOSE_PIECES
         piece = p % TRANSPOSE_PIECES
-        C = sizes[l]
-        OC = sizes[l + 1]
+        C = net.sizes[l]
+        OC = net.sizes[l + 1]
         OCT = transposed_outputs(OC)
-        transpose_weight_block(view2d(weights_t, wt_off, l, C, OCT),
-                               view2d(params, w_off, l, OC, C), 0, OCT,
+        transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT),
+                               view2d(net.params, net.w_off, l, OC, C), 0, OCT,
                                piece * C // TRANSPOSE_PIECES, (piece + 1) * C // TRANSPOSE_PIECES)
 
 
@@ -187,80 +186,88 @@ def part_bounds(nrows, part, parts):
 
 
 @parallel_kernel
-def forward_backward(acts, deltas, labels, row_weights, row_stats, X, y,
-                     sample_weight, idx, start, nrows, inv_total, scale, params, sizes,
-                     w_off, b_off, act_off, weights_t, wt_off, activation, backward,
-                     next_rows, threads):
-    # acts holds A_0..A_L, each (B, sizes[l]) at act_off[l]; deltas holds
-    # D_1..D_L at the same offsets (D_l is the loss gradient of layer l's
-    # pre-activation); labels and row_weights are (B,); row_stats is (B, 2),
-    # each row's weighted loss and correctness (summed by the caller over
-    # rows 0:nrows). Rows 0:nrows of the batch are dataset rows
-    # idx[start:start + nrows]; inv_total is 1 / their total sample weight.
+def forward_backward(work, net, data, start, nrows, inv_total, backward, next_rows, threads):
+    # work, net, data: see buffers.py. Rows 0:nrows of the batch are dataset
+    # rows data.idx[start:start + nrows]; inv_total is 1 / their total sample
+    # weight. Runs every layer forward, the head (its outputs, and each row's
+    # loss and score into work.row_stats, summed by the caller over rows
+    # 0:nrows), and with backward every delta (D_l, the loss gradient of
+    # layer l's pre-activation, at work.act_off[l] in work.deltas).
     # Each part starts by prefetching its share of the next batch, the
     # next_rows rows at idx[start + nrows:] (the same part runs on the same
     # thread next time, under prange's static schedule). threads is the
     # number of parts to cut (numba.get_num_threads() in the caller: called
     # here, it would keep the kernel out of Numba's cache).
-    B = labels.shape[0]
+    sizes = net.sizes
+    acts = work.acts
+    act_off = work.act_off
+    B = work.labels.shape[0]
     L = sizes.shape[0] - 1
     parts = max(1, min(threads, (max(nrows, next_rows) + 3) // 4))
     for part in prange(parts):
         n0, n1 = part_bounds(next_rows, part, parts)
-        prefetch_rows(X, idx, start + nrows, n0, n1)
+        prefetch_rows(data.X, data.idx, start + nrows, n0, n1)
         r0, r1 = part_bounds(nrows, part, parts)
         if r0 == r1:  # fewer tiles than parts
             continue
         fp_control = flush_subnormals()
-        gather_rows(view2d(acts, act_off, 0, B, sizes[0]), labels, row_weights, X, y,
-                    sample_weight, idx, start, scale, r0, r1)
+        gather_rows(view2d(acts, act_off, 0, B, sizes[0]), work.labels, work.targets,
+                    work.row_weights, data.X, data.y, data.sample_weight, data.idx, start,
+                    data.scale, r0, r1)
         for l in range(L):
             dense_forward(view2d(acts, act_off, l + 1, B, sizes[l + 1]),
                           view2d(acts, act_off, l, B, sizes[l]),
-                          view2d(params, w_off, l, sizes[l + 1], sizes[l]),
-                          view2d(weights_t, wt_off, l, sizes[l], transposed_outputs(sizes[l + 1])),
-                          params[b_off[l]:b_off[l] + sizes[l + 1]],
-                          activation if l < L - 1 else IDENTITY, r0, r1)
-        probs = view2d(acts, act_off, L, B, sizes[L])
-        softmax_crossentropy_forward(probs, row_stats, labels, row_weights, r0, r1)
+                          view2d(net.params, net.w_off, l, sizes[l + 1], sizes[l]),
+                          view2d(work.weights_t, net.wt_off, l, sizes[l],
+                                 transposed_outputs(sizes[l + 1])),
+                          net.params[net.b_off[l]:net.b_off[l] + sizes[l + 1]],
+                          net.activation if l < L - 1 else IDENTITY, r0, r1)
+        out = view2d(acts, act_off, L, B, sizes[L])
+        head_forward(out, work.row_stats, work.labels, work.targets, work.row_weights,
+                     work.target_scale, net.head, r0, r1)
         if backward:
-            softmax_crossentropy_backward(view2d(deltas, act_off, L, B, sizes[L]),
-                                          probs, labels, row_weights, inv_total, r0, r1)
+            head_backward(view2d(work.deltas, act_off, L, B, sizes[L]), out, work.labels,
+                          work.targets, work.row_weights, inv_total, net.head, r0, r1)
             for l in range(L - 1, 0, -1):
-                dense_backward_input(view2d(deltas, act_off, l, B, sizes[l]),
-                                     view2d(deltas, act_off, l + 1, B, sizes[l + 1]),
-                                     view2d(params, w_off, l, sizes[l + 1], sizes[l]),
+                dense_backward_input(view2d(work.deltas, act_off, l, B, sizes[l]),
+                                     view2d(work.deltas, act_off, l + 1, B, sizes[l + 1]),
+                                     view2d(net.params, net.w_off, l, sizes[l + 1], sizes[l]),
                                      view2d(acts, act_off, l, B, sizes[l]),
-                                     activation, r0, r1)
+                                     net.activation, r0, r1)
         write_fp_control(fp_control)
 
 
 @kernel
-def task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off, tasks):
+def task_gradient(grads, work, net, t, nrows):
     # the gradient of task t's parameters over batch rows 0:nrows
+    tasks = net.tasks
     if tasks[t, 1] == NO_TASK:
         return
     l = tasks[t, 0]
-    fan_in = sizes[l]
-    fan_out = sizes[l + 1]
-    dout = view2d(deltas, act_off, l + 1, B, fan_out)
+    B = work.labels.shape[0]
+    fan_in = net.sizes[l]
+    fan_out = net.sizes[l + 1]
+    dout = view2d(work.deltas, work.act_off, l + 1, B, fan_out)
     if tasks[t, 1] == WEIGHT_TASK:
-        dense_backward_weight(view2d(grads, w_off, l, fan_out, fan_in), dout,
-                              view2d(acts, act_off, l, B, fan_in), tasks[t, 2], tasks[t, 3],
-                              nrows, tasks[t, 4], tasks[t, 5])
+        dense_backward_weight(view2d(grads, net.w_off, l, fan_out, fan_in), dout,
+                              view2d(work.acts, work.act_off, l, B, fan_in), tasks[t, 2],
+                              tasks[t, 3], nrows, tasks[t, 4], tasks[t, 5])
     else:
-        dense_backward_bias(grads[b_off[l]:b_off[l] + fan_out], dout, nrows)
+        dense_backward_bias(grads[net.b_off[l]:net.b_off[l] + fan_out], dout, nrows)
 
 
 @kernel
-def task_update(params, grads, state1, state2, weights_t, t, sizes, w_off, b_off, wt_off,
-                tasks, optimizer, hyper, nesterov):
+def task_update(weights_t, net, opt, t):
     # applies the optimizer to task t's parameters, one flat range per
     # weight row (or the layer's biases); returns the update's check sum
     # (NaN when a new value is not finite)
+    tasks = net.tasks
+    sizes = net.sizes
+    params = net.params
+    hyper = opt.hyper
     l = tasks[t, 0]
     if tasks[t, 1] == WEIGHT_TASK:
-        first = w_off[l] + tasks[t, 2] * sizes[l]
+        first = net.w_off[l] + tasks[t, 2] * sizes[l]
         n_ranges = tasks[t, 3] - tasks[t, 2]
         k0 = tasks[t, 4]
         k1 = tasks[t, 5]
@@ -269,7 +276,7 @@ def task_update(params, grads, state1, state2, weights_t, t, sizes, w_off, b_off
     elif tasks[t, 1] == NO_TASK:
         return 0.0
     else:
-        first = b_off[l]
+        first = net.b_off[l]
         n_ranges = 1
         k0 = 0
         k1 = sizes[l + 1]
@@ -279,65 +286,67 @@ def task_update(params, grads, state1, state2, weights_t, t, sizes, w_off, b_off
     for i in range(n_ranges):
         p0 = first + i * stride + k0
         p1 = first + i * stride + k1
-        if optimizer == SGD:
-            check += sgd_update(params, grads, p0, p1, hyper[LR], decay)
-        elif optimizer == MOMENTUM:
-            check += momentum_update(params, grads, state1, p0, p1, hyper[LR],
-                                     hyper[MOMENTUM_COEF], decay, nesterov)
-        elif optimizer == ADAM:
-            check += adam_update(params, grads, state1, state2, p0, p1, hyper[ADAM_ALPHA],
-                                 hyper[BETA1], hyper[BETA2], hyper[EPSILON], decay)
-    if tasks[t, 1] == WEIGHT_TASK and optimizer != NONE:
+        if opt.code == SGD:
+            check += sgd_update(params, opt.grads, p0, p1, hyper[LR], decay)
+        elif opt.code == MOMENTUM:
+            check += momentum_update(params, opt.grads, opt.state1, p0, p1, hyper[LR],
+                                     hyper[MOMENTUM_COEF], decay, opt.nesterov)
+        elif opt.code == ADAM:
+            check += adam_update(params, opt.grads, opt.state1, opt.state2, p0, p1,
+                                 hyper[ADAM_ALPHA], hyper[BETA1], hyper[BETA2], hyper[EPSILON],
+                                 decay)
+    if tasks[t, 1] == WEIGHT_TASK and opt.code != NONE:
         # the new weights, still in cache, into dense_forward's transposed block
         C = sizes[l]
         OC = sizes[l + 1]
         OCT = transposed_outputs(OC)
         j0 = tasks[t, 2]
         if j0 < OCT:
-            transpose_weight_block(view2d(weights_t, wt_off, l, C, OCT),
-                                   view2d(params, w_off, l, OC, C), j0,
+            transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT),
+                                   view2d(params, net.w_off, l, OC, C), j0,
                                    min(tasks[t, 3], OCT), k0, k1)
     return check
 
 
 @parallel_kernel
-def gradients_update(params, grads, state1, state2, weights_t, acts, deltas, task_checks,
-                     nrows, B, sizes, w_off, b_off, act_off, wt_off, tasks, optimizer, hyper,
-                     nesterov):
-    # params, grads, state1, state2 are flat (P,) vectors of one layout
-    # (state: momentum's velocity, or Adam's m and v); tasks is (T, 6),
-    # task_checks (T,). Computes the gradient of every parameter, then
-    # (unless optimizer is NONE) updates it while it is hot in cache;
-    # task_checks[t] is NaN when task t produced a non-finite parameter, else 0.
-    for t in prange(tasks.shape[0]):
+def gradients_update(work, net, opt, nrows, update):
+    # Computes the gradient of every parameter over batch rows 0:nrows into
+    # opt.grads, then (with update) applies the optimizer while it is hot in
+    # cache; work.task_checks[t] is NaN when task t produced a non-finite
+    # parameter, else 0.
+    # (The checks array is taken out of the tuple first: Numba's parfor pass
+    # drops a store into an array read off a tuple inside the loop body.)
+    task_checks = work.task_checks
+    for t in prange(net.tasks.shape[0]):
         fp_control = flush_subnormals()
-        task_gradient(grads, acts, deltas, t, nrows, B, sizes, w_off, b_off, act_off, tasks)
-        task_checks[t] = task_update(params, grads, state1, state2, weights_t, t, sizes,
-                                     w_off, b_off, wt_off, tasks, optimizer, hyper, nesterov)
+        task_gradient(opt.grads, work, net, t, nrows)
+        check = 0.0
+        if update:
+            check = task_update(work.weights_t, net, opt, t)
+        task_checks[t] = check
         write_fp_control(fp_control)
 
 
 @parallel_kernel
-def apply_updates(params, grads, state1, state2, weights_t, task_checks, sizes, w_off, b_off,
-                  wt_off, tasks, optimizer, hyper, nesterov):
+def apply_updates(work, net, opt):
     # the update half of gradients_update, for gradients summed elsewhere
     # (over MPI ranks)
-    for t in prange(tasks.shape[0]):
+    task_checks = work.task_checks  # out of the tuple: see gradients_update
+    for t in prange(net.tasks.shape[0]):
         fp_control = flush_subnormals()
-        task_checks[t] = task_update(params, grads, state1, state2, weights_t, t, sizes,
-                                     w_off, b_off, wt_off, tasks, optimizer, hyper, nesterov)
+        task_checks[t] = task_update(work.weights_t, net, opt, t)
         write_fp_control(fp_control)
 
 
 @kernel
 def sum_row_stats(row_stats, nrows):
-    # (weighted loss sum, correct rows) of batch rows 0:nrows, in row order
+    # (weighted loss sum, score sum) of batch rows 0:nrows, in row order
     loss = 0.0
-    correct = 0
+    score = 0.0
     for b in range(nrows):
         loss += row_stats[b, 0]
-        correct += int(row_stats[b, 1])
-    return loss, correct
+        score += row_stats[b, 1]
+    return loss, score
 
 
 @kernel
@@ -350,25 +359,18 @@ def batch_weight(sample_weight, idx, start, nrows):
 
 
 @kernel
-def shard_gradients(params, grads, acts, deltas, labels, row_weights, row_stats,
-                    task_checks, X, y, sample_weight, idx, start, nrows, inv_total, scale,
-                    sizes, w_off, b_off, act_off, weights_t, wt_off, tasks, activation, hyper,
-                    threads):
-    # One MPI rank's share of a step: grads (the first P values) = the
+def shard_gradients(work, net, opt, data, start, nrows, inv_total, threads):
+    # One MPI rank's share of a step: opt.grads (the first P values) = the
     # gradient over rows idx[start:start + nrows], scaled by the whole
     # batch's inv_total, so that the ranks' grads sum to the batch gradient.
     # nrows may be 0 (a small last batch split over many ranks): every part
     # is then empty and the gradients zero. Returns (weighted loss sum,
-    # correct rows) of these rows.
-    forward_backward(acts, deltas, labels, row_weights, row_stats, X, y,
-                     sample_weight, idx, start, nrows, inv_total, scale,
-                     params, sizes, w_off, b_off, act_off, weights_t, wt_off,
-                     activation, np.bool_(True), np.int64(0), threads)
-    loss, correct = sum_row_stats(row_stats, nrows)
-    gradients_update(params, grads, grads, grads, weights_t, acts, deltas, task_checks, nrows,
-                     labels.shape[0], sizes, w_off, b_off, act_off, wt_off, tasks,
-                     np.int64(NONE), hyper, np.bool_(False))
-    return loss, correct
+    # score sum) of these rows.
+    forward_backward(work, net, data, start, nrows, inv_total, np.bool_(True), np.int64(0),
+                     threads)
+    loss, score = sum_row_stats(work.row_stats, nrows)
+    gradients_update(work, net, opt, nrows, np.bool_(False))
+    return loss, score
 
 
 # train_steps' status
@@ -378,47 +380,41 @@ PARAMS_NOT_FINITE = 2  # the returned step's update made a parameter NaN or inf
 
 
 @kernel
-def train_steps(params, grads, state1, state2, acts, deltas, labels, row_weights,
-                row_stats, task_checks, X, y, sample_weight, idx, n_rows, step0, step1,
-                update_count, scale, sizes, w_off, b_off, act_off, weights_t, wt_off, tasks,
-                activation, optimizer, hyper, nesterov, threads):
+def train_steps(work, net, opt, data, n_rows, step0, step1, update_count, threads):
     # Runs steps step0..step1 of an epoch whose rows, in order, are
-    # idx[0:n_rows]; step s covers idx[s*B : min((s+1)*B, n_rows)].
+    # data.idx[0:n_rows]; step s covers idx[s*B : min((s+1)*B, n_rows)].
     # update_count is the number of updates done before (Adam's t).
-    # Returns (sum of the weighted per-row losses, total sample weight, number
-    # of correct rows, status, the step the status is about: step1 when all
+    # Returns (sum of the weighted per-row losses, total sample weight, sum of
+    # the row scores, status, the step the status is about: step1 when all
     # went well). Divergence costs one finiteness test of the loss and of the
     # update's check sum per step.
-    B = labels.shape[0]
+    B = work.labels.shape[0]
+    hyper = opt.hyper
     loss_sum = 0.0
     weight_sum = 0.0
-    correct = 0
+    score_sum = 0.0
     # params may have changed since the last call (a new fit, a rollback)
-    transpose_weights(weights_t, params, sizes, w_off, wt_off)
+    transpose_weights(work.weights_t, net)
     for s in range(step0, step1):
         start = s * B
         nrows = min(B, n_rows - start)
-        total = batch_weight(sample_weight, idx, start, nrows)
+        total = batch_weight(data.sample_weight, data.idx, start, nrows)
         # a batch of zero weight has zero gradients (and zero loss)
-        inv_total = params.dtype.type(1.0 / total if total > 0 else 0.0)
+        inv_total = net.params.dtype.type(1.0 / total if total > 0 else 0.0)
         # the next step's rows, when this call runs it
         next_rows = min(B, n_rows - start - nrows) if s + 1 < step1 else 0
-        forward_backward(acts, deltas, labels, row_weights, row_stats, X, y,
-                         sample_weight, idx, start, nrows, inv_total, scale,
-                         params, sizes, w_off, b_off, act_off, weights_t, wt_off,
-                         activation, np.bool_(True), next_rows, threads)
-        step_loss, step_correct = sum_row_stats(row_stats, nrows)
-        correct += step_correct
+        forward_backward(work, net, data, start, nrows, inv_total, np.bool_(True), next_rows,
+                         threads)
+        step_loss, step_score = sum_row_stats(work.row_stats, nrows)
+        score_sum += step_score
         if not finite(step_loss):
-            return loss_sum, weight_sum, correct, LOSS_NOT_FINITE, s
+            return loss_sum, weight_sum, score_sum, LOSS_NOT_FINITE, s
         loss_sum += step_loss
         weight_sum += total
         update_count += 1
-        if optimizer == ADAM:
+        if opt.code == ADAM:
             hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
-        gradients_update(params, grads, state1, state2, weights_t, acts, deltas, task_checks,
-                         nrows, B, sizes, w_off, b_off, act_off, wt_off, tasks, optimizer,
-                         hyper, nesterov)
-        if not finite(task_checks.sum()):
-            return loss_sum, weight_sum, correct, PARAMS_NOT_FINITE, s
-    return loss_sum, weight_sum, correct, STEPS_DONE, step1
+        gradients_update(work, net, opt, nrows, np.bool_(True))
+        if not finite(work.task_checks.sum()):
+            return loss_sum, weight_sum, score_sum, PARAMS_NOT_FINITE, s
+    return loss_sum, weight_sum, score_sum, STEPS_DONE, step1

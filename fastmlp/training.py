@@ -10,6 +10,8 @@ import numba
 import numpy as np
 
 from . import jit
+from .buffers import Data, Optimizer
+from .heads import score, target_scale
 from .model import Workspace, aligned_copy, aligned_zeros
 from .optimizers import DEFAULT_LR, OPTIMIZERS, make_hyper
 from .progress import ProgressPrinter
@@ -19,7 +21,7 @@ from .validation import (
     check_float,
     check_int,
     check_sample_weight,
-    check_Xy,
+    check_X,
     input_scale,
 )
 
@@ -37,14 +39,16 @@ MAPPED_CHUNK_ROWS = 256
 
 
 class History:
-    """Per-epoch metrics, Keras style: `history` maps 'loss', 'accuracy',
-    'val_loss', 'val_accuracy' (with validation data) and 'epoch_time' to
+    """Per-epoch metrics, Keras style: `history` maps 'loss', the head's
+    metric ('accuracy', or 'r2' for a linear output), 'val_loss' and
+    'val_accuracy' or 'val_r2' (with validation data) and 'epoch_time' to
     lists with one value per epoch. `compile_time` is the JIT compilation
     time of this fit (near zero when Numba's cache is warm), kept out of
     epoch_time."""
 
-    def __init__(self):
-        self.history = {"loss": [], "accuracy": [], "epoch_time": []}
+    def __init__(self, metric="accuracy"):
+        self.metric = metric
+        self.history = {"loss": [], metric: [], "epoch_time": []}
         self.epoch = []
         self.compile_time = 0.0
         self.best_epoch = None  # with early stopping
@@ -168,8 +172,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     Keras-style ProgressPrinter.
 
     Early stopping: with patience=N, training stops once `monitor` (default
-    'val_loss' with validation data, else 'loss'; also 'accuracy',
-    'val_accuracy') has not improved by more than min_delta for N epochs in
+    'val_loss' with validation data, else 'loss'; also the head's metric,
+    'accuracy' or 'r2', or 'val_' and the metric) has not improved by more than min_delta for N epochs in
     a row; with restore_best_weights the model then gets the parameters of
     its best epoch back (also when all epochs ran). History.best_epoch and
     History.stopped_epoch tell what happened.
@@ -182,7 +186,9 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     threads default to the cores each rank has to itself; only rank 0 shows
     progress with verbose=1 (callbacks run on every rank).
     """
-    X, y = check_Xy(X, y, model.n_features, model.n_classes)
+    X = check_X(X, model.n_features)
+    original_y = y
+    y = model.check_targets(y, X.shape[0])
     sample_weight = check_sample_weight(sample_weight, X.shape[0], model.dtype)
     epochs = check_int("epochs", epochs, minimum=0)
     batch_size = check_int("batch_size", batch_size, minimum=1)
@@ -198,15 +204,15 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     if validation_data is not None:
         if len(validation_data) != 2:
             raise ValueError("validation_data must be a pair (X_val, y_val)")
-        X_val, y_val = check_Xy(*validation_data, model.n_features, model.n_classes,
-                                names=("validation X", "validation y"))
+        X_val = check_X(validation_data[0], model.n_features, "validation X")
+        y_val = model.check_targets(validation_data[1], X_val.shape[0], "validation y")
     callbacks = list(callbacks)
     if verbose and (comm is None or comm.rank == 0):
         callbacks.append(ProgressPrinter())
     stopper = None
     if patience is not None:
         monitor = monitor or ("val_loss" if validation_data is not None else "loss")
-        check_choice("monitor", monitor, MONITORS)
+        check_choice("monitor", monitor, monitors(model.metric))
         if monitor.startswith("val_") and validation_data is None:
             raise ValueError(f"monitor={monitor!r} needs validation_data")
         stopper = EarlyStopping(model, check_int("patience", patience, minimum=1), monitor,
@@ -228,7 +234,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         from . import distributed
         distributed.check_same_job(comm, dict(
             rows=n, layer_sizes=list(model.layer_sizes), activation=model.activation,
-            dtype=model.dtype.name, labels=distributed.data_digest(y), epochs=epochs,
+            dtype=model.dtype.name, output=model.output, labels=distributed.data_digest(y),
+            epochs=epochs,
             batch_size=batch_size, optimizer=optimizer, settings=settings, shuffle=bool(shuffle),
             sampling=sampling, weighted=bool(np.any(sample_weight != 1)),
             validation=validation_data is not None, patience=patience, monitor=monitor))
@@ -243,11 +250,16 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     max_chunk = -(-n_steps // CHUNKS_PER_EPOCH)
     ranks = 1 if comm is None else comm.size
     workspace = Workspace(model.layer_sizes, -(-batch_size // ranks), model.dtype)
+    workspace.work.target_scale[:] = target_scale(model.output, y, model.n_outputs, model.dtype)
+    if model.output == "linear":
+        model.flat_targets = np.ndim(original_y) == 1
     # with MPI, the step's loss, correct rows and interrupt flag travel behind
     # the gradients in the one Allreduce
     grads = aligned_zeros(model.n_params + (0 if comm is None else distributed.TAIL), model.dtype)
     idx = np.empty(n, dtype=np.int64)
-    scale = input_scale(X, model.dtype)
+    data = Data(X, y, sample_weight, idx, input_scale(X, model.dtype))
+    optimizer_buffers = Optimizer(grads, state.state1, state.state2, state.hyper, state.code,
+                                  state.nesterov)
     mapping = mapped_file(X)
     if mapping is not None:
         # random rows: no read-ahead, so that a chunk makes resident little
@@ -256,17 +268,11 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                         else mmap.MADV_RANDOM)
         max_chunk = max(1, min(max_chunk, MAPPED_CHUNK_ROWS // batch_size))
     saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
-    history = History()
+    history = History(model.metric)
 
     def step_arguments(step0, step1):
-        return (model.params, grads, state.state1, state.state2, workspace.acts,
-                workspace.deltas, workspace.labels, workspace.row_weights,
-                workspace.row_stats, workspace.task_checks, X, y, sample_weight,
-                idx, n, step0, step1, state.updates, scale, model._sizes,
-                model.w_off, model.b_off, workspace.act_off, workspace.weights_t,
-                workspace.wt_off, model._tasks,
-                model.activation_code, state.code, state.hyper, state.nesterov,
-                numba.get_num_threads())
+        return (workspace.work, model.network(), optimizer_buffers, data, n, step0, step1,
+                state.updates, numba.get_num_threads())
 
     def run_here(step0, step1):
         return train_steps(*step_arguments(step0, step1))
@@ -283,8 +289,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             run = run_here
             run(0, 0)  # compiles (or loads from cache) without training
         else:
-            run = distributed.ShardedSteps(comm, model, state, workspace, grads, X, y,
-                                           sample_weight, idx, scale, batch_size, interrupt)
+            run = distributed.ShardedSteps(comm, model, state, workspace, optimizer_buffers,
+                                           data, batch_size, interrupt)
             run.compile()
         history.compile_time = time.perf_counter() - start
         total_epochs = progress.epoch + epochs
@@ -300,14 +306,14 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             for copy, source in zip(saved, (model.params, state.state1, state.state2)):
                 np.copyto(copy, source)
             first_update = state.updates
-            rows = loss_sum = weight_sum = correct = 0
+            rows = loss_sum = weight_sum = score_sum = 0
             elapsed = 0.0
             chunk = 1  # then as many steps as take about CHUNK_SECONDS
             step0 = first
             while step0 < n_steps:
                 step1 = min(step0 + chunk, n_steps)
                 start = time.perf_counter()
-                chunk_loss, chunk_weight, chunk_correct, status, at = run(step0, step1)
+                chunk_loss, chunk_weight, chunk_score, status, at = run(step0, step1)
                 seconds = time.perf_counter() - start
                 elapsed += seconds
                 if status != STEPS_DONE:
@@ -319,9 +325,9 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 rows += min(step1 * batch_size, n) - step0 * batch_size
                 loss_sum += chunk_loss
                 weight_sum += chunk_weight
-                correct += chunk_correct
+                score_sum += chunk_score
                 logs = {"loss": loss_sum / weight_sum if weight_sum else 0.0,
-                        "accuracy": correct / rows}
+                        model.metric: score(model.output, score_sum, rows)}
                 if mapping is not None:  # keep only this chunk's pages resident
                     mapping.madvise(mmap.MADV_DONTNEED)
                 for callback in callbacks:
@@ -338,12 +344,13 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 distributed.check_params_agree(comm, model.params, progress.epoch - 1)
             history.epoch.append(progress.epoch - 1)
             history.history["loss"].append(logs["loss"])
-            history.history["accuracy"].append(logs["accuracy"])
+            history.history[model.metric].append(logs[model.metric])
             history.history["epoch_time"].append(elapsed)
             if validation_data is not None:
-                logs["val_loss"], logs["val_accuracy"] = model.evaluate(X_val, y_val)
+                logs["val_loss"], logs[f"val_{model.metric}"] = model.evaluate(X_val, y_val)
                 history.history.setdefault("val_loss", []).append(logs["val_loss"])
-                history.history.setdefault("val_accuracy", []).append(logs["val_accuracy"])
+                history.history.setdefault(f"val_{model.metric}", []).append(
+                    logs[f"val_{model.metric}"])
             for callback in callbacks:
                 callback.on_epoch_end(progress.epoch - 1, n_steps - first, elapsed, logs)
             if stopper is not None and stopper.should_stop(progress.epoch - 1, logs):
@@ -358,7 +365,12 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     return history
 
 
-MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy")
+MONITORS = ("loss", "accuracy", "r2", "val_loss", "val_accuracy", "val_r2")
+
+
+def monitors(metric):
+    """What early stopping can watch for a head whose metric is `metric`."""
+    return ("loss", metric, "val_loss", f"val_{metric}")
 
 
 class EarlyStopping:

@@ -56,7 +56,7 @@ def check_float(name, value, minimum=None, maximum=None, allow_none=False):
     return value
 
 
-def check_layer_sizes(layer_sizes):
+def check_layer_sizes(layer_sizes, output="softmax"):
     try:
         sizes = list(layer_sizes)
     except TypeError:
@@ -66,7 +66,7 @@ def check_layer_sizes(layer_sizes):
                          f"got {sizes!r}")
     for size in sizes:
         check_int("every layer size", size, minimum=1)
-    if sizes[-1] < 2:
+    if output == "softmax" and sizes[-1] < 2:
         raise ValueError(f"the output layer needs at least 2 classes, got {sizes[-1]}")
     return tuple(int(s) for s in sizes)
 

@@ -100,11 +100,56 @@ def test_from_sklearn_predicts_the_same_and_trains_on(activation, n_classes):
     fastmlp.fit(model, X, y, epochs=1, batch_size=10)
 
 
-def test_from_sklearn_names_what_it_cannot_take():
+def test_from_sklearn_regressor_and_multi_label_classifier():
     from sklearn.neural_network import MLPRegressor
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 5))
+    for y in (X[:, 0] - 2 * X[:, 1], np.stack([X[:, 0], X[:, 1] * X[:, 2]], axis=1)):
+        fitted = MLPRegressor(hidden_layer_sizes=(8,), max_iter=50, random_state=0).fit(X, y)
+        model = fastmlp.MLP.from_sklearn(fitted)
+        assert model.output == "linear"
+        assert model.predict(X).shape == fitted.predict(X).shape
+        assert np.abs(model.predict(X) - fitted.predict(X)).max() < 1e-12
+    labels = np.stack([X[:, 0] > 0, X[:, 1] > 0, X[:, 0] + X[:, 2] > 0], axis=1).astype(int)
+    fitted = SklearnMLP(hidden_layer_sizes=(8,), max_iter=300, random_state=0).fit(X, labels)
+    model = fastmlp.MLP.from_sklearn(fitted)
+    assert model.output == "sigmoid"
+    assert np.abs(model.predict_proba(X) - fitted.predict_proba(X)).max() < 1e-12
+    assert np.array_equal(model.predict(X), fitted.predict(X))
+
+
+def test_from_torch_heads():
+    torch.manual_seed(0)
+    X = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    body = [torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)]
+    for layers, output in ((body + [torch.nn.Sigmoid()], None), (body, "linear")):
+        sequential = torch.nn.Sequential(*layers)
+        model = fastmlp.MLP.from_torch(sequential, output=output)
+        with torch.no_grad():
+            expected = sequential(torch.from_numpy(X)).numpy()
+        got = model.predict(X) if model.output == "linear" else model.predict_proba(X)
+        assert model.output == (output or "sigmoid") and np.abs(got - expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("output", ["linear", "sigmoid"])
+def test_onnx_export_of_the_other_heads(tmp_path, output):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((100, 6)).astype(np.float32)
+    y = (np.stack([X[:, 0] + X[:, 1], X[:, 2] * 2], axis=1) if output == "linear"
+         else (X[:, :2] > 0).astype(np.float32))
+    model = fastmlp.MLP([6, 8, 2], activation="relu", init="he", output=output, seed=0)
+    fastmlp.fit(model, X, y, epochs=5, batch_size=10, optimizer="adam", lr=0.01)
+    model.to_onnx(tmp_path / "m.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    name = "predictions" if output == "linear" else "probabilities"
+    got = session.run([name], {"input": X})[0]
+    expected = model.predict(X) if output == "linear" else model.predict_proba(X)
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def test_from_sklearn_names_what_it_cannot_take():
     X = np.random.default_rng(0).normal(size=(30, 3))
-    with pytest.raises(ValueError, match="MLPRegressor needs a linear output layer"):
-        fastmlp.MLP.from_sklearn(MLPRegressor(max_iter=5).fit(X, X[:, 0]))
     with pytest.raises(ValueError, match="activation 'identity' is not supported"):
         fastmlp.MLP.from_sklearn(SklearnMLP(activation="identity", max_iter=5)
                                  .fit(X, X[:, 0] > 0))

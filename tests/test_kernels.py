@@ -7,7 +7,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastmlp import expf, jit, kernels, optimizers, reference
+from fastmlp import heads, expf, jit, kernels, optimizers, reference
 from fastmlp.kernels import ACTIVATIONS, IDENTITY
 
 from conftest import random_problem, reference_copy, relative_error
@@ -139,7 +139,7 @@ def test_softmax_crossentropy_forward_backward(rng):
     weights = rng.uniform(0, 2, 8)
     probs = logits.copy()
     row_stats = np.full((8, 2), 7.0)
-    kernels.softmax_crossentropy_forward(probs, row_stats, labels, weights, 2, 8)
+    heads.softmax_crossentropy_forward(probs, row_stats, labels, weights, 2, 8)
     expected = reference.softmax(logits[2:8])
     assert relative_error(probs[2:8], expected) < 1e-13
     assert (probs[:2] == logits[:2]).all()
@@ -149,10 +149,41 @@ def test_softmax_crossentropy_forward_backward(rng):
     assert (row_stats[:2] == 7.0).all()
     dlogits = np.zeros_like(probs)
     total = weights[2:8].sum()
-    kernels.softmax_crossentropy_backward(dlogits, probs, labels, weights, 1 / total, 2, 8)
+    heads.softmax_crossentropy_backward(dlogits, probs, labels, weights, 1 / total, 2, 8)
     onehot = np.eye(5)[labels[2:8]]
     expected_delta = (expected - onehot) * weights[2:8, None] / total
     assert relative_error(dlogits[2:8], expected_delta) < 1e-13
+
+
+@pytest.mark.parametrize("output", ["linear", "sigmoid"])
+def test_head_kernels_against_the_oracle(rng, output):
+    K = 3
+    logits = rng.standard_normal((8, K)) * 30  # large logits: stability matters
+    targets = (rng.standard_normal((8, K)) if output == "linear"
+               else rng.integers(0, 2, (8, K)).astype(np.float64))
+    weights = rng.uniform(0, 2, 8)
+    scale = heads.target_scale(output, targets[2:8], K, np.float64)
+    out = logits.copy()
+    row_stats = np.full((8, 2), 7.0)
+    heads.head_forward(out, row_stats, np.zeros(8, np.int32), targets, weights, scale,
+                       heads.HEADS[output], 2, 8)
+    expected = heads.oracle_output(output, logits[2:8])
+    assert relative_error(out[2:8], expected) < 1e-13 and (out[:2] == logits[:2]).all()
+    total = weights[2:8].sum()
+    losses, delta = heads.oracle_loss_and_delta(output, logits[2:8], expected, targets[2:8],
+                                                weights[2:8] / total)
+    assert relative_error(row_stats[2:8, 0], weights[2:8] * losses) < 1e-12
+    assert (row_stats[:2] == 7.0).all()
+    if output == "linear":  # the row scores give sklearn's R² of the rows
+        from sklearn.metrics import r2_score
+        r2 = heads.score(output, row_stats[2:8, 1].sum(), 6)
+        assert abs(r2 - r2_score(targets[2:8], out[2:8])) < 1e-12
+    else:  # subset accuracy
+        assert (row_stats[2:8, 1] == ((out[2:8] >= 0.5) == targets[2:8]).all(axis=1)).all()
+    dout = np.zeros_like(out)
+    heads.head_backward(dout, out, np.zeros(8, np.int32), targets, weights, 1 / total,
+                        heads.HEADS[output], 2, 8)
+    assert relative_error(dout[2:8], delta) < 1e-13 and (dout[:2] == 0).all()
 
 
 def test_gather_rows_scales_uint8_and_follows_index(rng):
@@ -164,10 +195,17 @@ def test_gather_rows_scales_uint8_and_follows_index(rng):
     labels = np.zeros(5, np.int32)
     weights = np.zeros(5, np.float32)
     scale = np.float32(1 / 255)
-    kernels.gather_rows(out, labels, weights, X, y, sample_weight, idx, 10, scale, 0, 5)
+    targets = np.zeros((5, 2), np.float32)
+    kernels.gather_rows(out, labels, targets, weights, X, y, sample_weight, idx, 10, scale, 0, 5)
     assert np.array_equal(out, X[idx[10:15]].astype(np.float32) * scale)
     assert np.array_equal(labels, y[idx[10:15]])
     assert np.array_equal(weights, sample_weight[idx[10:15]])
+    assert (targets == 0).all()
+    # float targets (linear and sigmoid heads) go to targets, labels untouched
+    y2 = rng.standard_normal((20, 2)).astype(np.float32)
+    kernels.gather_rows(out, labels, targets, weights, X, y2, sample_weight, idx, 3, scale, 1, 5)
+    assert np.array_equal(targets[1:5], y2[idx[4:8]]) and (targets[0] == 0).all()
+    assert np.array_equal(labels, y[idx[10:15]])
 
 
 def float32_ir(function, *args):
@@ -198,8 +236,12 @@ def test_float32_kernels_never_widen_to_float64():
         "dense_backward_weight": float32_ir(kernels.dense_backward_weight, weight, out, inp, 0, 3, 4, 0, 8),
         "dense_backward_bias": float32_ir(kernels.dense_backward_bias, vec, out, 4),
         "softmax_crossentropy_backward": float32_ir(
-            kernels.softmax_crossentropy_backward, out, out, labels, np.ones(4, f32), f32(0.25),
+            heads.softmax_crossentropy_backward, out, out, labels, np.ones(4, f32), f32(0.25),
             0, 4),
+        "squared_error_backward": float32_ir(
+            heads.squared_error_backward, out, out, out, np.ones(4, f32), f32(0.25), 0, 4),
+        "sigmoid_crossentropy_backward": float32_ir(
+            heads.sigmoid_crossentropy_backward, out, out, out, np.ones(4, f32), f32(0.25), 0, 4),
         "sgd_update": float32_ir(optimizers.sgd_update, vec, vec, 0, 3, f32(0.1), f32(0)),
         "momentum_update": float32_ir(optimizers.momentum_update, vec, vec, vec, 0, 3,
                                       f32(0.1), f32(0.9), f32(0), True),

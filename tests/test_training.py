@@ -10,6 +10,7 @@ from numba.core.runtime import _nrt_python, rtsys
 
 import fastmlp
 from fastmlp import reference
+from fastmlp.buffers import Data, Optimizer
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, make_hyper
 from fastmlp.progress import Callback
@@ -224,18 +225,17 @@ def test_update_tasks_keep_the_transposed_weights_current():
     model, X, y = random_problem([30, 200, 64, 10], 300, "tanh", np.float32, seed=4)
     ws = Workspace(model.layer_sizes, 10, model.dtype)
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
-    hyper = make_hyper(model.dtype, 0.01, 0.9, 0.0)
-    status = train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels,
-                         ws.row_weights, ws.row_stats, ws.task_checks, X, y.astype(np.int32),
-                         np.ones(300, model.dtype), np.arange(300), 300, 0, 30, 0,
-                         input_scale(X, model.dtype), model._sizes, model.w_off, model.b_off,
-                         ws.act_off, ws.weights_t, ws.wt_off, model._tasks,
-                         model.activation_code, OPTIMIZERS["adam"], hyper, False, 2)[3]
+    optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
+                          OPTIMIZERS["adam"], False)
+    data = Data(X, y.astype(np.int32), np.ones(300, model.dtype), np.arange(300),
+                input_scale(X, model.dtype))
+    status = train_steps(ws.work, model.network(), optimizer, data, 300, 0, 30, 0, 2)[3]
     assert status == 0
+    weights_t, wt_off = ws.work.weights_t, model.network().wt_off
     for l, (fan_in, fan_out) in enumerate([(30, 200), (200, 64)]):
-        block = ws.weights_t[ws.wt_off[l]:ws.wt_off[l] + fan_in * (fan_out // 64 * 64)]
+        block = weights_t[wt_off[l]:wt_off[l] + fan_in * (fan_out // 64 * 64)]
         assert np.array_equal(block.reshape(fan_in, -1), model.weights[l][:, :fan_out // 64 * 64])
-    assert ws.wt_off[2] == ws.weights_t.size  # 10 outputs: no transposed block
+    assert wt_off[2] == weights_t.size  # 10 outputs: no transposed block
     assert relative_error(model.weights[0], random_problem([30, 200, 64, 10], 300, "tanh",
                                                            np.float32, seed=4)[0].weights[0]) > 1e-3
 
@@ -250,17 +250,14 @@ def test_an_epoch_allocates_nothing():
     ws = Workspace(model.layer_sizes, 10, model.dtype)
     grads = np.zeros_like(model.params)
     m, v = np.zeros_like(model.params), np.zeros_like(model.params)
-    idx = np.arange(1000)
-    weights = np.ones(1000, model.dtype)
-    hyper = make_hyper(model.dtype, 0.001, 0.9, 0.0)
+    optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.001, 0.9, 0.0),
+                          OPTIMIZERS["adam"], False)
+    data = Data(X, y, np.ones(1000, model.dtype), np.arange(1000), input_scale(X, model.dtype))
+    net = model.network()
 
     def run(steps):
         before = rtsys.get_allocation_stats()
-        train_steps(model.params, grads, m, v, ws.acts, ws.deltas, ws.labels, ws.row_weights,
-                    ws.row_stats, ws.task_checks, X, y, weights, idx, 1000, 0, steps, 0,
-                    input_scale(X, model.dtype), model._sizes,
-                    model.w_off, model.b_off, ws.act_off, ws.weights_t, ws.wt_off, model._tasks,
-                    model.activation_code, OPTIMIZERS["adam"], hyper, False, 2)
+        train_steps(ws.work, net, optimizer, data, 1000, 0, steps, 0, 2)
         after = rtsys.get_allocation_stats()
         return after.alloc - before.alloc, after.free - before.free
 

@@ -1,0 +1,28 @@
+"""The arrays a step works on, grouped the way the kernels take them, so
+that no kernel call spells out twenty arrays. Each group is a namedtuple
+(Numba passes it as one struct): `Network` (the parameters and what lays
+them out, with the activation and head codes), `Work` (the buffers of one
+batch size), `Data` (the training rows and their order) and `Optimizer`
+(gradients, state and hyperparameters). `fastmlp.model` builds the first
+two, `fastmlp.training` the others."""
+from collections import namedtuple
+
+# params: the flat parameter vector; sizes: layer widths; w_off, b_off: where
+# each layer's (fan_out, fan_in) weights and biases start in params; wt_off:
+# each layer's transposed block in Work.weights_t; tasks: gradients_update's
+# work list (step.make_tasks); activation, head: kernels.ACTIVATIONS and
+# heads.HEADS codes
+Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", "tasks",
+                                 "activation", "head"])
+# acts, deltas: every layer's (B, width) block at act_off[l]; labels (B,) or
+# targets (B, K): the batch's targets; row_weights (B,); row_stats (B, 2):
+# each row's weighted loss and score; target_scale (K,): see heads.py;
+# task_checks (T,): the update check sums; weights_t: transposed weights
+Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
+                           "row_stats", "target_scale", "task_checks", "weights_t"])
+# X (N, C) rows, y (N,) labels or (N, K) targets, sample_weight (N,), idx:
+# the epoch's row order, scale: 1/255 for uint8 X, else 1
+Data = namedtuple("Data", ["X", "y", "sample_weight", "idx", "scale"])
+# grads, state1, state2: flat like params; hyper: optimizers.make_hyper;
+# code: optimizers.OPTIMIZERS code (NONE computes gradients only)
+Optimizer = namedtuple("Optimizer", ["grads", "state1", "state2", "hyper", "code", "nesterov"])
