@@ -24,5 +24,7 @@ Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "ro
 # the epoch's row order, scale: 1/255 for uint8 X, else 1
 Data = namedtuple("Data", ["X", "y", "sample_weight", "idx", "scale"])
 # grads, state1, state2: flat like params; hyper: optimizers.make_hyper;
-# code: optimizers.OPTIMIZERS code (NONE computes gradients only)
-Optimizer = namedtuple("Optimizer", ["grads", "state1", "state2", "hyper", "code", "nesterov"])
+# code: optimizers.OPTIMIZERS code (NONE computes gradients only); schedule:
+# schedules.kernel_state, the per-step learning-rate schedule
+Optimizer = namedtuple("Optimizer", ["grads", "state1", "state2", "hyper", "code", "nesterov",
+                                     "schedule"])

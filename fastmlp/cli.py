@@ -251,8 +251,7 @@ def print_summary(model, out):
 
 
 def write_history(history, path):
-    keys = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_time")
-            if k in history.history]
+    keys = [k for k in history.history if k != "epoch_time"] + ["epoch_time"]
     rows = [dict(epoch=e + 1, **{k: history.history[k][i] for k in keys})
             for i, e in enumerate(history.epoch)]
     if path.lower().endswith(".json"):

@@ -29,6 +29,7 @@ import numba
 import numpy as np
 
 from .optimizers import ADAM, ADAM_ALPHA, LR, NONE, adam_alpha
+from .schedules import COSINE, KIND, step_lr
 from .step import (
     LOSS_NOT_FINITE,
     PARAMS_NOT_FINITE,
@@ -145,7 +146,6 @@ class ShardedSteps:
         model, state, work = self.model, self.state, self.workspace.work
         data, grads = self.data, self.optimizer.grads
         n, B = data.idx.shape[0], self.batch_size
-        lr = float(state.hyper[LR])
         loss_sum = weight_sum = score_sum = 0.0
         # params may have changed since the last call; apply_updates then
         # keeps the transposed weights current
@@ -170,8 +170,11 @@ class ShardedSteps:
             loss_sum += step_loss
             weight_sum += total
             score_sum += float(self.tail[SCORE_SLOT])
+            update = state.updates + s - step0 + 1
+            if self.optimizer.schedule[KIND] == COSINE:
+                state.hyper[LR] = step_lr(self.optimizer.schedule, update)
             if state.code == ADAM:
-                state.hyper[ADAM_ALPHA] = adam_alpha(lr, state.updates + s - step0 + 1)
+                state.hyper[ADAM_ALPHA] = adam_alpha(float(state.hyper[LR]), update)
             apply_updates(work, model.network(), self.optimizer)
             if not math.isfinite(work.task_checks.sum()):
                 return loss_sum, weight_sum, score_sum, PARAMS_NOT_FINITE, s

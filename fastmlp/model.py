@@ -336,7 +336,7 @@ class MLP:
         self._forward(data, workspace, 0, n, True)
         empty = np.zeros(0, self.dtype)
         optimizer = Optimizer(grads, empty, empty, make_hyper(self.dtype, 0.0, 0.0, 0.0), NONE,
-                              False)
+                              False, np.zeros(5))
         gradients_update(workspace.work, self.network(), optimizer, n, False)
         loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()
         dweights, dbiases = self.layer_views(grads)

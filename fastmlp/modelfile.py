@@ -89,7 +89,7 @@ def header(model):
         "optimizer": None if opt is None else {
             "name": opt.name, "lr": opt.settings[0], "momentum": opt.settings[1],
             "nesterov": opt.settings[2], "weight_decay": opt.settings[3],
-            "updates": opt.updates},
+            "updates": opt.updates, "schedule": schedule_json(opt.schedule)},
         "training": None if progress is None else {
             "epoch": progress.epoch, "step": progress.step, "batch_size": progress.batch_size,
             "rng": progress.rng_state},
@@ -302,6 +302,7 @@ def build_model(settings, params, state):
             if values is not None:
                 target[:] = values
         optimizer.updates = updates
+        optimizer.schedule = check_schedule(opt.get("schedule"))
         model.optimizer_state = optimizer
     training = settings["training"]
     if training is not None:
@@ -321,6 +322,30 @@ def build_model(settings, params, state):
     model.source = check_source(settings.get("source"))
     model.preprocessing = check_preprocessing(settings.get("preprocessing"), sizes)
     return model
+
+
+def schedule_json(schedule):
+    if schedule is None:
+        return None
+    return {"name": "callable"} if schedule == "callable" else schedule.to_json()
+
+
+def check_schedule(data):
+    """A schedule object, None, or "callable" (one that must be passed again)."""
+    from . import schedules
+    if data is None:
+        return None
+    require(isinstance(data, dict), "bad schedule")
+    if data.get("name") == "callable":
+        return "callable"
+    try:
+        schedule = schedules.from_json(data)
+    except (KeyError, TypeError, ValueError):
+        raise Malformed("bad schedule") from None
+    if isinstance(schedule, schedules.Cosine):
+        integer(data.get("total_steps"), "schedule total_steps", minimum=1)
+        integer(data.get("first_update"), "schedule first_update")
+    return schedule
 
 
 def check_source(source):

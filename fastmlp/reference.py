@@ -113,13 +113,15 @@ def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
           momentum=0.9, nesterov=False, weight_decay=0.0, sample_weight=None,
           output="softmax"):
     """Trains the lists weights and biases in place over `batches` (a list of
-    row-index arrays), one update each; returns the loss of every batch."""
+    row-index arrays), one update each; returns the loss of every batch. lr
+    is one learning rate, or a list of one per batch (a schedule)."""
+    lrs = list(lr) if np.ndim(lr) else [lr] * len(batches)
     params = list(weights) + list(biases)
     decays = [1] * len(weights) + [0] * len(biases)  # no decay on biases
     state1 = [np.zeros_like(p) for p in params]
     state2 = [np.zeros_like(p) for p in params]
     losses = []
-    for t, rows in enumerate(batches, start=1):
+    for t, (rows, lr) in enumerate(zip(batches, lrs), start=1):
         batch_weight = None if sample_weight is None else sample_weight[rows]
         loss, dweights, dbiases = loss_and_gradients(weights, biases, X[rows], y[rows], activation,
                                                      batch_weight, output)

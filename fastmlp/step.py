@@ -28,6 +28,7 @@ from numba import prange
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import kernel, parallel_kernel
 from .heads import head_backward, head_forward
+from .schedules import COSINE, KIND, step_lr
 from .kernels import (
     BLOCK_COLUMNS,
     IDENTITY,
@@ -412,6 +413,8 @@ def train_steps(work, net, opt, data, n_rows, step0, step1, update_count, thread
         loss_sum += step_loss
         weight_sum += total
         update_count += 1
+        if opt.schedule[KIND] == COSINE:
+            hyper[LR] = step_lr(opt.schedule, update_count)
         if opt.code == ADAM:
             hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
         gradients_update(work, net, opt, nrows, np.bool_(True))

@@ -9,11 +9,11 @@ import time
 import numba
 import numpy as np
 
-from . import jit
+from . import jit, schedules
 from .buffers import Data, Optimizer
 from .heads import score, target_scale
 from .model import Workspace, aligned_copy, aligned_zeros
-from .optimizers import DEFAULT_LR, OPTIMIZERS, make_hyper
+from .optimizers import DEFAULT_LR, LR, OPTIMIZERS, make_hyper
 from .progress import ProgressPrinter
 from .step import LOSS_NOT_FINITE, PARAMS_NOT_FINITE, STEPS_DONE, train_steps
 from .validation import (
@@ -41,14 +41,15 @@ MAPPED_CHUNK_ROWS = 256
 class History:
     """Per-epoch metrics, Keras style: `history` maps 'loss', the head's
     metric ('accuracy', or 'r2' for a linear output), 'val_loss' and
-    'val_accuracy' or 'val_r2' (with validation data) and 'epoch_time' to
-    lists with one value per epoch. `compile_time` is the JIT compilation
+    'val_accuracy' or 'val_r2' (with validation data), 'epoch_time' and
+    'lr' (the learning rate each epoch started with) to lists with one
+    value per epoch. `compile_time` is the JIT compilation
     time of this fit (near zero when Numba's cache is warm), kept out of
     epoch_time."""
 
     def __init__(self, metric="accuracy"):
         self.metric = metric
-        self.history = {"loss": [], metric: [], "epoch_time": []}
+        self.history = {"loss": [], metric: [], "epoch_time": [], "lr": []}
         self.epoch = []
         self.compile_time = 0.0
         self.best_epoch = None  # with early stopping
@@ -76,6 +77,9 @@ class OptimizerState:
         self.state2 = aligned_zeros(n_state[1], dtype)
         self.updates = 0  # updates done so far (Adam's t)
         self.settings = (lr, momentum, nesterov, weight_decay)
+        # a schedules object, None (constant), or "callable" for a callable
+        # schedule read from a model file (it must be passed again)
+        self.schedule = None
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -150,7 +154,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         nesterov=False, weight_decay=0.0, shuffle=True, sampling="epoch",
         validation_data=None, seed=None, threads=None, verbose=0, callbacks=(),
         sample_weight=None, patience=None, min_delta=0.0, monitor=None,
-        restore_best_weights=True, comm=None):
+        restore_best_weights=True, comm=None, lr_schedule=None):
     """Train `model` in place and return a History.
 
     X: (n, features) uint8 pixels (scaled by 1/255 while gathered, never
@@ -177,6 +181,11 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     a row; with restore_best_weights the model then gets the parameters of
     its best epoch back (also when all epochs ran). History.best_epoch and
     History.stopped_epoch tell what happened.
+
+    lr_schedule: "constant", "step", "cosine", a fastmlp.schedules.Step or
+    Cosine, or a callable epoch -> lr (see fastmlp.schedules); None keeps
+    the schedule the model's optimizer state has (constant for a new one).
+    History records each epoch's starting lr under 'lr'.
 
     comm: an mpi4py communicator (e.g. MPI.COMM_WORLD) for data-parallel
     training: every rank calls fit with the same data and settings, trains
@@ -224,6 +233,11 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     if state is None or state.name != optimizer or state.settings != settings:
         state = OptimizerState(optimizer, model.dtype, model.n_params, *settings)
         model.optimizer_state = state
+    if lr_schedule is not None:
+        state.schedule = schedules.make(lr_schedule)
+    elif state.schedule == "callable":
+        raise ValueError("the model was trained with a callable lr_schedule, which model files "
+                         "cannot hold: pass it again")
     if seed is not None or model.training_state is None:
         model.training_state = TrainingState(seed)
     progress = model.training_state
@@ -258,8 +272,10 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     grads = aligned_zeros(model.n_params + (0 if comm is None else distributed.TAIL), model.dtype)
     idx = np.empty(n, dtype=np.int64)
     data = Data(X, y, sample_weight, idx, input_scale(X, model.dtype))
+    if isinstance(state.schedule, schedules.Cosine):
+        state.schedule.start(epochs, n_steps, state.updates)
     optimizer_buffers = Optimizer(grads, state.state1, state.state2, state.hyper, state.code,
-                                  state.nesterov)
+                                  state.nesterov, schedules.kernel_state(state.schedule, lr))
     mapping = mapped_file(X)
     if mapping is not None:
         # random rows: no read-ahead, so that a chunk makes resident little
@@ -299,6 +315,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         for _ in range(epochs):
             rng = progress.generator()
             epoch_order(idx, rng, n, shuffle, sampling)
+            epoch_lr = lr if state.schedule is None else state.schedule.epoch_lr(lr, progress.epoch)
+            state.hyper[LR] = epoch_lr
             for callback in callbacks:
                 callback.on_epoch_begin(progress.epoch, total_epochs, n_steps)
             first = progress.step
@@ -346,6 +364,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             history.history["loss"].append(logs["loss"])
             history.history[model.metric].append(logs[model.metric])
             history.history["epoch_time"].append(elapsed)
+            history.history["lr"].append(epoch_lr)
             if validation_data is not None:
                 logs["val_loss"], logs[f"val_{model.metric}"] = model.evaluate(X_val, y_val)
                 history.history.setdefault("val_loss", []).append(logs["val_loss"])

@@ -58,7 +58,8 @@ def test_history_files_and_plot(data_dir, tmp_path, capsys):
                 "--plot", str(png)], capsys)[0] == 0
     rows = list(csv.DictReader(open(csv_path)))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_time"}
+    assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
+                            "epoch_time"}
     assert float(rows[2]["loss"]) < float(rows[0]["loss"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
     assert run(["--data-dir", data_dir, "--epochs", "1", "--quiet", "--history", str(json_path)],

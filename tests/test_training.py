@@ -292,7 +292,8 @@ def test_history_records_every_epoch_and_validation():
     Xv, yv = X[:50], y[:50]
     history = fastmlp.fit(model, X, y, epochs=3, batch_size=32, validation_data=(Xv, yv), seed=0)
     assert history.epoch == [0, 1, 2]
-    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "epoch_time"}
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "epoch_time",
+                                    "lr"}
     assert all(len(v) == 3 for v in history.history.values())
     assert (history.history["val_loss"][-1], history.history["val_accuracy"][-1]) == model.evaluate(Xv, yv)
     assert 0 <= history.history["accuracy"][0] <= 1
