@@ -1,46 +1,81 @@
-"""fastmlp.MLPClassifier: scikit-learn's MLPClassifier interface on fastmlp's
-kernels. Switch with one changed import; it works wherever a scikit-learn
-classifier does (Pipeline, GridSearchCV, cross_val_score, joblib)."""
+"""fastmlp.MLPClassifier and fastmlp.MLPRegressor: scikit-learn's interface
+on fastmlp's kernels. Switch with one changed import; they work wherever a
+scikit-learn estimator does (Pipeline, GridSearchCV, cross_val_score,
+joblib)."""
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_sample_weight
-from sklearn.utils.multiclass import check_classification_targets, unique_labels
+from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from .model import MLP
+from .progress import Callback
 from .training import fit
 
 ACTIVATION_NAMES = {"logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+LEARNING_RATES = ("constant", "invscaling", "adaptive")
 
 
-class MLPClassifier(ClassifierMixin, BaseEstimator):
-    """A multi-layer perceptron classifier with scikit-learn's parameter
-    names and defaults where they overlap; `dtype`, `threads` and
-    `class_weight` are fastmlp's own.
+class InvScaling:
+    """scikit-learn's 'invscaling': learning_rate_init / (t + 1) ** power_t
+    for the epoch that starts after t samples."""
 
-    Differences from scikit-learn: the output is a softmax over all classes
-    (binary problems too), Adam's epsilon is Keras's 1e-7, and `alpha` (L2)
-    is applied as weight decay `alpha / batch_size` on the mean gradient of
-    each batch, which is scikit-learn's penalty for full batches. Solver
-    'lbfgs' and learning-rate schedules other than constant are not offered.
-    """
+    def __init__(self, lr, power_t, n_samples):
+        self.lr, self.power_t, self.n_samples = lr, power_t, n_samples
+
+    def __call__(self, epoch):
+        return self.lr / (epoch * self.n_samples + 1) ** self.power_t
+
+
+class Adaptive(Callback):
+    """scikit-learn's 'adaptive': the rate stays while the monitored score
+    improves by tol; after more than n_iter_no_change epochs without, it is
+    divided by 5, and training stops once it would fall below 1e-6."""
+
+    def __init__(self, lr, tol, n_iter_no_change, monitor):
+        self.lr, self.tol, self.patience, self.monitor = lr, tol, n_iter_no_change, monitor
+        self.best, self.wait = np.inf, 0
+
+    def __call__(self, epoch):
+        return self.lr
+
+    def on_epoch_end(self, epoch, n_steps, epoch_time, logs):
+        value = logs[self.monitor] * (1 if self.monitor == "loss" else -1)
+        if value > self.best - self.tol:
+            self.wait += 1
+        else:
+            self.wait = 0
+        self.best = min(self.best, value)
+        if self.wait > self.patience:
+            if self.lr <= 1e-6:
+                return True  # stop
+            self.lr /= 5
+            self.wait = 0
+        return False
+
+
+class _BaseMLP(BaseEstimator):
+    """What MLPClassifier and MLPRegressor share: parameters, fitting,
+    fitted attributes."""
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
-                 alpha=0.0001, batch_size="auto", learning_rate_init=0.001, max_iter=200,
-                 shuffle=True, random_state=None, tol=1e-4, verbose=False, warm_start=False,
-                 momentum=0.9, nesterovs_momentum=True, early_stopping=False,
-                 validation_fraction=0.1, n_iter_no_change=10, dtype="float32", threads=None,
-                 class_weight=None):
+                 alpha=0.0001, batch_size="auto", learning_rate="constant",
+                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
+                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
+                 n_iter_no_change=10, dtype=None, threads=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
         self.alpha = alpha
         self.batch_size = batch_size
+        self.learning_rate = learning_rate
         self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
         self.max_iter = max_iter
         self.shuffle = shuffle
         self.random_state = random_state
@@ -54,10 +89,6 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.dtype = dtype
         self.threads = threads
-        self.class_weight = class_weight
-
-    # ------------------------------------------------------------------
-    # fitting
 
     def fit(self, X, y, sample_weight=None):
         """Trains from scratch (or, with warm_start, from the current model)
@@ -65,63 +96,53 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         return self._fit(X, y, sample_weight, epochs=self.max_iter, classes=None,
                          incremental=self.warm_start, stopping=True)
 
-    def partial_fit(self, X, y, classes=None, sample_weight=None):
-        """One epoch over X, y; the first call needs `classes`."""
-        if self.solver not in ("sgd", "adam"):
-            raise AttributeError("partial_fit is only available for solvers 'sgd' and 'adam'")
-        first = not hasattr(self, "classes_")
-        if first and classes is None:
-            raise ValueError("classes must be passed on the first call to partial_fit")
-        return self._fit(X, y, sample_weight, epochs=1, classes=classes, incremental=not first,
-                         stopping=False)
-
     def _fit(self, X, y, sample_weight, epochs, classes, incremental, stopping):
         self._check_params()
         reset = not (incremental and hasattr(self, "model_"))
-        X, y = validate_data(self, X, y, reset=reset, dtype=[np.float32, np.float64],
-                             y_numeric=False, multi_output=False)
-        y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
-        if reset:
-            self.classes_ = unique_labels(y if classes is None else classes)
-        elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
-            raise ValueError(f"classes {classes!r} differ from the first call's {self.classes_!r}")
-        if len(self.classes_) < 2:
-            raise ValueError("The number of classes has to be greater than one; got "
-                             f"{len(self.classes_)} class")
-        unknown = np.setdiff1d(y, self.classes_)
-        if unknown.size:
-            raise ValueError(f"y contains labels not in classes: {unknown!r}")
-        labels = np.searchsorted(self.classes_, y)
+        X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32],
+                             y_numeric=self._regressor, multi_output=True)
+        targets, output, n_outputs = self._targets(y, reset, classes)
         weights = self._sample_weight(y, sample_weight)
         if reset:
-            sizes = [X.shape[1], *self._hidden(), len(self.classes_)]
+            sizes = [X.shape[1], *self._hidden(), n_outputs]
             self.model_ = MLP(sizes, activation=ACTIVATION_NAMES[self.activation],
-                              dtype=self.dtype, init="xavier", seed=self._seed())
+                              dtype=self.dtype or X.dtype.name, init="xavier",
+                              seed=self._seed(), output=output)
             self.t_ = 0
             self.loss_curve_ = []
             self.validation_scores_ = [] if self.early_stopping else None
             self.best_loss_ = np.inf
             self.best_validation_score_ = None
             self.n_iter_ = 0
-
         validation = None
         if stopping and self.early_stopping:
-            X, X_val, labels, y_val, weights, _ = train_test_split(
-                X, labels, weights, test_size=self.validation_fraction,
-                random_state=self._seed(), stratify=labels)
+            stratify = targets if output == "softmax" else None
+            X, X_val, targets, y_val, weights, _ = train_test_split(
+                X, targets, weights, test_size=self.validation_fraction,
+                random_state=self._seed(), stratify=stratify)
             validation = (X_val, y_val)
         batch_size = self._batch_size(X.shape[0])
         optimizer = "adam" if self.solver == "adam" else ("momentum" if self.momentum > 0 else "sgd")
+        # scikit-learn's L2 term: alpha over the batch's total sample weight
+        decay = self.alpha / (batch_size * weights.mean()) if weights.sum() > 0 else 0.0
+        lr = self.learning_rate_init
+        if output == "linear":
+            # scikit-learn's squared loss is half the squared error summed over
+            # outputs; fastmlp's is its mean over outputs: 2/K times as steep
+            scale = 2.0 / n_outputs
+            decay *= scale
+            if optimizer != "adam":
+                lr /= scale
+        monitor = self._monitor(validation)
+        schedule, callbacks = self._schedule(lr, X.shape[0], monitor, stopping, optimizer)
         history = fit(
-            self.model_, X, labels, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-            lr=self.learning_rate_init, momentum=self.momentum,
-            nesterov=bool(self.nesterovs_momentum), weight_decay=self.alpha / batch_size,
-            shuffle=self.shuffle, validation_data=validation, sample_weight=weights,
-            seed=self._seed() if reset else None, threads=self.threads, verbose=int(self.verbose),
-            patience=self.n_iter_no_change if stopping else None, min_delta=self.tol,
-            monitor="val_accuracy" if validation is not None else "loss",
-            restore_best_weights=validation is not None)
+            self.model_, X, targets, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+            lr=lr, momentum=self.momentum, nesterov=bool(self.nesterovs_momentum),
+            weight_decay=decay, shuffle=self.shuffle, validation_data=validation,
+            sample_weight=weights, seed=self._seed() if reset else None, threads=self.threads,
+            verbose=int(self.verbose), callbacks=callbacks, lr_schedule=schedule,
+            patience=self.n_iter_no_change if stopping and not callbacks else None,
+            min_delta=self.tol, monitor=monitor, restore_best_weights=validation is not None)
         self._record(history, X.shape[0], validation is not None)
         if stopping and history.stopped_epoch is None and self.n_iter_ >= self.max_iter \
                 and self.max_iter > 0:
@@ -129,15 +150,30 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                           "and the optimization hasn't converged yet.", ConvergenceWarning)
         return self
 
+    def _monitor(self, validation):
+        return f"val_{self.model_.metric}" if validation is not None else "loss"
+
+    def _schedule(self, lr, n_samples, monitor, stopping, optimizer):
+        """(lr_schedule, callbacks) for scikit-learn's learning_rate, which
+        (as there) applies to solver 'sgd' only."""
+        if self.solver != "sgd" or self.learning_rate == "constant":
+            return "constant", []
+        if self.learning_rate == "invscaling":
+            return InvScaling(lr, self.power_t, n_samples), []
+        adaptive = Adaptive(lr, self.tol, self.n_iter_no_change, monitor)
+        return adaptive, [adaptive] if stopping else []
+
     def _record(self, history, n_samples, validating):
         epochs = len(history.epoch)
         self.n_iter_ += epochs
         self.t_ += epochs * n_samples
-        self.loss_curve_ += history.history["loss"]
+        # scikit-learn's squared loss is half the mean squared error
+        half = 0.5 if self._regressor else 1.0
+        self.loss_curve_ += [loss * half for loss in history.history["loss"]]
         if self.loss_curve_:
             self.loss_ = self.loss_curve_[-1]
         if validating:
-            self.validation_scores_ += history.history["val_accuracy"]
+            self.validation_scores_ += history.history[f"val_{self.model_.metric}"]
             self.best_validation_score_ = max(self.validation_scores_)
             self.best_loss_ = None
         elif self.loss_curve_:
@@ -145,8 +181,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
     def _sample_weight(self, y, sample_weight):
         weights = None if sample_weight is None else np.asarray(sample_weight, np.float64)
-        if self.class_weight is not None:
-            by_class = compute_sample_weight(self.class_weight, y)
+        class_weight = getattr(self, "class_weight", None)
+        if class_weight is not None:
+            by_class = compute_sample_weight(class_weight, y)
             weights = by_class if weights is None else weights * by_class
         return weights if weights is not None else np.ones(len(y))
 
@@ -157,6 +194,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         if self.solver not in ("sgd", "adam"):
             raise ValueError(f"The solver '{self.solver}' is not supported by fastmlp; "
                              "use 'sgd' or 'adam'.")
+        if self.learning_rate not in LEARNING_RATES:
+            raise ValueError(f"learning rate {self.learning_rate} is not supported; expected "
+                             f"one of {LEARNING_RATES}")
         if not (isinstance(self.max_iter, (int, np.integer)) and self.max_iter >= 0):
             raise ValueError(f"max_iter must be a non-negative integer, got {self.max_iter!r}")
         if not 0 < self.validation_fraction < 1:
@@ -164,8 +204,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                              f"got {self.validation_fraction!r}")
         if self.n_iter_no_change < 1:
             raise ValueError(f"n_iter_no_change must be >= 1, got {self.n_iter_no_change!r}")
-        if self.alpha < 0 or self.learning_rate_init <= 0 or self.tol < 0:
-            raise ValueError("alpha and tol must be >= 0 and learning_rate_init > 0")
+        if self.alpha < 0 or self.learning_rate_init <= 0 or self.tol < 0 or self.power_t < 0:
+            raise ValueError("alpha, tol and power_t must be >= 0 and learning_rate_init > 0")
+        if self.dtype not in (None, "float32", "float64", np.float32, np.float64):
+            raise ValueError(f"dtype must be None (the input's), 'float32' or 'float64', "
+                             f"got {self.dtype!r}")
 
     def _hidden(self):
         sizes = self.hidden_layer_sizes
@@ -189,8 +232,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             return None if state is None else int(state)
         return int(state.randint(np.iinfo(np.int32).max))
 
-    # ------------------------------------------------------------------
-    # fitted attributes and prediction
+    def _input(self, X):
+        check_is_fitted(self, "model_")
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
 
     @property
     def coefs_(self):
@@ -210,11 +254,85 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     @property
     def n_outputs_(self):
         check_is_fitted(self, "model_")
+        return self.model_.n_outputs
+
+    @property
+    def out_activation_(self):
+        check_is_fitted(self, "model_")
+        return {"softmax": "softmax", "linear": "identity", "sigmoid": "logistic"}[
+            self.model_.output]
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """A multi-layer perceptron classifier with scikit-learn's parameter
+    names and defaults where they overlap; `dtype` (default: the input's),
+    `threads` and `class_weight` are fastmlp's own. A 0/1 indicator matrix
+    as y trains a multi-label classifier (independent sigmoid outputs).
+
+    Differences from scikit-learn: a multi-class or binary output is a
+    softmax over all classes (binary problems too), Adam's epsilon is
+    Keras's 1e-7, and solver 'lbfgs' is not offered.
+    """
+    _regressor = False
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="constant",
+                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
+                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
+                 n_iter_no_change=10, dtype=None, threads=None, class_weight=None):
+        super().__init__(
+            hidden_layer_sizes, activation, solver=solver, alpha=alpha, batch_size=batch_size,
+            learning_rate=learning_rate, learning_rate_init=learning_rate_init, power_t=power_t,
+            max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol,
+            verbose=verbose, warm_start=warm_start, momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
+            dtype=dtype, threads=threads)
+        self.class_weight = class_weight
+
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """One epoch over X, y; the first call needs `classes`."""
+        if self.solver not in ("sgd", "adam"):
+            raise AttributeError("partial_fit is only available for solvers 'sgd' and 'adam'")
+        first = not hasattr(self, "classes_")
+        if first and classes is None and type_of_target(y) != "multilabel-indicator":
+            raise ValueError("classes must be passed on the first call to partial_fit")
+        return self._fit(X, y, sample_weight, epochs=1, classes=classes, incremental=not first,
+                         stopping=False)
+
+    def _targets(self, y, reset, classes):
+        if np.ndim(y) == 2 and y.shape[1] > 1 or type_of_target(y) == "multilabel-indicator":
+            if type_of_target(y) != "multilabel-indicator":
+                raise ValueError("a 2-D y must be a multi-label 0/1 indicator matrix")
+            if reset:
+                self.classes_ = np.arange(y.shape[1])
+            elif len(self.classes_) != y.shape[1] or getattr(self, "_output", None) != "sigmoid":
+                raise ValueError("y has other labels than the first fit's")
+            self._output = "sigmoid"
+            return y, "sigmoid", y.shape[1]
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        if reset:
+            self.classes_ = unique_labels(y if classes is None else classes)
+            self._output = "softmax"
+        elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
+            raise ValueError(f"classes {classes!r} differ from the first call's {self.classes_!r}")
+        if len(self.classes_) < 2:
+            raise ValueError("The number of classes has to be greater than one; got "
+                             f"{len(self.classes_)} class")
+        unknown = np.setdiff1d(y, self.classes_)
+        if unknown.size:
+            raise ValueError(f"y contains labels not in classes: {unknown!r}")
+        return np.searchsorted(self.classes_, y), "softmax", len(self.classes_)
+
+    @property
+    def n_outputs_(self):
+        check_is_fitted(self, "model_")
         return len(self.classes_)
 
     def predict_proba(self, X):
-        check_is_fitted(self, "model_")
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        X = self._input(X)
         return self.model_.predict_proba(X).astype(np.float64)
 
     def predict_log_proba(self, X):
@@ -222,5 +340,72 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             return np.log(self.predict_proba(X))
 
     def predict(self, X):
-        probs = self.predict_proba(X)
-        return self.classes_[np.argmax(probs, axis=1)]
+        X = self._input(X)
+        if self.model_.output == "sigmoid":
+            return self.model_.predict(X)
+        return self.classes_[self.model_.predict(X)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """A multi-layer perceptron regressor (linear output, squared error) with
+    scikit-learn's parameter names and defaults where they overlap; `dtype`
+    (default: the input's) and `threads` are fastmlp's own. y may be (n,) or
+    (n, k); predict returns the same shape.
+
+    Differences from scikit-learn: Adam's epsilon is Keras's 1e-7, and
+    solver 'lbfgs' and loss 'poisson' are not offered. loss_curve_ holds
+    scikit-learn's squared loss (half the mean squared error), so the two
+    can be compared.
+    """
+    _regressor = True
+
+    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", *,
+                 solver="adam", alpha=0.0001, batch_size="auto", learning_rate="constant",
+                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
+                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
+                 n_iter_no_change=10, dtype=None, threads=None):
+        super().__init__(
+            hidden_layer_sizes, activation, solver=solver, alpha=alpha, batch_size=batch_size,
+            learning_rate=learning_rate, learning_rate_init=learning_rate_init, power_t=power_t,
+            max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol,
+            verbose=verbose, warm_start=warm_start, momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
+            dtype=dtype, threads=threads)
+        self.loss = loss
+
+    def partial_fit(self, X, y, sample_weight=None):
+        """One epoch over X, y."""
+        if self.solver not in ("sgd", "adam"):
+            raise AttributeError("partial_fit is only available for solvers 'sgd' and 'adam'")
+        return self._fit(X, y, sample_weight, epochs=1, classes=None,
+                         incremental=hasattr(self, "model_"), stopping=False)
+
+    def _check_params(self):
+        super()._check_params()
+        if self.loss != "squared_error":
+            raise ValueError(f"loss {self.loss!r} is not supported; fastmlp has 'squared_error'")
+
+    def _targets(self, y, reset, classes):
+        y = np.asarray(y, np.float64)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]  # predict answers (n,) for one output, as scikit-learn's
+        n_outputs = 1 if y.ndim == 1 else y.shape[1]
+        if not reset and n_outputs != self.model_.n_outputs:
+            raise ValueError(f"y has {n_outputs} outputs, the model {self.model_.n_outputs}")
+        return y, "linear", n_outputs
+
+    def predict(self, X):
+        X = self._input(X)
+        return self.model_.predict(X).astype(np.float64)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags

@@ -24,7 +24,8 @@ class Callback:
     on_train_begin(compile_time) once, then per
     epoch on_epoch_begin(epoch, total_epochs, n_steps), on_steps(step,
     n_steps, logs) after every chunk of steps, and on_epoch_end(epoch,
-    n_steps, epoch_time, logs). Epochs count from 0 over the model's life."""
+    n_steps, epoch_time, logs), which may return True to stop training after
+    that epoch. Epochs count from 0 over the model's life."""
 
     def on_compile_begin(self, cached):
         pass

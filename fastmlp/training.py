@@ -370,9 +370,10 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 history.history.setdefault("val_loss", []).append(logs["val_loss"])
                 history.history.setdefault(f"val_{model.metric}", []).append(
                     logs[f"val_{model.metric}"])
-            for callback in callbacks:
-                callback.on_epoch_end(progress.epoch - 1, n_steps - first, elapsed, logs)
-            if stopper is not None and stopper.should_stop(progress.epoch - 1, logs):
+            asked = [callback.on_epoch_end(progress.epoch - 1, n_steps - first, elapsed, logs)
+                     for callback in callbacks]
+            if any(asked) or (stopper is not None and
+                              stopper.should_stop(progress.epoch - 1, logs)):
                 history.stopped_epoch = progress.epoch - 1
                 break
         if stopper is not None:

@@ -2,6 +2,7 @@
 
     python scripts/compare.py [--workloads W1,W2,W3] [--epochs 2] [--peers fastmlp,numpy,torch,sklearn]
     python scripts/compare.py --workloads "" --sklearn   # only the MLPClassifier comparison
+    python scripts/compare.py --workloads "" --regression  # MLPRegressor against scikit-learn's
 
 Every (peer, workload) runs in a child process of its own, one after the
 other, so that each peak RSS is its own. Each trains from the same
@@ -201,9 +202,8 @@ SKLEARN_SETTINGS = dict(hidden_layer_sizes=(100,), solver="adam", batch_size=200
 
 def run_estimator(which, dtype, data):
     """scikit-learn's MLPClassifier or fastmlp's, same hyperparameters,
-    pixels scaled to [0, 1] in dtype for both (scikit-learn trains in the
-    input's dtype, fastmlp in its own float32 default); returns (fit
-    seconds, test accuracy)."""
+    pixels scaled to [0, 1] in dtype for both (both train in the input's
+    dtype); returns (fit seconds, test accuracy)."""
     import warnings
     if which == "fastmlp":
         from fastmlp import MLPClassifier
@@ -252,6 +252,72 @@ def compare_estimators(rounds):
                   f"{accuracy[which]:9.4f}  {by_round}")
 
 
+REGRESSION_SETTINGS = dict(hidden_layer_sizes=(128, 64), solver="adam", batch_size=200,
+                           max_iter=20, n_iter_no_change=1000, random_state=0)
+
+
+def regression_data():
+    """The issue's regression problem: make_regression, 200,000 x 100, 60
+    informative features, noise 10, standardized (X and y, with the training
+    rows' statistics), 80/20 split."""
+    from sklearn.datasets import make_regression
+    from sklearn.model_selection import train_test_split
+    X, y = make_regression(n_samples=200_000, n_features=100, n_informative=60, noise=10,
+                           random_state=0)
+    x_train, x_test, y_train, y_test = train_test_split(X, y, test_size=0.2, random_state=0)
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    y_mean, y_std = y_train.mean(), y_train.std()
+    return ((x_train - mean) / std, (y_train - y_mean) / y_std,
+            (x_test - mean) / std, (y_test - y_mean) / y_std)
+
+
+def run_regressor(which, dtype):
+    """scikit-learn's MLPRegressor or fastmlp's on regression_data in dtype;
+    returns (fit seconds, test R²)."""
+    import warnings
+    if which == "fastmlp":
+        from fastmlp import MLPRegressor
+    else:
+        from sklearn.neural_network import MLPRegressor
+    x_train, y_train, x_test, y_test = (a.astype(dtype) for a in regression_data())
+    if which == "fastmlp":  # compile (or load the cache) outside the timing
+        MLPRegressor(**{**REGRESSION_SETTINGS, "max_iter": 1}).fit(x_train[:400], y_train[:400])
+    reg = MLPRegressor(**REGRESSION_SETTINGS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter reached, on purpose
+        start = time.perf_counter()
+        reg.fit(x_train, y_train)
+        seconds = time.perf_counter() - start
+    return seconds, float(reg.score(x_test, y_test))
+
+
+def compare_regressors(rounds):
+    """As compare_estimators, for MLPRegressor on regression_data."""
+    print(f"\nMLPRegressor, make_regression 200,000 x 100, {REGRESSION_SETTINGS}, {rounds} rounds")
+    print(f"{'input':8} {'estimator':10} {'fit s':>8} {'speed-up':>9} {'test R2':>9}  "
+          f"speed-ups by round")
+    for dtype in ("float64", "float32"):
+        seconds = {"sklearn": [], "fastmlp": []}
+        r2 = {}
+        for _ in range(rounds):
+            for which in seconds:
+                out = subprocess.run([sys.executable, __file__, "--regressor", which, dtype],
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(f"{dtype:8} {which:10} failed: "
+                          f"{out.stderr.strip().splitlines()[-1:]}")
+                    return
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                seconds[which].append(result["seconds"])
+                r2[which] = result["r2"]
+        speedups = [a / b for a, b in zip(seconds["sklearn"], seconds["fastmlp"])]
+        for which, times in seconds.items():
+            speedup = float(np.median(speedups)) if which == "fastmlp" else 1.0
+            by_round = " ".join(f"{x:.2f}" for x in speedups) if which == "fastmlp" else ""
+            print(f"{dtype:8} {which:10} {np.median(times):8.2f} {speedup:9.2f} "
+                  f"{r2[which]:9.4f}  {by_round}")
+
+
 def blas_kernel():
     try:
         from threadpoolctl import threadpool_info
@@ -296,8 +362,11 @@ def main(argv=None):
     parser.add_argument("--sklearn", action="store_true",
                         help="also compare fastmlp.MLPClassifier with scikit-learn's, fitting "
                              "each in turn (see --rounds)")
+    parser.add_argument("--regression", action="store_true",
+                        help="also compare fastmlp.MLPRegressor with scikit-learn's")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the MLPClassifier comparison: medians over them")
+                        help="rounds of the estimator comparisons: medians over them")
+    parser.add_argument("--regressor", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--estimator", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -309,6 +378,10 @@ def main(argv=None):
     if args.estimator:
         seconds, accuracy = run_estimator(*args.estimator, load_data())
         print(json.dumps({"seconds": seconds, "accuracy": accuracy}))
+        return 0
+    if args.regressor:
+        seconds, r2 = run_regressor(*args.regressor)
+        print(json.dumps({"seconds": seconds, "r2": r2}))
         return 0
     import importlib.util
     print(machine_summary())
@@ -342,6 +415,8 @@ def main(argv=None):
                   f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {result['blas']}")
     if args.sklearn:
         compare_estimators(args.rounds)
+    if args.regression:
+        compare_regressors(args.rounds)
     return 0
 
 

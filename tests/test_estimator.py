@@ -1,4 +1,5 @@
-"""fastmlp.MLPClassifier against scikit-learn's own estimator checks, and in
+"""fastmlp.MLPClassifier and MLPRegressor against scikit-learn's own
+estimator checks (every one, sample-weight equivalence included), and in
 scikit-learn's machinery."""
 import pickle
 
@@ -8,35 +9,14 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.estimator_checks import (
-    check_sample_weight_equivalence_on_dense_data,
-    parametrize_with_checks,
-)
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from fastmlp import MLPClassifier
-
-EXPECTED_FAILURES = {
-    "check_sample_weight_equivalence_on_dense_data":
-        "minibatch training: a row of weight k is not k repeated rows, because the repeats "
-        "fall into other batches (and shift the batches after them), so the two fits take "
-        "different steps; scikit-learn runs this check on its own MLPClassifier only with the "
-        "full-batch solver lbfgs. test_sample_weights_equal_repeated_rows_in_full_batches "
-        "runs it on a full-batch configuration, where it passes.",
-}
+from fastmlp import MLPClassifier, MLPRegressor
 
 
-@parametrize_with_checks([MLPClassifier(random_state=0)],
-                         expected_failed_checks=lambda estimator: EXPECTED_FAILURES)
+@parametrize_with_checks([MLPClassifier(random_state=0), MLPRegressor(random_state=0)])
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
-
-
-def test_sample_weights_equal_repeated_rows_in_full_batches():
-    # alpha=0: the L2 term is alpha / batch_size, and the two fits have batches of
-    # different sizes (the repeated rows)
-    full_batch = MLPClassifier(solver="sgd", alpha=0.0, batch_size=100_000, shuffle=False, dtype="float64",
-                               random_state=0)
-    check_sample_weight_equivalence_on_dense_data(MLPClassifier.__name__, full_batch)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +102,66 @@ def test_unsupported_settings_are_refused(digits):
                             (dict(hidden_layer_sizes=(0,)), "hidden_layer_sizes")]:
         with pytest.raises(ValueError, match=message):
             MLPClassifier(max_iter=1, **params).fit(X, y)
+
+
+def test_regressor_fits_one_and_several_outputs():
+    from sklearn.datasets import load_diabetes
+    from sklearn.metrics import r2_score
+    X, y = load_diabetes(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    y = (y - y.mean()) / y.std()
+    reg = MLPRegressor(hidden_layer_sizes=(32,), max_iter=100, learning_rate_init=0.01,
+                       random_state=0).fit(X, y)
+    assert reg.predict(X).shape == (len(X),) and reg.predict(X).dtype == np.float64
+    assert reg.model_.dtype == np.float64  # the input's dtype, as scikit-learn's
+    assert reg.score(X, y) == pytest.approx(r2_score(y, reg.predict(X)))
+    assert reg.score(X, y) > 0.5
+    # loss_curve_ is scikit-learn's squared loss: half the mean squared error
+    assert reg.loss_curve_[-1] == pytest.approx(reg.model_.evaluate(X, y)[0] / 2, rel=0.2)
+    assert reg.out_activation_ == "identity" and reg.n_outputs_ == 1
+    Y = np.stack([y, -2 * y], axis=1)
+    two = MLPRegressor(hidden_layer_sizes=(32,), max_iter=50, random_state=0,
+                       dtype="float32").fit(X, Y)
+    assert two.predict(X).shape == (len(X), 2) and two.model_.dtype == np.float32
+    assert two.score(X, Y) > 0.3
+    again = pickle.loads(pickle.dumps(two))
+    assert np.array_equal(again.predict(X), two.predict(X))
+    with pytest.raises(ValueError, match="loss 'poisson' is not supported"):
+        MLPRegressor(loss="poisson").fit(X, y)
+
+
+def test_classifier_takes_a_multi_label_indicator_matrix():
+    from sklearn.datasets import make_multilabel_classification
+    from sklearn.metrics import accuracy_score
+    X, Y = make_multilabel_classification(n_samples=400, n_features=10, n_classes=4,
+                                          random_state=0)
+    from sklearn.neural_network import MLPClassifier as SklearnMLPClassifier
+    settings = dict(hidden_layer_sizes=(32,), max_iter=100, random_state=0)
+    clf = MLPClassifier(**settings).fit(X, Y)
+    assert clf.model_.output == "sigmoid" and list(clf.classes_) == [0, 1, 2, 3]
+    prediction = clf.predict(X)
+    assert prediction.shape == Y.shape and set(np.unique(prediction)) <= {0, 1}
+    # subset accuracy, about scikit-learn's on the same problem (0.42 there)
+    sklearn_score = SklearnMLPClassifier(**settings).fit(X, Y).score(X, Y)
+    assert clf.score(X, Y) == accuracy_score(Y, prediction) > sklearn_score - 0.1
+    proba = clf.predict_proba(X)
+    assert proba.shape == Y.shape and np.array_equal(proba >= 0.5, prediction == 1)
+    assert clf.out_activation_ == "logistic"
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("learning_rate", ["invscaling", "adaptive"])
+def test_learning_rate_schedules(digits, learning_rate):
+    X, y = digits
+    X = X / 16
+    clf = MLPClassifier(solver="sgd", learning_rate=learning_rate, learning_rate_init=0.1,
+                        power_t=0.5, max_iter=40, n_iter_no_change=2, tol=1e-2,
+                        random_state=0).fit(X, y)
+    rates = clf.model_.optimizer_state.schedule.function
+    n = len(X)
+    if learning_rate == "invscaling":  # scikit-learn's formula, epoch by epoch
+        assert [rates(epoch) for epoch in range(3)] == [0.1 / (e * n + 1) ** 0.5 for e in range(3)]
+    else:  # divided by 5 after each stretch without improvement, then stopped
+        assert rates.lr < 0.1 and any(0.1 / 5 ** k == pytest.approx(rates.lr)
+                                      for k in range(1, 12))
+    assert clf.score(X, y) > 0.8
