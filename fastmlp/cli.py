@@ -13,7 +13,9 @@ import time
 from . import __version__, datasets, distributed, sources, tabular
 from .model import MLP
 from .modelfile import load as load_model, loads as load_model_bytes
+from .heads import HEADS
 from .optimizers import DEFAULT_LR, OPTIMIZERS
+from .schedules import Cosine, Step
 from .progress import Callback, ProgressPrinter
 from .training import MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted, fit
 
@@ -35,7 +37,7 @@ exit codes: 0 success, 2 usage error or bad input, 130 interrupted (after --save
 """
 # Architecture flags: defaults apply to a new model; with --resume the file decides.
 ARCHITECTURE_DEFAULTS = {"hidden": "50", "activation": "sigmoid", "dtype": "float32",
-                         "init": "normal", "init_scale": 0.01}
+                         "init": "normal", "init_scale": 0.01, "output": "softmax"}
 OPTIMIZER_DEFAULTS = {"optimizer": "sgd", "lr": None, "momentum": 0.9, "nesterov": False,
                       "weight_decay": 0.0}
 RUN_DEFAULTS = {"epochs": 10, "batch_size": 100}
@@ -118,6 +120,10 @@ def build_parser():
                        "and --data)")
     model.add_argument("--init-scale", type=float,
                        help=f"std of --init normal (default: {ARCHITECTURE_DEFAULTS['init_scale']})")
+    model.add_argument("--output", choices=sorted(HEADS), help="softmax: classes; linear: "
+                       "regression (mean squared error, one or more numeric --target "
+                       "columns); sigmoid: multi-label (0/1 --target columns, comma "
+                       "separated) (default: softmax)")
     train = parser.add_argument_group("training")
     train.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
                        help=f"(default: {OPTIMIZER_DEFAULTS['optimizer']}; adam for digits and "
@@ -125,6 +131,13 @@ def build_parser():
     train.add_argument("--lr", type=float, help="learning rate (default: 0.1 for sgd, as in the "
                        f"lesson; {DEFAULT_LR['momentum']} for momentum; {DEFAULT_LR['adam']} "
                        "for adam, 0.01 for digits and --data; with --resume, the file's)")
+    train.add_argument("--lr-schedule", choices=["constant", "step", "cosine"],
+                       help="constant; step: times --lr-step-factor every --lr-step-every "
+                       "epochs; cosine: per step down to --lr-min over the run's --epochs "
+                       "(default: constant; with --resume, the file's)")
+    train.add_argument("--lr-step-factor", type=float, default=0.1, help="for --lr-schedule step")
+    train.add_argument("--lr-step-every", type=int, default=10, help="for --lr-schedule step")
+    train.add_argument("--lr-min", type=float, default=0.0, help="for --lr-schedule cosine")
     train.add_argument("--momentum", type=float,
                        help=f"(default: {OPTIMIZER_DEFAULTS['momentum']}; with --resume, the file's)")
     train.add_argument("--nesterov", action="store_const", const=True,
@@ -209,6 +222,10 @@ def check_args(parser, args):
             parse_hidden(args.hidden)
         except UsageError as exc:
             parser.error(str(exc))
+    if args.output not in (None, "softmax") and not args.data:
+        parser.error(f"--output {args.output} needs your own numeric targets: --data FILE")
+    if args.lr_step_factor <= 0 or args.lr_step_every < 1 or args.lr_min < 0:
+        parser.error("--lr-step-factor must be > 0, --lr-step-every >= 1, --lr-min >= 0")
     if args.data and (args.dataset or args.data_dir):
         parser.error("--data is your own file: it takes no --dataset or --data-dir")
     for flag in ("target", "test", "validation_split", "missing"):
@@ -241,7 +258,7 @@ def check_args(parser, args):
 def print_summary(model, out):
     rows = [("input", f"(None, {model.layer_sizes[0]})", 0)]
     for i, (fan_in, fan_out) in enumerate(zip(model.layer_sizes[:-1], model.layer_sizes[1:])):
-        kind = model.activation if i < len(model.layer_sizes) - 2 else "softmax"
+        kind = model.activation if i < len(model.layer_sizes) - 2 else model.output
         rows.append((f"dense_{i + 1} ({kind})", f"(None, {fan_out})", fan_in * fan_out + fan_out))
     out.write(f'Model: "{"-".join(map(str, model.layer_sizes))}" ({model.dtype.name})\n')
     out.write(f"{'Layer (activation)':<24}{'Output Shape':<16}{'Param #':>10}\n")
@@ -265,14 +282,17 @@ def write_history(history, path):
 
 
 def plot_history(history, path):
-    """The lesson's two figures: accuracy and loss per epoch, train and test."""
+    """The lesson's two figures: accuracy (or the head's metric) and loss per
+    epoch, train and test."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     epochs = [e + 1 for e in history.epoch]
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, key, title in ((acc, "accuracy", "Accuracy"), (loss, "loss", "Loss")):
+    metric = history.metric
+    for axis, key, title in ((acc, metric, metric.capitalize() if metric != "r2" else "R²"),
+                             (loss, "loss", "Loss")):
         axis.plot(epochs, history.history[key], marker="o", label="train")
         if f"val_{key}" in history.history:
             axis.plot(epochs, history.history[f"val_{key}"], marker="o", label="test")
@@ -311,7 +331,8 @@ def main(argv=None):
         source, note = choose_source(args, saved)
         kind = data_kind(source)
         dtype = saved.dtype if saved is not None else args.dtype or "float32"
-        data = load_data(args, source, saved, dtype, comm)
+        output = saved.output if saved is not None else args.output or "softmax"
+        data = load_data(args, source, saved, dtype, output, comm)
         if note:
             out.write(note + "\n")
         if args.evaluate:
@@ -352,9 +373,9 @@ def main(argv=None):
         if not leader:
             return 0
         if validation is not None:
-            loss, accuracy = model.evaluate(*validation)
+            loss, score = model.evaluate(*validation)
             on = data.held_out
-            out.write(f"{on.capitalize()} loss: {loss:.4f} - {on} accuracy: {accuracy:.4f}\n")
+            out.write(f"{on.capitalize()} loss: {loss:.4f} - {on} {model.metric}: {score:.4f}\n")
         trained = sum(history.history["epoch_time"])
         if history.epoch:
             out.write(f"Trained {plural(len(history.epoch), 'epoch')} in {elapsed:.2f}s "
@@ -368,7 +389,7 @@ def main(argv=None):
                       f"{args.monitor} improvement for {plural(args.patience, 'epoch')}")
             out.write(f"; restored epoch {history.best_epoch + 1}\n" if not args.no_restore_best
                       else "\n")
-        warning = training_trouble(history, model.n_classes, settings)
+        warning = training_trouble(history, model, settings)
         if warning:
             sys.stderr.write(f"fastmlp-train: warning: {warning}\n")
         if args.history:
@@ -427,13 +448,14 @@ def plural(count, noun):
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def training_trouble(history, n_classes, settings):
+def training_trouble(history, model, settings):
     """A warning when the training loss went the wrong way: an epoch ending
-    above this run's first epoch, or above chance level (the loss of
-    guessing every class alike, log n_classes) after the model's first
-    epoch. None when training looks sane."""
+    above this run's first epoch, or (for classifiers) above chance level,
+    the loss of guessing every class alike (log K; log 2 per label), after
+    the model's first epoch. None when training looks sane."""
     losses = history.history["loss"]
-    chance = math.log(n_classes)
+    n_classes = model.n_outputs if model.output == "softmax" else 2
+    chance = math.log(n_classes) if model.output != "linear" else math.inf
     worse = [e for e, loss in zip(history.epoch[1:], losses[1:]) if loss > losses[0]]
     guessing = [e for e, loss in zip(history.epoch, losses) if e >= 1 and loss > chance]
     if not worse and not guessing:
@@ -519,7 +541,7 @@ def data_kind(source):
     return "files" if "data" in source else source["dataset"]
 
 
-def load_data(args, source, saved, dtype, comm):
+def load_data(args, source, saved, dtype, output, comm):
     """The run's Data; with MPI, rank 0 loads (and downloads) them first, so
     that ranks sharing a file system find them in the cache."""
     recorded = saved is not None and source is saved.source
@@ -527,7 +549,7 @@ def load_data(args, source, saved, dtype, comm):
 
     def load():
         return sources.load(source, preprocessing, download=not args.no_download,
-                            check_files=recorded, dtype=dtype)
+                            check_files=recorded, dtype=dtype, output=output)
 
     if comm is None:
         return load()
@@ -550,8 +572,8 @@ def evaluate(model, data, path, out):
     x, y, on = data.x_test, data.y_test, data.held_out
     if x is None:
         x, y, on = data.x_train, data.y_train, "training"
-    loss, accuracy = model.evaluate(x, y)
-    out.write(f"{path}: {on} loss {loss:.4f} - {on} accuracy {accuracy:.4f} "
+    loss, score = model.evaluate(x, y)
+    out.write(f"{path}: {on} loss {loss:.4f} - {on} {model.metric} {score:.4f} "
               f"({len(y)} {on} rows of {data.name})\n")
 
 
@@ -608,6 +630,11 @@ def optimizer_settings(args, model):
             settings[key] = getattr(args, key)
     if settings["lr"] is None:
         settings["lr"] = 0.1 if settings["optimizer"] == "sgd" else DEFAULT_LR[settings["optimizer"]]
+    settings["lr_schedule"] = args.lr_schedule  # None: the file's, if any
+    if args.lr_schedule == "step":
+        settings["lr_schedule"] = Step(args.lr_step_factor, args.lr_step_every)
+    elif args.lr_schedule == "cosine":
+        settings["lr_schedule"] = Cosine(max(args.epochs, 1), args.lr_min)
     return settings
 
 
@@ -615,14 +642,17 @@ def new_model(args, data):
     """A new model shaped by the flags and the data."""
     settings = {key: getattr(args, key) if getattr(args, key) is not None else default
                 for key, default in ARCHITECTURE_DEFAULTS.items()}
-    if data.preprocessing is not None:
-        n_classes = len(data.preprocessing["classes"])
+    if settings["output"] != "softmax":
+        n_outputs = 1 if data.y_train.ndim == 1 else data.y_train.shape[1]
+    elif data.preprocessing is not None:
+        n_outputs = len(data.preprocessing["classes"])
     else:
         labels = [data.y_train] + ([data.y_test] if data.y_test is not None else [])
-        n_classes = max(2, max(int(y.max()) for y in labels) + 1)
-    sizes = [data.x_train.shape[1]] + parse_hidden(settings["hidden"]) + [n_classes]
+        n_outputs = max(2, max(int(y.max()) for y in labels) + 1)
+    sizes = [data.x_train.shape[1]] + parse_hidden(settings["hidden"]) + [n_outputs]
     return MLP(sizes, activation=settings["activation"], dtype=settings["dtype"],
-               init=settings["init"], init_scale=settings["init_scale"], seed=args.seed)
+               init=settings["init"], init_scale=settings["init_scale"], seed=args.seed,
+               output=settings["output"])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ exit codes: 0 success, 2 usage error or bad input
 
 def build_parser():
     parser = Parser(prog="fastmlp-predict", description="Predict with a model saved by "
-                    "fastmlp-train --save: one line per row of DATA, in order, as CSV.",
+                    "fastmlp-train --save: one line per row of DATA, in order, as CSV: the "
+                    "class label, the predicted values (--output linear) or one 0/1 column "
+                    "per label (--output sigmoid).",
                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("model", metavar="MODEL", help="a model file")
@@ -33,18 +35,32 @@ def build_parser():
     parser.add_argument("-o", "--output", metavar="FILE", help="write the CSV here, "
                         "atomically (default: standard output)")
     parser.add_argument("--proba", action="store_true",
-                        help="add one column per class with its probability")
+                        help="add one column per class (or label) with its probability")
     return parser
 
 
 def predictions_csv(model, x, proba):
-    """The CSV text: a 'prediction' column of labels, then with proba one
-    column per class."""
-    probabilities = model.predict_proba(x)
-    classes = (model.preprocessing["classes"] if model.preprocessing is not None
-               else list(range(model.n_classes)))
+    """The CSV text. softmax: a 'prediction' column of labels, then with
+    proba one column per class; linear: one column per target; sigmoid: a
+    0/1 column per label, then with proba one probability column each."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
+    prep = model.preprocessing
+    if model.output == "linear":
+        names = prep["target"].split(",") if prep else [f"y{k}" for k in range(model.n_outputs)]
+        values = model.predict(x).reshape(len(x), -1)
+        writer.writerow(names)
+        writer.writerows([[f"{v:.9g}" for v in row] for row in values])
+        return text.getvalue()
+    probabilities = model.predict_proba(x)
+    classes = prep["classes"] if prep is not None else list(range(model.n_outputs))
+    if model.output == "sigmoid":
+        writer.writerow([str(label) for label in classes] +
+                        ([f"p({label})" for label in classes] if proba else []))
+        for row in probabilities:
+            writer.writerow([int(p >= 0.5) for p in row] +
+                            ([f"{p:.6g}" for p in row] if proba else []))
+        return text.getvalue()
     writer.writerow(["prediction"] + ([f"p({label})" for label in classes] if proba else []))
     labels = np.argmax(probabilities, axis=1)
     for label, row in zip(labels, probabilities):

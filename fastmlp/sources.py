@@ -29,26 +29,42 @@ def dataset_source(name, data_dir=None):
 
 
 def files_source(data, target=None, test=None, validation_split=0.1, seed=0, missing="error"):
-    """The source for the user's files; checksums are added as they are read."""
+    """The source for the user's files; checksums are added as they are read.
+    target: one column, or several comma separated (multi-output)."""
     return {"data": os.path.abspath(data), "target": target,
             "test": os.path.abspath(test) if test else None,
             "validation_split": None if test else validation_split, "seed": seed,
             "missing": missing}
 
 
-def load(source, preprocessing=None, download=True, check_files=False, dtype="float32"):
+def load(source, preprocessing=None, download=True, check_files=False, dtype="float32",
+         output="softmax"):
     """The Data of a source. preprocessing: a model's (classes, columns and
     scaling are then taken from it, not learnt). check_files: the source was
     recorded in a model, so its files must still have the recorded checksums.
-    dtype: the model's, which standardized features are given in."""
+    dtype: the model's, which standardized features are given in. output:
+    the model's head: softmax encodes labels as classes, linear and sigmoid
+    take numeric (0/1) targets."""
     if "dataset" in source:
         name = source["dataset"]
         arrays = datasets.load(name, data_dir=source.get("data_dir"), download=download)
         return Data(*arrays, source=source, description=f"dataset {name}", name=name)
-    return load_files(dict(source), preprocessing, check_files, np.dtype(dtype))
+    return load_files(dict(source), preprocessing, check_files, np.dtype(dtype), output)
 
 
-def load_files(source, preprocessing, check_files, dtype):
+def targets_of(table, output, classes):
+    """(y, classes) of a table for the head: class indices and the classes
+    in order (softmax), else numeric targets and the target columns' names."""
+    if output == "softmax":
+        if table.target.ndim > 1:
+            raise tabular.DataError(f"{table.path}: several target columns need --output "
+                                    "linear or sigmoid")
+        return tabular.encode_labels(table.path, table.target, classes)
+    y = tabular.numeric_targets(table.path, table.target, output)
+    return y, (table.target_name.split(",") if output == "sigmoid" else None)
+
+
+def load_files(source, preprocessing, check_files, dtype, output):
     paths = [("data", source["data"])] + ([("test", source["test"])] if source["test"] else [])
     for key, path in paths:
         digest = tabular.file_sha256(path) if os.path.exists(path) else None
@@ -66,8 +82,7 @@ def load_files(source, preprocessing, check_files, dtype):
     source["target"] = train.target_name
     missing = preprocessing["missing"] if preprocessing else source["missing"]
     tabular.handle_missing(train, missing)
-    y_all, classes = tabular.encode_labels(train.path, train.target,
-                                           preprocessing["classes"] if preprocessing else None)
+    y_all, classes = targets_of(train, output, preprocessing["classes"] if preprocessing else None)
     if source["test"]:
         test = tabular.read_table(source["test"], train.target_name,
                                   feature_names=train.names)
@@ -75,7 +90,7 @@ def load_files(source, preprocessing, check_files, dtype):
             raise tabular.DataError(f"{test.path}: no target column {train.target_name!r}")
         tabular.handle_missing(test, missing)
         x_train, y_train, x_test = train.features, y_all, test.features
-        y_test = tabular.encode_labels(test.path, test.target, classes)[0]
+        y_test = targets_of(test, output, classes)[0]
         held = f", test file {source['test']} ({len(y_test)} rows)"
     else:
         x_train, y_train, x_test, y_test = split(train.features, y_all,
@@ -91,8 +106,10 @@ def load_files(source, preprocessing, check_files, dtype):
     for x in (x_train, x_test):
         if x is not None:
             tabular.fill_missing(x, mean)
+    kind = (f"with {len(classes)} classes" if output == "softmax" else
+            "numeric" if output == "linear" else f"{len(classes)} labels, multi-label")
     description = (f"{source['data']} ({len(y_train)} training rows, {x_train.shape[1]} "
-                   f"features, target {train.target_name!r} with {len(classes)} classes{held})")
+                   f"features, target {train.target_name!r} {kind}{held})")
     return Data(scale(x_train, preprocessing, dtype), y_train,
                 None if x_test is None else scale(x_test, preprocessing, dtype), y_test,
                 source, description, preprocessing, name=source["data"],

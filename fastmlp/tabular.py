@@ -173,22 +173,25 @@ def check_target_cells(path, y, name):
 
 
 def split_columns(path, names, columns, target, need_target, feature_names):
-    """The Table of named columns (strings from CSV or arrays from Parquet)."""
+    """The Table of named columns (strings from CSV or arrays from Parquet).
+    target may name several columns, comma separated (multi-output)."""
     if feature_names is not None:
         missing = [name for name in feature_names if name not in names]
         if missing:
             raise DataError(f"{path}: no column {missing[0]!r}, which the model was trained "
                             f"on; the file has {', '.join(names)}")
-        target_name = target if target in names else None
+        wanted = target.split(",") if target else []
+        target_name = target if wanted and all(t in names for t in wanted) else None
         chosen = list(feature_names)
     else:
         if target is None:
             target = next((n for n in ("target", "label") if n in names), names[-1])
-        elif target not in names:
-            raise DataError(f"{path}: no target column {target!r}; the columns are "
+        absent = [t for t in target.split(",") if t not in names]
+        if absent:
+            raise DataError(f"{path}: no target column {absent[0]!r}; the columns are "
                             f"{', '.join(names)}")
         target_name = target
-        chosen = [name for name in names if name != target]
+        chosen = [name for name in names if name not in target.split(",")]
         if not chosen:
             raise DataError(f"{path}: no feature columns besides the target {target!r}")
     by_name = dict(zip(names, columns))
@@ -197,7 +200,14 @@ def split_columns(path, names, columns, target, need_target, feature_names):
         features[:, j] = numeric_column(path, name, by_name[name])
     y = None
     if target_name is not None and (need_target or feature_names is None):
-        y = target_values(path, target_name, by_name[target_name])
+        parts = target_name.split(",")
+        if len(parts) == 1:
+            y = target_values(path, target_name, by_name[target_name])
+        else:
+            y = np.column_stack([numeric_column(path, t, by_name[t]) for t in parts])
+            if np.isnan(y).any():
+                row = int(np.flatnonzero(np.isnan(y).any(axis=1))[0])
+                raise DataError(f"{path}, line {row + 2}: a target is missing")
     return Table(path, features, y, chosen, target_name)
 
 
@@ -283,6 +293,19 @@ def learn_scaling(features):
     scale = np.nanstd(features, axis=0)
     scale[~(scale > 0)] = 1.0
     return mean, scale
+
+
+def numeric_targets(path, y, output):
+    """y as float64 for the linear head (numbers) or the sigmoid head (0/1);
+    a problem names the file."""
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{path}: the {output} output needs numeric targets; the target "
+                        f"holds {y[0]!r}")
+    y = np.asarray(y, np.float64)
+    if output == "sigmoid" and not np.isin(y, (0, 1)).all():
+        raise DataError(f"{path}: the sigmoid (multi-label) output needs 0/1 targets; the "
+                        f"target holds {np.setdiff1d(np.unique(y), (0, 1))[0]!r}")
+    return y
 
 
 def encode_labels(path, y, classes=None):

@@ -279,3 +279,53 @@ def test_tables_read_alike_from_every_format(tmp_path):
     assert np.array_equal(npz.features, x) and list(npz.target) == list(range(20))
     numbers = tabular.read_table(write_csv(tmp_path / "n.csv", x, [str(i % 4) for i in range(20)]))
     assert numbers.target.dtype.kind == "i"  # numeric labels stay numbers
+
+
+def test_regression_and_multi_label_from_the_command_line(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 3))
+    price = x[:, 0] * 3 + x[:, 1] + 0.1 * rng.normal(size=300)
+    labels = np.stack([x[:, 0] > 0, x[:, 1] + x[:, 2] > 0], axis=1).astype(int)
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FEATURES + ["price", "red", "big"])
+        writer.writerows([list(map(float, x[i])) + [float(price[i])] + list(labels[i])
+                          for i in range(300)])
+    model_path = str(tmp_path / "reg.safetensors")
+    code, out, err = run(["--data", str(path), "--target", "price", "--output", "linear",
+                          "--epochs", "30", "--quiet", "--save", model_path,
+                          "--lr-schedule", "cosine", "--lr-min", "0.001"], capsys)
+    assert code == 0, err
+    assert "target 'price' numeric" in out and "dense_2 (linear)" in out
+    r2 = float(out.split("held-out r2: ")[1].split()[0])
+    assert r2 > 0.95
+    model = fastmlp.load(model_path)
+    assert model.output == "linear" and model.preprocessing["classes"] is None
+    assert model.optimizer_state.schedule.to_json()["name"] == "cosine"
+    code, out, err = run([model_path, str(path)], capsys, predict_main)
+    assert code == 0, err
+    predicted = np.array([float(v) for v in out.split()[1:]])
+    assert out.split()[0] == "price" and len(predicted) == 300
+    assert 1 - np.sum((predicted - price) ** 2) / np.sum((price - price.mean()) ** 2) > 0.95
+    code, out, err = run(["--data", str(path), "--target", "red,big", "--output", "sigmoid",
+                          "--epochs", "30", "--quiet", "--save", model_path], capsys)
+    assert code == 0, err
+    assert "2 labels, multi-label" in out
+    assert float(out.split("held-out accuracy: ")[1].split()[0]) > 0.8
+    code, out, err = run([model_path, str(path), "--proba"], capsys, predict_main)
+    rows = [line.split(",") for line in out.split()]
+    assert rows[0] == ["red", "big", "p(red)", "p(big)"] and len(rows) == 301
+    assert np.mean([[int(v) for v in row[:2]] == list(labels[i])
+                    for i, row in enumerate(rows[1:])]) > 0.8
+    code, out, err = run(["--data", str(path), "--target", "species", "--output", "linear"],
+                         capsys)
+    assert code == 2 and "no target column 'species'" in err
+
+
+def test_output_and_schedule_flags_are_checked(capsys):
+    for argv, message in ((["--output", "linear"], "--output linear needs your own"),
+                          (["--lr-schedule", "step", "--lr-step-every", "0"], "--lr-step-every")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
