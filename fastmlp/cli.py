@@ -345,7 +345,7 @@ def main(argv=None):
         model = saved if saved is not None else new_model(args, data)
         model.source, model.preprocessing = data.source, data.preprocessing
         if model.training_state is None:
-            from .training import TrainingState
+            from .state import TrainingState
             model.training_state = TrainingState(args.seed)
         epochs = args.epochs - model.training_state.epoch if args.resume else args.epochs
         if args.resume and epochs <= 0:

@@ -264,7 +264,7 @@ def build_model(settings, params, state):
     from .kernels import ACTIVATIONS
     from .model import MLP
     from .optimizers import OPTIMIZERS
-    from .training import OptimizerState, TrainingState
+    from .state import OptimizerState, TrainingState
 
     from .heads import HEADS
     spec = settings["model"]

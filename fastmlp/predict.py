@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from . import __version__, sources, tabular
+from . import __version__, sources
 from .cli import Parser
 from .modelfile import atomic_write
 from .modelfile import load as load_model

@@ -12,8 +12,9 @@ import numpy as np
 from . import jit, schedules
 from .buffers import Data, Optimizer
 from .heads import score, target_scale
-from .model import Workspace, aligned_copy, aligned_zeros
-from .optimizers import DEFAULT_LR, LR, OPTIMIZERS, make_hyper
+from .model import Workspace, aligned_zeros
+from .state import OptimizerState, TrainingState
+from .optimizers import DEFAULT_LR, LR, OPTIMIZERS
 from .progress import ProgressPrinter
 from .step import LOSS_NOT_FINITE, PARAMS_NOT_FINITE, STEPS_DONE, train_steps
 from .validation import (
@@ -61,49 +62,6 @@ class History:
     def __repr__(self):
         last = {k: v[-1] for k, v in self.history.items() if v}
         return f"History(epochs={len(self.epoch)}, last={last})"
-
-
-class OptimizerState:
-    """Optimizer name, hyperparameters and flat state vectors mirroring the
-    model's params; kept on the model so that a second fit continues."""
-
-    def __init__(self, name, dtype, n_params, lr, momentum, nesterov, weight_decay):
-        self.name = name
-        self.code = OPTIMIZERS[name]
-        self.nesterov = nesterov
-        self.hyper = make_hyper(dtype, lr, momentum, weight_decay)
-        n_state = {"sgd": (0, 0), "momentum": (n_params, 0), "adam": (n_params, n_params)}[name]
-        self.state1 = aligned_zeros(n_state[0], dtype)
-        self.state2 = aligned_zeros(n_state[1], dtype)
-        self.updates = 0  # updates done so far (Adam's t)
-        self.settings = (lr, momentum, nesterov, weight_decay)
-        # a schedules object, None (constant), or "callable" for a callable
-        # schedule read from a model file (it must be passed again)
-        self.schedule = None
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.state1 = aligned_copy(self.state1)
-        self.state2 = aligned_copy(self.state2)
-
-
-class TrainingState:
-    """Where training stands, kept on the model (and in its files) so that
-    training can stop anywhere and resume bit for bit: completed epochs,
-    steps done in the current epoch, the shuffling generator's state at
-    the start of the current epoch (from which its row order is drawn again),
-    and the batch size of the last fit (None before any)."""
-
-    def __init__(self, seed=None):
-        self.epoch = 0
-        self.step = 0
-        self.batch_size = None
-        self.rng_state = np.random.default_rng(seed).bit_generator.state
-
-    def generator(self):
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = self.rng_state
-        return rng
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastmlp
-from fastmlp import jit, sources, tabular
+from fastmlp import sources, tabular
 from fastmlp.cli import main
 from fastmlp.predict import main as predict_main
 from fastmlp.progress import COMPILE_NOTICE, ProgressPrinter
