@@ -357,6 +357,7 @@ def main(argv=None):
             out.write(f"Settings for {KIND_NAMES.get(kind, kind)}: {' '.join(chosen)} "
                       "(flags override them)\n")
         if comm is not None:
+            comm.Barrier()  # every rank has its data and model: training starts
             out.write(f"Distributed over {comm.size} MPI ranks: {args.batch_size} rows per step "
                       f"in all\n")
         validation = (data.x_test, data.y_test) if data.x_test is not None else None

@@ -9,7 +9,7 @@ import time
 import numba
 import numpy as np
 
-from . import jit, schedules
+from . import distributed, jit, schedules
 from .buffers import Data, Optimizer
 from .heads import score, target_scale
 from .model import Workspace, aligned_zeros
@@ -154,40 +154,97 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     progress with verbose=1 (callbacks run on every rank).
     """
     X = check_X(X, model.n_features)
-    original_y = y
+    flat_targets = np.ndim(y) == 1
     y = model.check_targets(y, X.shape[0])
     sample_weight = check_sample_weight(sample_weight, X.shape[0], model.dtype)
     epochs = check_int("epochs", epochs, minimum=0)
-    batch_size = check_int("batch_size", batch_size, minimum=1)
+    batch_size = min(check_int("batch_size", batch_size, minimum=1), X.shape[0])
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("sampling", sampling, SAMPLINGS)
     lr = DEFAULT_LR[optimizer] if lr is None else check_float("lr", lr, minimum=0.0)
-    momentum = check_float("momentum", momentum, minimum=0.0, maximum=1.0)
-    weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
+    settings = (lr, check_float("momentum", momentum, minimum=0.0, maximum=1.0),
+                bool(nesterov), check_float("weight_decay", weight_decay, minimum=0.0))
+    threads = check_threads(threads)
+    validation = check_validation(model, validation_data)
+    callbacks = list(callbacks)
+    if verbose and (comm is None or comm.rank == 0):
+        callbacks.append(ProgressPrinter())
+    stopper = early_stopping(model, patience, monitor, min_delta, restore_best_weights,
+                             validation is not None)
+
+    state = optimizer_state(model, optimizer, settings, lr_schedule)
+    if seed is not None or model.training_state is None:
+        model.training_state = TrainingState(seed)
+    if comm is not None:
+        threads = join_ranks(comm, model, y, sample_weight, threads, dict(
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, settings=settings,
+            shuffle=bool(shuffle), sampling=sampling, validation=validation is not None,
+            patience=patience, monitor=stopper.monitor if stopper else None))
+    if model.output == "linear":
+        model.flat_targets = flat_targets
+    if isinstance(state.schedule, schedules.Cosine):
+        state.schedule.start(epochs, -(-X.shape[0] // batch_size), state.updates)
+    loop = EpochLoop(model, state, X, y, sample_weight, batch_size, shuffle, sampling, comm)
+    history = History(model.metric)
+
+    with thread_count(threads), deferred_interrupt() as interrupt:
+        history.compile_time = loop.compile(callbacks, interrupt)
+        total_epochs = model.training_state.epoch + epochs
+        for callback in callbacks:
+            callback.on_train_begin(history.compile_time)
+        for _ in range(epochs):
+            logs, done = loop.epoch(callbacks, total_epochs, interrupt)
+            epoch = model.training_state.epoch - 1
+            record_epoch(history, model, epoch, logs, loop.elapsed, validation)
+            asked = [callback.on_epoch_end(epoch, done, loop.elapsed, logs)
+                     for callback in callbacks]
+            if any(asked) or (stopper is not None and stopper.should_stop(epoch, logs)):
+                history.stopped_epoch = epoch
+                break
+        if stopper is not None:
+            history.best_epoch = stopper.finish()
+        if comm is not None:
+            history.allreduce_time, history.allreduce_steps = loop.run.reduce_seconds, loop.run.steps
+        if interrupt[loop.stop_key]:  # arrived after the last chunk
+            raise TrainingInterrupted
+    return history
+
+
+def check_threads(threads):
     max_threads = numba.config.NUMBA_NUM_THREADS
     threads = check_int("threads", threads, minimum=1, allow_none=True)
     if threads is not None and threads > max_threads:
         raise ValueError(f"threads must be <= {max_threads} (NUMBA_NUM_THREADS), got {threads}")
-    if validation_data is not None:
-        if len(validation_data) != 2:
-            raise ValueError("validation_data must be a pair (X_val, y_val)")
-        X_val = check_X(validation_data[0], model.n_features, "validation X")
-        y_val = model.check_targets(validation_data[1], X_val.shape[0], "validation y")
-    callbacks = list(callbacks)
-    if verbose and (comm is None or comm.rank == 0):
-        callbacks.append(ProgressPrinter())
-    stopper = None
-    if patience is not None:
-        monitor = monitor or ("val_loss" if validation_data is not None else "loss")
-        check_choice("monitor", monitor, monitors(model.metric))
-        if monitor.startswith("val_") and validation_data is None:
-            raise ValueError(f"monitor={monitor!r} needs validation_data")
-        stopper = EarlyStopping(model, check_int("patience", patience, minimum=1), monitor,
-                                check_float("min_delta", min_delta, minimum=0.0),
-                                bool(restore_best_weights))
+    return threads
 
+
+def check_validation(model, validation_data):
+    """(X_val, y_val) checked for the model, or None."""
+    if validation_data is None:
+        return None
+    if len(validation_data) != 2:
+        raise ValueError("validation_data must be a pair (X_val, y_val)")
+    X_val = check_X(validation_data[0], model.n_features, "validation X")
+    return X_val, model.check_targets(validation_data[1], X_val.shape[0], "validation y")
+
+
+def early_stopping(model, patience, monitor, min_delta, restore_best_weights, validating):
+    """fit's EarlyStopping, or None without patience."""
+    if patience is None:
+        return None
+    monitor = monitor or ("val_loss" if validating else "loss")
+    check_choice("monitor", monitor, monitors(model.metric))
+    if monitor.startswith("val_") and not validating:
+        raise ValueError(f"monitor={monitor!r} needs validation_data")
+    return EarlyStopping(model, check_int("patience", patience, minimum=1), monitor,
+                         check_float("min_delta", min_delta, minimum=0.0),
+                         bool(restore_best_weights))
+
+
+def optimizer_state(model, optimizer, settings, lr_schedule):
+    """The model's optimizer state, kept when the settings are the same (a
+    second fit continues), with the schedule that fit asks for."""
     state = model.optimizer_state
-    settings = (lr, momentum, bool(nesterov), weight_decay)
     if state is None or state.name != optimizer or state.settings != settings:
         state = OptimizerState(optimizer, model.dtype, model.n_params, *settings)
         model.optimizer_state = state
@@ -196,151 +253,154 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     elif state.schedule == "callable":
         raise ValueError("the model was trained with a callable lr_schedule, which model files "
                          "cannot hold: pass it again")
-    if seed is not None or model.training_state is None:
-        model.training_state = TrainingState(seed)
-    progress = model.training_state
+    return state
 
-    n = X.shape[0]
-    batch_size = min(batch_size, n)
-    if comm is not None:
-        from . import distributed
-        distributed.check_same_job(comm, dict(
-            rows=n, layer_sizes=list(model.layer_sizes), activation=model.activation,
-            dtype=model.dtype.name, output=model.output, labels=distributed.data_digest(y),
-            epochs=epochs,
-            batch_size=batch_size, optimizer=optimizer, settings=settings, shuffle=bool(shuffle),
-            sampling=sampling, weighted=bool(np.any(sample_weight != 1)),
-            validation=validation_data is not None, patience=patience, monitor=monitor))
-        distributed.broadcast_state(comm, model)
-        if threads is None:
-            threads = min(max_threads, distributed.rank_threads(comm))
-    n_steps = -(-n // batch_size)
-    progress.batch_size = batch_size
-    if progress.step >= n_steps:
-        raise ValueError(f"the model stopped at step {progress.step} of an epoch, but this data "
-                         f"and batch_size give epochs of {n_steps} steps")
-    max_chunk = -(-n_steps // CHUNKS_PER_EPOCH)
-    ranks = 1 if comm is None else comm.size
-    workspace = Workspace(model.layer_sizes, -(-batch_size // ranks), model.dtype)
-    workspace.work.target_scale[:] = target_scale(model.output, y, model.n_outputs, model.dtype)
-    if model.output == "linear":
-        model.flat_targets = np.ndim(original_y) == 1
-    # with MPI, the step's loss, correct rows and interrupt flag travel behind
-    # the gradients in the one Allreduce
-    grads = aligned_zeros(model.n_params + (0 if comm is None else distributed.TAIL), model.dtype)
-    idx = np.empty(n, dtype=np.int64)
-    data = Data(X, y, sample_weight, idx, input_scale(X, model.dtype))
-    if isinstance(state.schedule, schedules.Cosine):
-        state.schedule.start(epochs, n_steps, state.updates)
-    optimizer_buffers = Optimizer(grads, state.state1, state.state2, state.hyper, state.code,
-                                  state.nesterov, schedules.kernel_state(state.schedule, lr))
-    mapping = mapped_file(X)
-    if mapping is not None:
-        # random rows: no read-ahead, so that a chunk makes resident little
-        # more than the pages of its own rows
-        mapping.madvise(mmap.MADV_SEQUENTIAL if not shuffle and sampling == "epoch"
-                        else mmap.MADV_RANDOM)
-        max_chunk = max(1, min(max_chunk, MAPPED_CHUNK_ROWS // batch_size))
-    saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
-    history = History(model.metric)
 
-    def step_arguments(step0, step1):
-        return (workspace.work, model.network(), optimizer_buffers, data, n, step0, step1,
-                state.updates, numba.get_num_threads())
+def join_ranks(comm, model, y, sample_weight, threads, settings):
+    """With MPI: checks that every rank runs the same job, gives every rank
+    rank 0's state, and returns the threads of this rank."""
+    distributed.check_same_job(comm, dict(
+        rows=len(y), layer_sizes=list(model.layer_sizes), activation=model.activation,
+        dtype=model.dtype.name, output=model.output, labels=distributed.data_digest(y),
+        weighted=bool(np.any(sample_weight != 1)), **settings))
+    distributed.broadcast_state(comm, model)
+    if threads is None:
+        threads = min(numba.config.NUMBA_NUM_THREADS, distributed.rank_threads(comm))
+    return threads
 
-    def run_here(step0, step1):
-        return train_steps(*step_arguments(step0, step1))
 
-    with thread_count(threads), deferred_interrupt() as interrupt:
+def record_epoch(history, model, epoch, logs, elapsed, validation):
+    """Appends the epoch's metrics to history (and the validation ones to logs)."""
+    history.epoch.append(epoch)
+    history.history["loss"].append(logs["loss"])
+    history.history[model.metric].append(logs[model.metric])
+    history.history["epoch_time"].append(elapsed)
+    history.history["lr"].append(logs.pop("lr"))
+    if validation is not None:
+        for key, value in zip(("val_loss", f"val_{model.metric}"), model.evaluate(*validation)):
+            logs[key] = value
+            history.history.setdefault(key, []).append(value)
+
+
+class EpochLoop:
+    """fit's training loop: the workspace and buffers of one fit, its compile,
+    and its epochs run as calls into compiled code of about CHUNK_SECONDS
+    each (`step.train_steps`, or with MPI `distributed.ShardedSteps`)."""
+
+    def __init__(self, model, state, X, y, sample_weight, batch_size, shuffle, sampling, comm):
+        self.model, self.state, self.comm = model, state, comm
+        self.progress = model.training_state
+        self.shuffle, self.sampling, self.batch_size = shuffle, sampling, batch_size
+        self.n = n = X.shape[0]
+        self.n_steps = -(-n // batch_size)
+        self.progress.batch_size = batch_size
+        if self.progress.step >= self.n_steps:
+            raise ValueError(f"the model stopped at step {self.progress.step} of an epoch, but "
+                             f"this data and batch_size give epochs of {self.n_steps} steps")
+        self.max_chunk = -(-self.n_steps // CHUNKS_PER_EPOCH)
+        ranks = 1 if comm is None else comm.size
+        self.workspace = Workspace(model.layer_sizes, -(-batch_size // ranks), model.dtype)
+        self.workspace.work.target_scale[:] = target_scale(model.output, y, model.n_outputs,
+                                                           model.dtype)
+        # with MPI, the step's loss, score and interrupt flag travel behind
+        # the gradients in the one Allreduce
+        grads = aligned_zeros(model.n_params + (0 if comm is None else distributed.TAIL),
+                              model.dtype)
+        self.idx = np.empty(n, dtype=np.int64)
+        self.data = Data(X, y, sample_weight, self.idx, input_scale(X, model.dtype))
+        self.lr = state.settings[0]
+        self.buffers = Optimizer(grads, state.state1, state.state2, state.hyper, state.code,
+                                 state.nesterov, schedules.kernel_state(state.schedule, self.lr))
+        self.mapping = mapped_file(X)
+        if self.mapping is not None:
+            # random rows: no read-ahead, so that a chunk makes resident little
+            # more than the pages of its own rows
+            self.mapping.madvise(mmap.MADV_SEQUENTIAL if not shuffle and sampling == "epoch"
+                                 else mmap.MADV_RANDOM)
+            self.max_chunk = max(1, min(self.max_chunk, MAPPED_CHUNK_ROWS // batch_size))
+        # where a diverged epoch is replayed from (costs a copy per epoch)
+        self.saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
+        self.elapsed = 0.0
+
+    def step_arguments(self, step0, step1):
+        return (self.workspace.work, self.model.network(), self.buffers, self.data, self.n,
+                step0, step1, self.state.updates, numba.get_num_threads())
+
+    def compile(self, callbacks, interrupt):
+        """Compiles (or loads from the cache) without training; returns the
+        seconds it took."""
         # with MPI, only an interrupt that every rank has heard of counts
-        stop_key = "set" if comm is None else "agreed"
+        self.stop_key = "set" if self.comm is None else "agreed"
         interrupt["agreed"] = False
-        cached = jit.ready(train_steps, step_arguments(0, 0)) if comm is None else None
+        self.interrupt = interrupt
+        cached = (jit.ready(train_steps, self.step_arguments(0, 0)) if self.comm is None
+                  else None)
         for callback in callbacks:
             callback.on_compile_begin(cached)
         start = time.perf_counter()
-        if comm is None:
-            run = run_here
-            run(0, 0)  # compiles (or loads from cache) without training
+        if self.comm is None:
+            self.run = lambda step0, step1: train_steps(*self.step_arguments(step0, step1))
+            self.run(0, 0)
         else:
-            run = distributed.ShardedSteps(comm, model, state, workspace, optimizer_buffers,
-                                           data, batch_size, interrupt)
-            run.compile()
-        history.compile_time = time.perf_counter() - start
-        total_epochs = progress.epoch + epochs
+            self.run = distributed.ShardedSteps(self.comm, self.model, self.state, self.workspace,
+                                    self.buffers, self.data, self.batch_size, interrupt)
+            self.run.compile()
+        return time.perf_counter() - start
+
+    def epoch(self, callbacks, total_epochs, interrupt):
+        """Trains the rest of the current epoch; returns its logs (loss, the
+        head's metric, lr) and the steps it ran."""
+        model, state, progress = self.model, self.state, self.progress
+        n, n_steps, batch_size = self.n, self.n_steps, self.batch_size
+        rng = progress.generator()
+        epoch_order(self.idx, rng, n, self.shuffle, self.sampling)
+        epoch_lr = (self.lr if state.schedule is None
+                    else state.schedule.epoch_lr(self.lr, progress.epoch))
+        state.hyper[LR] = epoch_lr
         for callback in callbacks:
-            callback.on_train_begin(history.compile_time)
-        for _ in range(epochs):
-            rng = progress.generator()
-            epoch_order(idx, rng, n, shuffle, sampling)
-            epoch_lr = lr if state.schedule is None else state.schedule.epoch_lr(lr, progress.epoch)
-            state.hyper[LR] = epoch_lr
+            callback.on_epoch_begin(progress.epoch, total_epochs, n_steps)
+        first = progress.step
+        for copy, source in zip(self.saved, (model.params, state.state1, state.state2)):
+            np.copyto(copy, source)
+        first_update = state.updates
+        rows = loss_sum = weight_sum = score_sum = 0
+        self.elapsed = 0.0
+        chunk = 1  # then as many steps as take about CHUNK_SECONDS
+        step0 = first
+        while step0 < n_steps:
+            step1 = min(step0 + chunk, n_steps)
+            start = time.perf_counter()
+            chunk_loss, chunk_weight, chunk_score, status, at = self.run(step0, step1)
+            seconds = time.perf_counter() - start
+            self.elapsed += seconds
+            if status != STEPS_DONE:
+                diverged(model, state, progress, self.run, self.saved, first, first_update,
+                         status, at, step0, n_steps, state.name, self.lr)
+            step1 = at  # sooner than asked when MPI ranks agreed to stop
+            state.updates += step1 - step0
+            progress.step = step1
+            rows += min(step1 * batch_size, n) - step0 * batch_size
+            loss_sum += chunk_loss
+            weight_sum += chunk_weight
+            score_sum += chunk_score
+            logs = {"loss": loss_sum / weight_sum if weight_sum else 0.0,
+                    model.metric: score(model.output, score_sum, rows)}
+            if self.mapping is not None:  # keep only this chunk's pages resident
+                self.mapping.madvise(mmap.MADV_DONTNEED)
             for callback in callbacks:
-                callback.on_epoch_begin(progress.epoch, total_epochs, n_steps)
-            first = progress.step
-            # where a diverged epoch is replayed from (costs a copy per epoch)
-            for copy, source in zip(saved, (model.params, state.state1, state.state2)):
-                np.copyto(copy, source)
-            first_update = state.updates
-            rows = loss_sum = weight_sum = score_sum = 0
-            elapsed = 0.0
-            chunk = 1  # then as many steps as take about CHUNK_SECONDS
-            step0 = first
-            while step0 < n_steps:
-                step1 = min(step0 + chunk, n_steps)
-                start = time.perf_counter()
-                chunk_loss, chunk_weight, chunk_score, status, at = run(step0, step1)
-                seconds = time.perf_counter() - start
-                elapsed += seconds
-                if status != STEPS_DONE:
-                    diverged(model, state, progress, run, saved, first, first_update, status,
-                             at, step0, n_steps, optimizer, lr)
-                step1 = at  # sooner than asked when MPI ranks agreed to stop
-                state.updates += step1 - step0
-                progress.step = step1
-                rows += min(step1 * batch_size, n) - step0 * batch_size
-                loss_sum += chunk_loss
-                weight_sum += chunk_weight
-                score_sum += chunk_score
-                logs = {"loss": loss_sum / weight_sum if weight_sum else 0.0,
-                        model.metric: score(model.output, score_sum, rows)}
-                if mapping is not None:  # keep only this chunk's pages resident
-                    mapping.madvise(mmap.MADV_DONTNEED)
-                for callback in callbacks:
-                    callback.on_steps(step1, n_steps, logs)
-                if interrupt[stop_key]:
-                    if step1 == n_steps:
-                        end_epoch(progress, rng)
-                    raise TrainingInterrupted
-                per_step = seconds / (step1 - step0)
-                chunk = int(min(max_chunk, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
-                step0 = step1
-            end_epoch(progress, rng)
-            if comm is not None:
-                distributed.check_params_agree(comm, model.params, progress.epoch - 1)
-            history.epoch.append(progress.epoch - 1)
-            history.history["loss"].append(logs["loss"])
-            history.history[model.metric].append(logs[model.metric])
-            history.history["epoch_time"].append(elapsed)
-            history.history["lr"].append(epoch_lr)
-            if validation_data is not None:
-                logs["val_loss"], logs[f"val_{model.metric}"] = model.evaluate(X_val, y_val)
-                history.history.setdefault("val_loss", []).append(logs["val_loss"])
-                history.history.setdefault(f"val_{model.metric}", []).append(
-                    logs[f"val_{model.metric}"])
-            asked = [callback.on_epoch_end(progress.epoch - 1, n_steps - first, elapsed, logs)
-                     for callback in callbacks]
-            if any(asked) or (stopper is not None and
-                              stopper.should_stop(progress.epoch - 1, logs)):
-                history.stopped_epoch = progress.epoch - 1
-                break
-        if stopper is not None:
-            history.best_epoch = stopper.finish()
-        if comm is not None:
-            history.allreduce_time, history.allreduce_steps = run.reduce_seconds, run.steps
-        if interrupt[stop_key]:  # arrived after the last chunk
-            raise TrainingInterrupted
-    return history
+                callback.on_steps(step1, n_steps, logs)
+            if interrupt[self.stop_key]:
+                if step1 == n_steps:
+                    end_epoch(progress, rng)
+                raise TrainingInterrupted
+            per_step = seconds / (step1 - step0)
+            chunk = int(min(self.max_chunk, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+            step0 = step1
+        end_epoch(progress, rng)
+        if self.comm is not None:
+            distributed.check_params_agree(self.comm, model.params, progress.epoch - 1)
+        logs["lr"] = epoch_lr
+        return logs, n_steps - first
 
 
 MONITORS = ("loss", "accuracy", "r2", "val_loss", "val_accuracy", "val_r2")

@@ -226,7 +226,7 @@ def test_update_tasks_keep_the_transposed_weights_current():
     ws = Workspace(model.layer_sizes, 10, model.dtype)
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
-                          OPTIMIZERS["adam"], False)
+                          OPTIMIZERS["adam"], False, np.zeros(5))
     data = Data(X, y.astype(np.int32), np.ones(300, model.dtype), np.arange(300),
                 input_scale(X, model.dtype))
     status = train_steps(ws.work, model.network(), optimizer, data, 300, 0, 30, 0, 2)[3]
@@ -251,7 +251,7 @@ def test_an_epoch_allocates_nothing():
     grads = np.zeros_like(model.params)
     m, v = np.zeros_like(model.params), np.zeros_like(model.params)
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.001, 0.9, 0.0),
-                          OPTIMIZERS["adam"], False)
+                          OPTIMIZERS["adam"], False, np.zeros(5))
     data = Data(X, y, np.ones(1000, model.dtype), np.arange(1000), input_scale(X, model.dtype))
     net = model.network()
 
