@@ -204,38 +204,50 @@ def run_estimator(which, dtype, data):
     """scikit-learn's MLPClassifier or fastmlp's, same hyperparameters,
     pixels scaled to [0, 1] in dtype for both (both train in the input's
     dtype); returns (fit seconds, test accuracy)."""
+    x_train, y_train, x_test, y_test = data
+    return timed_fit(which, "MLPClassifier", SKLEARN_SETTINGS, x_train.astype(dtype) / 255,
+                     y_train, x_test.astype(dtype) / 255, y_test)
+
+
+def timed_fit(which, name, settings, x_train, y_train, x_test, y_test):
+    """(seconds, test score) of one fit of scikit-learn's or fastmlp's
+    estimator `name`; fastmlp compiles (or loads its cache) before the timing."""
     import warnings
     if which == "fastmlp":
-        from fastmlp import MLPClassifier
+        import fastmlp as module
     else:
-        from sklearn.neural_network import MLPClassifier
-    x_train, y_train, x_test, y_test = data
-    X, Xt = x_train.astype(dtype) / 255, x_test.astype(dtype) / 255
-    if which == "fastmlp":  # compile (or load the cache) outside the timing
-        MLPClassifier(**{**SKLEARN_SETTINGS, "max_iter": 1}).fit(X[:400], y_train[:400])
-    clf = MLPClassifier(**SKLEARN_SETTINGS)
+        import sklearn.neural_network as module
+    estimator = getattr(module, name)
+    if which == "fastmlp":
+        estimator(**{**settings, "max_iter": 1}).fit(x_train[:400], y_train[:400])
+    model = estimator(**settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # max_iter reached, on purpose
         start = time.perf_counter()
-        clf.fit(X, y_train)
+        model.fit(x_train, y_train)
         seconds = time.perf_counter() - start
-    return seconds, float(clf.score(Xt, y_test))
+    return seconds, float(model.score(x_test, y_test))
 
 
 def compare_estimators(rounds):
-    """Each round fits scikit-learn's MLPClassifier and then fastmlp's, each
-    in a process of its own; prints, per input dtype, the median fit time of
-    each and the median of the rounds' speed-ups (a round's two fits run
-    back to back, so a noisy minute hits both)."""
+    """MLPClassifier on Fashion-MNIST, float32 and float64 input."""
     print(f"\nMLPClassifier, Fashion-MNIST, {SKLEARN_SETTINGS}, {rounds} rounds")
-    print(f"{'input':8} {'estimator':10} {'fit s':>8} {'speed-up':>9} {'test acc':>9}  "
+    compare_fits("--estimator", "test acc", ("float32", "float64"), rounds)
+
+
+def compare_fits(flag, score_name, dtypes, rounds):
+    """Each round fits scikit-learn's estimator and then fastmlp's, each in
+    a process of its own (this script with `flag`); prints, per input dtype,
+    the median fit time of each and the median of the rounds' speed-ups (a
+    round's two fits run back to back, so a noisy minute hits both)."""
+    print(f"{'input':8} {'estimator':10} {'fit s':>8} {'speed-up':>9} {score_name:>9}  "
           f"speed-ups by round")
-    for dtype in ("float32", "float64"):
+    for dtype in dtypes:
         seconds = {"sklearn": [], "fastmlp": []}
-        accuracy = {}
+        scores = {}
         for _ in range(rounds):
             for which in seconds:
-                out = subprocess.run([sys.executable, __file__, "--estimator", which, dtype],
+                out = subprocess.run([sys.executable, __file__, flag, which, dtype],
                                      capture_output=True, text=True)
                 if out.returncode != 0:
                     print(f"{dtype:8} {which:10} failed: "
@@ -243,13 +255,13 @@ def compare_estimators(rounds):
                     return
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 seconds[which].append(result["seconds"])
-                accuracy[which] = result["accuracy"]
+                scores[which] = result["score"]
         speedups = [a / b for a, b in zip(seconds["sklearn"], seconds["fastmlp"])]
         for which, times in seconds.items():
             speedup = float(np.median(speedups)) if which == "fastmlp" else 1.0
             by_round = " ".join(f"{x:.2f}" for x in speedups) if which == "fastmlp" else ""
             print(f"{dtype:8} {which:10} {np.median(times):8.2f} {speedup:9.2f} "
-                  f"{accuracy[which]:9.4f}  {by_round}")
+                  f"{scores[which]:9.4f}  {by_round}")
 
 
 REGRESSION_SETTINGS = dict(hidden_layer_sizes=(128, 64), solver="adam", batch_size=200,
@@ -274,48 +286,14 @@ def regression_data():
 def run_regressor(which, dtype):
     """scikit-learn's MLPRegressor or fastmlp's on regression_data in dtype;
     returns (fit seconds, test R²)."""
-    import warnings
-    if which == "fastmlp":
-        from fastmlp import MLPRegressor
-    else:
-        from sklearn.neural_network import MLPRegressor
-    x_train, y_train, x_test, y_test = (a.astype(dtype) for a in regression_data())
-    if which == "fastmlp":  # compile (or load the cache) outside the timing
-        MLPRegressor(**{**REGRESSION_SETTINGS, "max_iter": 1}).fit(x_train[:400], y_train[:400])
-    reg = MLPRegressor(**REGRESSION_SETTINGS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # max_iter reached, on purpose
-        start = time.perf_counter()
-        reg.fit(x_train, y_train)
-        seconds = time.perf_counter() - start
-    return seconds, float(reg.score(x_test, y_test))
+    return timed_fit(which, "MLPRegressor", REGRESSION_SETTINGS,
+                     *(a.astype(dtype) for a in regression_data()))
 
 
 def compare_regressors(rounds):
-    """As compare_estimators, for MLPRegressor on regression_data."""
+    """MLPRegressor on regression_data, float64 (make_regression's) and float32."""
     print(f"\nMLPRegressor, make_regression 200,000 x 100, {REGRESSION_SETTINGS}, {rounds} rounds")
-    print(f"{'input':8} {'estimator':10} {'fit s':>8} {'speed-up':>9} {'test R2':>9}  "
-          f"speed-ups by round")
-    for dtype in ("float64", "float32"):
-        seconds = {"sklearn": [], "fastmlp": []}
-        r2 = {}
-        for _ in range(rounds):
-            for which in seconds:
-                out = subprocess.run([sys.executable, __file__, "--regressor", which, dtype],
-                                     capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(f"{dtype:8} {which:10} failed: "
-                          f"{out.stderr.strip().splitlines()[-1:]}")
-                    return
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                seconds[which].append(result["seconds"])
-                r2[which] = result["r2"]
-        speedups = [a / b for a, b in zip(seconds["sklearn"], seconds["fastmlp"])]
-        for which, times in seconds.items():
-            speedup = float(np.median(speedups)) if which == "fastmlp" else 1.0
-            by_round = " ".join(f"{x:.2f}" for x in speedups) if which == "fastmlp" else ""
-            print(f"{dtype:8} {which:10} {np.median(times):8.2f} {speedup:9.2f} "
-                  f"{r2[which]:9.4f}  {by_round}")
+    compare_fits("--regressor", "test R2", ("float64", "float32"), rounds)
 
 
 def blas_kernel():
@@ -377,11 +355,11 @@ def main(argv=None):
         return 0
     if args.estimator:
         seconds, accuracy = run_estimator(*args.estimator, load_data())
-        print(json.dumps({"seconds": seconds, "accuracy": accuracy}))
+        print(json.dumps({"seconds": seconds, "score": accuracy}))
         return 0
     if args.regressor:
         seconds, r2 = run_regressor(*args.regressor)
-        print(json.dumps({"seconds": seconds, "r2": r2}))
+        print(json.dumps({"seconds": seconds, "score": r2}))
         return 0
     import importlib.util
     print(machine_summary())

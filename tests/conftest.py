@@ -26,6 +26,22 @@ def random_problem(layer_sizes, n, activation, dtype, seed, x_dtype=None, init="
     return model, X, y
 
 
+def finite_differences(model, X, y, eps=1e-6):
+    """Central differences of model.evaluate's loss for every parameter, in
+    the order of model.weights + model.biases."""
+    numeric = []
+    for p in model.weights + model.biases:
+        for pos in np.ndindex(p.shape):
+            saved = p[pos]
+            p[pos] = saved + eps
+            up = model.evaluate(X, y)[0]
+            p[pos] = saved - eps
+            down = model.evaluate(X, y)[0]
+            p[pos] = saved
+            numeric.append((up - down) / (2 * eps))
+    return np.array(numeric)
+
+
 def reference_copy(model):
     """The model's weights and biases as fresh arrays, for the oracle."""
     return [w.copy() for w in model.weights], [b.copy() for b in model.biases]

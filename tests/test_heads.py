@@ -8,7 +8,7 @@ from sklearn.metrics import accuracy_score, r2_score
 import fastmlp
 from fastmlp import reference
 
-from conftest import reference_copy, relative_error
+from conftest import finite_differences, reference_copy, relative_error
 from test_training import OPTIMIZER_CASES, batches_in_order
 
 
@@ -35,18 +35,7 @@ def test_gradients_match_finite_differences(output, activation, sizes):
     model, X, y = head_problem(output, sizes, 7, activation, np.float64, seed=len(sizes))
     _, dweights, dbiases = model.gradients(X, y)
     analytic = np.concatenate([d.ravel() for d in dweights + dbiases])
-    numeric = []
-    eps = 1e-6
-    for p in model.weights + model.biases:
-        for pos in np.ndindex(p.shape):
-            saved = p[pos]
-            p[pos] = saved + eps
-            up = model.evaluate(X, y)[0]
-            p[pos] = saved - eps
-            down = model.evaluate(X, y)[0]
-            p[pos] = saved
-            numeric.append((up - down) / (2 * eps))
-    numeric = np.array(numeric)
+    numeric = finite_differences(model, X, y)
     scale = np.abs(numeric).max()
     assert scale > 1e-3  # the check is not vacuous
     assert np.abs(analytic - numeric).max() < 1e-6 * max(1.0, scale)
