@@ -17,8 +17,9 @@ cache: compiled kernels are cached on disk (keyed on the CPU by Numba), so a
 second process starts without compiling. Numba invalidates a cached function
 only when its own source file changes, yet a function's machine code includes
 the kernels it calls from other files: after editing kernels.py,
-microkernel.py, fpenv.py or optimizers.py, delete fastmlp/__pycache__/*.nbi
-and *.nbc, or step.py's cached functions keep the old kernels. The cache is
+microkernel.py, fpenv.py, optimizers.py, heads.py or schedules.py, delete
+fastmlp/__pycache__/*.nbi and *.nbc, or step.py's cached functions keep the
+old kernels. The cache is
 also keyed on the CPU name and features Numba compiles for, and so is every
 choice microkernel.py makes (vector width, block shapes): to inspect another
 CPU's code, set NUMBA_CPU_NAME (with NUMBA_CPU_FEATURES="" on a host that
