@@ -13,6 +13,6 @@ python -m pip install --quiet -e ".[test]"
 # PyTorch, for the tests that load fastmlp's safetensors files into an
 # nn.Sequential and import one (this spelling takes a CPU build)
 python -m pip install --quiet torch==2.13.0
-# compile the kernels for this CPU now (about a minute), so that the first
+# compile the kernels for this CPU now (about 90 s on 2 cores), so that the first
 # fastmlp-train starts at once
 fastmlp-train --compile-only
