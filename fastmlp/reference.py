@@ -59,13 +59,6 @@ def forward(weights, biases, X, activation, output="softmax", logits=None):
     return acts
 
 
-def cross_entropy(probs, y, sample_weight=None):
-    losses = -np.log(probs[np.arange(len(y)), y])
-    if sample_weight is not None and np.sum(sample_weight) == 0:
-        return 0.0  # a batch of zero weight counts for nothing
-    return float(np.average(losses, weights=sample_weight))
-
-
 def loss_and_gradients(weights, biases, X, y, activation, sample_weight=None,
                        output="softmax"):
     """(mean loss, dweights, dbiases) for the batch X, y under the output

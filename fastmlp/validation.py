@@ -139,12 +139,6 @@ def check_sample_weight(sample_weight, n_samples, dtype):
     return w
 
 
-def check_Xy(X, y, n_features, n_classes, names=("X", "y")):
-    X = check_X(X, n_features, names[0])
-    y = check_y(y, X.shape[0], n_classes, names[1])
-    return X, y
-
-
 def input_scale(X, dtype):
     """uint8 pixels are scaled by 1/255 while gathered; floats are used as is."""
     return dtype.type(1.0 / 255.0) if X.dtype == np.uint8 else dtype.type(1.0)
