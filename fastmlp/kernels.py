@@ -218,6 +218,8 @@ NARROW_COLUMNS = 16
 MAX_SUM_ROWS = 128
 PACK_VALUES = MAX_SUM_ROWS * BLOCK_COLUMNS  # rows_times_matrix's packed panel
 PACK_MIN_ROWS = 16
+TAIL_ROWS = PACK_VALUES // NARROW_COLUMNS  # source rows of a padded tail panel
+TILE_VALUES = 4 * NARROW_COLUMNS
 
 
 @kernel
@@ -272,13 +274,12 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # column block, source rows go in equal passes of at most sum_rows (and
     # MAX_SUM_ROWS), each continuing the sums the pass before stored (the
     # same additions in the same order as in one pass). The last few
-    # columns go through rows_times_matrix_tile, in one pass. Which path an
-    # output takes depends on the shapes and r0, r1 only, never on the
-    # thread count or the caller (the block is explicit IR, the tile an
-    # ordered_kernel).
+    # columns (fewer than 16) take the same block on a zero-padded panel
+    # (tail_columns). Which path an output takes depends on the shapes and
+    # r0, r1 only, never on the thread count or the caller (the block is
+    # explicit IR), and every path sums in source order.
     blocked = k0 + (k1 - k0) // BLOCK_COLUMNS * BLOCK_COLUMNS
     narrow = blocked + (k1 - blocked) // NARROW_COLUMNS * NARROW_COLUMNS
-    tiled = r0 + (r1 - r0) // 4 * 4
     # each pass packs its rows of the source block into a contiguous panel
     # on the stack that every row group then reads: source rows whose
     # stride is a multiple of 2 KB (512 columns) fall into few L1 sets and
@@ -306,10 +307,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
                 narrow_block(out[:, blocked:], coef[:, t0:t1], panel, r, min(4, r1 - r),
                              t1 - t0, t0 > 0, rest)
     if narrow < k1:
-        for r in range(r0, tiled, 4):
-            rows_times_matrix_tile(out, coef, src, r, 4, nt, narrow, k1)
-        for r in range(tiled, r1):
-            rows_times_matrix_tile(out, coef, src, r, 1, nt, narrow, k1)
+        tail_columns(out, coef, src, packed, r0, r1, nt, narrow, k1)
 
 
 @kernel
@@ -324,81 +322,50 @@ def narrow_block(out, coef, src, r, rows, nt, add, width):
         block_multiply_add(out, coef, src, r, rows, 0, nt, add, 48)
 
 
-@ordered_kernel
-def rows_times_matrix_tile(out, coef, src, r, rows, nt, k0, k1):
-    # out[r:r + rows, k0:k1] as in rows_times_matrix, rows being 4 or 1 (then
-    # the three other rows repeat row r and are neither computed nor
-    # stored). Four output rows share each pass over the columns and take 8
-    # source rows at a time, in order 0..nt-1: 8 source loads and 4 output
-    # loads and stores per 32 multiply-adds. Each sum of eight products is a
-    # fixed tree, short enough to keep the FMA units busy.
-    last = nt - 1
-    ra = r + 1 if rows == 4 else r
-    rb = r + 2 if rows == 4 else r
-    rc = r + 3 if rows == 4 else r
-    g0 = out[r, k0:k1]
-    C = g0.shape[0]
-    for k in range(C):
-        g0[k] = ZERO
-    if rows == 4:
-        out[ra, k0:k1] = ZERO
-        out[rb, k0:k1] = ZERO
-        out[rc, k0:k1] = ZERO
-    c0 = coef[r]
-    for t in range(0, nt, 8):
-        # source rows past nt repeat the last one with a zero coefficient
-        x0 = src[t, k0:k1]
-        x1 = src[min(t + 1, last), k0:k1]
-        x2 = src[min(t + 2, last), k0:k1]
-        x3 = src[min(t + 3, last), k0:k1]
-        x4 = src[min(t + 4, last), k0:k1]
-        x5 = src[min(t + 5, last), k0:k1]
-        x6 = src[min(t + 6, last), k0:k1]
-        x7 = src[min(t + 7, last), k0:k1]
-        t1 = min(t + 1, last)
-        t2 = min(t + 2, last)
-        t3 = min(t + 3, last)
-        t4 = min(t + 4, last)
-        t5 = min(t + 5, last)
-        t6 = min(t + 6, last)
-        t7 = min(t + 7, last)
-        m1 = ONE if t + 1 < nt else ZERO
-        m2 = ONE if t + 2 < nt else ZERO
-        m3 = ONE if t + 3 < nt else ZERO
-        m4 = ONE if t + 4 < nt else ZERO
-        m5 = ONE if t + 5 < nt else ZERO
-        m6 = ONE if t + 6 < nt else ZERO
-        m7 = ONE if t + 7 < nt else ZERO
-        p0 = c0[t]; p1 = c0[t1] * m1; p2 = c0[t2] * m2; p3 = c0[t3] * m3
-        p4 = c0[t4] * m4; p5 = c0[t5] * m5; p6 = c0[t6] * m6; p7 = c0[t7] * m7
-        if rows == 1:
-            for k in range(C):
-                g0[k] += ((p0 * x0[k] + p1 * x1[k]) + (p2 * x2[k] + p3 * x3[k])
-                          + ((p4 * x4[k] + p5 * x5[k]) + (p6 * x6[k] + p7 * x7[k])))
-            continue
-        g1 = out[ra, k0:k1]
-        g2 = out[rb, k0:k1]
-        g3 = out[rc, k0:k1]
-        c1 = coef[ra]
-        c2 = coef[rb]
-        c3 = coef[rc]
-        q0 = c1[t]; q1 = c1[t1] * m1; q2 = c1[t2] * m2; q3 = c1[t3] * m3
-        q4 = c1[t4] * m4; q5 = c1[t5] * m5; q6 = c1[t6] * m6; q7 = c1[t7] * m7
-        u0 = c2[t]; u1 = c2[t1] * m1; u2 = c2[t2] * m2; u3 = c2[t3] * m3
-        u4 = c2[t4] * m4; u5 = c2[t5] * m5; u6 = c2[t6] * m6; u7 = c2[t7] * m7
-        v0 = c3[t]; v1 = c3[t1] * m1; v2 = c3[t2] * m2; v3 = c3[t3] * m3
-        v4 = c3[t4] * m4; v5 = c3[t5] * m5; v6 = c3[t6] * m6; v7 = c3[t7] * m7
-        for k in range(C):
-            y0 = x0[k]; y1 = x1[k]; y2 = x2[k]; y3 = x3[k]
-            y4 = x4[k]; y5 = x5[k]; y6 = x6[k]; y7 = x7[k]
-            g0[k] += ((p0 * y0 + p1 * y1) + (p2 * y2 + p3 * y3)
-                      + ((p4 * y4 + p5 * y5) + (p6 * y6 + p7 * y7)))
-            g1[k] += ((q0 * y0 + q1 * y1) + (q2 * y2 + q3 * y3)
-                      + ((q4 * y4 + q5 * y5) + (q6 * y6 + q7 * y7)))
-            g2[k] += ((u0 * y0 + u1 * y1) + (u2 * y2 + u3 * y3)
-                      + ((u4 * y4 + u5 * y5) + (u6 * y6 + u7 * y7)))
-            g3[k] += ((v0 * y0 + v1 * y1) + (v2 * y2 + v3 * y3)
-                      + ((v4 * y4 + v5 * y5) + (v6 * y6 + v7 * y7)))
+@kernel
+def padded_panel(packed, src, t0, t1, k0, k1):
+    # src[t0:t1, k0:k1] (fewer than NARROW_COLUMNS columns) copied into the
+    # first values of packed as a (t1 - t0, NARROW_COLUMNS) matrix, zero
+    # past column k1 - k0
+    panel = packed[:(t1 - t0) * NARROW_COLUMNS].reshape((t1 - t0, NARROW_COLUMNS))
+    width = k1 - k0
+    for t in range(t0, t1):
+        row = src[t, k0:k1]
+        dst = panel[t - t0]
+        for c in range(width):
+            dst[c] = row[c]
+        for c in range(width, NARROW_COLUMNS):
+            dst[c] = ZERO
+    return panel[:, ::1]
+
+
+@kernel
+def tail_columns(out, coef, src, packed, r0, r1, nt, k0, k1):
+    # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1] for the last
+    # k1 - k0 < NARROW_COLUMNS columns: the same register block as the
+    # others, on a source panel padded with zero columns to NARROW_COLUMNS,
+    # into a tile on the stack whose first k1 - k0 columns are then copied
+    # out. Source rows go in passes of TAIL_ROWS (the padded panel fills
+    # `packed`), each continuing the sums the pass before stored.
+    tile = carray(stack_buffer(TILE_VALUES, out), (4, NARROW_COLUMNS))
+    width = k1 - k0
+    for t0 in range(0, max(nt, 1), TAIL_ROWS):  # once when nt is 0: zeros
+        t1 = min(nt, t0 + TAIL_ROWS)
+        panel = padded_panel(packed, src, t0, t1, k0, k1)
+        for r in range(r0, r1, 4):
+            rows = min(4, r1 - r)
+            for i in range(4):
+                for c in range(NARROW_COLUMNS):
+                    tile[i, c] = ZERO
+            if t0 > 0:
+                for i in range(rows):
+                    for c in range(width):
+                        tile[i, c] = out[r + i, k0 + c]
+            block_multiply_add(tile, coef[r:, t0:t1], panel, 0, rows, 0, t1 - t0,
+                               True, NARROW_COLUMNS)
+            for i in range(rows):
+                for c in range(width):
+                    out[r + i, k0 + c] = tile[i, c]
 
 
 @kernel
