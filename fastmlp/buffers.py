@@ -28,3 +28,11 @@ Data = namedtuple("Data", ["X", "y", "sample_weight", "idx", "scale"])
 # schedules.kernel_state, the per-step learning-rate schedule
 Optimizer = namedtuple("Optimizer", ["grads", "state1", "state2", "hyper", "code", "nesterov",
                                      "schedule"])
+# How each step's batch is formed and summed: `size` rows, split into
+# `ranks` shards of which this process (MPI rank `rank`) trains one. With
+# MPI (distributed.py), allreduce and wtime are the addresses of
+# MPI_Allreduce and MPI_Wtime, datatype, op and comm its handles, reduced
+# the receive buffer (like Optimizer.grads) and tally the flags and
+# counts of distributed.TALLY; for a single process allreduce is 0.
+Batches = namedtuple("Batches", ["size", "rank", "ranks", "allreduce", "wtime", "datatype", "op",
+                                 "comm", "reduced", "tally"])

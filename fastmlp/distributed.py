@@ -2,12 +2,13 @@
 
 Every rank holds the same model and draws the same row order each epoch.
 A step's global batch of B rows is split into contiguous shards, one per
-rank; each rank runs the usual kernels on its shard only
-(`step.shard_gradients`, scaled by the whole batch's total weight, so the
-shards' gradients sum to the batch gradient), then one in-place `Allreduce`
-sums the flat gradient buffer, and every rank applies the same update to the
-same parameters (`step.apply_updates`). The result is single-process
-training with batch size B, up to the order of the gradient sums.
+rank; each rank runs the usual kernels on its shard only (scaled by the
+whole batch's total weight, so the shards' gradients sum to the batch
+gradient), then one `Allreduce` sums the flat gradient buffer, and every
+rank applies the same update to the same parameters. The result is single-process training with batch size B,
+up to the order of the gradient sums. The step loop is the single
+process's own (`step.train_steps`), in compiled code: it calls
+MPI_Allreduce through the library's function pointer (collective.py).
 
 The gradient buffer carries TAIL extra values after the P gradients: the
 shard's loss sum, its score sum and its rank's Ctrl-C flag, so that the
@@ -20,28 +21,14 @@ bit-identical when the ranks run the same build on the same kind of CPU. fit
 checks that at the end of every epoch (a CRC of the parameters on every
 rank) and stops with an error rather than go on with ranks that disagree.
 """
-import math
+import ctypes
 import os
-import time
 import zlib
 
-import numba
 import numpy as np
 
-from .optimizers import ADAM, ADAM_ALPHA, LR, NONE, adam_alpha
-from .schedules import COSINE, KIND, step_lr
-from .step import (
-    LOSS_NOT_FINITE,
-    PARAMS_NOT_FINITE,
-    STEPS_DONE,
-    apply_updates,
-    batch_weight,
-    shard_gradients,
-    transpose_weights,
-)
-
-TAIL = 3
-LOSS_SLOT, SCORE_SLOT, INTERRUPT_SLOT = range(TAIL)
+from .buffers import Batches
+from .step import TAIL, TALLY
 
 MISSING_MPI = ("distributed training needs mpi4py and an MPI library: pip install "
                "'fastmlp[mpi]' (plus 'mpich' where the machine has no MPI of its own), "
@@ -114,71 +101,29 @@ def check_params_agree(comm, params, epoch):
             f"every rank must run the same fastmlp, Numba and CPU type")
 
 
-class ShardedSteps:
-    """fit's `run(step0, step1)` for MPI ranks: the same contract as
-    `step.train_steps` (returns loss sum, weight sum and score sum of the
-    whole global batches, a status and the step it is about), one Allreduce
-    per step. When any rank was interrupted, stops after the current step on
-    every rank and sets interrupt['agreed']."""
+def mpi_batches(comm, batch_size, dtype, n_params):
+    """The step.train_steps Batches of a rank of comm: the addresses of the
+    MPI library's MPI_Allreduce and MPI_Wtime (from the module mpi4py calls
+    them through), and the handles of comm, of dtype and of MPI.SUM, each as
+    wide as the library's handles."""
+    from mpi4py import MPI
+    library = ctypes.CDLL(MPI.__file__)
+    address = [ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+               for name in ("MPI_Allreduce", "MPI_Wtime")]
+    datatype = MPI.FLOAT if np.dtype(dtype) == np.float32 else MPI.DOUBLE
+    handles = [HANDLE_TYPES[MPI._sizeof(kind)](MPI._handleof(handle))
+               for kind, handle in ((MPI.Datatype, datatype), (MPI.Op, MPI.SUM),
+                                    (MPI.Comm, comm))]
+    return Batches(batch_size, comm.rank, comm.size, *address, *handles,
+                   np.empty(n_params + TAIL, dtype), np.zeros(TALLY))
 
-    def __init__(self, comm, model, state, workspace, optimizer, data, batch_size, interrupt):
-        from mpi4py import MPI
-        self.in_place, self.sum = MPI.IN_PLACE, MPI.SUM
-        self.comm, self.model, self.state, self.workspace = comm, model, state, workspace
-        self.optimizer, self.data, self.batch_size = optimizer, data, batch_size
-        self.interrupt = interrupt
-        self.tail = optimizer.grads[model.n_params:]
-        self.reduce_seconds = 0.0  # spent in Allreduce, waiting for other ranks included
-        self.steps = 0
 
-    def compile(self):
-        """Compiles (or loads from cache) both kernels without training: a
-        shard of no rows and an update that changes nothing."""
-        self._shard_gradients(0, 0, self.model.dtype.type(0.0))
-        opt = self.optimizer._replace(code=NONE)
-        apply_updates(self.workspace.work, self.model.network(), opt)
+def local_batches(batch_size, dtype):
+    """The Batches of a single process: one shard, no MPI."""
+    none = np.uint32(0)
+    return Batches(batch_size, 0, 1, 0, 0, none, none, none, np.empty(0, dtype),
+                   np.zeros(TALLY))
 
-    def _shard_gradients(self, start, nrows, inv_total):
-        return shard_gradients(self.workspace.work, self.model.network(), self.optimizer,
-                               self.data, start, nrows, inv_total, numba.get_num_threads())
 
-    def __call__(self, step0, step1):
-        model, state, work = self.model, self.state, self.workspace.work
-        data, grads = self.data, self.optimizer.grads
-        n, B = data.idx.shape[0], self.batch_size
-        loss_sum = weight_sum = score_sum = 0.0
-        # params may have changed since the last call; apply_updates then
-        # keeps the transposed weights current
-        transpose_weights(work.weights_t, model.network())
-        for s in range(step0, step1):
-            start = s * B
-            nrows = min(B, n - start)
-            lo, hi = shard(nrows, self.comm.rank, self.comm.size)
-            total = batch_weight(data.sample_weight, data.idx, start, nrows)
-            inv_total = model.dtype.type(1.0 / total if total > 0 else 0.0)
-            loss, right = self._shard_gradients(start + lo, hi - lo, inv_total)
-            self.tail[LOSS_SLOT] = loss
-            self.tail[SCORE_SLOT] = right
-            self.tail[INTERRUPT_SLOT] = 1.0 if self.interrupt["set"] else 0.0
-            started = time.perf_counter()
-            self.comm.Allreduce(self.in_place, grads, op=self.sum)
-            self.reduce_seconds += time.perf_counter() - started
-            self.steps += 1
-            step_loss = float(self.tail[LOSS_SLOT])
-            if not math.isfinite(step_loss):
-                return loss_sum, weight_sum, score_sum, LOSS_NOT_FINITE, s
-            loss_sum += step_loss
-            weight_sum += total
-            score_sum += float(self.tail[SCORE_SLOT])
-            update = state.updates + s - step0 + 1
-            if self.optimizer.schedule[KIND] == COSINE:
-                state.hyper[LR] = step_lr(self.optimizer.schedule, update)
-            if state.code == ADAM:
-                state.hyper[ADAM_ALPHA] = adam_alpha(float(state.hyper[LR]), update)
-            apply_updates(work, model.network(), self.optimizer)
-            if not math.isfinite(work.task_checks.sum()):
-                return loss_sum, weight_sum, score_sum, PARAMS_NOT_FINITE, s
-            if self.tail[INTERRUPT_SLOT] > 0:
-                self.interrupt["agreed"] = True
-                return loss_sum, weight_sum, score_sum, STEPS_DONE, s + 1
-        return loss_sum, weight_sum, score_sum, STEPS_DONE, step1
+# MPI handles by their size in bytes: MPICH's are ints, Open MPI's pointers
+HANDLE_TYPES = {4: np.uint32, 8: np.uint64}

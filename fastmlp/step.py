@@ -25,6 +25,7 @@ of the parameter and optimizer-state vectors.
 import numpy as np
 from numba import prange
 
+from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import kernel, parallel_kernel
 from .heads import head_backward, head_forward
@@ -359,37 +360,63 @@ def batch_weight(sample_weight, idx, start, nrows):
     return total
 
 
+# Behind the P gradients, the buffer an MPI step sums carries TAIL values:
+# its shard's loss and score sums, and whether its rank was interrupted.
+TAIL = 3
+LOSS_SLOT, SCORE_SLOT, INTERRUPT_SLOT = range(TAIL)
+# Batches.tally: Ctrl-C heard on this rank (set before each call), seconds
+# spent in MPI_Allreduce (other ranks' waits included), its error code
+TALLY = 3
+INTERRUPT_ASKED, REDUCE_SECONDS, REDUCE_ERROR = range(TALLY)
+
+
 @kernel
-def shard_gradients(work, net, opt, data, start, nrows, inv_total, threads):
-    # One MPI rank's share of a step: opt.grads (the first P values) = the
-    # gradient over rows idx[start:start + nrows], scaled by the whole
-    # batch's inv_total, so that the ranks' grads sum to the batch gradient.
-    # nrows may be 0 (a small last batch split over many ranks): every part
-    # is then empty and the gradients zero. Returns (weighted loss sum,
-    # score sum) of these rows.
-    forward_backward(work, net, data, start, nrows, inv_total, np.bool_(True), np.int64(0),
-                     threads)
-    loss, score = sum_row_stats(work.row_stats, nrows)
-    gradients_update(work, net, opt, nrows, np.bool_(False))
-    return loss, score
+def sum_over_ranks(grads, batches, loss, score):
+    # Sums grads (P gradients and the TAIL slots, filled here with this
+    # shard's loss and score) over the MPI ranks, in place; returns False if
+    # MPI_Allreduce failed (its code in batches.tally).
+    P = grads.shape[0] - TAIL
+    tally = batches.tally
+    grads[P + LOSS_SLOT] = loss
+    grads[P + SCORE_SLOT] = score
+    grads[P + INTERRUPT_SLOT] = tally[INTERRUPT_ASKED]
+    started = wall_time(batches.wtime)
+    error = allreduce(batches.allreduce, grads, batches.reduced, batches.datatype, batches.op,
+                      batches.comm)
+    tally[REDUCE_SECONDS] += wall_time(batches.wtime) - started
+    if error != 0:
+        tally[REDUCE_ERROR] = error
+        return False
+    grads[:] = batches.reduced
+    return True
 
 
 # train_steps' status
 STEPS_DONE = 0
 LOSS_NOT_FINITE = 1  # at the returned step, before its update: nothing applied
 PARAMS_NOT_FINITE = 2  # the returned step's update made a parameter NaN or inf
+INTERRUPTED = 3  # a rank was interrupted: every rank stops at the returned step
+REDUCE_FAILED = 4  # MPI_Allreduce failed at the returned step (nothing applied)
 
 
 @kernel
-def train_steps(work, net, opt, data, n_rows, step0, step1, update_count, threads):
-    # Runs steps step0..step1 of an epoch whose rows, in order, are
-    # data.idx[0:n_rows]; step s covers idx[s*B : min((s+1)*B, n_rows)].
-    # update_count is the number of updates done before (Adam's t).
-    # Returns (sum of the weighted per-row losses, total sample weight, sum of
-    # the row scores, status, the step the status is about: step1 when all
-    # went well). Divergence costs one finiteness test of the loss and of the
-    # update's check sum per step.
-    B = work.labels.shape[0]
+def train_steps(work, net, opt, data, batches, step0, step1, update_count, threads):
+    # Runs steps step0..step1 of an epoch whose rows, in order, are data.idx;
+    # step s covers the batch idx[s*B : (s+1)*B] (B = batches.size; the last
+    # one may be short). update_count is the number of updates done before
+    # (Adam's t). Returns (sum of the weighted per-row losses, total sample
+    # weight, sum of the row scores, status, the step the status is about:
+    # step1 when all went well). Divergence costs one finiteness test of the
+    # loss and of the update's check sum per step.
+    # With MPI ranks (batches.allreduce set), this rank runs its shard of
+    # each batch, gradients scaled by the whole batch's weight, then the
+    # ranks sum their gradients, losses and scores (sum_over_ranks) and each
+    # applies the same update: single-process training up to the order of
+    # the sums. Alone, the gradients are summed and applied in one pass.
+    B = batches.size
+    n_rows = data.idx.shape[0]
+    sharded = batches.allreduce != 0
+    P = net.params.shape[0]
     hyper = opt.hyper
     loss_sum = 0.0
     weight_sum = 0.0
@@ -399,14 +426,23 @@ def train_steps(work, net, opt, data, n_rows, step0, step1, update_count, thread
     for s in range(step0, step1):
         start = s * B
         nrows = min(B, n_rows - start)
+        lo = nrows * batches.rank // batches.ranks
+        hi = nrows * (batches.rank + 1) // batches.ranks
         total = batch_weight(data.sample_weight, data.idx, start, nrows)
         # a batch of zero weight has zero gradients (and zero loss)
         inv_total = net.params.dtype.type(1.0 / total if total > 0 else 0.0)
-        # the next step's rows, when this call runs it
-        next_rows = min(B, n_rows - start - nrows) if s + 1 < step1 else 0
-        forward_backward(work, net, data, start, nrows, inv_total, np.bool_(True), next_rows,
-                         threads)
-        step_loss, step_score = sum_row_stats(work.row_stats, nrows)
+        # the next step's rows, when this call runs it (a shard's own rows
+        # of it are not worth working out)
+        next_rows = min(B, n_rows - start - nrows) if s + 1 < step1 and not sharded else 0
+        forward_backward(work, net, data, start + lo, hi - lo, inv_total, np.bool_(True),
+                         next_rows, threads)
+        step_loss, step_score = sum_row_stats(work.row_stats, hi - lo)
+        if sharded:
+            gradients_update(work, net, opt, hi - lo, np.bool_(False))
+            if not sum_over_ranks(opt.grads, batches, step_loss, step_score):
+                return loss_sum, weight_sum, score_sum, REDUCE_FAILED, s
+            step_loss = float(opt.grads[P + LOSS_SLOT])
+            step_score = float(opt.grads[P + SCORE_SLOT])
         score_sum += step_score
         if not finite(step_loss):
             return loss_sum, weight_sum, score_sum, LOSS_NOT_FINITE, s
@@ -417,7 +453,12 @@ def train_steps(work, net, opt, data, n_rows, step0, step1, update_count, thread
             hyper[LR] = step_lr(opt.schedule, update_count)
         if opt.code == ADAM:
             hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
-        gradients_update(work, net, opt, nrows, np.bool_(True))
+        if sharded:
+            apply_updates(work, net, opt)
+        else:
+            gradients_update(work, net, opt, nrows, np.bool_(True))
         if not finite(work.task_checks.sum()):
             return loss_sum, weight_sum, score_sum, PARAMS_NOT_FINITE, s
+        if sharded and opt.grads[P + INTERRUPT_SLOT] > 0:
+            return loss_sum, weight_sum, score_sum, INTERRUPTED, s + 1
     return loss_sum, weight_sum, score_sum, STEPS_DONE, step1

@@ -16,7 +16,18 @@ from .model import Workspace, aligned_zeros
 from .state import OptimizerState, TrainingState
 from .optimizers import DEFAULT_LR, LR, OPTIMIZERS
 from .progress import ProgressPrinter
-from .step import LOSS_NOT_FINITE, PARAMS_NOT_FINITE, STEPS_DONE, train_steps
+from .step import (
+    INTERRUPT_ASKED,
+    INTERRUPTED,
+    LOSS_NOT_FINITE,
+    PARAMS_NOT_FINITE,
+    REDUCE_ERROR,
+    REDUCE_FAILED,
+    REDUCE_SECONDS,
+    STEPS_DONE,
+    TAIL,
+    train_steps,
+)
 from .validation import (
     check_choice,
     check_float,
@@ -204,7 +215,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         if stopper is not None:
             history.best_epoch = stopper.finish()
         if comm is not None:
-            history.allreduce_time, history.allreduce_steps = loop.run.reduce_seconds, loop.run.steps
+            history.allreduce_time = float(loop.batches.tally[REDUCE_SECONDS])
+            history.allreduce_steps = loop.steps
         if interrupt[loop.stop_key]:  # arrived after the last chunk
             raise TrainingInterrupted
     return history
@@ -285,7 +297,7 @@ def record_epoch(history, model, epoch, logs, elapsed, validation):
 class EpochLoop:
     """fit's training loop: the workspace and buffers of one fit, its compile,
     and its epochs run as calls into compiled code of about CHUNK_SECONDS
-    each (`step.train_steps`, or with MPI `distributed.ShardedSteps`)."""
+    each (`step.train_steps`, with MPI too)."""
 
     def __init__(self, model, state, X, y, sample_weight, batch_size, shuffle, sampling, comm):
         self.model, self.state, self.comm = model, state, comm
@@ -304,13 +316,16 @@ class EpochLoop:
                                                            model.dtype)
         # with MPI, the step's loss, score and interrupt flag travel behind
         # the gradients in the one Allreduce
-        grads = aligned_zeros(model.n_params + (0 if comm is None else distributed.TAIL),
+        grads = aligned_zeros(model.n_params + (0 if comm is None else TAIL),
                               model.dtype)
         self.idx = np.empty(n, dtype=np.int64)
         self.data = Data(X, y, sample_weight, self.idx, input_scale(X, model.dtype))
         self.lr = state.settings[0]
         self.buffers = Optimizer(grads, state.state1, state.state2, state.hyper, state.code,
                                  state.nesterov, schedules.kernel_state(state.schedule, self.lr))
+        self.batches = (distributed.local_batches(batch_size, model.dtype) if comm is None else
+                        distributed.mpi_batches(comm, batch_size, model.dtype, model.n_params))
+        self.steps = 0  # steps run (History.allreduce_steps with MPI)
         self.mapping = mapped_file(X)
         if self.mapping is not None:
             # random rows: no read-ahead, so that a chunk makes resident little
@@ -323,7 +338,7 @@ class EpochLoop:
         self.elapsed = 0.0
 
     def step_arguments(self, step0, step1):
-        return (self.workspace.work, self.model.network(), self.buffers, self.data, self.n,
+        return (self.workspace.work, self.model.network(), self.buffers, self.data, self.batches,
                 step0, step1, self.state.updates, numba.get_num_threads())
 
     def compile(self, callbacks, interrupt):
@@ -333,19 +348,28 @@ class EpochLoop:
         self.stop_key = "set" if self.comm is None else "agreed"
         interrupt["agreed"] = False
         self.interrupt = interrupt
-        cached = (jit.ready(train_steps, self.step_arguments(0, 0)) if self.comm is None
-                  else None)
+        cached = jit.ready(train_steps, self.step_arguments(0, 0))
         for callback in callbacks:
             callback.on_compile_begin(cached)
         start = time.perf_counter()
-        if self.comm is None:
-            self.run = lambda step0, step1: train_steps(*self.step_arguments(step0, step1))
-            self.run(0, 0)
-        else:
-            self.run = distributed.ShardedSteps(self.comm, self.model, self.state, self.workspace,
-                                    self.buffers, self.data, self.batch_size, interrupt)
-            self.run.compile()
+        self.run(0, 0)
         return time.perf_counter() - start
+
+    def run(self, step0, step1):
+        """Steps step0..step1 in compiled code (train_steps' results). With
+        MPI, tells the other ranks of an interrupt on this one, and returns
+        STEPS_DONE at the step where the ranks agreed to stop."""
+        tally = self.batches.tally
+        tally[INTERRUPT_ASKED] = 1.0 if self.interrupt["set"] else 0.0
+        *sums, status, at = train_steps(*self.step_arguments(step0, step1))
+        self.steps += at - step0
+        if status == REDUCE_FAILED:
+            raise RuntimeError(f"MPI_Allreduce failed at step {at + 1} with MPI error code "
+                               f"{int(tally[REDUCE_ERROR])}")
+        if status == INTERRUPTED:
+            self.interrupt["agreed"] = True
+            status = STEPS_DONE
+        return (*sums, status, at)
 
     def epoch(self, callbacks, total_epochs, interrupt):
         """Trains the rest of the current epoch; returns its logs (loss, the

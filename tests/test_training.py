@@ -11,6 +11,7 @@ from numba.core.runtime import _nrt_python, rtsys
 import fastmlp
 from fastmlp import reference
 from fastmlp.buffers import Data, Optimizer
+from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, make_hyper
 from fastmlp.progress import Callback
@@ -229,7 +230,8 @@ def test_update_tasks_keep_the_transposed_weights_current():
                           OPTIMIZERS["adam"], False, np.zeros(5))
     data = Data(X, y.astype(np.int32), np.ones(300, model.dtype), np.arange(300),
                 input_scale(X, model.dtype))
-    status = train_steps(ws.work, model.network(), optimizer, data, 300, 0, 30, 0, 2)[3]
+    status = train_steps(ws.work, model.network(), optimizer, data,
+                         local_batches(10, model.dtype), 0, 30, 0, 2)[3]
     assert status == 0
     weights_t, wt_off = ws.work.weights_t, model.network().wt_off
     for l, (fan_in, fan_out) in enumerate([(30, 200), (200, 64)]):
@@ -254,10 +256,11 @@ def test_an_epoch_allocates_nothing():
                           OPTIMIZERS["adam"], False, np.zeros(5))
     data = Data(X, y, np.ones(1000, model.dtype), np.arange(1000), input_scale(X, model.dtype))
     net = model.network()
+    batches = local_batches(10, model.dtype)
 
     def run(steps):
         before = rtsys.get_allocation_stats()
-        train_steps(ws.work, net, optimizer, data, 1000, 0, steps, 0, 2)
+        train_steps(ws.work, net, optimizer, data, batches, 0, steps, 0, 2)
         after = rtsys.get_allocation_stats()
         return after.alloc - before.alloc, after.free - before.free
 
