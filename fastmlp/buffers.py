@@ -11,9 +11,10 @@ from collections import namedtuple
 # each layer's (fan_out, fan_in) weights and biases start in params; wt_off:
 # each layer's transposed block in Work.weights_t; tasks: gradients_update's
 # work list (step.make_tasks); activation, head: kernels.ACTIVATIONS and
-# heads.HEADS codes
+# heads.HEADS codes; operands: the weights the products read, params itself,
+# or for bf16 (bfloat16.py) their copy rounded to bfloat16
 Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", "tasks",
-                                 "activation", "head"])
+                                 "activation", "head", "operands", "bf16"])
 # acts, deltas: every layer's (B, width) block at act_off[l]; labels (B,) or
 # targets (B, K): the batch's targets; row_weights (B,); row_stats (B, 2):
 # each row's weighted loss and score; target_scale (K,): see heads.py;

@@ -17,6 +17,7 @@ from .heads import HEADS
 from .optimizers import DEFAULT_LR, OPTIMIZERS
 from .schedules import Cosine, Step
 from .progress import Callback, ProgressPrinter
+from .validation import check_dtype
 from .training import MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted, fit
 
 EXAMPLES = """examples:
@@ -113,8 +114,11 @@ def build_parser():
                        f"(default: {ARCHITECTURE_DEFAULTS['hidden']})")
     model.add_argument("--activation", choices=["sigmoid", "tanh", "relu"],
                        help=f"(default: {ARCHITECTURE_DEFAULTS['activation']})")
-    model.add_argument("--dtype", choices=["float32", "float64"],
-                       help=f"(default: {ARCHITECTURE_DEFAULTS['dtype']})")
+    model.add_argument("--dtype", choices=["float32", "float64", "bfloat16"],
+                       help="bfloat16: float32 weights and updates, products of values "
+                       "rounded to bfloat16 (emulated in float32: bfloat16's results, "
+                       "float32's speed) "
+                       f"(default: {ARCHITECTURE_DEFAULTS['dtype']})")
     model.add_argument("--init", choices=["normal", "xavier", "he"],
                        help=f"(default: {ARCHITECTURE_DEFAULTS['init']}; xavier for digits "
                        "and --data)")
@@ -260,7 +264,7 @@ def print_summary(model, out):
     for i, (fan_in, fan_out) in enumerate(zip(model.layer_sizes[:-1], model.layer_sizes[1:])):
         kind = model.activation if i < len(model.layer_sizes) - 2 else model.output
         rows.append((f"dense_{i + 1} ({kind})", f"(None, {fan_out})", fan_in * fan_out + fan_out))
-    out.write(f'Model: "{"-".join(map(str, model.layer_sizes))}" ({model.dtype.name})\n')
+    out.write(f'Model: "{"-".join(map(str, model.layer_sizes))}" ({model.precision})\n')
     out.write(f"{'Layer (activation)':<24}{'Output Shape':<16}{'Param #':>10}\n")
     for name, shape, count in rows:
         out.write(f"{name:<24}{shape:<16}{count:>10,}\n")
@@ -330,9 +334,10 @@ def main(argv=None):
         saved = read_model(args, comm)
         source, note = choose_source(args, saved)
         kind = data_kind(source)
-        dtype = saved.dtype if saved is not None else args.dtype or "float32"
+        precision = saved.precision if saved is not None else args.dtype or "float32"
         output = saved.output if saved is not None else args.output or "softmax"
-        data = load_data(args, source, saved, dtype, output, comm)
+        data = load_data(args, source, saved, check_dtype(precision, bfloat16=True), output,
+                         comm)
         if note:
             out.write(note + "\n")
         if args.evaluate:
@@ -476,14 +481,14 @@ def compile_only(args):
     import numpy as np
 
     from .model import MLP
-    dtype = args.dtype or "float32"
+    precision = args.dtype or "float32"
     started = time.perf_counter()
-    for x in (np.zeros((4, 3), np.uint8), np.zeros((4, 3), dtype)):
-        model = MLP([3, 2, 2], dtype=dtype)
+    for x in (np.zeros((4, 3), np.uint8), np.zeros((4, 3), check_dtype(precision, True))):
+        model = MLP([3, 2, 2], dtype=precision)
         fit(model, x, np.array([0, 1, 0, 1]), epochs=1, batch_size=2,
             callbacks=[ProgressPrinter(sys.stdout, epochs=False)])
         model.evaluate(x, np.array([0, 1, 0, 1]))
-    print(f"Kernels ready for this CPU ({dtype}): {time.perf_counter() - started:.1f}s")
+    print(f"Kernels ready for this CPU ({precision}): {time.perf_counter() - started:.1f}s")
     return 0
 
 

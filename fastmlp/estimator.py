@@ -206,9 +206,9 @@ class _BaseMLP(BaseEstimator):
             raise ValueError(f"n_iter_no_change must be >= 1, got {self.n_iter_no_change!r}")
         if self.alpha < 0 or self.learning_rate_init <= 0 or self.tol < 0 or self.power_t < 0:
             raise ValueError("alpha, tol and power_t must be >= 0 and learning_rate_init > 0")
-        if self.dtype not in (None, "float32", "float64", np.float32, np.float64):
-            raise ValueError(f"dtype must be None (the input's), 'float32' or 'float64', "
-                             f"got {self.dtype!r}")
+        if self.dtype not in (None, "float32", "float64", "bfloat16", np.float32, np.float64):
+            raise ValueError(f"dtype must be None (the input's), 'float32', 'float64' or "
+                             f"'bfloat16', got {self.dtype!r}")
 
     def _hidden(self):
         sizes = self.hidden_layer_sizes

@@ -25,6 +25,7 @@ from numba import carray, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .bfloat16 import round_bfloat16
 from .expf import fast_exp
 from .heads import copy_target
 from .jit import kernel, ordered_kernel
@@ -85,19 +86,24 @@ def prefetch_rows(X, idx, start, r0, r1):
 
 @kernel
 def gather_rows(out, labels_out, targets_out, weights_out, X, y, sample_weight, idx, start,
-                scale, r0, r1):
+                scale, bf16, r0, r1):
     # out is (B, C), labels_out and weights_out are (B,), targets_out (B, K),
     # X is (N, C), y is (N,) labels or (N, K) targets, sample_weight is (N,),
     # idx is (>=start+r1,)
     # Row b of the batch is dataset row idx[start + b], times `scale`
-    # (1/255 for uint8 pixels, 1 for floats): uint8 data is never copied whole.
+    # (1/255 for uint8 pixels, 1 for floats), rounded to bfloat16 if bf16:
+    # uint8 data is never copied whole.
     C = out.shape[1]
     for b in range(r0, r1):
         i = idx[start + b]
         src = X[i]
         dst = out[b]
-        for c in range(C):
-            dst[c] = src[c] * scale
+        if bf16:
+            for c in range(C):
+                dst[c] = round_bfloat16(src[c] * scale)
+        else:
+            for c in range(C):
+                dst[c] = src[c] * scale
         copy_target(labels_out, targets_out, y, b, i)
         weights_out[b] = sample_weight[i]
 
@@ -122,6 +128,13 @@ def activate_row(row, activation):
 
 
 @kernel
+def round_row(row):
+    # row rounded to bfloat16 in place (bfloat16.py)
+    for j in range(row.shape[0]):
+        row[j] = round_bfloat16(row[j])
+
+
+@kernel
 def activation_derivative(a, activation):
     # the derivative at the pre-activation, written with the output a
     if activation == SIGMOID:
@@ -134,10 +147,11 @@ def activation_derivative(a, activation):
 
 
 @kernel
-def dense_forward(out, inp, weight, weight_t, bias, activation, r0, r1):
+def dense_forward(out, inp, weight, weight_t, bias, activation, bf16, r0, r1):
     # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is (C, OCT)
     # holding weight[:OCT].T, bias is (OC,)
-    # out = activation(inp @ weight.T + bias) for rows r0:r1.
+    # out = activation(inp @ weight.T + bias) for rows r0:r1, rounded to
+    # bfloat16 if bf16.
     # Outputs 0:OCT (OCT a multiple of BLOCK_COLUMNS, see
     # transposed_outputs) are rows of inp times weight_t through
     # rows_times_matrix's register blocks (about 1.5x the rate of the dot
@@ -160,6 +174,8 @@ def dense_forward(out, inp, weight, weight_t, bias, activation, r0, r1):
             for j in range(OC):
                 o[j] += bias[j]
             activate_row(o, activation)
+            if bf16:
+                round_row(o)
 
 
 @kernel
@@ -175,12 +191,25 @@ def transpose_weight_block(weight_t, weight, j0, j1, k0, k1):
                 dst[j] = weight[j, k]
 
 
+@kernel
+def round_columns(out, src, k0, k1):
+    # out and src are (OC, C)
+    # out[:, k0:k1] = src[:, k0:k1] rounded to bfloat16: the weights' copy
+    # that bfloat16 products read
+    for j in range(out.shape[0]):
+        dst = out[j, k0:k1]
+        row = src[j, k0:k1]
+        for k in range(dst.shape[0]):
+            dst[k] = round_bfloat16(row[k])
+
+
 @ordered_kernel
-def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
+def dense_backward_input(dinp, dout, weight, inp, activation, bf16, r0, r1):
     # dinp is (B, C), dout is (B, OC), weight is (OC, C), inp is (B, C)
-    # dinp = (dout @ weight) * activation'(inp) for rows r0:r1, where inp is
-    # the previous layer's output: the delta of the previous layer's
-    # pre-activation, ready for its own weight gradient. An ordered_kernel:
+    # dinp = (dout @ weight) * activation'(inp) for rows r0:r1 (rounded to
+    # bfloat16 if bf16), where inp is the previous layer's output: the delta
+    # of the previous layer's pre-activation, ready for its own weight
+    # gradient. An ordered_kernel:
     # with `reassoc`, g * (a * (1 - a)) could become (g * a) * (1 - a) in one
     # caller and not in another (seen: a fresh compile and the cached one
     # trained to different parameters).
@@ -192,6 +221,8 @@ def dense_backward_input(dinp, dout, weight, inp, activation, r0, r1):
         a = inp[b]
         for k in range(C):
             g[k] *= activation_derivative(a[k], activation)
+        if bf16:
+            round_row(g)
 
 
 @kernel

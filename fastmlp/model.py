@@ -131,7 +131,10 @@ class MLP:
         self.layer_sizes = check_layer_sizes(layer_sizes, output)
         check_activation(activation)
         self.activation = activation
-        self.dtype = check_dtype(dtype)
+        self.dtype = check_dtype(dtype, bfloat16=True)
+        # "float32", "float64" or "bfloat16" (float32 buffers, bfloat16 products)
+        self.precision = ("bfloat16" if isinstance(dtype, str) and dtype == "bfloat16"
+                          else self.dtype.name)
         self.init = check_choice("init", init, INITS)
         self.init_scale = check_float("init_scale", init_scale, minimum=0.0)
         self.seed = seed
@@ -144,6 +147,7 @@ class MLP:
         self.flat_targets = self.layer_sizes[-1] == 1
         self.params = aligned_zeros(n_params, self.dtype)
         self.weights, self.biases = self.layer_views(self.params)
+        self._operands = self._operand_buffer()
         # set by fit and kept, so that a second fit (or a loaded file) continues
         self.optimizer_state = None
         self.training_state = None
@@ -166,10 +170,18 @@ class MLP:
             else:
                 w[...] = np.sqrt(2.0 / fan_in) * rng.standard_normal(w.shape)
 
+    def _operand_buffer(self):
+        # what the products read the weights from (buffers.Network.operands):
+        # params, or for bfloat16 a rounded copy that the kernels keep current
+        if self.precision == "bfloat16":
+            return aligned_zeros(self.params.size, self.dtype)
+        return self.params
+
     def __getstate__(self):
-        # weights and biases are views of params: rebuilt after unpickling
+        # weights and biases are views of params, operands params or a copy
+        # made from them: rebuilt after unpickling
         state = dict(self.__dict__)
-        del state["weights"], state["biases"]
+        del state["weights"], state["biases"], state["_operands"]
         return state
 
     def __setstate__(self, state):
@@ -178,9 +190,11 @@ class MLP:
             state.setdefault(key, value)  # pickled by an earlier fastmlp
         if "_wt_off" not in state:
             state["_wt_off"] = transposed_layout(state["layer_sizes"])[0]
+        state.setdefault("precision", state["dtype"].name)
         self.__dict__.update(state)
         self.params = aligned_copy(self.params)
         self.weights, self.biases = self.layer_views(self.params)
+        self._operands = self._operand_buffer()
 
     def save(self, path):
         """Writes the model, with its optimizer and training state, to path
@@ -243,11 +257,12 @@ class MLP:
     def network(self):
         """The parameters and their layout as the kernels take them."""
         return Network(self.params, self._sizes, self.w_off, self.b_off, self._wt_off,
-                       self._tasks, self.activation_code, HEADS[self.output])
+                       self._tasks, self.activation_code, HEADS[self.output], self._operands,
+                       self.precision == "bfloat16")
 
     def __repr__(self):
         return (f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "
-                f"output={self.output!r}, dtype={self.dtype.name!r}, params={self.n_params})")
+                f"output={self.output!r}, dtype={self.precision!r}, params={self.n_params})")
 
     # ------------------------------------------------------------------
     # kernels on a whole array

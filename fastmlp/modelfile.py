@@ -85,7 +85,7 @@ def header(model):
     return {
         "model": {"layer_sizes": list(model.layer_sizes), "activation": model.activation,
                   "output": model.output, "flat_targets": model.flat_targets,
-                  "dtype": model.dtype.name, "init": model.init, "init_scale": model.init_scale},
+                  "dtype": model.precision, "init": model.init, "init_scale": model.init_scale},
         "optimizer": None if opt is None else {
             "name": opt.name, "lr": opt.settings[0], "momentum": opt.settings[1],
             "nesterov": opt.settings[2], "weight_decay": opt.settings[3],
@@ -253,8 +253,9 @@ def check_layer_sizes(sizes, output="softmax"):
 
 
 def check_dtype(name):
-    require(name in ("float32", "float64"), "unknown dtype")
-    return np.dtype(name).newbyteorder("<")
+    # the tensors' dtype for a model's dtype setting
+    require(name in ("float32", "float64", "bfloat16"), "unknown dtype")
+    return np.dtype("float32" if name == "bfloat16" else name).newbyteorder("<")
 
 
 def build_model(settings, params, state):

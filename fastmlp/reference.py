@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from .bfloat16 import round_array
 from .heads import oracle_loss_and_delta, oracle_output
 
 ACTIVATION = {
@@ -43,15 +44,18 @@ def softmax(z):
     return oracle_output("softmax", z)
 
 
-def forward(weights, biases, X, activation, output="softmax", logits=None):
+def forward(weights, biases, X, activation, output="softmax", logits=None, bfloat16=False):
     """Every layer's output: [X, A_1, ..., the head's outputs]. logits, a
-    list, receives the last layer's pre-activations."""
+    list, receives the last layer's pre-activations. bfloat16: the products
+    read the input, hidden activations and weights rounded to bfloat16, as
+    the kernels do (fastmlp/bfloat16.py)."""
     dtype = weights[0].dtype
-    acts = [as_input(X, dtype)]
+    low = round_array if bfloat16 else (lambda a: a)
+    acts = [low(as_input(X, dtype))]
     for l, (W, b) in enumerate(zip(weights, biases)):
-        z = acts[-1] @ W + b
+        z = acts[-1] @ low(W) + b
         if l < len(weights) - 1:
-            acts.append(ACTIVATION[activation](z))
+            acts.append(low(ACTIVATION[activation](z)))
         else:
             acts.append(oracle_output(output, z))
             if logits is not None:
@@ -60,21 +64,25 @@ def forward(weights, biases, X, activation, output="softmax", logits=None):
 
 
 def loss_and_gradients(weights, biases, X, y, activation, sample_weight=None,
-                       output="softmax"):
+                       output="softmax", bfloat16=False):
     """(mean loss, dweights, dbiases) for the batch X, y under the output
-    head's loss; with sample_weight, the weighted mean."""
+    head's loss; with sample_weight, the weighted mean. bfloat16: products
+    of values rounded to bfloat16 (inputs, activations, weights, deltas),
+    as in forward."""
+    low = round_array if bfloat16 else (lambda a: a)
     logits = []
-    acts = forward(weights, biases, X, activation, output, logits)
+    acts = forward(weights, biases, X, activation, output, logits, bfloat16)
     n = len(y)
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)
     share = w / w.sum() if w.sum() > 0 else np.zeros(n)  # zero weight: zero gradient
     losses, delta = oracle_loss_and_delta(output, logits[0], acts[-1], y, share)
+    delta = low(delta)
     dweights, dbiases = [None] * len(weights), [None] * len(weights)
     for l in range(len(weights) - 1, -1, -1):
         dweights[l] = acts[l].T @ delta
         dbiases[l] = delta.sum(axis=0)
         if l > 0:
-            delta = (delta @ weights[l].T) * DERIVATIVE[activation](acts[l])
+            delta = low((delta @ low(weights[l]).T) * DERIVATIVE[activation](acts[l]))
     if sample_weight is not None and np.sum(sample_weight) == 0:
         return 0.0, dweights, dbiases  # a batch of zero weight counts for nothing
     return float(np.average(losses, weights=sample_weight)), dweights, dbiases
@@ -104,10 +112,11 @@ def adam_step(params, grads, m, v, t, lr, weight_decay, decays):
 
 def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
           momentum=0.9, nesterov=False, weight_decay=0.0, sample_weight=None,
-          output="softmax"):
+          output="softmax", bfloat16=False):
     """Trains the lists weights and biases in place over `batches` (a list of
     row-index arrays), one update each; returns the loss of every batch. lr
-    is one learning rate, or a list of one per batch (a schedule)."""
+    is one learning rate, or a list of one per batch (a schedule). bfloat16:
+    float32 weights and updates, bfloat16 products (see forward)."""
     lrs = list(lr) if np.ndim(lr) else [lr] * len(batches)
     params = list(weights) + list(biases)
     decays = [1] * len(weights) + [0] * len(biases)  # no decay on biases
@@ -117,7 +126,7 @@ def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
     for t, (rows, lr) in enumerate(zip(batches, lrs), start=1):
         batch_weight = None if sample_weight is None else sample_weight[rows]
         loss, dweights, dbiases = loss_and_gradients(weights, biases, X[rows], y[rows], activation,
-                                                     batch_weight, output)
+                                                     batch_weight, output, bfloat16)
         losses.append(loss)
         grads = dweights + dbiases
         if optimizer == "sgd":

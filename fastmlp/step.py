@@ -40,6 +40,8 @@ from .kernels import (
     finite,
     gather_rows,
     prefetch_rows,
+    round_columns,
+    round_row,
     transpose_weight_block,
     transposed_outputs,
 )
@@ -156,8 +158,9 @@ TRANSPOSE_PIECES = 8
 
 @parallel_kernel
 def transpose_weights(weights_t, net):
-    # every layer's transposed block from its weights: needed after params
-    # change anywhere but in task_update, which keeps the blocks current
+    # every layer's transposed block from its weights (and, for bfloat16,
+    # the rounded weights first): needed after params change anywhere but
+    # in task_update, which keeps both current
     L = net.sizes.shape[0] - 1
     for p in prange(L * TRANSPOSE_PIECES):
         l = p // TRANSPOSE_PIECES
@@ -165,9 +168,12 @@ def transpose_weights(weights_t, net):
         C = net.sizes[l]
         OC = net.sizes[l + 1]
         OCT = transposed_outputs(OC)
-        transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT),
-                               view2d(net.params, net.w_off, l, OC, C), 0, OCT,
-                               piece * C // TRANSPOSE_PIECES, (piece + 1) * C // TRANSPOSE_PIECES)
+        k0 = piece * C // TRANSPOSE_PIECES
+        k1 = (piece + 1) * C // TRANSPOSE_PIECES
+        weight = view2d(net.operands, net.w_off, l, OC, C)
+        if net.bf16:
+            round_columns(weight, view2d(net.params, net.w_off, l, OC, C), k0, k1)
+        transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT), weight, 0, OCT, k0, k1)
 
 
 @kernel
@@ -215,27 +221,32 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
         fp_control = flush_subnormals()
         gather_rows(view2d(acts, act_off, 0, B, sizes[0]), work.labels, work.targets,
                     work.row_weights, data.X, data.y, data.sample_weight, data.idx, start,
-                    data.scale, r0, r1)
+                    data.scale, net.bf16, r0, r1)
         for l in range(L):
+            hidden = l < L - 1  # the logits stay float32 (bfloat16.py)
             dense_forward(view2d(acts, act_off, l + 1, B, sizes[l + 1]),
                           view2d(acts, act_off, l, B, sizes[l]),
-                          view2d(net.params, net.w_off, l, sizes[l + 1], sizes[l]),
+                          view2d(net.operands, net.w_off, l, sizes[l + 1], sizes[l]),
                           view2d(work.weights_t, net.wt_off, l, sizes[l],
                                  transposed_outputs(sizes[l + 1])),
                           net.params[net.b_off[l]:net.b_off[l] + sizes[l + 1]],
-                          net.activation if l < L - 1 else IDENTITY, r0, r1)
+                          net.activation if hidden else IDENTITY, net.bf16 and hidden, r0, r1)
         out = view2d(acts, act_off, L, B, sizes[L])
         head_forward(out, work.row_stats, work.labels, work.targets, work.row_weights,
                      work.target_scale, net.head, r0, r1)
         if backward:
-            head_backward(view2d(work.deltas, act_off, L, B, sizes[L]), out, work.labels,
-                          work.targets, work.row_weights, inv_total, net.head, r0, r1)
+            dout = view2d(work.deltas, act_off, L, B, sizes[L])
+            head_backward(dout, out, work.labels, work.targets, work.row_weights, inv_total,
+                          net.head, r0, r1)
+            if net.bf16:
+                for b in range(r0, r1):
+                    round_row(dout[b])
             for l in range(L - 1, 0, -1):
                 dense_backward_input(view2d(work.deltas, act_off, l, B, sizes[l]),
                                      view2d(work.deltas, act_off, l + 1, B, sizes[l + 1]),
-                                     view2d(net.params, net.w_off, l, sizes[l + 1], sizes[l]),
+                                     view2d(net.operands, net.w_off, l, sizes[l + 1], sizes[l]),
                                      view2d(acts, act_off, l, B, sizes[l]),
-                                     net.activation, r0, r1)
+                                     net.activation, net.bf16, r0, r1)
         write_fp_control(fp_control)
 
 
@@ -298,14 +309,18 @@ def task_update(weights_t, net, opt, t):
                                  hyper[ADAM_ALPHA], hyper[BETA1], hyper[BETA2], hyper[EPSILON],
                                  decay)
     if tasks[t, 1] == WEIGHT_TASK and opt.code != NONE:
-        # the new weights, still in cache, into dense_forward's transposed block
+        # the new weights, still in cache, rounded for bfloat16 and into
+        # dense_forward's transposed block
         C = sizes[l]
         OC = sizes[l + 1]
         OCT = transposed_outputs(OC)
         j0 = tasks[t, 2]
+        if net.bf16:
+            round_columns(view2d(net.operands, net.w_off, l, OC, C)[j0:tasks[t, 3]],
+                          view2d(params, net.w_off, l, OC, C)[j0:tasks[t, 3]], k0, k1)
         if j0 < OCT:
             transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT),
-                                   view2d(params, net.w_off, l, OC, C), j0,
+                                   view2d(net.operands, net.w_off, l, OC, C), j0,
                                    min(tasks[t, 3], OCT), k0, k1)
     return check
 

@@ -11,10 +11,16 @@ INPUT_DTYPES = (np.uint8, np.float32, np.float64)
 FINITE_CHECK_ROWS = 8192  # rows per block when scanning for NaN/inf
 
 
-def check_dtype(dtype):
+def check_dtype(dtype, bfloat16=False):
+    """The numpy dtype of a model's buffers for `dtype`: float32 or float64,
+    and with bfloat16=True also "bfloat16" (float32 buffers, see
+    fastmlp/bfloat16.py)."""
+    if bfloat16 and isinstance(dtype, str) and dtype == "bfloat16":
+        return np.dtype(np.float32)
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        choices = "'float32', 'float64' or 'bfloat16'" if bfloat16 else "'float32' or 'float64'"
+        raise ValueError(f"dtype must be {choices}, got {dtype!r}")
     return np.dtype(DTYPES[name])
 
 

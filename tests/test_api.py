@@ -109,7 +109,7 @@ def test_fit_rejects_bad_input_with_a_clear_message(change, message):
     (dict(layer_sizes=[3, 1]), "at least 2 classes"),
     (dict(layer_sizes=5), "sequence of integers"),
     (dict(activation="softplus"), "unknown activation 'softplus'"),
-    (dict(dtype="float16"), "dtype must be 'float32' or 'float64'"),
+    (dict(dtype="float16"), "dtype must be 'float32', 'float64' or 'bfloat16'"),
     (dict(init="orthogonal"), "unknown init"),
 ])
 def test_model_rejects_bad_settings(kwargs, message):

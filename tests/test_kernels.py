@@ -81,7 +81,7 @@ def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
     weight_t = np.full((C, OCT), 7.0)
     kernels.transpose_weight_block(weight_t, weight, 0, OCT, 0, C)
     assert (weight_t == weight[:OCT].T).all()
-    kernels.dense_forward(out, inp, weight, weight_t, bias, code, r0, r1)
+    kernels.dense_forward(out, inp, weight, weight_t, bias, code, False, r0, r1)
     z = inp[r0:r1] @ weight.T + bias
     expected = z if activation == "identity" else reference.ACTIVATION[activation](z)
     assert relative_error(out[r0:r1], expected) < 1e-13
@@ -97,7 +97,7 @@ def test_dense_backward_input(activation, C, OC, rng):
     weight = rng.standard_normal((OC, C))
     inp = reference.ACTIVATION[activation](rng.standard_normal((6, C)))
     dinp = np.full((6, C), 7.0)
-    kernels.dense_backward_input(dinp, dout, weight, inp, code, 1, 5)
+    kernels.dense_backward_input(dinp, dout, weight, inp, code, False, 1, 5)
     expected = (dout @ weight) * reference.DERIVATIVE[activation](inp)
     assert relative_error(dinp[1:5], expected[1:5]) < 1e-13
     assert (dinp[0] == 7.0).all() and (dinp[5] == 7.0).all()
@@ -196,14 +196,15 @@ def test_gather_rows_scales_uint8_and_follows_index(rng):
     weights = np.zeros(5, np.float32)
     scale = np.float32(1 / 255)
     targets = np.zeros((5, 2), np.float32)
-    kernels.gather_rows(out, labels, targets, weights, X, y, sample_weight, idx, 10, scale, 0, 5)
+    kernels.gather_rows(out, labels, targets, weights, X, y, sample_weight, idx, 10, scale, False, 0, 5)
     assert np.array_equal(out, X[idx[10:15]].astype(np.float32) * scale)
     assert np.array_equal(labels, y[idx[10:15]])
     assert np.array_equal(weights, sample_weight[idx[10:15]])
     assert (targets == 0).all()
     # float targets (linear and sigmoid heads) go to targets, labels untouched
     y2 = rng.standard_normal((20, 2)).astype(np.float32)
-    kernels.gather_rows(out, labels, targets, weights, X, y2, sample_weight, idx, 3, scale, 1, 5)
+    kernels.gather_rows(out, labels, targets, weights, X, y2, sample_weight, idx, 3, scale,
+                        False, 1, 5)
     assert np.array_equal(targets[1:5], y2[idx[4:8]]) and (targets[0] == 0).all()
     assert np.array_equal(labels, y[idx[10:15]])
 
@@ -229,10 +230,12 @@ def test_float32_kernels_never_widen_to_float64():
     labels = np.zeros(4, np.int32)
     compiled = {
         "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, inp.T.copy(), vec,
-                                    0, 0, 4),
+                                    0, True, 0, 4),
         "transpose_weight_block": float32_ir(kernels.transpose_weight_block, inp.T.copy(), weight,
                                              0, 0, 0, 8),
-        "dense_backward_input": float32_ir(kernels.dense_backward_input, inp, out, weight, inp, 0, 0, 4),
+        "dense_backward_input": float32_ir(kernels.dense_backward_input, inp, out, weight, inp, 0,
+                                           True, 0, 4),
+        "round_columns": float32_ir(kernels.round_columns, weight, weight, 0, 8),
         "dense_backward_weight": float32_ir(kernels.dense_backward_weight, weight, out, inp, 0, 3, 4, 0, 8),
         "dense_backward_bias": float32_ir(kernels.dense_backward_bias, vec, out, 4),
         "softmax_crossentropy_backward": float32_ir(
