@@ -25,9 +25,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from workloads import WORKLOADS, flops_per_epoch, sgemm_gflops  # noqa: E402
 
-PEERS = ["fastmlp", "numpy", "torch", "torch_bf16", "sklearn", "jax", "keras"]
-MODULE_OF = {"fastmlp": "fastmlp", "numpy": "numpy", "torch": "torch", "torch_bf16": "torch",
-             "sklearn": "sklearn", "jax": "jax", "keras": "keras"}
+PEERS = ["fastmlp", "fastmlp_bf16", "numpy", "torch", "torch_bf16", "sklearn", "jax", "keras"]
+MODULE_OF = {"fastmlp": "fastmlp", "fastmlp_bf16": "fastmlp", "numpy": "numpy",
+             "torch": "torch", "torch_bf16": "torch", "sklearn": "sklearn", "jax": "jax",
+             "keras": "keras"}
 
 
 def load_data():
@@ -45,11 +46,11 @@ def initial_weights(sizes, seed=0):
     return weights, [np.zeros(s, np.float32) for s in sizes[1:]]
 
 
-def run_fastmlp(workload, data, epochs):
+def run_fastmlp(workload, data, epochs, dtype="float32"):
     import fastmlp
     sizes, activation, batch_size, lr = WORKLOADS[workload]
     x_train, y_train, x_test, y_test = data
-    model = fastmlp.MLP(sizes, activation=activation)
+    model = fastmlp.MLP(sizes, activation=activation, dtype=dtype)
     weights, biases = initial_weights(sizes)
     for w, w0 in zip(model.weights, weights):
         w[...] = w0
@@ -60,6 +61,11 @@ def run_fastmlp(workload, data, epochs):
     history = fastmlp.fit(model, x_train, y_train, epochs=epochs, batch_size=batch_size,
                           lr=lr, seed=0)
     return history.history["epoch_time"], model.evaluate(x_test, y_test)[1]
+
+
+def run_fastmlp_bf16(workload, data, epochs):
+    # dtype="bfloat16": bfloat16 products (emulated in float32 on every CPU)
+    return run_fastmlp(workload, data, epochs, dtype="bfloat16")
 
 
 def run_numpy(workload, data, epochs):
@@ -316,9 +322,12 @@ def machine_summary():
                          if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from fastmlp.bfloat16 import native_support
     name, bits = compiled_target()
+    bf16 = ", ".join(native_support()) or "none"
     return (f"CPU: {model}; LLVM CPU name: {name}; microkernels: {bits}-bit vectors, "
-            f"4 rows x up to {panel_vectors(bits)} vectors")
+            f"4 rows x up to {panel_vectors(bits)} vectors; bfloat16 instructions: {bf16} "
+            f"(fastmlp_bf16 emulates them in float32)")
 
 
 def child(peer, workload, epochs):
@@ -370,26 +379,26 @@ def main(argv=None):
         flops = flops_per_epoch(sizes)
         print(f"\n{workload}: {sizes} {activation}, SGD lr {lr}, batch {batch_size}; "
               f"{flops / 1e9:.1f} GFLOP/epoch, limit at sgemm peak {peak * 1e9 / flops:.2f} epochs/s")
-        print(f"{'peer':10} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
+        print(f"{'peer':12} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
               f"{'RSS MB':>7}  BLAS")
         rates = {}
         for peer in args.peers.split(","):
             if importlib.util.find_spec(MODULE_OF[peer]) is None or f"run_{peer}" not in globals():
-                print(f"{peer:10} skipped: not installed here")
+                print(f"{peer:12} skipped: not installed here")
                 continue
             if peer in ("numpy", "sklearn") and workload == "W3":
-                print(f"{peer:10} skipped: too slow for W3")
+                print(f"{peer:12} skipped: too slow for W3")
                 continue
             out = subprocess.run([sys.executable, __file__, "--epochs", str(args.epochs),
                                   "--child", peer, workload], capture_output=True, text=True)
             if out.returncode != 0:
-                print(f"{peer:10} failed: {out.stderr.strip().splitlines()[-1:]}")
+                print(f"{peer:12} failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue
             result = json.loads(out.stdout.strip().splitlines()[-1])
             rate = 1 / float(np.median(result["epoch_times"]))
             rates[peer] = rate
             ratio = rates.get("fastmlp", float("nan")) / rate
-            print(f"{peer:10} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
+            print(f"{peer:12} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
                   f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {result['blas']}")
     if args.sklearn:
         compare_estimators(args.rounds)
