@@ -352,7 +352,7 @@ class MLP:
         empty = np.zeros(0, self.dtype)
         optimizer = Optimizer(grads, empty, empty, make_hyper(self.dtype, 0.0, 0.0, 0.0), NONE,
                               False, np.zeros(5))
-        gradients_update(workspace.work, self.network(), optimizer, n, False)
+        gradients_update(workspace.work, self.network(), optimizer, n, True, False)
         loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()
         dweights, dbiases = self.layer_views(grads)
         return loss, dweights, dbiases

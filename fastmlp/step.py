@@ -326,32 +326,23 @@ def task_update(weights_t, net, opt, t):
 
 
 @parallel_kernel
-def gradients_update(work, net, opt, nrows, update):
-    # Computes the gradient of every parameter over batch rows 0:nrows into
-    # opt.grads, then (with update) applies the optimizer while it is hot in
-    # cache; work.task_checks[t] is NaN when task t produced a non-finite
-    # parameter, else 0.
+def gradients_update(work, net, opt, nrows, gradients, update):
+    # With gradients, computes the gradient of every parameter over batch
+    # rows 0:nrows into opt.grads; then, with update, applies the optimizer
+    # to them (while they are hot in cache, when both are asked; MPI ranks
+    # sum their gradients in between). work.task_checks[t] is NaN when task
+    # t produced a non-finite parameter, else 0.
     # (The checks array is taken out of the tuple first: Numba's parfor pass
     # drops a store into an array read off a tuple inside the loop body.)
     task_checks = work.task_checks
     for t in prange(net.tasks.shape[0]):
         fp_control = flush_subnormals()
-        task_gradient(opt.grads, work, net, t, nrows)
+        if gradients:
+            task_gradient(opt.grads, work, net, t, nrows)
         check = 0.0
         if update:
             check = task_update(work.weights_t, net, opt, t)
         task_checks[t] = check
-        write_fp_control(fp_control)
-
-
-@parallel_kernel
-def apply_updates(work, net, opt):
-    # the update half of gradients_update, for gradients summed elsewhere
-    # (over MPI ranks)
-    task_checks = work.task_checks  # out of the tuple: see gradients_update
-    for t in prange(net.tasks.shape[0]):
-        fp_control = flush_subnormals()
-        task_checks[t] = task_update(work.weights_t, net, opt, t)
         write_fp_control(fp_control)
 
 
@@ -402,7 +393,9 @@ def sum_over_ranks(grads, batches, loss, score):
     if error != 0:
         tally[REDUCE_ERROR] = error
         return False
-    grads[:] = batches.reduced
+    reduced = batches.reduced
+    for i in range(grads.shape[0]):  # (a loop: `grads[:] =` compiles for seconds)
+        grads[i] = reduced[i]
     return True
 
 
@@ -453,7 +446,7 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
                          next_rows, threads)
         step_loss, step_score = sum_row_stats(work.row_stats, hi - lo)
         if sharded:
-            gradients_update(work, net, opt, hi - lo, np.bool_(False))
+            gradients_update(work, net, opt, hi - lo, np.bool_(True), np.bool_(False))
             if not sum_over_ranks(opt.grads, batches, step_loss, step_score):
                 return loss_sum, weight_sum, score_sum, REDUCE_FAILED, s
             step_loss = float(opt.grads[P + LOSS_SLOT])
@@ -468,10 +461,9 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
             hyper[LR] = step_lr(opt.schedule, update_count)
         if opt.code == ADAM:
             hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
-        if sharded:
-            apply_updates(work, net, opt)
-        else:
-            gradients_update(work, net, opt, nrows, np.bool_(True))
+        # alone: gradients and update in one pass; with MPI: the update of
+        # the summed gradients
+        gradients_update(work, net, opt, nrows, np.bool_(not sharded), np.bool_(True))
         if not finite(work.task_checks.sum()):
             return loss_sum, weight_sum, score_sum, PARAMS_NOT_FINITE, s
         if sharded and opt.grads[P + INTERRUPT_SLOT] > 0:
