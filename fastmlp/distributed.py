@@ -59,11 +59,6 @@ def rank_threads(comm):
     return max(1, len(mine) // sharers)
 
 
-def shard(nrows, rank, size):
-    """Rows [lo, hi) of a batch of nrows that a rank trains on."""
-    return nrows * rank // size, nrows * (rank + 1) // size
-
-
 def data_digest(array):
     """A CRC of an array's values, to check that ranks hold the same labels."""
     return zlib.crc32(np.ascontiguousarray(array).view(np.uint8).ravel())

@@ -366,6 +366,12 @@ def batch_weight(sample_weight, idx, start, nrows):
     return total
 
 
+@kernel
+def shard(nrows, rank, ranks):
+    # rows [lo, hi) of a batch of nrows that MPI rank `rank` of `ranks` trains
+    return nrows * rank // ranks, nrows * (rank + 1) // ranks
+
+
 # Behind the P gradients, the buffer an MPI step sums carries TAIL values:
 # its shard's loss and score sums, and whether its rank was interrupted.
 TAIL = 3
@@ -434,8 +440,7 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
     for s in range(step0, step1):
         start = s * B
         nrows = min(B, n_rows - start)
-        lo = nrows * batches.rank // batches.ranks
-        hi = nrows * (batches.rank + 1) // batches.ranks
+        lo, hi = shard(nrows, batches.rank, batches.ranks)
         total = batch_weight(data.sample_weight, data.idx, start, nrows)
         # a batch of zero weight has zero gradients (and zero loss)
         inv_total = net.params.dtype.type(1.0 / total if total > 0 else 0.0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastmlp
-from fastmlp import distributed
+from fastmlp.step import shard
 
 from conftest import relative_error
 from mpi_worker import fit_kwargs, problem
@@ -209,7 +209,7 @@ def test_distributed_without_mpi4py_says_what_to_install():
 def test_shards_cover_every_row_once():
     for nrows in (0, 1, 2, 5, 37, 128):
         for size in (1, 2, 3, 7):
-            bounds = [distributed.shard(nrows, rank, size) for rank in range(size)]
+            bounds = [shard(nrows, rank, size) for rank in range(size)]
             assert bounds[0][0] == 0 and bounds[-1][1] == nrows
             assert all(bounds[r][1] == bounds[r + 1][0] for r in range(size - 1))
             assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
