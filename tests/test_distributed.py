@@ -213,3 +213,89 @@ def test_shards_cover_every_row_once():
             assert bounds[0][0] == 0 and bounds[-1][1] == nrows
             assert all(bounds[r][1] == bounds[r + 1][0] for r in range(size - 1))
             assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
+
+
+def fake_allreduce(calls, error=0):
+    """A C function with MPI_Allreduce's signature (handles 64 bits wide, as
+    Open MPI's pointers; an int handle arrives in the low half): records its
+    arguments and doubles the float64 values into the receive buffer."""
+    import ctypes
+    prototype = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)
+
+    def allreduce(send, receive, count, datatype, op, comm):
+        calls.append((count, datatype & 0xFFFFFFFF, op & 0xFFFFFFFF, comm & 0xFFFFFFFF))
+        values = (ctypes.c_double * count).from_address(send)
+        out = (ctypes.c_double * count).from_address(receive)
+        for i in range(count):
+            out[i] = 2 * values[i]
+        return error
+
+    function = prototype(allreduce)
+    return function, ctypes.cast(function, ctypes.c_void_p).value
+
+
+@pytest.mark.parametrize("handle", [np.uint32, np.uint64])
+def test_allreduce_reaches_the_library_with_its_handles(handle):
+    import numba
+    from fastmlp.collective import allreduce
+
+    @numba.njit
+    def call(address, send, receive, datatype, op, comm):
+        return allreduce(address, send, receive, datatype, op, comm)
+
+    calls = []
+    function, address = fake_allreduce(calls)
+    send, receive = np.arange(5, dtype=np.float64), np.zeros(5)
+    assert call(address, send, receive, handle(7), handle(0x58000003), handle(0x44000000)) == 0
+    assert calls == [(5, 7, 0x58000003, 0x44000000)]
+    assert np.array_equal(receive, 2 * send)
+
+
+def test_a_failed_allreduce_stops_training_with_its_error_code():
+    # fit with a one-rank communicator whose MPI_Allreduce (a fake) fails
+    from fastmlp import training
+    from fastmlp.buffers import Batches
+    calls = []
+    function, address = fake_allreduce(calls, error=15)
+    model = fastmlp.MLP([4, 3, 2], dtype="float64", seed=0)
+    X, y = np.random.default_rng(0).standard_normal((40, 4)), np.arange(40) % 2
+
+    def fake_batches(comm, batch_size, dtype, n_params):
+        none = np.uint32(0)
+        return Batches(batch_size, 0, 1, address, WTIME_ADDRESS, none, none, none,
+                       np.empty(n_params + 3, dtype), np.zeros(3))
+
+    class OneRank:  # what fit asks of a communicator
+        rank, size = 0, 1
+
+        def allgather(self, value):
+            return [value]
+
+        def bcast(self, value, root=0):
+            return value
+
+        def Bcast(self, array, root=0):
+            pass
+
+    original = training.distributed.mpi_batches, training.distributed.rank_threads
+    training.distributed.mpi_batches = fake_batches
+    training.distributed.rank_threads = lambda comm: 1
+    try:
+        with pytest.raises(RuntimeError, match="MPI_Allreduce failed at step 1 with MPI error "
+                                               "code 15"):
+            fastmlp.fit(model, X, y, batch_size=10, comm=OneRank())
+    finally:
+        training.distributed.mpi_batches, training.distributed.rank_threads = original
+    assert calls and calls[0][0] == model.n_params + 3
+
+
+def _wtime():
+    import ctypes
+    import time
+    prototype = ctypes.CFUNCTYPE(ctypes.c_double)
+    function = prototype(time.perf_counter)
+    return function, ctypes.cast(function, ctypes.c_void_p).value
+
+
+_WTIME, WTIME_ADDRESS = _wtime()
