@@ -5,10 +5,11 @@ A step's global batch of B rows is split into contiguous shards, one per
 rank; each rank runs the usual kernels on its shard only (scaled by the
 whole batch's total weight, so the shards' gradients sum to the batch
 gradient), then one `Allreduce` sums the flat gradient buffer, and every
-rank applies the same update to the same parameters. The result is single-process training with batch size B,
-up to the order of the gradient sums. The step loop is the single
-process's own (`step.train_steps`), in compiled code: it calls
-MPI_Allreduce through the library's function pointer (collective.py).
+rank applies the same update to the same parameters. The result is
+single-process training with batch size B, up to the order of the gradient
+sums. The step loop is the single process's own (`step.train_steps`), in
+compiled code: it calls MPI_Allreduce through the library's function
+pointer (collective.py).
 
 The gradient buffer carries TAIL extra values after the P gradients: the
 shard's loss sum, its score sum and its rank's Ctrl-C flag, so that the
