@@ -44,13 +44,18 @@ def softmax(z):
     return oracle_output("softmax", z)
 
 
+def operand_rounding(bfloat16):
+    """What a product's operands go through: rounding to bfloat16, or nothing."""
+    return round_array if bfloat16 else (lambda a: a)
+
+
 def forward(weights, biases, X, activation, output="softmax", logits=None, bfloat16=False):
     """Every layer's output: [X, A_1, ..., the head's outputs]. logits, a
     list, receives the last layer's pre-activations. bfloat16: the products
     read the input, hidden activations and weights rounded to bfloat16, as
     the kernels do (fastmlp/bfloat16.py)."""
     dtype = weights[0].dtype
-    low = round_array if bfloat16 else (lambda a: a)
+    low = operand_rounding(bfloat16)
     acts = [low(as_input(X, dtype))]
     for l, (W, b) in enumerate(zip(weights, biases)):
         z = acts[-1] @ low(W) + b
@@ -69,7 +74,7 @@ def loss_and_gradients(weights, biases, X, y, activation, sample_weight=None,
     head's loss; with sample_weight, the weighted mean. bfloat16: products
     of values rounded to bfloat16 (inputs, activations, weights, deltas),
     as in forward."""
-    low = round_array if bfloat16 else (lambda a: a)
+    low = operand_rounding(bfloat16)
     logits = []
     acts = forward(weights, biases, X, activation, output, logits, bfloat16)
     n = len(y)
