@@ -18,9 +18,11 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # acts, deltas: every layer's (B, width) block at act_off[l]; labels (B,) or
 # targets (B, K): the batch's targets; row_weights (B,); row_stats (B, 2):
 # each row's weighted loss and score; target_scale (K,): see heads.py;
-# task_checks (T,): the update check sums; weights_t: transposed weights
+# task_checks (T,): the update check sums; weights_t: transposed weights;
+# balance: how the parallel regions share work between threads (balance.py)
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
-                           "row_stats", "target_scale", "task_checks", "weights_t"])
+                           "row_stats", "target_scale", "task_checks", "weights_t",
+                           "balance"])
 # X (N, C) rows, y (N,) labels or (N, K) targets, sample_weight (N,), idx:
 # the epoch's row order, scale: 1/255 for uint8 X, else 1
 Data = namedtuple("Data", ["X", "y", "sample_weight", "idx", "scale"])

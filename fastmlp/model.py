@@ -6,6 +6,7 @@ import threading
 import numba
 import numpy as np
 
+from .balance import make_balance
 from .buffers import Data, Network, Optimizer, Work
 from .heads import HEADS, METRICS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
@@ -107,7 +108,8 @@ class Workspace:
             row_stats=np.zeros((batch_size, 2), np.float64),  # per-row loss, score
             target_scale=np.zeros(n_outputs, dtype),
             task_checks=np.zeros(len(make_tasks(layer_sizes)), np.float64),
-            weights_t=aligned_zeros(n_transposed, dtype))
+            weights_t=aligned_zeros(n_transposed, dtype),
+            balance=make_balance(numba.config.NUMBA_NUM_THREADS))
         self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,
@@ -352,7 +354,8 @@ class MLP:
         empty = np.zeros(0, self.dtype)
         optimizer = Optimizer(grads, empty, empty, make_hyper(self.dtype, 0.0, 0.0, 0.0), NONE,
                               False, np.zeros(5))
-        gradients_update(workspace.work, self.network(), optimizer, n, True, False)
+        gradients_update(workspace.work, self.network(), optimizer, n, True, False,
+                         numba.get_num_threads())
         loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()
         dweights, dbiases = self.layer_views(grads)
         return loss, dweights, dbiases

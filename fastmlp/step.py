@@ -3,11 +3,12 @@
 A step is two parallel regions:
 
 1. `forward_backward`: the batch is cut into one contiguous part per
-   thread, at multiples of 4 rows. Each part gathers its rows from the
-   dataset, runs every layer forward, the output head (heads.py: softmax
-   and cross-entropy, say), and every delta backward. Rows are independent, so parts need no synchronisation
-   between layers, and no row's result depends on the cut: the kernels group
-   rows by 4 from multiples of 4. Each row writes its loss into its own
+   thread, at multiples of 4 rows, sized by each thread's measured speed
+   (balance.py). Each part gathers its rows from the dataset, runs every
+   layer forward, the output head (heads.py: softmax and cross-entropy,
+   say), and every delta backward. Rows are independent, so parts need no
+   synchronisation between layers, and no row's result depends on the
+   cut: the kernels group rows by 4 from multiples of 4. Each row writes its loss into its own
    slot, summed afterwards in row order. Few, large parts let a block of
    weights serve many rows while it is in cache (W3 4% faster than with 16
    parts of 8 rows, W2 6%, measured).
@@ -17,6 +18,8 @@ A step is two parallel regions:
    order, and then applies the optimizer update to those same values while
    they are hot in cache. One writer per parameter: no atomics, no
    per-thread slabs, and the result is bit-identical for any thread count.
+   Each thread runs a contiguous share of the task list, also sized by
+   its measured speed.
 
 `train_steps` runs steps step0..step1 in one call, so an epoch costs one
 Python call. Nothing is allocated: every array is a view of the workspace or
@@ -25,6 +28,7 @@ of the parameter and optimizer-state vectors.
 import numpy as np
 from numba import prange
 
+from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import kernel, parallel_kernel
@@ -183,16 +187,6 @@ def view2d(flat, offsets, index, rows, cols):
     return flat[start:start + rows * cols].reshape((rows, cols))
 
 
-@kernel
-def part_bounds(nrows, part, parts):
-    # rows [r0, r1) of part `part` of `parts` for a batch of nrows: the
-    # batch's 4-row tiles dealt out evenly
-    tiles = (nrows + 3) // 4
-    r0 = min(nrows, part * tiles // parts * 4)
-    r1 = min(nrows, (part + 1) * tiles // parts * 4)
-    return r0, r1
-
-
 @parallel_kernel
 def forward_backward(work, net, data, start, nrows, inv_total, backward, next_rows, threads):
     # work, net, data: see buffers.py. Rows 0:nrows of the batch are dataset
@@ -203,7 +197,8 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     # layer l's pre-activation, at work.act_off[l] in work.deltas).
     # Each part starts by prefetching its share of the next batch, the
     # next_rows rows at idx[start + nrows:] (the same part runs on the same
-    # thread next time, under prange's static schedule). threads is the
+    # thread next time, under prange's static schedule, which balance.py
+    # relies on too). threads is the
     # number of parts to cut (numba.get_num_threads() in the caller: called
     # here, it would keep the kernel out of Numba's cache).
     sizes = net.sizes
@@ -212,10 +207,13 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     B = work.labels.shape[0]
     L = sizes.shape[0] - 1
     parts = max(1, min(threads, (max(nrows, next_rows) + 3) // 4))
+    balance = work.balance  # (out of the tuple: see gradients_update)
+    fold_timings(balance, FORWARD, parts)
     for part in prange(parts):
-        n0, n1 = part_bounds(next_rows, part, parts)
+        started = cycles()
+        n0, n1 = share_rows(balance, FORWARD, next_rows, part, parts)
         prefetch_rows(data.X, data.idx, start + nrows, n0, n1)
-        r0, r1 = part_bounds(nrows, part, parts)
+        r0, r1 = share_rows(balance, FORWARD, nrows, part, parts)
         if r0 == r1:  # fewer tiles than parts
             continue
         fp_control = flush_subnormals()
@@ -248,6 +246,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
                                      view2d(acts, act_off, l, B, sizes[l]),
                                      net.activation, net.bf16, r0, r1)
         write_fp_control(fp_control)
+        record(balance, FORWARD, part, started, r1 - r0)
 
 
 @kernel
@@ -325,25 +324,69 @@ def task_update(weights_t, net, opt, t):
     return check
 
 
+@kernel
+def task_weight(net, t):
+    # a task's estimated cost: the weights it computes (a bias task sums a
+    # batch of deltas per bias: cheap)
+    tasks = net.tasks
+    if tasks[t, 1] == WEIGHT_TASK:
+        return (tasks[t, 3] - tasks[t, 2]) * (tasks[t, 5] - tasks[t, 4])
+    if tasks[t, 1] == BIAS_TASK:
+        return net.sizes[tasks[t, 0] + 1]
+    return 0
+
+
+@kernel
+def share_first_task(balance, net, part, parts):
+    # the first task of part `part`'s share of the task list (the list's
+    # length for part = parts): the first whose cost midpoint lies at or
+    # past the part's point on the cumulative cost
+    T = net.tasks.shape[0]
+    if part >= parts:
+        return T
+    total = 0
+    for t in range(T):
+        total += task_weight(net, t)
+    point = share_point(balance, GRADIENTS, part, parts) * total
+    before = 0
+    for t in range(T):
+        cost = task_weight(net, t)
+        if before + 0.5 * cost >= point:
+            return t
+        before += cost
+    return T
+
+
 @parallel_kernel
-def gradients_update(work, net, opt, nrows, gradients, update):
+def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # With gradients, computes the gradient of every parameter over batch
     # rows 0:nrows into opt.grads; then, with update, applies the optimizer
     # to them (while they are hot in cache, when both are asked; MPI ranks
     # sum their gradients in between). work.task_checks[t] is NaN when task
-    # t produced a non-finite parameter, else 0.
-    # (The checks array is taken out of the tuple first: Numba's parfor pass
+    # t produced a non-finite parameter, else 0. Each of `threads` parts
+    # runs a contiguous share of the task list (balance.py).
+    # (The arrays are taken out of the tuple first: Numba's parfor pass
     # drops a store into an array read off a tuple inside the loop body.)
     task_checks = work.task_checks
-    for t in prange(net.tasks.shape[0]):
+    balance = work.balance
+    parts = max(1, threads)
+    fold_timings(balance, GRADIENTS, parts)
+    for part in prange(parts):
+        started = cycles()
         fp_control = flush_subnormals()
-        if gradients:
-            task_gradient(opt.grads, work, net, t, nrows)
-        check = 0.0
-        if update:
-            check = task_update(work.weights_t, net, opt, t)
-        task_checks[t] = check
+        t0 = share_first_task(balance, net, part, parts)
+        t1 = share_first_task(balance, net, part + 1, parts)
+        done = 0
+        for t in range(t0, t1):
+            if gradients:
+                task_gradient(opt.grads, work, net, t, nrows)
+            check = 0.0
+            if update:
+                check = task_update(work.weights_t, net, opt, t)
+            task_checks[t] = check
+            done += task_weight(net, t)
         write_fp_control(fp_control)
+        record(balance, GRADIENTS, part, started, done)
 
 
 @kernel
@@ -451,7 +494,7 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
                          next_rows, threads)
         step_loss, step_score = sum_row_stats(work.row_stats, hi - lo)
         if sharded:
-            gradients_update(work, net, opt, hi - lo, np.bool_(True), np.bool_(False))
+            gradients_update(work, net, opt, hi - lo, np.bool_(True), np.bool_(False), threads)
             if not sum_over_ranks(opt.grads, batches, step_loss, step_score):
                 return loss_sum, weight_sum, score_sum, REDUCE_FAILED, s
             step_loss = float(opt.grads[P + LOSS_SLOT])
@@ -468,7 +511,8 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
             hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
         # alone: gradients and update in one pass; with MPI: the update of
         # the summed gradients
-        gradients_update(work, net, opt, nrows, np.bool_(not sharded), np.bool_(True))
+        gradients_update(work, net, opt, nrows, np.bool_(not sharded), np.bool_(True),
+                         threads)
         if not finite(work.task_checks.sum()):
             return loss_sum, weight_sum, score_sum, PARAMS_NOT_FINITE, s
         if sharded and opt.grads[P + INTERRUPT_SLOT] > 0:

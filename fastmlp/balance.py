@@ -1,0 +1,114 @@
+"""Sharing a parallel region's work between threads by their measured speed.
+
+Both parallel regions of a step cut their work into one contiguous share per
+thread: `forward_backward` the batch's rows (at 4-row tiles), and
+`gradients_update` its task list (by the tasks' estimated cost). Equal
+shares assume equal cores, which a user's CPU need not have (performance and
+efficiency cores), nor a virtual machine's (a core shared with another guest
+ran the same forward pass 1.4x slower than its sibling, measured with
+`taskset`, and which core was slow changed from minute to minute).
+
+So each share is timed (the CPU's cycle counter, at its start and end) and
+the next region of the same phase cuts its shares in proportion to each
+thread's speed over the last ones (work per cycle, smoothed). No computed
+value depends on the cut: rows are independent, and a task's result does not
+depend on the thread that runs it. With one thread nothing changes.
+
+`balance` (make_balance) holds, per phase and per part: its smoothed speed,
+and the cycles and work of its last run (folded into the speed when the
+next region of that phase starts).
+"""
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .jit import kernel
+
+FORWARD, GRADIENTS = range(2)  # the phases
+SPEED, CYCLES, DONE = range(3)
+# the newest speed's weight in the smoothed one
+SMOOTHING = 0.5
+# no share is cut smaller than this fraction of an equal one, nor larger than
+# its inverse: a thread stalled once (preempted) gets work back soon
+MIN_SHARE = 0.25
+
+
+def make_balance(max_parts):
+    """The balance state of a workspace, for up to max_parts threads."""
+    return np.zeros((2, 3, max_parts), np.float64)
+
+
+@intrinsic
+def cycles(typingctx):
+    # the CPU's cycle counter (rdtsc on x86), as an int64
+    def codegen(context, builder, signature, args):
+        counter = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(64), []), "llvm.readcyclecounter")
+        return builder.call(counter, [])
+    return types.int64(), codegen
+
+
+@kernel
+def fold_timings(balance, phase, parts):
+    # before a region: each part's last run, if any, into its smoothed speed
+    for p in range(min(parts, balance.shape[2])):
+        done = balance[phase, DONE, p]
+        spent = balance[phase, CYCLES, p]
+        if done > 0 and spent > 0:
+            speed = done / spent
+            old = balance[phase, SPEED, p]
+            balance[phase, SPEED, p] = speed if old <= 0 else (
+                SMOOTHING * speed + (1.0 - SMOOTHING) * old)
+        balance[phase, DONE, p] = 0.0
+        balance[phase, CYCLES, p] = 0.0
+
+
+@kernel
+def share_weight(balance, phase, p, parts):
+    # part p's share of the work relative to an equal one's 1.0: its speed
+    # over the mean speed, clamped; 1.0 until every part has been timed
+    if parts > balance.shape[2]:
+        return 1.0
+    total = 0.0
+    for q in range(parts):
+        speed = balance[phase, SPEED, q]
+        if speed <= 0:
+            return 1.0
+        total += speed
+    weight = balance[phase, SPEED, p] * parts / total
+    return min(max(weight, MIN_SHARE), 1.0 / MIN_SHARE)
+
+
+@kernel
+def share_point(balance, phase, q, parts):
+    # where part q's share starts on the unit interval (1.0 for q = parts).
+    # Both neighbours of a cut call this with the same q: the same value.
+    if q >= parts:
+        return 1.0
+    before = 0.0
+    total = 0.0
+    for i in range(parts):
+        weight = share_weight(balance, phase, i, parts)
+        if i < q:
+            before += weight
+        total += weight
+    return before / total
+
+
+@kernel
+def share_rows(balance, phase, nrows, part, parts):
+    # rows [r0, r1) of part `part` of a batch of nrows, cut at 4-row tiles
+    tiles = (nrows + 3) // 4
+    t0 = int(share_point(balance, phase, part, parts) * tiles + 0.5)
+    t1 = int(share_point(balance, phase, part + 1, parts) * tiles + 0.5)
+    return min(nrows, t0 * 4), min(nrows, t1 * 4)
+
+
+@kernel
+def record(balance, phase, part, started, done):
+    # after part `part` ran `done` units of work from cycle `started`
+    if part < balance.shape[2]:
+        balance[phase, CYCLES, part] = cycles() - started
+        balance[phase, DONE, part] = done

@@ -1,0 +1,122 @@
+"""Work shared between threads by their measured speed (balance.py): every
+row and task is covered once whatever the speeds, faster threads get more,
+and the parameters stay bit-identical to one thread's."""
+import numba
+import numpy as np
+import pytest
+
+from fastmlp.balance import (
+    CYCLES,
+    DONE,
+    FORWARD,
+    GRADIENTS,
+    MIN_SHARE,
+    SPEED,
+    fold_timings,
+    make_balance,
+    share_rows,
+)
+from fastmlp.buffers import Data, Optimizer
+from fastmlp.distributed import local_batches
+from fastmlp.model import Workspace
+from fastmlp.optimizers import OPTIMIZERS, make_hyper
+from fastmlp.step import make_tasks, share_first_task, task_weight, train_steps
+from fastmlp.validation import input_scale
+
+from conftest import random_problem
+
+SPEEDS = [[1.0, 1.0], [1.0, 1.4], [1.4, 1.0], [3.0, 1.0], [1.0, 100.0],
+          [1.0, 2.0, 3.0, 0.5], [0.0, 1.0, 1.0]]
+
+
+def balance_with(phase, speeds):
+    balance = make_balance(4)
+    balance[phase, SPEED, :len(speeds)] = speeds
+    return balance
+
+
+@pytest.mark.parametrize("speeds", SPEEDS)
+@pytest.mark.parametrize("nrows", [1, 3, 4, 17, 100, 200, 1021])
+def test_rows_are_cut_once_at_tiles_in_proportion_to_speed(speeds, nrows):
+    parts = len(speeds)
+    balance = balance_with(FORWARD, speeds)
+    cuts = [share_rows(balance, FORWARD, nrows, p, parts) for p in range(parts)]
+    assert cuts[0][0] == 0 and cuts[-1][1] == nrows
+    for (_, end), (start, _) in zip(cuts[:-1], cuts[1:]):
+        assert end == start
+        assert start % 4 == 0 or start == nrows
+    rows = np.array([r1 - r0 for r0, r1 in cuts])
+    assert (rows >= 0).all()
+    if nrows >= 200 and min(speeds) > 0:
+        weights = np.clip(np.array(speeds) * parts / sum(speeds), MIN_SHARE, 1 / MIN_SHARE)
+        want = nrows * weights / weights.sum()
+        assert np.abs(rows - want).max() <= 4  # within one tile
+    if min(speeds) <= 0:  # a part not timed yet: equal shares, to a tile
+        assert rows.max() - rows.min() <= 4 + (-nrows % 4)
+
+
+@pytest.mark.parametrize("speeds", SPEEDS)
+@pytest.mark.parametrize("sizes", [[784, 50, 10], [100, 128, 64, 2], [3, 1, 7, 2]])
+def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
+    model, _, _ = random_problem(sizes, 8, "relu", np.float32, seed=0)
+    net = model.network()
+    parts = len(speeds)
+    balance = balance_with(GRADIENTS, speeds)
+    firsts = [share_first_task(balance, net, p, parts) for p in range(parts + 1)]
+    assert firsts[0] == 0 and firsts[-1] == len(make_tasks(sizes))
+    assert firsts == sorted(firsts)
+    if min(speeds) > 0:
+        # each cut lies within half a task of its ideal point
+        costs = np.array([task_weight(net, t) for t in range(len(net.tasks))])
+        done = np.array([costs[a:b].sum() for a, b in zip(firsts[:-1], firsts[1:])])
+        weights = np.clip(np.array(speeds) * parts / sum(speeds), MIN_SHARE, 1 / MIN_SHARE)
+        want = costs.sum() * weights / weights.sum()
+        assert (np.abs(done - want) <= costs.max()).all()
+
+
+def test_timings_become_smoothed_speeds():
+    balance = make_balance(2)
+    balance[FORWARD, DONE] = [100, 100]
+    balance[FORWARD, CYCLES] = [1000, 2000]
+    fold_timings(balance, FORWARD, 2)
+    assert balance[FORWARD, SPEED].tolist() == [100 / 1000, 100 / 2000]
+    assert (balance[FORWARD, DONE] == 0).all() and (balance[FORWARD, CYCLES] == 0).all()
+    balance[FORWARD, DONE] = [100, 0]  # part 1 had no rows: its speed stays
+    balance[FORWARD, CYCLES] = [500, 0]
+    fold_timings(balance, FORWARD, 2)
+    assert balance[FORWARD, SPEED].tolist() == [0.5 * 0.2 + 0.5 * 0.1, 100 / 2000]
+    assert (balance[GRADIENTS] == 0).all()
+
+
+def run_steps(threads, speeds, steps=6):
+    """Parameters after `steps` Adam steps of 40 rows, with the workspace's
+    balance state preset to `speeds` in both phases."""
+    model, X, y = random_problem([30, 70, 64, 5], 400, "tanh", np.float32, seed=3)
+    ws = Workspace(model.layer_sizes, 40, model.dtype)
+    ws.work.balance[:, SPEED, :len(speeds)] = speeds
+    grads, m, v = (np.zeros_like(model.params) for _ in range(3))
+    optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
+                          OPTIMIZERS["adam"], False, np.zeros(5))
+    data = Data(X, y.astype(np.int32), np.ones(400, model.dtype), np.arange(400),
+                input_scale(X, model.dtype))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        status = train_steps(ws.work, model.network(), optimizer, data,
+                             local_batches(40, model.dtype), 0, steps, 0, threads)[3]
+    finally:
+        numba.set_num_threads(previous)
+    assert status == 0
+    return model.params.copy(), ws.work.balance.copy()
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
+@pytest.mark.parametrize("speeds", [[1.0, 4.0], [4.0, 1.0], [1.0, 1.0]])
+def test_any_cut_trains_bit_identical_parameters(speeds):
+    one, _ = run_steps(1, [1.0])
+    two, balance = run_steps(2, speeds)
+    assert np.array_equal(one, two)
+    # every step timed both threads' shares
+    assert (balance[:, SPEED, :2] > 0).all()
+    # and one step of different training differs: the comparison can fail
+    assert not np.array_equal(one, run_steps(1, [1.0], steps=5)[0])
