@@ -248,7 +248,7 @@ NARROW_COLUMNS = 16
 # 1.2x faster in two passes of 100, measured).
 MAX_SUM_ROWS = 128
 PACK_VALUES = MAX_SUM_ROWS * BLOCK_COLUMNS  # rows_times_matrix's packed panel
-PACK_MIN_ROWS = 16
+PACK_MIN_ROWS = 32
 TAIL_ROWS = PACK_VALUES // NARROW_COLUMNS  # source rows of a padded tail panel
 TILE_VALUES = 4 * NARROW_COLUMNS
 
@@ -317,7 +317,9 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # would be fetched from L2 again for every row group
     packed = carray(stack_buffer(PACK_VALUES, out), PACK_VALUES)
     # a panel read by few row groups is not worth its copy (W3's weight
-    # gradient tasks of 16 rows: 7.7-8.1 to 5.4-7.4 ms a step on Zen 3)
+    # gradient tasks of 16 rows: 7.7-8.1 to 5.4-7.4 ms a step on Zen 3; the
+    # tasks of 24 and 32 rows of W1 and the regression benchmark: their
+    # gradients 1.2x and 1.07x faster unpacked)
     pack = r1 - r0 > PACK_MIN_ROWS
     passes = max(1, -(-nt // min(sum_rows, MAX_SUM_ROWS)))
     step = max(1, -(-nt // passes))  # equal passes that fit the panel

@@ -356,3 +356,22 @@ def test_rows_times_matrix_blocks_and_remainders(C, nt, sum_rows, dtype, tol, rn
         if nt:
             assert relative_error(out[1:10, 64:], expected[:, 64:]) < tol
         assert (out[:, :64] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_panels_give_the_unpacked_values(dtype, rng):
+    # more than PACK_MIN_ROWS output rows read the source through a packed
+    # copy; the same rows in calls of at most PACK_MIN_ROWS read it in place:
+    # the same multiply-adds in the same order, so the same bits
+    rows = kernels.PACK_MIN_ROWS * 2 + 5
+    nt, C = 150, 150
+    coef = rng.standard_normal((rows, nt)).astype(dtype)
+    src = rng.standard_normal((nt, C)).astype(dtype)
+    packed = np.zeros((rows, C), dtype)
+    kernels.rows_times_matrix(packed, coef, src, 0, rows, nt, 0, C, nt)
+    unpacked = np.zeros((rows, C), dtype)
+    for r0 in range(0, rows, kernels.PACK_MIN_ROWS):
+        kernels.rows_times_matrix(unpacked, coef, src, r0, min(rows, r0 + kernels.PACK_MIN_ROWS),
+                                  nt, 0, C, nt)
+    assert np.array_equal(packed, unpacked)
+    assert relative_error(packed, coef.astype(np.float64) @ src) < 1e-5
