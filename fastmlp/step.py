@@ -8,10 +8,10 @@ A step is two parallel regions:
    layer forward, the output head (heads.py: softmax and cross-entropy,
    say), and every delta backward. Rows are independent, so parts need no
    synchronisation between layers, and no row's result depends on the
-   cut: the kernels group rows by 4 from multiples of 4. Each row writes its loss into its own
-   slot, summed afterwards in row order. Few, large parts let a block of
-   weights serve many rows while it is in cache (W3 4% faster than with 16
-   parts of 8 rows, W2 6%, measured).
+   cut: the kernels group rows by 4 from multiples of 4. Each row writes
+   its loss into its own slot, summed afterwards in row order. Few, large
+   parts let a block of weights serve many rows while it is in cache (W3
+   4% faster than with 16 parts of 8 rows, W2 6%, measured).
 2. `gradients_update`: weight gradients are sums over the batch, so they are
    split by *parameter* instead: each task owns a block of weight rows and
    columns (or one layer's bias), sums over all rows of the batch in row
@@ -198,9 +198,9 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     # Each part starts by prefetching its share of the next batch, the
     # next_rows rows at idx[start + nrows:] (the same part runs on the same
     # thread next time, under prange's static schedule, which balance.py
-    # relies on too). threads is the
-    # number of parts to cut (numba.get_num_threads() in the caller: called
-    # here, it would keep the kernel out of Numba's cache).
+    # relies on too). threads is the number of parts to cut
+    # (numba.get_num_threads() in the caller: called here, it would keep the
+    # kernel out of Numba's cache).
     sizes = net.sizes
     acts = work.acts
     act_off = work.act_off
@@ -325,9 +325,10 @@ def task_update(weights_t, net, opt, t):
 
 
 @kernel
-def task_weight(net, t):
-    # a task's estimated cost: the weights it computes (a bias task sums a
-    # batch of deltas per bias: cheap)
+def task_work(net, t):
+    # a task's estimated cost, in compiled code: the weights it computes (a
+    # bias task sums a batch of deltas per bias: cheap; task_cost, which
+    # deals the tasks into bins, counts it as nothing)
     tasks = net.tasks
     if tasks[t, 1] == WEIGHT_TASK:
         return (tasks[t, 3] - tasks[t, 2]) * (tasks[t, 5] - tasks[t, 4])
@@ -346,11 +347,11 @@ def share_first_task(balance, net, part, parts):
         return T
     total = 0
     for t in range(T):
-        total += task_weight(net, t)
+        total += task_work(net, t)
     point = share_point(balance, GRADIENTS, part, parts) * total
     before = 0
     for t in range(T):
-        cost = task_weight(net, t)
+        cost = task_work(net, t)
         if before + 0.5 * cost >= point:
             return t
         before += cost
@@ -384,7 +385,7 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
             if update:
                 check = task_update(work.weights_t, net, opt, t)
             task_checks[t] = check
-            done += task_weight(net, t)
+            done += task_work(net, t)
         write_fp_control(fp_control)
         record(balance, GRADIENTS, part, started, done)
 

@@ -20,7 +20,7 @@ from fastmlp.buffers import Data, Optimizer
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, make_hyper
-from fastmlp.step import make_tasks, share_first_task, task_weight, train_steps
+from fastmlp.step import make_tasks, share_first_task, task_work, train_steps
 from fastmlp.validation import input_scale
 
 from conftest import random_problem
@@ -67,7 +67,7 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
     assert firsts == sorted(firsts)
     if min(speeds) > 0:
         # each cut lies within half a task of its ideal point
-        costs = np.array([task_weight(net, t) for t in range(len(net.tasks))])
+        costs = np.array([task_work(net, t) for t in range(len(net.tasks))])
         done = np.array([costs[a:b].sum() for a, b in zip(firsts[:-1], firsts[1:])])
         weights = np.clip(np.array(speeds) * parts / sum(speeds), MIN_SHARE, 1 / MIN_SHARE)
         want = costs.sum() * weights / weights.sum()
