@@ -338,16 +338,22 @@ def task_work(net, t):
 
 
 @kernel
-def share_first_task(balance, net, part, parts):
+def total_work(net):
+    # the estimated cost of the whole task list
+    total = 0
+    for t in range(net.tasks.shape[0]):
+        total += task_work(net, t)
+    return total
+
+
+@kernel
+def share_first_task(balance, net, total, part, parts):
     # the first task of part `part`'s share of the task list (the list's
     # length for part = parts): the first whose cost midpoint lies at or
-    # past the part's point on the cumulative cost
+    # past the part's point on the cumulative cost (of `total` in all)
     T = net.tasks.shape[0]
     if part >= parts:
         return T
-    total = 0
-    for t in range(T):
-        total += task_work(net, t)
     point = share_point(balance, GRADIENTS, part, parts) * total
     before = 0
     for t in range(T):
@@ -372,11 +378,12 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     balance = work.balance
     parts = max(1, threads)
     fold_timings(balance, GRADIENTS, parts)
+    total = total_work(net)
     for part in prange(parts):
         started = cycles()
         fp_control = flush_subnormals()
-        t0 = share_first_task(balance, net, part, parts)
-        t1 = share_first_task(balance, net, part + 1, parts)
+        t0 = share_first_task(balance, net, total, part, parts)
+        t1 = share_first_task(balance, net, total, part + 1, parts)
         done = 0
         for t in range(t0, t1):
             if gradients:

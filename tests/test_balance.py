@@ -20,7 +20,7 @@ from fastmlp.buffers import Data, Optimizer
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, make_hyper
-from fastmlp.step import make_tasks, share_first_task, task_work, train_steps
+from fastmlp.step import make_tasks, share_first_task, task_work, total_work, train_steps
 from fastmlp.validation import input_scale
 
 from conftest import random_problem
@@ -62,7 +62,8 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
     net = model.network()
     parts = len(speeds)
     balance = balance_with(GRADIENTS, speeds)
-    firsts = [share_first_task(balance, net, p, parts) for p in range(parts + 1)]
+    firsts = [share_first_task(balance, net, total_work(net), p, parts)
+              for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == len(make_tasks(sizes))
     assert firsts == sorted(firsts)
     if min(speeds) > 0:
