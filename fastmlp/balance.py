@@ -16,7 +16,8 @@ depend on the thread that runs it. With one thread nothing changes.
 
 `balance` (make_balance) holds, per phase and per part: its smoothed speed,
 and the cycles and work of its last run (folded into the speed when the
-next region of that phase starts).
+next region of that phase starts). The kernels take one phase's table,
+balance[phase] (3, max_parts).
 """
 import numpy as np
 from llvmlite import ir
@@ -51,38 +52,38 @@ def cycles(typingctx):
 
 
 @kernel
-def fold_timings(balance, phase, parts):
+def fold_timings(table, parts):
     # before a region: each part's last run, if any, into its smoothed speed
-    for p in range(min(parts, balance.shape[2])):
-        done = balance[phase, DONE, p]
-        spent = balance[phase, CYCLES, p]
+    for p in range(min(parts, table.shape[1])):
+        done = table[DONE, p]
+        spent = table[CYCLES, p]
         if done > 0 and spent > 0:
             speed = done / spent
-            old = balance[phase, SPEED, p]
-            balance[phase, SPEED, p] = speed if old <= 0 else (
+            old = table[SPEED, p]
+            table[SPEED, p] = speed if old <= 0 else (
                 SMOOTHING * speed + (1.0 - SMOOTHING) * old)
-        balance[phase, DONE, p] = 0.0
-        balance[phase, CYCLES, p] = 0.0
+        table[DONE, p] = 0.0
+        table[CYCLES, p] = 0.0
 
 
 @kernel
-def share_weight(balance, phase, p, parts):
+def share_weight(table, p, parts):
     # part p's share of the work relative to an equal one's 1.0: its speed
     # over the mean speed, clamped; 1.0 until every part has been timed
-    if parts > balance.shape[2]:
+    if parts > table.shape[1]:
         return 1.0
     total = 0.0
     for q in range(parts):
-        speed = balance[phase, SPEED, q]
+        speed = table[SPEED, q]
         if speed <= 0:
             return 1.0
         total += speed
-    weight = balance[phase, SPEED, p] * parts / total
+    weight = table[SPEED, p] * parts / total
     return min(max(weight, MIN_SHARE), 1.0 / MIN_SHARE)
 
 
 @kernel
-def share_point(balance, phase, q, parts):
+def share_point(table, q, parts):
     # where part q's share starts on the unit interval (1.0 for q = parts).
     # Both neighbours of a cut call this with the same q: the same value.
     if q >= parts:
@@ -90,7 +91,7 @@ def share_point(balance, phase, q, parts):
     before = 0.0
     total = 0.0
     for i in range(parts):
-        weight = share_weight(balance, phase, i, parts)
+        weight = share_weight(table, i, parts)
         if i < q:
             before += weight
         total += weight
@@ -98,17 +99,17 @@ def share_point(balance, phase, q, parts):
 
 
 @kernel
-def share_rows(balance, phase, nrows, part, parts):
+def share_rows(table, nrows, part, parts):
     # rows [r0, r1) of part `part` of a batch of nrows, cut at 4-row tiles
     tiles = (nrows + 3) // 4
-    t0 = int(share_point(balance, phase, part, parts) * tiles + 0.5)
-    t1 = int(share_point(balance, phase, part + 1, parts) * tiles + 0.5)
+    t0 = int(share_point(table, part, parts) * tiles + 0.5)
+    t1 = int(share_point(table, part + 1, parts) * tiles + 0.5)
     return min(nrows, t0 * 4), min(nrows, t1 * 4)
 
 
 @kernel
-def record(balance, phase, part, started, done):
+def record(table, part, started, done):
     # after part `part` ran `done` units of work from cycle `started`
-    if part < balance.shape[2]:
-        balance[phase, CYCLES, part] = cycles() - started
-        balance[phase, DONE, part] = done
+    if part < table.shape[1]:
+        table[CYCLES, part] = cycles() - started
+        table[DONE, part] = done

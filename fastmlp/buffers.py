@@ -7,6 +7,8 @@ batch size), `Data` (the training rows and their order) and `Optimizer`
 two, `fastmlp.training` the others."""
 from collections import namedtuple
 
+import numpy as np
+
 # params: the flat parameter vector; sizes: layer widths; w_off, b_off: where
 # each layer's (fan_out, fan_in) weights and biases start in params; wt_off:
 # each layer's transposed block in Work.weights_t; tasks: gradients_update's
@@ -23,9 +25,14 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
                            "row_stats", "target_scale", "task_checks", "weights_t",
                            "balance"])
-# X (N, C) rows, y (N,) labels or (N, K) targets, sample_weight (N,), idx:
-# the epoch's row order, scale: 1/255 for uint8 X, else 1
-Data = namedtuple("Data", ["X", "y", "sample_weight", "idx", "scale"])
+# X: the (N, C) rows' raw bytes, (N, C * x_bytes) uint8, where x_bytes is
+# 1, 4 or 8 for uint8, float32 or float64 rows; labels (N,) int32 for
+# softmax, else targets (N, K) (the other one has no rows); sample_weight
+# (N,); idx: the epoch's row order; scale: 1/255 for uint8 rows, else 1.
+# Every input dtype and head gives one Data type per model dtype, so the
+# step kernels compile once for all of them (make_data).
+Data = namedtuple("Data", ["X", "x_bytes", "labels", "targets", "sample_weight", "idx",
+                           "scale"])
 # grads, state1, state2: flat like params; hyper: optimizers.make_hyper;
 # code: optimizers.OPTIMIZERS code (NONE computes gradients only); schedule:
 # schedules.kernel_state, the per-step learning-rate schedule
@@ -39,3 +46,15 @@ Optimizer = namedtuple("Optimizer", ["grads", "state1", "state2", "hyper", "code
 # counts of distributed.TALLY; for a single process allreduce is 0.
 Batches = namedtuple("Batches", ["size", "rank", "ranks", "allreduce", "wtime", "datatype", "op",
                                  "comm", "reduced", "tally"])
+
+
+def make_data(X, y, sample_weight, idx, dtype):
+    """Data for a model of dtype: X as check_X returns it (C-contiguous
+    uint8, float32 or float64), y as heads.check_targets does."""
+    scale = dtype.type(1.0 / 255.0) if X.dtype == np.uint8 else dtype.type(1.0)
+    if y.ndim == 1:
+        labels, targets = y, np.zeros((0, 1), dtype)
+    else:
+        labels, targets = np.zeros(0, np.int32), y
+    return Data(X.view(np.uint8), np.int64(X.itemsize), labels, targets, sample_weight, idx,
+                scale)

@@ -25,7 +25,6 @@ writes the loss gradient of the row's pre-activations, scaled by row weight
 import math
 
 import numpy as np
-from numba.extending import overload
 
 from .expf import fast_exp
 from .jit import kernel
@@ -45,22 +44,17 @@ HALF = np.float32(0.5)
 # ----------------------------------------------------------------------------
 # kernels
 
-def copy_target(labels, targets, y, b, i):
-    """Batch row b's target from dataset row i: an integer label into
-    labels[b] (y is (N,)), or a row of floats into targets[b] (y is (N, K))."""
-
-
-@overload(copy_target)
-def _copy_target(labels, targets, y, b, i):
-    if y.ndim == 1:
-        def copy_label(labels, targets, y, b, i):
-            labels[b] = y[i]
-        return copy_label
-
-    def copy_row(labels, targets, y, b, i):
-        for k in range(y.shape[1]):
-            targets[b, k] = y[i, k]
-    return copy_row
+@kernel
+def copy_target(labels_out, targets_out, labels, targets, b, i):
+    # labels_out is (B,), targets_out (B, K); labels (N,) or targets (N, K),
+    # whichever has rows (buffers.Data)
+    # Batch row b's target from dataset row i: its integer label for
+    # softmax, its row of floats for the other heads.
+    if labels.shape[0] > 0:
+        labels_out[b] = labels[i]
+    else:
+        for k in range(targets.shape[1]):
+            targets_out[b, k] = targets[i, k]
 
 
 @kernel

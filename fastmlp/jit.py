@@ -24,6 +24,14 @@ also keyed on the CPU name and features Numba compiles for, and so is every
 choice microkernel.py makes (vector width, block shapes): to inspect another
 CPU's code, set NUMBA_CPU_NAME (with NUMBA_CPU_FEATURES="" on a host that
 lacks its features) and a NUMBA_CACHE_DIR of its own.
+
+Signatures: a kernel compiles once per distinct tuple of argument types, and
+each compile of a step kernel costs seconds. A constant argument (0, a
+module's constant) is typed as that literal value and a `prange` index as an
+unsigned integer, each a signature of its own: pass such integers as
+np.int64(...). The training data reach the kernels as raw bytes
+(buffers.Data), so the step compiles once per model dtype whatever the input
+dtype and head.
 """
 import numba
 

@@ -85,27 +85,36 @@ def prefetch_rows(X, idx, start, r0, r1):
 
 
 @kernel
-def gather_rows(out, labels_out, targets_out, weights_out, X, y, sample_weight, idx, start,
-                scale, bf16, r0, r1):
-    # out is (B, C), labels_out and weights_out are (B,), targets_out (B, K),
-    # X is (N, C), y is (N,) labels or (N, K) targets, sample_weight is (N,),
-    # idx is (>=start+r1,)
-    # Row b of the batch is dataset row idx[start + b], times `scale`
-    # (1/255 for uint8 pixels, 1 for floats), rounded to bfloat16 if bf16:
-    # uint8 data is never copied whole.
-    C = out.shape[1]
+def gather_rows(out, labels_out, targets_out, weights_out, data, start, bf16, r0, r1):
+    # out is (B, C), labels_out and weights_out are (B,), targets_out (B, K);
+    # data: buffers.Data of N rows, data.idx (>=start+r1,)
+    # Row b of the batch is dataset row data.idx[start + b], times
+    # data.scale (1/255 for uint8 pixels, 1 for floats), rounded to bfloat16
+    # if bf16: the dataset is never copied whole.
     for b in range(r0, r1):
-        i = idx[start + b]
-        src = X[i]
-        dst = out[b]
-        if bf16:
-            for c in range(C):
-                dst[c] = round_bfloat16(src[c] * scale)
+        i = data.idx[start + b]
+        row = data.X[i]
+        if data.x_bytes == 1:
+            scale_row(out[b], row, data.scale, bf16)
+        elif data.x_bytes == 4:
+            scale_row(out[b], row.view(np.float32), data.scale, bf16)
         else:
-            for c in range(C):
-                dst[c] = src[c] * scale
-        copy_target(labels_out, targets_out, y, b, i)
-        weights_out[b] = sample_weight[i]
+            scale_row(out[b], row.view(np.float64), data.scale, bf16)
+        copy_target(labels_out, targets_out, data.labels, data.targets, b, i)
+        weights_out[b] = data.sample_weight[i]
+
+
+@kernel
+def scale_row(dst, src, scale, bf16):
+    # dst and src are (C,)
+    # dst = src * scale, rounded to bfloat16 if bf16
+    C = dst.shape[0]
+    if bf16:
+        for c in range(C):
+            dst[c] = round_bfloat16(src[c] * scale)
+    else:
+        for c in range(C):
+            dst[c] = src[c] * scale
 
 
 # ----------------------------------------------------------------------------
@@ -234,7 +243,8 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # whatever the thread count. (Both callers pass coef as `[:, ::1]`, which
     # Numba types as any-layout: one compiled rows_times_matrix instead of a
     # C and an F one, seconds less of compiling; it only reads coef's scalars.)
-    rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1, MAX_SUM_ROWS)
+    rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
+                      np.int64(MAX_SUM_ROWS))
 
 
 # Columns of a block in rows_times_matrix: block_multiply_add takes them in
@@ -327,7 +337,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     for k in range(k0, blocked, BLOCK_COLUMNS):
         for t0 in range(0, max(nt, 1), step):  # once when nt is 0: zeros
             t1 = min(nt, t0 + step)
-            panel = source_panel(packed, src, t0, t1, k, BLOCK_COLUMNS, pack)
+            panel = source_panel(packed, src, t0, t1, k, np.int64(BLOCK_COLUMNS), pack)
             for r in range(r0, r1, 4):
                 block_multiply_add(out[:, k:], coef[:, t0:t1], panel, r, min(4, r1 - r),
                                    0, t1 - t0, t0 > 0, BLOCK_COLUMNS)

@@ -7,7 +7,7 @@ import numba
 import numpy as np
 
 from .balance import make_balance
-from .buffers import Data, Network, Optimizer, Work
+from .buffers import Network, Optimizer, Work, make_data
 from .heads import HEADS, METRICS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
 from .optimizers import NONE, make_hyper
@@ -26,7 +26,6 @@ from .validation import (
     check_layer_sizes,
     check_sample_weight,
     check_X,
-    input_scale,
 )
 
 INITS = ("normal", "xavier", "he")
@@ -292,8 +291,7 @@ class MLP:
         n = X.shape[0]
         workspace = Workspace(self.layer_sizes, min(n, PREDICT_BATCH), self.dtype, backward=False)
         workspace.work.target_scale[:] = target_scale(self.output, y, self.n_outputs, self.dtype)
-        data = Data(X, y, np.ones(n, self.dtype), np.arange(n, dtype=np.int64),
-                    input_scale(X, self.dtype))
+        data = make_data(X, y, np.ones(n, self.dtype), np.arange(n, dtype=np.int64), self.dtype)
         loss, score = 0.0, 0.0
         self._transpose(workspace)
         for start in range(0, n, workspace.batch_size):
@@ -349,7 +347,7 @@ class MLP:
         workspace = Workspace(self.layer_sizes, n, self.dtype)
         grads = aligned_zeros(self.params.size, self.dtype)
         self._transpose(workspace)
-        data = Data(X, y, sample_weight, np.arange(n, dtype=np.int64), input_scale(X, self.dtype))
+        data = make_data(X, y, sample_weight, np.arange(n, dtype=np.int64), self.dtype)
         self._forward(data, workspace, 0, n, True)
         empty = np.zeros(0, self.dtype)
         optimizer = Optimizer(grads, empty, empty, make_hyper(self.dtype, 0.0, 0.0, 0.0), NONE,

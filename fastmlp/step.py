@@ -177,7 +177,8 @@ def transpose_weights(weights_t, net):
         weight = view2d(net.operands, net.w_off, l, OC, C)
         if net.bf16:
             round_columns(weight, view2d(net.params, net.w_off, l, OC, C), k0, k1)
-        transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT), weight, 0, OCT, k0, k1)
+        transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT), weight, np.int64(0), OCT,
+                               k0, k1)
 
 
 @kernel
@@ -207,19 +208,19 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     B = work.labels.shape[0]
     L = sizes.shape[0] - 1
     parts = max(1, min(threads, (max(nrows, next_rows) + 3) // 4))
-    balance = work.balance  # (out of the tuple: see gradients_update)
-    fold_timings(balance, FORWARD, parts)
-    for part in prange(parts):
+    shares = work.balance[FORWARD]  # (out of the tuple: see gradients_update)
+    fold_timings(shares, parts)
+    for p in prange(parts):
+        part = np.int64(p)  # (prange's index is unsigned: see jit.py)
         started = cycles()
-        n0, n1 = share_rows(balance, FORWARD, next_rows, part, parts)
+        n0, n1 = share_rows(shares, next_rows, part, parts)
         prefetch_rows(data.X, data.idx, start + nrows, n0, n1)
-        r0, r1 = share_rows(balance, FORWARD, nrows, part, parts)
+        r0, r1 = share_rows(shares, nrows, part, parts)
         if r0 == r1:  # fewer tiles than parts
             continue
         fp_control = flush_subnormals()
-        gather_rows(view2d(acts, act_off, 0, B, sizes[0]), work.labels, work.targets,
-                    work.row_weights, data.X, data.y, data.sample_weight, data.idx, start,
-                    data.scale, net.bf16, r0, r1)
+        gather_rows(view2d(acts, act_off, np.int64(0), B, sizes[0]), work.labels, work.targets,
+                    work.row_weights, data, start, net.bf16, r0, r1)
         for l in range(L):
             hidden = l < L - 1  # the logits stay float32 (bfloat16.py)
             dense_forward(view2d(acts, act_off, l + 1, B, sizes[l + 1]),
@@ -246,7 +247,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
                                      view2d(acts, act_off, l, B, sizes[l]),
                                      net.activation, net.bf16, r0, r1)
         write_fp_control(fp_control)
-        record(balance, FORWARD, part, started, r1 - r0)
+        record(shares, part, started, r1 - r0)
 
 
 @kernel
@@ -347,14 +348,14 @@ def total_work(net):
 
 
 @kernel
-def share_first_task(balance, net, total, part, parts):
+def share_first_task(shares, net, total, part, parts):
     # the first task of part `part`'s share of the task list (the list's
     # length for part = parts): the first whose cost midpoint lies at or
     # past the part's point on the cumulative cost (of `total` in all)
     T = net.tasks.shape[0]
     if part >= parts:
         return T
-    point = share_point(balance, GRADIENTS, part, parts) * total
+    point = share_point(shares, part, parts) * total
     before = 0
     for t in range(T):
         cost = task_work(net, t)
@@ -375,16 +376,17 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # (The arrays are taken out of the tuple first: Numba's parfor pass
     # drops a store into an array read off a tuple inside the loop body.)
     task_checks = work.task_checks
-    balance = work.balance
+    shares = work.balance[GRADIENTS]
     parts = max(1, threads)
-    fold_timings(balance, GRADIENTS, parts)
+    fold_timings(shares, parts)
     total = total_work(net)
-    for part in prange(parts):
+    for p in prange(parts):
+        part = np.int64(p)
         started = cycles()
         fp_control = flush_subnormals()
-        t0 = share_first_task(balance, net, total, part, parts)
-        t1 = share_first_task(balance, net, total, part + 1, parts)
-        done = 0
+        t0 = share_first_task(shares, net, total, part, parts)
+        t1 = share_first_task(shares, net, total, part + 1, parts)
+        done = np.int64(0)
         for t in range(t0, t1):
             if gradients:
                 task_gradient(opt.grads, work, net, t, nrows)
@@ -394,7 +396,7 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
             task_checks[t] = check
             done += task_work(net, t)
         write_fp_control(fp_control)
-        record(balance, GRADIENTS, part, started, done)
+        record(shares, part, started, done)
 
 
 @kernel

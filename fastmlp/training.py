@@ -10,7 +10,7 @@ import numba
 import numpy as np
 
 from . import distributed, jit, schedules
-from .buffers import Data, Optimizer
+from .buffers import Optimizer, make_data
 from .heads import score, target_scale
 from .model import Workspace, aligned_zeros
 from .state import OptimizerState, TrainingState
@@ -34,7 +34,6 @@ from .validation import (
     check_int,
     check_sample_weight,
     check_X,
-    input_scale,
 )
 
 SAMPLINGS = ("epoch", "replacement")
@@ -319,7 +318,7 @@ class EpochLoop:
         grads = aligned_zeros(model.n_params + (0 if comm is None else TAIL),
                               model.dtype)
         self.idx = np.empty(n, dtype=np.int64)
-        self.data = Data(X, y, sample_weight, self.idx, input_scale(X, model.dtype))
+        self.data = make_data(X, y, sample_weight, self.idx, model.dtype)
         self.lr = state.settings[0]
         self.buffers = Optimizer(grads, state.state1, state.state2, state.hyper, state.code,
                                  state.nesterov, schedules.kernel_state(state.schedule, self.lr))

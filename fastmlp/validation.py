@@ -143,8 +143,3 @@ def check_sample_weight(sample_weight, n_samples, dtype):
     if not w.sum() > 0:
         raise ValueError("sample_weight sums to zero: nothing to learn from")
     return w
-
-
-def input_scale(X, dtype):
-    """uint8 pixels are scaled by 1/255 while gathered; floats are used as is."""
-    return dtype.type(1.0 / 255.0) if X.dtype == np.uint8 else dtype.type(1.0)

@@ -16,12 +16,11 @@ from fastmlp.balance import (
     make_balance,
     share_rows,
 )
-from fastmlp.buffers import Data, Optimizer
+from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, make_hyper
 from fastmlp.step import make_tasks, share_first_task, task_work, total_work, train_steps
-from fastmlp.validation import input_scale
 
 from conftest import random_problem
 
@@ -40,7 +39,7 @@ def balance_with(phase, speeds):
 def test_rows_are_cut_once_at_tiles_in_proportion_to_speed(speeds, nrows):
     parts = len(speeds)
     balance = balance_with(FORWARD, speeds)
-    cuts = [share_rows(balance, FORWARD, nrows, p, parts) for p in range(parts)]
+    cuts = [share_rows(balance[FORWARD], nrows, p, parts) for p in range(parts)]
     assert cuts[0][0] == 0 and cuts[-1][1] == nrows
     for (_, end), (start, _) in zip(cuts[:-1], cuts[1:]):
         assert end == start
@@ -62,7 +61,7 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
     net = model.network()
     parts = len(speeds)
     balance = balance_with(GRADIENTS, speeds)
-    firsts = [share_first_task(balance, net, total_work(net), p, parts)
+    firsts = [share_first_task(balance[GRADIENTS], net, total_work(net), p, parts)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == len(make_tasks(sizes))
     assert firsts == sorted(firsts)
@@ -79,12 +78,12 @@ def test_timings_become_smoothed_speeds():
     balance = make_balance(2)
     balance[FORWARD, DONE] = [100, 100]
     balance[FORWARD, CYCLES] = [1000, 2000]
-    fold_timings(balance, FORWARD, 2)
+    fold_timings(balance[FORWARD], 2)
     assert balance[FORWARD, SPEED].tolist() == [100 / 1000, 100 / 2000]
     assert (balance[FORWARD, DONE] == 0).all() and (balance[FORWARD, CYCLES] == 0).all()
     balance[FORWARD, DONE] = [100, 0]  # part 1 had no rows: its speed stays
     balance[FORWARD, CYCLES] = [500, 0]
-    fold_timings(balance, FORWARD, 2)
+    fold_timings(balance[FORWARD], 2)
     assert balance[FORWARD, SPEED].tolist() == [0.5 * 0.2 + 0.5 * 0.1, 100 / 2000]
     assert (balance[GRADIENTS] == 0).all()
 
@@ -98,8 +97,8 @@ def run_steps(threads, speeds, steps=6):
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
                           OPTIMIZERS["adam"], False, np.zeros(5))
-    data = Data(X, y.astype(np.int32), np.ones(400, model.dtype), np.arange(400),
-                input_scale(X, model.dtype))
+    data = make_data(X, y.astype(np.int32), np.ones(400, model.dtype), np.arange(400),
+                     model.dtype)
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:

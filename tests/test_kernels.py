@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fastmlp import heads, expf, jit, kernels, optimizers, reference
+from fastmlp.buffers import make_data
 from fastmlp.kernels import ACTIVATIONS, IDENTITY
 
 from conftest import random_problem, reference_copy, relative_error
@@ -186,25 +187,31 @@ def test_head_kernels_against_the_oracle(rng, output):
     assert relative_error(dout[2:8], delta) < 1e-13 and (dout[:2] == 0).all()
 
 
-def test_gather_rows_scales_uint8_and_follows_index(rng):
-    X = rng.integers(0, 256, (20, 9), dtype=np.uint8)
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.float32, np.float64])
+def test_gather_rows_scales_uint8_and_follows_index(rng, x_dtype):
+    if x_dtype == np.uint8:
+        X = rng.integers(0, 256, (20, 9), dtype=np.uint8)
+    else:
+        X = rng.standard_normal((20, 9)).astype(x_dtype)
     y = rng.integers(0, 3, 20).astype(np.int32)
     idx = rng.permutation(20)
     sample_weight = rng.uniform(0, 1, 20).astype(np.float32)
     out = np.zeros((5, 9), np.float32)
     labels = np.zeros(5, np.int32)
     weights = np.zeros(5, np.float32)
-    scale = np.float32(1 / 255)
     targets = np.zeros((5, 2), np.float32)
-    kernels.gather_rows(out, labels, targets, weights, X, y, sample_weight, idx, 10, scale, False, 0, 5)
-    assert np.array_equal(out, X[idx[10:15]].astype(np.float32) * scale)
+    data = make_data(X, y, sample_weight, idx, np.dtype(np.float32))
+    scale = np.float32(1 / 255) if x_dtype == np.uint8 else np.float32(1)
+    assert data.scale == scale and data.X.dtype == np.uint8
+    kernels.gather_rows(out, labels, targets, weights, data, 10, False, 0, 5)
+    assert np.array_equal(out, (X[idx[10:15]] * scale).astype(np.float32))
     assert np.array_equal(labels, y[idx[10:15]])
     assert np.array_equal(weights, sample_weight[idx[10:15]])
     assert (targets == 0).all()
     # float targets (linear and sigmoid heads) go to targets, labels untouched
     y2 = rng.standard_normal((20, 2)).astype(np.float32)
-    kernels.gather_rows(out, labels, targets, weights, X, y2, sample_weight, idx, 3, scale,
-                        False, 1, 5)
+    data = make_data(X, y2, sample_weight, idx, np.dtype(np.float32))
+    kernels.gather_rows(out, labels, targets, weights, data, 3, False, 1, 5)
     assert np.array_equal(targets[1:5], y2[idx[4:8]]) and (targets[0] == 0).all()
     assert np.array_equal(labels, y[idx[10:15]])
 

@@ -10,7 +10,7 @@ from numba.core.runtime import _nrt_python, rtsys
 
 import fastmlp
 from fastmlp import reference
-from fastmlp.buffers import Data, Optimizer
+from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, make_hyper
@@ -20,11 +20,12 @@ from fastmlp.step import (
     NO_TASK,
     TASK_GROUPS,
     WEIGHT_TASK,
+    forward_backward,
+    gradients_update,
     make_tasks,
     task_cost,
     train_steps,
 )
-from fastmlp.validation import input_scale
 
 from conftest import random_problem, reference_copy, relative_error
 
@@ -228,8 +229,8 @@ def test_update_tasks_keep_the_transposed_weights_current():
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
                           OPTIMIZERS["adam"], False, np.zeros(5))
-    data = Data(X, y.astype(np.int32), np.ones(300, model.dtype), np.arange(300),
-                input_scale(X, model.dtype))
+    data = make_data(X, y.astype(np.int32), np.ones(300, model.dtype), np.arange(300),
+                     model.dtype)
     status = train_steps(ws.work, model.network(), optimizer, data,
                          local_batches(10, model.dtype), 0, 30, 0, 2)[3]
     assert status == 0
@@ -254,7 +255,7 @@ def test_an_epoch_allocates_nothing():
     m, v = np.zeros_like(model.params), np.zeros_like(model.params)
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.001, 0.9, 0.0),
                           OPTIMIZERS["adam"], False, np.zeros(5))
-    data = Data(X, y, np.ones(1000, model.dtype), np.arange(1000), input_scale(X, model.dtype))
+    data = make_data(X, y, np.ones(1000, model.dtype), np.arange(1000), model.dtype)
     net = model.network()
     batches = local_batches(10, model.dtype)
 
@@ -412,3 +413,24 @@ def test_early_stopping_on_training_loss_without_restoring():
     assert history.stopped_epoch == 2 and len(losses) == 3
     with pytest.raises(ValueError, match="needs validation_data"):
         fastmlp.fit(model, X, y, patience=2, monitor="val_accuracy")
+
+
+def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head():
+    """Input dtypes and heads share one compiled step per model dtype (each
+    compile of it takes most of a minute)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 6), dtype=np.uint8)
+    for X in (pixels, pixels.astype(np.float32), pixels.astype(np.float64)):
+        for output, y in (("softmax", rng.integers(0, 3, 40)),
+                          ("linear", rng.standard_normal(40)),
+                          ("sigmoid", rng.integers(0, 2, (40, 3)))):
+            model = fastmlp.MLP([6, 5, 1 if output == "linear" else 3], output=output, seed=0)
+            fastmlp.fit(model, X, y, epochs=1, batch_size=8)
+            model.evaluate(X, y)
+    def model_dtype(signature):  # of the Work tuple, the first argument
+        return dict(zip(signature[0].fields, signature[0].types))["acts"].dtype
+
+    for function in (train_steps, forward_backward, gradients_update):
+        dtypes = [model_dtype(signature) for signature in function.signatures]
+        assert len(dtypes) == len(set(dtypes)), (function.__name__, function.signatures)
+    assert numba.float32 in [model_dtype(signature) for signature in train_steps.signatures]
