@@ -50,11 +50,20 @@ Batches = namedtuple("Batches", ["size", "rank", "ranks", "allreduce", "wtime", 
 
 def make_data(X, y, sample_weight, idx, dtype):
     """Data for a model of dtype: X as check_X returns it (C-contiguous
-    uint8, float32 or float64), y as heads.check_targets does."""
+    uint8, float32 or float64), y as heads.check_targets does. Its arrays
+    are read-only views (the kernels only read them; Numba types a read-only
+    array apart, and a memory-mapped dataset is one), over the same memory:
+    idx may still be shuffled in place."""
     scale = dtype.type(1.0 / 255.0) if X.dtype == np.uint8 else dtype.type(1.0)
     if y.ndim == 1:
         labels, targets = y, np.zeros((0, 1), dtype)
     else:
         labels, targets = np.zeros(0, np.int32), y
-    return Data(X.view(np.uint8), np.int64(X.itemsize), labels, targets, sample_weight, idx,
-                scale)
+    return Data(read_only(X.view(np.uint8)), np.int64(X.itemsize), read_only(labels),
+                read_only(targets), read_only(sample_weight), read_only(idx), scale)
+
+
+def read_only(array):
+    view = array.view()
+    view.flags.writeable = False
+    return view

@@ -416,13 +416,18 @@ def test_early_stopping_on_training_loss_without_restoring():
 
 
 def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head():
-    """Input dtypes and heads share one compiled step per model dtype (each
-    compile of it takes most of a minute)."""
+    """Input dtypes, read-only inputs (a memory-mapped dataset) and heads
+    share one compiled step per model dtype (each compile of it takes about
+    a minute)."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (40, 6), dtype=np.uint8)
-    for X in (pixels, pixels.astype(np.float32), pixels.astype(np.float64)):
+    mapped = pixels.copy()
+    mapped.flags.writeable = False
+    for X in (pixels, mapped, pixels.astype(np.float32), pixels.astype(np.float64)):
+        targets = rng.standard_normal(40)
+        targets.flags.writeable = False
         for output, y in (("softmax", rng.integers(0, 3, 40)),
-                          ("linear", rng.standard_normal(40)),
+                          ("linear", targets),
                           ("sigmoid", rng.integers(0, 2, (40, 3)))):
             model = fastmlp.MLP([6, 5, 1 if output == "linear" else 3], output=output, seed=0)
             fastmlp.fit(model, X, y, epochs=1, batch_size=8)
