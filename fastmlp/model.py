@@ -7,7 +7,7 @@ import numba
 import numpy as np
 
 from .balance import make_balance
-from .buffers import Network, Optimizer, Work, make_data
+from .buffers import Network, Optimizer, Work, make_data, read_only
 from .heads import HEADS, METRICS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
 from .optimizers import NONE, make_hyper
@@ -256,10 +256,14 @@ class MLP:
         return METRICS[self.output]
 
     def network(self):
-        """The parameters and their layout as the kernels take them."""
-        return Network(self.params, self._sizes, self.w_off, self.b_off, self._wt_off,
-                       self._tasks, self.activation_code, HEADS[self.output], self._operands,
-                       self.precision == "bfloat16")
+        """The parameters and their layout as the kernels take them. The
+        layout goes as read-only views, whether or not its arrays are (they
+        are in a model that joblib loads from a memory map, as scikit-learn's
+        checks do), so that one compiled step serves both (buffers.make_data)."""
+        layout = (read_only(a) for a in (self._sizes, self.w_off, self.b_off, self._wt_off,
+                                         self._tasks))
+        return Network(self.params, *layout, self.activation_code, HEADS[self.output],
+                       self._operands, self.precision == "bfloat16")
 
     def __repr__(self):
         return (f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "

@@ -31,6 +31,7 @@ class OptimizerState:
         self.__dict__.update(state)
         self.state1 = aligned_copy(self.state1)
         self.state2 = aligned_copy(self.state2)
+        self.hyper = self.hyper.copy()  # written in training (a schedule's rate)
 
 
 class TrainingState:

@@ -3,6 +3,7 @@ nothing is allocated inside an epoch."""
 import os
 import signal
 
+import joblib
 import numba
 import numpy as np
 import pytest
@@ -415,10 +416,10 @@ def test_early_stopping_on_training_loss_without_restoring():
         fastmlp.fit(model, X, y, patience=2, monitor="val_accuracy")
 
 
-def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head():
-    """Input dtypes, read-only inputs (a memory-mapped dataset) and heads
-    share one compiled step per model dtype (each compile of it takes about
-    a minute)."""
+def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head(tmp_path):
+    """Input dtypes, read-only inputs (a memory-mapped dataset), heads and a
+    model that joblib maps from a file share one compiled step per model
+    dtype (each compile of it takes about a minute)."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (40, 6), dtype=np.uint8)
     mapped = pixels.copy()
@@ -432,6 +433,10 @@ def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head():
             model = fastmlp.MLP([6, 5, 1 if output == "linear" else 3], output=output, seed=0)
             fastmlp.fit(model, X, y, epochs=1, batch_size=8)
             model.evaluate(X, y)
+    joblib.dump(model, tmp_path / "model.joblib")
+    mapped_model = joblib.load(tmp_path / "model.joblib", mmap_mode="r")
+    assert not mapped_model.w_off.flags.writeable
+    fastmlp.fit(mapped_model, X, y, epochs=1, batch_size=8)
     def model_dtype(signature):  # of the Work tuple, the first argument
         return dict(zip(signature[0].fields, signature[0].types))["acts"].dtype
 
