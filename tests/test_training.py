@@ -437,6 +437,7 @@ def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head(tmp_path)
     mapped_model = joblib.load(tmp_path / "model.joblib", mmap_mode="r")
     assert not mapped_model.w_off.flags.writeable
     fastmlp.fit(mapped_model, X, y, epochs=1, batch_size=8)
+
     def model_dtype(signature):  # of the Work tuple, the first argument
         return dict(zip(signature[0].fields, signature[0].types))["acts"].dtype
 
