@@ -64,6 +64,7 @@ def make_data(X, y, sample_weight, idx, dtype):
 
 
 def read_only(array):
+    """A view of array that cannot be written through."""
     view = array.view()
     view.flags.writeable = False
     return view
