@@ -192,7 +192,7 @@ def transpose_weight_block(weight_t, weight, j0, j1, k0, k1):
     # weight_t is (C, OCT), weight is (OC, C); j0, j1 multiples of 16
     # weight_t[k0:k1, j0:j1] = weight[j0:j1, k0:k1].T in n x n tiles of
     # vectors (transpose_tile: n = 8 float32 or 4 float64 values; W3's
-    # float32 step 1.06-1.16x faster than one value at a time on Zen 3), the
+    # float32 step 1.05-1.16x faster than one value at a time on Zen 3), the
     # last (k1 - k0) % n rows of weight_t one value at a time. Each tile row
     # of n values is written across j0:j1 before the next, so that whole
     # cache lines of weight_t (16 float32 outputs) are written together and
