@@ -14,11 +14,10 @@ random data, and their `train_steps` alternate, --steps steps a turn. It
 prints the median time per step of each and the median of the after/before
 ratios over the rounds, with its quartiles.
 
-The version set up second runs slower by a few percent (its arrays land
-elsewhere: the same code against itself measured 1.106 on W1 set up in one
-order and 0.964 in the other), so the comparison runs twice, in a child
-process for each order, and the answer is the geometric mean of the two
-medians.
+Which version is set up first matters by a few percent (the same code
+against itself measured 1.106 on W1 set up in one order and 0.964 in the
+other), so the comparison runs twice, in a child process for each order,
+and the answer is the geometric mean of the two medians.
 
 The first run of a version compiles it (about a minute each); a version
 named by a git revision keeps its Numba cache under --cache-dir, the working
@@ -111,6 +110,11 @@ def main(argv=None):
                                                              "fastmlp-pair-steps"),
                         help="where versions named by a revision keep their code and cache")
     args = parser.parse_args(argv)
+    for revision in (args.before, args.after):
+        if revision != "worktree" and subprocess.run(
+                ["git", "-C", ROOT, "rev-parse", "--verify", "--quiet", revision + "^{commit}"],
+                capture_output=True).returncode != 0:
+            parser.error(f"{revision!r} is not a git revision of {ROOT}")
     if args.first is None:
         return both_orders(sys.argv[1:] if argv is None else argv)
     sizes, activation, batch, lr = WORKLOADS[args.workload]
