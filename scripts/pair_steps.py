@@ -115,8 +115,6 @@ def main(argv=None):
                 ["git", "-C", ROOT, "rev-parse", "--verify", "--quiet", revision + "^{commit}"],
                 capture_output=True).returncode != 0:
             parser.error(f"{revision!r} is not a git revision of {ROOT}")
-    if args.first is None:
-        return both_orders(sys.argv[1:] if argv is None else argv)
     sizes, activation, batch, lr = WORKLOADS[args.workload]
     args.layer_sizes = [int(v) for v in args.sizes.split("-")] if args.sizes else sizes
     args.activation = args.activation or activation
@@ -124,17 +122,41 @@ def main(argv=None):
     args.lr = args.lr or lr
     if args.batch * 2 > args.rows:
         parser.error("--rows must hold at least two batches")
+    if args.first is None:
+        return both_orders(sys.argv[1:] if argv is None else argv)
 
+    times = alternate(args, *random_data(args))
+    before, after = np.array(times["fastmlp_before"]), np.array(times["fastmlp_after"])
+    ratio = after / before
+    shape = "-".join(map(str, args.layer_sizes))
+    turn = min(args.steps, args.rows // args.batch)
+    print(f"{shape} {args.activation}, {args.optimizer}, batch {args.batch}, {args.dtype}, "
+          f"{args.threads} thread(s), {args.rounds} rounds of {turn} steps")
+    print(f"{args.first} set up first: before {np.median(before):.1f} us/step, after "
+          f"{np.median(after):.1f} us/step; after/before {np.median(ratio):.3f} (quartiles "
+          f"{np.quantile(ratio, 0.25):.3f}-{np.quantile(ratio, 0.75):.3f})")
+    print(f"RATIO {float(np.median(ratio))!r}")
+    return 0
+
+
+def random_data(args):
+    """(X, y, row order) of --rows random rows for the model args describe:
+    targets as fit passes them on, (n, k) floats of the model's dtype or
+    labels."""
     rng = np.random.default_rng(0)
     n, width = args.rows, args.layer_sizes[0]
     X = (rng.integers(0, 256, (n, width), dtype=np.uint8) if args.input == "uint8"
          else rng.standard_normal((n, width)).astype(args.input))
-    # targets as fit passes them on: (n, k) floats of the model's dtype, or labels
     y = (rng.standard_normal((n, args.layer_sizes[-1])).astype(
         np.float64 if args.dtype == "float64" else np.float32) if args.output == "linear"
          else rng.integers(0, args.layer_sizes[-1], n).astype(np.int32))
-    order = rng.permutation(n)
+    return X, y, rng.permutation(n)
 
+
+def alternate(args, X, y, order):
+    """Sets up both versions (in the order --first says), then alternates
+    their train_steps, --steps steps a turn, for --rounds rounds; returns
+    each version's microseconds per step, turn by turn."""
     import numba
     numba.set_num_threads(args.threads)
     setups = {}
@@ -150,7 +172,7 @@ def main(argv=None):
             setups[name] = (train_steps, step_args)
             print(f"{name} ({revision}): ready in {time.perf_counter() - start:.1f} s",
                   flush=True)
-        steps_per_epoch = n // args.batch
+        steps_per_epoch = len(X) // args.batch
         turn = min(args.steps, steps_per_epoch)
         times = {name: [] for name in setups}
         turns = 0
@@ -163,16 +185,7 @@ def main(argv=None):
                 start = time.perf_counter()
                 train_steps(*step_args, step0, step0 + turn, 1, args.threads)
                 times[name].append((time.perf_counter() - start) / turn * 1e6)
-    before, after = np.array(times["fastmlp_before"]), np.array(times["fastmlp_after"])
-    ratio = after / before
-    shape = "-".join(map(str, args.layer_sizes))
-    print(f"{shape} {args.activation}, {args.optimizer}, batch {args.batch}, {args.dtype}, "
-          f"{args.threads} thread(s), {args.rounds} rounds of {turn} steps")
-    print(f"{args.first} set up first: before {np.median(before):.1f} us/step, after "
-          f"{np.median(after):.1f} us/step; after/before {np.median(ratio):.3f} (quartiles "
-          f"{np.quantile(ratio, 0.25):.3f}-{np.quantile(ratio, 0.75):.3f})")
-    print(f"RATIO {float(np.median(ratio))!r}")
-    return 0
+    return times
 
 
 def both_orders(argv):
