@@ -15,6 +15,7 @@ from .step import (
     forward_backward,
     gradients_update,
     make_tasks,
+    task_block_values,
     transpose_weights,
     transposed_layout,
 )
@@ -99,6 +100,8 @@ class Workspace:
         n_outputs = int(sizes[-1])
         # the weights of wide layers transposed, for dense_forward
         n_transposed = transposed_layout(layer_sizes)[1]
+        threads = numba.config.NUMBA_NUM_THREADS
+        block = task_block_values(layer_sizes) if backward else 0
         self.work = Work(
             acts=self.acts, deltas=self.deltas, act_off=self.act_off,
             labels=np.zeros(batch_size, np.int32),
@@ -107,8 +110,9 @@ class Workspace:
             row_stats=np.zeros((batch_size, 2), np.float64),  # per-row loss, score
             target_scale=np.zeros(n_outputs, dtype),
             task_checks=np.zeros(len(make_tasks(layer_sizes)), np.float64),
+            task_grads=aligned_zeros(threads * block, dtype).reshape(threads, block),
             weights_t=aligned_zeros(n_transposed, dtype),
-            balance=make_balance(numba.config.NUMBA_NUM_THREADS))
+            balance=make_balance(threads))
         self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,

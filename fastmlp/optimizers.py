@@ -55,14 +55,18 @@ def adam_alpha(lr, step):
 # in a loop that is memory-bound anyway, and it cannot be folded away because
 # the fastmath flags keep NaN and inf semantics.
 #
+# Each updates params[p0:p1] from the gradients at grads[g0:g0 + p1 - p0]:
+# the optimizer's flat gradient vector (g0 = p0), or the block a gradient
+# task has just computed (step.py).
+#
 # The loops run over slices [p0:p1] from index 0: with a start that may be
 # negative as far as LLVM knows, Numba's wraparound indexing keeps it from
 # vectorizing the loop (measured: 10x slower for Adam).
 
 @kernel
-def sgd_update(params, grads, p0, p1, lr, decay):
+def sgd_update(params, grads, p0, p1, g0, lr, decay):
     w_ = params[p0:p1]
-    g_ = grads[p0:p1]
+    g_ = grads[g0:g0 + (p1 - p0)]
     check = ZERO
     for i in range(w_.shape[0]):
         w = w_[i] - lr * (g_[i] + decay * w_[i])
@@ -72,10 +76,10 @@ def sgd_update(params, grads, p0, p1, lr, decay):
 
 
 @kernel
-def momentum_update(params, grads, velocity, p0, p1, lr, mu, decay, nesterov):
+def momentum_update(params, grads, velocity, p0, p1, g0, lr, mu, decay, nesterov):
     # v <- mu v - lr g; w <- w + v  (Nesterov: w <- w + mu v - lr g)
     w_ = params[p0:p1]
-    g_ = grads[p0:p1]
+    g_ = grads[g0:g0 + (p1 - p0)]
     v_ = velocity[p0:p1]
     check = ZERO
     for i in range(w_.shape[0]):
@@ -89,11 +93,11 @@ def momentum_update(params, grads, velocity, p0, p1, lr, mu, decay, nesterov):
 
 
 @kernel
-def adam_update(params, grads, m, v, p0, p1, alpha, beta1, beta2, eps, decay):
+def adam_update(params, grads, m, v, p0, p1, g0, alpha, beta1, beta2, eps, decay):
     # m <- m + (g - m)(1 - b1); v <- v + (g^2 - v)(1 - b2);
     # w <- w - alpha m / (sqrt(v) + eps), alpha from adam_alpha
     w_ = params[p0:p1]
-    g_ = grads[p0:p1]
+    g_ = grads[g0:g0 + (p1 - p0)]
     m_ = m[p0:p1]
     v_ = v[p0:p1]
     check = ZERO

@@ -251,8 +251,10 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
 
 
 @kernel
-def task_gradient(grads, work, net, t, nrows):
-    # the gradient of task t's parameters over batch rows 0:nrows
+def task_gradient(grads, g_first, work, net, t, nrows):
+    # the gradient of task t's parameters over batch rows 0:nrows, into
+    # grads from g_first: its weight rows j0:j1 as a (j1 - j0, fan_in)
+    # block (columns k0:k1 written), or its layer's biases
     tasks = net.tasks
     if tasks[t, 1] == NO_TASK:
         return
@@ -262,18 +264,44 @@ def task_gradient(grads, work, net, t, nrows):
     fan_out = net.sizes[l + 1]
     dout = view2d(work.deltas, work.act_off, l + 1, B, fan_out)
     if tasks[t, 1] == WEIGHT_TASK:
-        dense_backward_weight(view2d(grads, net.w_off, l, fan_out, fan_in), dout,
-                              view2d(work.acts, work.act_off, l, B, fan_in), tasks[t, 2],
-                              tasks[t, 3], nrows, tasks[t, 4], tasks[t, 5])
+        j0 = tasks[t, 2]
+        j1 = tasks[t, 3]
+        block = grads[g_first:g_first + (j1 - j0) * fan_in].reshape((j1 - j0, fan_in))
+        dense_backward_weight(block, dout[:, j0:j1], view2d(work.acts, work.act_off, l, B, fan_in),
+                              np.int64(0), j1 - j0, nrows, tasks[t, 4], tasks[t, 5])
     else:
-        dense_backward_bias(grads[net.b_off[l]:net.b_off[l] + fan_out], dout, nrows)
+        dense_backward_bias(grads[g_first:g_first + fan_out], dout, nrows)
 
 
 @kernel
-def task_update(weights_t, net, opt, t):
+def task_first(net, t):
+    # where task t's parameters start in the flat vector: its first weight
+    # row, or its layer's biases
+    l = net.tasks[t, 0]
+    if net.tasks[t, 1] == WEIGHT_TASK:
+        return net.w_off[l] + net.tasks[t, 2] * net.sizes[l]
+    return net.b_off[l]
+
+
+def task_block_values(layer_sizes):
+    """Values of the largest gradient block of a task (its weight rows
+    times fan_in, or a layer's biases), rounded up to a cache line: the
+    scratch each thread computes a task's gradient into (Work.task_grads)."""
+    largest = 0
+    for layer, kind, j0, j1, _, _ in make_tasks(layer_sizes):
+        if kind == WEIGHT_TASK:
+            largest = max(largest, (j1 - j0) * layer_sizes[layer])
+        elif kind == BIAS_TASK:
+            largest = max(largest, layer_sizes[layer + 1])
+    return -(-largest // 16) * 16
+
+
+@kernel
+def task_update(weights_t, net, opt, t, grads, g_first):
     # applies the optimizer to task t's parameters, one flat range per
-    # weight row (or the layer's biases); returns the update's check sum
-    # (NaN when a new value is not finite)
+    # weight row (or the layer's biases), from their gradients in grads
+    # laid out as task_gradient writes them from g_first; returns the
+    # update's check sum (NaN when a new value is not finite)
     tasks = net.tasks
     sizes = net.sizes
     params = net.params
@@ -299,13 +327,14 @@ def task_update(weights_t, net, opt, t):
     for i in range(n_ranges):
         p0 = first + i * stride + k0
         p1 = first + i * stride + k1
+        g0 = g_first + i * stride + k0
         if opt.code == SGD:
-            check += sgd_update(params, opt.grads, p0, p1, hyper[LR], decay)
+            check += sgd_update(params, grads, p0, p1, g0, hyper[LR], decay)
         elif opt.code == MOMENTUM:
-            check += momentum_update(params, opt.grads, opt.state1, p0, p1, hyper[LR],
+            check += momentum_update(params, grads, opt.state1, p0, p1, g0, hyper[LR],
                                      hyper[MOMENTUM_COEF], decay, opt.nesterov)
         elif opt.code == ADAM:
-            check += adam_update(params, opt.grads, opt.state1, opt.state2, p0, p1,
+            check += adam_update(params, grads, opt.state1, opt.state2, p0, p1, g0,
                                  hyper[ADAM_ALPHA], hyper[BETA1], hyper[BETA2], hyper[EPSILON],
                                  decay)
     if tasks[t, 1] == WEIGHT_TASK and opt.code != NONE:
@@ -368,18 +397,24 @@ def share_first_task(shares, net, total, part, parts):
 @parallel_kernel
 def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # With gradients, computes the gradient of every parameter over batch
-    # rows 0:nrows into opt.grads; then, with update, applies the optimizer
-    # to them (while they are hot in cache, when both are asked; MPI ranks
-    # sum their gradients in between). work.task_checks[t] is NaN when task
-    # t produced a non-finite parameter, else 0. Each of `threads` parts
-    # runs a contiguous share of the task list (balance.py).
+    # rows 0:nrows; then, with update, applies the optimizer to them. Both
+    # at once (alone), each task's gradient goes into its thread's scratch
+    # block (work.task_grads) and is applied from there while it is in
+    # cache: the gradient vector opt.grads is neither written nor read, so
+    # W3's 2.7 MB of it stay out of a shared L3 that holds 8-12 MB here.
+    # Apart (MPI ranks sum their gradients in between), they go through
+    # opt.grads. work.task_checks[t] is NaN when task t produced a
+    # non-finite parameter, else 0. Each of `threads` parts runs a
+    # contiguous share of the task list (balance.py).
     # (The arrays are taken out of the tuple first: Numba's parfor pass
     # drops a store into an array read off a tuple inside the loop body.)
     task_checks = work.task_checks
+    task_grads = work.task_grads
     shares = work.balance[GRADIENTS]
     parts = max(1, threads)
     fold_timings(shares, parts)
     total = total_work(net)
+    fused = gradients and update
     for p in prange(parts):
         part = np.int64(p)
         started = cycles()
@@ -388,11 +423,13 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
         t1 = share_first_task(shares, net, total, part + 1, parts)
         done = np.int64(0)
         for t in range(t0, t1):
+            grads = task_grads[part] if fused else opt.grads
+            g_first = np.int64(0) if fused else task_first(net, t)
             if gradients:
-                task_gradient(opt.grads, work, net, t, nrows)
+                task_gradient(grads, g_first, work, net, t, nrows)
             check = 0.0
             if update:
-                check = task_update(work.weights_t, net, opt, t)
+                check = task_update(work.weights_t, net, opt, t, grads, g_first)
             task_checks[t] = check
             done += task_work(net, t)
         write_fp_control(fp_control)
