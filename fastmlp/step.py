@@ -15,9 +15,10 @@ A step is two parallel regions:
 2. `gradients_update`: weight gradients are sums over the batch, so they are
    split by *parameter* instead: each task owns a block of weight rows and
    columns (or one layer's bias), sums over all rows of the batch in row
-   order, and then applies the optimizer update to those same values while
-   they are hot in cache. One writer per parameter: no atomics, no
-   per-thread slabs, and the result is bit-identical for any thread count.
+   order into its thread's scratch block, and then applies the optimizer
+   update from there while the block is hot in cache. One writer per
+   parameter: no atomics, and the result is bit-identical for any thread
+   count.
    Each thread runs a contiguous share of the task list, also sized by
    its measured speed.
 

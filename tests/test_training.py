@@ -14,7 +14,7 @@ from fastmlp import reference
 from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
-from fastmlp.optimizers import OPTIMIZERS, make_hyper
+from fastmlp.optimizers import ADAM_ALPHA, OPTIMIZERS, make_hyper
 from fastmlp.progress import Callback
 from fastmlp.step import (
     BIAS_TASK,
@@ -242,6 +242,51 @@ def test_update_tasks_keep_the_transposed_weights_current():
     assert wt_off[2] == weights_t.size  # 10 outputs: no transposed block
     assert relative_error(model.weights[0], random_problem([30, 200, 64, 10], 300, "tanh",
                                                            np.float32, seed=4)[0].weights[0]) > 1e-3
+
+
+@pytest.mark.parametrize("optimizer,options", OPTIMIZER_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_update_equals_gradients_then_update(optimizer, options, dtype):
+    """Alone, each task computes its gradient into its thread's scratch
+    block and updates from there; MPI ranks compute every gradient into the
+    flat vector first and update from it. Both give the same parameters,
+    optimizer state and transposed weights bit for bit, and the fused pass
+    leaves the flat vector as it was. The layers cover every kind of task:
+    rows of a wide layer (transposed), column pieces of a narrow one (50
+    outputs of 784 inputs), biases."""
+    sizes = [784, 50, 130, 10]
+    model, X, y = random_problem(sizes, 64, "relu", dtype, seed=5)
+    net = model.network()
+    ws = Workspace(sizes, 64, model.dtype)
+    data = make_data(X, y.astype(np.int32), np.ones(64, model.dtype), np.arange(64), model.dtype)
+    model._transpose(ws)
+    forward_backward(ws.work, net, data, 0, 64, model.dtype.type(1 / 64), True, 0, 2)
+    hyper = make_hyper(model.dtype, options["lr"], options.get("momentum", 0.0),
+                       options.get("weight_decay", 0.0))
+    hyper[ADAM_ALPHA] = 0.001  # Adam's bias-corrected step size
+    rng = np.random.default_rng(0)
+    state = [rng.random(model.params.size).astype(dtype) for _ in range(2)]
+    start = [model.params.copy(), ws.work.weights_t.copy()]
+    results = []
+    for fused in (True, False):
+        model.params[:] = start[0]
+        ws.work.weights_t[:] = start[1]
+        grads = np.full(model.params.size, np.nan, dtype)
+        m, v = (s.copy() for s in state)
+        opt = Optimizer(grads, m, v, hyper, OPTIMIZERS[optimizer], options.get("nesterov", False),
+                        np.zeros(5))
+        if fused:
+            gradients_update(ws.work, net, opt, 64, True, True, 2)
+            assert np.isnan(grads).all()  # the flat gradient vector is never touched
+        else:
+            gradients_update(ws.work, net, opt, 64, True, False, 2)
+            gradients_update(ws.work, net, opt, 64, False, True, 2)
+            assert not np.isnan(grads).any()
+        assert not ws.work.task_checks.any()  # every new value finite
+        results.append([model.params.copy(), m, v, ws.work.weights_t.copy()])
+    for fused, split in zip(*results):
+        assert np.array_equal(fused, split)
+    assert not np.array_equal(results[0][0], start[0])  # the update did something
 
 
 def test_an_epoch_allocates_nothing():
