@@ -412,7 +412,8 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     task_checks = work.task_checks
     task_grads = work.task_grads
     shares = work.balance[GRADIENTS]
-    parts = max(1, threads)
+    # (no more parts than scratch blocks: one per thread Numba may start)
+    parts = max(1, min(threads, task_grads.shape[0]))
     fold_timings(shares, parts)
     total = total_work(net)
     fused = gradients and update
