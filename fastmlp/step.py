@@ -308,17 +308,16 @@ def task_update(weights_t, net, opt, t, grads, g_first):
     params = net.params
     hyper = opt.hyper
     l = tasks[t, 0]
+    if tasks[t, 1] == NO_TASK:
+        return 0.0
+    first = task_first(net, t)
     if tasks[t, 1] == WEIGHT_TASK:
-        first = net.w_off[l] + tasks[t, 2] * sizes[l]
         n_ranges = tasks[t, 3] - tasks[t, 2]
         k0 = tasks[t, 4]
         k1 = tasks[t, 5]
         stride = sizes[l]
         decay = hyper[DECAY]  # weight decay applies to weights only
-    elif tasks[t, 1] == NO_TASK:
-        return 0.0
     else:
-        first = net.b_off[l]
         n_ranges = 1
         k0 = 0
         k1 = sizes[l + 1]
@@ -424,8 +423,8 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
         t0 = share_first_task(shares, net, total, part, parts)
         t1 = share_first_task(shares, net, total, part + 1, parts)
         done = np.int64(0)
+        grads = task_grads[part] if fused else opt.grads
         for t in range(t0, t1):
-            grads = task_grads[part] if fused else opt.grads
             g_first = np.int64(0) if fused else task_first(net, t)
             if gradients:
                 task_gradient(grads, g_first, work, net, t, nrows)
