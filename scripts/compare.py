@@ -11,6 +11,14 @@ step that compiles), then reports the median epochs per second, the test
 accuracy after the timed epochs (so no one wins by computing something
 else), its peak RSS, and the BLAS kernel threadpoolctl saw. Peers that are
 not installed are skipped with a note.
+
+A workload runs --rounds rounds. A round runs every peer once, back to
+back, in the order of --peers, and the next round in the reverse order, so
+that no peer always runs right after fastmlp. On a shared machine whose
+speed moves by 2x from one minute to the next, fastmlp's speed-up over a
+peer is the median of the rounds' ratios (fastmlp's rate over the peer's
+in the same round), printed with each round's ratio; epochs/s is the
+median over the rounds.
 """
 import argparse
 import json
@@ -340,6 +348,69 @@ def child(peer, workload, epochs):
                       "blas": blas}))
 
 
+def round_order(peers, round_index):
+    """The peers of round round_index (from 0): --peers order in even
+    rounds, reversed in odd ones."""
+    return list(peers) if round_index % 2 == 0 else list(peers)[::-1]
+
+
+def speedups(rates):
+    """{peer: (median epochs/s, median of the rounds' fastmlp/peer ratios,
+    the ratios by round)} from rates {peer: [epochs/s of each round]};
+    a round where fastmlp or the peer did not run gives no ratio."""
+    own = rates.get("fastmlp", [])
+    summary = {}
+    for peer, peer_rates in rates.items():
+        ratios = [a / b for a, b in zip(own, peer_rates) if a is not None and b is not None]
+        ran = [r for r in peer_rates if r is not None]
+        summary[peer] = (float(np.median(ran)) if ran else float("nan"),
+                         float(np.median(ratios)) if ratios else float("nan"), ratios)
+    return summary
+
+
+def compare_workload(workload, peers, epochs, rounds, peak):
+    """Runs the workload's rounds (see the module's docstring) and prints
+    one row per peer."""
+    import importlib.util
+    sizes, activation, batch_size, lr = WORKLOADS[workload]
+    flops = flops_per_epoch(sizes)
+    print(f"\n{workload}: {sizes} {activation}, SGD lr {lr}, batch {batch_size}; "
+          f"{flops / 1e9:.1f} GFLOP/epoch, limit at sgemm peak {peak * 1e9 / flops:.2f} epochs/s; "
+          f"{rounds} round(s)")
+    runnable = []
+    for peer in peers:
+        if importlib.util.find_spec(MODULE_OF[peer]) is None or f"run_{peer}" not in globals():
+            print(f"{peer:12} skipped: not installed here")
+        elif peer in ("numpy", "sklearn") and workload == "W3":
+            print(f"{peer:12} skipped: too slow for W3")
+        else:
+            runnable.append(peer)
+    rates = {peer: [None] * rounds for peer in runnable}
+    last, failed = {}, {}
+    for round_index in range(rounds):
+        for peer in round_order(runnable, round_index):
+            if peer in failed:
+                continue
+            out = subprocess.run([sys.executable, __file__, "--epochs", str(epochs),
+                                  "--child", peer, workload], capture_output=True, text=True)
+            if out.returncode != 0:
+                failed[peer] = out.stderr.strip().splitlines()[-1:]
+                continue
+            last[peer] = json.loads(out.stdout.strip().splitlines()[-1])
+            rates[peer][round_index] = 1 / float(np.median(last[peer]["epoch_times"]))
+    print(f"{'peer':12} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
+          f"{'RSS MB':>7}  {'fastmlp x by round':18}  BLAS")
+    for peer, (rate, ratio, ratios) in speedups(rates).items():
+        if peer in failed:
+            print(f"{peer:12} failed: {failed[peer]}")
+            continue
+        result = last[peer]
+        by_round = " ".join(f"{x:.2f}" for x in ratios) if peer != "fastmlp" else ""
+        print(f"{peer:12} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
+              f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {by_round:18}  "
+              f"{result['blas']}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -352,7 +423,7 @@ def main(argv=None):
     parser.add_argument("--regression", action="store_true",
                         help="also compare fastmlp.MLPRegressor with scikit-learn's")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the estimator comparisons: medians over them")
+                        help="rounds of every comparison: medians over them")
     parser.add_argument("--regressor", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--estimator", nargs=2, help=argparse.SUPPRESS)
@@ -370,36 +441,11 @@ def main(argv=None):
         seconds, r2 = run_regressor(*args.regressor)
         print(json.dumps({"seconds": seconds, "score": r2}))
         return 0
-    import importlib.util
     print(machine_summary())
     peak = sgemm_gflops()
     print(f"sgemm peak (NumPy, float32, 1024^3): {peak:.0f} GFLOP/s; BLAS: {blas_kernel()}")
     for workload in filter(None, args.workloads.split(",")):
-        sizes, activation, batch_size, lr = WORKLOADS[workload]
-        flops = flops_per_epoch(sizes)
-        print(f"\n{workload}: {sizes} {activation}, SGD lr {lr}, batch {batch_size}; "
-              f"{flops / 1e9:.1f} GFLOP/epoch, limit at sgemm peak {peak * 1e9 / flops:.2f} epochs/s")
-        print(f"{'peer':12} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
-              f"{'RSS MB':>7}  BLAS")
-        rates = {}
-        for peer in args.peers.split(","):
-            if importlib.util.find_spec(MODULE_OF[peer]) is None or f"run_{peer}" not in globals():
-                print(f"{peer:12} skipped: not installed here")
-                continue
-            if peer in ("numpy", "sklearn") and workload == "W3":
-                print(f"{peer:12} skipped: too slow for W3")
-                continue
-            out = subprocess.run([sys.executable, __file__, "--epochs", str(args.epochs),
-                                  "--child", peer, workload], capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{peer:12} failed: {out.stderr.strip().splitlines()[-1:]}")
-                continue
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            rate = 1 / float(np.median(result["epoch_times"]))
-            rates[peer] = rate
-            ratio = rates.get("fastmlp", float("nan")) / rate
-            print(f"{peer:12} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
-                  f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {result['blas']}")
+        compare_workload(workload, args.peers.split(","), args.epochs, args.rounds, peak)
     if args.sklearn:
         compare_estimators(args.rounds)
     if args.regression:

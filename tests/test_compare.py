@@ -1,0 +1,49 @@
+"""scripts/compare.py's summary of rounds: speed-ups are medians of ratios
+taken within a round, and rounds alternate the peers' order. (The timing
+runs themselves take minutes and every peer: they are run by hand.)"""
+import importlib.util
+import math
+import os
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "compare", os.path.join(ROOT, "scripts", "compare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_alternate_the_order_of_peers():
+    compare = load_script()
+    peers = ["fastmlp", "jax", "torch"]
+    assert compare.round_order(peers, 0) == peers
+    assert compare.round_order(peers, 1) == ["torch", "jax", "fastmlp"]
+    assert compare.round_order(peers, 2) == peers
+    assert peers == ["fastmlp", "jax", "torch"]  # not reversed in place
+
+
+def test_speedup_is_the_median_of_ratios_within_rounds():
+    compare = load_script()
+    # the machine slows down 2x in round 1 and fastmlp's run in round 2
+    # meets a busy minute: within rounds the ratios are 2, 2 and 3, while
+    # the ratio of the median rates (6 / 2.5) would say 2.4
+    rates = {"fastmlp": [10.0, 5.0, 6.0], "jax": [5.0, 2.5, 2.0]}
+    summary = compare.speedups(rates)
+    assert summary["fastmlp"][:2] == (6.0, 1.0)
+    rate, ratio, ratios = summary["jax"]
+    assert rate == 2.5
+    assert ratios == [2.0, 2.0, 3.0]
+    assert ratio == 2.0
+
+
+def test_a_round_that_failed_gives_no_ratio():
+    compare = load_script()
+    rates = {"fastmlp": [8.0, None, 6.0, 4.0], "torch": [2.0, 1.0, None, 1.0]}
+    rate, ratio, ratios = compare.speedups(rates)["torch"]
+    assert ratios == [4.0, 4.0]
+    assert (rate, ratio) == (1.0, 4.0)
+    rate, ratio, ratios = compare.speedups({"torch": [None]})["torch"]
+    assert math.isnan(rate) and math.isnan(ratio) and ratios == []
