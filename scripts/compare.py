@@ -1,6 +1,7 @@
 """fastmlp against its peers on the performance workloads, back to back.
 
     python scripts/compare.py [--workloads W1,W2,W3] [--epochs 2] [--peers fastmlp,numpy,torch,sklearn]
+    python scripts/compare.py --peers fastmlp,fastmlp_1thread   # 2 threads against 1
     python scripts/compare.py --workloads "" --sklearn   # only the MLPClassifier comparison
     python scripts/compare.py --workloads "" --regression  # MLPRegressor against scikit-learn's
 
@@ -33,8 +34,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from workloads import WORKLOADS, flops_per_epoch, sgemm_gflops  # noqa: E402
 
-PEERS = ["fastmlp", "fastmlp_bf16", "numpy", "torch", "torch_bf16", "sklearn", "jax", "keras"]
-MODULE_OF = {"fastmlp": "fastmlp", "fastmlp_bf16": "fastmlp", "numpy": "numpy",
+PEERS = ["fastmlp", "fastmlp_1thread", "fastmlp_bf16", "numpy", "torch", "torch_bf16", "sklearn",
+         "jax", "keras"]
+MODULE_OF = {"fastmlp": "fastmlp", "fastmlp_1thread": "fastmlp", "fastmlp_bf16": "fastmlp",
+             "numpy": "numpy",
              "torch": "torch", "torch_bf16": "torch", "sklearn": "sklearn", "jax": "jax",
              "keras": "keras"}
 
@@ -54,7 +57,7 @@ def initial_weights(sizes, seed=0):
     return weights, [np.zeros(s, np.float32) for s in sizes[1:]]
 
 
-def run_fastmlp(workload, data, epochs, dtype="float32"):
+def run_fastmlp(workload, data, epochs, dtype="float32", threads=None):
     import fastmlp
     sizes, activation, batch_size, lr = WORKLOADS[workload]
     x_train, y_train, x_test, y_test = data
@@ -67,8 +70,13 @@ def run_fastmlp(workload, data, epochs, dtype="float32"):
     for w, w0 in zip(model.weights, weights):
         w[...] = w0
     history = fastmlp.fit(model, x_train, y_train, epochs=epochs, batch_size=batch_size,
-                          lr=lr, seed=0)
+                          lr=lr, seed=0, threads=threads)
     return history.history["epoch_time"], model.evaluate(x_test, y_test)[1]
+
+
+def run_fastmlp_1thread(workload, data, epochs):
+    # fastmlp on one thread: its row's ratio is the speed-up of all threads
+    return run_fastmlp(workload, data, epochs, threads=1)
 
 
 def run_fastmlp_bf16(workload, data, epochs):

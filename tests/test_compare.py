@@ -47,3 +47,11 @@ def test_a_round_that_failed_gives_no_ratio():
     assert (rate, ratio) == (1.0, 4.0)
     rate, ratio, ratios = compare.speedups({"torch": [None]})["torch"]
     assert math.isnan(rate) and math.isnan(ratio) and ratios == []
+
+
+def test_every_peer_names_its_module():
+    # a peer missing from MODULE_OF would stop the comparison with a
+    # KeyError after minutes of runs
+    compare = load_script()
+    assert set(compare.MODULE_OF) == set(compare.PEERS)
+    assert callable(compare.run_fastmlp_1thread)
