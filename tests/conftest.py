@@ -1,7 +1,19 @@
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 
 import fastmlp
+
+
+def load_script(name):
+    """scripts/<name>.py, imported as a module of that name."""
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def relative_error(actual, expected):

@@ -1,23 +1,13 @@
 """scripts/compare.py's summary of rounds: speed-ups are medians of ratios
 taken within a round, and rounds alternate the peers' order. (The timing
 runs themselves take minutes and every peer: they are run by hand.)"""
-import importlib.util
 import math
-import os
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "compare", os.path.join(ROOT, "scripts", "compare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_rounds_alternate_the_order_of_peers():
-    compare = load_script()
+    compare = load_script("compare")
     peers = ["fastmlp", "jax", "torch"]
     assert compare.round_order(peers, 0) == peers
     assert compare.round_order(peers, 1) == ["torch", "jax", "fastmlp"]
@@ -26,7 +16,7 @@ def test_rounds_alternate_the_order_of_peers():
 
 
 def test_speedup_is_the_median_of_ratios_within_rounds():
-    compare = load_script()
+    compare = load_script("compare")
     # the machine slows down 2x in round 1 and fastmlp's run in round 2
     # meets a busy minute: within rounds the ratios are 2, 2 and 3, while
     # the ratio of the median rates (6 / 2.5) would say 2.4
@@ -40,7 +30,7 @@ def test_speedup_is_the_median_of_ratios_within_rounds():
 
 
 def test_a_round_that_failed_gives_no_ratio():
-    compare = load_script()
+    compare = load_script("compare")
     rates = {"fastmlp": [8.0, None, 6.0, 4.0], "torch": [2.0, 1.0, None, 1.0]}
     rate, ratio, ratios = compare.speedups(rates)["torch"]
     assert ratios == [4.0, 4.0]
@@ -52,6 +42,6 @@ def test_a_round_that_failed_gives_no_ratio():
 def test_every_peer_names_its_module():
     # a peer missing from MODULE_OF would stop the comparison with a
     # KeyError after minutes of runs
-    compare = load_script()
+    compare = load_script("compare")
     assert set(compare.MODULE_OF) == set(compare.PEERS)
     assert callable(compare.run_fastmlp_1thread)

@@ -2,22 +2,15 @@
 fastmlp import under their new names, and bad revisions are usage errors.
 (Timing itself compiles two versions, minutes: it is run by hand.)"""
 import importlib
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from conftest import load_script
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "pair_steps", os.path.join(ROOT, "scripts", "pair_steps.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def in_git_checkout():
@@ -29,7 +22,7 @@ def in_git_checkout():
 def test_a_copy_imports_under_its_own_name(revision, tmp_path, monkeypatch):
     if revision == "HEAD" and not in_git_checkout():
         pytest.skip("not a git checkout")
-    script = load_script()
+    script = load_script("pair_steps")
     name = f"fastmlp_copy_{revision.lower()}"
     parent = script.package_copy(revision, name, str(tmp_path / "cache"),
                                  str(tmp_path / "scratch"))
@@ -50,6 +43,6 @@ def test_an_unknown_revision_is_a_usage_error(capsys):
     if not in_git_checkout():
         pytest.skip("not a git checkout")
     with pytest.raises(SystemExit) as exit_:
-        load_script().main(["--before", "no-such-revision"])
+        load_script("pair_steps").main(["--before", "no-such-revision"])
     assert exit_.value.code == 2
     assert "'no-such-revision' is not a git revision" in capsys.readouterr().err
