@@ -388,9 +388,9 @@ def compare_workload(workload, peers, epochs, rounds, peak):
     runnable = []
     for peer in peers:
         if importlib.util.find_spec(MODULE_OF[peer]) is None or f"run_{peer}" not in globals():
-            print(f"{peer:12} skipped: not installed here")
+            print(f"{peer:15} skipped: not installed here")
         elif peer in ("numpy", "sklearn") and workload == "W3":
-            print(f"{peer:12} skipped: too slow for W3")
+            print(f"{peer:15} skipped: too slow for W3")
         else:
             runnable.append(peer)
     rates = {peer: [None] * rounds for peer in runnable}
@@ -406,15 +406,15 @@ def compare_workload(workload, peers, epochs, rounds, peak):
                 continue
             last[peer] = json.loads(out.stdout.strip().splitlines()[-1])
             rates[peer][round_index] = 1 / float(np.median(last[peer]["epoch_times"]))
-    print(f"{'peer':12} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
+    print(f"{'peer':15} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
           f"{'RSS MB':>7}  {'fastmlp x by round':18}  BLAS")
     for peer, (rate, ratio, ratios) in speedups(rates).items():
         if peer in failed:
-            print(f"{peer:12} failed: {failed[peer]}")
+            print(f"{peer:15} failed: {failed[peer]}")
             continue
         result = last[peer]
         by_round = " ".join(f"{x:.2f}" for x in ratios) if peer != "fastmlp" else ""
-        print(f"{peer:12} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
+        print(f"{peer:15} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
               f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {by_round:18}  "
               f"{result['blas']}")
 
@@ -438,6 +438,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    unknown = [peer for peer in args.peers.split(",") if peer not in PEERS]
+    if unknown:
+        parser.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    unknown = [w for w in filter(None, args.workloads.split(",")) if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from "
+                     f"{', '.join(WORKLOADS)}")
     if args.child:
         child(args.child[0], args.child[1], args.epochs)
         return 0

@@ -3,6 +3,8 @@ taken within a round, and rounds alternate the peers' order. (The timing
 runs themselves take minutes and every peer: they are run by hand.)"""
 import math
 
+import pytest
+
 from conftest import load_script
 
 
@@ -45,3 +47,14 @@ def test_every_peer_names_its_module():
     compare = load_script("compare")
     assert set(compare.MODULE_OF) == set(compare.PEERS)
     assert callable(compare.run_fastmlp_1thread)
+
+
+@pytest.mark.parametrize("argv", [["--peers", "fastmlp,pytorch"], ["--workloads", "W1,W4"],
+                                  ["--rounds", "0"]])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    # refused before the minutes of runs start, naming what is wrong
+    with pytest.raises(SystemExit) as stop:
+        load_script("compare").main(argv)
+    assert stop.value.code == 2
+    named = {"--peers": "pytorch", "--workloads": "W4", "--rounds": "--rounds"}[argv[0]]
+    assert named in capsys.readouterr().err
