@@ -45,16 +45,19 @@ HALF = np.float32(0.5)
 # kernels
 
 @kernel
-def copy_target(labels_out, targets_out, labels, targets, b, i):
+def copy_targets(labels_out, targets_out, labels, targets, idx, start, r0, r1):
     # labels_out is (B,), targets_out (B, K); labels (N,) or targets (N, K),
-    # whichever has rows (buffers.Data)
-    # Batch row b's target from dataset row i: its integer label for
-    # softmax, its row of floats for the other heads.
+    # whichever has rows (buffers.Data); idx is (>=start+r1,)
+    # Batch row b's target from dataset row idx[start + b], for rows r0:r1:
+    # its integer label for softmax, its row of floats for the other heads.
     if labels.shape[0] > 0:
-        labels_out[b] = labels[i]
+        for b in range(r0, r1):
+            labels_out[b] = labels[idx[start + b]]
     else:
-        for k in range(targets.shape[1]):
-            targets_out[b, k] = targets[i, k]
+        for b in range(r0, r1):
+            i = idx[start + b]
+            for k in range(targets.shape[1]):
+                targets_out[b, k] = targets[i, k]
 
 
 @kernel
