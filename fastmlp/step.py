@@ -286,8 +286,9 @@ def task_first(net, t):
 
 def task_block_values(layer_sizes):
     """Values of the largest gradient block of a task (its weight rows
-    times fan_in, or a layer's biases), rounded up to a cache line: the
-    scratch each thread computes a task's gradient into (Work.task_grads)."""
+    times fan_in, or a layer's biases), rounded up to a multiple of 16 (a
+    float32 cache line): the scratch each thread computes a task's gradient
+    into (Work.task_grads)."""
     largest = 0
     for layer, kind, j0, j1, _, _ in make_tasks(layer_sizes):
         if kind == WEIGHT_TASK:
