@@ -138,6 +138,12 @@ def test_second_fit_continues_the_shuffling():
     assert model_b.training_state.epoch == 3 and model_b.training_state.step == 0
 
 
+def one_step_chunks(monkeypatch):
+    """fit's calls into compiled code run one step each (in epochs of up to
+    100 steps), so that InterruptAt stops at a known step."""
+    monkeypatch.setattr(fastmlp.training, "CHUNKS_PER_EPOCH", 100)
+
+
 class InterruptAt(Callback):
     """Sends this process SIGINT after a given chunk."""
 
@@ -151,10 +157,11 @@ class InterruptAt(Callback):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_ctrl_c_stops_cleanly_and_training_resumes_bit_for_bit(optimizer):
+def test_ctrl_c_stops_cleanly_and_training_resumes_bit_for_bit(optimizer, monkeypatch):
     model_a, X, y = random_problem([10, 8, 3], 500, "relu", np.float32, seed=8)
     model_b, _, _ = random_problem([10, 8, 3], 500, "relu", np.float32, seed=8)
-    options = dict(batch_size=10, optimizer=optimizer, lr=0.01)  # 50 steps, 50 chunks an epoch
+    one_step_chunks(monkeypatch)
+    options = dict(batch_size=10, optimizer=optimizer, lr=0.01)  # 50 steps an epoch
     fastmlp.fit(model_a, X, y, epochs=3, seed=1, **options)
     handler = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background
     with pytest.raises(KeyboardInterrupt):
@@ -365,7 +372,9 @@ def diverging_problem(kind):
     ("adam", dict(lr=1e30), "loss"),
     ("sgd", dict(lr=1.0, weight_decay=3.0), "parameter"),
 ])
-def test_divergence_stops_at_the_step_and_keeps_the_last_finite_parameters(optimizer, options, kind):
+def test_divergence_stops_at_the_step_and_keeps_the_last_finite_parameters(optimizer, options, kind,
+                                                                           monkeypatch):
+    one_step_chunks(monkeypatch)
     model, X, y = diverging_problem(kind)
     settings = dict(batch_size=10, optimizer=optimizer, seed=0, **options)  # 30 steps an epoch
     message = "the loss became NaN or inf" if kind == "loss" else "a parameter became NaN or inf"
