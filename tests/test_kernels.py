@@ -333,22 +333,29 @@ def test_finite_sees_nan_and_inf_under_the_fastmath_flags(bad):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("nrows", [13, kernels.TAIL_ROWS + 3])
-def test_tail_columns_sum_as_a_whole_narrow_block(nrows, dtype, rng):
-    # the last C % 16 columns run on a zero-padded panel: each gets the very
-    # value it gets as a column of a whole 16-column block (one chain of
-    # multiply-adds in source order), also over several passes of TAIL_ROWS
+@pytest.mark.parametrize("nrows", [0, 13, kernels.TAIL_ROWS + 3])
+# output rows: fewer than 16 (the padded panel); two blocks of 16 (the
+# transposed tail) and 3 rows left over (the padded panel)
+@pytest.mark.parametrize("j0,j1", [(1, 8), (1, 36)])
+def test_tail_columns_sum_as_a_whole_narrow_block(j0, j1, nrows, dtype, rng):
+    # the last C % 16 columns run on a zero-padded panel or, in whole blocks
+    # of 16 weight rows, transposed (weight_tail_columns): either way each
+    # gets the very value it gets as a column of a whole 16-column block
+    # (one chain of multiply-adds in source order), also over several
+    # passes of TAIL_ROWS
     C = 150  # 2 blocks of 64, a narrow block of 16, a tail of 6
-    coef = rng.standard_normal((nrows, 9)).astype(dtype)
-    src = rng.standard_normal((nrows, C)).astype(dtype)
-    out = np.full((9, C), 7.0, dtype)
-    kernels.dense_backward_weight(out, coef, src, 1, 8, nrows, 0, C)
-    padded = np.zeros((nrows, 160), dtype)
+    coef = rng.standard_normal((max(nrows, 1), 40)).astype(dtype)
+    src = rng.standard_normal((max(nrows, 1), C)).astype(dtype)
+    out = np.full((40, C), 7.0, dtype)
+    kernels.dense_backward_weight(out, coef, src, j0, j1, nrows, 0, C)
+    padded = np.zeros((max(nrows, 1), 160), dtype)
     padded[:, :C] = src
-    whole = np.full((9, 160), 7.0, dtype)
-    kernels.dense_backward_weight(whole, coef, padded, 1, 8, nrows, 0, 160)
-    assert np.array_equal(out[1:8], whole[1:8, :C])
-    assert (out[0] == 7.0).all() and (out[8] == 7.0).all()
+    whole = np.full((40, 160), 7.0, dtype)
+    kernels.dense_backward_weight(whole, coef, padded, j0, j1, nrows, 0, 160)
+    assert np.array_equal(out[j0:j1], whole[j0:j1, :C])
+    assert (out[:j0] == 7.0).all() and (out[j1:] == 7.0).all()
+    expected = coef[:nrows, j0:j1].T.astype(np.float64) @ src[:nrows].astype(np.float64)
+    assert relative_error(out[j0:j1], expected) < (1e-5 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
