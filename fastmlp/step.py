@@ -300,10 +300,10 @@ def task_block_values(layer_sizes):
 
 @kernel
 def task_update(weights_t, net, opt, t, grads, g_first):
-    # applies the optimizer to task t's parameters, one flat range per
-    # weight row (or the layer's biases), from their gradients in grads
-    # laid out as task_gradient writes them from g_first; returns the
-    # update's check sum (NaN when a new value is not finite)
+    # applies the optimizer to task t's parameters (its weight rows, or its
+    # layer's biases) from their gradients in grads, laid out as
+    # task_gradient writes them from g_first; returns the update's check sum
+    # (NaN when a new value is not finite)
     tasks = net.tasks
     sizes = net.sizes
     params = net.params
@@ -313,31 +313,27 @@ def task_update(weights_t, net, opt, t, grads, g_first):
         return 0.0
     first = task_first(net, t)
     if tasks[t, 1] == WEIGHT_TASK:
-        n_ranges = tasks[t, 3] - tasks[t, 2]
+        rows = tasks[t, 3] - tasks[t, 2]
         k0 = tasks[t, 4]
         k1 = tasks[t, 5]
         stride = sizes[l]
         decay = hyper[DECAY]  # weight decay applies to weights only
     else:
-        n_ranges = 1
-        k0 = 0
+        rows = np.int64(1)
+        k0 = np.int64(0)
         k1 = sizes[l + 1]
-        stride = 0
+        stride = k1
         decay = hyper.dtype.type(0.0)
     check = 0.0
-    for i in range(n_ranges):
-        p0 = first + i * stride + k0
-        p1 = first + i * stride + k1
-        g0 = g_first + i * stride + k0
-        if opt.code == SGD:
-            check += sgd_update(params, grads, p0, p1, g0, hyper[LR], decay)
-        elif opt.code == MOMENTUM:
-            check += momentum_update(params, grads, opt.state1, p0, p1, g0, hyper[LR],
-                                     hyper[MOMENTUM_COEF], decay, opt.nesterov)
-        elif opt.code == ADAM:
-            check += adam_update(params, grads, opt.state1, opt.state2, p0, p1, g0,
-                                 hyper[ADAM_ALPHA], hyper[BETA1], hyper[BETA2], hyper[EPSILON],
-                                 decay)
+    if opt.code == SGD:
+        check = sgd_update(params, grads, first, g_first, rows, stride, k0, k1, hyper[LR], decay)
+    elif opt.code == MOMENTUM:
+        check = momentum_update(params, grads, opt.state1, first, g_first, rows, stride, k0, k1,
+                                hyper[LR], hyper[MOMENTUM_COEF], decay, opt.nesterov)
+    elif opt.code == ADAM:
+        check = adam_update(params, grads, opt.state1, opt.state2, first, g_first, rows, stride,
+                            k0, k1, hyper[ADAM_ALPHA], hyper[BETA1], hyper[BETA2],
+                            hyper[EPSILON], decay)
     if tasks[t, 1] == WEIGHT_TASK and opt.code != NONE:
         # the new weights, still in cache, rounded for bfloat16 and into
         # dense_forward's transposed block
