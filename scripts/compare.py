@@ -222,21 +222,40 @@ SKLEARN_SETTINGS = dict(hidden_layer_sizes=(100,), solver="adam", batch_size=200
                         n_iter_no_change=1000, random_state=0)
 
 
-def run_estimator(which, dtype, data):
+def input_dtypes(spec):
+    """(input dtype, fastmlp's dtype) of a row: "float64" trains both in
+    float64, as each does by default; "float64:float32" gives both float64
+    input and fastmlp dtype="float32"."""
+    given, _, trained = spec.partition(":")
+    return given, trained or None
+
+
+def run_estimator(which, spec, data):
     """scikit-learn's MLPClassifier or fastmlp's, same hyperparameters,
-    pixels scaled to [0, 1] in dtype for both (both train in the input's
-    dtype); returns (fit seconds, test accuracy)."""
+    pixels scaled to [0, 1] in the input dtype for both (both train in the
+    input's dtype, unless spec gives fastmlp another); returns (fit seconds,
+    test accuracy)."""
     x_train, y_train, x_test, y_test = data
-    return timed_fit(which, "MLPClassifier", SKLEARN_SETTINGS, x_train.astype(dtype) / 255,
-                     y_train, x_test.astype(dtype) / 255, y_test)
+    given, trained = input_dtypes(spec)
+    return timed_fit(which, "MLPClassifier", SKLEARN_SETTINGS, x_train.astype(given) / 255,
+                     y_train, x_test.astype(given) / 255, y_test, trained)
 
 
-def timed_fit(which, name, settings, x_train, y_train, x_test, y_test):
+def timed_fit(which, name, settings, x_train, y_train, x_test, y_test, dtype=None):
     """(seconds, test score) of one fit of scikit-learn's or fastmlp's
-    estimator `name`; fastmlp compiles (or loads its cache) before the timing."""
+    estimator `name` (fastmlp's with `dtype`)."""
+    model, seconds = fit_estimator(which, name, settings, x_train, y_train, dtype)
+    return seconds, float(model.score(x_test, y_test))
+
+
+def fit_estimator(which, name, settings, x_train, y_train, dtype):
+    """scikit-learn's or fastmlp's estimator `name` (fastmlp's with `dtype`)
+    fitted, and the seconds of its fit; fastmlp compiles (or loads its cache)
+    before the timing."""
     import warnings
     if which == "fastmlp":
         import fastmlp as module
+        settings = {**settings, "dtype": dtype}
     else:
         import sklearn.neural_network as module
     estimator = getattr(module, name)
@@ -248,13 +267,19 @@ def timed_fit(which, name, settings, x_train, y_train, x_test, y_test):
         start = time.perf_counter()
         model.fit(x_train, y_train)
         seconds = time.perf_counter() - start
-    return seconds, float(model.score(x_test, y_test))
+    return model, seconds
+
+
+# rows of the estimator comparisons: input dtype[:fastmlp's dtype]
+DTYPE_ROWS = ("float32", "float64", "float64:float32")
 
 
 def compare_estimators(rounds):
-    """MLPClassifier on Fashion-MNIST, float32 and float64 input."""
+    """MLPClassifier on Fashion-MNIST: float32 and float64 input, and float64
+    input that fastmlp trains in float32."""
     print(f"\nMLPClassifier, Fashion-MNIST, {SKLEARN_SETTINGS}, {rounds} rounds")
-    compare_fits("--estimator", "test acc", ("float32", "float64"), rounds)
+    compare_fits("--estimator", "test acc", DTYPE_ROWS, rounds)
+
 
 
 def compare_fits(flag, score_name, dtypes, rounds):
@@ -262,7 +287,7 @@ def compare_fits(flag, score_name, dtypes, rounds):
     a process of its own (this script with `flag`); prints, per input dtype,
     the median fit time of each and the median of the rounds' speed-ups (a
     round's two fits run back to back, so a noisy minute hits both)."""
-    print(f"{'input':8} {'estimator':10} {'fit s':>8} {'speed-up':>9} {score_name:>9}  "
+    print(f"{'input:fastmlp':15} {'estimator':10} {'fit s':>8} {'speed-up':>9} {score_name:>9}  "
           f"speed-ups by round")
     for dtype in dtypes:
         seconds = {"sklearn": [], "fastmlp": []}
@@ -272,7 +297,7 @@ def compare_fits(flag, score_name, dtypes, rounds):
                 out = subprocess.run([sys.executable, __file__, flag, which, dtype],
                                      capture_output=True, text=True)
                 if out.returncode != 0:
-                    print(f"{dtype:8} {which:10} failed: "
+                    print(f"{dtype:15} {which:10} failed: "
                           f"{out.stderr.strip().splitlines()[-1:]}")
                     return
                 result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -282,7 +307,7 @@ def compare_fits(flag, score_name, dtypes, rounds):
         for which, times in seconds.items():
             speedup = float(np.median(speedups)) if which == "fastmlp" else 1.0
             by_round = " ".join(f"{x:.2f}" for x in speedups) if which == "fastmlp" else ""
-            print(f"{dtype:8} {which:10} {np.median(times):8.2f} {speedup:9.2f} "
+            print(f"{dtype:15} {which:10} {np.median(times):8.2f} {speedup:9.2f} "
                   f"{scores[which]:9.4f}  {by_round}")
 
 
@@ -305,17 +330,19 @@ def regression_data():
             (x_test - mean) / std, (y_test - y_mean) / y_std)
 
 
-def run_regressor(which, dtype):
-    """scikit-learn's MLPRegressor or fastmlp's on regression_data in dtype;
-    returns (fit seconds, test R²)."""
+def run_regressor(which, spec):
+    """scikit-learn's MLPRegressor or fastmlp's on regression_data in the
+    input dtype of spec (see input_dtypes); returns (fit seconds, test R²)."""
+    given, trained = input_dtypes(spec)
     return timed_fit(which, "MLPRegressor", REGRESSION_SETTINGS,
-                     *(a.astype(dtype) for a in regression_data()))
+                     *(a.astype(given) for a in regression_data()), trained)
 
 
 def compare_regressors(rounds):
-    """MLPRegressor on regression_data, float64 (make_regression's) and float32."""
+    """MLPRegressor on regression_data: float32 and float64 (make_regression's)
+    input, and float64 input that fastmlp trains in float32."""
     print(f"\nMLPRegressor, make_regression 200,000 x 100, {REGRESSION_SETTINGS}, {rounds} rounds")
-    compare_fits("--regressor", "test R2", ("float64", "float32"), rounds)
+    compare_fits("--regressor", "test R2", DTYPE_ROWS, rounds)
 
 
 def blas_kernel():

@@ -3,6 +3,7 @@ taken within a round, and rounds alternate the peers' order. (The timing
 runs themselves take minutes and every peer: they are run by hand.)"""
 import math
 
+import numpy as np
 import pytest
 
 from conftest import load_script
@@ -58,3 +59,22 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
     assert stop.value.code == 2
     named = {"--peers": "pytorch", "--workloads": "W4", "--rounds": "--rounds"}[argv[0]]
     assert named in capsys.readouterr().err
+
+
+def test_a_dtype_row_fits_fastmlp_in_the_dtype_it_names():
+    compare = load_script("compare")
+    assert compare.input_dtypes("float64") == ("float64", None)
+    assert compare.input_dtypes("float64:float32") == ("float64", "float32")
+    # float64 input that fastmlp alone trains in float32
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 5))
+    y = X @ rng.standard_normal(5)
+    settings = dict(hidden_layer_sizes=(8,), max_iter=2, random_state=0)
+    dtypes = {}
+    for which in ("fastmlp", "sklearn"):
+        model, seconds = compare.fit_estimator(which, "MLPRegressor", settings, X, y, "float32")
+        assert seconds > 0
+        dtypes[which] = model.coefs_[0].dtype
+    assert dtypes == {"fastmlp": np.float32, "sklearn": np.float64}
+    model, _ = compare.fit_estimator("fastmlp", "MLPRegressor", settings, X, y, None)
+    assert model.coefs_[0].dtype == np.float64
