@@ -260,8 +260,9 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # whatever the thread count. (Both callers pass coef as `[:, ::1]`, which
     # Numba types as any-layout: one compiled rows_times_matrix instead of a
     # C and an F one, seconds less of compiling; it only reads coef's scalars.)
-    # the last (k1 - k0) % 16 columns: transposed, in whole blocks of 16
-    # weight rows (weight_tail_columns), the rows left over on a padded panel
+    # The last (k1 - k0) % 16 columns go transposed for whole blocks of 16
+    # weight rows (weight_tail_columns); rows past those, on rows_times_matrix's
+    # padded panel.
     main = k0 + (k1 - k0) // NARROW_COLUMNS * NARROW_COLUMNS
     tail_rows = j0 + (j1 - j0) // NARROW_COLUMNS * NARROW_COLUMNS if main < k1 else j0
     if tail_rows > j0:
@@ -278,9 +279,9 @@ def weight_tail_columns(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # dweight is (OC, C), dout is (B, OC), inp is (B, C)
     # dweight[j0:j1, k0:k1] = dout[:nrows, j0:j1].T @ inp[:nrows, k0:k1] for
     # the last k1 - k0 < NARROW_COLUMNS columns, j1 - j0 a multiple of
-    # NARROW_COLUMNS, computed as its transpose: the block of 4 tail columns
-    # (as rows of inp.T) by 16 weight rows (columns of dout), into a tile that
-    # is copied out transposed. Each weight gets the very chain of
+    # NARROW_COLUMNS, computed as its transpose: the tail columns, 4 at a
+    # time as rows of inp.T, by 16 weight rows as columns of dout, into a
+    # tile that is copied out transposed. Each weight gets the very chain of
     # multiply-adds that tail_columns gives it (the same products, in source
     # order, from 0), without tail_columns' padded panel and 16 computed
     # columns for a few (the regression benchmark's 100 inputs: 4 columns of

@@ -281,7 +281,6 @@ def compare_estimators(rounds):
     compare_fits("--estimator", "test acc", DTYPE_ROWS, rounds)
 
 
-
 def compare_fits(flag, score_name, dtypes, rounds):
     """Each round fits scikit-learn's estimator and then fastmlp's, each in
     a process of its own (this script with `flag`); prints, per input dtype,
