@@ -22,11 +22,13 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # each row's weighted loss and score; target_scale (K,): see heads.py;
 # task_checks (T,): the update check sums; task_grads (threads, V): each
 # thread's scratch for one task's gradient block (step.gradients_update);
-# weights_t: transposed weights; balance: how the parallel regions share
+# weights_t: transposed weights (kernels.kept_transposed); outputs_t
+# (threads, V): each thread's scratch for a wide layer's transposed outputs
+# (kernels.wide_forward); balance: how the parallel regions share
 # work between threads (balance.py)
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
                            "row_stats", "target_scale", "task_checks", "task_grads",
-                           "weights_t", "balance"])
+                           "weights_t", "outputs_t", "balance"])
 # X: the (N, C) rows' raw bytes, (N, C * x_bytes) uint8, where x_bytes is
 # 1, 4 or 8 for uint8, float32 or float64 rows; labels (N,) int32 for
 # softmax, else targets (N, K) (the other one has no rows); sample_weight

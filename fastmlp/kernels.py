@@ -172,28 +172,133 @@ def activation_derivative(a, activation):
 
 
 @kernel
-def dense_forward(out, inp, weight, weight_t, bias, activation, bf16, r0, r1):
+def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16, r0, r1):
     # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is (C, OCT)
-    # holding weight[:OCT].T, bias is (OC,)
+    # holding weight[:OCT].T or (C, 0) for a wide layer, outputs_t is this
+    # thread's scratch for a wide layer's transposed outputs (at least
+    # OCT * BLOCK_COLUMNS values), bias is (OC,)
     # out = activation(inp @ weight.T + bias) for rows r0:r1, rounded to
     # bfloat16 if bf16.
-    # Outputs 0:OCT (OCT a multiple of BLOCK_COLUMNS, see
-    # transposed_outputs) are rows of inp times weight_t through
-    # rows_times_matrix's register blocks (about 1.5x the rate of the dot
-    # products below, measured). The rest are dot products along the long,
+    # Outputs 0:OCT (OCT = transposed_outputs(OC), whole blocks of
+    # BLOCK_COLUMNS) come from rows_times_matrix's register blocks (about
+    # 1.5x the rate of the dot products below, measured): as rows of inp
+    # times weight_t, or in a wide layer (wide_layer) as their transpose,
+    # rows of weight times a panel of inp.T (wide_forward). Both compute
+    # each output as the same chain of multiply-adds, so which one a layer
+    # takes changes no value. The rest are dot products along the long,
     # contiguous C axis of weight's rows, in tiles of 4 rows x 4 outputs
     # (dot_tile in microkernel.py: explicit vectors, sub-tiles that fit the
     # CPU's registers). At an edge a tile repeats the last row or output
     # and stores only what is real, so every output is computed by the
     # same instructions.
     OC, C = weight.shape
-    OCT = weight_t.shape[1]
-    if OCT > 0:
+    OCT = transposed_outputs(OC)
+    if wide_layer(OC):
+        for b0 in range(r0, r1, BLOCK_COLUMNS):
+            wide_forward(out, inp, weight, outputs_t, b0, min(r1, b0 + BLOCK_COLUMNS))
+    elif OCT > 0:
         rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, np.int64(0), OCT, C)
     for b in range(r0, r1, 4):
         for j in range(OCT, OC, 4):
             dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(4, OC - j))
         bias_activation(out, bias, activation, bf16, b, min(b + 4, r1))
+
+
+# Layers with at least this many outputs in whole register blocks compute
+# them transposed (wide_forward) and keep no transposed weights: keeping
+# them cost W3's step 663,552 copied weights, each read along a column.
+# On Zen 3, one core, W3's 784-512 forward of 64 rows took 0.93 of the time
+# of the transposed weights' path before their upkeep (0.82 with it);
+# 784-256 of 64 rows 0.96; but 100 rows (padded to 112 columns) 1.07-1.13.
+WIDE_OUTPUTS = 256
+
+
+@kernel
+def wide_layer(OC):
+    # whether a layer of OC outputs computes them transposed (wide_forward)
+    return transposed_outputs(OC) >= WIDE_OUTPUTS
+
+
+@kernel
+def kept_transposed(OC):
+    # how many of a layer's outputs dense_forward takes from transposed
+    # weights kept by the update (weight_t's width): none in a wide layer
+    return 0 if wide_layer(OC) else transposed_outputs(OC)
+
+
+@kernel
+def wide_forward(out, inp, weight, outputs_t, b0, b1):
+    # out is (B, OC), inp is (B, C), weight is (OC, C), outputs_t has at
+    # least OCT * BLOCK_COLUMNS values; b1 - b0 <= BLOCK_COLUMNS
+    # out[b0:b1, :OCT] = inp[b0:b1] @ weight[:OCT].T, computed as its
+    # transpose: rows of weight (4 outputs a register block) times a panel
+    # of inp.T (C values a column, one column a batch row, zero columns up to
+    # a multiple of NARROW_COLUMNS), into outputs_t as an (OCT, width)
+    # matrix that is then copied out transposed. C goes in passes of at
+    # most MAX_SUM_ROWS, the panel of each packed on the stack once and read
+    # by every block of 4 outputs. Each output is the chain of
+    # multiply-adds that rows_times_matrix gives it from weight_t, in the
+    # same order (a * b is b * a), so the values are the same bit for bit.
+    # The copies are of inputs and outputs (C + OCT values a row), where
+    # weight_t's upkeep copied C * OCT weights a step.
+    OC, C = weight.shape
+    OCT = transposed_outputs(OC)
+    nb = b1 - b0
+    width = -(-nb // NARROW_COLUMNS) * NARROW_COLUMNS
+    sums = outputs_t[:OCT * width].reshape((OCT, width))
+    packed = carray(stack_buffer(PACK_VALUES, out), PACK_VALUES)
+    passes = max(1, -(-C // MAX_SUM_ROWS))
+    step = max(1, -(-C // passes))
+    for c0 in range(0, max(C, 1), step):  # once when C is 0: zeros
+        c1 = min(C, c0 + step)
+        panel = transposed_panel(packed, inp, b0, b1, width, c0, c1)
+        for j in range(0, OCT, 4):
+            narrow_block(sums, weight[:, c0:c1], panel, j, np.int64(4), c1 - c0, c0 > 0,
+                         width)
+    copy_transposed(out[b0:b1], sums, OCT)
+
+
+@kernel
+def transposed_panel(packed, inp, b0, b1, width, c0, c1):
+    # inp[b0:b1, c0:c1].T copied into the first values of packed as a
+    # contiguous (c1 - c0, width) matrix, zero past column b1 - b0; in
+    # n x n tiles of vectors where whole (transpose_tile), the edges one
+    # value at a time
+    n = TRANSPOSE_BYTES // inp.itemsize
+    nc = c1 - c0
+    nb = b1 - b0
+    panel = packed[:nc * width].reshape((nc, width))
+    src = inp[b0:b1, c0:c1]
+    tiled_c = nc // n * n
+    tiled_b = nb // n * n
+    for c in range(0, tiled_c, n):
+        for i in range(0, tiled_b, n):
+            transpose_tile(panel, src, i, c)
+    for i in range(nb):
+        row = src[i]
+        for c in range(tiled_c if i < tiled_b else 0, nc):
+            panel[c, i] = row[c]
+    for c in range(nc):
+        dst = panel[c]
+        for i in range(nb, width):
+            dst[i] = ZERO
+    return panel[:, ::1]  # typed as a packed source_panel: one compiled block
+
+
+@kernel
+def copy_transposed(out, sums, OCT):
+    # out is (nb, OC) with nb <= sums.shape[1], sums is (OCT, width)
+    # out[:, :OCT] = sums[:, :nb].T, in n x n tiles of vectors where whole
+    n = TRANSPOSE_BYTES // out.itemsize
+    nb = out.shape[0]
+    tiled = nb // n * n
+    for i in range(0, tiled, n):
+        for j in range(0, OCT, n):
+            transpose_tile(out, sums, j, i)
+    for i in range(tiled, nb):
+        dst = out[i]
+        for j in range(OCT):
+            dst[j] = sums[j, i]
 
 
 @kernel
@@ -408,14 +513,16 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
 
 @kernel
 def narrow_block(out, coef, src, r, rows, nt, add, width):
-    # block_multiply_add on the first `width` columns (16, 32 or 48) of out
-    # and src, each width a literal of its own
+    # block_multiply_add on the first `width` columns (16, 32, 48 or 64) of
+    # out and src, each width a literal of its own
     if width == 16:
         block_multiply_add(out, coef, src, r, rows, 0, nt, add, 16)
     elif width == 32:
         block_multiply_add(out, coef, src, r, rows, 0, nt, add, 32)
-    else:
+    elif width == 48:
         block_multiply_add(out, coef, src, r, rows, 0, nt, add, 48)
+    else:
+        block_multiply_add(out, coef, src, r, rows, 0, nt, add, 64)
 
 
 @kernel

@@ -18,6 +18,7 @@ from .step import (
     task_block_values,
     transpose_weights,
     transposed_layout,
+    wide_scratch_values,
 )
 from .validation import (
     check_activation,
@@ -98,10 +99,12 @@ class Workspace:
         self.acts = aligned_zeros(int(blocks.sum()), dtype)
         self.deltas = aligned_zeros(self.acts.size if backward else 0, dtype)
         n_outputs = int(sizes[-1])
-        # the weights of wide layers transposed, for dense_forward
+        # the weights of layers with 64 to WIDE_OUTPUTS outputs transposed,
+        # and each thread's scratch for the outputs of wider ones, for dense_forward
         n_transposed = transposed_layout(layer_sizes)[1]
         threads = numba.config.NUMBA_NUM_THREADS
         block = task_block_values(layer_sizes) if backward else 0
+        wide = wide_scratch_values(layer_sizes)
         self.work = Work(
             acts=self.acts, deltas=self.deltas, act_off=self.act_off,
             labels=np.zeros(batch_size, np.int32),
@@ -112,6 +115,7 @@ class Workspace:
             task_checks=np.zeros(len(make_tasks(layer_sizes)), np.float64),
             task_grads=aligned_zeros(threads * block, dtype).reshape(threads, block),
             weights_t=aligned_zeros(n_transposed, dtype),
+            outputs_t=aligned_zeros(threads * wide, dtype).reshape(threads, wide),
             balance=make_balance(threads))
         self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])

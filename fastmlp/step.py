@@ -44,11 +44,13 @@ from .kernels import (
     dense_forward,
     finite,
     gather_rows,
+    kept_transposed,
     prefetch_rows,
     round_columns,
     round_row,
     transpose_weight_block,
     transposed_outputs,
+    wide_layer,
 )
 from .optimizers import (
     ADAM,
@@ -90,7 +92,8 @@ def make_tasks(layer_sizes):
         fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
         # whole groups of the 4 rows that dense_backward_weight computes
         # together; 16 rows (a cache line of the transposed block that the
-        # task writes after its update) when the layer has one
+        # task writes after its update) when the layer has whole blocks of
+        # transposed outputs, kept transposed or wide (dense_forward)
         group = 16 if transposed_outputs(fan_out) > 0 else 4
         rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // group) * group
         # A layer of few row groups (W1's 50 rows: 13) cannot be shared out
@@ -148,13 +151,20 @@ def task_cost(task):
 
 
 def transposed_layout(layer_sizes):
-    """Offsets of the transposed weight blocks (fan_in, transposed_outputs)
+    """Offsets of the transposed weight blocks (fan_in, kept_transposed)
     that dense_forward reads, each on a cache line, and their total size."""
     offsets, offset = [], 0
     for fan_in, fan_out in zip(layer_sizes[:-1], layer_sizes[1:]):
         offsets.append(offset)
-        offset += -(-fan_in * transposed_outputs(fan_out) // 16) * 16
+        offset += -(-fan_in * kept_transposed(fan_out) // 16) * 16
     return np.array(offsets, np.int64), offset
+
+
+def wide_scratch_values(layer_sizes):
+    """Values of the scratch in which a thread's wide_forward sums a block
+    of its rows' outputs (Work.outputs_t): 0 without a wide layer."""
+    return max([transposed_outputs(fan_out) * BLOCK_COLUMNS for fan_out in layer_sizes[1:]
+                if wide_layer(fan_out)], default=0)
 
 
 # pieces of fan_in rows per layer in transpose_weights
@@ -172,7 +182,7 @@ def transpose_weights(weights_t, net):
         piece = p % TRANSPOSE_PIECES
         C = net.sizes[l]
         OC = net.sizes[l + 1]
-        OCT = transposed_outputs(OC)
+        OCT = kept_transposed(OC)
         k0 = piece * C // TRANSPOSE_PIECES
         k1 = (piece + 1) * C // TRANSPOSE_PIECES
         weight = view2d(net.operands, net.w_off, l, OC, C)
@@ -208,8 +218,10 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     act_off = work.act_off
     B = work.labels.shape[0]
     L = sizes.shape[0] - 1
-    parts = max(1, min(threads, (max(nrows, next_rows) + 3) // 4))
+    # (no more parts than scratch blocks: one per thread Numba may start)
+    parts = max(1, min(threads, (max(nrows, next_rows) + 3) // 4, work.outputs_t.shape[0]))
     shares = work.balance[FORWARD]  # (out of the tuple: see gradients_update)
+    all_outputs_t = work.outputs_t
     fold_timings(shares, parts)
     for p in prange(parts):
         part = np.int64(p)  # (prange's index is unsigned: see jit.py)
@@ -220,6 +232,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
         if r0 == r1:  # fewer tiles than parts
             continue
         fp_control = flush_subnormals()
+        outputs_t = all_outputs_t[part]
         gather_rows(view2d(acts, act_off, np.int64(0), B, sizes[0]), work.labels, work.targets,
                     work.row_weights, data, start, net.bf16, r0, r1)
         for l in range(L):
@@ -228,7 +241,8 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
                           view2d(acts, act_off, l, B, sizes[l]),
                           view2d(net.operands, net.w_off, l, sizes[l + 1], sizes[l]),
                           view2d(work.weights_t, net.wt_off, l, sizes[l],
-                                 transposed_outputs(sizes[l + 1])),
+                                 kept_transposed(sizes[l + 1])),
+                          outputs_t,
                           net.params[net.b_off[l]:net.b_off[l] + sizes[l + 1]],
                           net.activation if hidden else IDENTITY, net.bf16 and hidden, r0, r1)
         out = view2d(acts, act_off, L, B, sizes[L])
@@ -339,7 +353,7 @@ def task_update(weights_t, net, opt, t, grads, g_first):
         # dense_forward's transposed block
         C = sizes[l]
         OC = sizes[l + 1]
-        OCT = transposed_outputs(OC)
+        OCT = kept_transposed(OC)
         j0 = tasks[t, 2]
         if net.bf16:
             round_columns(view2d(net.operands, net.w_off, l, OC, C)[j0:tasks[t, 3]],

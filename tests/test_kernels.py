@@ -68,10 +68,12 @@ def test_forward_loss_gradients_match_oracle(sizes, n, activation, dtype):
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
 @pytest.mark.parametrize("C,OC,r0,r1", [(1, 1, 0, 1), (13, 5, 2, 9), (64, 10, 0, 64), (7, 9, 3, 4),
-                                        (9, 64, 0, 8), (70, 133, 1, 10), (3, 128, 4, 5)])
+                                        (9, 64, 0, 8), (70, 133, 1, 10), (3, 128, 4, 5),
+                                        (130, 260, 3, 90), (5, 512, 0, 17)])
 def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
     # OC >= 64: the leading whole blocks of 64 outputs come from the
-    # transposed weights, the rest from dot products
+    # transposed weights (wide layers: weight rows times the input's
+    # transpose), the rest from dot products
     code = ACTIVATIONS.get(activation, IDENTITY)
     inp = rng.standard_normal((r1 + 2, C))
     weight = rng.standard_normal((OC, C))
@@ -79,15 +81,43 @@ def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
     out = np.full((r1 + 2, OC), 7.0)
     OCT = kernels.transposed_outputs(OC)
     assert OCT == OC // 64 * 64
-    weight_t = np.full((C, OCT), 7.0)
-    kernels.transpose_weight_block(weight_t, weight, 0, OCT, 0, C)
-    assert (weight_t == weight[:OCT].T).all()
-    kernels.dense_forward(out, inp, weight, weight_t, bias, code, False, r0, r1)
+    assert kernels.wide_layer(OC) == (OCT >= 256)
+    weight_t = np.full((C, kernels.kept_transposed(OC)), 7.0)
+    kernels.transpose_weight_block(weight_t, weight, 0, weight_t.shape[1], 0, C)
+    assert (weight_t == weight[:weight_t.shape[1]].T).all()
+    outputs_t = np.full(OCT * kernels.BLOCK_COLUMNS, np.nan)
+    kernels.dense_forward(out, inp, weight, weight_t, outputs_t, bias, code, False, r0, r1)
     z = inp[r0:r1] @ weight.T + bias
     expected = z if activation == "identity" else reference.ACTIVATION[activation](z)
     assert relative_error(out[r0:r1], expected) < 1e-13
     # rows outside r0:r1 are not touched
     assert (out[:r0] == 7.0).all() and (out[r1:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C,OC,r0,r1", [(100, 256, 0, 64), (300, 320, 5, 90), (9, 260, 1, 2),
+                                        (257, 512, 0, 77), (0, 256, 2, 6)])
+def test_wide_forward_equals_the_transposed_weights_path(dtype, C, OC, r0, r1, rng):
+    """A wide layer's outputs, weight rows times panels of the input's
+    transpose, are bit for bit what rows of the input times the transposed
+    weights give (the path of narrower layers): the same chain of
+    multiply-adds for each, over row blocks of 64 padded to 16s, input
+    widths past one pass (MAX_SUM_ROWS) and edges of the 8 x 8 tiles."""
+    OCT = kernels.transposed_outputs(OC)
+    assert kernels.wide_layer(OC) and kernels.kept_transposed(OC) == 0
+    inp = rng.standard_normal((r1 + 3, C)).astype(dtype)
+    weight = rng.standard_normal((OC, C)).astype(dtype)
+    wide = np.full((r1 + 3, OC), 7.0, dtype)
+    kernels.dense_forward(wide, inp, weight, np.zeros((C, 0), dtype),
+                          np.full(OCT * kernels.BLOCK_COLUMNS, np.nan, dtype),
+                          np.zeros(OC, dtype), IDENTITY, False, r0, r1)
+    transposed = np.full((r1 + 3, OC), 7.0, dtype)
+    kernels.rows_times_matrix(transposed, inp, weight[:OCT].T.copy(), r0, r1, C, 0, OCT, C)
+    assert np.array_equal(wide[:, :OCT], transposed[:, :OCT])
+    assert (wide[:r0] == 7.0).all() and (wide[r1:] == 7.0).all()
+    assert relative_error(wide[r0:r1].astype(np.float64),
+                          inp[r0:r1].astype(np.float64) @ weight.T.astype(np.float64)) < (
+        1e-5 if dtype == np.float32 else 1e-13)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -250,8 +280,10 @@ def test_float32_kernels_never_widen_to_float64():
     weight, vec = np.ones((3, 8), f32), np.ones(3, f32)
     labels = np.zeros(4, np.int32)
     compiled = {
-        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, inp.T.copy(), vec,
-                                    0, True, 0, 4),
+        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, inp.T.copy(),
+                                    np.ones(4 * 64, f32), vec, 0, True, 0, 4),
+        "wide_forward": float32_ir(kernels.wide_forward, np.ones((4, 256), f32), inp,
+                                   np.ones((256, 8), f32), np.ones(256 * 64, f32), 0, 4),
         "transpose_weight_block": float32_ir(kernels.transpose_weight_block, inp.T.copy(), weight,
                                              0, 0, 0, 8),
         "dense_backward_input": float32_ir(kernels.dense_backward_input, inp, out, weight, inp, 0,
