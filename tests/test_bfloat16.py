@@ -56,9 +56,12 @@ def test_the_oracle_rounds_as_pytorch_does():
 
 
 @pytest.mark.parametrize("output", ["softmax", "linear", "sigmoid"])
-@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
-def test_gradients_match_the_bfloat16_oracle(activation, output):
-    model, X, y = random_problem([30, 70, 20, 4], 50, activation, np.float32, seed=1)
+@pytest.mark.parametrize("activation,sizes", [("sigmoid", [30, 70, 20, 4]),
+                                              ("tanh", [30, 70, 20, 4]),
+                                              ("relu", [30, 70, 20, 4]),
+                                              ("relu", [30, 260, 20, 4])])  # a wide layer
+def test_gradients_match_the_bfloat16_oracle(activation, sizes, output):
+    model, X, y = random_problem(sizes, 50, activation, np.float32, seed=1)
     rng = np.random.default_rng(1)
     if output == "linear":
         y = rng.standard_normal((50, 4)).astype(np.float32)

@@ -175,26 +175,29 @@ def test_ctrl_c_stops_cleanly_and_training_resumes_bit_for_bit(optimizer, monkey
     assert signal.getsignal(signal.SIGINT) == handler
 
 
-def train_lesson_epoch(threads, seed=0):
+def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10)):
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, (2000, 784), dtype=np.uint8)
     y = rng.integers(0, 10, 2000)
-    model = fastmlp.MLP([784, 50, 10], seed=0)
+    model = fastmlp.MLP(list(sizes), seed=0)
     fastmlp.fit(model, X, y, epochs=1, batch_size=100, optimizer="momentum", lr=0.1,
                 seed=seed, threads=threads)
     return model.params.copy()
 
 
-def test_parameters_are_bit_identical_across_thread_counts_and_runs():
+# the lesson's network, and one with a wide layer (kernels.wide_forward: a
+# thread's 50 rows padded to 64 columns, one thread's 100 in blocks of 64 and 48)
+@pytest.mark.parametrize("sizes", [(784, 50, 10), (784, 256, 10)])
+def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
-    one = train_lesson_epoch(threads=1)
-    two = train_lesson_epoch(threads=2)
-    again = train_lesson_epoch(threads=2)
+    one = train_lesson_epoch(threads=1, sizes=sizes)
+    two = train_lesson_epoch(threads=2, sizes=sizes)
+    again = train_lesson_epoch(threads=2, sizes=sizes)
     assert np.array_equal(one, two)
     assert np.array_equal(two, again)
     # a different seed is a different run: the comparison can fail
-    assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1))
+    assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1, sizes=sizes))
 
 
 @pytest.mark.parametrize("sizes,balanced", [([784, 50, 10], True), ([784, 100, 10], True),
