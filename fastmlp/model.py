@@ -197,8 +197,10 @@ class MLP:
         for key, value in (("source", None), ("preprocessing", None), ("output", "softmax"),
                            ("flat_targets", False)):
             state.setdefault(key, value)  # pickled by an earlier fastmlp
-        if "_wt_off" not in state:
-            state["_wt_off"] = transposed_layout(state["layer_sizes"])[0]
+        # the layout of the transposed weights and the task list are this
+        # version's (the workspace is sized by them), not the pickling one's
+        state["_wt_off"] = transposed_layout(state["layer_sizes"])[0]
+        state["_tasks"] = make_tasks(state["layer_sizes"])
         state.setdefault("precision", state["dtype"].name)
         self.__dict__.update(state)
         self.params = aligned_copy(self.params)

@@ -1,5 +1,7 @@
 """The public API: parameter views, initialisation, prediction, and clear
 ValueErrors for bad input."""
+import pickle
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,24 @@ def test_predict_evaluate_shapes_and_consistency():
     assert accuracy == np.mean(model.predict(X) == y)
     assert abs(loss + np.mean(np.log(probs[np.arange(2500), y]))) < 1e-5
     assert "MLP([6, 5, 4]" in repr(model)
+
+
+def test_a_model_pickled_with_another_layout_trains_as_a_new_one():
+    """A pickle keeps the layout of the transposed weights and the task
+    list; an earlier fastmlp laid them out otherwise (it kept wide layers'
+    weights transposed), so unpickling lays them out anew."""
+    model, X, y = random_problem([20, 300, 70, 3], 64, "relu", np.float32, seed=3)
+    state = model.__getstate__()
+    state["_wt_off"] = np.array([0, 20 * 256, 20 * 256 + 300 * 64])  # 300 outputs kept too
+    state["_tasks"] = state["_tasks"][::-1].copy()
+    old = fastmlp.MLP.__new__(fastmlp.MLP)
+    old.__setstate__(state)
+    fresh = pickle.loads(pickle.dumps(model))
+    assert np.array_equal(old._wt_off, fresh._wt_off) and np.array_equal(old._tasks, fresh._tasks)
+    for m in (old, fresh):
+        fastmlp.fit(m, X, y, epochs=2, batch_size=16, optimizer="adam", lr=0.01, seed=0)
+    assert np.array_equal(old.params, fresh.params)
+    assert not np.array_equal(fresh.params, model.params)
 
 
 def test_inputs_of_every_accepted_kind_give_the_same_answer():
