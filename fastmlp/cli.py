@@ -497,8 +497,16 @@ def abort_ranks(comm, code):
     in a collective call, ends them all first (MPI_Abort)."""
     if comm is not None and comm.size > 1:
         sys.stderr.flush()
+        sys.stdout.flush()
+        # MPICH's launcher forwards a rank's output while the rank lives:
+        # aborting at once lost the error message now and then (the exit
+        # code came through, stderr empty; once in a full test run)
+        time.sleep(ABORT_GRACE_SECONDS)
         comm.Abort(code)
     return code
+
+
+ABORT_GRACE_SECONDS = 0.5
 
 
 def read_model(args, comm):
