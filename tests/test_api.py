@@ -66,7 +66,8 @@ def test_a_model_pickled_with_another_layout_trains_as_a_new_one():
     weights transposed), so unpickling lays them out anew."""
     model, X, y = random_problem([20, 300, 70, 3], 64, "relu", np.float32, seed=3)
     state = model.__getstate__()
-    state["_wt_off"] = np.array([0, 20 * 256, 20 * 256 + 300 * 64])  # 300 outputs kept too
+    # as before: the 300-output layer's first 256 outputs kept transposed too
+    state["_wt_off"] = np.array([0, 20 * 256, 20 * 256 + 300 * 64])
     state["_tasks"] = state["_tasks"][::-1].copy()
     old = fastmlp.MLP.__new__(fastmlp.MLP)
     old.__setstate__(state)

@@ -102,7 +102,7 @@ def test_wide_forward_equals_the_transposed_weights_path(dtype, C, OC, r0, r1, r
     transpose, are bit for bit what rows of the input times the transposed
     weights give (the path of narrower layers): the same chain of
     multiply-adds for each, over row blocks of 64 padded to 16s, input
-    widths past one pass (MAX_SUM_ROWS) and edges of the 8 x 8 tiles."""
+    widths past one pass (MAX_SUM_ROWS) and edges of the transposed tiles."""
     OCT = kernels.transposed_outputs(OC)
     assert kernels.wide_layer(OC) and kernels.kept_transposed(OC) == 0
     inp = rng.standard_normal((r1 + 3, C)).astype(dtype)
