@@ -256,7 +256,8 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1):
         for j in range(0, OCT, 4):
             narrow_block(sums, weight[:, c0:c1], panel, j, np.int64(4), c1 - c0, c0 > 0,
                          width)
-    copy_transposed(out[b0:b1], sums, OCT)
+    # out[b0:b1, :OCT] = sums[:, :nb].T, as the weights' transposes are made
+    transpose_weight_block(out[b0:b1], sums, np.int64(0), OCT, np.int64(0), nb)
 
 
 @kernel
@@ -284,22 +285,6 @@ def transposed_panel(packed, inp, b0, b1, width, c0, c1):
         for i in range(nb, width):
             dst[i] = ZERO
     return panel[:, ::1]  # typed as a packed source_panel: one compiled block
-
-
-@kernel
-def copy_transposed(out, sums, OCT):
-    # out is (nb, OC) with nb <= sums.shape[1], sums is (OCT, width)
-    # out[:, :OCT] = sums[:, :nb].T, in n x n tiles of vectors where whole
-    n = TRANSPOSE_BYTES // out.itemsize
-    nb = out.shape[0]
-    tiled = nb // n * n
-    for i in range(0, tiled, n):
-        for j in range(0, OCT, n):
-            transpose_tile(out, sums, j, i)
-    for i in range(tiled, nb):
-        dst = out[i]
-        for j in range(OCT):
-            dst[j] = sums[j, i]
 
 
 @kernel
