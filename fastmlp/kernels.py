@@ -263,22 +263,19 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1):
 @kernel
 def transposed_panel(packed, inp, b0, b1, width, c0, c1):
     # inp[b0:b1, c0:c1].T copied into the first values of packed as a
-    # contiguous (c1 - c0, width) matrix, zero past column b1 - b0; in
-    # n x n tiles of vectors where whole (transpose_tile), the edges one
-    # value at a time
+    # contiguous (c1 - c0, width) matrix, zero past column b1 - b0: the
+    # batch rows in whole tiles as the weights' transposes are made, the
+    # rows past those one value at a time
     n = TRANSPOSE_BYTES // inp.itemsize
     nc = c1 - c0
     nb = b1 - b0
     panel = packed[:nc * width].reshape((nc, width))
     src = inp[b0:b1, c0:c1]
-    tiled_c = nc // n * n
-    tiled_b = nb // n * n
-    for c in range(0, tiled_c, n):
-        for i in range(0, tiled_b, n):
-            transpose_tile(panel, src, i, c)
-    for i in range(nb):
+    tiled = nb // n * n
+    transpose_weight_block(panel, src, np.int64(0), tiled, np.int64(0), nc)
+    for i in range(tiled, nb):
         row = src[i]
-        for c in range(tiled_c if i < tiled_b else 0, nc):
+        for c in range(nc):
             panel[c, i] = row[c]
     for c in range(nc):
         dst = panel[c]
@@ -289,7 +286,8 @@ def transposed_panel(packed, inp, b0, b1, width, c0, c1):
 
 @kernel
 def transpose_weight_block(weight_t, weight, j0, j1, k0, k1):
-    # weight_t is (C, OCT), weight is (OC, C); j0, j1 multiples of 16
+    # weight_t is (C, OCT), weight is (OC, C); j0, j1 multiples of 16 for
+    # weights (of n below for other callers)
     # weight_t[k0:k1, j0:j1] = weight[j0:j1, k0:k1].T in n x n tiles of
     # vectors (transpose_tile: n = 8 float32 or 4 float64 values; W3's
     # float32 step 1.05-1.16x faster than one value at a time on Zen 3), the

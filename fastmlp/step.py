@@ -92,8 +92,9 @@ def make_tasks(layer_sizes):
         fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
         # whole groups of the 4 rows that dense_backward_weight computes
         # together; 16 rows (a cache line of the transposed block that the
-        # task writes after its update) when the layer has whole blocks of
-        # transposed outputs, kept transposed or wide (dense_forward)
+        # task writes after its update) when the layer has one; wide layers
+        # (dense_forward), which keep none, kept 16 as well (their 16-row
+        # tasks were measured, not others)
         group = 16 if transposed_outputs(fan_out) > 0 else 4
         rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // group) * group
         # A layer of few row groups (W1's 50 rows: 13) cannot be shared out
