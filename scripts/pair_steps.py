@@ -14,10 +14,11 @@ random data, and their `train_steps` alternate, --steps steps a turn. It
 prints the median time per step of each and the median of the after/before
 ratios over the rounds, with its quartiles.
 
-Which version is set up first matters by a few percent (the same code
-against itself measured 1.106 on W1 set up in one order and 0.964 in the
-other), so the comparison runs twice, in a child process for each order,
-and the answer is the geometric mean of the two medians.
+The package loaded and run first is faster, by up to a fifth: the same
+code against itself measured 1.14 to 1.21 on W1 (Zen 3; models of two
+copies of one revision set up A-A-B ran 187, 188 and 228 us a step; see
+docs/performance.md). So the comparison runs twice, in a child process
+for each order, and the answer is the geometric mean of the two medians.
 
 The first run of a version compiles it (about a minute each); a version
 named by a git revision keeps its Numba cache under --cache-dir, the working
