@@ -14,8 +14,8 @@ random data, and their `train_steps` alternate, --steps steps a turn. It
 prints the median time per step of each and the median of the after/before
 ratios over the rounds, with its quartiles.
 
-The package loaded and run first is faster, by up to a fifth: the same
-code against itself measured 1.14 to 1.21 on W1 (Zen 3; models of two
+The package loaded and run first is faster: the same code against
+itself measured 1.14 to 1.21 on W1 in one hour (Zen 3; models of two
 copies of one revision set up A-A-B ran 187, 188 and 228 us a step; see
 docs/performance.md). So the comparison runs twice, in a child process
 for each order, and the answer is the geometric mean of the two medians.
