@@ -29,7 +29,8 @@ from .bfloat16 import round_bfloat16
 from .expf import fast_exp
 from .heads import copy_targets
 from .jit import kernel, ordered_kernel
-from .microkernel import TRANSPOSE_BYTES, block_multiply_add, dot_tile, transpose_tile
+from .microkernel import (DOT_OUTPUTS, TRANSPOSE_BYTES, block_multiply_add, dot_tile,
+                          transpose_tile)
 
 SIGMOID = 0
 TANH = 1
@@ -186,9 +187,9 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # rows of weight times a panel of inp.T (wide_forward). Both compute
     # each output as the same chain of multiply-adds, so which one a layer
     # takes changes no value. The rest are dot products along the long,
-    # contiguous C axis of weight's rows, in tiles of 4 rows x 4 outputs
-    # (dot_tile in microkernel.py: explicit vectors, sub-tiles that fit the
-    # CPU's registers). At an edge a tile repeats the last row or output
+    # contiguous C axis of weight's rows, 4 rows x DOT_OUTPUTS outputs a
+    # call (dot_tile in microkernel.py: explicit vectors, in tiles that fit
+    # the CPU's registers). At an edge a tile repeats the last row or output
     # and stores only what is real, so every output is computed by the
     # same instructions.
     OC, C = weight.shape
@@ -199,8 +200,8 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     elif OCT > 0:
         rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, np.int64(0), OCT, C)
     for b in range(r0, r1, 4):
-        for j in range(OCT, OC, 4):
-            dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(4, OC - j))
+        for j in range(OCT, OC, DOT_OUTPUTS):
+            dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(DOT_OUTPUTS, OC - j))
         bias_activation(out, bias, activation, bf16, b, min(b + 4, r1))
 
 

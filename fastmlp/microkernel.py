@@ -33,10 +33,13 @@ become FMAs wherever the CPU has them: each output is one chain of FMAs in
 source order, whatever the vector width, so results do not depend on it.
 
 `dot_tile` keeps `lanes` partial sums per output (so its roundings do
-depend on the vector width) in tiles of 4 outputs by 4 rows with AVX-512
-(16 accumulators, 8 loaded vectors) or 2 rows with AVX2 (8 + 6), where
-LLVM's own vectorization of a 4 x 4 tile spilled on AVX2 (784-50 forward
-on Zen 3: 276 to 177 us for 100 rows, measured).
+depend on the vector width, never on the tile's shape) in tiles of 4 rows
+by `dot_tile_outputs()` outputs: 4 with AVX-512 (16 accumulators, 8 loaded
+vectors), 3 with AVX2 (12 accumulators and 3 weight vectors; each row's
+vector is an FMA's memory operand). LLVM's own vectorization of a 4 x 4
+tile spilled on AVX2 (784-50 forward on Zen 3: 276 to 177 us for 100 rows
+in tiles of 2 rows x 4 outputs, measured), and 4 x 3 took 0.87-0.95 the
+time of 2 x 4 (16 to 100 rows, one core, same results bit for bit).
 
 Each kernel is an out-of-line LLVM function per shape (`noinline`, so only
 its own values are live in its loop and general registers suffice for its
@@ -280,14 +283,19 @@ def block_multiply_add(typingctx, out, coef, src, r, rows, k0, nt, add, width):
     return types.void(out, coef, src, index, index, index, index, types.boolean, width), codegen
 
 
-def dot_tile_rows(bits):
-    """Rows of one dot tile of 4 outputs: its accumulators, the rows'
-    vectors and the 4 weight vectors within the register file."""
-    return 4 if REGISTERS[bits] >= 32 else 2
+# Outputs a dot_tile call covers at most: whole tiles of 3 or of 4 outputs
+DOT_OUTPUTS = 12
 
 
-def dot_function(module, value, itemsize, lanes, rows_per_tile):
-    """The LLVM function of one dot tile (rows_per_tile rows x 4 outputs):
+def dot_tile_outputs(bits):
+    """Outputs of one dot tile of 4 rows: its accumulators and the weight
+    vectors within the register file (the rows' vectors are memory
+    operands of the FMAs)."""
+    return 4 if REGISTERS[bits] >= 32 else 3
+
+
+def dot_function(module, value, itemsize, lanes, outs_per_tile):
+    """The LLVM function of one dot tile (4 rows x outs_per_tile outputs):
 
       void dot(out, out_stride, inp, inp_stride, weight, weight_stride, C, rows, outs)
 
@@ -299,7 +307,7 @@ def dot_function(module, value, itemsize, lanes, rows_per_tile):
     i32 = ir.IntType(32)
     byte_pointer = ir.IntType(8).as_pointer()
     function, builder = out_of_line_function(
-        module, f"fastmlp_dot_{value}_{lanes}x{rows_per_tile}",
+        module, f"fastmlp_dot_{value}_{lanes}x{outs_per_tile}",
         [byte_pointer, i64, byte_pointer, i64, byte_pointer, i64, i64, i64, i64])
     if builder is None:
         return function
@@ -307,9 +315,9 @@ def dot_function(module, value, itemsize, lanes, rows_per_tile):
     vector = ir.VectorType(value, lanes)
     flags = ("contract",)
     x_rows = [builder.gep(inp, [builder.mul(i, inp_stride)])
-              for i in clamped_rows(builder, rows, rows_per_tile)]
+              for i in clamped_rows(builder, rows, ROWS)]
     w_rows = [builder.gep(weight, [builder.mul(o, weight_stride)])
-              for o in clamped_rows(builder, outs, 4)]
+              for o in clamped_rows(builder, outs, outs_per_tile)]
 
     def vector_at(row, c):
         # the vector at element c of a row
@@ -317,12 +325,13 @@ def dot_function(module, value, itemsize, lanes, rows_per_tile):
         return builder.bitcast(byte, vector.as_pointer())
 
     def multiply_add(acc, x, w):
-        return [builder.fadd(acc[i * 4 + o], builder.fmul(x[i], w[o], flags=flags), flags=flags)
-                for i in range(rows_per_tile) for o in range(4)]
+        return [builder.fadd(acc[i * outs_per_tile + o], builder.fmul(x[i], w[o], flags=flags),
+                             flags=flags)
+                for i in range(ROWS) for o in range(outs_per_tile)]
 
     full = builder.mul(builder.sdiv(C, ir.Constant(i64, lanes)), ir.Constant(i64, lanes))
     acc = accumulating_loop(
-        builder, [ir.Constant(vector, None)] * (rows_per_tile * 4), full, lanes,
+        builder, [ir.Constant(vector, None)] * (ROWS * outs_per_tile), full, lanes,
         lambda c, acc: multiply_add(
             acc, [builder.load(vector_at(r, c), align=itemsize) for r in x_rows],
             [builder.load(vector_at(r, c), align=itemsize) for r in w_rows]))
@@ -352,14 +361,15 @@ def dot_function(module, value, itemsize, lanes, rows_per_tile):
                                                             list(range(width, 2 * width))))
             v = builder.fadd(low, high, flags=flags)
         sums.append(builder.extract_element(v, ir.Constant(i32, 0)))
-    for i in range(rows_per_tile):
+    for i in range(ROWS):
         with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, i), rows), likely=True):
             out_row = builder.gep(out, [builder.mul(ir.Constant(i64, i), out_stride)])
-            for o in range(4):
+            for o in range(outs_per_tile):
                 with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, o), outs),
                                      likely=True):
                     byte = builder.gep(out_row, [ir.Constant(i64, o * itemsize)])
-                    builder.store(sums[i * 4 + o], builder.bitcast(byte, value.as_pointer()))
+                    builder.store(sums[i * outs_per_tile + o],
+                                  builder.bitcast(byte, value.as_pointer()))
     builder.ret_void()
     return function
 
@@ -369,7 +379,8 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
     # out is (B, OC), inp is (B, C), weight is (OC, C), 2-D arrays of one
     # float type with unit stride along their last axis:
     # out[b:b + rows, j:j + outs] = inp[b:b + rows] @ weight[j:j + outs].T
-    # for rows and outs of 1 to 4
+    # for rows of 1 to 4 and outs of 1 to DOT_OUTPUTS, in tiles of
+    # dot_tile_outputs() outputs
     if not all(isinstance(a, types.Array) and a.ndim == 2 for a in (out, inp, weight)):
         return None
     dtype = out.dtype
@@ -384,7 +395,7 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
         value = context.get_value_type(dtype)
         itemsize = context.get_abi_sizeof(value)
         bits = target_vector_bits(context)
-        per_tile = dot_tile_rows(bits)
+        per_tile = dot_tile_outputs(bits)
         function = dot_function(builder.module, value, itemsize, bits // 8 // itemsize, per_tile)
 
         def address(array, row, column):
@@ -392,18 +403,18 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
 
         zero = ir.Constant(i64, 0)
         C = builder.extract_value(weight_arr.shape, 1)
-        for first in range(0, 4, per_tile):
-            left = builder.sub(rows_, ir.Constant(i64, first))
+        for first in range(0, DOT_OUTPUTS, per_tile):
+            left = builder.sub(outs_, ir.Constant(i64, first))
             with builder.if_then(builder.icmp_signed(">", left, zero), likely=True):
-                row = builder.add(b_, ir.Constant(i64, first))
-                tile_rows = builder.select(
+                output = builder.add(j_, ir.Constant(i64, first))
+                tile_outs = builder.select(
                     builder.icmp_signed("<", left, ir.Constant(i64, per_tile)),
                     left, ir.Constant(i64, per_tile))
                 builder.call(function, [
-                    address(out_arr, row, j_), builder.extract_value(out_arr.strides, 0),
-                    address(inp_arr, row, zero), builder.extract_value(inp_arr.strides, 0),
-                    address(weight_arr, j_, zero), builder.extract_value(weight_arr.strides, 0),
-                    C, tile_rows, outs_])
+                    address(out_arr, b_, output), builder.extract_value(out_arr.strides, 0),
+                    address(inp_arr, b_, zero), builder.extract_value(inp_arr.strides, 0),
+                    address(weight_arr, output, zero),
+                    builder.extract_value(weight_arr.strides, 0), C, rows_, tile_outs])
         return context.get_dummy_value()
 
     index = types.intp

@@ -14,6 +14,7 @@ from numba import njit
 
 from fastmlp.jit import FASTMATH
 from fastmlp.microkernel import (
+    DOT_OUTPUTS,
     block_multiply_add,
     dot_tile,
     panel_vectors,
@@ -73,13 +74,13 @@ def test_block_multiply_add_is_one_chain_of_fmas_in_order(rng):
 def dot_tiles(out, inp, weight, r0, r1):
     OC = weight.shape[0]
     for b in range(r0, r1, 4):
-        for j in range(0, OC, 4):
-            dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(4, OC - j))
+        for j in range(0, OC, DOT_OUTPUTS):
+            dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(DOT_OUTPUTS, OC - j))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("C", [1, 7, 16, 50, 784])
-@pytest.mark.parametrize("OC", [1, 3, 4, 10])
+@pytest.mark.parametrize("OC", [1, 3, 4, 10, 25])
 def test_dot_tile_against_numpy(dtype, C, OC, rng):
     # C past the last whole vector (masked), rows and outputs past the last
     # whole tile (repeated, never stored): rows 1:10 of 12
