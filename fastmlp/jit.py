@@ -14,12 +14,14 @@ one per thread, cut at the 4-row tiles that the kernels use anyway), so
 results are bit-identical for 1 or N threads.
 
 cache: compiled kernels are cached on disk (keyed on the CPU by Numba), so a
-second process starts without compiling. Numba invalidates a cached function
-only when its own source file changes, yet a function's machine code includes
-the kernels it calls from other files: after editing kernels.py,
-microkernel.py, fpenv.py, optimizers.py, heads.py or schedules.py, delete
-fastmlp/__pycache__/*.nbi and *.nbc, or step.py's cached functions keep the
-old kernels. The cache is
+second process starts without compiling. Numba stamps a cached function with
+its own source file only, yet its machine code holds the kernels and
+constants it uses from other files: step.py's `train_steps` cached before an
+edit of kernels.py would keep the old kernels (seen: a stale cache made every
+fit fail with "total size of new array must be unchanged"). So fastmlp's
+functions are stamped with a digest of every source file of the package
+(PackageCache): any change to the package, a `git checkout` or an upgrade,
+recompiles them all, in the same directories Numba would use. The cache is
 also keyed on the CPU name and features Numba compiles for, and so is every
 choice microkernel.py makes (vector width, block shapes): to inspect another
 CPU's code, set NUMBA_CPU_NAME (with NUMBA_CPU_FEATURES="" on a host that
@@ -33,25 +35,73 @@ np.int64(...). The training data reach the kernels as raw bytes
 (buffers.Data), so the step compiles once per model dtype whatever the input
 dtype and head.
 """
+import functools
+import hashlib
+import os
+
 import numba
+from numba.core import caching
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 CACHE = True
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=None)
+def package_digest(directory=PACKAGE_DIR):
+    """SHA-256 of the names and contents of the package's .py files: the
+    source stamp of every cached fastmlp function (read once a process)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".py"):
+            with open(os.path.join(directory, name), "rb") as source:
+                digest.update(name.encode() + b"\0" + source.read() + b"\0")
+    return digest.digest()
+
+
+class PackageStamp:
+    """Locator mixin: a function's cache is fresh while the package is
+    unchanged, not only its own file."""
+
+    def get_source_stamp(self):
+        return package_digest()
+
+
+class PackageCacheImpl(caching.CompileResultCacheImpl):
+    # Numba's own places for the cache (NUMBA_CACHE_DIR, else __pycache__,
+    # else the user's cache directory), each with the package's stamp
+    _locator_classes = [type(f"Package{locator.__name__}", (PackageStamp, locator), {})
+                        for locator in (caching.UserProvidedCacheLocator,
+                                        caching.InTreeCacheLocator,
+                                        caching.UserWideCacheLocator)]
+
+
+class PackageCache(caching.FunctionCache):
+    _impl_class = PackageCacheImpl
+
+
+def jit(**options):
+    """numba.njit with `options`, cached on disk under the package's stamp
+    when CACHE is set."""
+    def decorate(function):
+        dispatcher = numba.njit(**options)(function)
+        if CACHE:
+            dispatcher._cache = PackageCache(function)  # what enable_caching does
+        return dispatcher
+    return decorate
+
 
 # A serial kernel: called from inside parallel loops, never parallel itself.
-kernel = numba.njit(fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy")
+kernel = jit(fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 # A serial kernel whose sums run in source order (no `reassoc`): for loops
 # that vectorize without reordering, so that their results cannot depend on
 # the function they are inlined into. LLVM compiles a kernel anew inside each
 # caller, and with `reassoc` it may associate the same sum differently there.
-ordered_kernel = numba.njit(fastmath=FASTMATH - {"reassoc"}, cache=CACHE, nogil=True,
-                            error_model="numpy")
+ordered_kernel = jit(fastmath=FASTMATH - {"reassoc"}, nogil=True, error_model="numpy")
 
 # A kernel that owns one `prange` region (both cores).
-parallel_kernel = numba.njit(
-    parallel=True, fastmath=FASTMATH, cache=CACHE, nogil=True, error_model="numpy"
-)
+parallel_kernel = jit(parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 
 def ready(dispatcher, args):

@@ -41,3 +41,77 @@ def test_a_fresh_compile_and_the_cache_train_to_the_same_parameters(tmp_path):
     cached = train(tmp_path, "cached", cache)
     for name in fresh:
         assert np.array_equal(fresh[name], cached[name]), name
+
+
+def test_every_cached_function_is_stamped_with_the_whole_package():
+    # a function's machine code holds the kernels and constants it uses from
+    # other files, so its cache must go stale when any of them changes
+    import importlib
+    import pkgutil
+
+    import numba
+
+    import fastmlp
+    from fastmlp import jit
+    cached = {}
+    for module in pkgutil.iter_modules(fastmlp.__path__):
+        for name, value in vars(importlib.import_module(f"fastmlp.{module.name}")).items():
+            if isinstance(value, numba.core.dispatcher.Dispatcher) and \
+                    value.py_func.__module__.startswith("fastmlp."):
+                cached[f"{value.py_func.__module__}.{name}"] = value
+    assert len(cached) > 50 and "fastmlp.step.train_steps" in cached
+    for name, dispatcher in cached.items():
+        assert isinstance(dispatcher._cache, jit.PackageCache), name
+        assert dispatcher._cache._cache_file._source_stamp == jit.package_digest(), name
+
+
+def test_the_package_digest_changes_with_any_source_file(tmp_path):
+    import shutil
+
+    from fastmlp import jit
+    digest = jit.package_digest.__wrapped__  # uncached: the files change below
+    shutil.copytree(jit.PACKAGE_DIR, tmp_path / "copy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    copy = str(tmp_path / "copy")
+    assert digest(copy) == jit.package_digest()
+    seen = {digest(copy)}
+    for name in ("cli.py", "kernels.py", "microkernel.py"):
+        with open(tmp_path / "copy" / name, "a") as source:
+            source.write("# edited\n")
+        seen.add(digest(copy))
+    (tmp_path / "copy" / "new_module.py").write_text("")
+    seen.add(digest(copy))
+    assert len(seen) == 5
+
+
+CACHE_HITS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from fastmlp import kernels
+    assert kernels.__file__.startswith(sys.argv[1])
+    kernels.finite(1.0)
+    print(sum(kernels.finite.stats.cache_hits.values()))
+""")
+
+
+def test_a_change_to_another_file_recompiles_a_cached_kernel(tmp_path):
+    import os
+    import shutil
+
+    from fastmlp import jit
+    package = tmp_path / "package" / "fastmlp"
+    shutil.copytree(jit.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+
+    def cache_hits():
+        proc = subprocess.run([sys.executable, "-c", CACHE_HITS, str(package.parent)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout)
+
+    assert cache_hits() == 0  # compiled, and cached
+    assert cache_hits() == 1  # loaded from the cache
+    with open(package / "cli.py", "a") as source:  # finite() does not use cli.py
+        source.write("# edited\n")
+    assert cache_hits() == 0  # stale: compiled again
+    assert cache_hits() == 1
