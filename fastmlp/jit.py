@@ -80,7 +80,7 @@ class PackageCache(caching.FunctionCache):
     _impl_class = PackageCacheImpl
 
 
-def jit(**options):
+def package_jit(**options):
     """numba.njit with `options`, cached on disk under the package's stamp
     when CACHE is set."""
     def decorate(function):
@@ -92,16 +92,16 @@ def jit(**options):
 
 
 # A serial kernel: called from inside parallel loops, never parallel itself.
-kernel = jit(fastmath=FASTMATH, nogil=True, error_model="numpy")
+kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 # A serial kernel whose sums run in source order (no `reassoc`): for loops
 # that vectorize without reordering, so that their results cannot depend on
 # the function they are inlined into. LLVM compiles a kernel anew inside each
 # caller, and with `reassoc` it may associate the same sum differently there.
-ordered_kernel = jit(fastmath=FASTMATH - {"reassoc"}, nogil=True, error_model="numpy")
+ordered_kernel = package_jit(fastmath=FASTMATH - {"reassoc"}, nogil=True, error_model="numpy")
 
 # A kernel that owns one `prange` region (both cores).
-parallel_kernel = jit(parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+parallel_kernel = package_jit(parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 
 def ready(dispatcher, args):

@@ -1,13 +1,23 @@
 """Numba's on-disk cache must not change results: training in a process that
 compiles every kernel afresh gives the same parameters, bit for bit, as a
 process that loads them all from the cache. (LLVM compiles a kernel anew in
-each caller; a kernel whose result depends on that context fails here.)"""
+each caller; a kernel whose result depends on that context fails here.)
+And it must not outlive the code: a change to any of the package's files
+makes every cached function compile again (jit.PackageCache)."""
+import importlib
 import json
+import os
+import pkgutil
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import numba
 import numpy as np
+
+import fastmlp
+from fastmlp import jit
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -46,13 +56,6 @@ def test_a_fresh_compile_and_the_cache_train_to_the_same_parameters(tmp_path):
 def test_every_cached_function_is_stamped_with_the_whole_package():
     # a function's machine code holds the kernels and constants it uses from
     # other files, so its cache must go stale when any of them changes
-    import importlib
-    import pkgutil
-
-    import numba
-
-    import fastmlp
-    from fastmlp import jit
     cached = {}
     for module in pkgutil.iter_modules(fastmlp.__path__):
         for name, value in vars(importlib.import_module(f"fastmlp.{module.name}")).items():
@@ -66,9 +69,6 @@ def test_every_cached_function_is_stamped_with_the_whole_package():
 
 
 def test_the_package_digest_changes_with_any_source_file(tmp_path):
-    import shutil
-
-    from fastmlp import jit
     digest = jit.package_digest.__wrapped__  # uncached: the files change below
     shutil.copytree(jit.PACKAGE_DIR, tmp_path / "copy",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -95,10 +95,6 @@ CACHE_HITS = textwrap.dedent("""
 
 
 def test_a_change_to_another_file_recompiles_a_cached_kernel(tmp_path):
-    import os
-    import shutil
-
-    from fastmlp import jit
     package = tmp_path / "package" / "fastmlp"
     shutil.copytree(jit.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
