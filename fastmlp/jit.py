@@ -38,6 +38,7 @@ dtype and head.
 import functools
 import hashlib
 import os
+import sys
 
 import numba
 from numba.core import caching
@@ -61,19 +62,26 @@ def package_digest(directory=PACKAGE_DIR):
 
 class PackageStamp:
     """Locator mixin: a function's cache is fresh while the package is
-    unchanged, not only its own file."""
+    unchanged, not only its own file. (In a frozen application, Numba's
+    stamp of the executable, which holds the whole package.)"""
 
     def get_source_stamp(self):
+        if getattr(sys, "frozen", False):
+            return super().get_source_stamp()
         return package_digest()
 
 
 class PackageCacheImpl(caching.CompileResultCacheImpl):
     # Numba's own places for the cache (NUMBA_CACHE_DIR, else __pycache__,
-    # else the user's cache directory), each with the package's stamp
-    _locator_classes = [type(f"Package{locator.__name__}", (PackageStamp, locator), {})
-                        for locator in (caching.UserProvidedCacheLocator,
-                                        caching.InTreeCacheLocator,
-                                        caching.UserWideCacheLocator)]
+    # else the user's cache directory), each with the package's stamp; for
+    # a package imported from a zip archive, Numba's stamp of the archive
+    # (which any change to the package changes too)
+    _locator_classes = [
+        *(type(f"Package{locator.__name__}", (PackageStamp, locator), {})
+          for locator in (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator,
+                          caching.UserWideCacheLocator)),
+        caching.ZipCacheLocator,
+    ]
 
 
 class PackageCache(caching.FunctionCache):

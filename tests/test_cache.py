@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numba
 import numpy as np
@@ -84,6 +85,21 @@ def test_the_package_digest_changes_with_any_source_file(tmp_path):
     assert len(seen) == 5
 
 
+def test_a_frozen_application_keeps_numbas_stamp_of_its_executable(monkeypatch):
+    def twice(x):
+        return 2 * x
+
+    stamps = {}
+    for frozen in (False, True):
+        monkeypatch.setattr(sys, "frozen", frozen, raising=False)
+        stamps[frozen] = [locator(twice, __file__).get_source_stamp()
+                          for locator in jit.PackageCacheImpl._locator_classes[:3]]
+    assert stamps[False] == [jit.package_digest()] * 3
+    executable = numba.core.caching._hash_source_file(
+        sys.executable, os.stat(sys.executable).st_mtime, os.stat(sys.executable).st_size)
+    assert stamps[True] == [executable] * 3
+
+
 CACHE_HITS = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
@@ -111,3 +127,20 @@ def test_a_change_to_another_file_recompiles_a_cached_kernel(tmp_path):
         source.write("# edited\n")
     assert cache_hits() == 0  # stale: compiled again
     assert cache_hits() == 1
+
+
+def test_a_package_imported_from_a_zip_archive_is_cached(tmp_path):
+    # no source files there to hash: the archive's own stamp serves
+    archive = tmp_path / "fastmlp.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name in sorted(os.listdir(jit.PACKAGE_DIR)):
+            if name.endswith(".py"):
+                zipped.write(os.path.join(jit.PACKAGE_DIR, name), f"fastmlp/{name}")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    hits = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", CACHE_HITS, str(archive)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        hits.append(int(proc.stdout))
+    assert hits == [0, 1]
