@@ -21,7 +21,9 @@ edit of kernels.py would keep the old kernels (seen: a stale cache made every
 fit fail with "total size of new array must be unchanged"). So fastmlp's
 functions are stamped with a digest of every source file of the package
 (PackageCache): any change to the package, a `git checkout` or an upgrade,
-recompiles them all, in the same directories Numba would use. The cache is
+recompiles them all, in the same directories Numba would use. (Imported from
+a zip archive, or frozen into an application, they keep Numba's stamp of the
+archive or the executable, which holds the whole package.) The cache is
 also keyed on the CPU name and features Numba compiles for, and so is every
 choice microkernel.py makes (vector width, block shapes): to inspect another
 CPU's code, set NUMBA_CPU_NAME (with NUMBA_CPU_FEATURES="" on a host that
