@@ -16,9 +16,11 @@ ratios over the rounds, with its quartiles.
 
 The package loaded and run first is faster: the same code against
 itself measured 1.14 to 1.21 on W1 in one hour (Zen 3; models of two
-copies of one revision set up A-A-B ran 187, 188 and 228 us a step; see
+copies of one revision set up A-A-B ran 187, 188 and 228 us a step), and
+in another hour the two orders of one pair gave 0.71 and 1.48 (see
 docs/performance.md). So the comparison runs twice, in a child process
-for each order, and the answer is the geometric mean of the two medians.
+for each order, and the answer is the geometric mean of the two medians;
+when the two orders are that far apart, it cannot resolve a few percent.
 
 The first run of a version compiles it (about a minute each); a version
 named by a git revision keeps its Numba cache under --cache-dir, the working
