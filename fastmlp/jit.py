@@ -46,6 +46,8 @@ import numba
 from numba.core import caching
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+# the same without `reassoc`: arithmetic in source order (ordered_kernel, expf)
+ORDERED_FASTMATH = FASTMATH - {"reassoc"}
 CACHE = True
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -108,7 +110,7 @@ kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy")
 # that vectorize without reordering, so that their results cannot depend on
 # the function they are inlined into. LLVM compiles a kernel anew inside each
 # caller, and with `reassoc` it may associate the same sum differently there.
-ordered_kernel = package_jit(fastmath=FASTMATH - {"reassoc"}, nogil=True, error_model="numpy")
+ordered_kernel = package_jit(fastmath=ORDERED_FASTMATH, nogil=True, error_model="numpy")
 
 # A kernel that owns one `prange` region (both cores).
 parallel_kernel = package_jit(parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
