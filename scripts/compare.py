@@ -20,6 +20,12 @@ speed moves by 2x from one minute to the next, fastmlp's speed-up over a
 peer is the median of the rounds' ratios (fastmlp's rate over the peer's
 in the same round), printed with each round's ratio; epochs/s is the
 median over the rounds.
+
+Each round also measures the float32 matrix product rate (NumPy's sgemm,
+1024^3) with OpenBLAS's native kernel for this CPU: in a process of its
+own without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which some machines set
+(the peers keep the environment as it is). A peer's "% peak" is the median
+over the rounds of its rate as a share of that round's peak.
 """
 import argparse
 import json
@@ -354,6 +360,36 @@ def blas_kernel():
     return "; ".join(info) or "none"
 
 
+# variables that pin OpenBLAS's kernel or cache size: unset for the peak only
+PINNING_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def native_blas_env():
+    """This process's environment without PINNING_VARIABLES."""
+    return {key: value for key, value in os.environ.items() if key not in PINNING_VARIABLES}
+
+
+def measure_peak():
+    """(sgemm GFLOP/s, BLAS kernel) with OpenBLAS's native kernel: measured
+    in a child process whose environment lacks PINNING_VARIABLES."""
+    out = subprocess.run([sys.executable, __file__, "--peak"], env=native_blas_env(),
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["gflops"], result["blas"]
+
+
+def peak_shares(rates, peaks, flops):
+    """{peer: median over the rounds of its FLOP rate over that round's
+    sgemm peak} from rates {peer: [epochs/s of each round, or None]} and
+    peaks [GFLOP/s of each round]; nan for a peer that never ran."""
+    shares = {}
+    for peer, peer_rates in rates.items():
+        ran = [rate * flops / 1e9 / peak for rate, peak in zip(peer_rates, peaks)
+               if rate is not None]
+        shares[peer] = float(np.median(ran)) if ran else float("nan")
+    return shares
+
+
 def machine_summary():
     """The CPU, and what fastmlp's kernels are compiled for on it."""
     from fastmlp.microkernel import compiled_target, panel_vectors
@@ -404,7 +440,7 @@ def speedups(rates):
 
 def compare_workload(workload, peers, epochs, rounds, peak):
     """Runs the workload's rounds (see the module's docstring) and prints
-    one row per peer."""
+    one row per peer; peak is the sgemm GFLOP/s measured before."""
     import importlib.util
     sizes, activation, batch_size, lr = WORKLOADS[workload]
     flops = flops_per_epoch(sizes)
@@ -420,8 +456,11 @@ def compare_workload(workload, peers, epochs, rounds, peak):
         else:
             runnable.append(peer)
     rates = {peer: [None] * rounds for peer in runnable}
+    peaks = [peak] * rounds
     last, failed = {}, {}
     for round_index in range(rounds):
+        if round_index > 0:
+            peaks[round_index] = measure_peak()[0]
         for peer in round_order(runnable, round_index):
             if peer in failed:
                 continue
@@ -434,15 +473,17 @@ def compare_workload(workload, peers, epochs, rounds, peak):
             rates[peer][round_index] = 1 / float(np.median(last[peer]["epoch_times"]))
     print(f"{'peer':15} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
           f"{'RSS MB':>7}  {'fastmlp x by round':18}  BLAS")
+    shares = peak_shares(rates, peaks, flops)
     for peer, (rate, ratio, ratios) in speedups(rates).items():
         if peer in failed:
             print(f"{peer:15} failed: {failed[peer]}")
             continue
         result = last[peer]
         by_round = " ".join(f"{x:.2f}" for x in ratios) if peer != "fastmlp" else ""
-        print(f"{peer:15} {rate:9.2f} {ratio:9.2f} {100 * rate * flops / 1e9 / peak:6.0f}% "
+        print(f"{peer:15} {rate:9.2f} {ratio:9.2f} {100 * shares[peer]:6.0f}% "
               f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {by_round:18}  "
               f"{result['blas']}")
+    print(f"sgemm peak by round: {' '.join(f'{p:.0f}' for p in peaks)} GFLOP/s")
 
 
 def main(argv=None):
@@ -460,6 +501,7 @@ def main(argv=None):
                         help="rounds of every comparison: medians over them")
     parser.add_argument("--regressor", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--estimator", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -471,6 +513,10 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from "
                      f"{', '.join(WORKLOADS)}")
+    if args.peak:
+        gflops = sgemm_gflops()
+        print(json.dumps({"gflops": gflops, "blas": blas_kernel()}))
+        return 0
     if args.child:
         child(args.child[0], args.child[1], args.epochs)
         return 0
@@ -483,8 +529,12 @@ def main(argv=None):
         print(json.dumps({"seconds": seconds, "score": r2}))
         return 0
     print(machine_summary())
-    peak = sgemm_gflops()
-    print(f"sgemm peak (NumPy, float32, 1024^3): {peak:.0f} GFLOP/s; BLAS: {blas_kernel()}")
+    peak, native = measure_peak()
+    pinned = ", ".join(f"{key}={os.environ[key]}" for key in PINNING_VARIABLES
+                       if key in os.environ)
+    print(f"sgemm peak (NumPy, float32, 1024^3), OpenBLAS's native kernel ({native}"
+          f"{'; ' + pinned + ' unset for it' if pinned else ''}): {peak:.0f} GFLOP/s; "
+          f"the peers' BLAS: {blas_kernel()}")
     for workload in filter(None, args.workloads.split(",")):
         compare_workload(workload, args.peers.split(","), args.epochs, args.rounds, peak)
     if args.sklearn:

@@ -78,3 +78,30 @@ def test_a_dtype_row_fits_fastmlp_in_the_dtype_it_names():
     assert dtypes == {"fastmlp": np.float32, "sklearn": np.float64}
     model, _ = compare.fit_estimator("fastmlp", "MLPRegressor", settings, X, y, None)
     assert model.coefs_[0].dtype == np.float64
+
+
+def test_share_of_peak_is_the_median_of_rounds_against_their_own_peak():
+    compare = load_script("compare")
+    # 10 GFLOP an epoch; the machine halves its speed in round 1, and
+    # fastmlp did not run in round 2
+    rates = {"fastmlp": [8.0, 4.0, None], "jax": [4.0, 2.0, 3.0]}
+    shares = compare.peak_shares(rates, [100.0, 50.0, 100.0], 10e9)
+    assert shares["fastmlp"] == 0.8  # rounds 0.8, 0.8 (not 6 / 83)
+    assert shares["jax"] == 0.4  # rounds 0.4, 0.4, 0.3
+    assert math.isnan(compare.peak_shares({"torch": [None]}, [100.0], 1e9)["torch"])
+
+
+def test_the_peak_runs_openblas_native_kernel(monkeypatch):
+    # some machines pin OpenBLAS's kernel (OPENBLAS_CORETYPE); the peak is
+    # measured without the pin, and the peers keep it
+    import subprocess
+    import sys
+    compare = load_script("compare")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "65536")
+    assert not set(compare.PINNING_VARIABLES) & set(compare.native_blas_env())
+    gflops, native = compare.measure_peak()
+    assert gflops > 0
+    pinned = subprocess.run([sys.executable, compare.__file__, "--peak"], capture_output=True,
+                            text=True, check=True).stdout.strip().splitlines()[-1]
+    assert native != compare.json.loads(pinned)["blas"]
