@@ -2,6 +2,8 @@
 taken within a round, and rounds alternate the peers' order. (The timing
 runs themselves take minutes and every peer: they are run by hand.)"""
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,8 +96,6 @@ def test_share_of_peak_is_the_median_of_rounds_against_their_own_peak():
 def test_the_peak_runs_openblas_native_kernel(monkeypatch):
     # some machines pin OpenBLAS's kernel (OPENBLAS_CORETYPE); the peak is
     # measured without the pin, and the peers keep it
-    import subprocess
-    import sys
     compare = load_script("compare")
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")
     monkeypatch.setenv("OPENBLAS_L2_SIZE", "65536")
