@@ -44,8 +44,10 @@ def test_a_deeper_relu_network_with_adam(fashion_mnist):
 def test_bfloat16_reaches_float32s_accuracy(fashion_mnist):
     # the same network, seed and settings in float32 and bfloat16, the
     # learning rate decayed by a cosine so that the last epoch's accuracy
-    # is not one draw of the noise between epochs (seeds 0, 1, 2 measured:
-    # 0.14, 0.05 and 0.08 points apart)
+    # is not one draw of the noise between epochs. Measured gaps, in points:
+    # seeds 0, 1, 2 on Zen 3 0.14, 0.05 and 0.08; seed 0 after the exp fix
+    # 0.16; seed 0 under sandybridge code (no FMA: other roundings, the same
+    # maths) 0.31.
     x_train, y_train, x_test, y_test = fashion_mnist
     accuracy = {}
     for dtype in ("float32", "bfloat16"):
@@ -55,4 +57,4 @@ def test_bfloat16_reaches_float32s_accuracy(fashion_mnist):
                     lr_schedule="cosine")
         accuracy[dtype] = model.evaluate(x_test, y_test)[1]
     assert accuracy["float32"] >= 0.89
-    assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.003, accuracy
+    assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.005, accuracy
