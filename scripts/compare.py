@@ -440,7 +440,8 @@ def speedups(rates):
 
 def compare_workload(workload, peers, epochs, rounds, peak):
     """Runs the workload's rounds (see the module's docstring) and prints
-    one row per peer; peak is the sgemm GFLOP/s measured before."""
+    one row per peer; peak, the sgemm GFLOP/s measured at the start, sets
+    the header's limit (each round measures its own)."""
     import importlib.util
     sizes, activation, batch_size, lr = WORKLOADS[workload]
     flops = flops_per_epoch(sizes)
@@ -456,11 +457,10 @@ def compare_workload(workload, peers, epochs, rounds, peak):
         else:
             runnable.append(peer)
     rates = {peer: [None] * rounds for peer in runnable}
-    peaks = [peak] * rounds
+    peaks = []
     last, failed = {}, {}
     for round_index in range(rounds):
-        if round_index > 0:
-            peaks[round_index] = measure_peak()[0]
+        peaks.append(measure_peak()[0])
         for peer in round_order(runnable, round_index):
             if peer in failed:
                 continue
