@@ -119,15 +119,24 @@ parallel_kernel = package_jit(parallel=True, fastmath=FASTMATH, nogil=True, erro
 def ready(dispatcher, args):
     """Whether calling dispatcher with args runs without compiling: machine
     code for their types is loaded already or waits in the disk cache for
-    this CPU. (It reads Numba's private cache index; if that ever fails, the
-    answer is False, so at worst the user is told of a compile that is
-    quick.)"""
+    this CPU."""
     try:
         signature = tuple(dispatcher.typeof_pyval(arg) for arg in args)
-        if signature in dispatcher.overloads:
+    except Exception:
+        return False
+    return ready_for(dispatcher, signature)
+
+
+def ready_for(dispatcher, signature):
+    """Whether dispatcher has machine code for signature (a tuple of Numba
+    types), loaded or in the disk cache for this CPU. (It reads Numba's
+    private cache index; if that ever fails, the answer is False, so at
+    worst the user is told of a compile that is quick.)"""
+    try:
+        if tuple(signature) in dispatcher.overloads:
             return True
         magic = dispatcher.targetctx.codegen().magic_tuple()
         index = dispatcher._cache._cache_file._load_index()
-        return any(key[0] == signature and key[1] == magic for key in index)
+        return any(key[0] == tuple(signature) and key[1] == magic for key in index)
     except Exception:
         return False

@@ -44,7 +44,7 @@ class Callback:
 
 
 # what the first run's compile takes, said before it starts
-COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about a minute on 2 cores, "
+COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about 45 s on 2 cores, "
                   "cached after)")
 
 

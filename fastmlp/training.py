@@ -9,7 +9,7 @@ import time
 import numba
 import numpy as np
 
-from . import distributed, jit, schedules
+from . import compile_ahead, distributed, jit, schedules
 from .buffers import Optimizer, make_data
 from .heads import score, target_scale
 from .model import Workspace, aligned_zeros
@@ -355,6 +355,8 @@ class EpochLoop:
         for callback in callbacks:
             callback.on_compile_begin(cached)
         start = time.perf_counter()
+        if not cached and self.comm is None:  # MPI ranks compile side by side already
+            compile_ahead.step_kernels(*self.step_arguments(0, 0)[:4])
         self.run(0, 0)
         return time.perf_counter() - start
 

@@ -1,6 +1,7 @@
 """Numba's on-disk cache must not change results: training in a process that
 compiles every kernel afresh gives the same parameters, bit for bit, as a
-process that loads them all from the cache. (LLVM compiles a kernel anew in
+process that loads them all from the cache, and so does a first compile shared
+with a child process (compile_ahead.py). (LLVM compiles a kernel anew in
 each caller; a kernel whose result depends on that context fails here.)
 And it must not outlive the code: a change to any of the package's files
 makes every cached function compile again (jit.PackageCache)."""
@@ -18,12 +19,14 @@ import numba
 import numpy as np
 
 import fastmlp
-from fastmlp import jit
+from fastmlp import compile_ahead, jit
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     import fastmlp
+    from fastmlp import compile_ahead
+    compile_ahead.PROCESSES = int(sys.argv[2])
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, (600, 784), dtype=np.uint8)
     y = rng.integers(0, 10, 600)
@@ -32,25 +35,40 @@ SCRIPT = textwrap.dedent("""
         model = fastmlp.MLP([784, 30, 20, 10], activation=activation, seed=1)
         fastmlp.fit(model, X, y, epochs=2, batch_size=50, optimizer=optimizer, seed=2)
         out[activation] = model.params.tolist()
+    # the step's kernels: compiled here, and found in the disk cache
+    step = fastmlp.step
+    out["compiled"] = sum(step.forward_backward.stats.cache_misses.values())
+    out["loaded"] = sum(sum(kernel.stats.cache_hits.values())
+                        for kernel in (step.gradients_update, step.transpose_weights))
     json.dump(out, open(sys.argv[1], "w"))
 """)
 
 
-def train(tmp_path, name, cache_dir):
+def train(tmp_path, name, cache_dir, processes=2):
     result = tmp_path / f"{name}.json"
     env = {"NUMBA_CACHE_DIR": str(cache_dir), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(result)], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(result), str(processes)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    return {k: np.array(v, np.float32) for k, v in json.loads(result.read_text()).items()}
+    out = json.loads(result.read_text())
+    counts = out.pop("compiled"), out.pop("loaded")
+    return counts, {k: np.array(v, np.float32) for k, v in out.items()}
 
 
 def test_a_fresh_compile_and_the_cache_train_to_the_same_parameters(tmp_path):
     cache = tmp_path / "numba-cache"
-    fresh = train(tmp_path, "fresh", cache)  # empty cache: compiles and fills it
+    # empty caches: compiled in this process alone, and with a child's help
+    # (where there is a second core)
+    counts, alone = train(tmp_path, "alone", tmp_path / "numba-cache-alone", processes=1)
+    assert counts == (1, 0), counts
+    counts, fresh = train(tmp_path, "fresh", cache)
     assert any(cache.rglob("*.nbc")), "nothing was cached"
-    cached = train(tmp_path, "cached", cache)
+    if compile_ahead.available_cores() >= 2:
+        # forward_backward compiled once, here; the child's two kernels loaded
+        assert counts == (1, 2), counts
+    _, cached = train(tmp_path, "cached", cache)
     for name in fresh:
+        assert np.array_equal(alone[name], fresh[name]), name
         assert np.array_equal(fresh[name], cached[name]), name
 
 

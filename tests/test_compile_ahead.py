@@ -1,0 +1,91 @@
+"""A first compile shared with a child process (compile_ahead.py): the child
+compiles into the disk cache this process reads, and stops when it must.
+(That a fit compiled this way trains to the same parameters as one compiled
+in one process: tests/test_cache.py.)"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import pytest
+from numba import types
+
+from fastmlp import compile_ahead, kernels
+
+CHILD_FILLS_THE_CACHE = textwrap.dedent("""
+    from numba import types
+    from fastmlp import compile_ahead, jit, kernels
+    job = (kernels.finite, (types.float64,))
+    assert not jit.ready_for(*job)
+    assert compile_ahead.can_share([job])
+    child = compile_ahead.start_child([job])
+    compile_ahead.finish(child)
+    assert child.returncode == 0, child.returncode
+    assert jit.ready_for(*job)
+    kernels.finite(1.0)
+    print(sum(kernels.finite.stats.cache_hits.values()),
+          sum(kernels.finite.stats.cache_misses.values()))
+""")
+
+
+@pytest.mark.skipif(compile_ahead.available_cores() < 2, reason="one core: no child is started")
+def test_the_child_compiles_into_the_cache_this_process_reads(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    proc = subprocess.run([sys.executable, "-c", CHILD_FILLS_THE_CACHE], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "0"]  # loaded, not compiled
+
+
+def test_no_child_where_it_cannot_pay(monkeypatch):
+    kernels.finite(1.0)  # compiled in this process now
+    assert not compile_ahead.can_share([(kernels.finite, (types.float64,))])
+    job = (kernels.finite, (types.Array(types.float32, 3, "C"),))  # never compiled
+    monkeypatch.setattr(compile_ahead, "available_cores", lambda: 2)
+    assert compile_ahead.can_share([job])
+    monkeypatch.setattr(compile_ahead, "PROCESSES", 1)
+    assert not compile_ahead.can_share([job])
+    monkeypatch.setattr(compile_ahead, "PROCESSES", 2)
+    monkeypatch.setattr(compile_ahead, "available_cores", lambda: 1)
+    assert not compile_ahead.can_share([job])
+    monkeypatch.setattr(compile_ahead, "available_cores", lambda: 2)
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert not compile_ahead.can_share([job])
+    monkeypatch.setattr(sys, "frozen", False)
+    monkeypatch.setattr(sys, "executable", "/usr/bin/blender")
+    assert not compile_ahead.can_share([job])
+
+
+def test_a_child_that_takes_too_long_is_stopped(monkeypatch):
+    monkeypatch.setattr(compile_ahead, "CHILD_SECONDS", 0.2)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    compile_ahead.finish(child)
+    assert child.returncode is not None and child.returncode < 0  # killed
+
+
+def test_a_failed_compile_here_stops_the_child(monkeypatch):
+    children = []
+
+    def start_sleeper(jobs):
+        children.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return children[-1]
+
+    class Broken:
+        def compile(self, signature):
+            raise numba.core.errors.TypingError("broken")
+
+    monkeypatch.setattr(compile_ahead, "can_share", lambda jobs: True)
+    monkeypatch.setattr(compile_ahead, "start_child", start_sleeper)
+    monkeypatch.setattr(compile_ahead, "forward_backward", Broken())
+    from fastmlp import MLP, training
+    import numpy as np
+    model = MLP([3, 2, 2])
+    state = training.optimizer_state(model, "sgd", (0.1, 0.9, False, 0.0), None)
+    model.training_state = training.TrainingState(0)
+    loop = training.EpochLoop(model, state, np.zeros((4, 3), np.float32),
+                              np.array([0, 1, 0, 1], np.int32), np.ones(4, np.float32), 2, True,
+                              "epoch", None)
+    with pytest.raises(numba.core.errors.TypingError):
+        compile_ahead.step_kernels(*loop.step_arguments(0, 0)[:4])
+    assert children[0].poll() is not None  # not left running
