@@ -48,9 +48,9 @@ module.compile_from(sys.stdin.buffer)
 
 def step_kernels(work, net, opt, data):
     """Compiles, or loads from the cache, the kernels train_steps calls with
-    these buffers (as it calls them), the larger share in a child process
-    when that can pay (can_share). Call it before train_steps' first call
-    for these buffer types."""
+    these buffers (with the types it passes), about half of them in a child
+    process when that can pay (can_share). Call it before train_steps'
+    first call for these buffer types."""
     i64 = types.int64
     here = [(forward_backward, (typeof(work), typeof(net), typeof(data), i64, i64,
                                 typeof(net.params).dtype, types.boolean, i64, i64))]
@@ -107,9 +107,14 @@ def start_child(jobs):
                                  stdin=subprocess.PIPE,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env=env, start_new_session=True)
+    except OSError:
+        return None
+    try:
         child.stdin.write(payload)
         child.stdin.close()
-    except OSError:
+    except OSError:  # it died at once
+        child.kill()
+        child.wait()
         return None
     return child
 

@@ -3,6 +3,7 @@ compiles into the disk cache this process reads, and stops when it must.
 (That a fit compiled this way trains to the same parameters as one compiled
 in one process: tests/test_cache.py.)"""
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -89,3 +90,18 @@ def test_a_failed_compile_here_stops_the_child(monkeypatch):
     with pytest.raises(numba.core.errors.TypingError):
         compile_ahead.step_kernels(*loop.step_arguments(0, 0)[:4])
     assert children[0].poll() is not None  # not left running
+
+
+def test_the_child_compiles_nothing_for_another_copy_of_the_package(tmp_path):
+    # told of a package directory that is not the one it imports, it stops
+    # (its cache entries would carry another package's stamp)
+    proc = subprocess.run([sys.executable, "-c", compile_ahead.CHILD_CODE,
+                           str(tmp_path / "fastmlp"), "fastmlp"],
+                          input=pickle.dumps([(kernels.finite.py_func.__module__, "finite",
+                                               (types.float64,))]),
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", compile_ahead.CHILD_CODE,
+                           os.path.dirname(compile_ahead.__file__), "fastmlp"],
+                          input=pickle.dumps([]), capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
