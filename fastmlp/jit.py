@@ -92,15 +92,37 @@ class PackageCache(caching.FunctionCache):
     _impl_class = PackageCacheImpl
 
 
+NO_CACHE_WARNING = (
+    "fastmlp: Numba's cache has no writable directory here (not beside the package, not in "
+    "the home directory), so every process compiles the kernels again, for about a minute; "
+    "set NUMBA_CACHE_DIR to a writable directory to keep them")
+
+
 def package_jit(**options):
     """numba.njit with `options`, cached on disk under the package's stamp
-    when CACHE is set."""
+    when CACHE is set and Numba finds a writable cache directory; without
+    one (a read-only install run by a user with no home directory, say) it
+    warns once, and kernels compile in every process."""
     def decorate(function):
         dispatcher = numba.njit(**options)(function)
         if CACHE:
-            dispatcher._cache = PackageCache(function)  # what enable_caching does
+            try:
+                dispatcher._cache = PackageCache(function)  # what enable_caching does
+            except RuntimeError:  # "no locator available"
+                warn_no_cache()
         return dispatcher
     return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def warn_no_cache():
+    import warnings
+    warnings.warn(NO_CACHE_WARNING, RuntimeWarning, stacklevel=4)
+
+
+def caching():
+    """Whether compiled kernels are kept on disk for the next process."""
+    return CACHE and warn_no_cache.cache_info().currsize == 0
 
 
 # A serial kernel: called from inside parallel loops, never parallel itself.

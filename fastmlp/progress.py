@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+from . import jit
+
 BAR_WIDTH = 30
 SPINNER = "|/-\\"
 
@@ -46,6 +48,9 @@ class Callback:
 # what the first run's compile takes, said before it starts
 COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about 45 s on 2 cores, "
                   "cached after)")
+# the same where Numba's cache has no writable directory (jit.py)
+UNCACHED_NOTICE = ("Compiling kernels for this CPU (about a minute, in every run: no writable "
+                   "directory for Numba's cache; set NUMBA_CACHE_DIR)")
 
 
 class ProgressPrinter(Callback):
@@ -64,7 +69,8 @@ class ProgressPrinter(Callback):
     def on_compile_begin(self, cached):
         if cached is not False:
             return
-        self.write(COMPILE_NOTICE + ("" if self.live else "...\n"))
+        notice = COMPILE_NOTICE if jit.caching() else UNCACHED_NOTICE
+        self.write(notice + ("" if self.live else "...\n"))
         if self.live:
             self.spinner = Spinner(self.write)
 

@@ -162,3 +162,34 @@ def test_a_package_imported_from_a_zip_archive_is_cached(tmp_path):
         assert proc.returncode == 0, proc.stderr
         hits.append(int(proc.stdout))
     assert hits == [0, 1]
+
+
+NO_CACHE = textwrap.dedent("""
+    import sys, warnings
+    sys.path.insert(0, sys.argv[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import fastmlp
+    from fastmlp import jit, kernels
+    assert kernels.__file__.startswith(sys.argv[1])
+    assert kernels.finite(1.0) and not kernels.finite(float("nan"))
+    print(sum(jit.NO_CACHE_WARNING in str(w.message) for w in caught), jit.caching())
+""")
+
+
+def test_without_a_writable_cache_directory_it_warns_once_and_compiles(tmp_path):
+    # no place for Numba's cache: a file where __pycache__ would go beside
+    # the package, and a home directory that is a file (as for a service
+    # account's read-only install); Numba's own caching raises at import
+    package = tmp_path / "package" / "fastmlp"
+    shutil.copytree(jit.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "__pycache__").write_text("")
+    home = tmp_path / "home"
+    home.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / "cache"))
+    proc = subprocess.run([sys.executable, "-c", NO_CACHE, str(package.parent)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "False"]
+    assert jit.caching()  # here, where the cache has a place

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import fastmlp
-from fastmlp import sources, tabular
+from fastmlp import jit, sources, tabular
 from fastmlp.cli import main
 from fastmlp.predict import main as predict_main
-from fastmlp.progress import COMPILE_NOTICE, ProgressPrinter
+from fastmlp.progress import COMPILE_NOTICE, UNCACHED_NOTICE, ProgressPrinter
 
 SPECIES = ["setosa", "versicolor", "virginica"]
 FEATURES = ["length", "width", "depth"]
@@ -248,13 +248,17 @@ def test_one_epoch_is_singular(capsys):
     assert code == 0 and "Trained 1 epoch in" in out
 
 
-def test_the_compile_notice_shows_only_when_compiling(capsys, tmp_path):
+def test_the_compile_notice_shows_only_when_compiling(capsys, tmp_path, monkeypatch):
     printer = ProgressPrinter()
     printer.on_compile_begin(False)
     printer.on_train_begin(1.0)
     printer.on_compile_begin(True)
     printer.on_train_begin(0.01)
     assert capsys.readouterr().out == f"{COMPILE_NOTICE}...\nJIT compile: 1.00s\nJIT compile: 0.01s\n"
+    # where nothing can be cached, it says so (and not "first run only")
+    monkeypatch.setattr(jit, "caching", lambda: False)
+    printer.on_compile_begin(False)
+    assert capsys.readouterr().out == f"{UNCACHED_NOTICE}...\n"
     # ready() tells a cached function from one that must compile, across processes
     (tmp_path / "cached_kernel.py").write_text(
         "import numba\n@numba.njit(cache=True)\ndef twice(x):\n    return 2 * x\n")
