@@ -1,4 +1,4 @@
-"""A model dtype's first compile, shared with a second process.
+"""A model dtype's first compile, shared with a second process (or MPI rank).
 
 Compiling the training step (`step.train_steps`) takes about a minute,
 nearly all of it LLVM on one core, and most of that in the step's two
@@ -10,6 +10,9 @@ child's kernels from the cache and links them as it would have linked its
 own (the cache keeps their LLVM bitcode), so the machine code is the same.
 On a 2-core Zen 3, `fastmlp-train --compile-only` from an empty cache took
 41-45 s this way and 66-74 s in one process.
+
+MPI ranks on one machine compile side by side anyway (each rank on its own
+cores), so there two ranks compile one half each instead.
 
 The child runs this package with this process's Numba configuration (cache
 directory, CPU name and features), so what it writes is what this process
@@ -46,17 +49,25 @@ module.compile_from(sys.stdin.buffer)
 """
 
 
+def step_jobs(work, net, opt, data):
+    """The kernels train_steps calls with these buffers, as (dispatcher,
+    signature) pairs with the types it passes, in two halves of about the
+    same compile time: forward_backward; gradients_update and
+    transpose_weights."""
+    i64 = types.int64
+    return ([(forward_backward, (typeof(work), typeof(net), typeof(data), i64, i64,
+                                 typeof(net.params).dtype, types.boolean, i64, i64))],
+            [(gradients_update, (typeof(work), typeof(net), typeof(opt), i64, types.boolean,
+                                 types.boolean, i64)),
+             (transpose_weights, (typeof(work.weights_t), typeof(net)))])
+
+
 def step_kernels(work, net, opt, data):
     """Compiles, or loads from the cache, the kernels train_steps calls with
-    these buffers (with the types it passes), about half of them in a child
-    process when that can pay (can_share). Call it before train_steps'
-    first call for these buffer types."""
-    i64 = types.int64
-    here = [(forward_backward, (typeof(work), typeof(net), typeof(data), i64, i64,
-                                typeof(net.params).dtype, types.boolean, i64, i64))]
-    there = [(gradients_update, (typeof(work), typeof(net), typeof(opt), i64, types.boolean,
-                                 types.boolean, i64)),
-             (transpose_weights, (typeof(work.weights_t), typeof(net)))]
+    these buffers, about half of them in a child process when that can pay
+    (can_share). Call it before train_steps' first call for these buffer
+    types."""
+    here, there = step_jobs(work, net, opt, data)
     child = start_child(there) if can_share(there) else None
     try:
         for dispatcher, signature in here:
@@ -68,6 +79,34 @@ def step_kernels(work, net, opt, data):
         raise
     if child is not None:
         finish(child)
+
+
+def step_kernels_on_ranks(comm, cached, work, net, opt, data):
+    """step_kernels for MPI ranks (a collective call: every rank of comm
+    makes it, `cached` saying whether train_steps is ready on this one).
+    Ranks on one machine share a disk cache and already run side by side,
+    so there the first two compile one half each and the others wait; then
+    every rank's train_steps loads both halves. A rank alone on its machine
+    shares with a child process instead."""
+    if comm.size == 1:
+        if not cached:
+            step_kernels(work, net, opt, data)
+        return
+    from mpi4py import MPI
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        if local.allreduce(0 if cached else 1) == 0:
+            return  # every rank here has it
+        if local.size == 1:
+            if not cached:
+                step_kernels(work, net, opt, data)
+            return
+        if local.rank < 2:
+            for dispatcher, signature in step_jobs(work, net, opt, data)[local.rank]:
+                dispatcher.compile(signature)
+        local.Barrier()
+    finally:
+        local.Free()
 
 
 def can_share(jobs):

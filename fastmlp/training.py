@@ -355,7 +355,9 @@ class EpochLoop:
         for callback in callbacks:
             callback.on_compile_begin(cached)
         start = time.perf_counter()
-        if not cached and self.comm is None:  # MPI ranks compile side by side already
+        if self.comm is not None:  # collective: every rank takes part
+            compile_ahead.step_kernels_on_ranks(self.comm, cached, *self.step_arguments(0, 0)[:4])
+        elif not cached:
             compile_ahead.step_kernels(*self.step_arguments(0, 0)[:4])
         self.run(0, 0)
         return time.perf_counter() - start

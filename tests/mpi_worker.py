@@ -10,7 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastmlp
-from fastmlp import distributed
+from fastmlp import distributed, step
 
 
 def problem(config):
@@ -60,6 +60,11 @@ def main():
     except (ValueError, RuntimeError) as exc:  # TrainingDiverged is a ValueError
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["step"] = getattr(exc, "step", -1)
+    # the step's kernels on this rank: compiled, and loaded from the disk cache
+    result["kernels"] = {
+        kernel.py_func.__name__: [sum(kernel.stats.cache_misses.values()),
+                                  sum(kernel.stats.cache_hits.values())]
+        for kernel in (step.forward_backward, step.gradients_update, step.transpose_weights)}
     every = comm.gather(dict(result, params=model.params.copy()), root=0)
     if comm.rank == 0:
         np.savez(sys.argv[2], params=np.stack([r["params"] for r in every]),

@@ -96,6 +96,24 @@ def test_float32_ranks_agree_and_stay_close(tmp_path):
     assert relative_error(params[0], single_process(config)[0]) < 1e-4
 
 
+def test_ranks_on_one_machine_share_the_first_compile(tmp_path):
+    # from an empty cache: rank 0 compiles forward_backward, rank 1 the
+    # gradients and transposes, and each loads the other's from the cache
+    config = config_for("adam-relu")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    out = tmp_path / "result.npz"
+    proc = run_mpi(2, [sys.executable, str(WORKER), json.dumps(config), str(out)], env=env,
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    data = np.load(out)
+    results = json.loads(str(data["results"]))
+    assert [r["kernels"] for r in results] == [
+        {"forward_backward": [1, 0], "gradients_update": [0, 1], "transpose_weights": [0, 1]},
+        {"forward_backward": [0, 1], "gradients_update": [1, 0], "transpose_weights": [1, 0]}]
+    assert np.array_equal(data["params"][0], data["params"][1])
+    assert relative_error(data["params"][0], single_process(config)[0]) < 1e-6
+
+
 def test_ranks_share_the_cores(tmp_path):
     _, results = run_worker(2, config_for("sgd", epochs=1), tmp_path)
     cores = len(os.sched_getaffinity(0))
