@@ -6,6 +6,7 @@ import threading
 import numba
 import numpy as np
 
+from . import jit
 from .balance import make_balance
 from .buffers import Network, Optimizer, Work, make_data, read_only
 from .heads import HEADS, METRICS, check_targets, predictions, score, target_scale
@@ -316,6 +317,21 @@ class MLP:
             if outputs is not None:
                 outputs[start:start + nrows] = workspace.output[:nrows]
         return loss, score
+
+    def prediction_ready(self):
+        """Whether predict, predict_proba and evaluate run without compiling:
+        their kernels are loaded, or in the disk cache for this CPU (the
+        first call of a model dtype compiles them otherwise, in some 30 s)."""
+        workspace = Workspace(self.layer_sizes, 1, self.dtype, backward=False)
+        X = np.zeros((1, self.n_features), self.dtype)
+        y = (np.zeros(1, np.int32) if self.output == "softmax" else
+             np.zeros((1, self.n_outputs), self.dtype))
+        data = make_data(X, y, np.ones(1, self.dtype), np.arange(1, dtype=np.int64), self.dtype)
+        # the arguments' types as _transpose and _forward pass them
+        return (jit.ready(transpose_weights, (workspace.work.weights_t, self.network())) and
+                jit.ready(forward_backward, (workspace.work, self.network(), data, 0, 1,
+                                             self.dtype.type(0.0), False, 0,
+                                             numba.get_num_threads())))
 
     def _outputs(self, X):
         X = check_X(X, self.n_features)

@@ -22,6 +22,11 @@ exit codes: 0 success, 2 usage error or bad input
 """
 
 
+# said on stderr (stdout may be the predictions) before a first compile
+PREDICT_COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about 40 s, "
+                          "cached after)")
+
+
 def build_parser():
     parser = Parser(prog="fastmlp-predict", description="Predict with a model saved by "
                     "fastmlp-train --save: one line per row of DATA, in order, as CSV: the "
@@ -73,6 +78,8 @@ def main(argv=None):
     try:
         model = load_model(args.model)
         x, _ = sources.model_input(args.data, model)
+        if not model.prediction_ready():
+            sys.stderr.write(f"{PREDICT_COMPILE_NOTICE}...\n")
         text = predictions_csv(model, x, args.proba)
         if args.output:
             atomic_write(args.output, [text.encode()])
