@@ -109,20 +109,21 @@ def package_jit(**options):
             try:
                 dispatcher._cache = PackageCache(function)  # what enable_caching does
             except RuntimeError:  # "no locator available"
-                warn_no_cache()
+                if not UNCACHED:
+                    import warnings
+                    warnings.warn(NO_CACHE_WARNING, RuntimeWarning, stacklevel=3)
+                UNCACHED.append(function.__qualname__)
         return dispatcher
     return decorate
 
 
-@functools.lru_cache(maxsize=None)
-def warn_no_cache():
-    import warnings
-    warnings.warn(NO_CACHE_WARNING, RuntimeWarning, stacklevel=4)
+# the functions that found no writable cache directory
+UNCACHED = []
 
 
 def caching():
     """Whether compiled kernels are kept on disk for the next process."""
-    return CACHE and warn_no_cache.cache_info().currsize == 0
+    return CACHE and not UNCACHED
 
 
 # A serial kernel: called from inside parallel loops, never parallel itself.

@@ -321,7 +321,7 @@ class MLP:
     def prediction_ready(self):
         """Whether predict, predict_proba and evaluate run without compiling:
         their kernels are loaded, or in the disk cache for this CPU (the
-        first call of a model dtype compiles them otherwise, in some 30 s)."""
+        first call of a model dtype compiles them otherwise, for about 40 s)."""
         workspace = Workspace(self.layer_sizes, 1, self.dtype, backward=False)
         X = np.zeros((1, self.n_features), self.dtype)
         y = (np.zeros(1, np.int32) if self.output == "softmax" else
