@@ -16,7 +16,7 @@ from .modelfile import load as load_model, loads as load_model_bytes
 from .heads import HEADS
 from .optimizers import DEFAULT_LR, OPTIMIZERS
 from .schedules import Cosine, Step
-from .progress import Callback, ProgressPrinter
+from .progress import PREDICT_COMPILE_NOTICE, Callback, ProgressPrinter
 from .validation import check_dtype
 from .training import MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted, fit
 
@@ -586,6 +586,8 @@ def evaluate(model, data, path, out):
     x, y, on = data.x_test, data.y_test, data.held_out
     if x is None:
         x, y, on = data.x_train, data.y_train, "training"
+    if not model.prediction_ready():
+        out.write(f"{PREDICT_COMPILE_NOTICE}...\n")
     loss, score = model.evaluate(x, y)
     out.write(f"{path}: {on} loss {loss:.4f} - {on} {model.metric} {score:.4f} "
               f"({len(y)} {on} rows of {data.name})\n")

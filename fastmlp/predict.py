@@ -10,6 +10,7 @@ from . import __version__, sources
 from .cli import Parser
 from .modelfile import atomic_write
 from .modelfile import load as load_model
+from .progress import PREDICT_COMPILE_NOTICE
 
 EXAMPLES = """examples:
   fastmlp-predict model.fmlp new.csv                      one predicted label per row, to stdout
@@ -20,11 +21,6 @@ The file's columns are found by the names the model was trained on (other
 columns, the target among them, are ignored) and scaled as in training.
 exit codes: 0 success, 2 usage error or bad input
 """
-
-
-# said on stderr (stdout may be the predictions) before a first compile
-PREDICT_COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about 40 s, "
-                          "cached after)")
 
 
 def build_parser():
@@ -78,7 +74,7 @@ def main(argv=None):
     try:
         model = load_model(args.model)
         x, _ = sources.model_input(args.data, model)
-        if not model.prediction_ready():
+        if not model.prediction_ready():  # on stderr: stdout may be the predictions
             sys.stderr.write(f"{PREDICT_COMPILE_NOTICE}...\n")
         text = predictions_csv(model, x, args.proba)
         if args.output:

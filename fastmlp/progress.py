@@ -48,6 +48,9 @@ class Callback:
 # what the first run's compile takes, said before it starts
 COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about 45 s on 2 cores, "
                   "cached after)")
+# the same before a first prediction (predict and evaluate compile less)
+PREDICT_COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about 40 s, "
+                          "cached after)")
 # the same where Numba's cache has no writable directory (jit.py)
 UNCACHED_NOTICE = ("Compiling kernels for this CPU (about a minute, in every run: no writable "
                    "directory for Numba's cache; set NUMBA_CACHE_DIR)")

@@ -16,7 +16,7 @@ import pytest
 import fastmlp
 import fastmlp.datasets
 from fastmlp.cli import main
-from fastmlp.progress import ProgressPrinter
+from fastmlp.progress import PREDICT_COMPILE_NOTICE, ProgressPrinter
 
 from test_datasets import write_dataset
 
@@ -85,6 +85,17 @@ def test_save_evaluate_and_resume_equals_a_straight_run(data_dir, tmp_path, caps
     assert code == 0
     assert out.strip() == (f"{resumed}: test loss {loss:.4f} - test accuracy {accuracy:.4f} "
                            "(50 test rows of mnist)")
+
+
+def test_evaluate_says_when_it_compiles_first(data_dir, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "m.fmlp"
+    assert run(["--data-dir", data_dir, "--quiet", "--epochs", "1", "--save", str(path)],
+               capsys)[0] == 0
+    code, out, _ = run(["--evaluate", str(path)], capsys)
+    assert code == 0 and out.startswith(f"{path}: test loss ")  # compiled by the training
+    monkeypatch.setattr(fastmlp.MLP, "prediction_ready", lambda self: False)
+    code, again, _ = run(["--evaluate", str(path)], capsys)
+    assert code == 0 and again == f"{PREDICT_COMPILE_NOTICE}...\n{out}"
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -11,9 +11,9 @@ import pytest
 import fastmlp
 from fastmlp import jit, sources, tabular
 from fastmlp.cli import main
-from fastmlp.predict import PREDICT_COMPILE_NOTICE
 from fastmlp.predict import main as predict_main
-from fastmlp.progress import COMPILE_NOTICE, UNCACHED_NOTICE, ProgressPrinter
+from fastmlp.progress import (COMPILE_NOTICE, PREDICT_COMPILE_NOTICE, UNCACHED_NOTICE,
+                              ProgressPrinter)
 
 SPECIES = ["setosa", "versicolor", "virginica"]
 FEATURES = ["length", "width", "depth"]
