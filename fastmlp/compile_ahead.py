@@ -88,25 +88,21 @@ def step_kernels_on_ranks(comm, cached, work, net, opt, data):
     so there the first two compile one half each and the others wait; then
     every rank's train_steps loads both halves. A rank alone on its machine
     shares with a child process instead."""
-    if comm.size == 1:
-        if not cached:
-            step_kernels(work, net, opt, data)
-        return
-    from mpi4py import MPI
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        if local.allreduce(0 if cached else 1) == 0:
-            return  # every rank here has it
-        if local.size == 1:
-            if not cached:
-                step_kernels(work, net, opt, data)
-            return
-        if local.rank < 2:
-            for dispatcher, signature in step_jobs(work, net, opt, data)[local.rank]:
-                dispatcher.compile(signature)
-        local.Barrier()
-    finally:
-        local.Free()
+    if comm.size > 1:
+        from mpi4py import MPI
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            if local.size > 1:
+                if local.allreduce(0 if cached else 1) > 0:  # some rank here compiles
+                    if local.rank < 2:
+                        for dispatcher, signature in step_jobs(work, net, opt, data)[local.rank]:
+                            dispatcher.compile(signature)
+                    local.Barrier()
+                return
+        finally:
+            local.Free()
+    if not cached:
+        step_kernels(work, net, opt, data)
 
 
 def can_share(jobs):

@@ -324,23 +324,24 @@ class MLP:
         first call of a model dtype compiles them otherwise, for about 40 s)."""
         workspace = Workspace(self.layer_sizes, 1, self.dtype, backward=False)
         X = np.zeros((1, self.n_features), self.dtype)
-        y = (np.zeros(1, np.int32) if self.output == "softmax" else
-             np.zeros((1, self.n_outputs), self.dtype))
-        data = make_data(X, y, np.ones(1, self.dtype), np.arange(1, dtype=np.int64), self.dtype)
+        data = make_data(X, self._no_targets(1), np.ones(1, self.dtype),
+                         np.arange(1, dtype=np.int64), self.dtype)
         # the arguments' types as _transpose and _forward pass them
         return (jit.ready(transpose_weights, (workspace.work.weights_t, self.network())) and
                 jit.ready(forward_backward, (workspace.work, self.network(), data, 0, 1,
                                              self.dtype.type(0.0), False, 0,
                                              numba.get_num_threads())))
 
+    def _no_targets(self, n):
+        # targets for n rows that are only predicted: zeros of the head's kind
+        if self.output == "softmax":
+            return np.zeros(n, np.int32)
+        return np.zeros((n, self.n_outputs), self.dtype)
+
     def _outputs(self, X):
         X = check_X(X, self.n_features)
         outputs = np.empty((X.shape[0], self.n_outputs), self.dtype)
-        if self.output == "softmax":
-            y = np.zeros(X.shape[0], np.int32)
-        else:
-            y = np.zeros((X.shape[0], self.n_outputs), self.dtype)
-        self._forward_all(X, y, outputs)
+        self._forward_all(X, self._no_targets(X.shape[0]), outputs)
         return outputs
 
     def predict_proba(self, X):
