@@ -96,6 +96,8 @@ NO_CACHE_WARNING = (
     "fastmlp: Numba's cache has no writable directory here (not beside the package, not in "
     "the home directory), so every process compiles the kernels again, for about a minute; "
     "set NUMBA_CACHE_DIR to a writable directory to keep them")
+# the functions that found no writable cache directory
+UNCACHED = []
 
 
 def package_jit(**options):
@@ -115,10 +117,6 @@ def package_jit(**options):
                 UNCACHED.append(function.__qualname__)
         return dispatcher
     return decorate
-
-
-# the functions that found no writable cache directory
-UNCACHED = []
 
 
 def caching():
@@ -155,11 +153,12 @@ def ready_for(dispatcher, signature):
     types), loaded or in the disk cache for this CPU. (It reads Numba's
     private cache index; if that ever fails, the answer is False, so at
     worst the user is told of a compile that is quick.)"""
+    signature = tuple(signature)
     try:
-        if tuple(signature) in dispatcher.overloads:
+        if signature in dispatcher.overloads:
             return True
         magic = dispatcher.targetctx.codegen().magic_tuple()
         index = dispatcher._cache._cache_file._load_index()
-        return any(key[0] == tuple(signature) and key[1] == magic for key in index)
+        return any(key[0] == signature and key[1] == magic for key in index)
     except Exception:
         return False
