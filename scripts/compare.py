@@ -207,6 +207,55 @@ def run_jax(workload, data, epochs):
     return times, float(np.mean(pred == y_test))
 
 
+def keras_backend():
+    """The backend the keras peer runs on: KERAS_BACKEND if set, else JAX
+    (Keras 3's default, TensorFlow, is rarely installed beside it)."""
+    return os.environ.get("KERAS_BACKEND") or "jax"
+
+
+def run_keras(workload, data, epochs):
+    """Keras 3 as the lesson uses it: a Sequential model of Dense layers,
+    compiled with its SGD optimizer and sparse categorical cross-entropy,
+    trained by model.fit on NumPy arrays (shuffled, verbose=0), each epoch
+    timed by a callback. One untimed epoch on a few batches compiles the
+    train step first, for the full batch and for the last, shorter one."""
+    os.environ["KERAS_BACKEND"] = keras_backend()
+    import keras
+    sizes, activation, batch_size, lr = WORKLOADS[workload]
+    x_train, y_train, x_test, y_test = data
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((sizes[0],))]
+    layers += [keras.layers.Dense(width, activation=activation) for width in sizes[1:-1]]
+    layers.append(keras.layers.Dense(sizes[-1], activation="softmax"))
+    model = keras.Sequential(layers)
+    for layer, w, b in zip(model.layers, *initial_weights(sizes)):
+        layer.set_weights([w, b])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=lr),
+                  loss="sparse_categorical_crossentropy")
+    X = x_train.astype(np.float32) / 255
+    y = y_train.astype(np.int32)
+    warm_rows = batch_size + len(X) % batch_size
+    model.fit(X[:warm_rows], y[:warm_rows], batch_size=batch_size, epochs=1, verbose=0)
+    # (the warm-up moved the weights: train from the shared start again)
+    for layer, w, b in zip(model.layers, *initial_weights(sizes)):
+        layer.set_weights([w, b])
+
+    class EpochTimes(keras.callbacks.Callback):
+        times = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = EpochTimes()
+    model.fit(X, y, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
+              callbacks=[timer])
+    proba = model.predict(x_test.astype(np.float32) / 255, batch_size=1000, verbose=0)
+    return timer.times, float(np.mean(np.asarray(proba).argmax(axis=1) == y_test))
+
+
 def run_sklearn(workload, data, epochs):
     from sklearn.neural_network import MLPClassifier
     sizes, activation, batch_size, lr = WORKLOADS[workload]
@@ -408,12 +457,22 @@ def machine_summary():
             f"(fastmlp_bf16 emulates them in float32)")
 
 
+def peer_kernels(peer):
+    """What multiplied the peer's matrices: XLA compiles its own kernels (JAX,
+    and Keras on JAX), the others call NumPy's or PyTorch's BLAS."""
+    if peer == "keras":
+        import keras
+        backend = f"Keras {keras.__version__} on {keras.backend.backend()}: "
+        return backend + ("XLA's own kernels" if keras.backend.backend() == "jax"
+                          else blas_kernel())
+    return "XLA's own kernels" if peer == "jax" else blas_kernel()
+
+
 def child(peer, workload, epochs):
     data = load_data()
     times, accuracy = globals()[f"run_{peer}"](workload, data, epochs)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # XLA multiplies matrices with its own code, not with NumPy's BLAS
-    blas = "XLA's own kernels" if peer == "jax" else blas_kernel()
+    blas = peer_kernels(peer)
     print(json.dumps({"epoch_times": times, "accuracy": accuracy, "rss_mb": rss_mb,
                       "blas": blas}))
 
