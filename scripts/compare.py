@@ -11,7 +11,9 @@ initialisation for --epochs timed epochs of SGD (after one untimed warm-up
 step that compiles), then reports the median epochs per second, the test
 accuracy after the timed epochs (so no one wins by computing something
 else), its peak RSS, and the BLAS kernel threadpoolctl saw. Peers that are
-not installed are skipped with a note.
+not installed are skipped with a note. `keras` is Keras 3 trained by
+model.fit, on the JAX backend unless KERAS_BACKEND names another (`pip
+install keras jax`; on PyTorch's backend it ran W1 5x slower than on JAX's).
 
 A workload runs --rounds rounds. A round runs every peer once, back to
 back, in the order of --peers, and the next round in the reverse order, so
