@@ -243,7 +243,9 @@ def run_keras(workload, data, epochs):
         layer.set_weights([w, b])
 
     class EpochTimes(keras.callbacks.Callback):
-        times = []
+        def __init__(self):
+            super().__init__()
+            self.times = []
 
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.perf_counter()
