@@ -5,23 +5,25 @@
     python scripts/compare.py --workloads "" --sklearn   # only the MLPClassifier comparison
     python scripts/compare.py --workloads "" --regression  # MLPRegressor against scikit-learn's
 
-Every (peer, workload) runs in a child process of its own, one after the
-other, so that each peak RSS is its own. Each trains from the same
-initialisation for --epochs timed epochs of SGD (after one untimed warm-up
-step that compiles), then reports the median epochs per second, the test
-accuracy after the timed epochs (so no one wins by computing something
-else), its peak RSS, and the BLAS kernel threadpoolctl saw. Peers that are
-not installed are skipped with a note. `keras` is Keras 3 trained by
+Each peer of a workload runs in a process of its own, so that its peak RSS
+is its own, from the same initial weights as the others. It warms up first
+(one untimed step or epoch on a few batches, which compiles), the peers one
+after the other, and then they take turns: a turn is --epochs timed epochs
+of SGD of one peer while the others wait, idle. A round is a turn of every
+peer, in the order of --peers, and the next round in the reverse order, so
+that no peer always runs right after fastmlp; --rounds rounds in all, each
+peer's process training on from one round to the next. Then each reports
+its epochs per second (the median of each turn's epochs), its test accuracy
+after all its epochs (so no one wins by computing something else), its
+peak RSS and the BLAS kernel threadpoolctl saw. Peers that are not
+installed are skipped with a note. `keras` is Keras 3 trained by
 model.fit, on the JAX backend unless KERAS_BACKEND names another (`pip
 install keras jax`; on PyTorch's backend it ran W1 5x slower than on JAX's).
 
-A workload runs --rounds rounds. A round runs every peer once, back to
-back, in the order of --peers, and the next round in the reverse order, so
-that no peer always runs right after fastmlp. On a shared machine whose
-speed moves by 2x from one minute to the next, fastmlp's speed-up over a
-peer is the median of the rounds' ratios (fastmlp's rate over the peer's
-in the same round), printed with each round's ratio; epochs/s is the
-median over the rounds.
+On a shared machine whose speed moves by 2x from one minute to the next,
+fastmlp's speed-up over a peer is the median of the rounds' ratios
+(fastmlp's rate over the peer's in the same round, seconds apart), printed
+with each round's ratio; epochs/s is the median over the rounds.
 
 Each round also measures the float32 matrix product rate (NumPy's sgemm,
 1024^3) with OpenBLAS's native kernel for this CPU: in a process of its
@@ -35,6 +37,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -65,6 +68,23 @@ def initial_weights(sizes, seed=0):
     return weights, [np.zeros(s, np.float32) for s in sizes[1:]]
 
 
+# In a peer's process (--serve), the epochs of one turn: set by serve()
+TURN_EPOCHS = 0
+# what a peer's process prints for the coordinator, each on a line of its own
+READY, RESULT = "@@compare-ready", "@@compare-result "
+
+
+def wait_turn(epoch):
+    """Called by every runner before its timed epoch `epoch` (from 0). In a
+    peer's process, at the start of each turn of TURN_EPOCHS epochs: says
+    that the peer is ready (warmed up, or done with its last turn) and waits
+    for the coordinator's go. Elsewhere it does nothing."""
+    if TURN_EPOCHS and epoch % TURN_EPOCHS == 0:
+        print(READY, flush=True)
+        if sys.stdin.readline().strip() != "go":
+            sys.exit(1)
+
+
 def run_fastmlp(workload, data, epochs, dtype="float32", threads=None):
     import fastmlp
     sizes, activation, batch_size, lr = WORKLOADS[workload]
@@ -77,8 +97,17 @@ def run_fastmlp(workload, data, epochs, dtype="float32", threads=None):
     model.optimizer_state = None
     for w, w0 in zip(model.weights, weights):
         w[...] = w0
+    from fastmlp.progress import Callback
+
+    class Turns(Callback):
+        # (epoch_time counts the training loop's calls only, not this wait)
+        epoch = 0
+
+        def on_epoch_begin(self, epoch, total_epochs, n_steps):
+            wait_turn(self.epoch)
+            self.epoch += 1
     history = fastmlp.fit(model, x_train, y_train, epochs=epochs, batch_size=batch_size,
-                          lr=lr, seed=0, threads=threads)
+                          lr=lr, seed=0, threads=threads, callbacks=[Turns()])
     return history.history["epoch_time"], model.evaluate(x_test, y_test)[1]
 
 
@@ -99,7 +128,8 @@ def run_numpy(workload, data, epochs):
     weights, biases = initial_weights(sizes)
     rng = np.random.default_rng(0)
     times = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        wait_turn(epoch)
         order = rng.permutation(len(x_train))
         start = time.perf_counter()
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -138,7 +168,8 @@ def run_torch(workload, data, epochs, bf16=False):
         return (torch.autocast("cpu", dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     times = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        wait_turn(epoch)
         order = torch.randperm(len(X))
         start = time.perf_counter()
         for s in range(0, len(X), batch_size):
@@ -200,7 +231,8 @@ def run_jax(workload, data, epochs):
     rng = np.random.default_rng(0)
     jax.block_until_ready(epoch(params, X, y, jnp.asarray(rng.permutation(n))))  # compile
     times = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        wait_turn(epoch)
         order = jnp.asarray(rng.permutation(n))
         start = time.perf_counter()
         params = jax.block_until_ready(epoch(params, X, y, order))
@@ -248,6 +280,7 @@ def run_keras(workload, data, epochs):
             self.times = []
 
         def on_epoch_begin(self, epoch, logs=None):
+            wait_turn(epoch)
             self.start = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
@@ -270,7 +303,8 @@ def run_sklearn(workload, data, epochs):
                         solver="sgd", learning_rate_init=lr, momentum=0.0, alpha=0.0,
                         batch_size=batch_size, random_state=0)
     times = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        wait_turn(epoch)
         start = time.perf_counter()
         clf.partial_fit(X, y_train, classes=np.arange(10))
         times.append(time.perf_counter() - start)
@@ -472,13 +506,59 @@ def peer_kernels(peer):
     return "XLA's own kernels" if peer == "jax" else blas_kernel()
 
 
-def child(peer, workload, epochs):
+def serve(peer, workload, epochs, rounds):
+    """A peer's process: warms up, then trains rounds turns of `epochs`
+    timed epochs, each when the coordinator says go (wait_turn), and prints
+    RESULT and its results as JSON."""
+    global TURN_EPOCHS
+    TURN_EPOCHS = epochs
     data = load_data()
-    times, accuracy = globals()[f"run_{peer}"](workload, data, epochs)
+    times, accuracy = globals()[f"run_{peer}"](workload, data, epochs * rounds)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     blas = peer_kernels(peer)
-    print(json.dumps({"epoch_times": times, "accuracy": accuracy, "rss_mb": rss_mb,
-                      "blas": blas}))
+    print(RESULT + json.dumps({"epoch_times": times, "accuracy": accuracy, "rss_mb": rss_mb,
+                               "blas": blas}), flush=True)
+
+
+class Peer:
+    """The coordinator's side of a peer's process (serve): started warming
+    up; `turn()` lets it train one turn and waits until it is done."""
+
+    def __init__(self, peer, workload, epochs, rounds):
+        self.name = peer
+        self.errors = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--epochs", str(epochs), "--rounds", str(rounds),
+             "--serve", peer, workload],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
+        self.result = None
+
+    def wait(self):
+        """Reads the process's output to its next READY (True) or RESULT
+        (kept in .result); False if it ended without either."""
+        for line in self.process.stdout:  # (libraries may print lines of their own)
+            if line.startswith(READY):
+                return True
+            if line.startswith(RESULT):
+                self.result = json.loads(line[len(RESULT):])
+                return True
+        return False
+
+    def turn(self):
+        """Runs one turn of epochs; False if the process failed."""
+        try:
+            self.process.stdin.write("go\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            return False
+        return self.wait()
+
+    def error(self):
+        """The last line the failed process wrote on stderr."""
+        self.process.kill()
+        self.process.wait()
+        self.errors.seek(0)
+        return self.errors.read().strip().splitlines()[-1:]
 
 
 def round_order(peers, round_index):
@@ -521,19 +601,27 @@ def compare_workload(workload, peers, epochs, rounds, peak):
             runnable.append(peer)
     rates = {peer: [None] * rounds for peer in runnable}
     peaks = []
-    last, failed = {}, {}
+    processes, failed = {}, {}
+    for peer in runnable:  # one at a time: no warm-up runs beside another
+        processes[peer] = Peer(peer, workload, epochs, rounds)
+        if not processes[peer].wait():
+            failed[peer] = processes.pop(peer).error()
     for round_index in range(rounds):
         peaks.append(measure_peak()[0])
         for peer in round_order(runnable, round_index):
-            if peer in failed:
-                continue
-            out = subprocess.run([sys.executable, __file__, "--epochs", str(epochs),
-                                  "--child", peer, workload], capture_output=True, text=True)
-            if out.returncode != 0:
-                failed[peer] = out.stderr.strip().splitlines()[-1:]
-                continue
-            last[peer] = json.loads(out.stdout.strip().splitlines()[-1])
-            rates[peer][round_index] = 1 / float(np.median(last[peer]["epoch_times"]))
+            if peer in processes and not processes[peer].turn():
+                failed[peer] = processes.pop(peer).error()
+    last = {}
+    for peer, process in processes.items():
+        process.process.wait()
+        if process.result is None:
+            failed[peer] = process.error()
+            continue
+        last[peer] = process.result
+        times = process.result["epoch_times"]
+        for round_index in range(rounds):
+            rates[peer][round_index] = 1 / float(
+                np.median(times[round_index * epochs:(round_index + 1) * epochs]))
     print(f"{'peer':15} {'epochs/s':>9} {'fastmlp x':>9} {'% peak':>7} {'test acc':>9} "
           f"{'RSS MB':>7}  {'fastmlp x by round':18}  BLAS")
     shares = peak_shares(rates, peaks, flops)
@@ -563,7 +651,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every comparison: medians over them")
     parser.add_argument("--regressor", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--estimator", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -580,8 +668,8 @@ def main(argv=None):
         gflops = sgemm_gflops()
         print(json.dumps({"gflops": gflops, "blas": blas_kernel()}))
         return 0
-    if args.child:
-        child(args.child[0], args.child[1], args.epochs)
+    if args.serve:
+        serve(args.serve[0], args.serve[1], args.epochs, args.rounds)
         return 0
     if args.estimator:
         seconds, accuracy = run_estimator(*args.estimator, load_data())

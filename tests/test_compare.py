@@ -2,8 +2,10 @@
 taken within a round, and rounds alternate the peers' order. (The timing
 runs themselves take minutes and every peer: they are run by hand.)"""
 import math
+import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -76,6 +78,38 @@ def test_keras_peer_trains_from_the_shared_start(monkeypatch):
     times, trained = compare.run_keras("tiny", data, 3)
     assert len(times) == 3 and min(times) > 0
     assert trained > max(accuracy, 0.6)
+
+
+def cpu_seconds(pid):
+    # user + system CPU time of a process so far (Linux)
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_peers_train_only_in_their_turns():
+    # each peer's process warms up, then trains a turn of --epochs epochs
+    # only when the coordinator says go, and idles in between; its results
+    # come after its last turn
+    compare = load_script("compare")
+    peers = [compare.Peer(name, "W1", 1, 2) for name in ("fastmlp", "numpy")]
+    try:
+        for peer in peers:
+            assert peer.wait() and peer.result is None
+        used = [cpu_seconds(peer.process.pid) for peer in peers]
+        time.sleep(1.0)
+        for peer, before in zip(peers, used):
+            assert cpu_seconds(peer.process.pid) - before < 0.2, peer.name
+        for peer in peers + peers[::-1]:
+            assert peer.result is None
+            assert peer.turn()
+        for peer in peers:
+            assert peer.process.wait(timeout=60) == 0
+            assert len(peer.result["epoch_times"]) == 2
+            assert 0.75 < peer.result["accuracy"] < 0.9
+    finally:
+        for peer in peers:
+            peer.process.kill()
 
 
 @pytest.mark.parametrize("argv", [["--peers", "fastmlp,pytorch"], ["--workloads", "W1,W4"],
