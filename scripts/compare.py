@@ -218,7 +218,7 @@ def run_jax(workload, data, epochs):
     full = n // batch_size * batch_size
 
     @jax.jit
-    def epoch(params, X, y, order):
+    def train_epoch(params, X, y, order):
         xs = X[order[:full]].reshape(-1, batch_size, X.shape[1])
         ys = y[order[:full]].reshape(-1, batch_size)
         params, _ = jax.lax.scan(step, params, (xs, ys))
@@ -229,13 +229,13 @@ def run_jax(workload, data, epochs):
     X = jnp.asarray(x_train.astype(np.float32) / 255)
     y = jnp.asarray(y_train.astype(np.int32))
     rng = np.random.default_rng(0)
-    jax.block_until_ready(epoch(params, X, y, jnp.asarray(rng.permutation(n))))  # compile
+    jax.block_until_ready(train_epoch(params, X, y, jnp.asarray(rng.permutation(n))))  # compile
     times = []
     for epoch in range(epochs):
         wait_turn(epoch)
         order = jnp.asarray(rng.permutation(n))
         start = time.perf_counter()
-        params = jax.block_until_ready(epoch(params, X, y, order))
+        params = jax.block_until_ready(train_epoch(params, X, y, order))
         times.append(time.perf_counter() - start)
     pred = np.asarray(logits(params, jnp.asarray(x_test.astype(np.float32) / 255)).argmax(1))
     return times, float(np.mean(pred == y_test))
