@@ -74,8 +74,7 @@ def step_kernels(work, net, opt, data):
             dispatcher.compile(signature)
     except BaseException:
         if child is not None:
-            child.kill()
-            child.wait()
+            stop(child)
         raise
     if child is not None:
         finish(child)
@@ -148,8 +147,7 @@ def start_child(jobs):
         child.stdin.write(payload)
         child.stdin.close()
     except OSError:  # it died at once
-        child.kill()
-        child.wait()
+        stop(child)
         return None
     return child
 
@@ -160,12 +158,16 @@ def finish(child):
     try:
         child.wait(timeout=CHILD_SECONDS)
     except subprocess.TimeoutExpired:
+        pass
+    finally:
+        stop(child)
+
+
+def stop(child):
+    """Kills the child if it still runs, and reaps it."""
+    if child.poll() is None:
         child.kill()
-        child.wait()
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
+    child.wait()
 
 
 def compile_from(stream):
