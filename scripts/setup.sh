@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs everything fastmlp's tests and examples need on a fresh Debian
-# machine: the Fashion-MNIST package and fastmlp itself with its test extra,
-# then compiles the kernels into Numba's cache.
+# machine: the Fashion-MNIST package, LLVM's tools (llvm-mca) and fastmlp
+# itself with its test extra, then compiles the kernels into Numba's cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+packages=()
+[ -d /usr/share/datasets/fashion-mnist ] || packages+=(dataset-fashion-mnist)
+# llvm-mca: tests/test_microkernel.py simulates the kernels on other CPUs
+compgen -c llvm-mca >/dev/null || packages+=(llvm)
+if [ ${#packages[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq dataset-fashion-mnist
+  apt-get install -y -qq "${packages[@]}"
 fi
 python -m pip install --quiet -e ".[test]"
 # PyTorch, for the tests that load fastmlp's safetensors files into an

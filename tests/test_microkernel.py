@@ -1,12 +1,7 @@
 """The microkernels: their values against NumPy, and their machine code under
 the code generation of every CPU family fastmlp users run (compiled for a
 named CPU in a child process; nothing runs there, so no such CPU is needed)."""
-import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,6 +17,8 @@ from fastmlp.microkernel import (
     transpose_tile,
     vector_bits,
 )
+
+from conftest import load_script
 
 
 @njit(fastmath=FASTMATH)
@@ -108,76 +105,15 @@ def test_panels_fit_the_register_file():
     assert panels(16, 3) == [2, 3, 3, 2, 3, 3]  # AVX2 float64
 
 
-# CPU names LLVM knows, with the vector registers their code must use
-CPUS = {
-    "skylake-avx512": 512, "icelake-server": 512, "sapphirerapids": 512,  # Intel tuning
-    "znver4": 512, "znver5": 512,  # AMD tuning
-    "haswell": 256, "znver3": 256,  # AVX2: 16 registers
-}
-
-CHILD = textwrap.dedent("""
-    import json, sys
-    import numba
-    from numba import njit, types
-    from fastmlp.jit import FASTMATH
-    from fastmlp.microkernel import block_multiply_add, dot_tile, transpose_tile
-    out = {}
-    for dtype in (types.float32, types.float64):
-        matrix = types.Array(dtype, 2, "A")
-        signature = types.void(matrix, matrix, matrix, types.intp, types.intp, types.intp,
-                               types.intp, types.boolean)
-        for width in (64, 48, 16):
-            exec(f"def block(out, coef, src, r, rows, k0, nt, add):\\n"
-                 f"    block_multiply_add(out, coef, src, r, rows, k0, nt, add, {width})",
-                 globals())
-            compiled = njit(signature, fastmath=FASTMATH)(block)
-            out[f"{dtype}-{width}"] = compiled.inspect_asm(compiled.signatures[0])
-        tile_signature = types.void(matrix, matrix, matrix, types.intp, types.intp,
-                                    types.intp, types.intp)
-        compiled = njit(tile_signature, fastmath=FASTMATH)(
-            lambda out, inp, weight, b, rows, j, outs: dot_tile(out, inp, weight, b, rows, j,
-                                                                outs))
-        out[f"{dtype}-dot"] = compiled.inspect_asm(compiled.signatures[0])
-        compiled = njit(types.void(matrix, matrix, types.intp, types.intp))(
-            lambda dst, src, j, k: transpose_tile(dst, src, j, k))
-        out[f"{dtype}-transpose"] = compiled.inspect_asm(compiled.signatures[0])
-    print(json.dumps(out))
-""")
-
-
-def loops(assembly):
-    """The bodies of the innermost loops: the lines from a label to a
-    branch back to it with no other label in between."""
-    lines = assembly.splitlines()
-    found = []
-    for i, line in enumerate(lines):
-        jump = re.match(r"\s+j\w+\s+(\.LBB\S+)", line)
-        if not jump:
-            continue
-        for j in range(i - 1, -1, -1):
-            if lines[j].startswith(jump.group(1) + ":"):
-                body = lines[j + 1:i]
-                if not any(re.match(r"\.LBB\S+:", b) for b in body):
-                    found.append(body)
-                break
-    return found
+# the code generation of each CPU name, and llvm-mca's simulation of it
+throughput = load_script("kernel_throughput")
+CPUS = throughput.CPUS
+loops = throughput.loops
 
 
 @pytest.fixture(scope="module")
 def assemblies(tmp_path_factory):
-    children = {}
-    for cpu in CPUS:
-        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="",
-                   NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp(cpu)))
-        children[cpu] = subprocess.Popen([sys.executable, "-c", CHILD], env=env,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         text=True)
-    results = {}
-    for cpu, child in children.items():
-        stdout, stderr = child.communicate(timeout=600)
-        assert child.returncode == 0, stderr
-        results[cpu] = json.loads(stdout.splitlines()[-1])
-    return results
+    return throughput.compile_for(CPUS, str(tmp_path_factory.mktemp("cpus")))
 
 
 @pytest.mark.parametrize("cpu", CPUS)
@@ -200,6 +136,46 @@ def test_inner_loops_keep_accumulators_in_registers(assemblies, cpu):
             # every FMA's accumulator is a register, never memory: the
             # last operand (the destination) is a register
             assert all(re.search(rf"%{register}\d+\s*$", b) for b in fmas), text
+
+
+# The kernels whose loops do nearly all of a layer's multiply-adds: blocks of
+# 64 and 48 columns and the dot tiles. (A 16-column block's 4 or 8 chains
+# cannot cover the FMA latency: 49% and 79% of the peak on AVX-512, simulated;
+# it only takes the last 16 columns of a layer such as 784's.)
+BUSY_KERNELS = ["float32-64", "float32-48", "float64-64", "float64-48", "float32-dot",
+                "float64-dot"]
+needs_mca = pytest.mark.skipif(throughput.llvm_mca() is None,
+                               reason="llvm-mca is not installed (apt-get install llvm)")
+
+
+@needs_mca
+@pytest.mark.parametrize("cpu", sorted(throughput.MODELS))
+def test_inner_loops_keep_the_fma_units_busy(assemblies, cpu):
+    # llvm-mca simulates each inner loop on the CPU's scheduling model, all
+    # loads hitting L1: at least 90% of the model's FMA peak (they run at
+    # 92-100%). Registers alone do not give this: the loops must also have
+    # enough independent chains for the FMA latency and few enough other
+    # instructions for the ports.
+    model = throughput.MODELS[cpu]
+    for name in BUSY_KERNELS:
+        rate, peak, per_loop = throughput.kernel_rate(name, assemblies[cpu][name], model)
+        assert rate >= 0.9 * peak, \
+            f"{cpu} ({model}) {name}: {rate:.2f} FMAs a cycle of {peak:.2f}; loops {per_loop}"
+
+
+@needs_mca
+def test_simulated_rate_sees_the_fma_latency():
+    # the measure itself: 16 multiply-adds into 16 accumulators run at the
+    # peak; into 4 (one chain each per 4-cycle FMA) at half of it; into 1 at
+    # a quarter of it or less
+    def rate(chains):
+        body = [f"vfmadd231ps %zmm30, %zmm31, %zmm{i % chains}" for i in range(16)]
+        return 16 / throughput.cycles_per_iteration(body, "skylake-avx512")
+
+    peak = throughput.fma_peak("skylake-avx512", "zmm")
+    assert rate(16) >= 0.95 * peak
+    assert 0.4 * peak <= rate(4) <= 0.6 * peak
+    assert rate(1) <= 0.26 * peak
 
 
 def function_body(assembly, prefix):
