@@ -454,21 +454,32 @@ def plural(count, noun):
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+def chance_level(model):
+    """(loss, what it is) of a model that learnt nothing: guessing every class
+    alike (log K; log 2 per label), or predicting the mean of standardized
+    targets (1); (inf, None) for targets of unknown scale."""
+    if model.output == "linear":
+        prep = model.preprocessing
+        if prep and prep.get("target_mean"):
+            return 1.0, "the loss of predicting the mean, 1 on standardized targets"
+        return math.inf, None
+    n_classes = model.n_outputs if model.output == "softmax" else 2
+    return math.log(n_classes), f"chance level (log {n_classes} = {math.log(n_classes):.4f})"
+
+
 def training_trouble(history, model, settings):
     """A warning when the training loss went the wrong way: an epoch ending
-    above this run's first epoch, or (for classifiers) above chance level,
-    the loss of guessing every class alike (log K; log 2 per label), after
+    above this run's first epoch, or above chance level (chance_level) after
     the model's first epoch. None when training looks sane."""
     losses = history.history["loss"]
-    n_classes = model.n_outputs if model.output == "softmax" else 2
-    chance = math.log(n_classes) if model.output != "linear" else math.inf
+    chance, chance_name = chance_level(model)
     worse = [e for e, loss in zip(history.epoch[1:], losses[1:]) if loss > losses[0]]
     guessing = [e for e, loss in zip(history.epoch, losses) if e >= 1 and loss > chance]
     if not worse and not guessing:
         return None
     epoch = min(worse + guessing)
     what = (f"ended above the first epoch's ({losses[0]:.4f})" if epoch in worse
-            else f"is above chance level (log {n_classes} = {chance:.4f})")
+            else f"is above {chance_name}")
     loss = losses[history.epoch.index(epoch)]
     return (f"the training loss after epoch {epoch + 1} ({loss:.4f}) {what}: training is "
             f"not converging. Try a smaller learning rate than {settings['optimizer']} "

@@ -372,8 +372,19 @@ def check_preprocessing(prep, sizes):
     if prep is None:
         return None
     keys = {"features", "target", "missing", "mean", "scale", "classes"}
-    require(isinstance(prep, dict) and set(prep) == keys, "bad preprocessing")
+    target_keys = {"target_mean", "target_scale"}  # not in files written before them
+    require(isinstance(prep, dict) and set(prep) in (keys, keys | target_keys),
+            "bad preprocessing")
+    prep = {"target_mean": None, "target_scale": None, **prep}
     n_features, n_outputs = sizes[0], sizes[-1]
+    if prep["target_mean"] is not None or prep["target_scale"] is not None:
+        for key in target_keys:
+            values = prep[key]
+            require(isinstance(values, list) and len(values) == n_outputs
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                            and math.isfinite(v) for v in values),
+                    f"preprocessing {key} must hold {n_outputs} finite numbers, or both null")
+        require(all(v > 0 for v in prep["target_scale"]), "preprocessing target_scale must be > 0")
     for key in ("mean", "scale"):
         values = prep[key]
         require(isinstance(values, list) and len(values) == n_features

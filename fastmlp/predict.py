@@ -13,12 +13,14 @@ from .modelfile import load as load_model
 from .progress import PREDICT_COMPILE_NOTICE
 
 EXAMPLES = """examples:
-  fastmlp-predict model.fmlp new.csv                      one predicted label per row, to stdout
-  fastmlp-predict model.fmlp new.csv --proba -o out.csv   and each class's probability, to a file
-  fastmlp-predict digits.fmlp images.npy                  8-bit pixels, one image per row
+  fastmlp-predict model.safetensors new.csv       one predicted label per row, to stdout
+  fastmlp-predict model.safetensors new.csv --proba -o out.csv
+                                                  and each class's probability, to a file
+  fastmlp-predict digits.safetensors images.npy   8-bit pixels, one image per row
 
 The file's columns are found by the names the model was trained on (other
-columns, the target among them, are ignored) and scaled as in training.
+columns, the target among them, are ignored) and scaled as in training;
+predicted values (--output linear) are in the target's own units.
 exit codes: 0 success, 2 usage error or bad input
 """
 
@@ -49,7 +51,7 @@ def predictions_csv(model, x, proba):
     prep = model.preprocessing
     if model.output == "linear":
         names = prep["target"].split(",") if prep else [f"y{k}" for k in range(model.n_outputs)]
-        values = model.predict(x).reshape(len(x), -1)
+        values = sources.target_values(model.predict(x).reshape(len(x), -1), prep)
         writer.writerow(names)
         writer.writerows([[f"{v:.9g}" for v in row] for row in values])
         return text.getvalue()

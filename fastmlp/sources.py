@@ -2,8 +2,10 @@
 
 A model file records its source (`MLP.source`) and, for the user's files,
 how raw rows become the model's input (`MLP.preprocessing`: the classes in
-order, the feature columns and their scaling), so that `--evaluate MODEL`,
-`--resume MODEL` and `fastmlp-predict` need nothing else.
+order, the feature columns and their scaling) and, for a linear head, how
+its outputs become the target's values (`target_mean`, `target_scale`), so
+that `--evaluate MODEL`, `--resume MODEL` and `fastmlp-predict` need
+nothing else.
 """
 import os
 
@@ -101,19 +103,51 @@ def load_files(source, preprocessing, check_files, dtype, output):
         mean, spread = tabular.learn_scaling(x_train)
         preprocessing = {"features": train.names, "target": train.target_name,
                          "missing": missing, "mean": mean.tolist(), "scale": spread.tolist(),
-                         "classes": classes}
+                         "classes": classes, **target_scaling(y_train, output)}
     mean = np.array(preprocessing["mean"])
     for x in (x_train, x_test):
         if x is not None:
             tabular.fill_missing(x, mean)
+    y_train, y_test = (standardized_targets(y, preprocessing) for y in (y_train, y_test))
     kind = (f"with {len(classes)} classes" if output == "softmax" else
-            "numeric" if output == "linear" else f"{len(classes)} labels, multi-label")
+            f"{len(classes)} labels, multi-label" if output == "sigmoid" else
+            "numeric, standardized" if preprocessing.get("target_mean") else "numeric")
     description = (f"{source['data']} ({len(y_train)} training rows, {x_train.shape[1]} "
                    f"features, target {train.target_name!r} {kind}{held})")
     return Data(scale(x_train, preprocessing, dtype), y_train,
                 None if x_test is None else scale(x_test, preprocessing, dtype), y_test,
                 source, description, preprocessing, name=source["data"],
                 held_out="test" if source["test"] else "held-out")
+
+
+def target_scaling(y, output):
+    """The preprocessing entries of a head's targets. A linear head's
+    targets are standardized like the features, with the training rows'
+    mean and standard deviation per column (1 for a constant one), so that
+    the learning rate and the initial weights suit any target's units, and
+    a loss of 1 is that of predicting the mean."""
+    if output != "linear":
+        return {"target_mean": None, "target_scale": None}
+    mean, spread = tabular.learn_scaling(y.reshape(len(y), -1))
+    return {"target_mean": mean.tolist(), "target_scale": spread.tolist()}
+
+
+def standardized_targets(y, preprocessing):
+    """y as the model trains on it: standardized as preprocessing says, if
+    it says so (models saved before target scaling did not)."""
+    if y is None or not preprocessing.get("target_mean"):
+        return y
+    mean = np.array(preprocessing["target_mean"])
+    spread = np.array(preprocessing["target_scale"])
+    return ((y.reshape(len(y), -1) - mean) / spread).reshape(y.shape)
+
+
+def target_values(outputs, preprocessing):
+    """A linear model's outputs (n, K) in the target's units: the inverse of
+    standardized_targets."""
+    if not preprocessing or not preprocessing.get("target_mean"):
+        return outputs
+    return outputs * np.array(preprocessing["target_scale"]) + np.array(preprocessing["target_mean"])
 
 
 def split(x, y, fraction, seed):

@@ -328,6 +328,99 @@ def test_regression_and_multi_label_from_the_command_line(tmp_path, capsys):
     assert code == 2 and "no target column 'species'" in err
 
 
+def houses(tmp_path, n=300):
+    """(path, x, price) of a CSV whose target is around a million."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 3))
+    price = 1e6 + 1e5 * (x[:, 0] * 3 + x[:, 1]) + 1e3 * rng.normal(size=n)
+    return write_csv(tmp_path / "houses.csv", x, price, target="price"), x, price
+
+
+def r2(predicted, y):
+    return 1 - np.sum((predicted - y) ** 2) / np.sum((y - y.mean()) ** 2)
+
+
+def test_regression_targets_of_any_scale_are_standardized(tmp_path, capsys):
+    # Prices around a million, trained on as they are, are far from what
+    # the initial weights and learning rate suit: R² below -90 after 20
+    # epochs. Standardized like the features, they fit, and fastmlp-predict
+    # answers in the target's units.
+    path, x, price = houses(tmp_path)
+    model_path = str(tmp_path / "houses.safetensors")
+    code, out, err = run(["--data", path, "--target", "price", "--output", "linear",
+                          "--epochs", "20", "--quiet", "--save", model_path], capsys)
+    assert code == 0, err
+    assert "target 'price' numeric, standardized" in out
+    held_out = out.split("Held-out loss: ")[1].split()[0], out.split("held-out r2: ")[1].split()[0]
+    assert float(held_out[1]) > 0.95
+    model = fastmlp.load(model_path)
+    _, kept, _, _ = sources.split(x, price, 0.1, 0)  # the training rows
+    assert np.allclose(model.preprocessing["target_mean"], [kept.mean()])
+    assert np.allclose(model.preprocessing["target_scale"], [kept.std()])
+    code, out, err = run([model_path, path], capsys, predict_main)
+    assert code == 0, err
+    predicted = np.array([float(v) for v in out.split()[1:]])
+    assert r2(predicted, price) > 0.95
+    # the model itself predicts standardized targets; target_values maps them back
+    raw = model.predict(sources.scale(x, model.preprocessing, model.dtype))
+    assert abs(np.mean(raw)) < 0.5
+    np.testing.assert_allclose(sources.target_values(raw.reshape(-1, 1), model.preprocessing)[:, 0],
+                               predicted, rtol=1e-8)
+    code, out, err = run(["--evaluate", model_path], capsys)
+    assert code == 0, err
+    assert f"held-out loss {held_out[0]} - held-out r2 {held_out[1]}" in out
+
+
+def test_a_regression_that_learns_nothing_is_named(tmp_path, capsys):
+    # on standardized targets, a loss above 1 is worse than predicting the mean
+    path, _, _ = houses(tmp_path)
+    code, out, err = run(["--data", path, "--target", "price", "--output", "linear",
+                          "--lr", "30", "--epochs", "5", "--quiet"], capsys)
+    assert code == 0, err
+    assert ("is above the loss of predicting the mean, 1 on standardized targets: training is "
+            "not converging. Try a smaller learning rate than adam --lr 30." in err)
+
+
+def with_preprocessing(path, change):
+    """The model file at path, its preprocessing changed by change(dict)."""
+    import json
+
+    from test_modelfile import resigned, tensors_and_metadata
+    with open(path, "rb") as f:
+        arrays, metadata = tensors_and_metadata(f.read())
+    prep = json.loads(metadata["preprocessing"])
+    change(prep)
+    metadata["preprocessing"] = json.dumps(prep)
+    with open(path, "wb") as f:
+        f.write(resigned(arrays, metadata))
+
+
+def test_target_scaling_in_model_files(tmp_path, capsys):
+    path, x, price = houses(tmp_path)
+    model_path = str(tmp_path / "houses.safetensors")
+    code, out, err = run(["--data", path, "--target", "price", "--output", "linear",
+                          "--epochs", "2", "--quiet", "--save", model_path], capsys)
+    assert code == 0, err
+    # a file written before target scaling has no such entries: its outputs
+    # are the targets as they were trained on
+    with_preprocessing(model_path, lambda prep: [prep.pop(k) for k in ("target_mean",
+                                                                       "target_scale")])
+    model = fastmlp.load(model_path)
+    assert model.preprocessing["target_mean"] is None
+    code, out, err = run([model_path, path], capsys, predict_main)
+    assert code == 0, err
+    raw = model.predict(sources.scale(x, model.preprocessing, model.dtype))
+    np.testing.assert_allclose([float(v) for v in out.split()[1:]], raw, rtol=1e-8)
+    for key, value, message in (("target_scale", [0.0], "target_scale must be > 0"),
+                                ("target_mean", [1.0, 2.0], "target_mean must hold 1 finite"),
+                                ("target_scale", None, "target_scale must hold 1 finite")):
+        with_preprocessing(model_path, lambda prep: prep.update(target_mean=[1.0],
+                                                                target_scale=[1.0]))
+        with_preprocessing(model_path, lambda prep: prep.update({key: value}))
+        with pytest.raises(ValueError, match=message):
+            fastmlp.load(model_path)
+
+
 def test_output_and_schedule_flags_are_checked(capsys):
     for argv, message in ((["--output", "linear"], "--output linear needs your own"),
                           (["--lr-schedule", "step", "--lr-step-every", "0"], "--lr-step-every")):
