@@ -377,21 +377,20 @@ def check_preprocessing(prep, sizes):
             "bad preprocessing")
     prep = {"target_mean": None, "target_scale": None, **prep}
     n_features, n_outputs = sizes[0], sizes[-1]
-    if prep["target_mean"] is not None or prep["target_scale"] is not None:
-        for key in target_keys:
+
+    def scaling(mean, scale, n, what):
+        # a mean and a positive scale of n finite numbers each
+        for key in (mean, scale):
             values = prep[key]
-            require(isinstance(values, list) and len(values) == n_outputs
+            require(isinstance(values, list) and len(values) == n
                     and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                             and math.isfinite(v) for v in values),
-                    f"preprocessing {key} must hold {n_outputs} finite numbers, or both null")
-        require(all(v > 0 for v in prep["target_scale"]), "preprocessing target_scale must be > 0")
-    for key in ("mean", "scale"):
-        values = prep[key]
-        require(isinstance(values, list) and len(values) == n_features
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                        and math.isfinite(v) for v in values),
-                f"preprocessing {key} must hold {n_features} finite numbers")
-    require(all(v > 0 for v in prep["scale"]), "preprocessing scale must be > 0")
+                    f"preprocessing {key} must hold {n} finite numbers{what}")
+        require(all(v > 0 for v in prep[scale]), f"preprocessing {scale} must be > 0")
+
+    scaling("mean", "scale", n_features, "")
+    if prep["target_mean"] is not None or prep["target_scale"] is not None:
+        scaling("target_mean", "target_scale", n_outputs, ", or both null")
     names = prep["features"]
     require(names is None or isinstance(names, list) and len(names) == n_features
             and all(isinstance(n, str) for n in names), "bad preprocessing features")

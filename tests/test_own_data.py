@@ -336,6 +336,14 @@ def houses(tmp_path, n=300):
     return write_csv(tmp_path / "houses.csv", x, price, target="price"), x, price
 
 
+def train_houses(tmp_path, capsys, *argv):
+    """fastmlp-train on houses(): (exit code, stdout, stderr, path, x, price)."""
+    path, x, price = houses(tmp_path)
+    code, out, err = run(["--data", path, "--target", "price", "--output", "linear",
+                          "--quiet", *argv], capsys)
+    return code, out, err, path, x, price
+
+
 def r2(predicted, y):
     return 1 - np.sum((predicted - y) ** 2) / np.sum((y - y.mean()) ** 2)
 
@@ -345,10 +353,9 @@ def test_regression_targets_of_any_scale_are_standardized(tmp_path, capsys):
     # the initial weights and learning rate suit: R² below -90 after 20
     # epochs. Standardized like the features, they fit, and fastmlp-predict
     # answers in the target's units.
-    path, x, price = houses(tmp_path)
     model_path = str(tmp_path / "houses.safetensors")
-    code, out, err = run(["--data", path, "--target", "price", "--output", "linear",
-                          "--epochs", "20", "--quiet", "--save", model_path], capsys)
+    code, out, err, path, x, price = train_houses(tmp_path, capsys, "--epochs", "20",
+                                                  "--save", model_path)
     assert code == 0, err
     assert "target 'price' numeric, standardized" in out
     held_out = out.split("Held-out loss: ")[1].split()[0], out.split("held-out r2: ")[1].split()[0]
@@ -373,9 +380,7 @@ def test_regression_targets_of_any_scale_are_standardized(tmp_path, capsys):
 
 def test_a_regression_that_learns_nothing_is_named(tmp_path, capsys):
     # on standardized targets, a loss above 1 is worse than predicting the mean
-    path, _, _ = houses(tmp_path)
-    code, out, err = run(["--data", path, "--target", "price", "--output", "linear",
-                          "--lr", "30", "--epochs", "5", "--quiet"], capsys)
+    code, out, err, *_ = train_houses(tmp_path, capsys, "--lr", "30", "--epochs", "5")
     assert code == 0, err
     assert ("is above the loss of predicting the mean, 1 on standardized targets: training is "
             "not converging. Try a smaller learning rate than adam --lr 30." in err)
@@ -396,10 +401,9 @@ def with_preprocessing(path, change):
 
 
 def test_target_scaling_in_model_files(tmp_path, capsys):
-    path, x, price = houses(tmp_path)
     model_path = str(tmp_path / "houses.safetensors")
-    code, out, err = run(["--data", path, "--target", "price", "--output", "linear",
-                          "--epochs", "2", "--quiet", "--save", model_path], capsys)
+    code, out, err, path, x, price = train_houses(tmp_path, capsys, "--epochs", "2",
+                                                  "--save", model_path)
     assert code == 0, err
     # a file written before target scaling has no such entries: its outputs
     # are the targets as they were trained on
