@@ -147,7 +147,8 @@ def target_values(outputs, preprocessing):
     standardized_targets."""
     if not preprocessing or not preprocessing.get("target_mean"):
         return outputs
-    return outputs * np.array(preprocessing["target_scale"]) + np.array(preprocessing["target_mean"])
+    mean = np.array(preprocessing["target_mean"])
+    return outputs * np.array(preprocessing["target_scale"]) + mean
 
 
 def split(x, y, fraction, seed):
