@@ -61,6 +61,13 @@ def targets_of(table, output, classes):
         if table.target.ndim > 1:
             raise tabular.DataError(f"{table.path}: several target columns need --output "
                                     "linear or sigmoid")
+        if table.target.dtype.kind == "f":  # as scikit-learn's "continuous" targets
+            fractional = table.target[table.target != np.round(table.target)]
+            if len(fractional):
+                raise tabular.DataError(
+                    f"{table.path}: the target {table.target_name!r} holds numbers that are "
+                    f"not whole ({fractional[0].item()!r}), not class labels; --output "
+                    "linear fits them as numbers")
         return tabular.encode_labels(table.path, table.target, classes)
     y = tabular.numeric_targets(table.path, table.target, output)
     return y, (table.target_name.split(",") if output == "sigmoid" else None)

@@ -160,6 +160,9 @@ def test_missing_cells_are_refused_unless_a_policy_is_chosen(tmp_path, capsys):
     ("a,b,species\n1,2,x\n3,4,y\n", ["--target", "label"],
      "bad.csv: no target column 'label'; the columns are a, b, species"),
     ("a,b,species\n1,2,x\n3,4,x\n", [], "the target has a single class ('x')"),
+    ("a,b,price\n1,2,3.0\n3,4,2.5\n", [],
+     "the target 'price' holds numbers that are not whole (2.5), not class labels; "
+     "--output linear fits them as numbers"),
     ("a,a,species\n1,2,x\n", [], "column 'a' appears twice"),
     ("", [], "bad.csv: the file is empty"),
     ("a,b,species\n", [], "no rows below the header"),
