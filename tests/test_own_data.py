@@ -289,6 +289,63 @@ def test_tables_read_alike_from_every_format(tmp_path):
     assert numbers.target.dtype.kind == "i"  # numeric labels stay numbers
 
 
+# CSV files whose cells pyarrow and Python's int()/float() could read apart
+TRICKY_CSVS = {
+    "numbers": "a,b,y\n0.5,1,3\n-1e3,2,4\n2.25,-3,5\n",
+    "float target": "a,b,y\n1,2,0.5\n3,4,1.5\n5,6,2\n",
+    "whole floats": "a,b,y\n1.0,2,1.0\n3.0,4,2.0\n5.0,6,3.0\n",
+    "exponents and signs": "a,b,y\n1e5,+3,.5\n-2.5E-3,5.,-.25\n",
+    "missing cells": "a,b,y\n1,,3\nNA,2,4\n?,nan,5\n",
+    "spaces": "a,b,y\n 1.5 ,2,3\n4,5 ,6\n",
+    "underscores and other digits": "a,b,y\n1_000,\u0661\u0662,3\n4,5,6\n",
+    "infinities": "a,b,y\ninf,-Infinity,0.5\n1,2,3\n",
+    "NaN target": "a,b,y\n1,2,nan\n3,4,0.5\n",
+    "string labels": "a,b,y\n1,2,cat\n3,4,dog\n",
+    "booleans and dates": "a,b,y\n1,true,2020-01-01\n2,false,2020-01-02\n",
+    "huge integers": "a,b,y\n1,2,99999999999999999999\n3,4,5\n",
+    "blank lines and CRLF": "a,b,y\r\n1,2,3\r\n\r\n4,5,6\r\n",
+    "byte order mark": "\ufeffa,b,y\n1,2,3\n4,5,6\n",
+    "quotes": 'a,b,y\n"1",2,"x,y"\n3,4,"z"\n',
+    "short row": "a,b,y\n1,2,3\n4,5\n",
+    "header only": "a,b,y\n",
+}
+
+
+@pytest.mark.parametrize("name", TRICKY_CSVS)
+def test_csv_reads_alike_with_and_without_pyarrow(name, tmp_path, monkeypatch):
+    # read_csv_arrow parses numbers in C++; what it cannot match, it leaves
+    # to the careful path, so every file reads to the same table or error
+    path = tmp_path / "t.csv"
+    path.write_bytes(TRICKY_CSVS[name].encode())
+
+    def read():
+        try:
+            table = tabular.read_table(path, "y")
+        except tabular.DataError as exc:
+            return str(exc)
+        return table.names, table.features, table.target
+
+    fast = read()
+    monkeypatch.setattr(tabular, "read_csv_arrow", lambda path: None)
+    careful = read()
+    if isinstance(careful, str):
+        assert fast == careful
+        return
+    assert fast[0] == careful[0]
+    np.testing.assert_array_equal(fast[1], careful[1])  # NaN equals NaN here
+    assert fast[2].dtype == careful[2].dtype and fast[2].tolist() == careful[2].tolist()
+
+
+def test_csv_of_numbers_takes_pyarrow(tmp_path):
+    pytest.importorskip("pyarrow")
+    x, _ = blobs(50)
+    path = write_csv(tmp_path / "t.csv", x, [i % 3 for i in range(50)])
+    names, columns = tabular.read_csv_arrow(path)
+    assert names == FEATURES + ["species"]
+    assert [column.dtype for column in columns] == [np.float64] * 3 + [np.int64]
+    np.testing.assert_array_equal(np.column_stack(columns[:3]), x)
+
+
 def test_regression_and_multi_label_from_the_command_line(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 3))
