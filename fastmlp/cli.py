@@ -356,15 +356,7 @@ def main(argv=None):
         if args.resume and epochs <= 0:
             raise UsageError(f"{args.resume} has trained {plural(model.training_state.epoch, 'epoch')} "
                              f"already; --epochs is the total to reach, ask for more")
-        print_summary(model, out)
-        out.write(f"Data: {data.description}\n")
-        if chosen:
-            out.write(f"Settings for {KIND_NAMES.get(kind, kind)}: {' '.join(chosen)} "
-                      "(flags override them)\n")
-        if comm is not None:
-            comm.Barrier()  # every rank has its data and model: training starts
-            out.write(f"Distributed over {comm.size} MPI ranks: {args.batch_size} rows per step "
-                      f"in all\n")
+        announce(args, model, data, kind, chosen, comm, out)
         validation = (data.x_test, data.y_test) if data.x_test is not None else None
         settings = optimizer_settings(args, model)
         started = time.perf_counter()
@@ -376,38 +368,8 @@ def main(argv=None):
                       restore_best_weights=not args.no_restore_best,
                       callbacks=callbacks(args, model, out) if leader else (), comm=comm)
         elapsed = time.perf_counter() - started - history.compile_time
-        if not leader:
-            return 0
-        if validation is not None:
-            loss, score = model.evaluate(*validation)
-            on = data.held_out
-            out.write(f"{on.capitalize()} loss: {loss:.4f} - {on} {model.metric}: {score:.4f}\n")
-        trained = sum(history.history["epoch_time"])
-        if history.epoch:
-            out.write(f"Trained {plural(len(history.epoch), 'epoch')} in {elapsed:.2f}s "
-                      f"({len(history.epoch) / trained:.2f} epochs/s in the training loop)\n")
-        if comm is not None and history.allreduce_steps:
-            per_step = history.allreduce_time / history.allreduce_steps
-            out.write(f"Allreduce: {per_step * 1e6:.0f}us per step, "
-                      f"{history.allreduce_time / trained:.0%} of the training loop\n")
-        if history.stopped_epoch is not None:
-            out.write(f"Early stopping after epoch {history.stopped_epoch + 1}: no "
-                      f"{args.monitor} improvement for {plural(args.patience, 'epoch')}")
-            out.write(f"; restored epoch {history.best_epoch + 1}\n" if not args.no_restore_best
-                      else "\n")
-        warning = training_trouble(history, model, settings)
-        if warning:
-            sys.stderr.write(f"fastmlp-train: warning: {warning}\n")
-        if args.history:
-            write_history(history, args.history)
-        if args.plot:
-            plot_history(history, args.plot)
-        if args.save:
-            model.save(args.save)
-            out.write(f"Saved {args.save}\n")
-        if args.onnx:
-            model.to_onnx(args.onnx)
-            out.write(f"Wrote {args.onnx}\n")
+        if leader:
+            report(args, model, data, history, settings, elapsed, comm, out)
         return 0
     except TrainingDiverged as exc:  # every MPI rank stops at the same step
         saved = ""
@@ -437,6 +399,55 @@ def main(argv=None):
         return abort_ranks(comm, 2)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
+
+
+def announce(args, model, data, kind, chosen, comm, out):
+    """Before training: the model, its data and the settings chosen for
+    that kind of data; with MPI, once every rank is ready."""
+    print_summary(model, out)
+    out.write(f"Data: {data.description}\n")
+    if chosen:
+        out.write(f"Settings for {KIND_NAMES.get(kind, kind)}: {' '.join(chosen)} "
+                  "(flags override them)\n")
+    if comm is not None:
+        comm.Barrier()  # every rank has its data and model: training starts
+        out.write(f"Distributed over {comm.size} MPI ranks: {args.batch_size} rows per step "
+                  f"in all\n")
+
+
+def report(args, model, data, history, settings, elapsed, comm, out):
+    """After training, on rank 0: the held-out figures, the speed, early
+    stopping and any warning, then the files asked for."""
+    if data.x_test is not None:
+        loss, score = model.evaluate(data.x_test, data.y_test)
+        on = data.held_out
+        out.write(f"{on.capitalize()} loss: {loss:.4f} - {on} {model.metric}: {score:.4f}\n")
+    trained = sum(history.history["epoch_time"])
+    if history.epoch:
+        out.write(f"Trained {plural(len(history.epoch), 'epoch')} in {elapsed:.2f}s "
+                  f"({len(history.epoch) / trained:.2f} epochs/s in the training loop)\n")
+    if comm is not None and history.allreduce_steps:
+        per_step = history.allreduce_time / history.allreduce_steps
+        out.write(f"Allreduce: {per_step * 1e6:.0f}us per step, "
+                  f"{history.allreduce_time / trained:.0%} of the training loop\n")
+    if history.stopped_epoch is not None:
+        out.write(f"Early stopping after epoch {history.stopped_epoch + 1}: no "
+                  f"{args.monitor} improvement for {plural(args.patience, 'epoch')}")
+        out.write(f"; restored epoch {history.best_epoch + 1}\n" if not args.no_restore_best
+                  else "\n")
+    warning = training_trouble(history, model, settings)
+    if warning:
+        sys.stderr.write(f"fastmlp-train: warning: {warning}\n")
+    if args.history:
+        write_history(history, args.history)
+    if args.plot:
+        plot_history(history, args.plot)
+    if args.save:
+        model.save(args.save)
+        out.write(f"Saved {args.save}\n")
+    if args.onnx:
+        model.to_onnx(args.onnx)
+        out.write(f"Wrote {args.onnx}\n")
 
 
 def convert(old, new):

@@ -129,7 +129,9 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     """Train `model` in place and return a History.
 
     X: (n, features) uint8 pixels (scaled by 1/255 while gathered, never
-    copied) or float32/float64 (used as is); y: integer labels. Each epoch
+    copied) or float32/float64 (used as is); y: the head's targets, integer
+    labels (softmax), floats (n,) or (n, K) (linear) or a 0/1 (n, K) matrix
+    (sigmoid). Each epoch
     takes ceil(n / batch_size) steps; the last, partial batch is trained on.
     shuffle=False takes rows in order; sampling="replacement" draws every
     row of every batch uniformly with replacement (the classic lesson's
@@ -148,10 +150,11 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
 
     Early stopping: with patience=N, training stops once `monitor` (default
     'val_loss' with validation data, else 'loss'; also the head's metric,
-    'accuracy' or 'r2', or 'val_' and the metric) has not improved by more than min_delta for N epochs in
-    a row; with restore_best_weights the model then gets the parameters of
-    its best epoch back (also when all epochs ran). History.best_epoch and
-    History.stopped_epoch tell what happened.
+    'accuracy' or 'r2', or 'val_' and the metric) has not improved by more
+    than min_delta for N epochs in a row; with restore_best_weights the
+    model then gets the parameters of its best epoch back (also when all
+    epochs ran). History.best_epoch and History.stopped_epoch tell what
+    happened.
 
     lr_schedule: "constant", "step", "cosine", a fastmlp.schedules.Step or
     Cosine, or a callable epoch -> lr (see fastmlp.schedules); None keeps
