@@ -10,6 +10,8 @@ import signal
 import sys
 import time
 
+import numpy as np
+
 from . import __version__, datasets, distributed, sources, tabular
 from .model import MLP
 from .modelfile import load as load_model, loads as load_model_bytes
@@ -421,7 +423,9 @@ def report(args, model, data, history, settings, elapsed, comm, out):
     if data.x_test is not None:
         loss, score = model.evaluate(data.x_test, data.y_test)
         on = data.held_out
-        out.write(f"{on.capitalize()} loss: {loss:.4f} - {on} {model.metric}: {score:.4f}\n")
+        rmse = target_rmse(model, data.x_test, data.y_test)
+        out.write(f"{on.capitalize()} loss: {loss:.4f} - {on} {model.metric}: {score:.4f}"
+                  + (f" - {on} RMSE: {rmse}" if rmse else "") + "\n")
     trained = sum(history.history["epoch_time"])
     if history.epoch:
         out.write(f"Trained {plural(len(history.epoch), 'epoch')} in {elapsed:.2f}s "
@@ -611,8 +615,22 @@ def evaluate(model, data, path, out):
     if not model.prediction_ready():
         out.write(f"{PREDICT_COMPILE_NOTICE}...\n")
     loss, score = model.evaluate(x, y)
+    rmse = target_rmse(model, x, y)
     out.write(f"{path}: {on} loss {loss:.4f} - {on} {model.metric} {score:.4f} "
-              f"({len(y)} {on} rows of {data.name})\n")
+              + (f"- {on} RMSE {rmse} " if rmse else "")
+              + f"({len(y)} {on} rows of {data.name})\n")
+
+
+def target_rmse(model, x, y):
+    """The root mean squared error of each target in its own units, as
+    "name value, ...", for a linear model trained on standardized targets
+    (whose loss is on that scale); None for other models."""
+    prep = model.preprocessing
+    if model.output != "linear" or not prep or not prep.get("target_mean"):
+        return None
+    errors = model.predict(x).reshape(len(x), -1) - np.reshape(y, (len(y), -1))
+    rmse = np.sqrt(np.mean(errors ** 2, axis=0)) * np.array(prep["target_scale"])
+    return ", ".join(f"{name} {value:.6g}" for name, value in zip(prep["target"].split(","), rmse))
 
 
 class Checkpointer(Callback):

@@ -419,6 +419,7 @@ def test_regression_targets_of_any_scale_are_standardized(tmp_path, capsys):
     assert code == 0, err
     assert "target 'price' numeric, standardized" in out
     held_out = out.split("Held-out loss: ")[1].split()[0], out.split("held-out r2: ")[1].split()[0]
+    out_train = out
     assert float(held_out[1]) > 0.95
     model = fastmlp.load(model_path)
     _, kept, _, _ = sources.split(x, price, 0.1, 0)  # the training rows
@@ -433,9 +434,15 @@ def test_regression_targets_of_any_scale_are_standardized(tmp_path, capsys):
     assert abs(np.mean(raw)) < 0.5
     np.testing.assert_allclose(sources.target_values(raw.reshape(-1, 1), model.preprocessing)[:, 0],
                                predicted, rtol=1e-8)
+    # the held-out rows' error in the target's units
+    _, _, held_rows, held_price = sources.split(np.arange(300)[:, None], price, 0.1, 0)
+    held_predicted = predicted[held_rows[:, 0]]
+    rmse = float(out_train.split("held-out RMSE: price ")[1].split()[0])
+    assert rmse == pytest.approx(np.sqrt(np.mean((held_predicted - held_price) ** 2)), rel=1e-5)
     code, out, err = run(["--evaluate", model_path], capsys)
     assert code == 0, err
-    assert f"held-out loss {held_out[0]} - held-out r2 {held_out[1]}" in out
+    assert (f"held-out loss {held_out[0]} - held-out r2 {held_out[1]} - held-out RMSE price "
+            f"{out_train.split('held-out RMSE: price ')[1].split()[0]} (30 held-out rows" in out)
 
 
 def test_a_regression_that_learns_nothing_is_named(tmp_path, capsys):
