@@ -152,14 +152,14 @@ needs_mca = pytest.mark.skipif(throughput.llvm_mca() is None,
 @pytest.mark.parametrize("cpu", sorted(throughput.MODELS))
 def test_inner_loops_keep_the_fma_units_busy(assemblies, cpu):
     # llvm-mca simulates each inner loop on the CPU's scheduling model, all
-    # loads hitting L1: at least 90% of the model's FMA peak (they run at
+    # loads hitting L1: at least 85% of the model's FMA peak (they run at
     # 92-100%). Registers alone do not give this: the loops must also have
     # enough independent chains for the FMA latency and few enough other
     # instructions for the ports.
     model = throughput.MODELS[cpu]
     for name in BUSY_KERNELS:
         rate, peak, per_loop = throughput.kernel_rate(name, assemblies[cpu][name], model)
-        assert rate >= 0.9 * peak, \
+        assert rate >= 0.85 * peak, \
             f"{cpu} ({model}) {name}: {rate:.2f} FMAs a cycle of {peak:.2f}; loops {per_loop}"
 
 
