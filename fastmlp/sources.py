@@ -61,7 +61,7 @@ def targets_of(table, output, classes):
         if table.target.ndim > 1:
             raise tabular.DataError(f"{table.path}: several target columns need --output "
                                     "linear or sigmoid")
-        if table.target.dtype.kind == "f":  # as scikit-learn's "continuous" targets
+        if classes is None and table.target.dtype.kind == "f":  # scikit-learn's "continuous"
             fractional = table.target[table.target != np.round(table.target)]
             if len(fractional):
                 raise tabular.DataError(
