@@ -181,7 +181,9 @@ def build_parser():
     out.add_argument("--save", metavar="FILE", help="write the trained model as safetensors "
                      "(also on Ctrl-C, SIGTERM or divergence)")
     out.add_argument("--onnx", metavar="FILE", help="also write the model as an ONNX graph "
-                     "(needs pip install 'fastmlp[onnx]')")
+                     "that takes raw rows as the data files hold them (pixel values 0-255, "
+                     "or your columns, scaled in the graph) and answers in the target's "
+                     "units (needs pip install 'fastmlp[onnx]')")
     out.add_argument("--convert", nargs=2, metavar=("OLD", "NEW"),
                      help="rewrite a model file of fastmlp 0.1 (.fmlp) as safetensors, and exit")
     out.add_argument("--checkpoint-every", metavar="N", type=int,
@@ -345,7 +347,7 @@ def main(argv=None):
         if args.evaluate:
             evaluate(saved, data, args.evaluate, out)
             if args.onnx:
-                saved.to_onnx(args.onnx)
+                saved.to_onnx(args.onnx, preprocessing=True)
                 out.write(f"Wrote {args.onnx}\n")
             return 0
         chosen = apply_defaults(args, kind, saved)
@@ -450,7 +452,7 @@ def report(args, model, data, history, settings, elapsed, comm, out):
         model.save(args.save)
         out.write(f"Saved {args.save}\n")
     if args.onnx:
-        model.to_onnx(args.onnx)
+        model.to_onnx(args.onnx, preprocessing=True)
         out.write(f"Wrote {args.onnx}\n")
 
 

@@ -15,36 +15,47 @@ OUTPUT_NODES = {"softmax": ("Softmax", "probabilities"), "linear": ("Identity", 
                 "sigmoid": ("Sigmoid", "probabilities")}
 
 
-def onnx_model(model):
+def onnx_model(model, preprocessing=False):
     """The ONNX graph of model: Gemm layers with the hidden activation between
     them and the head's output at the end (Softmax, Identity or Sigmoid),
     float32 in and out. Input "input" (batch, features) holds features as
     predict takes them, already scaled (uint8 pixels divided by 255); output
     "probabilities" (softmax, sigmoid) or "predictions" (linear), (batch,
-    outputs)."""
+    outputs). With preprocessing, the graph starts and ends with the
+    scaling the model records (input_steps, output_steps): it takes raw
+    columns or pixel values and answers in the target's units."""
     from onnx import TensorProto, checker, helper, numpy_helper
 
     nodes, initializers = [], []
-    current = "input"
+
+    def constant(name, values):
+        initializers.append(numpy_helper.from_array(np.asarray(values, np.float32), name))
+        return name
+
+    def node(op, inputs, out, **attributes):
+        nodes.append(helper.make_node(op, inputs, [out], **attributes))
+        return out
+
+    current = input_steps(model, "input", node, constant) if preprocessing else "input"
     n_layers = len(model.weights)
     for l, (w, b) in enumerate(zip(model.weights, model.biases)):
-        weight, bias = f"{2 * l}.weight", f"{2 * l}.bias"
-        initializers.append(numpy_helper.from_array(np.ascontiguousarray(w.T, np.float32), weight))
-        initializers.append(numpy_helper.from_array(np.asarray(b, np.float32), bias))
-        out = f"logits_{l}"
-        nodes.append(helper.make_node("Gemm", [current, weight, bias], [out], transB=1))
+        weight = constant(f"{2 * l}.weight", np.ascontiguousarray(w.T))
+        bias = constant(f"{2 * l}.bias", b)
+        out = node("Gemm", [current, weight, bias], f"logits_{l}", transB=1)
         if l < n_layers - 1:
-            current = f"hidden_{l}"
-            nodes.append(helper.make_node(ONNX_ACTIVATIONS[model.activation], [out], [current]))
-        else:
-            op, name = OUTPUT_NODES[model.output]
-            nodes.append(helper.make_node(op, [out], [name], **({"axis": 1} if op == "Softmax"
-                                                                 else {})))
+            current = node(ONNX_ACTIVATIONS[model.activation], [out], f"hidden_{l}")
+    op, name = OUTPUT_NODES[model.output]
+    scaled = preprocessing and output_scaling(model) is not None
+    current = node(op, [out], "standardized" if scaled else name,
+                   **({"axis": 1} if op == "Softmax" else {}))
+    if scaled:
+        mean, spread = output_scaling(model)
+        node("Add", [node("Mul", [current, constant("target_scale", spread)], "scaled"),
+                     constant("target_mean", mean)], name)
     graph = helper.make_graph(
         nodes, "fastmlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", model.n_features])],
-        [helper.make_tensor_value_info(OUTPUT_NODES[model.output][1], TensorProto.FLOAT,
-                                       ["batch", model.n_outputs])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", model.n_outputs])],
         initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                               producer_name="fastmlp")
@@ -52,10 +63,36 @@ def onnx_model(model):
     return proto
 
 
-def to_onnx(model, path):
-    """Writes model's ONNX graph to path, atomically."""
+def input_steps(model, current, node, constant):
+    """Nodes from raw input to the features predict takes: a model of your
+    files fills missing cells (NaN) with the means if it was trained so,
+    then standardizes; a model of a dataset's 8-bit pixels divides by 255."""
+    prep = model.preprocessing
+    if prep is not None:
+        mean = constant("feature_mean", prep["mean"])
+        if prep["missing"] == "mean":
+            current = node("Where", [node("IsNaN", [current], "missing"), mean, current],
+                           "filled")
+        centred = node("Sub", [current, mean], "centred")
+        return node("Div", [centred, constant("feature_scale", prep["scale"])], "standardized_input")
+    if model.source is not None and "dataset" in model.source:
+        return node("Div", [current, constant("pixel_scale", 255.0)], "pixels")
+    return current
+
+
+def output_scaling(model):
+    """(target_mean, target_scale) that turn a linear model's outputs into
+    the target's units, or None."""
+    prep = model.preprocessing
+    if model.output != "linear" or not prep or not prep.get("target_mean"):
+        return None
+    return prep["target_mean"], prep["target_scale"]
+
+
+def to_onnx(model, path, preprocessing=False):
+    """Writes model's ONNX graph to path, atomically (onnx_model)."""
     try:
-        proto = onnx_model(model)
+        proto = onnx_model(model, preprocessing)
     except ImportError:
         raise ImportError("ONNX export needs onnx: pip install 'fastmlp[onnx]'") from None
     atomic_write(path, [proto.SerializeToString()])

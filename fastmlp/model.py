@@ -214,11 +214,13 @@ class MLP:
         from .modelfile import save
         save(self, path)
 
-    def to_onnx(self, path):
+    def to_onnx(self, path, preprocessing=False):
         """Writes the model as an ONNX graph that takes float32 features, as
-        predict_proba does (see fastmlp.interop)."""
+        predict_proba does; with preprocessing, raw columns or pixel values,
+        scaled in the graph as the model records, and a linear model of
+        your files answers in the target's units (see fastmlp.interop)."""
         from .interop import to_onnx
-        to_onnx(self, path)
+        to_onnx(self, path, preprocessing)
 
     @classmethod
     def from_torch(cls, sequential, output=None):

@@ -50,9 +50,41 @@ def test_onnx_from_the_command_line(tmp_path, capsys):
     assert code == 0 and f"Wrote {onnx_path}" in capsys.readouterr().out
     model = fastmlp.load(tmp_path / "m.safetensors")
     x_test = fastmlp.datasets.load_directory(tmp_path / "data")[2]
-    # the graph takes scaled features: uint8 pixels divided by 255
-    assert np.abs(onnx_proba(onnx_path, x_test / np.float32(255)) -
+    # from the command line the graph takes pixel values as the files hold
+    # them; model.to_onnx's takes them divided by 255, as predict does
+    assert np.abs(onnx_proba(onnx_path, x_test) - model.predict_proba(x_test)).max() < 1e-5
+    model.to_onnx(tmp_path / "scaled.onnx")
+    assert np.abs(onnx_proba(tmp_path / "scaled.onnx", x_test / np.float32(255)) -
                   model.predict_proba(x_test)).max() < 1e-5
+
+
+def test_onnx_of_a_model_of_your_files_takes_raw_columns(tmp_path, capsys):
+    # columns of very different scales, missing cells filled with the means,
+    # a target around a million: the graph does the scaling the model
+    # records, so raw rows in, the target's units out, as fastmlp-predict
+    from fastmlp.predict import main as predict_main
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)) * [1.0, 100.0, 0.01]
+    price = 1e6 + 1e5 * (x[:, 0] + x[:, 1] / 100)
+    x[5, 1] = np.nan
+    path = tmp_path / "t.csv"
+    with open(path, "w") as f:
+        f.write("a,b,c,price\n")
+        for row, p in zip(x, price):
+            f.write(",".join("" if np.isnan(v) else repr(float(v)) for v in row)
+                    + f",{float(p)!r}\n")
+    onnx_path, model_path = tmp_path / "m.onnx", tmp_path / "m.safetensors"
+    code = main(["--data", str(path), "--target", "price", "--output", "linear",
+                 "--missing", "mean", "--epochs", "3", "--quiet", "--save", str(model_path),
+                 "--onnx", str(onnx_path)])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert predict_main([str(model_path), str(path)]) == 0
+    predicted = np.array([float(v) for v in capsys.readouterr().out.split()[1:]])
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(["predictions"], {"input": x.astype(np.float32)})[0][:, 0]
+    assert np.abs(got - predicted).max() < 1e-5 * np.abs(predicted).max()
+    assert abs(np.mean(got) - 1e6) < 1e5  # in the target's units
 
 
 @pytest.mark.parametrize("activation,module", [("sigmoid", torch.nn.Sigmoid),
