@@ -74,7 +74,7 @@ def input_steps(model, current, node, constant):
             current = node("Where", [node("IsNaN", [current], "missing"), mean, current],
                            "filled")
         centred = node("Sub", [current, mean], "centred")
-        return node("Div", [centred, constant("feature_scale", prep["scale"])], "standardized_input")
+        return node("Div", [centred, constant("feature_scale", prep["scale"])], "features")
     if model.source is not None and "dataset" in model.source:
         return node("Div", [current, constant("pixel_scale", 255.0)], "pixels")
     return current

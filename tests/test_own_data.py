@@ -432,8 +432,8 @@ def test_regression_targets_of_any_scale_are_standardized(tmp_path, capsys):
     # the model itself predicts standardized targets; target_values maps them back
     raw = model.predict(sources.scale(x, model.preprocessing, model.dtype))
     assert abs(np.mean(raw)) < 0.5
-    np.testing.assert_allclose(sources.target_values(raw.reshape(-1, 1), model.preprocessing)[:, 0],
-                               predicted, rtol=1e-8)
+    in_units = sources.target_values(raw.reshape(-1, 1), model.preprocessing)[:, 0]
+    np.testing.assert_allclose(in_units, predicted, rtol=1e-8)
     # the held-out rows' error in the target's units
     _, _, held_rows, held_price = sources.split(np.arange(300)[:, None], price, 0.1, 0)
     held_predicted = predicted[held_rows[:, 0]]
