@@ -476,8 +476,7 @@ def chance_level(model):
     alike (log K; log 2 per label), or predicting the mean of standardized
     targets (1); (inf, None) for targets of unknown scale."""
     if model.output == "linear":
-        prep = model.preprocessing
-        if prep and prep.get("target_mean"):
+        if sources.output_scaling(model) is not None:
             return 1.0, "the loss of predicting the mean, 1 on standardized targets"
         return math.inf, None
     n_classes = model.n_outputs if model.output == "softmax" else 2
@@ -627,12 +626,13 @@ def target_rmse(model, x, y):
     """The root mean squared error of each target in its own units, as
     "name value, ...", for a linear model trained on standardized targets
     (whose loss is on that scale); None for other models."""
-    prep = model.preprocessing
-    if model.output != "linear" or not prep or not prep.get("target_mean"):
+    scaling = sources.output_scaling(model)
+    if scaling is None:
         return None
     errors = model.predict(x).reshape(len(x), -1) - np.reshape(y, (len(y), -1))
-    rmse = np.sqrt(np.mean(errors ** 2, axis=0)) * np.array(prep["target_scale"])
-    return ", ".join(f"{name} {value:.6g}" for name, value in zip(prep["target"].split(","), rmse))
+    rmse = np.sqrt(np.mean(errors ** 2, axis=0)) * np.array(scaling[1])
+    names = model.preprocessing["target"].split(",")
+    return ", ".join(f"{name} {value:.6g}" for name, value in zip(names, rmse))
 
 
 class Checkpointer(Callback):

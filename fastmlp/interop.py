@@ -4,6 +4,7 @@ safetensors, which PyTorch reads directly: see fastmlp.modelfile.)"""
 import numpy as np
 
 from .modelfile import atomic_write
+from .sources import output_scaling
 
 ONNX_OPSET = 17
 ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
@@ -22,8 +23,8 @@ def onnx_model(model, preprocessing=False):
     predict takes them, already scaled (uint8 pixels divided by 255); output
     "probabilities" (softmax, sigmoid) or "predictions" (linear), (batch,
     outputs). With preprocessing, the graph starts and ends with the
-    scaling the model records (input_steps, output_steps): it takes raw
-    columns or pixel values and answers in the target's units."""
+    scaling the model records (input_steps, sources.output_scaling): it
+    takes raw columns or pixel values and answers in the target's units."""
     from onnx import TensorProto, checker, helper, numpy_helper
 
     nodes, initializers = [], []
@@ -78,15 +79,6 @@ def input_steps(model, current, node, constant):
     if model.source is not None and "dataset" in model.source:
         return node("Div", [current, constant("pixel_scale", 255.0)], "pixels")
     return current
-
-
-def output_scaling(model):
-    """(target_mean, target_scale) that turn a linear model's outputs into
-    the target's units, or None."""
-    prep = model.preprocessing
-    if model.output != "linear" or not prep or not prep.get("target_mean"):
-        return None
-    return prep["target_mean"], prep["target_scale"]
 
 
 def to_onnx(model, path, preprocessing=False):

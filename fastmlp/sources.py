@@ -149,6 +149,16 @@ def standardized_targets(y, preprocessing):
     return ((y.reshape(len(y), -1) - mean) / spread).reshape(y.shape)
 
 
+def output_scaling(model):
+    """(target_mean, target_scale) that turn a linear model's outputs into
+    its targets' units, when it was trained on standardized targets; None
+    for other models."""
+    prep = model.preprocessing
+    if model.output != "linear" or not prep or not prep.get("target_mean"):
+        return None
+    return prep["target_mean"], prep["target_scale"]
+
+
 def target_values(outputs, preprocessing):
     """A linear model's outputs (n, K) in the target's units: the inverse of
     standardized_targets."""
