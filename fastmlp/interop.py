@@ -46,11 +46,11 @@ def onnx_model(model, preprocessing=False):
         if l < n_layers - 1:
             current = node(ONNX_ACTIVATIONS[model.activation], [out], f"hidden_{l}")
     op, name = OUTPUT_NODES[model.output]
-    scaled = preprocessing and output_scaling(model) is not None
-    current = node(op, [out], "standardized" if scaled else name,
+    scaling = output_scaling(model) if preprocessing else None
+    current = node(op, [out], name if scaling is None else "standardized",
                    **({"axis": 1} if op == "Softmax" else {}))
-    if scaled:
-        mean, spread = output_scaling(model)
+    if scaling is not None:
+        mean, spread = scaling
         node("Add", [node("Mul", [current, constant("target_scale", spread)], "scaled"),
                      constant("target_mean", mean)], name)
     graph = helper.make_graph(

@@ -262,17 +262,19 @@ def run_keras(workload, data, epochs):
     layers += [keras.layers.Dense(width, activation=activation) for width in sizes[1:-1]]
     layers.append(keras.layers.Dense(sizes[-1], activation="softmax"))
     model = keras.Sequential(layers)
-    for layer, w, b in zip(model.layers, *initial_weights(sizes)):
-        layer.set_weights([w, b])
+
+    def start_weights():
+        for layer, w, b in zip(model.layers, *initial_weights(sizes)):
+            layer.set_weights([w, b])
+
+    start_weights()
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=lr),
                   loss="sparse_categorical_crossentropy")
     X = x_train.astype(np.float32) / 255
     y = y_train.astype(np.int32)
     warm_rows = batch_size + len(X) % batch_size
     model.fit(X[:warm_rows], y[:warm_rows], batch_size=batch_size, epochs=1, verbose=0)
-    # (the warm-up moved the weights: train from the shared start again)
-    for layer, w, b in zip(model.layers, *initial_weights(sizes)):
-        layer.set_weights([w, b])
+    start_weights()  # (the warm-up moved them: train from the shared start again)
 
     class EpochTimes(keras.callbacks.Callback):
         def __init__(self):
