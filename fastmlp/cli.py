@@ -100,10 +100,13 @@ def build_parser():
                       "(and in its subdirectory named after the dataset)")
     data.add_argument("--no-download", action="store_true", help="never download")
     data.add_argument("--data", metavar="FILE", help="train on your own table: .csv (with a "
-                      "header line), .npz (arrays X and y), .npy or .parquet; features are "
-                      "standardized and labels may be numbers or strings")
+                      "header line), .npz (arrays X and y), .npy or .parquet; numeric features "
+                      "are standardized, columns of text one-hot encoded, and labels may be "
+                      "numbers or strings")
     data.add_argument("--target", help="--data's label column (default: 'target' or 'label' "
                       "if there is one, else the last column; for .npy, a column index)")
+    data.add_argument("--ignore", metavar="COLUMNS", help="--data columns that are no "
+                      "features (identifiers, names, free text), comma separated")
     data.add_argument("--test", metavar="FILE", help="a test table like --data, to report on")
     data.add_argument("--validation-split", type=float, metavar="FRACTION",
                       help="with --data and no --test, the share of rows held out to report "
@@ -236,7 +239,7 @@ def check_args(parser, args):
         parser.error("--lr-step-factor must be > 0, --lr-step-every >= 1, --lr-min >= 0")
     if args.data and (args.dataset or args.data_dir):
         parser.error("--data is your own file: it takes no --dataset or --data-dir")
-    for flag in ("target", "test", "validation_split", "missing"):
+    for flag in ("target", "ignore", "test", "validation_split", "missing"):
         if getattr(args, flag) is not None and not args.data:
             parser.error(f"--{flag.replace('_', '-')} goes with --data FILE")
     if args.test and args.validation_split is not None:
@@ -559,7 +562,7 @@ def choose_source(args, saved):
     if args.data:
         split = args.validation_split if args.validation_split is not None else 0.1
         source = sources.files_source(args.data, args.target, args.test, split, args.seed,
-                                      args.missing or "error")
+                                      args.missing or "error", args.ignore)
     elif args.dataset:
         source = sources.dataset_source(args.dataset, args.data_dir)
     elif recorded is not None and "dataset" in recorded and args.data_dir:

@@ -5,8 +5,10 @@ import numpy as np
 
 from .modelfile import atomic_write
 from .sources import output_scaling
+from .tabular import NA_CELLS
 
 ONNX_OPSET = 17
+ONNX_ML_OPSET = 2  # LabelEncoder with keys_strings and values_floats
 ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 TORCH_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "ReLU": "relu"}
 SKLEARN_ACTIVATIONS = {"logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -24,20 +26,26 @@ def onnx_model(model, preprocessing=False):
     "probabilities" (softmax, sigmoid) or "predictions" (linear), (batch,
     outputs). With preprocessing, the graph starts and ends with the
     scaling the model records (input_steps, sources.output_scaling): it
-    takes raw columns or pixel values and answers in the target's units."""
+    takes raw columns or pixel values and answers in the target's units.
+    A model with text columns then takes their cells as strings (batch, 1),
+    one input each named after its column, and "input" holds the numeric
+    columns (category_steps)."""
     from onnx import TensorProto, checker, helper, numpy_helper
 
     nodes, initializers = [], []
 
-    def constant(name, values):
-        initializers.append(numpy_helper.from_array(np.asarray(values, np.float32), name))
+    def constant(name, values, dtype=np.float32):
+        initializers.append(numpy_helper.from_array(np.asarray(values, dtype), name))
         return name
 
     def node(op, inputs, out, **attributes):
         nodes.append(helper.make_node(op, inputs, [out], **attributes))
         return out
 
-    current = input_steps(model, "input", node, constant) if preprocessing else "input"
+    inputs = [("input", TensorProto.FLOAT, model.n_features)]
+    current = "input"
+    if preprocessing:
+        current, inputs = input_steps(model, node, constant)
     n_layers = len(model.weights)
     for l, (w, b) in enumerate(zip(model.weights, model.biases)):
         weight = constant(f"{2 * l}.weight", np.ascontiguousarray(w.T))
@@ -55,30 +63,75 @@ def onnx_model(model, preprocessing=False):
                      constant("target_mean", mean)], name)
     graph = helper.make_graph(
         nodes, "fastmlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", model.n_features])],
+        [helper.make_tensor_value_info(name, kind, ["batch", width])
+         for name, kind, width in inputs],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", model.n_outputs])],
         initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
-                              producer_name="fastmlp")
+    opsets = [helper.make_opsetid("", ONNX_OPSET)]
+    if any(n.domain == "ai.onnx.ml" for n in nodes):
+        opsets.append(helper.make_opsetid("ai.onnx.ml", ONNX_ML_OPSET))
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="fastmlp")
     checker.check_model(proto, full_check=True)
     return proto
 
 
-def input_steps(model, current, node, constant):
-    """Nodes from raw input to the features predict takes: a model of your
-    files fills missing cells (NaN) with the means if it was trained so,
-    then standardizes; a model of a dataset's 8-bit pixels divides by 255."""
+def input_steps(model, node, constant):
+    """(the node of the features predict takes, the graph's inputs as
+    (name, type, width)) from raw input: a model of your files one-hot
+    encodes its text columns, fills missing cells (NaN) with the means if
+    it was trained so, then standardizes; a model of a dataset's 8-bit
+    pixels divides by 255."""
+    from onnx import TensorProto
     prep = model.preprocessing
+    current, inputs = "input", [("input", TensorProto.FLOAT, model.n_features)]
+    if prep is not None and prep.get("categories"):
+        current, inputs = category_steps(prep, node, constant)
     if prep is not None:
         mean = constant("feature_mean", prep["mean"])
         if prep["missing"] == "mean":
             current = node("Where", [node("IsNaN", [current], "missing"), mean, current],
                            "filled")
         centred = node("Sub", [current, mean], "centred")
-        return node("Div", [centred, constant("feature_scale", prep["scale"])], "features")
+        return node("Div", [centred, constant("feature_scale", prep["scale"])], "features"), inputs
     if model.source is not None and "dataset" in model.source:
-        return node("Div", [current, constant("pixel_scale", 255.0)], "pixels")
-    return current
+        return node("Div", [current, constant("pixel_scale", 255.0)], "pixels"), inputs
+    return current, inputs
+
+
+def category_steps(prep, node, constant):
+    """(node, inputs) of a model with text columns: "input" (batch, the
+    numeric columns in order) and a string input (batch, 1) per text
+    column, put together as tabular.one_hot encodes: 1 in the value's
+    column, NaN throughout for a missing cell (NA_CELLS), 0 throughout for
+    a value outside the categories."""
+    from onnx import TensorProto
+    names, categories = prep["features"], prep["categories"]
+    numeric = [name for name in names if name not in categories]
+    if numeric and "input" in categories:
+        raise ValueError("a text column named 'input' would clash with the graph's numeric input")
+    inputs = [("input", TensorProto.FLOAT, len(numeric))] if numeric else []
+    pieces, order, start = (["input"] if numeric else []), {}, len(numeric)
+    for j, name in enumerate(names):
+        if name not in categories:
+            order[name] = [numeric.index(name)]
+            continue
+        values = categories[name]
+        inputs.append((name, TensorProto.STRING, 1))
+        na = sorted(NA_CELLS)  # (never a category: tabular.category_texts)
+        codes = node("LabelEncoder", [name], f"codes_{j}", domain="ai.onnx.ml",
+                     keys_strings=values + na,
+                     values_floats=list(range(len(values))) + [np.nan] * len(na),
+                     default_float=-1.0)
+        hot = node("Cast", [node("Equal", [codes, constant(f"categories_{j}", [
+            list(range(len(values)))])], f"is_{j}")], f"hot_{j}", to=TensorProto.FLOAT)
+        pieces.append(node("Where", [node("IsNaN", [codes], f"missing_{j}"), codes, hot],
+                           f"one_hot_{j}"))
+        order[name] = list(range(start, start + len(values)))
+        start += len(values)
+    joined = node("Concat", pieces, "joined", axis=1) if len(pieces) > 1 else pieces[0]
+    columns = [k for name in names for k in order[name]]
+    return node("Gather", [joined, constant("column_order", columns, np.int64)], "raw",
+                axis=1), inputs
 
 
 def to_onnx(model, path, preprocessing=False):

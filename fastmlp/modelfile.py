@@ -36,13 +36,15 @@ import tempfile
 
 import numpy as np
 
+from .tabular import MISSING as MISSING_POLICIES
+from .tabular import input_widths
+
 FORMAT_VERSION = "2"
 MAX_LAYERS = 1000
 MAX_METADATA = 1 << 24  # bytes of JSON: room for the scaling of ~400,000 features
 INITS = ("normal", "xavier", "he")
-MISSING_POLICIES = ("error", "drop", "mean")
 SOURCE_KEYS = {"dataset", "data_dir", "data", "data_sha256", "target", "test", "test_sha256",
-               "validation_split", "seed", "missing"}
+               "validation_split", "seed", "missing", "ignore"}
 
 
 def layer_name(l):
@@ -357,7 +359,7 @@ def check_source(source):
     for key, value in source.items():
         require(value is None or isinstance(value, (str, int, float))
                 and not isinstance(value, bool), f"bad source {key}")
-    for key in ("dataset", "data", "data_dir", "test"):
+    for key in ("dataset", "data", "data_dir", "test", "ignore"):
         require(source.get(key) is None or isinstance(source[key], str), f"bad source {key}")
     if "data" in source:
         require(source.get("missing") in MISSING_POLICIES, "bad source missing policy")
@@ -372,10 +374,11 @@ def check_preprocessing(prep, sizes):
     if prep is None:
         return None
     keys = {"features", "target", "missing", "mean", "scale", "classes"}
-    target_keys = {"target_mean", "target_scale"}  # not in files written before them
-    require(isinstance(prep, dict) and set(prep) in (keys, keys | target_keys),
+    # not in files written before them; categories only with text columns
+    later_keys = {"target_mean", "target_scale", "categories"}
+    require(isinstance(prep, dict) and keys <= set(prep) <= keys | later_keys,
             "bad preprocessing")
-    prep = {"target_mean": None, "target_scale": None, **prep}
+    prep = {"target_mean": None, "target_scale": None, "categories": None, **prep}
     n_features, n_outputs = sizes[0], sizes[-1]
 
     def scaling(mean, scale, n, what):
@@ -391,8 +394,14 @@ def check_preprocessing(prep, sizes):
     scaling("mean", "scale", n_features, "")
     if prep["target_mean"] is not None or prep["target_scale"] is not None:
         scaling("target_mean", "target_scale", n_outputs, ", or both null")
-    names = prep["features"]
-    require(names is None or isinstance(names, list) and len(names) == n_features
+    names, categories = prep["features"], prep["categories"]
+    require(categories is None or isinstance(categories, dict) and isinstance(names, list)
+            and all(name in names and isinstance(values, list) and values
+                    and all(isinstance(v, str) for v in values) and len(set(values)) == len(values)
+                    for name, values in categories.items()),
+            "preprocessing categories must map feature columns to distinct strings")
+    require(names is None or isinstance(names, list)
+            and sum(input_widths(names, categories or {})) == n_features
             and all(isinstance(n, str) for n in names), "bad preprocessing features")
     require(prep["target"] is None or isinstance(prep["target"], str), "bad preprocessing target")
     require(prep["missing"] in MISSING_POLICIES, "bad preprocessing missing policy")

@@ -19,7 +19,8 @@ EXAMPLES = """examples:
   fastmlp-predict digits.safetensors images.npy   8-bit pixels, one image per row
 
 The file's columns are found by the names the model was trained on (other
-columns, the target among them, are ignored) and scaled as in training;
+columns, the target among them, are ignored) and encoded and scaled as in
+training (a text value not seen in training is none of the categories);
 predicted values (--output linear) are in the target's own units.
 exit codes: 0 success, 2 usage error or bad input
 """
@@ -75,7 +76,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         model = load_model(args.model)
-        x, _ = sources.model_input(args.data, model)
+        x, table = sources.model_input(args.data, model)
+        unseen = sources.unseen_note(table)
+        if unseen:
+            sys.stderr.write(f"fastmlp-predict: warning: {args.data}: {unseen}\n")
         if not model.prediction_ready():  # on stderr: stdout may be the predictions
             sys.stderr.write(f"{PREDICT_COMPILE_NOTICE}...\n")
         text = predictions_csv(model, x, args.proba)

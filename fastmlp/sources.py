@@ -2,7 +2,8 @@
 
 A model file records its source (`MLP.source`) and, for the user's files,
 how raw rows become the model's input (`MLP.preprocessing`: the classes in
-order, the feature columns and their scaling) and, for a linear head, how
+order, the feature columns, the categories of their text columns and the
+scaling of the inputs) and, for a linear head, how
 its outputs become the target's values (`target_mean`, `target_scale`), so
 that `--evaluate MODEL`, `--resume MODEL` and `fastmlp-predict` need
 nothing else.
@@ -30,13 +31,15 @@ def dataset_source(name, data_dir=None):
     return {"dataset": name, "data_dir": os.path.abspath(data_dir) if data_dir else None}
 
 
-def files_source(data, target=None, test=None, validation_split=0.1, seed=0, missing="error"):
+def files_source(data, target=None, test=None, validation_split=0.1, seed=0, missing="error",
+                 ignore=None):
     """The source for the user's files; checksums are added as they are read.
-    target: one column, or several comma separated (multi-output)."""
+    target: one column, or several comma separated (multi-output); ignore:
+    columns that are no features, comma separated."""
     return {"data": os.path.abspath(data), "target": target,
             "test": os.path.abspath(test) if test else None,
             "validation_split": None if test else validation_split, "seed": seed,
-            "missing": missing}
+            "missing": missing, "ignore": ignore}
 
 
 def load(source, preprocessing=None, download=True, check_files=False, dtype="float32",
@@ -84,8 +87,10 @@ def load_files(source, preprocessing, check_files, dtype, output):
                                     f"--data (and --test) to use other files")
         source[f"{key}_sha256"] = digest
     names = preprocessing["features"] if preprocessing else None
+    categories = (preprocessing.get("categories") or {}) if preprocessing else None
     target = source["target"] or (preprocessing["target"] if preprocessing else None)
-    train = tabular.read_table(source["data"], target, feature_names=names)
+    train = tabular.read_table(source["data"], target, feature_names=names,
+                               categories=categories, ignore=source.get("ignore"))
     if train.target is None:
         raise tabular.DataError(f"{source['data']}: no target column {target!r}")
     source["target"] = train.target_name
@@ -94,13 +99,14 @@ def load_files(source, preprocessing, check_files, dtype, output):
     y_all, classes = targets_of(train, output, preprocessing["classes"] if preprocessing else None)
     if source["test"]:
         test = tabular.read_table(source["test"], train.target_name,
-                                  feature_names=train.names)
+                                  feature_names=train.names, categories=train.categories)
         if test.target is None:
             raise tabular.DataError(f"{test.path}: no target column {train.target_name!r}")
         tabular.handle_missing(test, missing)
         x_train, y_train, x_test = train.features, y_all, test.features
         y_test = targets_of(test, output, classes)[0]
-        held = f", test file {source['test']} ({len(y_test)} rows)"
+        unseen = "; " + unseen_note(test) if test.unseen else ""
+        held = f", test file {source['test']} ({len(y_test)} rows{unseen})"
     else:
         x_train, y_train, x_test, y_test = split(train.features, y_all,
                                                  source["validation_split"], source["seed"])
@@ -111,6 +117,8 @@ def load_files(source, preprocessing, check_files, dtype, output):
         preprocessing = {"features": train.names, "target": train.target_name,
                          "missing": missing, "mean": mean.tolist(), "scale": spread.tolist(),
                          "classes": classes, **target_scaling(y_train, output)}
+        if train.categories:
+            preprocessing["categories"] = train.categories
     mean = np.array(preprocessing["mean"])
     for x in (x_train, x_test):
         if x is not None:
@@ -119,12 +127,32 @@ def load_files(source, preprocessing, check_files, dtype, output):
     kind = (f"with {len(classes)} classes" if output == "softmax" else
             f"{len(classes)} labels, multi-label" if output == "sigmoid" else
             "numeric, standardized" if preprocessing.get("target_mean") else "numeric")
-    description = (f"{source['data']} ({len(y_train)} training rows, {x_train.shape[1]} "
-                   f"features, target {train.target_name!r} {kind}{held})")
+    encoded = ""
+    if train.categories:
+        encoded = (f" ({', '.join(map(repr, train.categories))} one-hot encoded: "
+                   f"{x_train.shape[1]} inputs)")
+    columns = len(train.names) if train.names else x_train.shape[1]
+    description = (f"{source['data']} ({len(y_train)} training rows, {columns} "
+                   f"features{encoded}, target {train.target_name!r} {kind}{held})")
     return Data(scale(x_train, preprocessing, dtype), y_train,
                 None if x_test is None else scale(x_test, preprocessing, dtype), y_test,
                 source, description, preprocessing, name=source["data"],
                 held_out="test" if source["test"] else "held-out")
+
+
+def unseen_note(table):
+    """"values unseen in training, encoded as none of the categories:
+    port 'X', 'Y' (3 rows), ..." for a message, or "". """
+    if not table.unseen:
+        return ""
+
+    def column(name, others):
+        values = sorted(set(others))
+        shown = ", ".join(map(repr, values[:3])) + (", ..." if len(values) > 3 else "")
+        return f"{name} {shown} ({len(others)} row{'s' if len(others) > 1 else ''})"
+
+    return ("values unseen in training, encoded as none of the categories: "
+            + ", ".join(column(name, others) for name, others in table.unseen.items()))
 
 
 def target_scaling(y, output):
@@ -209,7 +237,8 @@ def model_input(path, model):
         return x, table
     table = tabular.read_table(path, preprocessing["target"], need_target=False,
                                feature_names=preprocessing["features"],
-                               n_features=model.n_features)
+                               n_features=model.n_features,
+                               categories=preprocessing.get("categories") or {})
     if preprocessing["missing"] != "mean":  # one prediction per row: no row can go
         tabular.handle_missing(table, "error")
     tabular.fill_missing(table.features, np.array(preprocessing["mean"]))

@@ -1,6 +1,7 @@
-"""The user's own data files: a table of numeric features and one target
-column, read from CSV, NumPy (.npy, .npz) or Parquet; the target's classes;
-and the feature scaling learnt from the training rows.
+"""The user's own data files: a table of features and one target column,
+read from CSV, NumPy (.npy, .npz) or Parquet; the target's classes; the
+categories of text feature columns, one-hot encoded; and the feature
+scaling learnt from the training rows.
 
 Every problem with a file is a DataError (a ValueError) that names the file,
 and for CSV the line and the column.
@@ -15,6 +16,11 @@ import numpy as np
 SUFFIXES = (".csv", ".npy", ".npz", ".parquet")
 MISSING = ("error", "drop", "mean")  # what to do with NaN or empty feature cells
 NA_CELLS = {"", "nan", "NaN", "NA", "N/A", "null", "NULL", "?"}
+# a text column with more distinct values than this, or with more than
+# MANY_CATEGORIES of them and fewer than 2 rows a value, is refused: names,
+# identifiers and free text are no categories
+MAX_CATEGORIES = 100
+MANY_CATEGORIES = 10
 
 
 class DataError(ValueError):
@@ -22,12 +28,32 @@ class DataError(ValueError):
 
 
 class Table:
-    """features: (n, f) float64, NaN where a cell is missing; target: (n,)
-    labels (numbers or strings) or None; names: the feature columns' names."""
+    """features: (n, f) float64, NaN where a cell is missing; a column of
+    text is one-hot encoded (its categories' columns in a row: 1 for its
+    value, 0 for the others, NaN for a missing cell, all 0 for a value
+    outside them). target: (n,) labels (numbers or strings) or None. names:
+    the feature columns' names; categories: {name: values in order} of the
+    text columns; unseen: {name: the values, a row each} of values outside
+    the categories given."""
 
-    def __init__(self, path, features, target, names, target_name):
+    def __init__(self, path, features, target, names, target_name, categories=None,
+                 unseen=None):
         self.path, self.features, self.target = path, features, target
         self.names, self.target_name = names, target_name
+        self.categories, self.unseen = categories or {}, unseen or {}
+
+    def column_name(self, j):
+        """The name of the feature column that gives features[:, j]."""
+        if not self.names:
+            return str(j)
+        widths = input_widths(self.names, self.categories)
+        return repr(self.names[int(np.searchsorted(np.cumsum(widths), j, side="right"))])
+
+
+def input_widths(names, categories):
+    """How many of a model's inputs each feature column takes: 1, or the
+    number of its categories."""
+    return [len(categories[name]) if name in categories else 1 for name in names]
 
 
 def file_sha256(path):
@@ -38,13 +64,17 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def read_table(path, target=None, need_target=True, feature_names=None, n_features=None):
+def read_table(path, target=None, need_target=True, feature_names=None, n_features=None,
+               categories=None, ignore=None):
     """The table in path. target: the target column's name (CSV, Parquet) or
     index (.npy; negative counts from the end); None takes a column named
     'target' or 'label', else the last. feature_names: when given, exactly
     these columns in this order are the features (for prediction; the target
     may then be absent); n_features: for prediction from an .npy file, how
-    many features the model takes (an array one column wider holds a target)."""
+    many features the model takes (an array one column wider holds a target).
+    categories: a model's (the text columns and their values); None learns
+    them, making every column of text categorical. ignore: columns, comma
+    separated, that are no features."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SUFFIXES:
@@ -57,7 +87,8 @@ def read_table(path, target=None, need_target=True, feature_names=None, n_featur
     if suffix == ".npy":
         return read_npy(path, target, need_target, n_features)
     names, columns = read_csv(path) if suffix == ".csv" else read_parquet(path)
-    return split_columns(path, names, columns, target, need_target, feature_names)
+    return split_columns(path, names, columns, target, need_target, feature_names, categories,
+                         ignore)
 
 
 def read_csv(path):
@@ -227,9 +258,11 @@ def check_target_cells(path, y, name):
         raise DataError(f"{path}: the target {name} is NaN or inf in row {row + 1}")
 
 
-def split_columns(path, names, columns, target, need_target, feature_names):
+def split_columns(path, names, columns, target, need_target, feature_names, categories=None,
+                  ignore=None):
     """The Table of named columns (strings from CSV or arrays from Parquet).
-    target may name several columns, comma separated (multi-output)."""
+    target may name several columns, comma separated (multi-output); the
+    rest as read_table says."""
     if feature_names is not None:
         missing = [name for name in feature_names if name not in names]
         if missing:
@@ -246,13 +279,16 @@ def split_columns(path, names, columns, target, need_target, feature_names):
             raise DataError(f"{path}: no target column {absent[0]!r}; the columns are "
                             f"{', '.join(names)}")
         target_name = target
-        chosen = [name for name in names if name not in target.split(",")]
+        left_out = ignore.split(",") if ignore else []
+        unknown = [name for name in left_out if name not in names]
+        if unknown:
+            raise DataError(f"{path}: no column {unknown[0]!r} to ignore; the columns are "
+                            f"{', '.join(names)}")
+        chosen = [name for name in names if name not in target.split(",") + left_out]
         if not chosen:
             raise DataError(f"{path}: no feature columns besides the target {target!r}")
     by_name = dict(zip(names, columns))
-    features = np.empty((len(by_name[chosen[0]]), len(chosen)), np.float64)
-    for j, name in enumerate(chosen):
-        features[:, j] = numeric_column(path, name, by_name[name])
+    features, categories, unseen = feature_matrix(path, chosen, by_name, categories)
     y = None
     if target_name is not None and (need_target or feature_names is None):
         parts = target_name.split(",")
@@ -263,13 +299,78 @@ def split_columns(path, names, columns, target, need_target, feature_names):
             if np.isnan(y).any():
                 row = int(np.flatnonzero(np.isnan(y).any(axis=1))[0])
                 raise DataError(f"{path}, line {row + 2}: a target is missing")
-    return Table(path, features, y, chosen, target_name)
+    return Table(path, features, y, chosen, target_name, categories, unseen)
 
 
-def numeric_column(path, name, cells):
+def feature_matrix(path, chosen, by_name, categories):
+    """(features, categories, unseen) of the chosen columns: numbers as
+    they are, a column of text one-hot encoded (Table). categories None:
+    every column of text is categorical, its values learnt; else exactly
+    the columns it names are, with its values."""
+    blocks, learnt, unseen = [], {}, {}
+    for name in chosen:
+        cells = by_name[name]
+        if categories is not None and name not in categories:
+            blocks.append(numeric_column(path, name, cells)[:, None])
+            continue
+        if categories is None:
+            values = numeric_column(path, name, cells, allow_text=True)
+            if values is not None:
+                blocks.append(values[:, None])
+                continue
+            learnt[name] = learn_categories(path, name, cells)
+        known = categories[name] if categories is not None else learnt[name]
+        encoded, others = one_hot(cells, known)
+        blocks.append(encoded)
+        if others:
+            unseen[name] = others
+    return (np.hstack(blocks), learnt if categories is None else dict(categories), unseen)
+
+
+def category_texts(cells):
+    """The cells of a text column as stripped strings, None where missing."""
+    texts = ("" if cell is None else str(cell).strip() for cell in cells)
+    return [None if text in NA_CELLS else text for text in texts]
+
+
+def learn_categories(path, name, cells):
+    """The sorted values of a text column; too many of them is an error."""
+    texts = category_texts(cells)
+    values = sorted(set(texts) - {None})
+    rows = len(texts) - texts.count(None)
+    if len(values) > MAX_CATEGORIES or (len(values) > MANY_CATEGORIES and rows < 2 * len(values)):
+        raise DataError(f"{path}: column {name!r} holds text with {len(values)} distinct values "
+                        f"in {rows} rows, too many to encode as categories (at most "
+                        f"{MAX_CATEGORIES}, and 2 rows a value on average); leave it out with --ignore "
+                        f"{name}")
+    return values
+
+
+def one_hot(cells, categories):
+    """(encoded (n, k) float64, the values of the rows not in categories):
+    a row holds 1 in its value's column and 0 elsewhere, NaN throughout
+    for a missing cell, 0 throughout for a value not in categories."""
+    lookup = {value: k for k, value in enumerate(categories)}
+    texts = category_texts(cells)
+    encoded = np.zeros((len(texts), len(categories)), np.float64)
+    others = []
+    for i, text in enumerate(texts):
+        if text is None:
+            encoded[i] = math.nan
+        elif text in lookup:
+            encoded[i, lookup[text]] = 1.0
+        else:
+            others.append(text)
+    return encoded, others
+
+
+def numeric_column(path, name, cells, allow_text=False):
     """cells as float64, NaN for a missing cell; anything else that is not a
-    number is an error naming the line and the column."""
+    number is an error naming the line and the column. With allow_text,
+    None for a column of text: one with no cell a number and some cell not."""
     if isinstance(cells, np.ndarray) and cells.dtype != object:
+        if allow_text and cells.dtype.kind == "U":
+            return numeric_column(path, name, cells.astype(object), allow_text)
         if not (np.issubdtype(cells.dtype, np.number) or cells.dtype == bool):
             raise DataError(f"{path}: column {name!r} holds {cells.dtype}, not numbers")
         return cells.astype(np.float64)
@@ -289,9 +390,22 @@ def numeric_column(path, name, cells):
         try:
             values[i] = float(text)
         except (TypeError, ValueError):
+            if allow_text and not any(is_number(other) for other in cells):
+                return None
             raise DataError(f"{path}, line {i + 2}, column {name!r}: {cell!r} is not a "
                             "number") from None
     return values
+
+
+def is_number(cell):
+    """Whether a cell (not a missing one) is a number as float() reads it."""
+    if cell is None or isinstance(cell, str) and cell.strip() in NA_CELLS:
+        return False
+    try:
+        float(cell.strip() if isinstance(cell, str) else cell)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def target_values(path, name, cells):
@@ -323,9 +437,8 @@ def handle_missing(table, policy):
     rows = np.flatnonzero(bad.any(axis=1))
     if policy == "error":
         column = int(np.flatnonzero(bad[rows[0]])[0])
-        where = (f"column {table.names[column]!r}" if table.names else f"column {column}")
         raise DataError(f"{table.path}: {len(rows)} rows have missing or NaN features (the first "
-                        f"is row {rows[0] + 1}, {where}); choose --missing drop or --missing mean")
+                        f"is row {rows[0] + 1}, column {table.column_name(column)}); choose --missing drop or --missing mean")
     keep = np.ones(len(table.features), bool)
     keep[rows] = False
     if not keep.any():

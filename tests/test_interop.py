@@ -87,6 +87,40 @@ def test_onnx_of_a_model_of_your_files_takes_raw_columns(tmp_path, capsys):
     assert abs(np.mean(got) - 1e6) < 1e5  # in the target's units
 
 
+def test_onnx_of_a_model_with_text_columns_takes_their_strings(tmp_path, capsys):
+    # the numeric columns as "input", each text column as strings of its own;
+    # a missing cell filled as in training, an unseen value none of the categories
+    from fastmlp.predict import main as predict_main
+    from test_own_data import passengers
+    lines = passengers(300, seed=0)
+    lines[3] = lines[3].replace(",f,", ",,").replace(",m,", ",,")
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(lines) + "\n")
+    onnx_path, model_path = tmp_path / "m.onnx", tmp_path / "m.safetensors"
+    code = main(["--data", str(path), "--target", "survived", "--ignore", "id", "--missing",
+                 "mean", "--epochs", "3", "--quiet", "--save", str(model_path),
+                 "--onnx", str(onnx_path)])
+    assert code == 0, capsys.readouterr().err
+    new = passengers(50, seed=1, ports="CQSX")
+    new[5] = new[5].replace(",C,", ",NA,").replace(",Q,", ",NA,").replace(",S,", ",NA,")
+    new[6] = new[6].replace(",f,", ",,").replace(",m,", ",,")
+    (tmp_path / "new.csv").write_text("\n".join(new) + "\n")
+    capsys.readouterr()
+    assert predict_main([str(model_path), str(tmp_path / "new.csv"), "--proba"]) == 0
+    expected = np.array([[float(v) for v in line.split(",")[1:]]
+                         for line in capsys.readouterr().out.split()[1:]])
+    rows = [line.split(",") for line in new[1:]]
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
+        ("input", "tensor(float)", ["batch", 2]), ("sex", "tensor(string)", ["batch", 1]),
+        ("port", "tensor(string)", ["batch", 1])]
+    got = session.run(["probabilities"], {
+        "input": np.array([[float(r[1]), float(r[3])] for r in rows], np.float32),
+        "sex": np.array([[r[2]] for r in rows], object),
+        "port": np.array([[r[4]] for r in rows], object)})[0]
+    assert any(r[4] == "X" for r in rows) and np.abs(got - expected).max() < 1e-5
+
+
 @pytest.mark.parametrize("activation,module", [("sigmoid", torch.nn.Sigmoid),
                                                ("tanh", torch.nn.Tanh), ("relu", torch.nn.ReLU)])
 def test_from_torch_predicts_the_same_and_trains_on(activation, module):

@@ -2,6 +2,7 @@
 model file records, and the first-run behaviour of the command line."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -166,6 +167,15 @@ def test_missing_cells_are_refused_unless_a_policy_is_chosen(tmp_path, capsys):
     ("a,a,species\n1,2,x\n", [], "column 'a' appears twice"),
     ("", [], "bad.csv: the file is empty"),
     ("a,b,species\n", [], "no rows below the header"),
+    # a column of text is categorical; one that mixes text and numbers is a mistake
+    ("a,b,species\n1,x,p\n2,3,q\n", [], "bad.csv, line 2, column 'b': 'x' is not a number"),
+    ("name,a,species\n" + "".join(f"p{i},{i},{i % 2}\n" for i in range(30)), [],
+     "column 'name' holds text with 30 distinct values in 30 rows, too many to encode as "
+     "categories (at most 100, and 2 rows a value on average); leave it out with --ignore name"),
+    ("a,b,species\n1,2,x\n3,4,y\n", ["--ignore", "b,c"],
+     "bad.csv: no column 'c' to ignore; the columns are a, b, species"),
+    ("a,b,species\n1,2,x\n3,4,y\n", ["--ignore", "a,b"],
+     "bad.csv: no feature columns besides the target 'species'"),
 ])
 def test_bad_files_exit_2_with_the_place_named(tmp_path, capsys, content, argv, message):
     (tmp_path / "bad.csv").write_text(content)
@@ -287,6 +297,102 @@ def test_tables_read_alike_from_every_format(tmp_path):
     assert np.array_equal(npz.features, x) and list(npz.target) == list(range(20))
     numbers = tabular.read_table(write_csv(tmp_path / "n.csv", x, [str(i % 4) for i in range(20)]))
     assert numbers.target.dtype.kind == "i"  # numeric labels stay numbers
+
+
+def test_text_columns_are_one_hot_encoded(tmp_path):
+    (tmp_path / "t.csv").write_text("size,color,shade,y\n1,red,dark,a\n2, blue,,b\n"
+                                    "3,red,light,a\n")
+    table = tabular.read_table(tmp_path / "t.csv", "y")
+    assert table.names == ["size", "color", "shade"]
+    assert table.categories == {"color": ["blue", "red"], "shade": ["dark", "light"]}
+    nan = np.nan
+    expected = [[1, 0, 1, 1, 0], [2, 1, 0, nan, nan], [3, 0, 1, 0, 1]]  # a missing cell: NaN
+    np.testing.assert_array_equal(table.features, expected)
+    assert table.column_name(0) == "'size'" and table.column_name(4) == "'shade'"
+    # a model's categories: a value outside them is none of them, and said
+    (tmp_path / "new.csv").write_text("shade,size,color\ndark,4,green\nlight,5,red\n"
+                                      "dark,6,pink\n")
+    new = tabular.read_table(tmp_path / "new.csv", need_target=False,
+                             feature_names=table.names, categories=table.categories)
+    np.testing.assert_array_equal(new.features, [[4, 0, 0, 1, 0], [5, 0, 1, 0, 1],
+                                                 [6, 0, 0, 1, 0]])
+    assert new.unseen == {"color": ["green", "pink"]}
+    assert sources.unseen_note(new) == ("values unseen in training, encoded as none of the "
+                                        "categories: color 'green', 'pink' (2 rows)")
+    # given no categories, a column of text is an error, as for a model of numbers
+    with pytest.raises(tabular.DataError, match="line 2, column 'color': 'green' is not a"):
+        tabular.read_table(tmp_path / "new.csv", need_target=False,
+                           feature_names=table.names, categories={})
+    pytest.importorskip("pyarrow")
+    import pandas as pd
+    frame = pd.read_csv(tmp_path / "t.csv", skipinitialspace=True)
+    frame["color"] = frame["color"].astype("category")  # a dictionary column in Parquet
+    frame.to_parquet(tmp_path / "t.parquet")
+    parquet = tabular.read_table(tmp_path / "t.parquet", "y")
+    assert parquet.categories == table.categories
+    np.testing.assert_array_equal(parquet.features, expected)
+
+
+def passengers(n, seed, ports="CQS"):
+    """A table whose class follows its two text columns: survived when sex
+    is f or the port is C, whatever the age and fare; an id column too."""
+    rng = np.random.default_rng(seed)
+    sex = rng.choice(["f", "m"], n)
+    port = rng.choice(list(ports), n)
+    lines = ["id,age,sex,fare,port,survived"]
+    for i in range(n):
+        survived = "yes" if sex[i] == "f" or port[i] == "C" else "no"
+        lines.append(f"x{seed}-{i},{rng.integers(1, 80)},{sex[i]},{rng.exponential(30):.2f},"
+                     f"{port[i]},{survived}")
+    return lines
+
+
+def test_text_columns_from_the_command_line(tmp_path, capsys):
+    lines = passengers(400, seed=0)
+    lines[3] = lines[3].replace(",f,", ",,").replace(",m,", ",,")  # a missing sex
+    path = tmp_path / "train.csv"
+    path.write_text("\n".join(lines) + "\n")
+    model_path = str(tmp_path / "m.safetensors")
+    argv = ["--data", str(path), "--target", "survived", "--ignore", "id", "--missing", "mean",
+            "--epochs", "30", "--quiet", "--save", model_path]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "4 features ('sex', 'port' one-hot encoded: 7 inputs)" in out
+    assert float(out.split("held-out accuracy: ")[1].split()[0]) >= 0.95
+    model = fastmlp.load(model_path)
+    assert model.preprocessing["features"] == ["age", "sex", "fare", "port"]
+    assert model.preprocessing["categories"] == {"sex": ["f", "m"], "port": ["C", "Q", "S"]}
+    assert model.source["ignore"] == "id" and model.n_features == 7
+    code, out, err = run(["--evaluate", model_path], capsys)
+    assert code == 0 and "held-out accuracy" in out, err
+
+    # new rows, one of them from a port never seen: predicted, and said on stderr
+    new = passengers(60, seed=1, ports="CQSX")
+    (tmp_path / "new.csv").write_text("\n".join(new) + "\n")
+    code, out, err = run([model_path, str(tmp_path / "new.csv")], capsys, predict_main)
+    assert code == 0
+    assert err.startswith("fastmlp-predict: warning: ") and "port 'X' (" in err
+    predicted = out.split()[1:]
+    truth = [line.split(",")[-1] for line in new[1:]]
+    known = [i for i, line in enumerate(new[1:]) if line.split(",")[4] != "X"]
+    assert len(predicted) == 60 and all(predicted[i] == truth[i] for i in known)
+    # and as a test file
+    code, out, err = run(argv[:-2] + ["--epochs", "1", "--test", str(tmp_path / "new.csv")],
+                         capsys)
+    assert code == 0 and "values unseen in training, encoded as none of the categories: port 'X'" \
+        in out, err
+
+    # model files with categories that do not fit their features are refused
+    for change, message in ((lambda prep: prep["categories"].update(sex=["f"]),
+                             "bad preprocessing features"),
+                            (lambda prep: prep["categories"].update(id=["a"]),
+                             "categories must map feature columns to distinct strings"),
+                            (lambda prep: prep["categories"].update(sex=["f", "f"]),
+                             "categories must map feature columns to distinct strings")):
+        shutil.copy(model_path, tmp_path / "bad.safetensors")
+        with_preprocessing(tmp_path / "bad.safetensors", change)
+        with pytest.raises(ValueError, match=message):
+            fastmlp.load(tmp_path / "bad.safetensors")
 
 
 # CSV files whose cells pyarrow and Python's int()/float() could read apart
