@@ -99,8 +99,9 @@ def build_parser():
     data.add_argument("--data-dir", help="look for the dataset's four IDX files only here "
                       "(and in its subdirectory named after the dataset)")
     data.add_argument("--no-download", action="store_true", help="never download")
-    data.add_argument("--data", metavar="FILE", help="train on your own table: .csv (with a "
-                      "header line), .npz (arrays X and y), .npy or .parquet; numeric features "
+    data.add_argument("--data", metavar="FILE", help="train on your own table: .csv or .tsv "
+                      "(with a header line; also .gz, .bz2, .xz; a .csv delimited by commas, "
+                      "semicolons, tabs or |), .npz (arrays X and y), .npy or .parquet; numeric features "
                       "are standardized, columns of text one-hot encoded, and labels may be "
                       "numbers or strings")
     data.add_argument("--target", help="--data's label column (default: 'target' or 'label' "

@@ -34,8 +34,9 @@ def build_parser():
                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("model", metavar="MODEL", help="a model file")
-    parser.add_argument("data", metavar="DATA", help="rows to predict: .csv (with a header "
-                        "line), .npz (array X), .npy or .parquet")
+    parser.add_argument("data", metavar="DATA", help="rows to predict: a table as "
+                        "fastmlp-train --data reads (.csv, .tsv, compressed too, .parquet), .npz "
+                        "(array X) or .npy")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the CSV here, "
                         "atomically (default: standard output)")
     parser.add_argument("--proba", action="store_true",

@@ -1,19 +1,29 @@
 """The user's own data files: a table of features and one target column,
-read from CSV, NumPy (.npy, .npz) or Parquet; the target's classes; the
+read from CSV or TSV (compressed too), NumPy (.npy, .npz) or Parquet; the target's classes; the
 categories of text feature columns, one-hot encoded; and the feature
 scaling learnt from the training rows.
 
 Every problem with a file is a DataError (a ValueError) that names the file,
 and for CSV the line and the column.
 """
+import bz2
 import csv
+import gzip
 import hashlib
+import lzma
 import math
 import os
+import re
 
 import numpy as np
 
-SUFFIXES = (".csv", ".npy", ".npz", ".parquet")
+SUFFIXES = (".csv", ".tsv", ".npy", ".npz", ".parquet")
+TEXT_SUFFIXES = (".csv", ".tsv")  # also compressed:
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+DELIMITERS = ",;\t|"  # a .csv file's is the one its header line holds most of
+# in a file delimited by ';', as spreadsheets write where the decimal mark
+# is a comma, a column of such numbers (at least one with a comma) is numeric
+DECIMAL_COMMA = re.compile(r"[+-]?(\d+|\d*,\d+)")
 MISSING = ("error", "drop", "mean")  # what to do with NaN or empty feature cells
 NA_CELLS = {"", "nan", "NaN", "NA", "N/A", "null", "NULL", "?"}
 # a text column with more distinct values than this, or with more than
@@ -76,19 +86,49 @@ def read_table(path, target=None, need_target=True, feature_names=None, n_featur
     them, making every column of text categorical. ignore: columns, comma
     separated, that are no features."""
     path = os.fspath(path)
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in SUFFIXES:
+    suffix, opener = file_type(path)
+    if suffix not in SUFFIXES or opener and suffix not in TEXT_SUFFIXES:
         raise DataError(f"{path}: unknown file type {suffix or '(none)'!r}; fastmlp reads "
-                        f"{', '.join(SUFFIXES)}")
+                        f"{', '.join(SUFFIXES)} (.csv and .tsv also compressed: "
+                        f"{', '.join(COMPRESSED)})")
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     if suffix == ".npz":
         return read_npz(path, need_target)
     if suffix == ".npy":
         return read_npy(path, target, need_target, n_features)
-    names, columns = read_csv(path) if suffix == ".csv" else read_parquet(path)
+    names, columns = read_csv(path) if suffix in TEXT_SUFFIXES else read_parquet(path)
     return split_columns(path, names, columns, target, need_target, feature_names, categories,
                          ignore)
+
+
+def file_type(path):
+    """(suffix, opener): the file's suffix, lower case, behind any
+    compression suffix, and the opener of that compression (or None)."""
+    root, suffix = os.path.splitext(os.fspath(path).lower())
+    opener = COMPRESSED.get(suffix)
+    return (os.path.splitext(root)[1] if opener else suffix), opener
+
+
+def open_binary(path):
+    return (file_type(path)[1] or open)(path, "rb")
+
+
+def open_text(path):
+    return (file_type(path)[1] or open)(path, "rt", newline="", encoding="utf-8-sig")
+
+
+def delimiter(path):
+    """A .tsv file's tab; for a .csv file, whichever of DELIMITERS its
+    first line holds most of (a comma for none)."""
+    if file_type(path)[0] == ".tsv":
+        return "\t"
+    try:
+        with open_binary(path) as f:
+            first = f.readline().decode("utf-8", errors="replace")
+    except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed file
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    return max(DELIMITERS, key=first.count)  # (the first of equals: a comma)
 
 
 def read_csv(path):
@@ -98,14 +138,17 @@ def read_csv(path):
     fast = read_csv_arrow(path)
     if fast is not None:
         return fast
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+    sep = delimiter(path)
+    with open_text(path) as f:
+        reader = csv.reader(f, delimiter=sep)
         try:
             header = next(reader)
         except StopIteration:
             raise DataError(f"{path}: the file is empty") from None
         except (csv.Error, UnicodeDecodeError) as exc:
             raise DataError(f"{path}, line 1: {exc}") from None
+        except (OSError, EOFError, lzma.LZMAError) as exc:
+            raise DataError(f"{path}: cannot read: {exc}") from None
         header = [name.strip() for name in header]
         check_header(path, header)
         rows = []
@@ -119,9 +162,28 @@ def read_csv(path):
                 rows.append(row)
         except (csv.Error, UnicodeDecodeError) as exc:
             raise DataError(f"{path}, line {reader.line_num}: {exc}") from None
+        except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed file
+            raise DataError(f"{path}: cannot read: {exc}") from None
     if not rows:
         raise DataError(f"{path}: no rows below the header")
-    return header, list(zip(*rows))
+    return header, decimal_commas(list(zip(*rows)), sep)
+
+
+def decimal_commas(columns, sep):
+    """columns, with those of numbers written with a decimal comma (in a
+    file delimited by ';') as float64 arrays."""
+    if sep != ";":
+        return columns
+    for j, cells in enumerate(columns):
+        if isinstance(cells, np.ndarray):
+            continue
+        texts = ["" if cell is None else cell.strip() for cell in cells]
+        given = [text for text in texts if text not in NA_CELLS]
+        if given and any("," in text for text in given) \
+                and all(DECIMAL_COMMA.fullmatch(text) for text in given):
+            columns[j] = np.array([math.nan if text in NA_CELLS else float(text.replace(",", "."))
+                                   for text in texts])
+    return columns
 
 
 def read_csv_arrow(path):
@@ -143,17 +205,21 @@ def read_csv_arrow(path):
         import pyarrow.csv as pacsv
     except ImportError:
         return None
-    with open(path, "rb") as f:
-        if any(b'"' in block for block in iter(lambda: f.read(1 << 20), b"")):
-            return None
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = [name.strip() for name in next(csv.reader(f))]
-        table = pacsv.read_csv(
-            path, read_options=pacsv.ReadOptions(column_names=header, skip_rows=1),
-            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()),
-                                                 strings_can_be_null=False))
-    except (StopIteration, csv.Error, UnicodeDecodeError, ValueError, pa.ArrowException):
+        with open_binary(path) as f:
+            if any(b'"' in block for block in iter(lambda: f.read(1 << 20), b"")):
+                return None
+        sep = delimiter(path)
+        with open_text(path) as f:
+            header = [name.strip() for name in next(csv.reader(f, delimiter=sep))]
+        with open_binary(path) as f:
+            table = pacsv.read_csv(
+                f, read_options=pacsv.ReadOptions(column_names=header, skip_rows=1),
+                parse_options=pacsv.ParseOptions(delimiter=sep),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False))
+    except (StopIteration, csv.Error, UnicodeDecodeError, ValueError, pa.ArrowException,
+            OSError, EOFError, lzma.LZMAError, DataError):
         return None  # (an empty file, bad UTF-8, a row of another width, ...)
     if table.num_rows == 0 or len(set(header)) != len(header) or not all(header):
         return None
@@ -173,7 +239,7 @@ def read_csv_arrow(path):
                 np.isnan(values).any() or (values == np.round(values)).all()):
             values = None  # int() could take them all, or NaN: the careful path decides
         columns.append(tuple(cells.to_pylist()) if values is None else values)
-    return header, columns
+    return header, decimal_commas(columns, sep)
 
 
 def check_header(path, header):

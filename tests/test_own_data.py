@@ -395,6 +395,42 @@ def test_text_columns_from_the_command_line(tmp_path, capsys):
             fastmlp.load(tmp_path / "bad.safetensors")
 
 
+def test_delimiters_decimal_commas_and_compression_read_alike(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+    x, labels = blobs(30)
+    x[4, 1] = np.nan
+    lines = [f"{FEATURES[0]},{FEATURES[1]},{FEATURES[2]},species"] + [
+        ",".join(["" if np.isnan(v) else repr(float(v)) for v in row] + [label])
+        for row, label in zip(x, labels)]
+    plain = "\n".join(lines) + "\n"
+    files = {"t.csv": plain, "tabs.tsv": plain.replace(",", "\t"),
+             "tabs.csv": plain.replace(",", "\t"), "pipes.csv": plain.replace(",", "|"),
+             "semicolons.csv": plain.replace(",", ";"),
+             "decimal commas.csv": plain.replace(",", ";").replace(".", ",")}
+    for name, opener in (("t.csv.gz", gzip.open), ("t.tsv.bz2", bz2.open),
+                         ("t.csv.xz", lzma.open)):
+        files[name] = files["tabs.tsv"] if ".tsv" in name else plain
+        with opener(tmp_path / name, "wt") as f:
+            f.write(files[name])
+    for name, text in files.items():
+        if not name.endswith(tuple(tabular.COMPRESSED)):
+            (tmp_path / name).write_text(text)
+        table = tabular.read_table(tmp_path / name)
+        assert table.names == FEATURES and list(table.target) == list(labels), name
+        np.testing.assert_array_equal(table.features, x, err_msg=name)
+    (tmp_path / "bad.csv.gz").write_bytes(b"not gzip")
+    with pytest.raises(tabular.DataError, match="bad.csv.gz: cannot read: "):
+        tabular.read_table(tmp_path / "bad.csv.gz")
+    with pytest.raises(tabular.DataError, match="unknown file type '.npy'; .* also compressed"):
+        tabular.read_table(tmp_path / "t.npy.gz")
+    # decimal commas mixed with a decimal point: neither numbers nor text
+    (tmp_path / "mixed.csv").write_text("a;b;y\n1,5;x;0\n2.5;y;1\n")
+    with pytest.raises(tabular.DataError, match="line 2, column 'a': '1,5' is not a number"):
+        tabular.read_table(tmp_path / "mixed.csv")
+
+
 # CSV files whose cells pyarrow and Python's int()/float() could read apart
 TRICKY_CSVS = {
     "numbers": "a,b,y\n0.5,1,3\n-1e3,2,4\n2.25,-3,5\n",
@@ -414,6 +450,8 @@ TRICKY_CSVS = {
     "quotes": 'a,b,y\n"1",2,"x,y"\n3,4,"z"\n',
     "short row": "a,b,y\n1,2,3\n4,5\n",
     "header only": "a,b,y\n",
+    "semicolons and decimal commas": "a;b;y\n1,5;2;3\n-,25;;4,5\n",
+    "tabs": "a\tb\ty\n1\t2.5\t3\n4\t5\tcat\n",
 }
 
 
