@@ -240,7 +240,9 @@ def model_input(path, model):
                                n_features=model.n_features,
                                categories=preprocessing.get("categories") or {})
     if preprocessing["missing"] != "mean":  # one prediction per row: no row can go
-        tabular.handle_missing(table, "error")
+        tabular.handle_missing(table, "error", f"the model was trained with --missing "
+                               f"{preprocessing['missing']}, so it needs every feature (a "
+                               "model trained with --missing mean fills them in)")
     tabular.fill_missing(table.features, np.array(preprocessing["mean"]))
     return scale(table.features, preprocessing, model.dtype), table
 

@@ -493,10 +493,10 @@ def target_values(path, name, cells):
     return np.array(texts)
 
 
-def handle_missing(table, policy):
+def handle_missing(table, policy, remedy="choose --missing drop or --missing mean"):
     """Applies a missing-cell policy to table (NaN cells in its features):
-    'error' refuses them, 'drop' drops their rows, anything else leaves them
-    for fill_missing. Returns the table."""
+    'error' refuses them (the message ends with remedy), 'drop' drops their
+    rows, anything else leaves them for fill_missing. Returns the table."""
     bad = np.isnan(table.features)
     if policy not in ("error", "drop") or not bad.any():
         return table
@@ -504,7 +504,7 @@ def handle_missing(table, policy):
     if policy == "error":
         column = int(np.flatnonzero(bad[rows[0]])[0])
         raise DataError(f"{table.path}: {len(rows)} rows have missing or NaN features (the first "
-                        f"is row {rows[0] + 1}, column {table.column_name(column)}); choose --missing drop or --missing mean")
+                        f"is row {rows[0] + 1}, column {table.column_name(column)}); {remedy}")
     keep = np.ones(len(table.features), bool)
     keep[rows] = False
     if not keep.any():

@@ -149,8 +149,13 @@ def test_missing_cells_are_refused_unless_a_policy_is_chosen(tmp_path, capsys):
     assert code == 2
     assert "2 rows have missing or NaN features (the first is row 5, column 'width')" in err
     assert "--missing drop" in err and err.count("\n") == 1
-    code, out, err = run(["--data", path, "--epochs", "1", "--quiet", "--missing", "drop"], capsys)
+    model_path = str(tmp_path / "m.safetensors")
+    code, out, err = run(["--data", path, "--epochs", "1", "--quiet", "--missing", "drop",
+                          "--save", model_path], capsys)
     assert code == 0 and "52 training rows" in out  # 58 rows, 6 held out
+    code, out, err = run([model_path, path], capsys, predict_main)  # one answer a row
+    assert code == 2 and "(the first is row 5, column 'width'); the model was trained with " \
+        "--missing drop, so it needs every feature" in err
     code, out, err = run(["--data", path, "--epochs", "1", "--quiet", "--missing", "mean"], capsys)
     assert code == 0 and "54 training rows" in out
 
