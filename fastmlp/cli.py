@@ -293,9 +293,9 @@ def write_history(history, path):
             writer.writerows(rows)
 
 
-def plot_history(history, path):
+def plot_history(history, path, held_out="test"):
     """The lesson's two figures: accuracy (or the head's metric) and loss per
-    epoch, train and test."""
+    epoch, train and held_out (what the rows reported on are)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -307,7 +307,7 @@ def plot_history(history, path):
                              (loss, "loss", "Loss")):
         axis.plot(epochs, history.history[key], marker="o", label="train")
         if f"val_{key}" in history.history:
-            axis.plot(epochs, history.history[f"val_{key}"], marker="o", label="test")
+            axis.plot(epochs, history.history[f"val_{key}"], marker="o", label=held_out)
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.legend()
@@ -451,7 +451,7 @@ def report(args, model, data, history, settings, elapsed, comm, out):
     if args.history:
         write_history(history, args.history)
     if args.plot:
-        plot_history(history, args.plot)
+        plot_history(history, args.plot, data.held_out)
     if args.save:
         model.save(args.save)
         out.write(f"Saved {args.save}\n")

@@ -67,6 +67,24 @@ def test_history_files_and_plot(data_dir, tmp_path, capsys):
     assert json.loads(json_path.read_text())[0]["epoch"] == 1
 
 
+def test_the_plot_names_the_rows_it_reports_on(tmp_path, monkeypatch):
+    # a test set is "test", rows held out of --data are "held-out"
+    import matplotlib.figure
+
+    from fastmlp.cli import plot_history
+    from fastmlp.training import History
+    history = History("accuracy")
+    history.epoch = [0, 1]
+    history.history = {"loss": [1.0, 0.5], "accuracy": [0.5, 0.7], "val_loss": [1.1, 0.6],
+                       "val_accuracy": [0.4, 0.6]}
+    labels = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, path, **_: labels.append(
+        [[text.get_text() for text in axis.get_legend().get_texts()] for axis in figure.axes]))
+    plot_history(history, tmp_path / "a.png")
+    plot_history(history, tmp_path / "b.png", "held-out")
+    assert labels == [[["train", "test"]] * 2, [["train", "held-out"]] * 2]
+
+
 def test_save_evaluate_and_resume_equals_a_straight_run(data_dir, tmp_path, capsys):
     common = ["--data-dir", data_dir, "--quiet", "--optimizer", "adam", "--hidden", "16,8",
               "--activation", "relu"]
