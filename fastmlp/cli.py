@@ -101,9 +101,9 @@ def build_parser():
     data.add_argument("--no-download", action="store_true", help="never download")
     data.add_argument("--data", metavar="FILE", help="train on your own table: .csv or .tsv "
                       "(with a header line; also .gz, .bz2, .xz; a .csv delimited by commas, "
-                      "semicolons, tabs or |), .npz (arrays X and y), .npy or .parquet; numeric features "
-                      "are standardized, columns of text one-hot encoded, and labels may be "
-                      "numbers or strings")
+                      "semicolons, tabs or |), .npz (arrays X and y), .npy or .parquet; "
+                      "numeric features are standardized, columns of text one-hot encoded, "
+                      "and labels may be numbers or strings")
     data.add_argument("--target", help="--data's label column (default: 'target' or 'label' "
                       "if there is one, else the last column; for .npy, a column index)")
     data.add_argument("--ignore", metavar="COLUMNS", help="--data columns that are no "
