@@ -154,6 +154,10 @@ def build_parser():
                        help="Nesterov momentum (with --resume, the file's)")
     train.add_argument("--weight-decay", type=float, help="L2 on weights "
                        f"(default: {OPTIMIZER_DEFAULTS['weight_decay']}; with --resume, the file's)")
+    train.add_argument("--class-weight", choices=["balanced", "none"],
+                       help="balanced: each row weighs n / (classes x its class's rows) in "
+                       "the loss, so that every class counts alike whatever its share of the "
+                       "rows (default: none; with --resume, the file's)")
     train.add_argument("--epochs", type=int, help="epochs to train; with --resume, the total "
                        f"to reach (default: {RUN_DEFAULTS['epochs']})")
     train.add_argument("--batch-size", type=int, help="rows per step (default: "
@@ -234,6 +238,8 @@ def check_args(parser, args):
             parse_hidden(args.hidden)
         except UsageError as exc:
             parser.error(str(exc))
+    if args.class_weight == "balanced" and args.output not in (None, "softmax"):
+        parser.error("--class-weight balanced weighs classes: it goes with --output softmax")
     if args.output not in (None, "softmax") and not args.data:
         parser.error(f"--output {args.output} needs your own numeric targets: --data FILE")
     if args.lr_step_factor <= 0 or args.lr_step_every < 1 or args.lr_min < 0:
@@ -364,6 +370,7 @@ def main(argv=None):
         if args.resume and epochs <= 0:
             raise UsageError(f"{args.resume} has trained {plural(model.training_state.epoch, 'epoch')} "
                              f"already; --epochs is the total to reach, ask for more")
+        weights = row_weights(args, model, data)
         announce(args, model, data, kind, chosen, comm, out)
         validation = (data.x_test, data.y_test) if data.x_test is not None else None
         settings = optimizer_settings(args, model)
@@ -373,7 +380,7 @@ def main(argv=None):
                       sampling=args.sampling, validation_data=validation, threads=args.threads,
                       seed=None if args.resume else args.seed,
                       patience=args.patience, monitor=args.monitor, min_delta=args.min_delta,
-                      restore_best_weights=not args.no_restore_best,
+                      restore_best_weights=not args.no_restore_best, sample_weight=weights,
                       callbacks=callbacks(args, model, out) if leader else (), comm=comm)
         elapsed = time.perf_counter() - started - history.compile_time
         if leader:
@@ -417,6 +424,8 @@ def announce(args, model, data, kind, chosen, comm, out):
     if chosen:
         out.write(f"Settings for {KIND_NAMES.get(kind, kind)}: {' '.join(chosen)} "
                   "(flags override them)\n")
+    if model.source.get("class_weight") == "balanced":
+        out.write(f"Class weights (balanced): {class_weights_text(model, data)}\n")
     if comm is not None:
         comm.Barrier()  # every rank has its data and model: training starts
         out.write(f"Distributed over {comm.size} MPI ranks: {args.batch_size} rows per step "
@@ -430,8 +439,10 @@ def report(args, model, data, history, settings, elapsed, comm, out):
         loss, score = model.evaluate(data.x_test, data.y_test)
         on = data.held_out
         rmse = target_rmse(model, data.x_test, data.y_test)
+        balanced = balanced_accuracy(model, data.x_test, data.y_test)
         out.write(f"{on.capitalize()} loss: {loss:.4f} - {on} {model.metric}: {score:.4f}"
-                  + (f" - {on} RMSE: {rmse}" if rmse else "") + "\n")
+                  + (f" - {on} RMSE: {rmse}" if rmse else "")
+                  + (f" - {on} balanced accuracy: {balanced:.4f}" if balanced else "") + "\n")
     trained = sum(history.history["epoch_time"])
     if history.epoch:
         out.write(f"Trained {plural(len(history.epoch), 'epoch')} in {elapsed:.2f}s "
@@ -621,9 +632,21 @@ def evaluate(model, data, path, out):
         out.write(f"{PREDICT_COMPILE_NOTICE}...\n")
     loss, score = model.evaluate(x, y)
     rmse = target_rmse(model, x, y)
+    balanced = balanced_accuracy(model, x, y)
     out.write(f"{path}: {on} loss {loss:.4f} - {on} {model.metric} {score:.4f} "
               + (f"- {on} RMSE {rmse} " if rmse else "")
+              + (f"- {on} balanced accuracy {balanced:.4f} " if balanced else "")
               + f"({len(y)} {on} rows of {data.name})\n")
+
+
+def balanced_accuracy(model, x, y):
+    """The mean over the classes in y of the share of their rows predicted
+    right, for a model trained with --class-weight balanced (whose plain
+    accuracy a common class dominates); None for other models."""
+    if (model.source or {}).get("class_weight") != "balanced":
+        return None
+    predicted = model.predict(x)
+    return float(np.mean([np.mean(predicted[y == c] == c) for c in np.unique(y)]))
 
 
 def target_rmse(model, x, y):
@@ -655,6 +678,39 @@ def callbacks(args, model, out):
     if args.checkpoint_every:
         chosen.append(Checkpointer(model, args.save, args.checkpoint_every))
     return chosen
+
+
+def row_weights(args, model, data):
+    """fit's sample_weight for --class-weight (or, resuming, the file's
+    choice, which the model then records): None, or each row's weight of
+    its class (balanced_weights)."""
+    choice = args.class_weight or model.source.get("class_weight") or "none"
+    model.source = {key: value for key, value in model.source.items() if key != "class_weight"}
+    if choice == "none":
+        return None
+    if model.output != "softmax":
+        raise UsageError(f"--class-weight {choice} weighs classes: this model's output is "
+                         f"{model.output}")
+    model.source["class_weight"] = choice
+    return balanced_weights(data.y_train, model.n_outputs)[data.y_train]
+
+
+def balanced_weights(y, n_classes):
+    """Each class's weight n / (classes present x its rows), as scikit-learn's
+    compute_sample_weight("balanced"); 0 for a class with no rows."""
+    counts = np.bincount(y, minlength=n_classes)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(y) / (present.sum() * counts[present])
+    return weights
+
+
+def class_weights_text(model, data):
+    """'setosa 0.98, versicolor 1.02, ...': the classes' weights, 10 at most."""
+    weights = balanced_weights(data.y_train, model.n_outputs)
+    classes = (model.preprocessing or {}).get("classes") or list(range(model.n_outputs))
+    parts = [f"{classes[c]} {weights[c]:.3g}" for c in np.flatnonzero(weights)]
+    return ", ".join(parts[:10]) + (", ..." if len(parts) > 10 else "")
 
 
 def apply_defaults(args, kind, saved):

@@ -44,7 +44,7 @@ MAX_LAYERS = 1000
 MAX_METADATA = 1 << 24  # bytes of JSON: room for the scaling of ~400,000 features
 INITS = ("normal", "xavier", "he")
 SOURCE_KEYS = {"dataset", "data_dir", "data", "data_sha256", "target", "test", "test_sha256",
-               "validation_split", "seed", "missing", "ignore"}
+               "validation_split", "seed", "missing", "ignore", "class_weight"}
 
 
 def layer_name(l):
@@ -361,6 +361,7 @@ def check_source(source):
                 and not isinstance(value, bool), f"bad source {key}")
     for key in ("dataset", "data", "data_dir", "test", "ignore"):
         require(source.get(key) is None or isinstance(source[key], str), f"bad source {key}")
+    require(source.get("class_weight") in (None, "balanced"), "bad source class_weight")
     if "data" in source:
         require(source.get("missing") in MISSING_POLICIES, "bad source missing policy")
         split = source.get("validation_split")

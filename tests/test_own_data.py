@@ -436,6 +436,44 @@ def test_delimiters_decimal_commas_and_compression_read_alike(tmp_path):
         tabular.read_table(tmp_path / "mixed.csv")
 
 
+def test_balanced_class_weights_lift_a_rare_class(tmp_path, capsys):
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    from fastmlp.cli import balanced_weights
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 4))
+    rare = x[:, 0] + rng.normal(size=3000) > 2.2  # 6% of the rows, overlapping the rest
+    labels = np.where(rare, "fraud", "ok")
+    path = write_csv(tmp_path / "imbalanced.csv", x, labels, names="abcd", target="y")
+    y = (labels == "ok").astype(np.int64)  # the classes' indices, sorted
+    np.testing.assert_allclose(balanced_weights(y, 2)[y], compute_sample_weight("balanced", y))
+    recall = {}
+    for choice in ("none", "balanced"):
+        model_path = str(tmp_path / f"{choice}.safetensors")
+        code, out, err = run(["--data", path, "--epochs", "5", "--quiet", "--class-weight",
+                              choice, "--save", model_path], capsys)
+        assert code == 0, err
+        assert ("Class weights (balanced): fraud 8.08, ok 0.533" in out) == (choice == "balanced")
+        assert ("held-out balanced accuracy: " in out) == (choice == "balanced")
+        assert fastmlp.load(model_path).source.get("class_weight") == (
+            None if choice == "none" else choice)
+        code, out, err = run([model_path, path], capsys, predict_main)
+        recall[choice] = np.mean(np.array(out.split()[1:])[rare] == "fraud")
+    assert recall["balanced"] > recall["none"] + 0.3, recall
+    # resumed, the file's choice holds unless a flag changes it
+    balanced = str(tmp_path / "balanced.safetensors")
+    code, out, err = run(["--resume", balanced, "--epochs", "6", "--quiet"], capsys)
+    assert code == 0 and "Class weights (balanced)" in out, err
+    code, out, err = run(["--resume", balanced, "--epochs", "6", "--quiet", "--class-weight",
+                          "none", "--save", balanced], capsys)
+    assert code == 0 and "Class weights" not in out, err
+    assert "class_weight" not in fastmlp.load(balanced).source
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", path, "--target", "a", "--output", "linear", "--class-weight",
+              "balanced"])
+    assert exc.value.code == 2 and "it goes with --output softmax" in capsys.readouterr().err
+
+
 # CSV files whose cells pyarrow and Python's int()/float() could read apart
 TRICKY_CSVS = {
     "numbers": "a,b,y\n0.5,1,3\n-1e3,2,4\n2.25,-3,5\n",
