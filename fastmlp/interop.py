@@ -67,6 +67,12 @@ def onnx_model(model, preprocessing=False):
          for name, kind, width in inputs],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", model.n_outputs])],
         initializers)
+    inside = {out for n in nodes for out in n.output} | {t.name for t in initializers}
+    names = [name for name, _, _ in inputs]
+    clashes = sorted(set(names) & inside | {name for name in names if names.count(name) > 1})
+    if clashes:  # (text columns' inputs are named after them)
+        raise ValueError(f"a graph input would be named {clashes[0]!r}, as another input or "
+                         "a node of the graph is: rename that column to export the model")
     opsets = [helper.make_opsetid("", ONNX_OPSET)]
     if any(n.domain == "ai.onnx.ml" for n in nodes):
         opsets.append(helper.make_opsetid("ai.onnx.ml", ONNX_ML_OPSET))
@@ -92,7 +98,8 @@ def input_steps(model, node, constant):
             current = node("Where", [node("IsNaN", [current], "missing"), mean, current],
                            "filled")
         centred = node("Sub", [current, mean], "centred")
-        return node("Div", [centred, constant("feature_scale", prep["scale"])], "features"), inputs
+        scaled = node("Div", [centred, constant("feature_scale", prep["scale"])], "features")
+        return scaled, inputs
     if model.source is not None and "dataset" in model.source:
         return node("Div", [current, constant("pixel_scale", 255.0)], "pixels"), inputs
     return current, inputs
@@ -107,8 +114,6 @@ def category_steps(prep, node, constant):
     from onnx import TensorProto
     names, categories = prep["features"], prep["categories"]
     numeric = [name for name in names if name not in categories]
-    if numeric and "input" in categories:
-        raise ValueError("a text column named 'input' would clash with the graph's numeric input")
     inputs = [("input", TensorProto.FLOAT, len(numeric))] if numeric else []
     pieces, order, start = (["input"] if numeric else []), {}, len(numeric)
     for j, name in enumerate(names):

@@ -398,8 +398,8 @@ def check_preprocessing(prep, sizes):
     names, categories = prep["features"], prep["categories"]
     require(categories is None or isinstance(categories, dict) and isinstance(names, list)
             and all(name in names and isinstance(values, list) and values
-                    and all(isinstance(v, str) for v in values) and len(set(values)) == len(values)
-                    for name, values in categories.items()),
+                    and all(isinstance(v, str) for v in values)
+                    and len(set(values)) == len(values) for name, values in categories.items()),
             "preprocessing categories must map feature columns to distinct strings")
     require(names is None or isinstance(names, list)
             and sum(input_widths(names, categories or {})) == n_features

@@ -1,7 +1,7 @@
 """The user's own data files: a table of features and one target column,
-read from CSV or TSV (compressed too), NumPy (.npy, .npz) or Parquet; the target's classes; the
-categories of text feature columns, one-hot encoded; and the feature
-scaling learnt from the training rows.
+read from CSV or TSV (compressed too), NumPy (.npy, .npz) or Parquet; the
+target's classes; the categories of text feature columns, one-hot encoded;
+and the feature scaling learnt from the training rows.
 
 Every problem with a file is a DataError (a ValueError) that names the file,
 and for CSV the line and the column.
@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 SUFFIXES = (".csv", ".tsv", ".npy", ".npz", ".parquet")
-TEXT_SUFFIXES = (".csv", ".tsv")  # also compressed:
+TEXT_SUFFIXES = (".csv", ".tsv")  # read compressed too, behind one of:
 COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 DELIMITERS = ",;\t|"  # a .csv file's is the one its header line holds most of
 # in a file delimited by ';', as spreadsheets write where the decimal mark
@@ -407,8 +407,8 @@ def learn_categories(path, name, cells):
     if len(values) > MAX_CATEGORIES or (len(values) > MANY_CATEGORIES and rows < 2 * len(values)):
         raise DataError(f"{path}: column {name!r} holds text with {len(values)} distinct values "
                         f"in {rows} rows, too many to encode as categories (at most "
-                        f"{MAX_CATEGORIES}, and 2 rows a value on average); leave it out with --ignore "
-                        f"{name}")
+                        f"{MAX_CATEGORIES}, and 2 rows a value on average); leave it out "
+                        f"with --ignore {name}")
     return values
 
 

@@ -121,6 +121,19 @@ def test_onnx_of_a_model_with_text_columns_takes_their_strings(tmp_path, capsys)
     assert any(r[4] == "X" for r in rows) and np.abs(got - expected).max() < 1e-5
 
 
+@pytest.mark.parametrize("column", ["input", "features", "0.weight", "hidden_0"])
+def test_a_text_column_named_as_a_graph_part_is_refused(column, tmp_path):
+    model = fastmlp.MLP([3, 4, 2], seed=0)
+    model.preprocessing = {"features": ["a", column], "categories": {column: ["x", "y"]},
+                           "target": "t", "missing": "error", "mean": [0.0] * 3,
+                           "scale": [1.0] * 3, "classes": ["p", "q"], "target_mean": None,
+                           "target_scale": None}
+    with pytest.raises(ValueError, match=f"would be named '{column}'.*rename that column"):
+        model.to_onnx(tmp_path / "m.onnx", preprocessing=True)
+    assert not (tmp_path / "m.onnx").exists()
+    model.to_onnx(tmp_path / "m.onnx")  # the graph of scaled features has no such input
+
+
 @pytest.mark.parametrize("activation,module", [("sigmoid", torch.nn.Sigmoid),
                                                ("tanh", torch.nn.Tanh), ("relu", torch.nn.ReLU)])
 def test_from_torch_predicts_the_same_and_trains_on(activation, module):
