@@ -394,19 +394,24 @@ def feature_matrix(path, chosen, by_name, categories):
 
 
 def category_texts(cells):
-    """The cells of a text column as stripped strings, None where missing."""
-    texts = ("" if cell is None else str(cell).strip() for cell in cells)
-    return [None if text in NA_CELLS else text for text in texts]
+    """(texts, rows): the distinct cells of a text column as stripped
+    strings (None for a missing one), and each row's index into them; the
+    strings are made once per distinct cell, not once per row."""
+    index = {}
+    rows = np.fromiter((index.setdefault(cell, len(index)) for cell in cells), np.int64,
+                       len(cells))
+    texts = ["" if cell is None else str(cell).strip() for cell in index]
+    return [None if text in NA_CELLS else text for text in texts], rows
 
 
 def learn_categories(path, name, cells):
     """The sorted values of a text column; too many of them is an error."""
-    texts = category_texts(cells)
+    texts, rows = category_texts(cells)
     values = sorted(set(texts) - {None})
-    rows = len(texts) - texts.count(None)
-    if len(values) > MAX_CATEGORIES or (len(values) > MANY_CATEGORIES and rows < 2 * len(values)):
+    given = int(np.count_nonzero(np.array([text is not None for text in texts])[rows]))
+    if len(values) > MAX_CATEGORIES or (len(values) > MANY_CATEGORIES and given < 2 * len(values)):
         raise DataError(f"{path}: column {name!r} holds text with {len(values)} distinct values "
-                        f"in {rows} rows, too many to encode as categories (at most "
+                        f"in {given} rows, too many to encode as categories (at most "
                         f"{MAX_CATEGORIES}, and 2 rows a value on average); leave it out "
                         f"with --ignore {name}")
     return values
@@ -417,17 +422,15 @@ def one_hot(cells, categories):
     a row holds 1 in its value's column and 0 elsewhere, NaN throughout
     for a missing cell, 0 throughout for a value not in categories."""
     lookup = {value: k for k, value in enumerate(categories)}
-    texts = category_texts(cells)
-    encoded = np.zeros((len(texts), len(categories)), np.float64)
-    others = []
-    for i, text in enumerate(texts):
-        if text is None:
-            encoded[i] = math.nan
-        elif text in lookup:
-            encoded[i, lookup[text]] = 1.0
-        else:
-            others.append(text)
-    return encoded, others
+    texts, rows = category_texts(cells)
+    missing, unseen = -1, -2
+    codes = np.array([missing if text is None else lookup.get(text, unseen) for text in texts],
+                     np.int64)[rows]
+    encoded = np.zeros((len(rows), len(categories)), np.float64)
+    known = np.flatnonzero(codes >= 0)
+    encoded[known, codes[known]] = 1.0
+    encoded[codes == missing] = math.nan
+    return encoded, [texts[d] for d in rows[codes == unseen]]
 
 
 def numeric_column(path, name, cells, allow_text=False):
@@ -456,11 +459,22 @@ def numeric_column(path, name, cells, allow_text=False):
         try:
             values[i] = float(text)
         except (TypeError, ValueError):
-            if allow_text and not any(is_number(other) for other in cells):
+            if allow_text and is_text(cells):
                 return None
             raise DataError(f"{path}, line {i + 2}, column {name!r}: {cell!r} is not a "
                             "number") from None
     return values
+
+
+def is_text(cells):
+    """Whether no cell is a number (some cell is not, as numeric_column
+    found), judged once per distinct cell; cells that cannot be told apart
+    by value (Parquet lists) are no text."""
+    try:
+        distinct = set(cells)
+    except TypeError:
+        return False
+    return not any(is_number(cell) for cell in distinct)
 
 
 def is_number(cell):
