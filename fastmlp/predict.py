@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   fastmlp-predict model.safetensors new.csv       one predicted label per row, to stdout
   fastmlp-predict model.safetensors new.csv --proba -o out.csv
                                                   and each class's probability, to a file
+  fastmlp-predict model.safetensors new.csv --keep id
+                                                  each row's id, then its prediction
   fastmlp-predict digits.safetensors images.npy   8-bit pixels, one image per row
 
 The file's columns are found by the names the model was trained on (other
@@ -41,49 +43,65 @@ def build_parser():
                         "atomically (default: standard output)")
     parser.add_argument("--proba", action="store_true",
                         help="add one column per class (or label) with its probability")
+    parser.add_argument("--keep", metavar="COLUMNS", help="columns of DATA to copy into the "
+                        "output first, as they are (an id, say), comma separated")
     return parser
 
 
-def predictions_csv(model, x, proba):
+def predictions_csv(model, x, proba, kept=None):
     """The CSV text. softmax: a 'prediction' column of labels, then with
     proba one column per class; linear: one column per target; sigmoid: a
-    0/1 column per label, then with proba one probability column each."""
+    0/1 column per label, then with proba one probability column each.
+    kept: {name: cells} of the data's columns to write first, as they are."""
+    header, rows = prediction_rows(model, x, proba)
+    kept = kept or {}
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(list(kept) + header)
+    columns = [[cell_text(cell) for cell in cells] for cells in kept.values()]
+    writer.writerows([[column[i] for column in columns] + row for i, row in enumerate(rows)])
+    return text.getvalue()
+
+
+def prediction_rows(model, x, proba):
+    """(header, rows) of predictions_csv, as text."""
     prep = model.preprocessing
     if model.output == "linear":
         names = prep["target"].split(",") if prep else [f"y{k}" for k in range(model.n_outputs)]
         values = sources.target_values(model.predict(x).reshape(len(x), -1), prep)
-        writer.writerow(names)
-        writer.writerows([[f"{v:.9g}" for v in row] for row in values])
-        return text.getvalue()
+        return names, [[f"{v:.9g}" for v in row] for row in values]
     probabilities = model.predict_proba(x)
     classes = prep["classes"] if prep is not None else list(range(model.n_outputs))
+    chances = ([f"p({label})" for label in classes] if proba else [])
     if model.output == "sigmoid":
-        writer.writerow([str(label) for label in classes] +
-                        ([f"p({label})" for label in classes] if proba else []))
-        for row in probabilities:
-            writer.writerow([int(p >= 0.5) for p in row] +
-                            ([f"{p:.6g}" for p in row] if proba else []))
-        return text.getvalue()
-    writer.writerow(["prediction"] + ([f"p({label})" for label in classes] if proba else []))
+        return [str(label) for label in classes] + chances, [
+            [str(int(p >= 0.5)) for p in row] + ([f"{p:.6g}" for p in row] if proba else [])
+            for row in probabilities]
     labels = np.argmax(probabilities, axis=1)
-    for label, row in zip(labels, probabilities):
-        writer.writerow([classes[label]] + ([f"{p:.6g}" for p in row] if proba else []))
-    return text.getvalue()
+    return ["prediction"] + chances, [
+        [str(classes[label])] + ([f"{p:.6g}" for p in row] if proba else [])
+        for label, row in zip(labels, probabilities)]
+
+
+def cell_text(cell):
+    """A kept cell as the file would hold it: numbers in their shortest
+    form, a missing text cell empty."""
+    if cell is None:
+        return ""
+    return str(cell.item() if isinstance(cell, np.generic) else cell)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         model = load_model(args.model)
-        x, table = sources.model_input(args.data, model)
+        x, table = sources.model_input(args.data, model, args.keep)
         unseen = sources.unseen_note(table)
         if unseen:
             sys.stderr.write(f"fastmlp-predict: warning: {args.data}: {unseen}\n")
         if not model.prediction_ready():  # on stderr: stdout may be the predictions
             sys.stderr.write(f"{PREDICT_COMPILE_NOTICE}...\n")
-        text = predictions_csv(model, x, args.proba)
+        text = predictions_csv(model, x, args.proba, table.kept)
         if args.output:
             atomic_write(args.output, [text.encode()])
         else:

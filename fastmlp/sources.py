@@ -217,13 +217,15 @@ def scale(features, preprocessing, dtype):
     return ((features - mean) / spread).astype(dtype)
 
 
-def model_input(path, model):
+def model_input(path, model, keep=None):
     """(the model's input, the table read) from a file to predict on: raw
     columns scaled as the model's preprocessing says; for a model trained on
-    an image dataset, 8-bit pixel values."""
+    an image dataset, 8-bit pixel values. keep: columns, comma separated,
+    the table also holds as they are (tabular.read_table)."""
     preprocessing = model.preprocessing
     if preprocessing is None:
-        table = tabular.read_table(path, need_target=False, n_features=model.n_features)
+        table = tabular.read_table(path, need_target=False, n_features=model.n_features,
+                                   keep=keep)
         x = table.features
         if x.shape[1] != model.n_features:
             raise tabular.DataError(f"{path}: {x.shape[1]} columns, the model takes "
@@ -238,7 +240,7 @@ def model_input(path, model):
     table = tabular.read_table(path, preprocessing["target"], need_target=False,
                                feature_names=preprocessing["features"],
                                n_features=model.n_features,
-                               categories=preprocessing.get("categories") or {})
+                               categories=preprocessing.get("categories") or {}, keep=keep)
     if preprocessing["missing"] != "mean":  # one prediction per row: no row can go
         tabular.handle_missing(table, "error", f"the model was trained with --missing "
                                f"{preprocessing['missing']}, so it needs every feature (a "

@@ -44,13 +44,14 @@ class Table:
     outside them). target: (n,) labels (numbers or strings) or None. names:
     the feature columns' names; categories: {name: values in order} of the
     text columns; unseen: {name: the values, a row each} of values outside
-    the categories given."""
+    the categories given; kept: {name: cells} of the columns read_table
+    was asked to keep as they are."""
 
     def __init__(self, path, features, target, names, target_name, categories=None,
-                 unseen=None):
+                 unseen=None, kept=None):
         self.path, self.features, self.target = path, features, target
         self.names, self.target_name = names, target_name
-        self.categories, self.unseen = categories or {}, unseen or {}
+        self.categories, self.unseen, self.kept = categories or {}, unseen or {}, kept or {}
 
     def column_name(self, j):
         """The name of the feature column that gives features[:, j]."""
@@ -75,7 +76,7 @@ def file_sha256(path):
 
 
 def read_table(path, target=None, need_target=True, feature_names=None, n_features=None,
-               categories=None, ignore=None):
+               categories=None, ignore=None, keep=None):
     """The table in path. target: the target column's name (CSV, Parquet) or
     index (.npy; negative counts from the end); None takes a column named
     'target' or 'label', else the last. feature_names: when given, exactly
@@ -84,7 +85,8 @@ def read_table(path, target=None, need_target=True, feature_names=None, n_featur
     many features the model takes (an array one column wider holds a target).
     categories: a model's (the text columns and their values); None learns
     them, making every column of text categorical. ignore: columns, comma
-    separated, that are no features."""
+    separated, that are no features. keep: columns, comma separated, whose
+    cells the Table also holds as they are (Table.kept)."""
     path = os.fspath(path)
     suffix, opener = file_type(path)
     if suffix not in SUFFIXES or opener and suffix not in TEXT_SUFFIXES:
@@ -93,13 +95,15 @@ def read_table(path, target=None, need_target=True, feature_names=None, n_featur
                         f"{', '.join(COMPRESSED)})")
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
+    if keep and suffix in (".npz", ".npy"):
+        raise DataError(f"{path}: an {suffix} file has no named columns to keep")
     if suffix == ".npz":
         return read_npz(path, need_target)
     if suffix == ".npy":
         return read_npy(path, target, need_target, n_features)
     names, columns = read_csv(path) if suffix in TEXT_SUFFIXES else read_parquet(path)
     return split_columns(path, names, columns, target, need_target, feature_names, categories,
-                         ignore)
+                         ignore, keep)
 
 
 def file_type(path):
@@ -325,7 +329,7 @@ def check_target_cells(path, y, name):
 
 
 def split_columns(path, names, columns, target, need_target, feature_names, categories=None,
-                  ignore=None):
+                  ignore=None, keep=None):
     """The Table of named columns (strings from CSV or arrays from Parquet).
     target may name several columns, comma separated (multi-output); the
     rest as read_table says."""
@@ -354,6 +358,12 @@ def split_columns(path, names, columns, target, need_target, feature_names, cate
         if not chosen:
             raise DataError(f"{path}: no feature columns besides the target {target!r}")
     by_name = dict(zip(names, columns))
+    kept = {}
+    for name in keep.split(",") if keep else []:
+        if name not in by_name:
+            raise DataError(f"{path}: no column {name!r} to keep; the columns are "
+                            f"{', '.join(names)}")
+        kept[name] = by_name[name]
     features, categories, unseen = feature_matrix(path, chosen, by_name, categories)
     y = None
     if target_name is not None and (need_target or feature_names is None):
@@ -365,7 +375,7 @@ def split_columns(path, names, columns, target, need_target, feature_names, cate
             if np.isnan(y).any():
                 row = int(np.flatnonzero(np.isnan(y).any(axis=1))[0])
                 raise DataError(f"{path}, line {row + 2}: a target is missing")
-    return Table(path, features, y, chosen, target_name, categories, unseen)
+    return Table(path, features, y, chosen, target_name, categories, unseen, kept)
 
 
 def feature_matrix(path, chosen, by_name, categories):

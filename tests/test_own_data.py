@@ -381,6 +381,15 @@ def test_text_columns_from_the_command_line(tmp_path, capsys):
     truth = [line.split(",")[-1] for line in new[1:]]
     known = [i for i, line in enumerate(new[1:]) if line.split(",")[4] != "X"]
     assert len(predicted) == 60 and all(predicted[i] == truth[i] for i in known)
+    # other columns copied in front, as they are: an id, say
+    code, out, err = run([model_path, str(tmp_path / "new.csv"), "--keep", "id,age"], capsys,
+                         predict_main)
+    assert code == 0
+    assert out.splitlines() == ["id,age,prediction"] + [
+        ",".join(line.split(",")[:2] + [label]) for line, label in zip(new[1:], predicted)]
+    code, out, err = run([model_path, str(tmp_path / "new.csv"), "--keep", "name"], capsys,
+                         predict_main)
+    assert code == 2 and "no column 'name' to keep; the columns are id, age" in err
     # and as a test file
     code, out, err = run(argv[:-2] + ["--epochs", "1", "--test", str(tmp_path / "new.csv")],
                          capsys)
