@@ -135,13 +135,31 @@ def delimiter(path):
     return max(DELIMITERS, key=first.count)  # (the first of equals: a comma)
 
 
+# an unnamed first column before named ones is a row index (pandas writes
+# one by default): read under this name, then left out
+ROW_INDEX = "\0row index"
+
+
+def named_row_index(header):
+    """header, its unnamed first column named ROW_INDEX if it is a row index."""
+    if len(header) > 1 and header[0] == "" and all(header[1:]):
+        return [ROW_INDEX] + header[1:]
+    return header
+
+
+def without_row_index(header, columns):
+    if header[0] == ROW_INDEX:
+        return header[1:], columns[1:]
+    return header, columns
+
+
 def read_csv(path):
     """(header, columns): the cells of each column as a tuple of strings, or
     as an array where read_csv_arrow could parse them. The first line is the
-    header."""
+    header; an unnamed first column (a row index) is left out."""
     fast = read_csv_arrow(path)
     if fast is not None:
-        return fast
+        return without_row_index(*fast)
     sep = delimiter(path)
     with open_text(path) as f:
         reader = csv.reader(f, delimiter=sep)
@@ -153,7 +171,7 @@ def read_csv(path):
             raise DataError(f"{path}, line 1: {exc}") from None
         except (OSError, EOFError, lzma.LZMAError) as exc:
             raise DataError(f"{path}: cannot read: {exc}") from None
-        header = [name.strip() for name in header]
+        header = named_row_index([name.strip() for name in header])
         check_header(path, header)
         rows = []
         try:
@@ -170,7 +188,7 @@ def read_csv(path):
             raise DataError(f"{path}: cannot read: {exc}") from None
     if not rows:
         raise DataError(f"{path}: no rows below the header")
-    return header, decimal_commas(list(zip(*rows)), sep)
+    return without_row_index(header, decimal_commas(list(zip(*rows)), sep))
 
 
 def decimal_commas(columns, sep):
@@ -215,7 +233,8 @@ def read_csv_arrow(path):
                 return None
         sep = delimiter(path)
         with open_text(path) as f:
-            header = [name.strip() for name in next(csv.reader(f, delimiter=sep))]
+            header = named_row_index([name.strip() for name in
+                                      next(csv.reader(f, delimiter=sep))])
         with open_binary(path) as f:
             table = pacsv.read_csv(
                 f, read_options=pacsv.ReadOptions(column_names=header, skip_rows=1),

@@ -419,7 +419,9 @@ def test_delimiters_decimal_commas_and_compression_read_alike(tmp_path):
         ",".join(["" if np.isnan(v) else repr(float(v)) for v in row] + [label])
         for row, label in zip(x, labels)]
     plain = "\n".join(lines) + "\n"
+    indexed = "\n".join([","] + [f"{i},{line}" for i, line in enumerate(lines[1:])])
     files = {"t.csv": plain, "tabs.tsv": plain.replace(",", "\t"),
+             "pandas index.csv": indexed.replace(",\n", "," + lines[0] + "\n", 1) + "\n",
              "tabs.csv": plain.replace(",", "\t"), "pipes.csv": plain.replace(",", "|"),
              "semicolons.csv": plain.replace(",", ";"),
              "decimal commas.csv": plain.replace(",", ";").replace(".", ",")}
@@ -504,6 +506,8 @@ TRICKY_CSVS = {
     "header only": "a,b,y\n",
     "semicolons and decimal commas": "a;b;y\n1,5;2;3\n-,25;;4,5\n",
     "tabs": "a\tb\ty\n1\t2.5\t3\n4\t5\tcat\n",
+    "a row index": ",a,b,y\n0,1,2.5,3\n1,4,5,cat\n",
+    "two unnamed columns": ",,b,y\n0,1,2,3\n",
 }
 
 
