@@ -88,7 +88,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(
         prog="fastmlp-train", description="Train a multi-layer perceptron with fastmlp on "
-        "MNIST-style images or on your own table (CSV, NumPy, Parquet): model summary, "
+        "MNIST-style images or on your own table (CSV, NumPy, Parquet, Excel): model summary, "
         "Keras-style progress, test accuracy, optional history, plot and model file.",
         epilog=EXAMPLES, formatter_class=lambda prog: HelpFormatter(prog, width=100))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -101,7 +101,7 @@ def build_parser():
     data.add_argument("--no-download", action="store_true", help="never download")
     data.add_argument("--data", metavar="FILE", help="train on your own table: .csv or .tsv "
                       "(with a header line; also .gz, .bz2, .xz; a .csv delimited by commas, "
-                      "semicolons, tabs or |), .npz (arrays X and y), .npy or .parquet; "
+                      "semicolons, tabs or |), .npz (arrays X and y), .npy, .parquet or .xlsx; "
                       "numeric features are standardized, columns of text one-hot encoded, "
                       "and labels may be numbers or strings")
     data.add_argument("--target", help="--data's label column (default: 'target' or 'label' "

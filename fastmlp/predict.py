@@ -37,7 +37,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("model", metavar="MODEL", help="a model file")
     parser.add_argument("data", metavar="DATA", help="rows to predict: a table as "
-                        "fastmlp-train --data reads (.csv, .tsv, compressed too, .parquet), .npz "
+                        "fastmlp-train --data reads (.csv, .tsv, compressed too, .parquet, .xlsx), .npz "
                         "(array X) or .npy")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the CSV here, "
                         "atomically (default: standard output)")

@@ -1,7 +1,8 @@
 """The user's own data files: a table of features and one target column,
-read from CSV or TSV (compressed too), NumPy (.npy, .npz) or Parquet; the
-target's classes; the categories of text feature columns, one-hot encoded;
-and the feature scaling learnt from the training rows.
+read from CSV or TSV (compressed too), NumPy (.npy, .npz), Parquet or
+Excel (.xlsx); the target's classes; the categories of text feature
+columns, one-hot encoded; and the feature scaling learnt from the training
+rows.
 
 Every problem with a file is a DataError (a ValueError) that names the file,
 and for CSV the line and the column.
@@ -17,7 +18,7 @@ import re
 
 import numpy as np
 
-SUFFIXES = (".csv", ".tsv", ".npy", ".npz", ".parquet")
+SUFFIXES = (".csv", ".tsv", ".npy", ".npz", ".parquet", ".xlsx")
 TEXT_SUFFIXES = (".csv", ".tsv")  # read compressed too, behind one of:
 COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 DELIMITERS = ",;\t|"  # a .csv file's is the one its header line holds most of
@@ -101,7 +102,8 @@ def read_table(path, target=None, need_target=True, feature_names=None, n_featur
         return read_npz(path, need_target)
     if suffix == ".npy":
         return read_npy(path, target, need_target, n_features)
-    names, columns = read_csv(path) if suffix in TEXT_SUFFIXES else read_parquet(path)
+    readers = {".parquet": read_parquet, ".xlsx": read_excel}
+    names, columns = read_csv(path) if suffix in TEXT_SUFFIXES else readers[suffix](path)
     return split_columns(path, names, columns, target, need_target, feature_names, categories,
                          ignore, keep)
 
@@ -285,6 +287,37 @@ def read_parquet(path):
     header = list(table.column_names)
     check_header(path, header)
     return header, [table.column(name).to_numpy(zero_copy_only=False) for name in header]
+
+
+def read_excel(path):
+    """(header, columns) of an .xlsx file's first worksheet, through
+    openpyxl: the first row is the header, the cells as Excel holds them
+    (numbers, text, None where empty); rows with no value are skipped, and
+    unnamed columns with no value at all (beyond the table) left out."""
+    try:
+        import openpyxl
+    except ImportError:
+        raise DataError(f"{path}: reading Excel needs openpyxl: pip install openpyxl") from None
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as exc:  # a damaged file: zipfile's, openpyxl's or XML's errors
+        raise DataError(f"{path}: cannot read Excel: {exc}") from None
+    try:
+        rows = [row for row in book.worksheets[0].iter_rows(values_only=True)
+                if any(cell is not None for cell in row)]
+    finally:
+        book.close()
+    if not rows:
+        raise DataError(f"{path}: the worksheet is empty")
+    header = ["" if name is None else str(name).strip() for name in rows[0]]
+    columns = list(zip(*rows[1:])) if len(rows) > 1 else [()] * len(header)
+    used = [j for j, name in enumerate(header)
+            if name or any(cell is not None for cell in columns[j])]
+    header = named_row_index([header[j] for j in used])
+    check_header(path, header)
+    if len(rows) == 1:
+        raise DataError(f"{path}: no rows below the header")
+    return without_row_index(header, [columns[j] for j in used])
 
 
 def read_npz(path, need_target):

@@ -409,7 +409,7 @@ def test_text_columns_from_the_command_line(tmp_path, capsys):
             fastmlp.load(tmp_path / "bad.safetensors")
 
 
-def test_delimiters_decimal_commas_and_compression_read_alike(tmp_path):
+def test_delimiters_decimal_commas_compression_and_excel_read_alike(tmp_path):
     import bz2
     import gzip
     import lzma
@@ -436,6 +436,16 @@ def test_delimiters_decimal_commas_and_compression_read_alike(tmp_path):
         table = tabular.read_table(tmp_path / name)
         assert table.names == FEATURES and list(table.target) == list(labels), name
         np.testing.assert_array_equal(table.features, x, err_msg=name)
+    pytest.importorskip("openpyxl")
+    import pandas as pd
+    frame = pd.read_csv(tmp_path / "t.csv")
+    frame.to_excel(tmp_path / "t.xlsx")  # with pandas' unnamed row index first
+    table = tabular.read_table(tmp_path / "t.xlsx")
+    assert table.names == FEATURES and list(table.target) == list(labels)
+    np.testing.assert_allclose(table.features, x, rtol=1e-14)  # 15 digits in the file
+    (tmp_path / "bad.xlsx").write_bytes(b"not a workbook")
+    with pytest.raises(tabular.DataError, match="bad.xlsx: cannot read Excel: "):
+        tabular.read_table(tmp_path / "bad.xlsx")
     (tmp_path / "bad.csv.gz").write_bytes(b"not gzip")
     with pytest.raises(tabular.DataError, match="bad.csv.gz: cannot read: "):
         tabular.read_table(tmp_path / "bad.csv.gz")
