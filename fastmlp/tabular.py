@@ -435,24 +435,26 @@ def feature_matrix(path, chosen, by_name, categories):
     they are, a column of text one-hot encoded (Table). categories None:
     every column of text is categorical, its values learnt; else exactly
     the columns it names are, with its values."""
-    blocks, learnt, unseen = [], {}, {}
+    learning = categories is None
+    blocks, found, unseen = [], {}, {}
     for name in chosen:
         cells = by_name[name]
-        if categories is not None and name not in categories:
+        if not learning and name not in categories:
             blocks.append(numeric_column(path, name, cells)[:, None])
             continue
-        if categories is None:
+        if learning:
             values = numeric_column(path, name, cells, allow_text=True)
             if values is not None:
                 blocks.append(values[:, None])
                 continue
-            learnt[name] = learn_categories(path, name, cells)
-        known = categories[name] if categories is not None else learnt[name]
-        encoded, others = one_hot(cells, known)
+        texts, rows = category_texts(cells)
+        known = learn_categories(path, name, texts, rows) if learning else categories[name]
+        encoded, others = one_hot(texts, rows, known)
         blocks.append(encoded)
+        found[name] = known
         if others:
             unseen[name] = others
-    return (np.hstack(blocks), learnt if categories is None else dict(categories), unseen)
+    return np.hstack(blocks), found, unseen
 
 
 def category_texts(cells):
@@ -466,9 +468,9 @@ def category_texts(cells):
     return [None if text in NA_CELLS else text for text in texts], rows
 
 
-def learn_categories(path, name, cells):
-    """The sorted values of a text column; too many of them is an error."""
-    texts, rows = category_texts(cells)
+def learn_categories(path, name, texts, rows):
+    """The sorted values of a text column (category_texts); too many of
+    them is an error."""
     values = sorted(set(texts) - {None})
     given = int(np.count_nonzero(np.array([text is not None for text in texts])[rows]))
     if len(values) > MAX_CATEGORIES or (len(values) > MANY_CATEGORIES and given < 2 * len(values)):
@@ -479,12 +481,12 @@ def learn_categories(path, name, cells):
     return values
 
 
-def one_hot(cells, categories):
-    """(encoded (n, k) float64, the values of the rows not in categories):
-    a row holds 1 in its value's column and 0 elsewhere, NaN throughout
-    for a missing cell, 0 throughout for a value not in categories."""
+def one_hot(texts, rows, categories):
+    """(encoded (n, k) float64, the values of the rows not in categories)
+    of a text column (category_texts): a row holds 1 in its value's column
+    and 0 elsewhere, NaN throughout for a missing cell, 0 throughout for a
+    value not in categories."""
     lookup = {value: k for k, value in enumerate(categories)}
-    texts, rows = category_texts(cells)
     missing, unseen = -1, -2
     codes = np.array([missing if text is None else lookup.get(text, unseen) for text in texts],
                      np.int64)[rows]
