@@ -132,8 +132,9 @@ def load_files(source, preprocessing, check_files, dtype, output):
         encoded = (f" ({', '.join(map(repr, train.categories))} one-hot encoded: "
                    f"{x_train.shape[1]} inputs)")
     columns = len(train.names) if train.names else x_train.shape[1]
+    unseen = "; " + unseen_note(train) if train.unseen else ""  # (a resumed model's data)
     description = (f"{source['data']} ({len(y_train)} training rows, {columns} "
-                   f"features{encoded}, target {train.target_name!r} {kind}{held})")
+                   f"features{encoded}, target {train.target_name!r} {kind}{held}{unseen})")
     return Data(scale(x_train, preprocessing, dtype), y_train,
                 None if x_test is None else scale(x_test, preprocessing, dtype), y_test,
                 source, description, preprocessing, name=source["data"],

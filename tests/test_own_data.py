@@ -390,11 +390,16 @@ def test_text_columns_from_the_command_line(tmp_path, capsys):
     code, out, err = run([model_path, str(tmp_path / "new.csv"), "--keep", "name"], capsys,
                          predict_main)
     assert code == 2 and "no column 'name' to keep; the columns are id, age" in err
-    # and as a test file
+    # and as a test file, or the data a resumed model goes on with
     code, out, err = run(argv[:-2] + ["--epochs", "1", "--test", str(tmp_path / "new.csv")],
                          capsys)
     assert code == 0 and "values unseen in training, encoded as none of the categories: port 'X'" \
         in out, err
+    code, out, err = run(["--resume", model_path, "--epochs", "31", "--quiet", "--data",
+                          str(tmp_path / "new.csv"), "--target", "survived", "--ignore", "id"],
+                         capsys)
+    assert code == 0 and "54 training rows" in out and "encoded as none of the categories: " \
+        "port 'X'" in out, err
 
     # model files with categories that do not fit their features are refused
     for change, message in ((lambda prep: prep["categories"].update(sex=["f"]),
