@@ -124,17 +124,20 @@ def open_text(path):
     return (file_type(path)[1] or open)(path, "rt", newline="", encoding="utf-8-sig")
 
 
-def delimiter(path):
+def delimiter(path, first=None):
     """A .tsv file's tab; for a .csv file, whichever of DELIMITERS its
-    first line holds most of (a comma for none)."""
+    first line (bytes; read here if not given) holds most of (a comma for
+    none)."""
     if file_type(path)[0] == ".tsv":
         return "\t"
-    try:
-        with open_binary(path) as f:
-            first = f.readline().decode("utf-8", errors="replace")
-    except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed file
-        raise DataError(f"{path}: cannot read: {exc}") from None
-    return max(DELIMITERS, key=first.count)  # (the first of equals: a comma)
+    if first is None:
+        try:
+            with open_binary(path) as f:
+                first = f.readline()
+        except (OSError, EOFError, lzma.LZMAError) as exc:  # a damaged compressed file
+            raise DataError(f"{path}: cannot read: {exc}") from None
+    # (the first of equals: a comma)
+    return max(DELIMITERS, key=first.decode("utf-8", errors="replace").count)
 
 
 # an unnamed first column before named ones is a row index (pandas writes
@@ -231,22 +234,22 @@ def read_csv_arrow(path):
         return None
     try:
         with open_binary(path) as f:
-            if any(b'"' in block for block in iter(lambda: f.read(1 << 20), b"")):
-                return None
-        sep = delimiter(path)
-        with open_text(path) as f:
-            header = named_row_index([name.strip() for name in
-                                      next(csv.reader(f, delimiter=sep))])
-        with open_binary(path) as f:
-            table = pacsv.read_csv(
-                f, read_options=pacsv.ReadOptions(column_names=header, skip_rows=1),
-                parse_options=pacsv.ParseOptions(delimiter=sep),
-                convert_options=pacsv.ConvertOptions(
-                    column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False))
+            raw = f.read()  # once (decompressed once): scanned for quotes, then parsed
+        if b'"' in raw:
+            return None
+        first = raw.split(b"\n", 1)[0].rstrip(b"\r")
+        sep = delimiter(path, first)
+        header = named_row_index([name.strip() for name in
+                                  next(csv.reader([first.decode("utf-8-sig")], delimiter=sep))])
+        table = pacsv.read_csv(
+            pa.BufferReader(raw), read_options=pacsv.ReadOptions(column_names=header, skip_rows=1),
+            parse_options=pacsv.ParseOptions(delimiter=sep),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False))
     except (StopIteration, csv.Error, UnicodeDecodeError, ValueError, pa.ArrowException,
             OSError, EOFError, lzma.LZMAError, DataError):
         return None  # (an empty file, bad UTF-8, a row of another width, ...)
-    if table.num_rows == 0 or len(set(header)) != len(header) or not all(header):
+    if not header or table.num_rows == 0 or len(set(header)) != len(header) or not all(header):
         return None
     columns = []
     for name in header:
