@@ -153,7 +153,7 @@ def named_row_index(header):
 
 
 def without_row_index(header, columns):
-    if header[0] == ROW_INDEX:
+    if header and header[0] == ROW_INDEX:
         return header[1:], columns[1:]
     return header, columns
 
@@ -247,7 +247,7 @@ def read_csv_arrow(path):
             convert_options=pacsv.ConvertOptions(
                 column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False))
     except (StopIteration, csv.Error, UnicodeDecodeError, ValueError, pa.ArrowException,
-            OSError, EOFError, lzma.LZMAError, DataError):
+            OSError, EOFError, lzma.LZMAError):
         return None  # (an empty file, bad UTF-8, a row of another width, ...)
     if not header or table.num_rows == 0 or len(set(header)) != len(header) or not all(header):
         return None
