@@ -39,9 +39,10 @@ Data = namedtuple("Data", ["X", "x_bytes", "labels", "targets", "sample_weight",
                            "scale"])
 # grads, state1, state2: flat like params; hyper: optimizers.make_hyper;
 # code: optimizers.OPTIMIZERS code (NONE computes gradients only); schedule:
-# schedules.kernel_state, the per-step learning-rate schedule
+# schedules.kernel_state, the per-step learning-rate schedule; betas: Adam's
+# beta_1 and beta_2 in float64, for its step size (optimizers.adam_alpha)
 Optimizer = namedtuple("Optimizer", ["grads", "state1", "state2", "hyper", "code", "nesterov",
-                                     "schedule"])
+                                     "schedule", "betas"])
 # How each step's batch is formed and summed: `size` rows, split into
 # `ranks` shards of which this process (MPI rank `rank`) trains one. With
 # MPI (distributed.py), allreduce and wtime are the addresses of

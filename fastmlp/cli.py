@@ -16,6 +16,7 @@ from . import __version__, datasets, distributed, sources, tabular
 from .model import MLP
 from .modelfile import load as load_model, loads as load_model_bytes
 from .heads import HEADS
+from .kernels import ACTIVATIONS
 from .optimizers import DEFAULT_LR, OPTIMIZERS
 from .schedules import Cosine, Step
 from .progress import PREDICT_COMPILE_NOTICE, Callback, ProgressPrinter
@@ -118,8 +119,9 @@ def build_parser():
     model = parser.add_argument_group("model (taken from the file with --resume)")
     model.add_argument("--hidden", help="hidden layer widths, comma separated ('' for none) "
                        f"(default: {ARCHITECTURE_DEFAULTS['hidden']})")
-    model.add_argument("--activation", choices=["sigmoid", "tanh", "relu"],
-                       help=f"(default: {ARCHITECTURE_DEFAULTS['activation']})")
+    model.add_argument("--activation", choices=list(ACTIVATIONS),
+                       help="of the hidden layers; identity makes the network linear "
+                       f"(default: {ARCHITECTURE_DEFAULTS['activation']})")
     model.add_argument("--dtype", choices=["float32", "float64", "bfloat16"],
                        help="bfloat16: float32 weights and updates, products of values "
                        "rounded to bfloat16 (emulated in float32: bfloat16's results, "

@@ -9,15 +9,39 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
+from .full_batch import minimize_lbfgs
 from .model import MLP
 from .progress import Callback
-from .training import fit
+from .training import check_threads, fit, thread_count
 
-ACTIVATION_NAMES = {"logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+ACTIVATION_NAMES = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 LEARNING_RATES = ("constant", "invscaling", "adaptive")
+SOLVERS = ("lbfgs", "sgd", "adam")
+
+
+def stochastic_solver(estimator):
+    """Whether partial_fit exists: for solvers 'sgd' and 'adam' only."""
+    if estimator.solver == "lbfgs":
+        raise AttributeError("partial_fit is only available for solvers 'sgd' and 'adam'")
+    return True
+
+
+def sklearn_gradient_scale(output, n_outputs):
+    """How many times steeper scikit-learn's loss is than the head's: its
+    squared loss has the gradient of half the squared error summed over
+    outputs (the linear head's is the mean over outputs), and its binary log
+    loss sums over labels (the sigmoid head's averages)."""
+    return {"softmax": 1.0, "linear": n_outputs / 2, "sigmoid": float(n_outputs)}[output]
+
+
+def sklearn_loss(output, n_outputs, loss):
+    """The loss scikit-learn reports for the head's mean loss: half the mean
+    squared error, or binary log loss summed over labels."""
+    return loss * {"softmax": 1.0, "linear": 0.5, "sigmoid": float(n_outputs)}[output]
 
 
 class InvScaling:
@@ -67,7 +91,8 @@ class _BaseMLP(BaseEstimator):
                  learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
-                 n_iter_no_change=10, dtype=None, threads=None):
+                 beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
+                 dtype=None, threads=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -86,7 +111,11 @@ class _BaseMLP(BaseEstimator):
         self.nesterovs_momentum = nesterovs_momentum
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
         self.dtype = dtype
         self.threads = threads
 
@@ -109,11 +138,15 @@ class _BaseMLP(BaseEstimator):
                               dtype=self.dtype or X.dtype.name, init="xavier",
                               seed=self._seed(), output=output)
             self.t_ = 0
+            self.n_iter_ = 0
+        scale = sklearn_gradient_scale(output, n_outputs)
+        if self.solver == "lbfgs":
+            return self._fit_lbfgs(X, targets, weights, scale)
+        if reset or not hasattr(self, "loss_curve_"):  # (no curves after lbfgs)
             self.loss_curve_ = []
             self.validation_scores_ = [] if self.early_stopping else None
             self.best_loss_ = np.inf
             self.best_validation_score_ = None
-            self.n_iter_ = 0
         validation = None
         if stopping and self.early_stopping:
             stratify = targets if output == "softmax" else None
@@ -123,16 +156,12 @@ class _BaseMLP(BaseEstimator):
             validation = (X_val, y_val)
         batch_size = self._batch_size(X.shape[0])
         optimizer = "adam" if self.solver == "adam" else ("momentum" if self.momentum > 0 else "sgd")
-        # scikit-learn's L2 term: alpha over the batch's total sample weight
-        decay = self.alpha / (batch_size * weights.mean()) if weights.sum() > 0 else 0.0
+        # scikit-learn's L2 term (alpha over the batch's total sample weight)
+        # and steps, for a loss `scale` times as steep as the head's
+        decay = self.alpha / (batch_size * weights.mean() * scale) if weights.sum() > 0 else 0.0
         lr = self.learning_rate_init
-        if output == "linear":
-            # scikit-learn's squared loss is half the squared error summed over
-            # outputs; fastmlp's is its mean over outputs: 2/K times as steep
-            scale = 2.0 / n_outputs
-            decay *= scale
-            if optimizer != "adam":
-                lr /= scale
+        if optimizer != "adam":
+            lr *= scale
         monitor = self._monitor(validation)
         schedule, callbacks = self._schedule(lr, X.shape[0], monitor, stopping, optimizer)
         history = fit(
@@ -142,12 +171,41 @@ class _BaseMLP(BaseEstimator):
             sample_weight=weights, seed=self._seed() if reset else None, threads=self.threads,
             verbose=int(self.verbose), callbacks=callbacks, lr_schedule=schedule,
             patience=self.n_iter_no_change if stopping and not callbacks else None,
-            min_delta=self.tol, monitor=monitor, restore_best_weights=validation is not None)
+            min_delta=self.tol, monitor=monitor, restore_best_weights=validation is not None,
+            beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
         self._record(history, X.shape[0], validation is not None)
         if stopping and history.stopped_epoch is None and self.n_iter_ >= self.max_iter \
                 and self.max_iter > 0:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached "
                           "and the optimization hasn't converged yet.", ConvergenceWarning)
+        return self
+
+    def _fit_lbfgs(self, X, targets, weights, scale):
+        """scikit-learn's solver 'lbfgs': SciPy's L-BFGS-B on the whole data's
+        loss and L2 term (alpha over the total sample weight), each
+        evaluation by the training kernels (fastmlp.full_batch)."""
+        def report(intermediate_result):
+            print(f"Iteration {report.iteration}, loss = {intermediate_result.fun:.8f}")
+            report.iteration += 1
+        report.iteration = 1
+        l2 = self.alpha / weights.sum() if weights.sum() > 0 else 0.0
+        with thread_count(check_threads(self.threads)):
+            result, loss = minimize_lbfgs(self.model_, X, targets, weights, l2=l2,
+                                          loss_scale=scale, max_iter=self.max_iter,
+                                          max_fun=self.max_fun, tol=self.tol,
+                                          callback=report if self.verbose else None)
+        if not np.isfinite(self.model_.params).all():
+            raise ValueError("Solver produced non-finite parameter weights. The input data may "
+                             "contain large values and need to be preprocessed.")
+        self.n_iter_ = min(result.nit, self.max_iter)
+        weights_l2 = sum(float(np.sum(w * w, dtype=np.float64)) for w in self.model_.weights)
+        self.loss_ = (sklearn_loss(self.model_.output, self.model_.n_outputs, loss) +
+                      0.5 * l2 * weights_l2)
+        if result.status != 0:
+            warnings.warn(f"lbfgs failed to converge after {result.nit} iteration(s) "
+                          f"(status={result.status}): {result.message}. Increase the number "
+                          f"of iterations (max_iter={self.max_iter}, max_fun={self.max_fun}) "
+                          "or scale the data.", ConvergenceWarning)
         return self
 
     def _monitor(self, validation):
@@ -167,9 +225,8 @@ class _BaseMLP(BaseEstimator):
         epochs = len(history.epoch)
         self.n_iter_ += epochs
         self.t_ += epochs * n_samples
-        # scikit-learn's squared loss is half the mean squared error
-        half = 0.5 if self._regressor else 1.0
-        self.loss_curve_ += [loss * half for loss in history.history["loss"]]
+        self.loss_curve_ += [sklearn_loss(self.model_.output, self.model_.n_outputs, loss)
+                             for loss in history.history["loss"]]
         if self.loss_curve_:
             self.loss_ = self.loss_curve_[-1]
         if validating:
@@ -191,14 +248,16 @@ class _BaseMLP(BaseEstimator):
         if self.activation not in ACTIVATION_NAMES:
             raise ValueError(f"The activation '{self.activation}' is not supported. Supported "
                              f"activations are {sorted(ACTIVATION_NAMES)}.")
-        if self.solver not in ("sgd", "adam"):
-            raise ValueError(f"The solver '{self.solver}' is not supported by fastmlp; "
-                             "use 'sgd' or 'adam'.")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"The solver '{self.solver}' is not supported. Supported solvers "
+                             f"are {list(SOLVERS)}.")
         if self.learning_rate not in LEARNING_RATES:
             raise ValueError(f"learning rate {self.learning_rate} is not supported; expected "
                              f"one of {LEARNING_RATES}")
         if not (isinstance(self.max_iter, (int, np.integer)) and self.max_iter >= 0):
             raise ValueError(f"max_iter must be a non-negative integer, got {self.max_iter!r}")
+        if not (isinstance(self.max_fun, (int, np.integer)) and self.max_fun >= 1):
+            raise ValueError(f"max_fun must be a positive integer, got {self.max_fun!r}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError("validation_fraction must be in (0, 1), "
                              f"got {self.validation_fraction!r}")
@@ -270,8 +329,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     as y trains a multi-label classifier (independent sigmoid outputs).
 
     Differences from scikit-learn: a multi-class or binary output is a
-    softmax over all classes (binary problems too), Adam's epsilon is
-    Keras's 1e-7, and solver 'lbfgs' is not offered.
+    softmax over all classes (binary problems too).
     """
     _regressor = False
 
@@ -280,21 +338,22 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
-                 n_iter_no_change=10, dtype=None, threads=None, class_weight=None):
+                 beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
+                 dtype=None, threads=None, class_weight=None):
         super().__init__(
             hidden_layer_sizes, activation, solver=solver, alpha=alpha, batch_size=batch_size,
             learning_rate=learning_rate, learning_rate_init=learning_rate_init, power_t=power_t,
             max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol,
             verbose=verbose, warm_start=warm_start, momentum=momentum,
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
-            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
-            dtype=dtype, threads=threads)
+            validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun, dtype=dtype,
+            threads=threads)
         self.class_weight = class_weight
 
+    @available_if(stochastic_solver)
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """One epoch over X, y; the first call needs `classes`."""
-        if self.solver not in ("sgd", "adam"):
-            raise AttributeError("partial_fit is only available for solvers 'sgd' and 'adam'")
         first = not hasattr(self, "classes_")
         if first and classes is None and type_of_target(y) != "multilabel-indicator":
             raise ValueError("classes must be passed on the first call to partial_fit")
@@ -357,10 +416,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     (default: the input's) and `threads` are fastmlp's own. y may be (n,) or
     (n, k); predict returns the same shape.
 
-    Differences from scikit-learn: Adam's epsilon is Keras's 1e-7, and
-    solver 'lbfgs' and loss 'poisson' are not offered. loss_curve_ holds
-    scikit-learn's squared loss (half the mean squared error), so the two
-    can be compared.
+    Differences from scikit-learn: loss 'poisson' is not offered.
+    loss_curve_ holds scikit-learn's squared loss (half the mean squared
+    error), so the two can be compared.
     """
     _regressor = True
 
@@ -369,21 +427,22 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
-                 n_iter_no_change=10, dtype=None, threads=None):
+                 beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
+                 dtype=None, threads=None):
         super().__init__(
             hidden_layer_sizes, activation, solver=solver, alpha=alpha, batch_size=batch_size,
             learning_rate=learning_rate, learning_rate_init=learning_rate_init, power_t=power_t,
             max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol,
             verbose=verbose, warm_start=warm_start, momentum=momentum,
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
-            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
-            dtype=dtype, threads=threads)
+            validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun, dtype=dtype,
+            threads=threads)
         self.loss = loss
 
+    @available_if(stochastic_solver)
     def partial_fit(self, X, y, sample_weight=None):
         """One epoch over X, y."""
-        if self.solver not in ("sgd", "adam"):
-            raise AttributeError("partial_fit is only available for solvers 'sgd' and 'adam'")
         return self._fit(X, y, sample_weight, epochs=1, classes=None,
                          incremental=hasattr(self, "model_"), stopping=False)
 

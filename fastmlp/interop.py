@@ -9,9 +9,10 @@ from .tabular import NA_CELLS
 
 ONNX_OPSET = 17
 ONNX_ML_OPSET = 2  # LabelEncoder with keys_strings and values_floats
-ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
-TORCH_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "ReLU": "relu"}
-SKLEARN_ACTIVATIONS = {"logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "identity": "Identity"}
+TORCH_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "ReLU": "relu", "Identity": "identity"}
+SKLEARN_ACTIVATIONS = {"logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
+                       "identity": "identity"}
 
 
 OUTPUT_NODES = {"softmax": ("Softmax", "probabilities"), "linear": ("Identity", "predictions"),
@@ -198,7 +199,7 @@ def from_torch(sequential, output=None):
         elif not expect_linear and kind in TORCH_ACTIVATIONS:
             activations.add(TORCH_ACTIVATIONS[kind])
         else:
-            wanted = "Linear" if expect_linear else "Sigmoid, Tanh or ReLU"
+            wanted = "Linear" if expect_linear else "Sigmoid, Tanh, ReLU or Identity"
             raise ValueError(f"layer {i} ({kind}) is not supported there: fastmlp takes "
                              f"{wanted} at position {i}")
     if len(modules) % 2 == 0:

@@ -35,8 +35,8 @@ from .microkernel import (DOT_OUTPUTS, TRANSPOSE_BYTES, block_multiply_add, dot_
 SIGMOID = 0
 TANH = 1
 RELU = 2
-IDENTITY = 3
-ACTIVATIONS = {"sigmoid": SIGMOID, "tanh": TANH, "relu": RELU}
+IDENTITY = 3  # also the output layer's, before its head
+ACTIVATIONS = {"sigmoid": SIGMOID, "tanh": TANH, "relu": RELU, "identity": IDENTITY}
 
 # Constants are float32 literals: exact in float32, so a float32 kernel stays
 # float32 and a float64 kernel promotes them without loss.

@@ -11,7 +11,7 @@ from .balance import make_balance
 from .buffers import Network, Optimizer, Work, make_data, read_only
 from .heads import HEADS, METRICS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
-from .optimizers import NONE, make_hyper
+from .optimizers import NONE, adam_betas, make_hyper
 from .step import (
     forward_backward,
     gradients_update,
@@ -384,7 +384,7 @@ class MLP:
         self._forward(data, workspace, 0, n, True)
         empty = np.zeros(0, self.dtype)
         optimizer = Optimizer(grads, empty, empty, make_hyper(self.dtype, 0.0, 0.0, 0.0), NONE,
-                              False, np.zeros(5))
+                              False, np.zeros(5), adam_betas())
         gradients_update(workspace.work, self.network(), optimizer, n, True, False,
                          numba.get_num_threads())
         loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()

@@ -91,6 +91,7 @@ def header(model):
         "optimizer": None if opt is None else {
             "name": opt.name, "lr": opt.settings[0], "momentum": opt.settings[1],
             "nesterov": opt.settings[2], "weight_decay": opt.settings[3],
+            "beta_1": opt.settings[4], "beta_2": opt.settings[5], "epsilon": opt.settings[6],
             "updates": opt.updates, "schedule": schedule_json(opt.schedule)},
         "training": None if progress is None else {
             "epoch": progress.epoch, "step": progress.step, "batch_size": progress.batch_size,
@@ -266,7 +267,7 @@ def build_model(settings, params, state):
     state the optimizer's two state vectors (None where it keeps none)."""
     from .kernels import ACTIVATIONS
     from .model import MLP
-    from .optimizers import OPTIMIZERS
+    from .optimizers import ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, OPTIMIZERS
     from .state import OptimizerState, TrainingState
 
     from .heads import HEADS
@@ -295,9 +296,13 @@ def build_model(settings, params, state):
         lr, momentum, decay = (number(opt.get(key), key) for key in ("lr", "momentum",
                                                                      "weight_decay"))
         require(momentum <= 1, "momentum must be <= 1")
+        # Adam's constants (files written before they were settings: Keras's)
+        adam = [number(opt.get(key, default), key) for key, default in
+                (("beta_1", ADAM_BETA1), ("beta_2", ADAM_BETA2), ("epsilon", ADAM_EPSILON))]
+        require(max(adam[:2]) < 1 and adam[2] > 0, "bad Adam betas or epsilon")
         updates = integer(opt.get("updates"), "optimizer updates")
         optimizer = OptimizerState(opt["name"], model.dtype, n_params, lr, momentum,
-                                   opt["nesterov"], decay)
+                                   opt["nesterov"], decay, *adam)
         for target, values in zip((optimizer.state1, optimizer.state2), state):
             require((values is None and target.size == 0) or
                     (values is not None and values.size == target.size),

@@ -32,22 +32,28 @@ LR, MOMENTUM_COEF, BETA1, BETA2, EPSILON, DECAY, ADAM_ALPHA = range(7)
 N_HYPER = 7
 
 
-def make_hyper(dtype, lr, momentum, weight_decay):
+def make_hyper(dtype, lr, momentum, weight_decay, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2,
+               epsilon=ADAM_EPSILON):
     hyper = np.zeros(N_HYPER, dtype=dtype)
     hyper[LR] = lr
     hyper[MOMENTUM_COEF] = momentum
-    hyper[BETA1] = ADAM_BETA1
-    hyper[BETA2] = ADAM_BETA2
-    hyper[EPSILON] = ADAM_EPSILON
+    hyper[BETA1] = beta_1
+    hyper[BETA2] = beta_2
+    hyper[EPSILON] = epsilon
     hyper[DECAY] = weight_decay
     return hyper
 
 
+def adam_betas(beta_1=ADAM_BETA1, beta_2=ADAM_BETA2):
+    """buffers.Optimizer.betas: Adam's betas in float64, for adam_alpha."""
+    return np.array([beta_1, beta_2], np.float64)
+
+
 @kernel
-def adam_alpha(lr, step):
+def adam_alpha(lr, step, beta1, beta2):
     # Keras's bias-corrected step size for update number `step` (from 1),
     # in float64, the same expression as the oracle's.
-    return lr * math.sqrt(1.0 - math.pow(ADAM_BETA2, step)) / (1.0 - math.pow(ADAM_BETA1, step))
+    return lr * math.sqrt(1.0 - math.pow(beta2, step)) / (1.0 - math.pow(beta1, step))
 
 
 # Each update returns the sum of (new value * 0) over its values: 0 when

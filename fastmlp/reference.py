@@ -20,12 +20,14 @@ ACTIVATION = {
     "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)),
     "tanh": np.tanh,
     "relu": lambda z: np.maximum(z, 0),
+    "identity": lambda z: z,
 }
 # derivatives written with the activation's output a
 DERIVATIVE = {
     "sigmoid": lambda a: a * (1 - a),
     "tanh": lambda a: 1 - a * a,
     "relu": lambda a: (a > 0).astype(a.dtype),
+    "identity": np.ones_like,
 }
 
 ADAM_BETA1 = 0.9
@@ -105,23 +107,26 @@ def momentum_step(params, grads, velocity, lr, momentum, nesterov, weight_decay,
         p += momentum * v - lr * g if nesterov else v
 
 
-def adam_step(params, grads, m, v, t, lr, weight_decay, decays):
+def adam_step(params, grads, m, v, t, lr, weight_decay, decays, beta_1=ADAM_BETA1,
+              beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON):
     """Keras's Adam, update number t (from 1)."""
-    alpha = lr * math.sqrt(1 - ADAM_BETA2 ** t) / (1 - ADAM_BETA1 ** t)
+    alpha = lr * math.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
     for p, g, mi, vi, decay in zip(params, grads, m, v, decays):
         g = g + weight_decay * decay * p
-        mi += (g - mi) * (1 - ADAM_BETA1)
-        vi += (g * g - vi) * (1 - ADAM_BETA2)
-        p -= alpha * mi / (np.sqrt(vi) + ADAM_EPSILON)
+        mi += (g - mi) * (1 - beta_1)
+        vi += (g * g - vi) * (1 - beta_2)
+        p -= alpha * mi / (np.sqrt(vi) + epsilon)
 
 
 def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
           momentum=0.9, nesterov=False, weight_decay=0.0, sample_weight=None,
-          output="softmax", bfloat16=False):
+          output="softmax", bfloat16=False, beta_1=ADAM_BETA1, beta_2=ADAM_BETA2,
+          epsilon=ADAM_EPSILON):
     """Trains the lists weights and biases in place over `batches` (a list of
     row-index arrays), one update each; returns the loss of every batch. lr
     is one learning rate, or a list of one per batch (a schedule). bfloat16:
-    float32 weights and updates, bfloat16 products (see forward)."""
+    float32 weights and updates, bfloat16 products (see forward); beta_1,
+    beta_2, epsilon: Adam's constants."""
     lrs = list(lr) if np.ndim(lr) else [lr] * len(batches)
     params = list(weights) + list(biases)
     decays = [1] * len(weights) + [0] * len(biases)  # no decay on biases
@@ -139,7 +144,8 @@ def train(weights, biases, X, y, activation, batches, optimizer="sgd", lr=0.1,
         elif optimizer == "momentum":
             momentum_step(params, grads, state1, lr, momentum, nesterov, weight_decay, decays)
         elif optimizer == "adam":
-            adam_step(params, grads, state1, state2, t, lr, weight_decay, decays)
+            adam_step(params, grads, state1, state2, t, lr, weight_decay, decays, beta_1, beta_2,
+                      epsilon)
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}")
     return losses

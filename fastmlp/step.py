@@ -568,7 +568,8 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
         if opt.schedule[KIND] == COSINE:
             hyper[LR] = step_lr(opt.schedule, update_count)
         if opt.code == ADAM:
-            hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count)
+            hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count, opt.betas[0],
+                                           opt.betas[1])
         # alone: gradients and update in one pass; with MPI: the update of
         # the summed gradients
         gradients_update(work, net, opt, nrows, np.bool_(not sharded), np.bool_(True),

@@ -14,7 +14,7 @@ from .buffers import Optimizer, make_data
 from .heads import score, target_scale
 from .model import Workspace, aligned_zeros
 from .state import OptimizerState, TrainingState
-from .optimizers import DEFAULT_LR, LR, OPTIMIZERS
+from .optimizers import ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, DEFAULT_LR, LR, OPTIMIZERS
 from .progress import ProgressPrinter
 from .step import (
     INTERRUPT_ASKED,
@@ -29,6 +29,7 @@ from .step import (
     train_steps,
 )
 from .validation import (
+    check_adam,
     check_choice,
     check_float,
     check_int,
@@ -125,7 +126,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         nesterov=False, weight_decay=0.0, shuffle=True, sampling="epoch",
         validation_data=None, seed=None, threads=None, verbose=0, callbacks=(),
         sample_weight=None, patience=None, min_delta=0.0, monitor=None,
-        restore_best_weights=True, comm=None, lr_schedule=None):
+        restore_best_weights=True, comm=None, lr_schedule=None, beta_1=ADAM_BETA1,
+        beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON):
     """Train `model` in place and return a History.
 
     X: (n, features) uint8 pixels (scaled by 1/255 while gathered, never
@@ -161,6 +163,9 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     the schedule the model's optimizer state has (constant for a new one).
     History records each epoch's starting lr under 'lr'.
 
+    beta_1, beta_2, epsilon: Adam's constants, Keras's defaults (scikit-learn's
+    epsilon is 1e-8).
+
     comm: an mpi4py communicator (e.g. MPI.COMM_WORLD) for data-parallel
     training: every rank calls fit with the same data and settings, trains
     its shard of every batch and takes part in one Allreduce per step (see
@@ -179,7 +184,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     check_choice("sampling", sampling, SAMPLINGS)
     lr = DEFAULT_LR[optimizer] if lr is None else check_float("lr", lr, minimum=0.0)
     settings = (lr, check_float("momentum", momentum, minimum=0.0, maximum=1.0),
-                bool(nesterov), check_float("weight_decay", weight_decay, minimum=0.0))
+                bool(nesterov), check_float("weight_decay", weight_decay, minimum=0.0),
+                *check_adam(beta_1, beta_2, epsilon))
     threads = check_threads(threads)
     validation = check_validation(model, validation_data)
     callbacks = list(callbacks)
@@ -327,7 +333,8 @@ class EpochLoop:
         self.data = make_data(X, y, sample_weight, self.idx, model.dtype)
         self.lr = state.settings[0]
         self.buffers = Optimizer(grads, state.state1, state.state2, state.hyper, state.code,
-                                 state.nesterov, schedules.kernel_state(state.schedule, self.lr))
+                                 state.nesterov, schedules.kernel_state(state.schedule, self.lr),
+                                 state.betas)
         self.batches = (distributed.local_batches(batch_size, model.dtype) if comm is None else
                         distributed.mpi_batches(comm, batch_size, model.dtype, model.n_params))
         self.steps = 0  # steps run (History.allreduce_steps with MPI)

@@ -62,6 +62,19 @@ def check_float(name, value, minimum=None, maximum=None, allow_none=False):
     return value
 
 
+def check_adam(beta_1, beta_2, epsilon):
+    """Adam's constants as floats: betas in [0, 1), epsilon > 0."""
+    betas = [check_float(name, value, minimum=0.0)
+             for name, value in (("beta_1", beta_1), ("beta_2", beta_2))]
+    for name, value in zip(("beta_1", "beta_2"), betas):
+        if value >= 1:
+            raise ValueError(f"{name} must be < 1, got {value}")
+    epsilon = check_float("epsilon", epsilon, minimum=0.0)
+    if epsilon == 0:
+        raise ValueError("epsilon must be > 0, got 0.0")
+    return (*betas, epsilon)
+
+
 def check_layer_sizes(layer_sizes, output="softmax"):
     try:
         sizes = list(layer_sizes)

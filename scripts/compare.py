@@ -4,6 +4,7 @@
     python scripts/compare.py --peers fastmlp,fastmlp_1thread   # 2 threads against 1
     python scripts/compare.py --workloads "" --sklearn   # only the MLPClassifier comparison
     python scripts/compare.py --workloads "" --regression  # MLPRegressor against scikit-learn's
+    python scripts/compare.py --workloads "" --lbfgs   # MLPClassifier(solver="lbfgs") likewise
 
 Each peer of a workload runs in a process of its own, so that its peak RSS
 is its own, from the same initial weights as the others. It warms up first
@@ -315,6 +316,8 @@ def run_sklearn(workload, data, epochs):
 
 SKLEARN_SETTINGS = dict(hidden_layer_sizes=(100,), solver="adam", batch_size=200, max_iter=20,
                         n_iter_no_change=1000, random_state=0)
+# whole-data L-BFGS: 50 iterations, each one or more passes over all rows
+LBFGS_SETTINGS = dict(hidden_layer_sizes=(100,), solver="lbfgs", max_iter=50, random_state=0)
 
 
 def input_dtypes(spec):
@@ -325,14 +328,14 @@ def input_dtypes(spec):
     return given, trained or None
 
 
-def run_estimator(which, spec, data):
+def run_estimator(which, spec, data, settings=SKLEARN_SETTINGS):
     """scikit-learn's MLPClassifier or fastmlp's, same hyperparameters,
     pixels scaled to [0, 1] in the input dtype for both (both train in the
     input's dtype, unless spec gives fastmlp another); returns (fit seconds,
     test accuracy)."""
     x_train, y_train, x_test, y_test = data
     given, trained = input_dtypes(spec)
-    return timed_fit(which, "MLPClassifier", SKLEARN_SETTINGS, x_train.astype(given) / 255,
+    return timed_fit(which, "MLPClassifier", settings, x_train.astype(given) / 255,
                      y_train, x_test.astype(given) / 255, y_test, trained)
 
 
@@ -374,6 +377,12 @@ def compare_estimators(rounds):
     input that fastmlp trains in float32."""
     print(f"\nMLPClassifier, Fashion-MNIST, {SKLEARN_SETTINGS}, {rounds} rounds")
     compare_fits("--estimator", "test acc", DTYPE_ROWS, rounds)
+
+
+def compare_lbfgs(rounds):
+    """MLPClassifier(solver="lbfgs") on Fashion-MNIST, as compare_estimators."""
+    print(f"\nMLPClassifier, Fashion-MNIST, {LBFGS_SETTINGS}, {rounds} rounds")
+    compare_fits("--lbfgs-fit", "test acc", DTYPE_ROWS, rounds)
 
 
 def compare_fits(flag, score_name, dtypes, rounds):
@@ -650,12 +659,16 @@ def main(argv=None):
                              "each in turn (see --rounds)")
     parser.add_argument("--regression", action="store_true",
                         help="also compare fastmlp.MLPRegressor with scikit-learn's")
+    parser.add_argument("--lbfgs", action="store_true",
+                        help="also compare fastmlp.MLPClassifier(solver='lbfgs') with "
+                             "scikit-learn's")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every comparison: medians over them")
     parser.add_argument("--regressor", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--estimator", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--lbfgs-fit", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -677,6 +690,10 @@ def main(argv=None):
         seconds, accuracy = run_estimator(*args.estimator, load_data())
         print(json.dumps({"seconds": seconds, "score": accuracy}))
         return 0
+    if args.lbfgs_fit:
+        seconds, accuracy = run_estimator(*args.lbfgs_fit, load_data(), LBFGS_SETTINGS)
+        print(json.dumps({"seconds": seconds, "score": accuracy}))
+        return 0
     if args.regressor:
         seconds, r2 = run_regressor(*args.regressor)
         print(json.dumps({"seconds": seconds, "score": r2}))
@@ -694,6 +711,8 @@ def main(argv=None):
         compare_estimators(args.rounds)
     if args.regression:
         compare_regressors(args.rounds)
+    if args.lbfgs:
+        compare_lbfgs(args.rounds)
     return 0
 
 

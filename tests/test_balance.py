@@ -19,7 +19,7 @@ from fastmlp.balance import (
 from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
-from fastmlp.optimizers import OPTIMIZERS, make_hyper
+from fastmlp.optimizers import OPTIMIZERS, adam_betas, make_hyper
 from fastmlp.step import make_tasks, share_first_task, task_work, total_work, train_steps
 
 from conftest import random_problem
@@ -96,7 +96,7 @@ def run_steps(threads, speeds, steps=6):
     ws.work.balance[:, SPEED, :len(speeds)] = speeds
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
-                          OPTIMIZERS["adam"], False, np.zeros(5))
+                          OPTIMIZERS["adam"], False, np.zeros(5), adam_betas())
     data = make_data(X, y.astype(np.int32), np.ones(400, model.dtype), np.arange(400),
                      model.dtype)
     previous = numba.get_num_threads()

@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -13,8 +14,23 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from fastmlp import MLPClassifier, MLPRegressor
 
+from conftest import relative_error
 
-@parametrize_with_checks([MLPClassifier(random_state=0), MLPRegressor(random_state=0)])
+
+def expected_failures(estimator):
+    """Checks that scikit-learn's own estimator with the same settings fails
+    too (test_lbfgs_saturates_as_scikit_learns shows it)."""
+    if isinstance(estimator, MLPClassifier) and estimator.solver == "lbfgs":
+        return {"check_classifiers_multilabel_output_format_predict_proba":
+                "lbfgs fits the check's toy labels to logits beyond 37, whose sigmoid is 1.0 "
+                "in float64; scikit-learn's MLPClassifier(solver='lbfgs') fails it alike"}
+    return {}
+
+
+@parametrize_with_checks([MLPClassifier(random_state=0), MLPRegressor(random_state=0),
+                          MLPClassifier(solver="lbfgs", random_state=0),
+                          MLPRegressor(solver="lbfgs", random_state=0)],
+                         expected_failed_checks=expected_failures)
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -96,10 +112,13 @@ def test_warm_start_continues(digits):
 
 def test_unsupported_settings_are_refused(digits):
     X, y = digits
-    for params, message in [(dict(solver="lbfgs"), "not supported"),
-                            (dict(activation="identity"), "not supported"),
+    for params, message in [(dict(solver="newton"), "solver 'newton' is not supported"),
+                            (dict(activation="gelu"), "activation 'gelu' is not supported"),
                             (dict(batch_size=0), "batch_size"),
-                            (dict(hidden_layer_sizes=(0,)), "hidden_layer_sizes")]:
+                            (dict(hidden_layer_sizes=(0,)), "hidden_layer_sizes"),
+                            (dict(max_fun=0), "max_fun"),
+                            (dict(beta_2=1.0), "beta_2 must be < 1"),
+                            (dict(epsilon=0.0), "epsilon must be > 0")]:
         with pytest.raises(ValueError, match=message):
             MLPClassifier(max_iter=1, **params).fit(X, y)
 
@@ -165,3 +184,147 @@ def test_learning_rate_schedules(digits, learning_rate):
         assert rates.lr < 0.1 and any(0.1 / 5 ** k == pytest.approx(rates.lr)
                                       for k in range(1, 12))
     assert clf.score(X, y) > 0.8
+
+
+# solver="lbfgs" on networks without a hidden layer: strictly convex problems
+# (L2 on the weights), whose one minimum scikit-learn's linear models find in
+# closed form or to any tolerance. scikit-learn's MLP objective times
+# n / alpha is Ridge's and LogisticRegression's with C = 1 / alpha.
+LBFGS_EXACT = dict(hidden_layer_sizes=(), solver="lbfgs", tol=1e-12, max_iter=20000,
+                   random_state=0)
+
+
+def test_lbfgs_regressor_finds_ridges_solution():
+    from sklearn.linear_model import Ridge
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 6))
+    Y = X @ rng.normal(size=(6, 2)) + 0.3 * rng.normal(size=(300, 2)) + [1.0, -2.0]
+    weights = rng.uniform(0.5, 2.0, 300)
+    for y in (Y[:, 0], Y):
+        reg = MLPRegressor(alpha=3.0, **LBFGS_EXACT).fit(X, y, sample_weight=weights)
+        ridge = Ridge(alpha=3.0, tol=1e-12).fit(X, y, sample_weight=weights)
+        assert relative_error(reg.coefs_[0], ridge.coef_.T.reshape(6, -1)) < 1e-5
+        assert relative_error(reg.intercepts_[0], ridge.intercept_) < 1e-5
+        assert reg.predict(X).shape == y.shape
+    assert not hasattr(reg, "loss_curve_")  # as scikit-learn's, for lbfgs
+    # loss_ is scikit-learn's: half the mean squared error, plus the L2 term
+    residual = ((Y - reg.predict(X)) ** 2).mean(axis=1)
+    l2 = 0.5 * 3.0 * (reg.coefs_[0] ** 2).sum() / weights.sum()
+    assert reg.loss_ == pytest.approx(0.5 * np.average(residual, weights=weights) + l2)
+
+
+def log_loss_objective(coef, intercept, X, Y, weights, alpha, multi_label):
+    """scikit-learn's MLP objective for a network without a hidden layer:
+    the weighted mean log loss (binary log loss summed over labels) plus
+    alpha / 2 * |coef|^2 over the total weight."""
+    logits = X @ coef + intercept
+    if multi_label:
+        losses = (np.logaddexp(0, logits) - Y * logits).sum(axis=1)
+    else:
+        losses = np.logaddexp.reduce(logits, axis=1) - logits[np.arange(len(Y)), Y]
+    return (np.average(losses, weights=weights) +
+            0.5 * alpha * (coef ** 2).sum() / weights.sum())
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_lbfgs_classifier_finds_logistic_regressions_solution(digits, multi_label):
+    # L-BFGS-B stops when the objective falls by less than 2.2e-9 of itself
+    # in an iteration: the objective is then the minimum's to about 1e-7,
+    # the weights to about 1e-3 (the weights of pixels that are always 0
+    # feel only the L2 term). A wrong L2 scale moves both by far more.
+    from sklearn.linear_model import LogisticRegression
+    X, y = digits
+    X = X / 16
+    weights = np.random.default_rng(1).uniform(0.5, 2.0, len(X))
+    Y = np.stack([y % 2, y > 4, y == 3], axis=1).astype(int) if multi_label else y
+    clf = MLPClassifier(alpha=2.0, **LBFGS_EXACT).fit(X, Y, sample_weight=weights)
+    assert clf.model_.output == ("sigmoid" if multi_label else "softmax")
+    if multi_label:  # one logistic regression per label
+        coef, intercept = np.zeros((64, 3)), np.zeros(3)
+        for k in range(3):
+            logistic = LogisticRegression(C=0.5, tol=1e-12, max_iter=20000).fit(
+                X, Y[:, k], sample_weight=weights)
+            coef[:, k], intercept[k] = logistic.coef_[0], logistic.intercept_[0]
+    else:  # multinomial, every class with its own weights
+        logistic = LogisticRegression(C=0.5, tol=1e-12, max_iter=20000).fit(
+            X, y, sample_weight=weights)
+        coef, intercept = logistic.coef_.T, logistic.intercept_
+    best = log_loss_objective(coef, intercept, X, Y, weights, 2.0, multi_label)
+    ours = log_loss_objective(clf.coefs_[0], clf.intercepts_[0], X, Y, weights, 2.0,
+                              multi_label)
+    assert abs(ours - best) < 1e-6 * best and clf.loss_ == pytest.approx(ours, rel=1e-9)
+    assert relative_error(clf.coefs_[0], coef) < 1e-2
+    assert relative_error(clf.intercepts_[0], intercept) < 1e-2
+    assert 0 < clf.n_iter_ < 20000
+
+
+def test_lbfgs_saturates_as_scikit_learns():
+    from sklearn.neural_network import MLPClassifier as SklearnMLPClassifier
+    from sklearn.utils.estimator_checks import (
+        check_classifiers_multilabel_output_format_predict_proba as check)
+    for estimator in (SklearnMLPClassifier, MLPClassifier):
+        with pytest.raises(AssertionError, match="values between 0 and 1"):
+            check("MLPClassifier", estimator(solver="lbfgs", random_state=0))
+
+
+def test_lbfgs_trains_a_hidden_layer_like_scikit_learns(digits):
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier as SklearnMLPClassifier
+    X, y = digits
+    X_train, X_test, y_train, y_test = train_test_split(X / 16, y, random_state=0)
+    settings = dict(solver="lbfgs", hidden_layer_sizes=(32,), max_iter=300, random_state=0)
+    clf = MLPClassifier(**settings).fit(X_train, y_train)
+    sklearn_clf = SklearnMLPClassifier(**settings).fit(X_train, y_train)
+    assert clf.score(X_test, y_test) > sklearn_clf.score(X_test, y_test) - 0.02
+    assert clf.loss_ < 0.01 and clf.n_iter_ <= 300
+    # the same parameters whatever the thread count
+    one = MLPClassifier(threads=1, **settings).fit(X_train, y_train)
+    assert np.array_equal(one.model_.params, clf.model_.params)
+    with pytest.warns(ConvergenceWarning, match="lbfgs failed to converge after 5 iteration"):
+        short = MLPClassifier(**{**settings, "max_iter": 5}).fit(X_train, y_train)
+    assert short.n_iter_ == 5
+    assert not hasattr(short, "partial_fit")  # as scikit-learn's, for lbfgs
+    # warm_start goes on from the fitted weights; then adam keeps curves again
+    warm = MLPClassifier(**{**settings, "max_iter": 5}, warm_start=True)
+    with pytest.warns(ConvergenceWarning):
+        warm.fit(X_train, y_train)
+        warm.fit(X_train, y_train)
+    assert warm.loss_ < short.loss_
+    warm.set_params(solver="adam", max_iter=2).fit(X_train, y_train)
+    assert len(warm.loss_curve_) == 2
+
+
+def test_adams_constants_are_scikit_learns_and_can_be_set(digits):
+    X, y = digits
+    clf = MLPClassifier(max_iter=2, random_state=0)
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(X, y)
+    assert clf.model_.optimizer_state.settings[4:] == (0.9, 0.999, 1e-8)
+    other = MLPClassifier(max_iter=2, random_state=0, beta_1=0.5, beta_2=0.9, epsilon=1e-2)
+    with pytest.warns(ConvergenceWarning):
+        other.fit(X, y)
+    assert other.model_.optimizer_state.settings[4:] == (0.5, 0.9, 1e-2)
+    assert not np.allclose(other.coefs_[0], clf.coefs_[0])
+
+
+def test_identity_activation_fits_a_linear_function():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 4))
+    y = X @ [1.0, -2.0, 0.5, 3.0] + 1.0
+    reg = MLPRegressor(hidden_layer_sizes=(8,), activation="identity", solver="lbfgs",
+                       tol=1e-10, max_iter=2000, random_state=0).fit(X, y)
+    assert reg.model_.activation == "identity" and reg.score(X, y) > 0.999999
+    # a network of identity layers is one linear map
+    product = reg.coefs_[0] @ reg.coefs_[1]
+    assert np.abs(product[:, 0] - [1.0, -2.0, 0.5, 3.0]).max() < 1e-3
+
+
+def test_multi_label_loss_is_scikit_learns(digits):
+    # scikit-learn's binary log loss sums over labels; the head's averages
+    X, y = digits
+    Y = np.stack([y % 2, y > 4, y == 3], axis=1).astype(int)
+    clf = MLPClassifier(max_iter=5, random_state=0, solver="sgd", learning_rate_init=0.05)
+    with pytest.warns(ConvergenceWarning):
+        clf.fit(X / 16, Y)
+    final = clf.model_.evaluate(X / 16, Y)[0]
+    assert clf.loss_curve_[-1] == pytest.approx(3 * final, rel=0.2)

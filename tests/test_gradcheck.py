@@ -5,7 +5,7 @@ import pytest
 from conftest import finite_differences, random_problem
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
 @pytest.mark.parametrize("sizes", [[3, 4], [4, 5, 3], [3, 4, 5, 3]])
 def test_gradients_match_finite_differences(activation, sizes):
     model, X, y = random_problem(sizes, 6, activation, np.float64, seed=len(sizes))

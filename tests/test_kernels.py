@@ -138,7 +138,7 @@ def test_transpose_weight_block(dtype, j0, j1, k0, k1, rng):
     np.testing.assert_array_equal(weight_t, expected)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
 @pytest.mark.parametrize("C,OC", [(1, 1), (9, 6), (50, 10), (3, 17)])
 def test_dense_backward_input(activation, C, OC, rng):
     code = ACTIVATIONS[activation]

@@ -1,6 +1,7 @@
 """Model files: round trips, resume equality, atomic writes, refusal of
 every malformed file, in the safetensors format and in the first format,
 which still loads."""
+import copy
 import hashlib
 import json
 import os
@@ -56,6 +57,27 @@ def test_ten_epochs_equal_five_saved_loaded_and_five_more(tmp_path):
     fastmlp.fit(second, X, y, epochs=5, batch_size=16, optimizer="adam", lr=0.01)
     assert np.array_equal(straight.params, second.params)
     assert np.array_equal(straight.optimizer_state.state2, second.optimizer_state.state2)
+
+
+def test_adams_constants_are_saved_and_resumed(tmp_path):
+    model, X, y = random_problem([9, 7, 4], 120, "tanh", np.float32, seed=3)
+    straight = copy.deepcopy(model)
+    adam = dict(optimizer="adam", lr=0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-4)
+    fastmlp.fit(straight, X, y, epochs=4, batch_size=16, seed=1, **adam)
+    fastmlp.fit(model, X, y, epochs=2, batch_size=16, seed=1, **adam)
+    model.save(tmp_path / "m")
+    loaded = fastmlp.load(tmp_path / "m")
+    assert loaded.optimizer_state.settings == (0.01, 0.9, False, 0.0, 0.8, 0.99, 1e-4)
+    fastmlp.fit(loaded, X, y, epochs=2, batch_size=16, **adam)
+    assert np.array_equal(loaded.params, straight.params)
+    # a file written before the constants were saved has Keras's
+    arrays, metadata = tensors_and_metadata((tmp_path / "m").read_bytes())
+    optimizer = json.loads(metadata["optimizer"])
+    for key in ("beta_1", "beta_2", "epsilon"):
+        del optimizer[key]
+    metadata["optimizer"] = json.dumps(optimizer)
+    (tmp_path / "old").write_bytes(resigned(arrays, metadata))
+    assert fastmlp.load(tmp_path / "old").optimizer_state.settings[4:] == (0.9, 0.999, 1e-7)
 
 
 def test_save_replaces_atomically_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -215,6 +237,8 @@ def change_tensor(name, value):
     (change_setting("model", "dtype", "float64"), "should hold float64"),
     (change_setting("training", "rng", "x"), "generator"),
     (change_setting("optimizer", "lr", -1), "lr"),
+    (change_setting("optimizer", "beta_2", 1.0), "bad Adam betas or epsilon"),
+    (change_setting("optimizer", "epsilon", 0), "bad Adam betas or epsilon"),
     (change_setting("optimizer", "name", "sgd"), "tensors should be"),
     (change_tensor("2.weight", lambda w: w[:, :3].copy()), "should have shape"),
     (change_tensor("2.bias", None), "tensors should be"),

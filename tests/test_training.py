@@ -14,7 +14,7 @@ from fastmlp import reference
 from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
-from fastmlp.optimizers import ADAM_ALPHA, OPTIMIZERS, make_hyper
+from fastmlp.optimizers import ADAM_ALPHA, OPTIMIZERS, adam_betas, make_hyper
 from fastmlp.progress import Callback
 from fastmlp.step import (
     BIAS_TASK,
@@ -37,6 +37,7 @@ OPTIMIZER_CASES = [
     ("momentum", {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.001}),
     ("adam", {"lr": 0.003}),
     ("adam", {"lr": 0.001, "weight_decay": 0.01}),
+    ("adam", {"lr": 0.002, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-3}),
 ]
 
 
@@ -45,7 +46,7 @@ def batches_in_order(n, batch_size):
 
 
 @pytest.mark.parametrize("optimizer,options", OPTIMIZER_CASES)
-@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "identity"])
 def test_fifty_steps_follow_the_oracle(optimizer, options, activation):
     # 50 steps of 16 rows, then the last of them partial: 49 full + 1 of 9
     n, batch_size = 49 * 16 + 9, 16
@@ -239,7 +240,7 @@ def test_update_tasks_keep_the_transposed_weights_current():
     ws = Workspace(model.layer_sizes, 10, model.dtype)
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
-                          OPTIMIZERS["adam"], False, np.zeros(5))
+                          OPTIMIZERS["adam"], False, np.zeros(5), adam_betas())
     data = make_data(X, y.astype(np.int32), np.ones(300, model.dtype), np.arange(300),
                      model.dtype)
     status = train_steps(ws.work, model.network(), optimizer, data,
@@ -284,7 +285,7 @@ def test_fused_update_equals_gradients_then_update(optimizer, options, dtype):
         grads = np.full(model.params.size, np.nan, dtype)
         m, v = (s.copy() for s in state)
         opt = Optimizer(grads, m, v, hyper, OPTIMIZERS[optimizer], options.get("nesterov", False),
-                        np.zeros(5))
+                        np.zeros(5), adam_betas())
         if fused:
             gradients_update(ws.work, net, opt, 64, True, True, 2)
             assert np.isnan(grads).all()  # the flat gradient vector is never touched
@@ -310,7 +311,7 @@ def test_an_epoch_allocates_nothing():
     grads = np.zeros_like(model.params)
     m, v = np.zeros_like(model.params), np.zeros_like(model.params)
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.001, 0.9, 0.0),
-                          OPTIMIZERS["adam"], False, np.zeros(5))
+                          OPTIMIZERS["adam"], False, np.zeros(5), adam_betas())
     data = make_data(X, y, np.ones(1000, model.dtype), np.arange(1000), model.dtype)
     net = model.network()
     batches = local_batches(10, model.dtype)
