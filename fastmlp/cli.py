@@ -15,7 +15,7 @@ import numpy as np
 from . import __version__, datasets, distributed, sources, tabular
 from .model import MLP
 from .modelfile import load as load_model, loads as load_model_bytes
-from .heads import HEADS
+from .heads import HEADS, VALUE_HEADS
 from .kernels import ACTIVATIONS
 from .optimizers import DEFAULT_LR, OPTIMIZERS
 from .schedules import Cosine, Step
@@ -135,7 +135,8 @@ def build_parser():
     model.add_argument("--output", choices=sorted(HEADS), help="softmax: classes; linear: "
                        "regression (mean squared error, one or more numeric --target "
                        "columns); sigmoid: multi-label (0/1 --target columns, comma "
-                       "separated) (default: softmax)")
+                       "separated); poisson: counts or rates >= 0 (Poisson deviance, "
+                       "predicting exp of the last layer) (default: softmax)")
     train = parser.add_argument_group("training")
     train.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
                        help=f"(default: {OPTIMIZER_DEFAULTS['optimizer']}; adam for digits and "
@@ -492,7 +493,7 @@ def chance_level(model):
     """(loss, what it is) of a model that learnt nothing: guessing every class
     alike (log K; log 2 per label), or predicting the mean of standardized
     targets (1); (inf, None) for targets of unknown scale."""
-    if model.output == "linear":
+    if model.output in VALUE_HEADS:
         if sources.output_scaling(model) is not None:
             return 1.0, "the loss of predicting the mean, 1 on standardized targets"
         return math.inf, None

@@ -34,14 +34,15 @@ def sklearn_gradient_scale(output, n_outputs):
     """How many times steeper scikit-learn's loss is than the head's: its
     squared loss has the gradient of half the squared error summed over
     outputs (the linear head's is the mean over outputs), and its binary log
-    loss sums over labels (the sigmoid head's averages)."""
-    return {"softmax": 1.0, "linear": n_outputs / 2, "sigmoid": float(n_outputs)}[output]
+    loss and Poisson loss sum over outputs (the heads' average)."""
+    return {"softmax": 1.0, "linear": n_outputs / 2}.get(output, float(n_outputs))
 
 
 def sklearn_loss(output, n_outputs, loss):
     """The loss scikit-learn reports for the head's mean loss: half the mean
-    squared error, or binary log loss summed over labels."""
-    return loss * {"softmax": 1.0, "linear": 0.5, "sigmoid": float(n_outputs)}[output]
+    squared error, or binary log loss or half Poisson deviance summed over
+    outputs."""
+    return loss * {"softmax": 1.0, "linear": 0.5}.get(output, float(n_outputs))
 
 
 class InvScaling:
@@ -318,8 +319,8 @@ class _BaseMLP(BaseEstimator):
     @property
     def out_activation_(self):
         check_is_fitted(self, "model_")
-        return {"softmax": "softmax", "linear": "identity", "sigmoid": "logistic"}[
-            self.model_.output]
+        return {"softmax": "softmax", "linear": "identity", "sigmoid": "logistic",
+                "poisson": "exp"}[self.model_.output]
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
@@ -416,9 +417,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     (default: the input's) and `threads` are fastmlp's own. y may be (n,) or
     (n, k); predict returns the same shape.
 
-    Differences from scikit-learn: loss 'poisson' is not offered.
-    loss_curve_ holds scikit-learn's squared loss (half the mean squared
-    error), so the two can be compared.
+    loss="poisson" predicts exp of the last layer, for counts or rates.
+    loss_curve_ holds scikit-learn's loss (half the mean squared error, or
+    half the Poisson deviance), so the two can be compared.
     """
     _regressor = True
 
@@ -448,8 +449,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _check_params(self):
         super()._check_params()
-        if self.loss != "squared_error":
-            raise ValueError(f"loss {self.loss!r} is not supported; fastmlp has 'squared_error'")
+        if self.loss not in ("squared_error", "poisson"):
+            raise ValueError(f"loss {self.loss!r} is not supported; fastmlp has "
+                             "'squared_error' and 'poisson'")
 
     def _targets(self, y, reset, classes):
         y = np.asarray(y, np.float64)
@@ -458,7 +460,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         n_outputs = 1 if y.ndim == 1 else y.shape[1]
         if not reset and n_outputs != self.model_.n_outputs:
             raise ValueError(f"y has {n_outputs} outputs, the model {self.model_.n_outputs}")
-        return y, "linear", n_outputs
+        output = "poisson" if self.loss == "poisson" else "linear"
+        if output == "poisson" and (y < 0).any():
+            raise ValueError("Some value(s) of y are negative which is not allowed for "
+                             "Poisson regression.")
+        return y, output, n_outputs
 
     def predict(self, X):
         X = self._input(X)

@@ -12,12 +12,17 @@ their NumPy oracle twins, the validation of its targets, and its metric.
 - sigmoid: one independent probability per output, binary cross-entropy
   averaged over outputs (Keras's "binary_crossentropy"), a 0/1 target
   matrix; the metric is subset accuracy (every label of a row right).
+- poisson: counts or rates, the mean exp(z) of a Poisson distribution per
+  output (a log link), half the Poisson deviance t log(t / mu) - t + mu
+  averaged over outputs (zero for a perfect fit; Keras's "poisson" less a
+  constant), non-negative float targets (n,) or (n, K); the metric is R²,
+  as for linear.
 
 Kernel contract (rows r0:r1 of a (B, K) batch): `head_forward` turns the
 last layer's pre-activations `out` into the head's outputs and writes
 row_stats[b] = (row weight * row loss, row score), where the row score sums
-to the metric: 1 or 0 per row for accuracies; for linear, the row's squared
-errors over outputs, each times target_scale[k] = 1 / (K * variance of
+to the metric: 1 or 0 per row for accuracies; for linear and poisson, the
+row's squared errors over outputs, each times target_scale[k] = 1 / (K * variance of
 output k), so that R² = 1 - (sum of row scores) / rows. `head_backward`
 writes the loss gradient of the row's pre-activations, scaled by row weight
 / the batch's total weight (inv_total).
@@ -32,8 +37,12 @@ from .jit import kernel
 SOFTMAX = 0
 LINEAR = 1
 SIGMOID = 2
-HEADS = {"softmax": SOFTMAX, "linear": LINEAR, "sigmoid": SIGMOID}
-METRICS = {"softmax": "accuracy", "linear": "r2", "sigmoid": "accuracy"}
+POISSON = 3
+HEADS = {"softmax": SOFTMAX, "linear": LINEAR, "sigmoid": SIGMOID, "poisson": POISSON}
+METRICS = {"softmax": "accuracy", "linear": "r2", "sigmoid": "accuracy", "poisson": "r2"}
+# heads whose outputs are predicted values, in the targets' shape, rather
+# than probabilities
+VALUE_HEADS = ("linear", "poisson")
 
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
@@ -170,6 +179,42 @@ def sigmoid_crossentropy_backward(dlogits, probs, targets, weights, inv_total, r
 
 
 @kernel
+def poisson_forward(out, row_stats, targets, weights, target_scale, r0, r1):
+    # out and targets are (B, K), holding log-means on entry and means
+    # mu = exp(z) on exit; weights (B,), target_scale (K,), row_stats (B, 2).
+    # Per output, half the Poisson deviance, t log t - t z - t + mu (t log t
+    # = 0 at t = 0); the score is linear's.
+    K = out.shape[1]
+    for b in range(r0, r1):
+        loss = 0.0
+        score = 0.0
+        for k in range(K):
+            z = out[b, k]
+            t = targets[b, k]
+            mu = fast_exp(z)
+            out[b, k] = mu
+            loss += float(mu - t * z)
+            if t > ZERO:
+                loss += float(t) * (math.log(float(t)) - 1.0)
+            error = float(mu - t)
+            score += error * error * target_scale[k]
+        row_stats[b, 0] = weights[b] * loss / K
+        row_stats[b, 1] = score
+
+
+@kernel
+def poisson_backward(dout, mu, targets, weights, inv_total, r0, r1):
+    # dout, mu and targets are (B, K), weights (B,)
+    # exp and the Poisson deviance together: d/dz = mu - t (over K outputs)
+    K = mu.shape[1]
+    width = mu.dtype.type(K)
+    for b in range(r0, r1):
+        scale = weights[b] * inv_total / width
+        for k in range(K):
+            dout[b, k] = (mu[b, k] - targets[b, k]) * scale
+
+
+@kernel
 def head_forward(out, row_stats, labels, targets, weights, target_scale, head, r0, r1):
     # out is (B, K): the last layer's pre-activations in, the head's outputs
     # out; labels (B,) for softmax, targets (B, K) for the others
@@ -177,8 +222,10 @@ def head_forward(out, row_stats, labels, targets, weights, target_scale, head, r
         softmax_crossentropy_forward(out, row_stats, labels, weights, r0, r1)
     elif head == LINEAR:
         squared_error_forward(out, row_stats, targets, weights, target_scale, r0, r1)
-    else:
+    elif head == SIGMOID:
         sigmoid_crossentropy_forward(out, row_stats, targets, weights, r0, r1)
+    else:
+        poisson_forward(out, row_stats, targets, weights, target_scale, r0, r1)
 
 
 @kernel
@@ -188,8 +235,10 @@ def head_backward(dout, out, labels, targets, weights, inv_total, head, r0, r1):
         softmax_crossentropy_backward(dout, out, labels, weights, inv_total, r0, r1)
     elif head == LINEAR:
         squared_error_backward(dout, out, targets, weights, inv_total, r0, r1)
-    else:
+    elif head == SIGMOID:
         sigmoid_crossentropy_backward(dout, out, targets, weights, inv_total, r0, r1)
+    else:
+        poisson_backward(dout, out, targets, weights, inv_total, r0, r1)
 
 
 # ----------------------------------------------------------------------------
@@ -222,15 +271,19 @@ def check_targets(output, y, n_samples, n_outputs, dtype, name="y"):
     if output == "sigmoid" and not np.isin(y, (0, 1)).all():
         raise ValueError(f"{name} must be a 0/1 indicator matrix for the sigmoid output; it "
                          f"holds {np.setdiff1d(np.unique(y), (0, 1))[0]!r}")
+    if output == "poisson" and (y < 0).any():
+        row = int(np.flatnonzero((y < 0).any(axis=1))[0])
+        raise ValueError(f"{name} must be >= 0 for the poisson output (counts or rates); row "
+                         f"{row} holds {y[row][y[row] < 0][0]!r}")
     return np.ascontiguousarray(y, dtype=dtype)
 
 
 def target_scale(output, y, n_outputs, dtype):
-    """The kernels' target_scale: 1 / (K * variance) per output for linear
-    (0 for a constant output, which then counts as perfectly predicted),
-    zeros otherwise."""
+    """The kernels' target_scale: 1 / (K * variance) per output for the R²
+    heads (0 for a constant output, which then counts as perfectly
+    predicted), zeros otherwise."""
     scale = np.zeros(n_outputs, dtype)
-    if output == "linear" and len(y):
+    if METRICS[output] == "r2" and len(y):
         variance = np.var(np.asarray(y, np.float64), axis=0)
         scale[variance > 0] = 1.0 / (n_outputs * variance[variance > 0])
     return scale
@@ -238,7 +291,7 @@ def target_scale(output, y, n_outputs, dtype):
 
 def score(output, score_sum, rows):
     """The metric from the row scores' sum."""
-    if output == "linear":
+    if METRICS[output] == "r2":
         return 1.0 - score_sum / rows
     return score_sum / rows
 
@@ -248,7 +301,7 @@ def predictions(output, outputs, flat):
     ((n,) when flat), or a 0/1 label matrix."""
     if output == "softmax":
         return np.argmax(outputs, axis=1)
-    if output == "linear":
+    if output in VALUE_HEADS:
         return outputs[:, 0].copy() if flat else outputs
     return (outputs >= 0.5).astype(np.int64)
 
@@ -261,6 +314,8 @@ def oracle_output(output, z):
         return e / e.sum(axis=1, keepdims=True)
     if output == "linear":
         return z
+    if output == "poisson":
+        return np.exp(z)
     return 1.0 / (1.0 + np.exp(-z))
 
 
@@ -278,5 +333,9 @@ def oracle_loss_and_delta(output, z, out, y, share):
     if output == "linear":
         losses = ((out - y) ** 2).mean(axis=1)
         return losses, 2 * (out - y) / K * share[:, None].astype(out.dtype)
+    if output == "poisson":
+        y_log_y = y * np.log(np.where(y > 0, y, 1))  # 0 at y = 0
+        losses = (y_log_y - y * z - y + out).mean(axis=1)
+        return losses, (out - y) / K * share[:, None].astype(out.dtype)
     losses = (np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))).mean(axis=1)
     return losses, (out - y) / K * share[:, None].astype(out.dtype)

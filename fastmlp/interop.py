@@ -3,6 +3,7 @@ nn.Sequential or a fitted scikit-learn MLPClassifier. (Model files are
 safetensors, which PyTorch reads directly: see fastmlp.modelfile.)"""
 import numpy as np
 
+from .heads import VALUE_HEADS
 from .modelfile import atomic_write
 from .sources import output_scaling
 from .tabular import NA_CELLS
@@ -16,6 +17,7 @@ SKLEARN_ACTIVATIONS = {"logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
 
 
 OUTPUT_NODES = {"softmax": ("Softmax", "probabilities"), "linear": ("Identity", "predictions"),
+                "poisson": ("Exp", "predictions"),
                 "sigmoid": ("Sigmoid", "probabilities")}
 
 
@@ -225,7 +227,8 @@ def from_sklearn(fitted):
                          f"{sorted(SKLEARN_ACTIVATIONS)}")
     weights = [np.asarray(w) for w in fitted.coefs_]
     biases = [np.asarray(b) for b in fitted.intercepts_]
-    output = {"softmax": "softmax", "identity": "linear", "logistic": "sigmoid"}.get(
+    output = {"softmax": "softmax", "identity": "linear", "logistic": "sigmoid",
+              "exp": "poisson"}.get(
         fitted.out_activation_)
     if output is None:
         raise ValueError(f"output activation {fitted.out_activation_!r} is not supported")
@@ -236,6 +239,6 @@ def from_sklearn(fitted):
         biases[-1] = np.concatenate([np.zeros_like(biases[-1]), biases[-1]])
         output = "softmax"
     model = from_layers(weights, biases, SKLEARN_ACTIVATIONS[fitted.activation], output)
-    if output == "linear":
+    if output in VALUE_HEADS:
         model.flat_targets = fitted.n_outputs_ == 1  # as scikit-learn's predict
     return model

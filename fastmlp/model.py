@@ -9,7 +9,7 @@ import numpy as np
 from . import jit
 from .balance import make_balance
 from .buffers import Network, Optimizer, Work, make_data, read_only
-from .heads import HEADS, METRICS, check_targets, predictions, score, target_scale
+from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
 from .optimizers import NONE, adam_betas, make_hyper
 from .step import (
@@ -349,13 +349,13 @@ class MLP:
     def predict_proba(self, X):
         """softmax: class probabilities (n_samples, n_classes); sigmoid: each
         label's probability (n_samples, n_labels)."""
-        if self.output == "linear":
-            raise ValueError("a regression model (output='linear') has no probabilities; "
-                             "use predict")
+        if self.output in VALUE_HEADS:
+            raise ValueError(f"a regression model (output={self.output!r}) has no "
+                             "probabilities; use predict")
         return self._outputs(X)
 
     def predict(self, X):
-        """softmax: the most probable class of each row; linear: the
+        """softmax: the most probable class of each row; linear, poisson: the
         predicted values, (n,) or (n, k) like the targets fit saw; sigmoid:
         a 0/1 matrix, each label present where its probability is >= 0.5."""
         return predictions(self.output, self._outputs(X), self.flat_targets)

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import __version__, sources
 from .cli import Parser
+from .heads import VALUE_HEADS
 from .modelfile import atomic_write
 from .modelfile import load as load_model
 from .progress import PREDICT_COMPILE_NOTICE
@@ -66,7 +67,7 @@ def predictions_csv(model, x, proba, kept=None):
 def prediction_rows(model, x, proba):
     """(header, rows) of predictions_csv, as text."""
     prep = model.preprocessing
-    if model.output == "linear":
+    if model.output in VALUE_HEADS:
         names = prep["target"].split(",") if prep else [f"y{k}" for k in range(model.n_outputs)]
         values = sources.target_values(model.predict(x).reshape(len(x), -1), prep)
         return names, [[f"{v:.9g}" for v in row] for row in values]

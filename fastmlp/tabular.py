@@ -615,8 +615,8 @@ def learn_scaling(features):
 
 
 def numeric_targets(path, y, output):
-    """y as float64 for the linear head (numbers) or the sigmoid head (0/1);
-    a problem names the file."""
+    """y as float64 for the linear head (numbers), the sigmoid head (0/1) or
+    the poisson head (numbers >= 0); a problem names the file."""
     if y.dtype.kind not in "biuf":
         raise DataError(f"{path}: the {output} output needs numeric targets; the target "
                         f"holds {y[0]!r}")
@@ -624,6 +624,9 @@ def numeric_targets(path, y, output):
     if output == "sigmoid" and not np.isin(y, (0, 1)).all():
         raise DataError(f"{path}: the sigmoid (multi-label) output needs 0/1 targets; the "
                         f"target holds {np.setdiff1d(np.unique(y), (0, 1))[0]!r}")
+    if output == "poisson" and (y < 0).any():
+        raise DataError(f"{path}: the poisson output needs counts or rates >= 0; the target "
+                        f"holds {y[y < 0][0]!r}")
     return y
 
 

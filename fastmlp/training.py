@@ -11,7 +11,7 @@ import numpy as np
 
 from . import compile_ahead, distributed, jit, schedules
 from .buffers import Optimizer, make_data
-from .heads import score, target_scale
+from .heads import VALUE_HEADS, score, target_scale
 from .model import Workspace, aligned_zeros
 from .state import OptimizerState, TrainingState
 from .optimizers import ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, DEFAULT_LR, LR, OPTIMIZERS
@@ -202,7 +202,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, settings=settings,
             shuffle=bool(shuffle), sampling=sampling, validation=validation is not None,
             patience=patience, monitor=stopper.monitor if stopper else None))
-    if model.output == "linear":
+    if model.output in VALUE_HEADS:
         model.flat_targets = flat_targets
     if isinstance(state.schedule, schedules.Cosine):
         state.schedule.start(epochs, -(-X.shape[0] // batch_size), state.updates)

@@ -145,8 +145,8 @@ def test_regressor_fits_one_and_several_outputs():
     assert two.score(X, Y) > 0.3
     again = pickle.loads(pickle.dumps(two))
     assert np.array_equal(again.predict(X), two.predict(X))
-    with pytest.raises(ValueError, match="loss 'poisson' is not supported"):
-        MLPRegressor(loss="poisson").fit(X, y)
+    with pytest.raises(ValueError, match="loss 'huber' is not supported"):
+        MLPRegressor(loss="huber").fit(X, y)
 
 
 def test_classifier_takes_a_multi_label_indicator_matrix():
@@ -211,6 +211,34 @@ def test_lbfgs_regressor_finds_ridges_solution():
     residual = ((Y - reg.predict(X)) ** 2).mean(axis=1)
     l2 = 0.5 * 3.0 * (reg.coefs_[0] ** 2).sum() / weights.sum()
     assert reg.loss_ == pytest.approx(0.5 * np.average(residual, weights=weights) + l2)
+
+
+def test_lbfgs_poisson_regressor_finds_poisson_regressions_solution():
+    # scikit-learn's MLP objective with loss="poisson" (half the Poisson
+    # deviance) is PoissonRegressor's with alpha over the total weight
+    from sklearn.linear_model import PoissonRegressor
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 5))
+    y = rng.poisson(np.exp(X @ [0.3, -0.2, 0.5, 0.0, 0.1] + 0.5)).astype(float)
+    weights = rng.uniform(0.5, 2.0, 400)
+    reg = MLPRegressor(loss="poisson", alpha=2.0, **LBFGS_EXACT).fit(X, y, sample_weight=weights)
+    glm = PoissonRegressor(alpha=2.0 / weights.sum(), tol=1e-12, max_iter=10000).fit(
+        X, y, sample_weight=weights)
+    assert reg.out_activation_ == "exp" and reg.model_.output == "poisson"
+    assert relative_error(reg.coefs_[0][:, 0], glm.coef_) < 1e-5
+    assert abs(reg.intercepts_[0][0] - glm.intercept_) < 1e-5
+    assert np.abs(reg.predict(X) - glm.predict(X)).max() < 1e-4 * glm.predict(X).max()
+    with pytest.raises(ValueError, match="negative"):
+        MLPRegressor(loss="poisson").fit(X, -y)
+    # and with Adam, a hidden layer: near the GLM's deviance
+    from sklearn.metrics import mean_poisson_deviance
+    adam = MLPRegressor(loss="poisson", hidden_layer_sizes=(16,), max_iter=100,
+                        learning_rate_init=0.01, random_state=0).fit(X, y)
+    assert mean_poisson_deviance(y, adam.predict(X)) < 1.1 * mean_poisson_deviance(
+        y, glm.predict(X))
+    # loss_curve_ is scikit-learn's: half the Poisson deviance
+    assert adam.loss_curve_[-1] == pytest.approx(
+        mean_poisson_deviance(y, adam.predict(X)) / 2, rel=0.1)
 
 
 def log_loss_objective(coef, intercept, X, Y, weights, alpha, multi_label):

@@ -1,9 +1,9 @@
-"""The output heads beyond softmax (regression and multi-label): gradients
+"""The output heads beyond softmax (regression, multi-label, Poisson): gradients
 against finite differences and the oracle, training trajectories, targets,
 scores, predictions and model files."""
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, r2_score
+from sklearn.metrics import accuracy_score, mean_poisson_deviance, r2_score
 
 import fastmlp
 from fastmlp import reference
@@ -23,12 +23,14 @@ def head_problem(output, sizes, n, activation, dtype, seed, flat=False):
     K = sizes[-1]
     if output == "linear":
         y = X[:, :1] * np.arange(1, K + 1) + 0.5 * rng.standard_normal((n, K))
+    elif output == "poisson":  # counts of mean exp(x0 / 2 + k / 4), zeros among them
+        y = rng.poisson(np.exp(X[:, :1] / 2 + np.arange(K) / 4)).astype(np.float64)
     else:
         y = (X[:, :1] + rng.standard_normal((n, K)) > 0).astype(np.int64)
     return model, X, (y[:, 0] if flat else y)
 
 
-@pytest.mark.parametrize("output", ["linear", "sigmoid"])
+@pytest.mark.parametrize("output", ["linear", "sigmoid", "poisson"])
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
 @pytest.mark.parametrize("sizes", [[3, 2], [4, 5, 3], [3, 4, 5, 1]])
 def test_gradients_match_finite_differences(output, activation, sizes):
@@ -41,7 +43,7 @@ def test_gradients_match_finite_differences(output, activation, sizes):
     assert np.abs(analytic - numeric).max() < 1e-6 * max(1.0, scale)
 
 
-@pytest.mark.parametrize("output", ["softmax", "linear", "sigmoid"])
+@pytest.mark.parametrize("output", ["softmax", "linear", "sigmoid", "poisson"])
 def test_gradients_equal_the_oracle(output):
     model, X, y = head_problem("linear" if output == "softmax" else output, [6, 9, 4], 30,
                                "tanh", np.float64, seed=5)
@@ -57,7 +59,7 @@ def test_gradients_equal_the_oracle(output):
         assert relative_error(got, want) < 1e-12
 
 
-@pytest.mark.parametrize("output", ["linear", "sigmoid"])
+@pytest.mark.parametrize("output", ["linear", "sigmoid", "poisson"])
 @pytest.mark.parametrize("optimizer,options", [OPTIMIZER_CASES[1], OPTIMIZER_CASES[3],
                                                OPTIMIZER_CASES[4]])
 def test_fifty_steps_follow_the_oracle(output, optimizer, options):
@@ -94,6 +96,14 @@ def test_scores_are_sklearns():
     proba = model.predict_proba(X)
     expected = -np.mean(y * np.log(proba) + (1 - y) * np.log(1 - proba))
     assert abs(loss - expected) < 1e-9
+    model, X, y = head_problem("poisson", [5, 8, 2], 200, "tanh", np.float64, seed=1)
+    fastmlp.fit(model, X, y, epochs=5, batch_size=20, optimizer="adam", lr=0.01)
+    loss, r2 = model.evaluate(X, y)
+    mean = model.predict(X)
+    assert mean.shape == (200, 2) and mean.min() > 0
+    assert abs(r2 - r2_score(y, mean)) < 1e-12 and r2 > 0.1
+    # half the Poisson deviance, averaged over outputs
+    assert abs(loss - mean_poisson_deviance(y.ravel(), mean.ravel()) / 2) < 1e-12
 
 
 def test_history_and_early_stopping_use_the_heads_metric():
@@ -115,6 +125,7 @@ def test_history_and_early_stopping_use_the_heads_metric():
     ("linear", np.ones(9), r"shape \(10, 2\)"),
     ("sigmoid", np.full((10, 2), 0.5), "0/1 indicator"),
     ("sigmoid", np.full((10, 2), np.inf), "NaN or inf"),
+    ("poisson", np.full((10, 2), -1.0), "must be >= 0 for the poisson output"),
 ])
 def test_bad_targets_are_named(output, y, message):
     model = fastmlp.MLP([3, 2], output=output)
@@ -127,15 +138,17 @@ def test_linear_has_no_probabilities_and_one_output_is_allowed():
         fastmlp.MLP([3, 1], output="linear").predict_proba(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="at least 2 classes"):
         fastmlp.MLP([3, 1])
+    with pytest.raises(ValueError, match="no probabilities"):
+        fastmlp.MLP([3, 1], output="poisson").predict_proba(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="unknown output"):
-        fastmlp.MLP([3, 2], output="poisson")
+        fastmlp.MLP([3, 2], output="gamma")
 
 
-@pytest.mark.parametrize("output", ["linear", "sigmoid"])
+@pytest.mark.parametrize("output", ["linear", "sigmoid", "poisson"])
 def test_model_files_keep_the_head(tmp_path, output):
-    sizes = [5, 6, 1 if output == "linear" else 2]
+    sizes = [5, 6, 2 if output == "sigmoid" else 1]
     model, X, y = head_problem(output, sizes, 50, "tanh", np.float32, seed=3,
-                               flat=output == "linear")
+                               flat=output != "sigmoid")
     fastmlp.fit(model, X, y, epochs=1, batch_size=10, optimizer="adam")
     model.save(tmp_path / "m.safetensors")
     loaded = fastmlp.load(tmp_path / "m.safetensors")

@@ -11,7 +11,7 @@ import fastmlp
 from fastmlp.cli import main
 from fastmlp.interop import ONNX_OPSET
 
-from conftest import random_problem
+from conftest import random_problem, relative_error
 
 
 def trained(activation, dtype=np.float32, sizes=(9, 8, 7, 4)):
@@ -191,6 +191,12 @@ def test_from_sklearn_regressor_and_multi_label_classifier():
         assert model.output == "linear"
         assert model.predict(X).shape == fitted.predict(X).shape
         assert np.abs(model.predict(X) - fitted.predict(X)).max() < 1e-12
+    counts = np.random.default_rng(1).poisson(np.exp(X[:, 0] / 2))
+    fitted = MLPRegressor(loss="poisson", hidden_layer_sizes=(8,), max_iter=50,
+                          random_state=0).fit(X, counts)
+    model = fastmlp.MLP.from_sklearn(fitted)
+    assert model.output == "poisson" and model.predict(X).shape == (150,)
+    assert np.abs(model.predict(X) - fitted.predict(X)).max() < 1e-12
     labels = np.stack([X[:, 0] > 0, X[:, 1] > 0, X[:, 0] + X[:, 2] > 0], axis=1).astype(int)
     fitted = SklearnMLP(hidden_layer_sizes=(8,), max_iter=300, random_state=0).fit(X, labels)
     model = fastmlp.MLP.from_sklearn(fitted)
@@ -212,21 +218,22 @@ def test_from_torch_heads():
         assert model.output == (output or "sigmoid") and np.abs(got - expected).max() < 1e-6
 
 
-@pytest.mark.parametrize("output", ["linear", "sigmoid"])
+@pytest.mark.parametrize("output", ["linear", "sigmoid", "poisson"])
 def test_onnx_export_of_the_other_heads(tmp_path, output):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((100, 6)).astype(np.float32)
-    y = (np.stack([X[:, 0] + X[:, 1], X[:, 2] * 2], axis=1) if output == "linear"
-         else (X[:, :2] > 0).astype(np.float32))
+    y = {"linear": lambda: np.stack([X[:, 0] + X[:, 1], X[:, 2] * 2], axis=1),
+         "sigmoid": lambda: (X[:, :2] > 0).astype(np.float32),
+         "poisson": lambda: rng.poisson(np.exp(X[:, :2] / 2)).astype(np.float32)}[output]()
     model = fastmlp.MLP([6, 8, 2], activation="relu", init="he", output=output, seed=0)
     fastmlp.fit(model, X, y, epochs=5, batch_size=10, optimizer="adam", lr=0.01)
     model.to_onnx(tmp_path / "m.onnx")
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"),
                                            providers=["CPUExecutionProvider"])
-    name = "predictions" if output == "linear" else "probabilities"
+    name = "probabilities" if output == "sigmoid" else "predictions"
     got = session.run([name], {"input": X})[0]
-    expected = model.predict(X) if output == "linear" else model.predict_proba(X)
-    assert np.abs(got - expected).max() < 1e-5
+    expected = model.predict_proba(X) if output == "sigmoid" else model.predict(X)
+    assert relative_error(got, expected) < 1e-5
 
 
 def test_from_sklearn_names_what_it_cannot_take():

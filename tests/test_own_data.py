@@ -603,6 +603,29 @@ def test_regression_and_multi_label_from_the_command_line(tmp_path, capsys):
     assert code == 2 and "no target column 'species'" in err
 
 
+def test_counts_with_the_poisson_output(tmp_path, capsys):
+    # claims counted per policy: a Poisson mean exp(0.5 a - 0.3 b + 1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 3))
+    mean = np.exp(x @ [0.5, -0.3, 0.0] + 1.0)
+    path = write_csv(tmp_path / "claims.csv", x, rng.poisson(mean), target="claims")
+    model_path = str(tmp_path / "claims.safetensors")
+    code, out, err = run(["--data", path, "--target", "claims", "--output", "poisson",
+                          "--epochs", "10", "--quiet", "--save", model_path], capsys)
+    assert code == 0, err
+    assert "target 'claims' numeric," in out and "dense_2 (poisson)" in out  # not standardized
+    code, out, err = run([model_path, path], capsys, predict_main)
+    assert code == 0, err
+    predicted = np.array([float(v) for v in out.split()[1:]])
+    assert out.split()[0] == "claims" and predicted.min() > 0
+    # the rates, in their units (Adam's last steps leave them some percent off)
+    assert np.corrcoef(np.log(predicted), np.log(mean))[0, 1] > 0.95
+    assert 0.7 < predicted.mean() / mean.mean() < 1.3
+    bad = write_csv(tmp_path / "bad.csv", x, -rng.poisson(mean), target="claims")
+    code, out, err = run(["--data", bad, "--target", "claims", "--output", "poisson"], capsys)
+    assert code == 2 and "poisson output needs counts or rates >= 0" in err
+
+
 def houses(tmp_path, n=300):
     """(path, x, price) of a CSV whose target is around a million."""
     rng = np.random.default_rng(1)
