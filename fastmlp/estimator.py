@@ -324,10 +324,10 @@ class _BaseMLP(BaseEstimator):
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
-    """A multi-layer perceptron classifier with scikit-learn's parameter
-    names and defaults where they overlap; `dtype` (default: the input's),
-    `threads` and `class_weight` are fastmlp's own. A 0/1 indicator matrix
-    as y trains a multi-label classifier (independent sigmoid outputs).
+    """A multi-layer perceptron classifier with scikit-learn's parameters,
+    names and defaults; `dtype` (default: the input's), `threads` and
+    `class_weight` are fastmlp's own. A 0/1 indicator matrix as y trains a
+    multi-label classifier (independent sigmoid outputs).
 
     Differences from scikit-learn: a multi-class or binary output is a
     softmax over all classes (binary problems too).
@@ -412,13 +412,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
 
 class MLPRegressor(RegressorMixin, _BaseMLP):
-    """A multi-layer perceptron regressor (linear output, squared error) with
-    scikit-learn's parameter names and defaults where they overlap; `dtype`
+    """A multi-layer perceptron regressor (linear output, squared error; or,
+    with loss="poisson", exp output and Poisson deviance, for counts or
+    rates) with scikit-learn's parameters, names and defaults; `dtype`
     (default: the input's) and `threads` are fastmlp's own. y may be (n,) or
-    (n, k); predict returns the same shape.
-
-    loss="poisson" predicts exp of the last layer, for counts or rates.
-    loss_curve_ holds scikit-learn's loss (half the mean squared error, or
+    (n, k); predict returns the same shape. loss_curve_ holds scikit-learn's loss (half the mean squared error, or
     half the Poisson deviance), so the two can be compared.
     """
     _regressor = True
