@@ -14,18 +14,18 @@ their NumPy oracle twins, the validation of its targets, and its metric.
   matrix; the metric is subset accuracy (every label of a row right).
 - poisson: counts or rates, the mean exp(z) of a Poisson distribution per
   output (a log link), half the Poisson deviance t log(t / mu) - t + mu
-  averaged over outputs (zero for a perfect fit; Keras's "poisson" less a
-  constant), non-negative float targets (n,) or (n, K); the metric is R²,
-  as for linear.
+  averaged over outputs (zero for a perfect fit; Keras's "poisson" plus a
+  term of the targets alone), non-negative float targets (n,) or (n, K);
+  the metric is R², as for linear.
 
 Kernel contract (rows r0:r1 of a (B, K) batch): `head_forward` turns the
 last layer's pre-activations `out` into the head's outputs and writes
 row_stats[b] = (row weight * row loss, row score), where the row score sums
 to the metric: 1 or 0 per row for accuracies; for linear and poisson, the
-row's squared errors over outputs, each times target_scale[k] = 1 / (K * variance of
-output k), so that R² = 1 - (sum of row scores) / rows. `head_backward`
-writes the loss gradient of the row's pre-activations, scaled by row weight
-/ the batch's total weight (inv_total).
+row's squared errors over outputs, each times target_scale[k] = 1 / (K *
+variance of output k), so that R² = 1 - (sum of row scores) / rows.
+`head_backward` writes the loss gradient of the row's pre-activations,
+scaled by row weight / the batch's total weight (inv_total).
 """
 import math
 
