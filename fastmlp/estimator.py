@@ -150,7 +150,7 @@ class _BaseMLP(BaseEstimator):
             self.best_validation_score_ = None
         validation = None
         if stopping and self.early_stopping:
-            stratify = targets if output == "softmax" else None
+            stratify = self._classes_of(targets)
             X, X_val, targets, y_val, weights, _ = train_test_split(
                 X, targets, weights, test_size=self.validation_fraction,
                 random_state=self._seed(), stratify=stratify)
@@ -208,6 +208,11 @@ class _BaseMLP(BaseEstimator):
                           f"of iterations (max_iter={self.max_iter}, max_fun={self.max_fun}) "
                           "or scale the data.", ConvergenceWarning)
         return self
+
+    def _classes_of(self, targets):
+        """Each row's class, to stratify a validation split by (None for
+        regression and multi-label targets)."""
+        return None
 
     def _monitor(self, validation):
         return f"val_{self.model_.metric}" if validation is not None else "loss"
@@ -329,8 +334,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     `class_weight` are fastmlp's own. A 0/1 indicator matrix as y trains a
     multi-label classifier (independent sigmoid outputs).
 
-    Differences from scikit-learn: a multi-class or binary output is a
-    softmax over all classes (binary problems too).
+    Two classes get one logistic output, more a softmax, as scikit-learn's.
     """
     _regressor = False
 
@@ -375,7 +379,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         check_classification_targets(y)
         if reset:
             self.classes_ = unique_labels(y if classes is None else classes)
-            self._output = "softmax"
+            # two classes: one logistic output, as scikit-learn's
+            self._output = "binary" if len(self.classes_) == 2 else "softmax"
+        elif self._output == "sigmoid":
+            raise ValueError("y has other labels than the first fit's")
         elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
             raise ValueError(f"classes {classes!r} differ from the first call's {self.classes_!r}")
         if len(self.classes_) < 2:
@@ -384,16 +391,22 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         unknown = np.setdiff1d(y, self.classes_)
         if unknown.size:
             raise ValueError(f"y contains labels not in classes: {unknown!r}")
-        return np.searchsorted(self.classes_, y), "softmax", len(self.classes_)
+        indices = np.searchsorted(self.classes_, y)
+        if self._output == "binary":  # the second class's 0/1 indicator
+            return indices.reshape(-1, 1), "sigmoid", 1
+        return indices, "softmax", len(self.classes_)
 
-    @property
-    def n_outputs_(self):
-        check_is_fitted(self, "model_")
-        return len(self.classes_)
+    def _classes_of(self, targets):
+        if self._output == "sigmoid":
+            return None
+        return targets.ravel()
 
     def predict_proba(self, X):
         X = self._input(X)
-        return self.model_.predict_proba(X).astype(np.float64)
+        proba = self.model_.predict_proba(X).astype(np.float64)
+        if self._output == "binary":
+            return np.column_stack([1 - proba[:, 0], proba[:, 0]])
+        return proba
 
     def predict_log_proba(self, X):
         with np.errstate(divide="ignore"):
@@ -401,7 +414,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def predict(self, X):
         X = self._input(X)
-        if self.model_.output == "sigmoid":
+        if self._output == "binary":
+            return self.classes_[self.model_.predict(X)[:, 0]]
+        if self._output == "sigmoid":
             return self.model_.predict(X)
         return self.classes_[self.model_.predict(X)]
 

@@ -74,10 +74,18 @@ def test_binary_problems_and_partial_fit(digits):
     X, y = digits
     X, y = X[y < 2], np.where(y[y < 2] == 1, "odd", "even")
     clf = MLPClassifier(random_state=0)
-    for _ in range(5):
+    for _ in range(15):
         clf.partial_fit(X, y, classes=["even", "odd"])
-    assert clf.n_iter_ == 5 and clf.predict_proba(X).shape == (len(X), 2)
-    assert clf.score(X, y) > 0.95
+    assert clf.n_iter_ == 15 and clf.score(X, y) > 0.95
+    # one logistic output, as scikit-learn's: coefs_, n_outputs_, probabilities
+    assert clf.model_.output == "sigmoid" and clf.coefs_[-1].shape == (100, 1)
+    assert clf.n_outputs_ == 1 and clf.out_activation_ == "logistic"
+    proba = clf.predict_proba(X)
+    assert proba.shape == (len(X), 2) and np.allclose(proba.sum(axis=1), 1)
+    assert np.array_equal(clf.predict(X), clf.classes_[(proba[:, 1] >= 0.5).astype(int)])
+    from sklearn.neural_network import MLPClassifier as SklearnMLPClassifier
+    theirs = SklearnMLPClassifier(random_state=0).partial_fit(X, y, classes=["even", "odd"])
+    assert [c.shape for c in clf.coefs_] == [c.shape for c in theirs.coefs_]
     with pytest.raises(ValueError, match="classes must be passed"):
         MLPClassifier().partial_fit(X, y)
 
