@@ -167,15 +167,17 @@ def sigmoid_crossentropy_forward(probs, row_stats, targets, weights, r0, r1):
 
 
 @kernel
-def sigmoid_crossentropy_backward(dlogits, probs, targets, weights, inv_total, r0, r1):
-    # dlogits, probs and targets are (B, K), weights (B,)
-    # sigmoid and binary cross-entropy together: d/dz = p - t (over K outputs)
-    K = probs.shape[1]
-    width = probs.dtype.type(K)
+def output_minus_target_backward(dz, out, targets, weights, inv_total, r0, r1):
+    # dz, out and targets are (B, K), weights (B,)
+    # For an output and loss that pair up canonically, d/dz = out - t (over
+    # K outputs): sigmoid with binary cross-entropy, exp with the Poisson
+    # deviance.
+    K = out.shape[1]
+    width = out.dtype.type(K)
     for b in range(r0, r1):
         scale = weights[b] * inv_total / width
         for k in range(K):
-            dlogits[b, k] = (probs[b, k] - targets[b, k]) * scale
+            dz[b, k] = (out[b, k] - targets[b, k]) * scale
 
 
 @kernel
@@ -203,18 +205,6 @@ def poisson_forward(out, row_stats, targets, weights, target_scale, r0, r1):
 
 
 @kernel
-def poisson_backward(dout, mu, targets, weights, inv_total, r0, r1):
-    # dout, mu and targets are (B, K), weights (B,)
-    # exp and the Poisson deviance together: d/dz = mu - t (over K outputs)
-    K = mu.shape[1]
-    width = mu.dtype.type(K)
-    for b in range(r0, r1):
-        scale = weights[b] * inv_total / width
-        for k in range(K):
-            dout[b, k] = (mu[b, k] - targets[b, k]) * scale
-
-
-@kernel
 def head_forward(out, row_stats, labels, targets, weights, target_scale, head, r0, r1):
     # out is (B, K): the last layer's pre-activations in, the head's outputs
     # out; labels (B,) for softmax, targets (B, K) for the others
@@ -235,10 +225,8 @@ def head_backward(dout, out, labels, targets, weights, inv_total, head, r0, r1):
         softmax_crossentropy_backward(dout, out, labels, weights, inv_total, r0, r1)
     elif head == LINEAR:
         squared_error_backward(dout, out, targets, weights, inv_total, r0, r1)
-    elif head == SIGMOID:
-        sigmoid_crossentropy_backward(dout, out, targets, weights, inv_total, r0, r1)
-    else:
-        poisson_backward(dout, out, targets, weights, inv_total, r0, r1)
+    else:  # sigmoid, poisson
+        output_minus_target_backward(dout, out, targets, weights, inv_total, r0, r1)
 
 
 # ----------------------------------------------------------------------------

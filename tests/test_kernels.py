@@ -300,8 +300,8 @@ def test_float32_kernels_never_widen_to_float64():
             0, 4),
         "squared_error_backward": float32_ir(
             heads.squared_error_backward, out, out, out, np.ones(4, f32), f32(0.25), 0, 4),
-        "sigmoid_crossentropy_backward": float32_ir(
-            heads.sigmoid_crossentropy_backward, out, out, out, np.ones(4, f32), f32(0.25), 0, 4),
+        "output_minus_target_backward": float32_ir(
+            heads.output_minus_target_backward, out, out, out, np.ones(4, f32), f32(0.25), 0, 4),
         "sgd_update": float32_ir(optimizers.sgd_update, vec, vec, 0, 0, 1, 3, 0, 3, f32(0.1),
                                  f32(0)),
         "momentum_update": float32_ir(optimizers.momentum_update, vec, vec, vec, 0, 0, 1, 3, 0,
