@@ -168,7 +168,7 @@ def from_layers(weights, biases, activation, output="softmax"):
 
 def from_torch(sequential, output=None):
     """An MLP from a PyTorch nn.Sequential of Linear layers with one kind of
-    activation (Sigmoid, Tanh or ReLU) between them. A final Softmax(dim=1)
+    activation (Sigmoid, Tanh, ReLU or Identity) between them. A final Softmax(dim=1)
     makes the softmax head, a final Sigmoid the sigmoid (multi-label) head;
     a Sequential that ends in Linear gets output (default "softmax", its
     logits; "linear" for regression)."""

@@ -225,7 +225,7 @@ class MLP:
     @classmethod
     def from_torch(cls, sequential, output=None):
         """The MLP of a PyTorch nn.Sequential of Linear layers with Sigmoid,
-        Tanh or ReLU between them; a final Softmax or Sigmoid gives the head,
+        Tanh, ReLU or Identity between them; a final Softmax or Sigmoid gives the head,
         else `output` (default "softmax")."""
         from .interop import from_torch
         return from_torch(sequential, output)

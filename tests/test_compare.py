@@ -153,6 +153,18 @@ def test_a_dtype_row_fits_fastmlp_in_the_dtype_it_names():
     assert model.coefs_[0].dtype == np.float64
 
 
+def test_the_lbfgs_rows_fit_both_estimators_with_lbfgs():
+    compare = load_script("compare")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 5))
+    y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0)
+    settings = {**compare.LBFGS_SETTINGS, "hidden_layer_sizes": (4,), "max_iter": 3}
+    for which in ("fastmlp", "sklearn"):
+        model, seconds = compare.fit_estimator(which, "MLPClassifier", settings, X, y, None)
+        assert model.solver == "lbfgs" and model.n_iter_ == 3 and seconds > 0
+        assert not hasattr(model, "loss_curve_")
+
+
 def test_share_of_peak_is_the_median_of_rounds_against_their_own_peak():
     compare = load_script("compare")
     # 10 GFLOP an epoch; the machine halves its speed in round 1, and
