@@ -9,9 +9,9 @@ thread count."""
 import numba
 import numpy as np
 
-from .buffers import Optimizer, make_data
+from .buffers import make_data
 from .model import Workspace, aligned_zeros, parallel_launch_guard
-from .optimizers import NONE, adam_betas, make_hyper
+from .optimizers import gradients_only
 from .step import forward_backward, gradients_update, transpose_weights
 from .validation import check_sample_weight, check_X
 
@@ -37,9 +37,7 @@ class FullBatch:
         self.inv_total = model.dtype.type(1.0 / self.total_weight)
         self.grads = aligned_zeros(model.n_params, model.dtype)
         self.gradient = np.zeros(model.n_params)
-        empty = np.zeros(0, model.dtype)
-        self.optimizer = Optimizer(self.grads, empty, empty, make_hyper(model.dtype, 0.0, 0.0, 0.0),
-                                   NONE, False, np.zeros(5), adam_betas())
+        self.optimizer = gradients_only(self.grads)
 
     def loss_and_gradient(self, params=None):
         """Sets model.params to params (if given), then returns (mean loss,

@@ -8,10 +8,10 @@ import numpy as np
 
 from . import jit
 from .balance import make_balance
-from .buffers import Network, Optimizer, Work, make_data, read_only
+from .buffers import Network, Work, make_data, read_only
 from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
-from .optimizers import NONE, adam_betas, make_hyper
+from .optimizers import gradients_only
 from .step import (
     forward_backward,
     gradients_update,
@@ -382,9 +382,7 @@ class MLP:
         self._transpose(workspace)
         data = make_data(X, y, sample_weight, np.arange(n, dtype=np.int64), self.dtype)
         self._forward(data, workspace, 0, n, True)
-        empty = np.zeros(0, self.dtype)
-        optimizer = Optimizer(grads, empty, empty, make_hyper(self.dtype, 0.0, 0.0, 0.0), NONE,
-                              False, np.zeros(5), adam_betas())
+        optimizer = gradients_only(grads)
         gradients_update(workspace.work, self.network(), optimizer, n, True, False,
                          numba.get_num_threads())
         loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from .buffers import Optimizer
 from .jit import kernel
 from .kernels import ONE, ZERO
 
@@ -42,6 +43,14 @@ def make_hyper(dtype, lr, momentum, weight_decay, beta_1=ADAM_BETA1, beta_2=ADAM
     hyper[EPSILON] = epsilon
     hyper[DECAY] = weight_decay
     return hyper
+
+
+def gradients_only(grads):
+    """A buffers.Optimizer that makes gradients_update write the gradients
+    into grads and update nothing (model.gradients, full_batch)."""
+    empty = np.zeros(0, grads.dtype)
+    return Optimizer(grads, empty, empty, make_hyper(grads.dtype, 0.0, 0.0, 0.0), NONE, False,
+                     np.zeros(5), adam_betas())
 
 
 def adam_betas(beta_1=ADAM_BETA1, beta_2=ADAM_BETA2):
