@@ -384,13 +384,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         elif self._output == "sigmoid":
             raise ValueError("y has other labels than the first fit's")
         elif classes is not None and not np.array_equal(unique_labels(classes), self.classes_):
-            raise ValueError(f"classes {classes!r} differ from the first call's {self.classes_!r}")
+            raise ValueError(f"classes {np.asarray(classes).tolist()} differ from the first call's "
+                             f"{self.classes_.tolist()}")
         if len(self.classes_) < 2:
             raise ValueError("The number of classes has to be greater than one; got "
                              f"{len(self.classes_)} class")
         unknown = np.setdiff1d(y, self.classes_)
         if unknown.size:
-            raise ValueError(f"y contains labels not in classes: {unknown!r}")
+            raise ValueError(f"y contains labels not in classes: {unknown.tolist()}")
         indices = np.searchsorted(self.classes_, y)
         if self._output == "binary":  # the second class's 0/1 indicator
             return indices.reshape(-1, 1), "sigmoid", 1

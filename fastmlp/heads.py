@@ -258,11 +258,11 @@ def check_targets(output, y, n_samples, n_outputs, dtype, name="y"):
         raise ValueError(f"{name} contains NaN or inf (first in row {row})")
     if output == "sigmoid" and not np.isin(y, (0, 1)).all():
         raise ValueError(f"{name} must be a 0/1 indicator matrix for the sigmoid output; it "
-                         f"holds {np.setdiff1d(np.unique(y), (0, 1))[0]!r}")
+                         f"holds {np.setdiff1d(np.unique(y), (0, 1))[0].item()!r}")
     if output == "poisson" and (y < 0).any():
         row = int(np.flatnonzero((y < 0).any(axis=1))[0])
         raise ValueError(f"{name} must be >= 0 for the poisson output (counts or rates); row "
-                         f"{row} holds {y[row][y[row] < 0][0]!r}")
+                         f"{row} holds {y[row][y[row] < 0][0].item()!r}")
     return np.ascontiguousarray(y, dtype=dtype)
 
 

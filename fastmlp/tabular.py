@@ -619,14 +619,14 @@ def numeric_targets(path, y, output):
     the poisson head (numbers >= 0); a problem names the file."""
     if y.dtype.kind not in "biuf":
         raise DataError(f"{path}: the {output} output needs numeric targets; the target "
-                        f"holds {y[0]!r}")
+                        f"holds {y[:1].tolist()[0]!r}")
     y = np.asarray(y, np.float64)
     if output == "sigmoid" and not np.isin(y, (0, 1)).all():
         raise DataError(f"{path}: the sigmoid (multi-label) output needs 0/1 targets; the "
-                        f"target holds {np.setdiff1d(np.unique(y), (0, 1))[0]!r}")
+                        f"target holds {np.setdiff1d(np.unique(y), (0, 1))[0].item()!r}")
     if output == "poisson" and (y < 0).any():
         raise DataError(f"{path}: the poisson output needs counts or rates >= 0; the target "
-                        f"holds {y[y < 0][0]!r}")
+                        f"holds {y[y < 0][0].item()!r}")
     return y
 
 

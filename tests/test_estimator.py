@@ -364,3 +364,13 @@ def test_multi_label_loss_is_scikit_learns(digits):
         clf.fit(X / 16, Y)
     final = clf.model_.evaluate(X / 16, Y)[0]
     assert clf.loss_curve_[-1] == pytest.approx(3 * final, rel=0.2)
+
+
+def test_labels_outside_the_classes_are_listed_plainly():
+    X = np.zeros((6, 2))
+    classifier = MLPClassifier(max_iter=1).partial_fit(X, [0, 1, 2] * 2, classes=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"labels not in classes: \[3, 4\]$"):
+        classifier.partial_fit(X, [0, 1, 2, 3, 4, 4])
+    with pytest.raises(ValueError, match=r"classes \[0, 1, 2, 3\] differ from the first call's "
+                                         r"\[0, 1, 2\]$"):
+        classifier.partial_fit(X, [0, 1, 2] * 2, classes=[0, 1, 2, 3])

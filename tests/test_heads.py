@@ -123,9 +123,9 @@ def test_history_and_early_stopping_use_the_heads_metric():
     ("linear", np.ones((10, 3)), r"shape \(10, 2\)"),
     ("linear", np.array(["a"] * 10), "real numbers"),
     ("linear", np.ones(9), r"shape \(10, 2\)"),
-    ("sigmoid", np.full((10, 2), 0.5), "0/1 indicator"),
+    ("sigmoid", np.full((10, 2), 0.5), "0/1 indicator matrix for the sigmoid output; it holds 0.5$"),
     ("sigmoid", np.full((10, 2), np.inf), "NaN or inf"),
-    ("poisson", np.full((10, 2), -1.0), "must be >= 0 for the poisson output"),
+    ("poisson", np.full((10, 2), -1.0), "must be >= 0 for the poisson output .* holds -1.0$"),
 ])
 def test_bad_targets_are_named(output, y, message):
     model = fastmlp.MLP([3, 2], output=output)

@@ -2,6 +2,7 @@
 model file records, and the first-run behaviour of the command line."""
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,6 +171,10 @@ def test_missing_cells_are_refused_unless_a_policy_is_chosen(tmp_path, capsys):
      "the target 'price' holds numbers that are not whole (2.5), not class labels; "
      "--output linear fits them as numbers"),
     ("a,a,species\n1,2,x\n", [], "column 'a' appears twice"),
+    ("a,b,species\n1,2,x\n3,4,y\n", ["--output", "linear"],
+     "the linear output needs numeric targets; the target holds 'x'\n"),
+    ("a,b,tags\n1,2,1\n3,4,2\n", ["--target", "tags", "--output", "sigmoid"],
+     "the sigmoid (multi-label) output needs 0/1 targets; the target holds 2.0\n"),
     ("", [], "bad.csv: the file is empty"),
     ("a,b,species\n", [], "no rows below the header"),
     # a column of text is categorical; one that mixes text and numbers is a mistake
@@ -624,6 +629,7 @@ def test_counts_with_the_poisson_output(tmp_path, capsys):
     bad = write_csv(tmp_path / "bad.csv", x, -rng.poisson(mean), target="claims")
     code, out, err = run(["--data", bad, "--target", "claims", "--output", "poisson"], capsys)
     assert code == 2 and "poisson output needs counts or rates >= 0" in err
+    assert re.search(r"the target holds -\d+\.0$", err.rstrip())  # a number, not NumPy's repr
 
 
 def houses(tmp_path, n=300):
