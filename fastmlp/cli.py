@@ -21,7 +21,8 @@ from .optimizers import DEFAULT_LR, OPTIMIZERS
 from .schedules import Cosine, Step
 from .progress import PREDICT_COMPILE_NOTICE, Callback, ProgressPrinter
 from .validation import check_dtype
-from .training import MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted, fit
+from .training import (MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted, fit,
+                       monitors)
 
 EXAMPLES = """examples:
   fastmlp-train                                   the classic lesson: MNIST, 784-50-10 sigmoid, SGD 0.1, batch 100
@@ -179,8 +180,10 @@ def build_parser():
                        "pip install 'fastmlp[mpi]')")
     train.add_argument("--patience", type=int, help="early stopping: stop after this many "
                        "epochs without improvement of --monitor (default: off)")
-    train.add_argument("--monitor", default="val_loss", choices=MONITORS,
-                       help="the metric early stopping watches (on the test set for val_*)")
+    train.add_argument("--monitor", choices=MONITORS,
+                       help="the metric --patience watches, on the training rows or (val_*) on "
+                       "the test or held-out rows; accuracy for classes, r2 for --output "
+                       "linear or poisson (default: val_loss, or loss with no rows to report on)")
     train.add_argument("--min-delta", type=float, default=0.0,
                        help="the least change that counts as an improvement")
     train.add_argument("--no-restore-best", action="store_true",
@@ -267,6 +270,12 @@ def check_args(parser, args):
             parser.error("--plot needs matplotlib: pip install 'fastmlp[plot]'")
     if args.patience is not None and args.patience < 1:
         parser.error("--patience must be >= 1")
+    for flag in ("monitor", "min_delta"):
+        if getattr(args, flag) not in (None, 0.0) and args.patience is None:
+            parser.error(f"--{flag.replace('_', '-')} is for early stopping: it goes with "
+                         "--patience N")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     for flag in ("lr", "momentum", "weight_decay", "min_delta"):
         value = getattr(args, flag)
         if value is not None and not value >= 0:
@@ -376,6 +385,14 @@ def main(argv=None):
         weights = row_weights(args, model, data)
         announce(args, model, data, kind, chosen, comm, out)
         validation = (data.x_test, data.y_test) if data.x_test is not None else None
+        args.monitor = args.monitor or ("val_loss" if validation else "loss")
+        if args.patience and args.monitor not in monitors(model.metric):
+            raise UsageError(f"--monitor {args.monitor} is not a metric of this model: its "
+                             f"output is {model.output}, whose metric is {model.metric}")
+        if args.patience and args.monitor.startswith("val_") and validation is None:
+            raise UsageError(f"--monitor {args.monitor} watches held-out rows, and there are "
+                             "none: give --test FILE or --validation-split > 0, or --monitor "
+                             f"{args.monitor[4:]}")
         settings = optimizer_settings(args, model)
         started = time.perf_counter()
         history = fit(model, data.x_train, data.y_train, epochs=epochs,

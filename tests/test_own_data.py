@@ -195,6 +195,20 @@ def test_bad_files_exit_2_with_the_place_named(tmp_path, capsys, content, argv, 
     assert message in err
 
 
+def test_early_stopping_watches_the_training_loss_without_held_out_rows(table, capsys):
+    path = table[0]
+    common = ["--data", path, "--validation-split", "0", "--epochs", "300", "--patience", "1",
+              "--min-delta", "0.01",
+              "--quiet"]
+    code, out, err = run(common, capsys)
+    assert code == 0, err
+    assert re.search(r"Early stopping after epoch \d+: no loss improvement for 1 epoch", out)
+    code, out, err = run(common + ["--monitor", "val_accuracy"], capsys)
+    assert code == 2 and err == (
+        "fastmlp-train: error: --monitor val_accuracy watches held-out rows, and there are none: "
+        "give --test FILE or --validation-split > 0, or --monitor accuracy\n")
+
+
 def test_predict_refuses_bad_input_and_writes_nothing(table, tmp_path, capsys):
     path = table[0]
     model_path = str(tmp_path / "m.fmlp")
