@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from . import datasets, reference, schedules
 from .model import MLP
 from .modelfile import load
-from .training import History, TrainingDiverged, fit
+from .history import History
+from .training import TrainingDiverged, fit
 
 __all__ = ["MLP", "MLPClassifier", "MLPRegressor", "fit", "load", "History", "TrainingDiverged",
            "reference", "schedules"]

@@ -1,8 +1,6 @@
 """fastmlp-train: train, evaluate and resume MLPs from the terminal."""
 import argparse
-import csv
 import difflib
-import json
 import math
 import os
 import re
@@ -297,43 +295,11 @@ def print_summary(model, out):
     out.write(f"Total params: {model.n_params:,}\n")
 
 
-def write_history(history, path):
-    keys = [k for k in history.history if k != "epoch_time"] + ["epoch_time"]
-    rows = [dict(epoch=e + 1, **{k: history.history[k][i] for k in keys})
-            for i, e in enumerate(history.epoch)]
-    if path.lower().endswith(".json"):
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
-    else:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["epoch"] + keys)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
 def plot_history(history, path, held_out="test"):
-    """The lesson's two figures: accuracy (or the head's metric) and loss per
-    epoch, train and held_out (what the rows reported on are)."""
+    """--plot: History.plot without a screen, its rows named as reported."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    epochs = [e + 1 for e in history.epoch]
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
-    metric = history.metric
-    for axis, key, title in ((acc, metric, metric.capitalize() if metric != "r2" else "R²"),
-                             (loss, "loss", "Loss")):
-        axis.plot(epochs, history.history[key], marker="o", label="train")
-        if f"val_{key}" in history.history:
-            axis.plot(epochs, history.history[f"val_{key}"], marker="o", label=held_out)
-        axis.set_title(title)
-        axis.set_xlabel("epoch")
-        axis.legend()
-        axis.grid(alpha=0.3)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    history.plot(path, held_out)
 
 
 def main(argv=None):
@@ -480,7 +446,7 @@ def report(args, model, data, history, settings, elapsed, comm, out):
     if warning:
         sys.stderr.write(f"fastmlp-train: warning: {warning}\n")
     if args.history:
-        write_history(history, args.history)
+        history.save(args.history)
     if args.plot:
         plot_history(history, args.plot, data.held_out)
     if args.save:

@@ -12,6 +12,7 @@ import numpy as np
 from . import compile_ahead, distributed, jit, schedules
 from .buffers import Optimizer, make_data
 from .heads import VALUE_HEADS, score, target_scale
+from .history import History
 from .model import Workspace, aligned_zeros
 from .state import OptimizerState, TrainingState
 from .optimizers import ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, DEFAULT_LR, LR, OPTIMIZERS
@@ -51,31 +52,6 @@ CHUNK_SECONDS = 0.05
 # kernel may map a whole large folio of page cache, up to megabytes, for one
 # row read at random, so the bound has to be in rows, and small.)
 MAPPED_CHUNK_ROWS = 256
-
-
-class History:
-    """Per-epoch metrics, Keras style: `history` maps 'loss', the head's
-    metric ('accuracy', or 'r2' for a linear output), 'val_loss' and
-    'val_accuracy' or 'val_r2' (with validation data), 'epoch_time' and
-    'lr' (the learning rate each epoch started with) to lists with one
-    value per epoch. `compile_time` is the JIT compilation
-    time of this fit (near zero when Numba's cache is warm), kept out of
-    epoch_time."""
-
-    def __init__(self, metric="accuracy"):
-        self.metric = metric
-        self.history = {"loss": [], metric: [], "epoch_time": [], "lr": []}
-        self.epoch = []
-        self.compile_time = 0.0
-        self.best_epoch = None  # with early stopping
-        self.stopped_epoch = None
-        # with MPI: seconds spent in the per-step Allreduce, and steps taken
-        self.allreduce_time = None
-        self.allreduce_steps = 0
-
-    def __repr__(self):
-        last = {k: v[-1] for k, v in self.history.items() if v}
-        return f"History(epochs={len(self.epoch)}, last={last})"
 
 
 @contextlib.contextmanager
