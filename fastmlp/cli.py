@@ -16,7 +16,7 @@ from .modelfile import load as load_model, loads as load_model_bytes
 from .heads import HEADS, VALUE_HEADS
 from .kernels import ACTIVATIONS
 from .optimizers import DEFAULT_LR, OPTIMIZERS
-from .schedules import Cosine, Step
+from .schedules import Cosine, Plateau, Step
 from .progress import PREDICT_COMPILE_NOTICE, Callback, ProgressPrinter
 from .validation import check_dtype
 from .training import (MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted, fit,
@@ -143,13 +143,19 @@ def build_parser():
     train.add_argument("--lr", type=float, help="learning rate (default: 0.1 for sgd, as in the "
                        f"lesson; {DEFAULT_LR['momentum']} for momentum; {DEFAULT_LR['adam']} "
                        "for adam, 0.01 for digits and --data; with --resume, the file's)")
-    train.add_argument("--lr-schedule", choices=["constant", "step", "cosine"],
-                       help="constant; step: times --lr-step-factor every --lr-step-every "
-                       "epochs; cosine: per step down to --lr-min over the run's --epochs "
+    train.add_argument("--lr-schedule", choices=["constant", "step", "cosine", "plateau"],
+                       help="constant; step: times --lr-factor every --lr-step-every "
+                       "epochs; cosine: per step down to --lr-min over the run's --epochs; "
+                       "plateau: times --lr-factor (not below --lr-min) once --monitor has not "
+                       "improved for --lr-patience epochs, as Keras's ReduceLROnPlateau "
                        "(default: constant; with --resume, the file's)")
-    train.add_argument("--lr-step-factor", type=float, default=0.1, help="for --lr-schedule step")
+    train.add_argument("--lr-factor", "--lr-step-factor", dest="lr_step_factor", type=float,
+                       default=0.1, help="for --lr-schedule step and plateau")
     train.add_argument("--lr-step-every", type=int, default=10, help="for --lr-schedule step")
-    train.add_argument("--lr-min", type=float, default=0.0, help="for --lr-schedule cosine")
+    train.add_argument("--lr-patience", type=int, default=10,
+                       help="for --lr-schedule plateau")
+    train.add_argument("--lr-min", type=float, default=0.0,
+                       help="for --lr-schedule cosine and plateau")
     train.add_argument("--momentum", type=float,
                        help=f"(default: {OPTIMIZER_DEFAULTS['momentum']}; with --resume, the file's)")
     train.add_argument("--nesterov", action="store_const", const=True,
@@ -246,8 +252,12 @@ def check_args(parser, args):
         parser.error("--class-weight balanced weighs classes: it goes with --output softmax")
     if args.output not in (None, "softmax") and not args.data:
         parser.error(f"--output {args.output} needs your own numeric targets: --data FILE")
-    if args.lr_step_factor <= 0 or args.lr_step_every < 1 or args.lr_min < 0:
-        parser.error("--lr-step-factor must be > 0, --lr-step-every >= 1, --lr-min >= 0")
+    if args.lr_step_factor <= 0 or args.lr_step_every < 1 or args.lr_min < 0 \
+            or args.lr_patience < 1:
+        parser.error("--lr-factor must be > 0, --lr-step-every and --lr-patience >= 1, "
+                     "--lr-min >= 0")
+    if args.lr_schedule == "plateau" and args.lr_step_factor >= 1:
+        parser.error("--lr-schedule plateau lowers the rate: --lr-factor must be < 1")
     if args.data and (args.dataset or args.data_dir):
         parser.error("--data is your own file: it takes no --dataset or --data-dir")
     for flag in ("target", "ignore", "test", "validation_split", "missing"):
@@ -268,10 +278,11 @@ def check_args(parser, args):
             parser.error("--plot needs matplotlib: pip install 'fastmlp[plot]'")
     if args.patience is not None and args.patience < 1:
         parser.error("--patience must be >= 1")
-    for flag in ("monitor", "min_delta"):
-        if getattr(args, flag) not in (None, 0.0) and args.patience is None:
-            parser.error(f"--{flag.replace('_', '-')} is for early stopping: it goes with "
-                         "--patience N")
+    if args.monitor is not None and args.patience is None and args.lr_schedule != "plateau":
+        parser.error("--monitor says what --patience or --lr-schedule plateau watch: it goes "
+                     "with one of them")
+    if args.min_delta != 0.0 and args.patience is None:
+        parser.error("--min-delta is for early stopping: it goes with --patience N")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     for flag in ("lr", "momentum", "weight_decay", "min_delta"):
@@ -352,10 +363,11 @@ def main(argv=None):
         announce(args, model, data, kind, chosen, comm, out)
         validation = (data.x_test, data.y_test) if data.x_test is not None else None
         args.monitor = args.monitor or ("val_loss" if validation else "loss")
-        if args.patience and args.monitor not in monitors(model.metric):
+        watching = args.patience or args.lr_schedule == "plateau"
+        if watching and args.monitor not in monitors(model.metric):
             raise UsageError(f"--monitor {args.monitor} is not a metric of this model: its "
                              f"output is {model.output}, whose metric is {model.metric}")
-        if args.patience and args.monitor.startswith("val_") and validation is None:
+        if watching and args.monitor.startswith("val_") and validation is None:
             raise UsageError(f"--monitor {args.monitor} watches held-out rows, and there are "
                              "none: give --test FILE or --validation-split > 0, or --monitor "
                              f"{args.monitor[4:]}")
@@ -442,6 +454,18 @@ def report(args, model, data, history, settings, elapsed, comm, out):
                   f"{args.monitor} improvement for {plural(args.patience, 'epoch')}")
         out.write(f"; restored epoch {history.best_epoch + 1}\n" if not args.no_restore_best
                   else "\n")
+    schedule = model.optimizer_state.schedule
+    if isinstance(schedule, Plateau) and schedule.scale != 1.0:
+        rates = history.history["lr"]
+        steps = [f"{rates[i]:.4g} from epoch {history.epoch[i] + 1}"
+                 for i in range(1, len(rates)) if rates[i] != rates[i - 1]]
+        following = schedule.epoch_lr(settings["lr"], None)
+        if rates and following != rates[-1]:
+            steps.append(f"{following:.4g} for the next epoch")
+        if steps:
+            out.write(f"Learning rate lowered on plateaus of {schedule.monitor} "
+                      f"({plural(schedule.patience, 'epoch')} without improvement): "
+                      f"{', '.join(steps)}\n")
     warning = training_trouble(history, model, settings)
     if warning:
         sys.stderr.write(f"fastmlp-train: warning: {warning}\n")
@@ -739,6 +763,9 @@ def optimizer_settings(args, model):
         settings["lr_schedule"] = Step(args.lr_step_factor, args.lr_step_every)
     elif args.lr_schedule == "cosine":
         settings["lr_schedule"] = Cosine(max(args.epochs, 1), args.lr_min)
+    elif args.lr_schedule == "plateau":
+        settings["lr_schedule"] = Plateau(args.lr_step_factor, args.lr_patience, args.monitor,
+                                          cooldown=0, min_lr=args.lr_min)
     return settings
 
 

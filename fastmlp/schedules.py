@@ -9,6 +9,13 @@
   counts the updates since the schedule started and T is `epochs` (default:
   the epochs of the fit that starts it) times the steps of an epoch; after
   T steps it stays at min_lr.
+- `Plateau(factor=0.1, patience=10, monitor=None, min_delta=0.0,
+  cooldown=0, min_lr=0.0)` or "plateau": Keras's ReduceLROnPlateau. After
+  each epoch it looks at `monitor` (default 'val_loss' with validation data,
+  else 'loss'; the head's metric, 'accuracy' or 'r2', counts up): once
+  `patience` epochs in a row have not improved on the best value by more
+  than min_delta, the rate is multiplied by `factor` (not below min_lr), and
+  `cooldown` epochs pass before epochs count again.
 - a callable `schedule(epoch) -> lr`, evaluated before each epoch.
 
 A schedule is kept with the optimizer state and saved in model files (a
@@ -71,6 +78,68 @@ class Cosine:
         return f"Cosine(epochs={self.epochs}, min_lr={self.min_lr:g})"
 
 
+class Plateau:
+    def __init__(self, factor=0.1, patience=10, monitor=None, min_delta=0.0, cooldown=0,
+                 min_lr=0.0, *, scale=1.0, best=None, wait=0, cooling=0):
+        if not (isinstance(factor, (int, float)) and 0 < factor < 1):
+            raise ValueError(f"Plateau factor must be a number > 0 and < 1, got {factor!r}")
+        for name, value in (("patience", patience), ("cooldown", cooldown), ("wait", wait),
+                            ("cooling", cooling)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or value < (1 if name == "patience" else 0):
+                raise ValueError(f"Plateau {name} must be an integer >= "
+                                 f"{1 if name == 'patience' else 0}, got {value!r}")
+        for name, value in (("min_delta", min_delta), ("min_lr", min_lr)):
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"Plateau {name} must be a finite number >= 0, got {value!r}")
+        if monitor is not None and not isinstance(monitor, str):
+            raise ValueError(f"Plateau monitor must be a metric's name, got {monitor!r}")
+        self.factor, self.patience, self.monitor = float(factor), int(patience), monitor
+        self.min_delta, self.cooldown, self.min_lr = float(min_delta), int(cooldown), float(min_lr)
+        # what the epochs so far left: the rate is lr * scale (not below
+        # min_lr); best is the monitored value to beat (None: no epoch yet)
+        self.scale, self.best, self.wait, self.cooling = float(scale), best, int(wait), int(cooling)
+
+    def start(self, monitor):
+        """Fixes the metric watched, when it was left to fit (saved after)."""
+        if self.monitor is None:
+            self.monitor = monitor
+
+    def epoch_lr(self, lr, epoch):
+        return max(lr * self.scale, self.min_lr) if self.scale != 1.0 else lr
+
+    def end_epoch(self, lr, logs):
+        """Keras's ReduceLROnPlateau.on_epoch_end, for an epoch trained at
+        epoch_lr(lr) whose metrics are `logs`."""
+        value = float(logs[self.monitor])
+        rising = not self.monitor.endswith("loss")  # accuracy, r2
+        if self.cooling > 0:
+            self.cooling -= 1
+            self.wait = 0
+        if self.best is None or (value > self.best + self.min_delta if rising
+                                 else value < self.best - self.min_delta):
+            self.best = value
+            self.wait = 0
+        elif self.cooling == 0:
+            self.wait += 1
+            if self.wait >= self.patience:
+                if self.epoch_lr(lr, None) > self.min_lr:
+                    self.scale *= self.factor
+                    self.cooling = self.cooldown
+                self.wait = 0
+
+    def to_json(self):
+        return {"name": "plateau", "factor": self.factor, "patience": self.patience,
+                "monitor": self.monitor, "min_delta": self.min_delta,
+                "cooldown": self.cooldown, "min_lr": self.min_lr, "scale": self.scale,
+                "best": self.best, "wait": self.wait, "cooling": self.cooling}
+
+    def __repr__(self):
+        return (f"Plateau(factor={self.factor:g}, patience={self.patience}, "
+                f"monitor={self.monitor!r}, min_delta={self.min_delta:g}, "
+                f"cooldown={self.cooldown}, min_lr={self.min_lr:g})")
+
+
 class Function:
     def __init__(self, function):
         self.function = function
@@ -99,12 +168,15 @@ def make(spec):
         return Step()
     if spec == "cosine":
         return Cosine()
-    if isinstance(spec, (Step, Cosine, Function)):
+    if spec == "plateau":
+        return Plateau()
+    if isinstance(spec, (Step, Cosine, Plateau, Function)):
         return spec
     if callable(spec):
         return Function(spec)
     raise ValueError(f"unknown lr_schedule {spec!r}; expected 'constant', 'step', 'cosine', "
-                     "a fastmlp.schedules.Step or Cosine, or a callable epoch -> lr")
+                     "'plateau', a fastmlp.schedules.Step, Cosine or Plateau, or a callable "
+                     "epoch -> lr")
 
 
 def from_json(data):
@@ -117,6 +189,16 @@ def from_json(data):
     if data.get("name") == "cosine":
         return Cosine(data.get("epochs"), data["min_lr"], data["total_steps"],
                       data["first_update"])
+    if data.get("name") == "plateau":
+        best = data["best"]
+        if best is not None and not (isinstance(best, (int, float)) and math.isfinite(best)):
+            raise ValueError(f"bad Plateau best {best!r}")
+        scale = data["scale"]
+        if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
+            raise ValueError(f"bad Plateau scale {scale!r}")
+        return Plateau(data["factor"], data["patience"], data["monitor"], data["min_delta"],
+                       data["cooldown"], data["min_lr"], scale=scale, best=best,
+                       wait=data["wait"], cooling=data["cooling"])
     raise ValueError(f"unknown schedule {data!r}")
 
 

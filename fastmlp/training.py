@@ -134,9 +134,10 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     epochs ran). History.best_epoch and History.stopped_epoch tell what
     happened.
 
-    lr_schedule: "constant", "step", "cosine", a fastmlp.schedules.Step or
-    Cosine, or a callable epoch -> lr (see fastmlp.schedules); None keeps
-    the schedule the model's optimizer state has (constant for a new one).
+    lr_schedule: "constant", "step", "cosine", "plateau", a
+    fastmlp.schedules.Step, Cosine or Plateau, or a callable epoch -> lr
+    (see fastmlp.schedules); None keeps the schedule the model's optimizer
+    state has (constant for a new one).
     History records each epoch's starting lr under 'lr'.
 
     beta_1, beta_2, epsilon: Adam's constants, Keras's defaults (scikit-learn's
@@ -182,6 +183,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         model.flat_targets = flat_targets
     if isinstance(state.schedule, schedules.Cosine):
         state.schedule.start(epochs, -(-X.shape[0] // batch_size), state.updates)
+    if isinstance(state.schedule, schedules.Plateau):
+        plateau_monitor(model, state.schedule, validation is not None)
     loop = EpochLoop(model, state, X, y, sample_weight, batch_size, shuffle, sampling, comm)
     history = History(model.metric)
 
@@ -194,6 +197,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             logs, done = loop.epoch(callbacks, total_epochs, interrupt)
             epoch = model.training_state.epoch - 1
             record_epoch(history, model, epoch, logs, loop.elapsed, validation)
+            if isinstance(state.schedule, schedules.Plateau):
+                state.schedule.end_epoch(loop.lr, logs)
             asked = [callback.on_epoch_end(epoch, done, loop.elapsed, logs)
                      for callback in callbacks]
             if any(asked) or (stopper is not None and stopper.should_stop(epoch, logs)):
@@ -238,6 +243,16 @@ def early_stopping(model, patience, monitor, min_delta, restore_best_weights, va
     return EarlyStopping(model, check_int("patience", patience, minimum=1), monitor,
                          check_float("min_delta", min_delta, minimum=0.0),
                          bool(restore_best_weights))
+
+
+def plateau_monitor(model, schedule, validating):
+    """Fixes and checks the metric a Plateau schedule watches, as early
+    stopping's."""
+    schedule.start("val_loss" if validating else "loss")
+    check_choice("Plateau monitor", schedule.monitor, monitors(model.metric))
+    if schedule.monitor.startswith("val_") and not validating:
+        raise ValueError(f"the Plateau schedule watches {schedule.monitor!r}, which needs "
+                         "validation_data")
 
 
 def optimizer_state(model, optimizer, settings, lr_schedule):

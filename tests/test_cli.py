@@ -123,7 +123,8 @@ def test_evaluate_says_when_it_compiles_first(data_dir, tmp_path, capsys, monkey
     (["--batch-size", "0"], None),
     (["--evaluate", "x", "--save", "y"], None),
     (["--activation", "softsign"], None),
-    (["--monitor", "val_accuracy"], "--monitor is for early stopping: it goes with --patience N"),
+    (["--monitor", "val_accuracy"], "--monitor says what --patience or --lr-schedule plateau "
+                                    "watch: it goes with one of them"),
     (["--min-delta", "0.01"], "--min-delta is for early stopping: it goes with --patience N"),
     (["--patience", "2", "--monitor", "r2"],
      "--monitor r2 is not a metric of this model: its output is softmax, whose metric is "

@@ -1,6 +1,7 @@
 """The user's own files: fastmlp-train --data and fastmlp-predict, the data a
 model file records, and the first-run behaviour of the command line."""
 import csv
+import json
 import os
 import re
 import shutil
@@ -207,6 +208,42 @@ def test_early_stopping_watches_the_training_loss_without_held_out_rows(table, c
     assert code == 2 and err == (
         "fastmlp-train: error: --monitor val_accuracy watches held-out rows, and there are none: "
         "give --test FILE or --validation-split > 0, or --monitor accuracy\n")
+
+
+def test_the_plateau_schedule_from_the_command_line(table, tmp_path, capsys):
+    path, model_path = table[0], str(tmp_path / "m.safetensors")
+    # the training accuracy of well separated blobs soon stops rising
+    code, out, err = run(["--data", path, "--lr-schedule", "plateau", "--lr-patience", "1",
+                          "--lr-factor", "0.5", "--lr-min", "0.002", "--monitor", "accuracy",
+                          "--epochs", "60", "--quiet", "--save", model_path,
+                          "--history", str(tmp_path / "h.json")], capsys)
+    assert code == 0, err
+    rates = [row["lr"] for row in json.loads((tmp_path / "h.json").read_text())]
+    lowered = [f"{rates[i]:.4g} from epoch {i + 1}" for i in range(1, 60) if rates[i] != rates[i - 1]]
+    assert rates[0] == 0.01 and lowered and min(rates) >= 0.002
+    line = out.splitlines()[-2]
+    assert line.startswith("Learning rate lowered on plateaus of accuracy (1 epoch without "
+                           "improvement): " + ", ".join(lowered)), line
+    schedule = fastmlp.load(model_path).optimizer_state.schedule
+    assert (schedule.monitor, schedule.factor, schedule.min_lr) == ("accuracy", 0.5, 0.002)
+    code, out, err = run(["--resume", model_path, "--epochs", "61", "--quiet"], capsys)
+    assert code == 0, err  # the file's schedule, monitor and state go on
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr-schedule", "plateau", "--lr-factor", "1"], "--lr-factor must be < 1"),
+    (["--lr-schedule", "plateau", "--lr-patience", "0"], "--lr-patience >= 1"),
+    (["--monitor", "loss"], "--monitor says what --patience or --lr-schedule plateau watch"),
+    (["--lr-schedule", "plateau", "--monitor", "r2"], "--monitor r2 is not a metric"),
+    (["--lr-schedule", "plateau", "--monitor", "val_loss", "--validation-split", "0"],
+     "--monitor val_loss watches held-out rows, and there are none"),
+])
+def test_plateau_usage_errors(table, capsys, argv, message):
+    try:
+        code, out, err = run(["--data", table[0], "--epochs", "1", "--quiet"] + argv, capsys)
+    except SystemExit as exc:  # argparse's own errors
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2 and message in err, err
 
 
 def test_predict_refuses_bad_input_and_writes_nothing(table, tmp_path, capsys):
