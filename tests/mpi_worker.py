@@ -36,10 +36,16 @@ def problem(config):
 
 
 def fit_kwargs(config):
+    # "plateau": a Plateau schedule on the training loss that halves the rate
+    # at the end of every epoch but the first (min_delta is larger than any
+    # improvement)
+    plateau = config.get("plateau") and fastmlp.schedules.Plateau(
+        factor=0.5, patience=1, monitor="loss", min_delta=10.0)
     return dict(epochs=config["epochs"], batch_size=config["batch_size"],
                 optimizer=config["optimizer"], lr=config.get("lr"),
                 nesterov=config.get("nesterov", False),
-                weight_decay=config.get("weight_decay", 0.0), seed=config["shuffle_seed"])
+                weight_decay=config.get("weight_decay", 0.0), seed=config["shuffle_seed"],
+                lr_schedule=plateau or None)
 
 
 def main():

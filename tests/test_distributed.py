@@ -52,6 +52,8 @@ CONFIGS = {
                                     weighted=True, batch_size=32, epochs=2),
     "adam-relu": dict(rows=257, sizes=[20, 30, 3], activation="relu", optimizer="adam",
                       batch_size=50, epochs=3),
+    "adam-plateau": dict(rows=257, sizes=[20, 30, 3], activation="relu", optimizer="adam",
+                         batch_size=50, epochs=3, plateau=True),
     "linear-head": dict(rows=203, sizes=[20, 16, 3], activation="tanh", optimizer="momentum",
                         lr=0.05, weighted=True, batch_size=40, epochs=2, output="linear"),
     "sigmoid-head": dict(rows=203, sizes=[20, 16, 4], activation="relu", optimizer="adam",
@@ -87,6 +89,8 @@ def test_mpi_training_equals_one_process(name, ranks, tmp_path):
     metric = "r2" if config.get("output") == "linear" else "accuracy"
     np.testing.assert_allclose(results[0]["score"], history.history[metric],
                                rtol=1e-9 if metric == "r2" else 0)
+    if config.get("plateau"):
+        assert history.history["lr"] == [0.001, 0.001, 0.0005]
 
 
 def test_float32_ranks_agree_and_stay_close(tmp_path):
