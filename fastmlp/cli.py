@@ -294,18 +294,6 @@ def check_args(parser, args):
         parser.error("--epochs must be >= 0 and --batch-size >= 1")
 
 
-def print_summary(model, out):
-    rows = [("input", f"(None, {model.layer_sizes[0]})", 0)]
-    for i, (fan_in, fan_out) in enumerate(zip(model.layer_sizes[:-1], model.layer_sizes[1:])):
-        kind = model.activation if i < len(model.layer_sizes) - 2 else model.output
-        rows.append((f"dense_{i + 1} ({kind})", f"(None, {fan_out})", fan_in * fan_out + fan_out))
-    out.write(f'Model: "{"-".join(map(str, model.layer_sizes))}" ({model.precision})\n')
-    out.write(f"{'Layer (activation)':<24}{'Output Shape':<16}{'Param #':>10}\n")
-    for name, shape, count in rows:
-        out.write(f"{name:<24}{shape:<16}{count:>10,}\n")
-    out.write(f"Total params: {model.n_params:,}\n")
-
-
 def plot_history(history, path, held_out="test"):
     """--plot: History.plot without a screen, its rows named as reported."""
     import matplotlib
@@ -417,7 +405,7 @@ def main(argv=None):
 def announce(args, model, data, kind, chosen, comm, out):
     """Before training: the model, its data and the settings chosen for
     that kind of data; with MPI, once every rank is ready."""
-    print_summary(model, out)
+    out.write(model.summary())
     out.write(f"Data: {data.description}\n")
     if chosen:
         out.write(f"Settings for {KIND_NAMES.get(kind, kind)}: {' '.join(chosen)} "

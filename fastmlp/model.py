@@ -282,6 +282,19 @@ class MLP:
         return (f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "
                 f"output={self.output!r}, dtype={self.precision!r}, params={self.n_params})")
 
+    def summary(self):
+        """The layers as Keras's model.summary() lists them: name (activation),
+        output shape and parameter count, as a string."""
+        rows = [("input", f"(None, {self.layer_sizes[0]})", 0)]
+        for i, (fan_in, fan_out) in enumerate(zip(self.layer_sizes[:-1], self.layer_sizes[1:])):
+            kind = self.activation if i < len(self.layer_sizes) - 2 else self.output
+            rows.append((f"dense_{i + 1} ({kind})", f"(None, {fan_out})", fan_in * fan_out + fan_out))
+        lines = [f'Model: "{"-".join(map(str, self.layer_sizes))}" ({self.precision})',
+                 f"{'Layer (activation)':<24}{'Output Shape':<16}{'Param #':>10}"]
+        lines += [f"{name:<24}{shape:<16}{count:>10,}" for name, shape, count in rows]
+        lines.append(f"Total params: {self.n_params:,}")
+        return "\n".join(lines) + "\n"
+
     # ------------------------------------------------------------------
     # kernels on a whole array
 

@@ -9,13 +9,13 @@
   counts the updates since the schedule started and T is `epochs` (default:
   the epochs of the fit that starts it) times the steps of an epoch; after
   T steps it stays at min_lr.
-- `Plateau(factor=0.1, patience=10, monitor=None, min_delta=0.0,
-  cooldown=0, min_lr=0.0)` or "plateau": Keras's ReduceLROnPlateau. After
-  each epoch it looks at `monitor` (default 'val_loss' with validation data,
-  else 'loss'; the head's metric, 'accuracy' or 'r2', counts up): once
-  `patience` epochs in a row have not improved on the best value by more
-  than min_delta, the rate is multiplied by `factor` (not below min_lr), and
-  `cooldown` epochs pass before epochs count again.
+- `Plateau(factor=0.1, patience=10, monitor=None, min_delta=1e-4,
+  cooldown=0, min_lr=0.0)` or "plateau": Keras's ReduceLROnPlateau, with
+  its defaults. After each epoch it looks at `monitor` (default 'val_loss'
+  with validation data, else 'loss'; the head's metric, 'accuracy' or 'r2',
+  counts up): once `patience` epochs in a row have not improved on the best
+  value by more than min_delta, the rate is multiplied by `factor` (not
+  below min_lr), and `cooldown` epochs pass before epochs count again.
 - a callable `schedule(epoch) -> lr`, evaluated before each epoch.
 
 A schedule is kept with the optimizer state and saved in model files (a
@@ -79,7 +79,7 @@ class Cosine:
 
 
 class Plateau:
-    def __init__(self, factor=0.1, patience=10, monitor=None, min_delta=0.0, cooldown=0,
+    def __init__(self, factor=0.1, patience=10, monitor=None, min_delta=1e-4, cooldown=0,
                  min_lr=0.0, *, scale=1.0, best=None, wait=0, cooling=0):
         if not (isinstance(factor, (int, float)) and 0 < factor < 1):
             raise ValueError(f"Plateau factor must be a number > 0 and < 1, got {factor!r}")

@@ -146,3 +146,17 @@ def test_predict_and_gradients_validate_too():
         model.gradients(np.zeros((2, 3)), [0, 5])
     with pytest.raises(ValueError, match="outside"):
         model.evaluate(np.zeros((2, 3)), [0, 5])
+
+
+def test_summary_lists_the_layers_as_keras_does():
+    model = fastmlp.MLP([20, 64, 32, 3], activation="relu", dtype="float64")
+    assert model.summary() == (
+        'Model: "20-64-32-3" (float64)\n'
+        "Layer (activation)      Output Shape       Param #\n"
+        "input                   (None, 20)               0\n"
+        "dense_1 (relu)          (None, 64)           1,344\n"
+        "dense_2 (relu)          (None, 32)           2,080\n"
+        "dense_3 (softmax)       (None, 3)               99\n"
+        "Total params: 3,523\n")
+    assert 1344 + 2080 + 99 == model.n_params
+    assert "dense_1 (linear)" in fastmlp.MLP([4, 1], output="linear").summary()
