@@ -103,7 +103,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         validation_data=None, seed=None, threads=None, verbose=0, callbacks=(),
         sample_weight=None, patience=None, min_delta=0.0, monitor=None,
         restore_best_weights=True, comm=None, lr_schedule=None, beta_1=ADAM_BETA1,
-        beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON):
+        beta_2=ADAM_BETA2, epsilon=ADAM_EPSILON, validation_split=0.0, class_weight=None):
     """Train `model` in place and return a History.
 
     X: (n, features) uint8 pixels (scaled by 1/255 while gathered, never
@@ -116,6 +116,11 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     np.random.choice). lr=None takes the optimizer's Keras default.
     sample_weight: one non-negative weight per row; each step then minimises
     its batch's weighted mean loss (and History's loss is weighted too).
+    class_weight (softmax): {label: weight} (labels left out weigh 1) or
+    "balanced" (n / (classes x the class's rows), scikit-learn's), which
+    multiplies each row's sample weight, as in Keras.
+    validation_split: as Keras's, the last fraction of the rows (before any
+    shuffling) is held out as validation_data instead of trained on.
 
     A second fit continues where the first stopped: the optimizer state
     (when its settings are the same) and, unless a seed is given, the
@@ -155,6 +160,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     flat_targets = np.ndim(y) == 1
     y = model.check_targets(y, X.shape[0])
     sample_weight = check_sample_weight(sample_weight, X.shape[0], model.dtype)
+    X, y, sample_weight, validation_data = training_rows(
+        model, X, y, sample_weight, class_weight, validation_split, validation_data)
     epochs = check_int("epochs", epochs, minimum=0)
     batch_size = min(check_int("batch_size", batch_size, minimum=1), X.shape[0])
     check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -212,6 +219,64 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         if interrupt[loop.stop_key]:  # arrived after the last chunk
             raise TrainingInterrupted
     return history
+
+
+def training_rows(model, X, y, sample_weight, class_weight, validation_split,
+                  validation_data):
+    """(X, y, sample_weight, validation_data) after class_weight and
+    validation_split: Keras's two ways to weigh and hold out rows."""
+    if class_weight is not None:
+        sample_weight = sample_weight * class_weights(model, y, class_weight)[y]
+        if not sample_weight.sum() > 0:
+            raise ValueError("class_weight gives every row a weight of 0: nothing to learn from")
+    if validation_split:
+        X, y, sample_weight, validation_data = split_validation(
+            X, y, sample_weight, validation_split, validation_data)
+        if not sample_weight.sum() > 0:
+            raise ValueError("the training rows' weights sum to zero: nothing to learn from")
+    return X, y, sample_weight, validation_data
+
+
+def class_weights(model, y, class_weight):
+    """Each class's weight (model dtype) for fit's class_weight; y holds the
+    checked labels."""
+    if model.output != "softmax":
+        raise ValueError(f"class_weight weighs classes: this model's output is {model.output}")
+    n_classes = model.n_outputs
+    if isinstance(class_weight, str):
+        check_choice("class_weight", class_weight, ("balanced",))
+        counts = np.bincount(y, minlength=n_classes)
+        weights = np.zeros(n_classes)
+        present = counts > 0
+        weights[present] = y.shape[0] / (present.sum() * counts[present])
+        return weights.astype(model.dtype)
+    if not isinstance(class_weight, dict):
+        raise ValueError("class_weight must be a dict {label: weight} or 'balanced', got "
+                         f"{type(class_weight).__name__}")
+    weights = np.ones(n_classes)
+    for label, weight in class_weight.items():
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) \
+                or not 0 <= label < n_classes:
+            raise ValueError(f"class_weight has label {label!r}; the model's labels are "
+                             f"0..{n_classes - 1}")
+        weights[label] = check_float(f"class_weight[{label}]", weight, minimum=0.0)
+    return weights.astype(model.dtype)
+
+
+def split_validation(X, y, sample_weight, validation_split, validation_data):
+    """(X, y, sample_weight, validation_data) with the last validation_split
+    of the rows held out, as Keras's fit does."""
+    split = check_float("validation_split", validation_split, minimum=0.0)
+    if not split < 1:
+        raise ValueError(f"validation_split must be < 1, got {validation_split!r}")
+    if validation_data is not None:
+        raise ValueError("give validation_data or validation_split, not both")
+    cut = int(X.shape[0] * (1 - split))
+    if cut < 1 or cut == X.shape[0]:
+        raise ValueError(f"validation_split={validation_split} of {X.shape[0]} rows leaves "
+                         f"{'no rows to train on' if cut < 1 else 'no rows to validate on'}")
+    # validation y goes back as the caller's shape (check_validation checks it again)
+    return X[:cut], y[:cut], sample_weight[:cut], (X[cut:], y[cut:])
 
 
 def check_threads(threads):
