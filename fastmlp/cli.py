@@ -19,8 +19,8 @@ from .optimizers import DEFAULT_LR, OPTIMIZERS
 from .schedules import Cosine, Plateau, Step
 from .progress import PREDICT_COMPILE_NOTICE, Callback, ProgressPrinter
 from .validation import check_dtype
-from .training import (MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted, fit,
-                       monitors)
+from .training import (MONITORS, SAMPLINGS, TrainingDiverged, TrainingInterrupted,
+                       balanced_class_weights, fit, monitors)
 
 EXAMPLES = """examples:
   fastmlp-train                                   the classic lesson: MNIST, 784-50-10 sigmoid, SGD 0.1, batch 100
@@ -681,7 +681,7 @@ def callbacks(args, model, out):
 def row_weights(args, model, data):
     """fit's sample_weight for --class-weight (or, resuming, the file's
     choice, which the model then records): None, or each row's weight of
-    its class (balanced_weights)."""
+    its class (training.balanced_class_weights)."""
     choice = args.class_weight or model.source.get("class_weight") or "none"
     model.source = {key: value for key, value in model.source.items() if key != "class_weight"}
     if choice == "none":
@@ -690,22 +690,12 @@ def row_weights(args, model, data):
         raise UsageError(f"--class-weight {choice} weighs classes: this model's output is "
                          f"{model.output}")
     model.source["class_weight"] = choice
-    return balanced_weights(data.y_train, model.n_outputs)[data.y_train]
-
-
-def balanced_weights(y, n_classes):
-    """Each class's weight n / (classes present x its rows), as scikit-learn's
-    compute_sample_weight("balanced"); 0 for a class with no rows."""
-    counts = np.bincount(y, minlength=n_classes)
-    present = counts > 0
-    weights = np.zeros(n_classes)
-    weights[present] = len(y) / (present.sum() * counts[present])
-    return weights
+    return balanced_class_weights(data.y_train, model.n_outputs)[data.y_train]
 
 
 def class_weights_text(model, data):
     """'setosa 0.98, versicolor 1.02, ...': the classes' weights, 10 at most."""
-    weights = balanced_weights(data.y_train, model.n_outputs)
+    weights = balanced_class_weights(data.y_train, model.n_outputs)
     classes = (model.preprocessing or {}).get("classes") or list(range(model.n_outputs))
     parts = [f"{classes[c]} {weights[c]:.3g}" for c in np.flatnonzero(weights)]
     return ", ".join(parts[:10]) + (", ..." if len(parts) > 10 else "")

@@ -245,11 +245,7 @@ def class_weights(model, y, class_weight):
     n_classes = model.n_outputs
     if isinstance(class_weight, str):
         check_choice("class_weight", class_weight, ("balanced",))
-        counts = np.bincount(y, minlength=n_classes)
-        weights = np.zeros(n_classes)
-        present = counts > 0
-        weights[present] = y.shape[0] / (present.sum() * counts[present])
-        return weights.astype(model.dtype)
+        return balanced_class_weights(y, n_classes).astype(model.dtype)
     if not isinstance(class_weight, dict):
         raise ValueError("class_weight must be a dict {label: weight} or 'balanced', got "
                          f"{type(class_weight).__name__}")
@@ -261,6 +257,16 @@ def class_weights(model, y, class_weight):
                              f"0..{n_classes - 1}")
         weights[label] = check_float(f"class_weight[{label}]", weight, minimum=0.0)
     return weights.astype(model.dtype)
+
+
+def balanced_class_weights(labels, n_classes):
+    """Each class's weight n / (classes present x its rows), as scikit-learn's
+    compute_sample_weight("balanced"); 0 for a class with no rows."""
+    counts = np.bincount(labels, minlength=n_classes)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return weights
 
 
 def split_validation(X, y, sample_weight, validation_split, validation_data):

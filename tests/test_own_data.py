@@ -521,14 +521,14 @@ def test_delimiters_decimal_commas_compression_and_excel_read_alike(tmp_path):
 def test_balanced_class_weights_lift_a_rare_class(tmp_path, capsys):
     from sklearn.utils.class_weight import compute_sample_weight
 
-    from fastmlp.cli import balanced_weights
+    from fastmlp.training import balanced_class_weights
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 4))
     rare = x[:, 0] + rng.normal(size=3000) > 2.2  # 6% of the rows, overlapping the rest
     labels = np.where(rare, "fraud", "ok")
     path = write_csv(tmp_path / "imbalanced.csv", x, labels, names="abcd", target="y")
     y = (labels == "ok").astype(np.int64)  # the classes' indices, sorted
-    np.testing.assert_allclose(balanced_weights(y, 2)[y], compute_sample_weight("balanced", y))
+    np.testing.assert_allclose(balanced_class_weights(y, 2)[y], compute_sample_weight("balanced", y))
     recall = {}
     for choice in ("none", "balanced"):
         model_path = str(tmp_path / f"{choice}.safetensors")
