@@ -271,6 +271,13 @@ def check_args(parser, args):
         parser.error("--checkpoint-every N needs N >= 1 and --save FILE")
     if args.history and os.path.splitext(args.history)[1].lower() not in (".csv", ".json"):
         parser.error("--history FILE must end in .csv or .json")
+    for flag in ("save", "onnx", "history", "plot"):
+        path = getattr(args, flag)
+        directory = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and not os.path.isdir(directory):
+            parser.error(f"--{flag} {path}: there is no directory {directory}")
+        if path and not os.access(directory, os.W_OK):
+            parser.error(f"--{flag} {path}: the directory {directory} is not writable")
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (only whether it is there)
@@ -457,16 +464,16 @@ def report(args, model, data, history, settings, elapsed, comm, out):
     warning = training_trouble(history, model, settings)
     if warning:
         sys.stderr.write(f"fastmlp-train: warning: {warning}\n")
-    if args.history:
-        history.save(args.history)
-    if args.plot:
-        plot_history(history, args.plot, data.held_out)
-    if args.save:
+    if args.save:  # the model first: nothing after it can lose it
         model.save(args.save)
         out.write(f"Saved {args.save}\n")
     if args.onnx:
         model.to_onnx(args.onnx, preprocessing=True)
         out.write(f"Wrote {args.onnx}\n")
+    if args.history:
+        history.save(args.history)
+    if args.plot:
+        plot_history(history, args.plot, data.held_out)
 
 
 def convert(old, new):

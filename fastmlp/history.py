@@ -1,6 +1,7 @@
 """History: what fit returns, per epoch, and the lesson's ways to look at it
 (a table in a file, and the accuracy and loss curves)."""
 import csv
+import io
 import json
 import os
 
@@ -37,26 +38,28 @@ class History:
 
     def save(self, path):
         """Writes rows() as .csv (a header line, an epoch a line) or .json (a
-        list of objects), chosen by the file's ending."""
+        list of objects), chosen by the file's ending; atomically."""
+        from .modelfile import atomic_write
         kind = os.path.splitext(str(path))[1].lower()
         if kind not in (".csv", ".json"):
             raise ValueError(f"{path}: a history is saved as .csv or .json")
         rows = self.rows()
         if kind == ".json":
-            with open(path, "w") as f:
-                json.dump(rows, f, indent=1)
+            text = json.dumps(rows, indent=1)
         else:
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["epoch"])
-                writer.writeheader()
-                writer.writerows(rows)
+            buffer = io.StringIO(newline="")
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["epoch"])
+            writer.writeheader()
+            writer.writerows(rows)
+            text = buffer.getvalue()
+        atomic_write(path, [text.encode()])
 
     def plot(self, path=None, held_out="validation"):
         """The lesson's two figures side by side: the head's metric (accuracy,
         or R²) and the loss per epoch, on the training rows and, with
         validation data, on the rows labelled `held_out`. Returns the
         matplotlib Figure; with `path`, also saves it there (.png, .svg,
-        .pdf: by the ending) and closes it. Needs matplotlib."""
+        .pdf: by the ending; atomically) and closes it. Needs matplotlib."""
         try:
             import matplotlib.pyplot as plt
         except ImportError:
@@ -78,6 +81,9 @@ class History:
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=100)
+            from .modelfile import atomic_write
+            image = io.BytesIO()
+            fig.savefig(image, dpi=100, format=os.path.splitext(str(path))[1][1:].lower() or None)
             plt.close(fig)
+            atomic_write(path, [image.getvalue()])
         return fig

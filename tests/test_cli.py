@@ -67,6 +67,16 @@ def test_history_files_and_plot(data_dir, tmp_path, capsys):
     assert json.loads(json_path.read_text())[0]["epoch"] == 1
 
 
+def test_a_history_that_cannot_be_written_loses_no_model(data_dir, tmp_path, capsys):
+    (tmp_path / "h.csv").mkdir()  # in the way of the history file
+    model_path = tmp_path / "m.safetensors"
+    code, out, err = run(["--data-dir", data_dir, "--epochs", "1", "--quiet", "--history",
+                          str(tmp_path / "h.csv"), "--save", str(model_path)], capsys)
+    assert code == 2 and "h.csv" in err and err.startswith("fastmlp-train: error: ")
+    assert f"Saved {model_path}" in out and fastmlp.load(model_path).training_state.epoch == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fastmlp-")] == []
+
+
 def test_the_plot_names_the_rows_it_reports_on(tmp_path, monkeypatch):
     # a test set is "test", rows held out of --data are "held-out"
     import matplotlib.figure
@@ -130,6 +140,9 @@ def test_evaluate_says_when_it_compiles_first(data_dir, tmp_path, capsys, monkey
      "--monitor r2 is not a metric of this model: its output is softmax, whose metric is "
      "accuracy"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--save", "/nonexistent/m.safetensors"],
+     "--save /nonexistent/m.safetensors: there is no directory /nonexistent"),
+    (["--plot", "/nonexistent/curves.png"], "there is no directory /nonexistent"),
 ])
 def test_usage_errors_exit_2(data_dir, capsys, argv, message):
     try:
