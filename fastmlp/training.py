@@ -281,7 +281,7 @@ def split_validation(X, y, sample_weight, validation_split, validation_data):
     if cut < 1 or cut == X.shape[0]:
         raise ValueError(f"validation_split={validation_split} of {X.shape[0]} rows leaves "
                          f"{'no rows to train on' if cut < 1 else 'no rows to validate on'}")
-    # validation y goes back as the caller's shape (check_validation checks it again)
+    # the held-out targets as checked (check_validation takes that form too)
     return X[:cut], y[:cut], sample_weight[:cut], (X[cut:], y[cut:])
 
 
@@ -357,14 +357,14 @@ def join_ranks(comm, model, y, sample_weight, threads, settings):
 def record_epoch(history, model, epoch, logs, elapsed, validation):
     """Appends the epoch's metrics to history (and the validation ones to logs)."""
     history.epoch.append(epoch)
-    history.history["loss"].append(logs["loss"])
-    history.history[model.metric].append(logs[model.metric])
+    history.history["loss"].append(float(logs["loss"]))
+    history.history[model.metric].append(float(logs[model.metric]))
     history.history["epoch_time"].append(elapsed)
     history.history["lr"].append(logs.pop("lr"))
     if validation is not None:
         for key, value in zip(("val_loss", f"val_{model.metric}"), model.evaluate(*validation)):
-            logs[key] = value
-            history.history.setdefault(key, []).append(value)
+            logs[key] = float(value)
+            history.history.setdefault(key, []).append(float(value))
 
 
 class EpochLoop:

@@ -68,3 +68,9 @@ def test_plot_draws_the_metric_and_the_loss(fitted, tmp_path):
     figure = values.plot(tmp_path / "curves.png")  # no validation data: one line each
     assert figure.axes[0].get_title() == "R²" and len(figure.axes[0].get_lines()) == 1
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_are_plain_floats(fitted):
+    for history in fitted:
+        for key, values in history.history.items():
+            assert all(type(value) is float for value in values), key
