@@ -150,11 +150,12 @@ def build_parser():
                        "improved for --lr-patience epochs, as Keras's ReduceLROnPlateau "
                        "(default: constant; with --resume, the file's)")
     train.add_argument("--lr-factor", "--lr-step-factor", dest="lr_step_factor", type=float,
-                       default=0.1, help="for --lr-schedule step and plateau")
-    train.add_argument("--lr-step-every", type=int, default=10, help="for --lr-schedule step")
-    train.add_argument("--lr-patience", type=int, default=10,
+                       default=0.1, metavar="FACTOR", help="for --lr-schedule step and plateau")
+    train.add_argument("--lr-step-every", type=int, default=10, metavar="EPOCHS",
+                       help="for --lr-schedule step")
+    train.add_argument("--lr-patience", type=int, default=10, metavar="EPOCHS",
                        help="for --lr-schedule plateau")
-    train.add_argument("--lr-min", type=float, default=0.0,
+    train.add_argument("--lr-min", type=float, default=0.0, metavar="LR",
                        help="for --lr-schedule cosine and plateau")
     train.add_argument("--momentum", type=float,
                        help=f"(default: {OPTIMIZER_DEFAULTS['momentum']}; with --resume, the file's)")
@@ -185,11 +186,12 @@ def build_parser():
     train.add_argument("--patience", type=int, help="early stopping: stop after this many "
                        "epochs without improvement of --monitor (default: off)")
     train.add_argument("--monitor", choices=MONITORS,
-                       help="the metric --patience watches, on the training rows or (val_*) on "
+                       help="the metric --patience and --lr-schedule plateau watch, on the "
+                       "training rows or (val_*) on "
                        "the test or held-out rows; accuracy for classes, r2 for --output "
                        "linear or poisson (default: val_loss, or loss with no rows to report on)")
     train.add_argument("--min-delta", type=float, default=0.0,
-                       help="the least change that counts as an improvement")
+                       help="for --patience: the least change that counts as an improvement")
     train.add_argument("--no-restore-best", action="store_true",
                        help="keep the last epoch's parameters, not the best epoch's")
     out = parser.add_argument_group("output")
