@@ -40,8 +40,9 @@ from .validation import (
 
 SAMPLINGS = ("epoch", "replacement")
 # An epoch runs as calls into compiled code of about CHUNK_SECONDS each (and
-# at least CHUNKS_PER_EPOCH of them): progress, Ctrl-C and a memory map's
-# page release act between two calls. A call costs some 50 us more than its
+# at least CHUNKS_PER_EPOCH of them; one, if the epoch is shorter than
+# CHUNK_SECONDS): progress, Ctrl-C and a memory map's page release act
+# between two calls. A call costs some 50 us more than its
 # steps (its arguments, the transposed weights made again, a first batch not
 # prefetched): with 50 calls an epoch, chunks of 16 steps of 0.26 ms made the
 # MLPRegressor benchmark's fit 1.04x slower than chunks of a whole epoch.
@@ -383,6 +384,7 @@ class EpochLoop:
             raise ValueError(f"the model stopped at step {self.progress.step} of an epoch, but "
                              f"this data and batch_size give epochs of {self.n_steps} steps")
         self.max_chunk = -(-self.n_steps // CHUNKS_PER_EPOCH)
+        self.whole_epoch = self.n_steps
         ranks = 1 if comm is None else comm.size
         self.workspace = Workspace(model.layer_sizes, -(-batch_size // ranks), model.dtype)
         self.workspace.work.target_scale[:] = target_scale(model.output, y, model.n_outputs,
@@ -407,10 +409,21 @@ class EpochLoop:
             self.mapping.madvise(mmap.MADV_SEQUENTIAL if not shuffle and sampling == "epoch"
                                  else mmap.MADV_RANDOM)
             self.max_chunk = max(1, min(self.max_chunk, MAPPED_CHUNK_ROWS // batch_size))
+            self.whole_epoch = self.max_chunk
         # where a diverged epoch is replayed from (costs a copy per epoch)
         self.saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
         self.elapsed = 0.0
         self.chunk = 1  # steps in the next call: then as many as take about CHUNK_SECONDS
+
+    def next_chunk(self, per_step):
+        """Steps in the next call: a whole epoch when one takes less than
+        CHUNK_SECONDS (a call costs some 50 us: MLPClassifier fits of the
+        digits, 9 steps an epoch, took 1.07x as long in 3 calls an epoch),
+        else about
+        CHUNK_SECONDS' worth, in at least CHUNKS_PER_EPOCH calls an epoch."""
+        if per_step * self.n_steps < CHUNK_SECONDS:
+            return self.whole_epoch
+        return int(min(self.max_chunk, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
 
     def step_arguments(self, step0, step1):
         return (self.workspace.work, self.model.network(), self.buffers, self.data, self.batches,
@@ -495,8 +508,7 @@ class EpochLoop:
                 if step1 == n_steps:
                     end_epoch(progress, rng)
                 raise TrainingInterrupted
-            per_step = seconds / (step1 - step0)
-            self.chunk = int(min(self.max_chunk, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+            self.chunk = self.next_chunk(seconds / (step1 - step0))
             step0 = step1
         end_epoch(progress, rng)
         if self.comm is not None:

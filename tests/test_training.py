@@ -143,6 +143,7 @@ def one_step_chunks(monkeypatch):
     """fit's calls into compiled code run one step each (in epochs of up to
     100 steps), so that InterruptAt stops at a known step."""
     monkeypatch.setattr(fastmlp.training, "CHUNKS_PER_EPOCH", 100)
+    monkeypatch.setattr(fastmlp.training, "CHUNK_SECONDS", 0.0)
 
 
 class InterruptAt(Callback):
