@@ -9,10 +9,11 @@ import sys
 import textwrap
 
 import numba
+import numpy as np
 import pytest
 from numba import types
 
-from fastmlp import compile_ahead, kernels
+from fastmlp import compile_ahead, jit, kernels
 
 CHILD_FILLS_THE_CACHE = textwrap.dedent("""
     from numba import types
@@ -105,3 +106,18 @@ def test_the_child_compiles_nothing_for_another_copy_of_the_package(tmp_path):
                            os.path.dirname(compile_ahead.__file__), "fastmlp"],
                           input=pickle.dumps([]), capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ready_remembers_compiled_code_and_nothing_else():
+    @numba.njit
+    def double(x):
+        return x * 2
+
+    float64s, float32s = np.ones(3), np.ones(3, np.float32)
+    assert not jit.ready(double, (float64s,))
+    double(float64s)
+    assert jit.ready(double, (float64s,)) and jit.ready(double, (np.zeros(5),))  # remembered
+    assert not jit.ready(double, (float32s,))  # another type: not compiled
+    assert not jit.ready(double, (float64s[::2],))  # another layout
+    double(float32s)
+    assert jit.ready(double, (float32s,))
