@@ -187,9 +187,9 @@ def build_parser():
                        "epochs without improvement of --monitor (default: off)")
     train.add_argument("--monitor", choices=MONITORS,
                        help="the metric --patience and --lr-schedule plateau watch, on the "
-                       "training rows or (val_*) on "
-                       "the test or held-out rows; accuracy for classes, r2 for --output "
-                       "linear or poisson (default: val_loss, or loss with no rows to report on)")
+                       "training rows or (val_*) on the test or held-out rows; accuracy for "
+                       "classes, r2 for --output linear or poisson (default: val_loss, or loss "
+                       "with no rows to report on)")
     train.add_argument("--min-delta", type=float, default=0.0,
                        help="for --patience: the least change that counts as an improvement")
     train.add_argument("--no-restore-best", action="store_true",

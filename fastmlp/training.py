@@ -42,8 +42,8 @@ SAMPLINGS = ("epoch", "replacement")
 # An epoch runs as calls into compiled code of about CHUNK_SECONDS each (and
 # at least CHUNKS_PER_EPOCH of them; one, if the epoch is shorter than
 # CHUNK_SECONDS): progress, Ctrl-C and a memory map's page release act
-# between two calls. A call costs some 50 us more than its
-# steps (its arguments, the transposed weights made again, a first batch not
+# between two calls. A call costs some 50 us more than its steps (its
+# arguments, the transposed weights made again, a first batch not
 # prefetched): with 50 calls an epoch, chunks of 16 steps of 0.26 ms made the
 # MLPRegressor benchmark's fit 1.04x slower than chunks of a whole epoch.
 CHUNKS_PER_EPOCH = 4
@@ -419,8 +419,8 @@ class EpochLoop:
         """Steps in the next call: a whole epoch when one takes less than
         CHUNK_SECONDS (a call costs some 50 us: MLPClassifier fits of the
         digits, 9 steps an epoch, took 1.07x as long in 3 calls an epoch),
-        else about
-        CHUNK_SECONDS' worth, in at least CHUNKS_PER_EPOCH calls an epoch."""
+        else about CHUNK_SECONDS' worth, in at least CHUNKS_PER_EPOCH calls
+        an epoch."""
         if per_step * self.n_steps < CHUNK_SECONDS:
             return self.whole_epoch
         return int(min(self.max_chunk, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
