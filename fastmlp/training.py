@@ -118,8 +118,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     sample_weight: one non-negative weight per row; each step then minimises
     its batch's weighted mean loss (and History's loss is weighted too).
     class_weight (softmax): {label: weight} (labels left out weigh 1) or
-    "balanced" (n / (classes x the class's rows), scikit-learn's), which
-    multiplies each row's sample weight, as in Keras.
+    "balanced" (n / (classes x the class's rows), scikit-learn's, over the
+    rows trained on), which multiplies each row's sample weight, as in Keras.
     validation_split: as Keras's, the last fraction of the rows (before any
     shuffling) is held out as validation_data instead of trained on.
 
@@ -224,17 +224,16 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
 
 def training_rows(model, X, y, sample_weight, class_weight, validation_split,
                   validation_data):
-    """(X, y, sample_weight, validation_data) after class_weight and
-    validation_split: Keras's two ways to weigh and hold out rows."""
-    if class_weight is not None:
-        sample_weight = sample_weight * class_weights(model, y, class_weight)[y]
-        if not sample_weight.sum() > 0:
-            raise ValueError("class_weight gives every row a weight of 0: nothing to learn from")
+    """(X, y, sample_weight, validation_data) after validation_split and
+    class_weight (on the rows trained on): Keras's ways to hold out and
+    weigh rows."""
     if validation_split:
         X, y, sample_weight, validation_data = split_validation(
             X, y, sample_weight, validation_split, validation_data)
-        if not sample_weight.sum() > 0:
-            raise ValueError("the training rows' weights sum to zero: nothing to learn from")
+    if class_weight is not None:
+        sample_weight = sample_weight * class_weights(model, y, class_weight)[y]
+    if (validation_split or class_weight is not None) and not sample_weight.sum() > 0:
+        raise ValueError("the training rows' weights sum to zero: nothing to learn from")
     return X, y, sample_weight, validation_data
 
 

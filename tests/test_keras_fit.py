@@ -52,7 +52,7 @@ def test_class_weight_is_a_weight_per_row(class_weight):
     (dict(class_weight={0: -1.0}), r"class_weight\[0\] must be >= 0"),
     (dict(class_weight=[1.0, 2.0, 3.0]), "must be a dict {label: weight} or 'balanced'"),
     (dict(class_weight="even"), "unknown class_weight 'even'"),
-    (dict(class_weight={0: 0, 1: 0, 2: 0}), "every row a weight of 0"),
+    (dict(class_weight={0: 0, 1: 0, 2: 0}), "the training rows' weights sum to zero"),
 ])
 def test_bad_row_arguments_are_named(kwargs, message):
     model, X, y = problem()
@@ -65,3 +65,14 @@ def test_class_weight_needs_classes():
     with pytest.raises(ValueError, match="class_weight weighs classes: this model's output is "
                                          "linear"):
         fastmlp.fit(model, np.zeros((4, 3)), np.zeros(4), class_weight={0: 1.0})
+
+
+def test_balanced_weights_come_from_the_rows_trained_on():
+    model, X, y = problem(np.float64)
+    y = np.where(np.arange(len(y)) < 80, y, 0)  # the held-out rows are all class 0
+    fastmlp.fit(model, X, y, validation_split=0.2, class_weight="balanced", **SETTINGS)
+    spelled, _, _ = problem(np.float64)
+    cut = 82  # floor(103 * 0.8)
+    fastmlp.fit(spelled, X[:cut], y[:cut], validation_data=(X[cut:], y[cut:]),
+                sample_weight=compute_sample_weight("balanced", y[:cut]), **SETTINGS)
+    assert np.array_equal(model.params, spelled.params)
