@@ -96,6 +96,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         model = load_model(args.model)
+        if args.proba and model.output in VALUE_HEADS:
+            raise ValueError(f"--proba: {args.model} predicts values (--output {model.output}), "
+                             "not probabilities")
         x, table = sources.model_input(args.data, model, args.keep)
         unseen = sources.unseen_note(table)
         if unseen:

@@ -61,17 +61,18 @@ def targets_of(table, output, classes):
     """(y, classes) of a table for the head: class indices and the classes
     in order (softmax), else numeric targets and the target columns' names."""
     if output == "softmax":
-        if table.target.ndim > 1:
-            raise tabular.DataError(f"{table.path}: several target columns need --output "
-                                    "linear or sigmoid")
-        if classes is None and table.target.dtype.kind == "f":  # scikit-learn's "continuous"
-            fractional = table.target[table.target != np.round(table.target)]
+        labels = table.target
+        if labels.ndim > 1:  # one-hot: a column per class, named (a table) or numbered (.npz)
+            names = table.target_name.split(",") if table.names else range(labels.shape[1])
+            labels = tabular.one_hot_classes(table.path, labels, list(names))
+        elif classes is None and labels.dtype.kind == "f":  # scikit-learn's "continuous"
+            fractional = labels[labels != np.round(labels)]
             if len(fractional):
                 raise tabular.DataError(
                     f"{table.path}: the target {table.target_name!r} holds numbers that are "
                     f"not whole ({fractional[0].item()!r}), not class labels; --output "
                     "linear fits them as numbers")
-        return tabular.encode_labels(table.path, table.target, classes)
+        return tabular.encode_labels(table.path, labels, classes)
     y = tabular.numeric_targets(table.path, table.target, output)
     return y, (table.target_name.split(",") if output == "sigmoid" else None)
 

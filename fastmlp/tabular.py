@@ -335,13 +335,19 @@ def read_npz(path, need_target):
     except ValueError as exc:
         raise DataError(f"{path}: {exc}") from None
     features = numeric_matrix(path, X, "X")
+    name = "y"
     if y is not None:
         y = np.asarray(y)
-        if y.ndim != 1 or y.shape[0] != features.shape[0]:
-            raise DataError(f"{path}: y must hold one label per row of X ({features.shape[0]}), "
-                            f"got shape {y.shape}")
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        n = features.shape[0]
+        if y.ndim not in (1, 2) or y.shape[0] != n or 0 in y.shape:
+            raise DataError(f"{path}: y must have a row per row of X, shape ({n},) or ({n}, "
+                            f"outputs); got shape {y.shape}")
         check_target_cells(path, y, "y")
-    return Table(path, features, y, None, "y")
+        if y.ndim == 2:  # several outputs (linear, sigmoid) or one-hot rows (softmax)
+            name = ",".join(f"y{k}" for k in range(y.shape[1]))
+    return Table(path, features, y, None, name)
 
 
 def read_npy(path, target, need_target, n_features):
@@ -379,7 +385,7 @@ def numeric_matrix(path, array, name):
 
 def check_target_cells(path, y, name):
     if y.dtype.kind == "f" and not np.isfinite(y).all():
-        row = int(np.flatnonzero(~np.isfinite(y))[0])
+        row = int(np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))[0])
         raise DataError(f"{path}: the target {name} is NaN or inf in row {row + 1}")
 
 
@@ -628,6 +634,21 @@ def numeric_targets(path, y, output):
         raise DataError(f"{path}: the poisson output needs counts or rates >= 0; the target "
                         f"holds {y[y < 0][0].item()!r}")
     return y
+
+
+def one_hot_classes(path, y, names):
+    """The class of each one-hot row of y (n, K), as names[column of its 1];
+    anything but a single 1 per row (the rest 0) is a DataError."""
+    hot = y == 1 if y.dtype.kind in "biuf" else np.zeros(y.shape, bool)
+    bad = ~((hot | (y == 0)).all(axis=1) & (hot.sum(axis=1) == 1)) if y.dtype.kind in "biuf" \
+        else np.ones(len(y), bool)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: the softmax output takes several target columns as one-hot "
+                        f"rows only (a single 1 per row, the rest 0), and row {row + 1} holds "
+                        f"{y[row].tolist()}; --output linear or sigmoid fits them as values "
+                        "or labels")
+    return np.array(names, dtype=object)[np.argmax(hot, axis=1)]
 
 
 def encode_labels(path, y, classes=None):

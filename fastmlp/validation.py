@@ -119,10 +119,17 @@ def check_X(X, n_features, name="X"):
 
 
 def check_y(y, n_samples, n_classes, name="y"):
-    """Integer class labels in 0..n_classes-1, as a contiguous int32 array."""
+    """Integer class labels in 0..n_classes-1, as a contiguous int32 array.
+    Also taken: a column of labels (n, 1), and one-hot rows (n, n_classes)
+    as Keras's to_categorical makes them."""
     y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    elif y.ndim == 2 and y.shape[1] == n_classes:
+        y = one_hot_labels(y, name)
     if y.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one label per sample), got shape {y.shape}")
+        raise ValueError(f"{name} must hold one label per sample, shape (n,), or one-hot rows, "
+                         f"shape (n, {n_classes}); got shape {y.shape}")
     if y.shape[0] != n_samples:
         raise ValueError(f"X has {n_samples} samples but {name} has {y.shape[0]} labels")
     if y.dtype == bool or not np.issubdtype(y.dtype, np.number):
@@ -137,6 +144,21 @@ def check_y(y, n_samples, n_classes, name="y"):
             raise ValueError(f"{name} has label {bad.item()!r} outside 0..{n_classes - 1} "
                              f"(the model has {n_classes} classes)")
     return np.ascontiguousarray(y, dtype=np.int32)
+
+
+def one_hot_labels(y, name):
+    """The labels of one-hot rows (n, K): exactly one 1 per row, the rest 0."""
+    if (y.dtype != bool and not np.issubdtype(y.dtype, np.number)) or np.iscomplexobj(y):
+        raise ValueError(f"{name} must hold integer class labels or one-hot rows, got dtype "
+                         f"{y.dtype}")
+    hot = y == 1
+    bad = ~((hot | (y == 0)).all(axis=1) & (hot.sum(axis=1) == 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name} has {y.shape[1]} columns, so it must be one-hot: a single 1 "
+                         f"per row, the rest 0 (soft labels are not supported); row {row} is "
+                         f"{y[row].tolist()}")
+    return np.argmax(hot, axis=1)
 
 
 def check_sample_weight(sample_weight, n_samples, dtype):

@@ -148,6 +148,31 @@ def test_predict_and_gradients_validate_too():
         model.evaluate(np.zeros((2, 3)), [0, 5])
 
 
+def test_labels_as_a_column_or_one_hot_rows_train_alike():
+    """Keras's lesson gives softmax targets as to_categorical's one-hot rows."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 4))
+    y = rng.integers(0, 3, 120)
+    trained = []
+    for targets in (y, y[:, None], np.eye(3)[y], np.eye(3, dtype=bool)[y]):
+        model = fastmlp.MLP([4, 5, 3], seed=0)
+        fastmlp.fit(model, X, targets, epochs=2, batch_size=16, seed=0,
+                    validation_data=(X[:10], targets[:10]))
+        assert model.evaluate(X, targets) == model.evaluate(X, y)
+        trained.append(model.params)
+    assert all(np.array_equal(trained[0], params) for params in trained[1:])
+    model = fastmlp.MLP([4, 5, 3], seed=0)
+    soft = np.eye(3)[y]
+    soft[5] = [0.1, 0.9, 0.0]
+    with pytest.raises(ValueError, match=r"y has 3 columns, so it must be one-hot: a single 1 "
+                       r"per row, the rest 0 \(soft labels are not supported\); row 5 is "
+                       r"\[0.1, 0.9, 0.0\]"):
+        fastmlp.fit(model, X, soft)
+    with pytest.raises(ValueError, match=r"one label per sample, shape \(n,\), or one-hot "
+                       r"rows, shape \(n, 3\); got shape \(120, 2\)"):
+        fastmlp.fit(model, X, np.eye(2)[y % 2])
+
+
 def test_summary_lists_the_layers_as_keras_does():
     model = fastmlp.MLP([20, 64, 32, 3], activation="relu", dtype="float64")
     assert model.summary() == (

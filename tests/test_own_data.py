@@ -814,3 +814,73 @@ def test_predict_says_on_stderr_when_it_compiles(tmp_path, capsys, monkeypatch):
                            "print(fastmlp.MLP([3, 2, 2]).prediction_ready())"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.stdout.split() == ["False"], proc.stderr
+
+
+def test_npz_targets_of_several_columns(tmp_path, capsys):
+    """y of an .npz may be a column (n, 1), one-hot rows for the softmax
+    output, or several outputs for the linear and sigmoid ones."""
+    x, labels = blobs(200)
+    codes = np.searchsorted(SPECIES, labels)
+    one_hot = np.eye(3, dtype=np.uint8)[codes]
+    results = {}
+    for name, y in [("labels", codes), ("column", codes[:, None]), ("one-hot", one_hot)]:
+        path, model_path = tmp_path / f"{name}.npz", str(tmp_path / f"{name}.safetensors")
+        np.savez(path, X=x, y=y)
+        code, out, err = run(["--data", str(path), "--epochs", "3", "--quiet", "--save",
+                              model_path], capsys)
+        assert code == 0, err
+        assert "with 3 classes" in out
+        results[name] = fastmlp.load(model_path).params
+        code, out, err = run([model_path, str(path)], capsys, predict_main)
+        assert code == 0 and out.split()[0] == "prediction" and set(out.split()[1:]) <= {"0", "1", "2"}
+    assert np.array_equal(results["labels"], results["column"])
+    assert np.array_equal(results["labels"], results["one-hot"])
+    soft = one_hot.astype(float)
+    soft[7] = [0.5, 0.5, 0]
+    np.savez(tmp_path / "soft.npz", X=x, y=soft)
+    code, out, err = run(["--data", str(tmp_path / "soft.npz"), "--quiet"], capsys)
+    assert code == 2 and "one-hot rows only" in err and "row 8 holds [0.5, 0.5, 0.0]" in err
+    for output, y in [("sigmoid", one_hot), ("linear", x[:, :2] * 2)]:
+        model_path = str(tmp_path / f"{output}.safetensors")
+        np.savez(tmp_path / "multi.npz", X=x, y=y)
+        code, out, err = run(["--data", str(tmp_path / "multi.npz"), "--output", output,
+                              "--epochs", "3", "--quiet", "--save", model_path], capsys)
+        assert code == 0, err
+        assert fastmlp.load(model_path).n_outputs == y.shape[1]
+        code, out, err = run([model_path, str(tmp_path / "multi.npz")], capsys, predict_main)
+        assert code == 0, err
+        assert out.split()[0] == ",".join(f"y{k}" for k in range(y.shape[1]))
+    np.savez(tmp_path / "bad.npz", X=x, y=np.zeros((200, 2, 2)))
+    code, out, err = run(["--data", str(tmp_path / "bad.npz"), "--output", "linear"], capsys)
+    assert code == 2 and "y must have a row per row of X, shape (200,) or (200, outputs)" in err
+
+
+def test_one_hot_target_columns_of_a_table_are_classes(table, tmp_path, capsys):
+    path, x, labels = table
+    one_hot = tmp_path / "one_hot.csv"
+    with open(one_hot, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FEATURES + SPECIES)
+        writer.writerows([[repr(float(v)) for v in row] + [int(label == s) for s in SPECIES]
+                          for row, label in zip(x, labels)])
+    saved = {}
+    for data, target in [(path, "species"), (str(one_hot), ",".join(SPECIES))]:
+        saved[target] = str(tmp_path / f"{len(target)}.safetensors")
+        code, out, err = run(["--data", data, "--target", target, "--epochs", "2", "--quiet",
+                              "--save", saved[target]], capsys)
+        assert code == 0, err
+    a, b = (fastmlp.load(p) for p in saved.values())
+    assert a.preprocessing["classes"] == b.preprocessing["classes"] == SPECIES
+    assert np.array_equal(a.params, b.params)
+
+
+def test_predict_refuses_probabilities_of_values(tmp_path, capsys):
+    model_path = str(tmp_path / "reg.safetensors")
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    np.savez(tmp_path / "r.npz", X=x, y=x[:, 0])
+    assert run(["--data", str(tmp_path / "r.npz"), "--output", "linear", "--epochs", "1",
+                "--quiet", "--save", model_path], capsys)[0] == 0
+    code, out, err = run([model_path, str(tmp_path / "r.npz"), "--proba"], capsys, predict_main)
+    assert code == 2 and out == ""
+    assert err == f"fastmlp-predict: error: --proba: {model_path} predicts values (--output " \
+        "linear), not probabilities\n"
