@@ -185,8 +185,11 @@ def parse(data):
     except (SafetensorError, ValueError, TypeError, OverflowError, UnicodeDecodeError,
             RecursionError) as exc:
         raise Malformed(f"not a safetensors file ({str(exc)[:200]})") from None
-    require(isinstance(metadata, dict) and metadata.get("fastmlp") == FORMAT_VERSION,
-            "no fastmlp metadata of format version " + FORMAT_VERSION)
+    if not (isinstance(metadata, dict) and metadata.get("fastmlp") == FORMAT_VERSION):
+        torch_like = any(name.endswith(".weight") for name in arrays)
+        raise Malformed("no fastmlp metadata of format version " + FORMAT_VERSION + (
+            "; for a PyTorch state dict, load it into its nn.Sequential and take "
+            "fastmlp.MLP.from_torch(sequential)" if torch_like else ""))
     settings = {}
     for key in ("model", "optimizer", "training", "source", "preprocessing"):
         text = metadata.get(key)

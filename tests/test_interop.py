@@ -218,6 +218,20 @@ def test_from_torch_heads():
         assert model.output == (output or "sigmoid") and np.abs(got - expected).max() < 1e-6
 
 
+def test_a_pytorch_state_dict_file_is_pointed_to_from_torch(tmp_path):
+    from safetensors.torch import save_file
+    sequential = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    save_file(sequential.state_dict(), tmp_path / "torch.safetensors")
+    save_file({"embedding": torch.zeros(3, 2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"torch.safetensors: not a valid fastmlp model file: no "
+                       r"fastmlp metadata of format version \d+; for a PyTorch state dict, load it "
+                       r"into its nn.Sequential and take fastmlp.MLP.from_torch\(sequential\)$"):
+        fastmlp.load(tmp_path / "torch.safetensors")
+    with pytest.raises(ValueError, match=r"other.safetensors: .* no fastmlp metadata of format "
+                       r"version \d+$"):
+        fastmlp.load(tmp_path / "other.safetensors")
+
+
 @pytest.mark.parametrize("output", ["linear", "sigmoid", "poisson"])
 def test_onnx_export_of_the_other_heads(tmp_path, output):
     rng = np.random.default_rng(0)
