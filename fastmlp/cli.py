@@ -103,7 +103,7 @@ def build_parser():
                       "(with a header line; also .gz, .bz2, .xz; a .csv delimited by commas, "
                       "semicolons, tabs or |), .npz (arrays X and y), .npy, .parquet or .xlsx; "
                       "numeric features are standardized, columns of text one-hot encoded, "
-                      "and labels may be numbers or strings")
+                      "and labels may be numbers, strings or one-hot columns")
     data.add_argument("--target", help="--data's label column (default: 'target' or 'label' "
                       "if there is one, else the last column; for .npy, a column index)")
     data.add_argument("--ignore", metavar="COLUMNS", help="--data columns that are no "
