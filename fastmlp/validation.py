@@ -133,7 +133,10 @@ def check_y(y, n_samples, n_classes, name="y"):
     if y.shape[0] != n_samples:
         raise ValueError(f"X has {n_samples} samples but {name} has {y.shape[0]} labels")
     if y.dtype == bool or not np.issubdtype(y.dtype, np.number):
-        raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+        hint = ("; np.unique(y, return_inverse=True) numbers text labels, and "
+                "fastmlp.MLPClassifier takes them as they are"
+                if y.dtype.kind in "OUS" else "")
+        raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}{hint}")
     if not np.issubdtype(y.dtype, np.integer):
         if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
             raise ValueError(f"{name} must hold integer class labels; found non-integer values")
