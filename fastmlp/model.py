@@ -208,6 +208,12 @@ class MLP:
         self.weights, self.biases = self.layer_views(self.params)
         self._operands = self._operand_buffer()
 
+    def fit(self, X, y, **kwargs):
+        """fastmlp.fit(self, X, y, **kwargs), spelt as Keras's model.fit:
+        trains in place and returns the History."""
+        from .training import fit
+        return fit(self, X, y, **kwargs)
+
     def save(self, path):
         """Writes the model, with its optimizer and training state, to path
         as safetensors (atomically; see fastmlp.modelfile)."""

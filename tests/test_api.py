@@ -176,6 +176,17 @@ def test_labels_as_a_column_or_one_hot_rows_train_alike():
         fastmlp.fit(model, X, np.eye(2)[y % 2])
 
 
+def test_the_fit_method_is_fastmlp_fit():
+    X, y = np.random.default_rng(0).normal(size=(60, 3)), np.arange(60) % 2
+    by_function, by_method = (fastmlp.MLP([3, 4, 2], seed=0) for _ in range(2))
+    expected = fastmlp.fit(by_function, X, y, epochs=2, batch_size=8, optimizer="adam", seed=1)
+    history = by_method.fit(X, y, epochs=2, batch_size=8, optimizer="adam", seed=1)
+    assert np.array_equal(by_method.params, by_function.params)
+    assert history.history == {**expected.history, "epoch_time": history.history["epoch_time"]}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        by_method.fit(X, y, epoch=2)
+
+
 def test_summary_lists_the_layers_as_keras_does():
     model = fastmlp.MLP([20, 64, 32, 3], activation="relu", dtype="float64")
     assert model.summary() == (
