@@ -4,6 +4,7 @@ scikit-learn estimator does (Pipeline, GridSearchCV, cross_val_score,
 joblib)."""
 import warnings
 
+import numba
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -16,7 +17,8 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from .full_batch import minimize_lbfgs
 from .model import MLP
 from .progress import Callback
-from .training import check_threads, fit, thread_count
+from .training import fit, thread_count
+from .validation import check_int
 
 ACTIVATION_NAMES = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 LEARNING_RATES = ("constant", "invscaling", "adaptive")
@@ -169,7 +171,7 @@ class _BaseMLP(BaseEstimator):
             self.model_, X, targets, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
             lr=lr, momentum=self.momentum, nesterov=bool(self.nesterovs_momentum),
             weight_decay=decay, shuffle=self.shuffle, validation_data=validation,
-            sample_weight=weights, seed=self._seed() if reset else None, threads=self.threads,
+            sample_weight=weights, seed=self._seed() if reset else None, threads=self._threads(),
             verbose=int(self.verbose), callbacks=callbacks, lr_schedule=schedule,
             patience=self.n_iter_no_change if stopping and not callbacks else None,
             min_delta=self.tol, monitor=monitor, restore_best_weights=validation is not None,
@@ -181,6 +183,13 @@ class _BaseMLP(BaseEstimator):
                           "and the optimization hasn't converged yet.", ConvergenceWarning)
         return self
 
+    def _threads(self):
+        """threads, capped at what this process may run: a joblib worker
+        (GridSearchCV(n_jobs=2), say) is given NUMBA_NUM_THREADS=1, and the
+        parameters are the same for any thread count."""
+        threads = check_int("threads", self.threads, minimum=1, allow_none=True)
+        return None if threads is None else min(threads, numba.config.NUMBA_NUM_THREADS)
+
     def _fit_lbfgs(self, X, targets, weights, scale):
         """scikit-learn's solver 'lbfgs': SciPy's L-BFGS-B on the whole data's
         loss and L2 term (alpha over the total sample weight), each
@@ -190,7 +199,7 @@ class _BaseMLP(BaseEstimator):
             report.iteration += 1
         report.iteration = 1
         l2 = self.alpha / weights.sum() if weights.sum() > 0 else 0.0
-        with thread_count(check_threads(self.threads)):
+        with thread_count(self._threads()):
             result, loss = minimize_lbfgs(self.model_, X, targets, weights, l2=l2,
                                           loss_scale=scale, max_iter=self.max_iter,
                                           max_fun=self.max_fun, tol=self.tol,

@@ -2,7 +2,9 @@
 estimator checks (every one, sample-weight equivalence included), and in
 scikit-learn's machinery."""
 import pickle
+import warnings
 
+import numba
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -41,14 +43,37 @@ def digits():
 
 
 def test_grid_search_with_two_jobs_over_a_pipeline(digits):
+    """joblib's workers get NUMBA_NUM_THREADS = cores // n_jobs (1 on two
+    cores); threads=2 is then capped, and the scores are a serial search's."""
     X, y = digits
-    pipe = make_pipeline(StandardScaler(), MLPClassifier(max_iter=30, random_state=0))
     grid = {"mlpclassifier__hidden_layer_sizes": [(32,), (64,)],
             "mlpclassifier__alpha": [1e-4, 1e-1]}
-    search = GridSearchCV(pipe, grid, cv=3, n_jobs=2).fit(X, y)
-    assert len(search.cv_results_["mean_test_score"]) == 4
+    scores = []
+    for threads, jobs in ((2, 2), (1, 1)):
+        pipe = make_pipeline(StandardScaler(),
+                             MLPClassifier(max_iter=30, random_state=0, threads=threads))
+        search = GridSearchCV(pipe, grid, cv=3, n_jobs=jobs, error_score="raise").fit(X, y)
+        scores.append(search.cv_results_["mean_test_score"])
+    assert len(scores[0]) == 4 and np.array_equal(scores[0], scores[1])
     assert search.best_score_ > 0.9
     assert cross_val_score(search.best_estimator_, X, y, cv=3).mean() > 0.9
+
+
+def test_threads_are_capped_at_what_the_process_allows(digits, monkeypatch):
+    X, y = digits
+    one = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0, threads=1)
+    one.fit(X, y)
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 1)
+    for solver in ("adam", "lbfgs"):
+        clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0, threads=64,
+                            solver=solver)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(X, y)
+        if solver == "adam":
+            assert np.array_equal(clf.model_.params, one.model_.params)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        MLPClassifier(threads=0).fit(X, y)
 
 
 def test_fitted_attributes_and_string_labels(digits):
