@@ -14,12 +14,13 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 
 import numpy as np
+
+from .files import temporary_beside
 
 # IDX type byte -> big-endian NumPy dtype
 IDX_DTYPES = {
@@ -211,8 +212,7 @@ def short_reason(exc):
 def download(url, destination, md5, progress=True):
     """Fetches url into destination atomically; a wrong MD5 or a transfer
     that breaks off raises (ValueError or OSError) and leaves nothing."""
-    directory = os.path.dirname(destination)
-    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=directory)
+    fd, tmp = temporary_beside(destination, prefix=".download-")
     try:
         digest = hashlib.md5()
         received = 0

@@ -5,6 +5,8 @@ import io
 import json
 import os
 
+from .files import atomic_write
+
 
 class History:
     """Per-epoch metrics, Keras style: `history` maps 'loss', the head's
@@ -39,7 +41,6 @@ class History:
     def save(self, path):
         """Writes rows() as .csv (a header line, an epoch a line) or .json (a
         list of objects), chosen by the file's ending; atomically."""
-        from .modelfile import atomic_write
         kind = os.path.splitext(str(path))[1].lower()
         if kind not in (".csv", ".json"):
             raise ValueError(f"{path}: a history is saved as .csv or .json")
@@ -81,7 +82,6 @@ class History:
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         if path is not None:
-            from .modelfile import atomic_write
             image = io.BytesIO()
             fig.savefig(image, dpi=100, format=os.path.splitext(str(path))[1][1:].lower() or None)
             plt.close(fig)

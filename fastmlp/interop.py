@@ -4,7 +4,7 @@ safetensors, which PyTorch reads directly: see fastmlp.modelfile.)"""
 import numpy as np
 
 from .heads import VALUE_HEADS
-from .modelfile import atomic_write
+from .files import atomic_write
 from .sources import output_scaling
 from .tabular import NA_CELLS
 

@@ -27,15 +27,14 @@ file in the same directory, fsync, then os.replace.
 Files of fastmlp's first format (magic "FASTMLP\\0") still load, through
 `legacy_modelfile`.
 """
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
+from .files import atomic_write
 from .tabular import MISSING as MISSING_POLICIES
 from .tabular import input_widths
 
@@ -118,31 +117,6 @@ def dumps(model):
 def save(model, path):
     """Writes model (parameters, optimizer and training state) to path, atomically."""
     atomic_write(path, [dumps(model)])
-
-
-def atomic_write(path, parts):
-    """Writes the byte strings `parts` to path so that a crash at any moment
-    leaves either the old file or the new one, never a mix."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastmlp-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def load(path):

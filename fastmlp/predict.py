@@ -9,7 +9,7 @@ import numpy as np
 from . import __version__, sources
 from .cli import Parser
 from .heads import VALUE_HEADS
-from .modelfile import atomic_write
+from .files import atomic_write
 from .modelfile import load as load_model
 from .progress import PREDICT_COMPILE_NOTICE
 

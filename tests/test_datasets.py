@@ -175,15 +175,21 @@ def test_download_tries_mirrors_checks_md5_and_writes_atomically(isolated, monke
     # mirror a: a wrong file for the first name, a broken-off transfer for the second
     files = {f"/a/{names[0]}.gz": b"not the file", f"/a/{names[1]}.gz": good[names[1]]}
     files.update({f"/b/{name}.gz": data for name, data in good.items()})
-    with Server(files, cut={f"/a/{names[1]}.gz"}) as server:
-        monkeypatch.setitem(datasets.DATASETS, "mnist", ([server.url + "/a/", server.url + "/b/"], md5))
-        x_train, y_train, x_test, y_test = load("mnist", progress=False)
+    umask = os.umask(0o022)
+    try:
+        with Server(files, cut={f"/a/{names[1]}.gz"}) as server:
+            monkeypatch.setitem(datasets.DATASETS, "mnist",
+                                ([server.url + "/a/", server.url + "/b/"], md5))
+            x_train, y_train, x_test, y_test = load("mnist", progress=False)
+    finally:
+        os.umask(umask)
     assert np.array_equal(x_train, arrays["x_train"].reshape(12, -1))
     assert np.array_equal(y_test, arrays["y_test"])
     assert f"/a/{names[0]}.gz" in server.requests and f"/b/{names[0]}.gz" in server.requests
     assert f"/a/{names[1]}.gz" in server.requests and f"/b/{names[1]}.gz" in server.requests
     cache = isolated / "cache" / "fastmlp" / "mnist"
     assert sorted(os.listdir(cache)) == sorted(name + ".gz" for name in names)  # no temp files left
+    assert {(cache / name).stat().st_mode & 0o777 for name in os.listdir(cache)} == {0o644}
     # the second load reads the cache and asks no server
     monkeypatch.setitem(datasets.DATASETS, "mnist", (["http://127.0.0.1:9/"], md5))
     assert np.array_equal(load("mnist", download=False)[0], x_train)

@@ -97,6 +97,28 @@ def test_save_replaces_atomically_and_leaves_no_temporary(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ["m.fmlp"]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_open_gives(tmp_path, umask, mode):
+    """Not mkstemp's 0o600: a model, history or plot others may read; a file
+    replaced keeps its own mode."""
+    model, X, y = trained()
+    history = fastmlp.fit(model, X, y, epochs=1, seed=0)
+    previous = os.umask(umask)
+    try:
+        model.save(tmp_path / "m.safetensors")
+        history.save(tmp_path / "h.csv")
+        (tmp_path / "kept.safetensors").write_bytes(b"old")
+        os.chmod(tmp_path / "kept.safetensors", 0o640)
+        model.save(tmp_path / "kept.safetensors")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "h.csv").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "kept.safetensors").stat().st_mode & 0o777 == 0o640
+    assert fastmlp.load(tmp_path / "kept.safetensors").params.tobytes() == model.params.tobytes()
+    assert sorted(os.listdir(tmp_path)) == ["h.csv", "kept.safetensors", "m.safetensors"]
+
+
 def rebuild(data, header_change=None, body=None):
     """A file with a modified header (digest recomputed), for cases a digest
     alone would catch."""
