@@ -338,6 +338,8 @@ def main(argv=None):
         output = saved.output if saved is not None else args.output or "softmax"
         data = load_data(args, source, saved, check_dtype(precision, bfloat16=True), output,
                          comm)
+        if saved is None and args.output is None and kind == "files":
+            check_labels_are_classes(data)
         if note:
             out.write(note + "\n")
         if args.evaluate:
@@ -598,6 +600,21 @@ def choose_source(args, saved):
         return source, (f"Using {sources.describe(source)}, not the data {path} was trained on "
                         f"({sources.describe(recorded)})")
     return source, None
+
+
+def check_labels_are_classes(data):
+    """A numeric target of many thin classes (over 20, under 5 rows each on
+    average) is more likely a quantity: the softmax output, the default,
+    then needs saying."""
+    classes = data.preprocessing["classes"]
+    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in classes)
+    rows = len(data.y_train) + (len(data.y_test) if data.y_test is not None else 0)
+    if numeric and len(classes) > 20 and rows < 5 * len(classes):
+        raise UsageError(
+            f"{data.source['data']}: the target {data.preprocessing['target']!r} holds "
+            f"{len(classes)} different numbers in {rows} rows, more like a quantity than classes: "
+            f"--output linear fits it as numbers, --output softmax trains {len(classes)} "
+            "classes anyway")
 
 
 def data_kind(source):

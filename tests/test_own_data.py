@@ -884,3 +884,34 @@ def test_predict_refuses_probabilities_of_values(tmp_path, capsys):
     assert code == 2 and out == ""
     assert err == f"fastmlp-predict: error: --proba: {model_path} predicts values (--output " \
         "linear), not probabilities\n"
+
+
+def test_a_quantity_is_not_taken_for_classes_unless_asked(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3))
+    price = np.round(200_000 + 50_000 * x[:, 0], -2).astype(int)
+    path = str(tmp_path / "houses.csv")
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([FEATURES + ["price"]] + [list(x[i]) + [price[i]]
+                                                         for i in range(200)])
+    classes = len(np.unique(price))
+    code, out, err = run(["--data", path, "--epochs", "1", "--quiet"], capsys)
+    assert code == 2
+    assert err == (f"fastmlp-train: error: {path}: the target 'price' holds {classes} different "
+                   f"numbers in 200 rows, more like a quantity than classes: --output "
+                   f"linear fits it as numbers, --output softmax trains {classes} classes "
+                   "anyway\n")
+    for output in ("softmax", "linear"):
+        code, out, err = run(["--data", path, "--epochs", "1", "--quiet", "--output", output],
+                             capsys)
+        assert code == 0, err
+    # under 5 rows a class is a quantity; more, classes as before
+    x, labels = blobs(120)
+    ids = np.searchsorted(SPECIES, labels) * 10 + rng.integers(0, 10, 120)  # 30 classes
+    assert run(["--data", write_csv(tmp_path / "ids.csv", x, ids), "--epochs", "1", "--quiet"],
+               capsys)[0] == 2
+    x, labels = blobs(300)
+    ids = np.searchsorted(SPECIES, labels) * 10 + rng.integers(0, 7, 300)  # 21 classes, 300 rows
+    code, out, err = run(["--data", write_csv(tmp_path / "ids.csv", x, ids), "--epochs", "1",
+                          "--quiet"], capsys)
+    assert code == 0, err
