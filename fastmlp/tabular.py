@@ -639,9 +639,11 @@ def numeric_targets(path, y, output):
 def one_hot_classes(path, y, names):
     """The class of each one-hot row of y (n, K), as names[column of its 1];
     anything but a single 1 per row (the rest 0) is a DataError."""
-    hot = y == 1 if y.dtype.kind in "biuf" else np.zeros(y.shape, bool)
-    bad = ~((hot | (y == 0)).all(axis=1) & (hot.sum(axis=1) == 1)) if y.dtype.kind in "biuf" \
-        else np.ones(len(y), bool)
+    if y.dtype.kind in "biuf":
+        hot = y == 1
+        bad = ~(hot | (y == 0)).all(axis=1) | (hot.sum(axis=1) != 1)
+    else:  # text
+        hot, bad = None, np.ones(len(y), bool)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{path}: the softmax output takes several target columns as one-hot "
