@@ -588,6 +588,7 @@ def test_csv_reads_alike_with_and_without_pyarrow(name, tmp_path, monkeypatch):
     # to the careful path, so every file reads to the same table or error
     path = tmp_path / "t.csv"
     path.write_bytes(TRICKY_CSVS[name].encode())
+    monkeypatch.setattr(tabular, "ARROW_MIN_BYTES", 0)  # pyarrow for files of any size
 
     def read():
         try:
@@ -605,6 +606,22 @@ def test_csv_reads_alike_with_and_without_pyarrow(name, tmp_path, monkeypatch):
     assert fast[0] == careful[0]
     np.testing.assert_array_equal(fast[1], careful[1])  # NaN equals NaN here
     assert fast[2].dtype == careful[2].dtype and fast[2].tolist() == careful[2].tolist()
+
+
+def test_small_files_skip_pyarrow_and_large_ones_take_it(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    x, _ = blobs(50)
+    path = write_csv(tmp_path / "t.csv", x, [i % 3 for i in range(50)])
+    calls = []
+    arrow = tabular.read_csv_arrow
+    monkeypatch.setattr(tabular, "read_csv_arrow", lambda path: calls.append(path) or arrow(path))
+    small = tabular.read_table(path)
+    assert calls == []
+    monkeypatch.setattr(tabular, "ARROW_MIN_BYTES", os.path.getsize(path))
+    large = tabular.read_table(path)
+    assert calls == [path]
+    np.testing.assert_array_equal(small.features, large.features)
+    assert small.target.tolist() == large.target.tolist()
 
 
 def test_csv_of_numbers_takes_pyarrow(tmp_path):
