@@ -386,7 +386,7 @@ class MLP:
         X = check_X(X, self.n_features)
         y = self.check_targets(y, X.shape[0])
         loss, score_sum = self._forward_all(X, y)
-        return loss / X.shape[0], score(self.output, score_sum, X.shape[0])
+        return float(loss / X.shape[0]), float(score(self.output, score_sum, X.shape[0]))
 
     def gradients(self, X, y, sample_weight=None):
         """(loss, dweights, dbiases): the head's mean loss over the batch X,

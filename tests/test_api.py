@@ -56,6 +56,7 @@ def test_predict_evaluate_shapes_and_consistency():
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert np.array_equal(model.predict(X), probs.argmax(axis=1))
     loss, accuracy = model.evaluate(X, y)
+    assert type(loss) is float and type(accuracy) is float  # as Keras's, not NumPy scalars
     assert accuracy == np.mean(model.predict(X) == y)
     assert abs(loss + np.mean(np.log(probs[np.arange(2500), y]))) < 1e-5
     assert "MLP([6, 5, 4]" in repr(model)
