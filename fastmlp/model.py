@@ -404,6 +404,6 @@ class MLP:
         optimizer = gradients_only(grads)
         gradients_update(workspace.work, self.network(), optimizer, n, True, False,
                          numba.get_num_threads())
-        loss = workspace.row_stats[:n, 0].sum() / sample_weight.sum()
+        loss = float(workspace.row_stats[:n, 0].sum() / sample_weight.sum())
         dweights, dbiases = self.layer_views(grads)
         return loss, dweights, dbiases
