@@ -282,9 +282,14 @@ def check_args(parser, args):
             parser.error(f"--{flag} {path}: the directory {directory} is not writable")
     if args.plot:
         try:
-            import matplotlib  # noqa: F401  (only whether it is there)
+            from matplotlib.backend_bases import FigureCanvasBase
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'fastmlp[plot]'")
+        kind = os.path.splitext(args.plot)[1][1:].lower()
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if kind and kind not in formats:
+            parser.error(f"--plot {args.plot}: .{kind} is not a format matplotlib writes; it "
+                         f"writes .{', .'.join(sorted(formats))}")
     if args.patience is not None and args.patience < 1:
         parser.error("--patience must be >= 1")
     if args.monitor is not None and args.patience is None and args.lr_schedule != "plateau":

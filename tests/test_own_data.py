@@ -296,6 +296,8 @@ def test_a_diverging_run_is_named(capsys):
     (["--test", "t.csv"], "--test goes with --data FILE"),
     (["--data", "x.csv", "--dataset", "digits"], "--data is your own file"),
     (["--data", "x.txt"], "x.txt: unknown file type '.txt'"),
+    (["--plot", "curves.xyz"], "--plot curves.xyz: .xyz is not a format matplotlib writes; "
+     "it writes ."),
 ])
 def test_usage_errors_are_one_line(capsys, argv, message):
     try:
