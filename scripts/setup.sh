@@ -17,6 +17,8 @@ python -m pip install --quiet -e ".[test]"
 # PyTorch, for the tests that load fastmlp's safetensors files into an
 # nn.Sequential and import one (this spelling takes a CPU build)
 python -m pip install --quiet torch==2.13.0
-# compile the kernels for this CPU now (about 90 s on 2 cores), so that the first
-# fastmlp-train starts at once
+# compile the kernels for this CPU now (45-50 s a dtype on 2 cores), so that
+# the first fastmlp-train (float32) and the first estimator fit on float64
+# data (scikit-learn's usual input) start at once
 fastmlp-train --compile-only
+fastmlp-train --compile-only --dtype float64
