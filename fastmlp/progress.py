@@ -56,6 +56,21 @@ UNCACHED_NOTICE = ("Compiling kernels for this CPU (about a minute, in every run
                    "directory for Numba's cache; set NUMBA_CACHE_DIR)")
 
 
+class CompileNotice(Callback):
+    """What fit says with verbose=0 (and no ProgressPrinter) when it must
+    compile: the notice, on stderr, so that a silent minute does not look
+    like a hang."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def on_compile_begin(self, cached):
+        if cached is False:
+            stream = self.stream or sys.stderr
+            stream.write((COMPILE_NOTICE if jit.caching() else UNCACHED_NOTICE) + "...\n")
+            stream.flush()
+
+
 class ProgressPrinter(Callback):
     """epochs=False prints the compile notice and time only."""
 

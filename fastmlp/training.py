@@ -16,7 +16,7 @@ from .history import History
 from .model import Workspace, aligned_zeros
 from .state import OptimizerState, TrainingState
 from .optimizers import ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, DEFAULT_LR, LR, OPTIMIZERS
-from .progress import ProgressPrinter
+from .progress import CompileNotice, ProgressPrinter
 from .step import (
     INTERRUPT_ASKED,
     INTERRUPTED,
@@ -130,7 +130,8 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     chunk of steps with everything consistent, then raises TrainingInterrupted
     (a KeyboardInterrupt).
     callbacks: fastmlp.progress.Callback objects; verbose=1 adds a
-    Keras-style ProgressPrinter.
+    Keras-style ProgressPrinter. Without one, a fit that must compile the
+    kernels first says so on stderr (progress.CompileNotice).
 
     Early stopping: with patience=N, training stops once `monitor` (default
     'val_loss' with validation data, else 'loss'; also the head's metric,
@@ -174,8 +175,11 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     threads = check_threads(threads)
     validation = check_validation(model, validation_data)
     callbacks = list(callbacks)
-    if verbose and (comm is None or comm.rank == 0):
-        callbacks.append(ProgressPrinter())
+    if comm is None or comm.rank == 0:
+        if verbose:
+            callbacks.append(ProgressPrinter())
+        elif not any(isinstance(callback, ProgressPrinter) for callback in callbacks):
+            callbacks.append(CompileNotice())
     stopper = early_stopping(model, patience, monitor, min_delta, restore_best_weights,
                              validation is not None)
 

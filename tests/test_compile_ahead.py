@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numba
 import numpy as np
@@ -121,3 +122,28 @@ def test_ready_remembers_compiled_code_and_nothing_else():
     assert not jit.ready(double, (float64s[::2],))  # another layout
     double(float32s)
     assert jit.ready(double, (float32s,))
+
+
+def test_a_quiet_fit_says_on_stderr_when_it_compiles(capsys, monkeypatch):
+    """verbose=0 (and the estimators' verbose=False) still announce a first
+    compile, which takes about a minute, on stderr; a cached one is silent."""
+    import fastmlp
+    from fastmlp.progress import COMPILE_NOTICE
+
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    y = np.arange(40) % 2
+    for _ in range(2):  # the first may compile (and say so)
+        capsys.readouterr()
+        fastmlp.fit(fastmlp.MLP([3, 4, 2], dtype="float64", seed=0), X, y, epochs=1)
+    assert capsys.readouterr() == ("", "")  # compiled by now: nothing said
+    monkeypatch.setattr(jit, "ready", lambda *args: False)  # as if it must compile
+    monkeypatch.setattr(compile_ahead, "step_kernels", lambda *args: None)
+    fastmlp.fit(fastmlp.MLP([3, 4, 2], dtype="float64", seed=0), X, y, epochs=1)
+    assert capsys.readouterr() == ("", COMPILE_NOTICE + "...\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter=1 does not converge
+        fastmlp.MLPClassifier(hidden_layer_sizes=(4,), max_iter=1).fit(X, y)
+    assert capsys.readouterr().err == COMPILE_NOTICE + "...\n"
+    fastmlp.fit(fastmlp.MLP([3, 4, 2], dtype="float64", seed=0), X, y, epochs=1, verbose=1)
+    out, err = capsys.readouterr()
+    assert out.startswith(COMPILE_NOTICE) and err == ""  # the progress printer says it
