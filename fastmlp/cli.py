@@ -282,11 +282,12 @@ def check_args(parser, args):
             parser.error(f"--{flag} {path}: the directory {directory} is not writable")
     if args.plot:
         try:
+            import matplotlib  # noqa: F401  (whether it is there at all)
             from matplotlib.backend_bases import FigureCanvasBase
+            formats = FigureCanvasBase.get_supported_filetypes()
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'fastmlp[plot]'")
         kind = os.path.splitext(args.plot)[1][1:].lower()
-        formats = FigureCanvasBase.get_supported_filetypes()
         if kind and kind not in formats:
             parser.error(f"--plot {args.plot}: .{kind} is not a format matplotlib writes; it "
                          f"writes .{', .'.join(sorted(formats))}")
