@@ -647,21 +647,24 @@ def numeric_targets(path, y, output):
     return y
 
 
+def not_one_hot(y):
+    """Which rows of a numeric y (n, K) are not one-hot: a single 1, the
+    rest 0."""
+    hot = y == 1
+    return ~(hot | (y == 0)).all(axis=1) | (hot.sum(axis=1) != 1)
+
+
 def one_hot_classes(path, y, names):
     """The class of each one-hot row of y (n, K), as names[column of its 1];
     anything but a single 1 per row (the rest 0) is a DataError."""
-    if y.dtype.kind in "biuf":
-        hot = y == 1
-        bad = ~(hot | (y == 0)).all(axis=1) | (hot.sum(axis=1) != 1)
-    else:  # text
-        hot, bad = None, np.ones(len(y), bool)
+    bad = not_one_hot(y) if y.dtype.kind in "biuf" else np.ones(len(y), bool)  # text: none
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{path}: the softmax output takes several target columns as one-hot "
                         f"rows only (a single 1 per row, the rest 0), and row {row + 1} holds "
                         f"{y[row].tolist()}; --output linear or sigmoid fits them as values "
                         "or labels")
-    return np.array(names, dtype=object)[np.argmax(hot, axis=1)]
+    return np.array(names, dtype=object)[np.argmax(y == 1, axis=1)]
 
 
 def encode_labels(path, y, classes=None):

@@ -5,6 +5,7 @@ import numbers
 import numpy as np
 
 from .kernels import ACTIVATIONS
+from .tabular import not_one_hot
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 INPUT_DTYPES = (np.uint8, np.float32, np.float64)
@@ -154,14 +155,13 @@ def one_hot_labels(y, name):
     if (y.dtype != bool and not np.issubdtype(y.dtype, np.number)) or np.iscomplexobj(y):
         raise ValueError(f"{name} must hold integer class labels or one-hot rows, got dtype "
                          f"{y.dtype}")
-    hot = y == 1
-    bad = ~((hot | (y == 0)).all(axis=1) & (hot.sum(axis=1) == 1))
+    bad = not_one_hot(y)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{name} has {y.shape[1]} columns, so it must be one-hot: a single 1 "
                          f"per row, the rest 0 (soft labels are not supported); row {row} is "
                          f"{y[row].tolist()}")
-    return np.argmax(hot, axis=1)
+    return np.argmax(y == 1, axis=1)
 
 
 def check_sample_weight(sample_weight, n_samples, dtype):
