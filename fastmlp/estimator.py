@@ -23,6 +23,7 @@ from .validation import check_int
 ACTIVATION_NAMES = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 LEARNING_RATES = ("constant", "invscaling", "adaptive")
 SOLVERS = ("lbfgs", "sgd", "adam")
+SPARSE_FORMATS = ["csr", "csc"]  # as scikit-learn's; others are converted to CSR
 
 
 def stochastic_solver(estimator):
@@ -132,6 +133,7 @@ class _BaseMLP(BaseEstimator):
         self._check_params()
         reset = not (incremental and hasattr(self, "model_"))
         X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32],
+                             accept_sparse=SPARSE_FORMATS,
                              y_numeric=self._regressor, multi_output=True)
         targets, output, n_outputs = self._targets(y, reset, classes)
         weights = self._sample_weight(y, sample_weight)
@@ -141,7 +143,6 @@ class _BaseMLP(BaseEstimator):
                               dtype=self.dtype or X.dtype.name, init="xavier",
                               seed=self._seed(), output=output)
             self.t_ = 0
-            self.n_iter_ = 0
         scale = sklearn_gradient_scale(output, n_outputs)
         if self.solver == "lbfgs":
             return self._fit_lbfgs(X, targets, weights, scale)
@@ -238,7 +239,7 @@ class _BaseMLP(BaseEstimator):
 
     def _record(self, history, n_samples, validating):
         epochs = len(history.epoch)
-        self.n_iter_ += epochs
+        self.n_iter_ = epochs  # this call's epochs, as in scikit-learn; t_ counts them all
         self.t_ += epochs * n_samples
         self.loss_curve_ += [sklearn_loss(self.model_.output, self.model_.n_outputs, loss)
                              for loss in history.history["loss"]]
@@ -308,7 +309,13 @@ class _BaseMLP(BaseEstimator):
 
     def _input(self, X):
         check_is_fitted(self, "model_")
-        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32],
+                             accept_sparse=SPARSE_FORMATS)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # made dense for the kernels (validation.dense_rows)
+        return tags
 
     @property
     def coefs_(self):

@@ -1,6 +1,8 @@
 """Checks and conversions at the Python boundary: kernels see only clean
 arrays and scalars, and bad input gets a ValueError that names the problem."""
 import numbers
+import os
+import sys
 
 import numpy as np
 
@@ -94,7 +96,10 @@ def check_layer_sizes(layer_sizes, output="softmax"):
 def check_X(X, n_features, name="X"):
     """A 2-D C-contiguous array of uint8, float32 or float64 with n_features
     columns and finite values. uint8 and float arrays that are already
-    C-contiguous are used as they are (no copy)."""
+    C-contiguous are used as they are (no copy); a SciPy sparse matrix or
+    array is made dense (dense_rows)."""
+    if is_sparse(X):
+        X = dense_rows(X, n_features, name)
     if not isinstance(X, np.ndarray):
         X = np.asarray(X)
     if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
@@ -117,6 +122,49 @@ def check_X(X, n_features, name="X"):
                 row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                 raise ValueError(f"{name} contains NaN or inf (first in row {row})")
     return X
+
+
+def is_sparse(X):
+    """Whether X is a SciPy sparse matrix or array (SciPy is not imported
+    for this: without it, nothing is)."""
+    sparse = sys.modules.get("scipy.sparse")
+    return sparse is not None and sparse.issparse(X)
+
+
+def dense_rows(X, n_features, name):
+    """A sparse X as a dense array, as the kernels train on (as one-hot
+    columns from OneHotEncoder or ColumnTransformer come). Refused, naming
+    the sizes, where the dense copy would take more than half the memory
+    available."""
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
+    if X.shape[1] != n_features:
+        raise ValueError(f"{name} has {X.shape[1]} features but the model expects {n_features}")
+    needed = X.shape[0] * X.shape[1] * max(X.dtype.itemsize, 4)
+    available = available_memory()
+    if available is not None and needed > available // 2:
+        raise ValueError(
+            f"{name} is a sparse {X.shape[0]} x {X.shape[1]} matrix; fastmlp trains on dense "
+            f"rows, which would take {needed / 2**30:.1f} GiB of the "
+            f"{available / 2**30:.1f} GiB available. Keep fewer columns (a vectorizer's "
+            "max_features, SelectKBest, TruncatedSVD) or train on fewer rows at a time "
+            "(partial_fit).")
+    return X.toarray()
+
+
+def available_memory():
+    """Bytes of memory available (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_y(y, n_samples, n_classes, name="y"):

@@ -6,12 +6,15 @@ import warnings
 
 import numba
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sparse
+from sklearn.compose import make_column_transformer
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from fastmlp import MLPClassifier, MLPRegressor
@@ -140,7 +143,46 @@ def test_warm_start_continues(digits):
     clf.fit(X, y)
     first = clf.coefs_[0].copy()
     clf.fit(X, y)
-    assert clf.n_iter_ == 6 and not np.array_equal(first, clf.coefs_[0])
+    assert not np.array_equal(first, clf.coefs_[0])
+    # as in scikit-learn: n_iter_ counts this call's epochs, t_ and loss_curve_ all of them
+    assert clf.n_iter_ == 3 and clf.t_ == 6 * len(X) and len(clf.loss_curve_) == 6
+    # the optimizer's state carries over too (scikit-learn restarts Adam's):
+    # two warm fits of 3 epochs are one fit of 6
+    once = MLPClassifier(max_iter=6, n_iter_no_change=100, random_state=0).fit(X, y)
+    assert np.array_equal(clf.model_.params, once.model_.params)
+    clf.partial_fit(X, y)
+    assert clf.n_iter_ == 1 and clf.t_ == 7 * len(X) and len(clf.loss_curve_) == 7
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_sparse_input_fits_as_dense(digits, solver):
+    """As scikit-learn's estimators, these take SciPy sparse rows (made
+    dense for the kernels), and fit them bit for bit as the dense ones."""
+    X, y = digits
+    X = X[:400] / 16
+    for estimator, target in ((MLPClassifier, y[:400]), (MLPRegressor, X[:400, 20])):
+        dense = estimator(hidden_layer_sizes=(16,), max_iter=5, solver=solver, random_state=0)
+        dense.fit(X, target)
+        for make in (sparse.csr_matrix, sparse.csc_array, sparse.coo_matrix):
+            fitted = estimator(hidden_layer_sizes=(16,), max_iter=5, solver=solver,
+                               random_state=0).fit(make(X), target)
+            assert np.array_equal(fitted.model_.params, dense.model_.params)
+            assert np.array_equal(fitted.predict(make(X)), dense.predict(X))
+
+
+def test_one_hot_columns_from_a_column_transformer():
+    """OneHotEncoder (in a ColumnTransformer) hands on a sparse matrix."""
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"colour": rng.choice(["red", "green", "blue"], 300),
+                          "size": rng.normal(size=300)})
+    y = (table["colour"] == "red") ^ (table["size"] > 0)
+    encode = make_column_transformer((OneHotEncoder(), ["colour"]), (StandardScaler(), ["size"]),
+                                     sparse_threshold=1.0)
+    assert sparse.issparse(encode.fit_transform(table))
+    pipe = make_pipeline(encode, MLPClassifier(hidden_layer_sizes=(16,), learning_rate_init=0.01,
+                                               max_iter=200, random_state=0))
+    assert pipe.fit(table, y).score(table, y) > 0.95
 
 
 def test_unsupported_settings_are_refused(digits):

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sparse
 
 import fastmlp
 from fastmlp import datasets
@@ -43,6 +44,9 @@ VARIANTS = {
     "big-endian": lambda X: X.astype(">f8"),
     "list": lambda X: X.tolist(),
     "pandas": pd.DataFrame,
+    "SciPy CSR matrix": sparse.csr_matrix,
+    "SciPy CSC array": sparse.csc_array,
+    "SciPy COO matrix": sparse.coo_matrix,
 }
 
 
@@ -70,6 +74,28 @@ def test_unusable_inputs_are_refused(problem, bad, message):
     X, y = problem
     with pytest.raises(ValueError, match=message):
         fit_params(bad(X), y)
+
+
+def test_sparse_rows_predict_like_dense_ones(problem):
+    X, y = problem
+    X = np.where(np.abs(X) < 1, 0, X)  # a third nonzero
+    model = fastmlp.MLP([6, 5, 3], activation="tanh", dtype=np.float64, seed=0)
+    fastmlp.fit(model, sparse.csr_matrix(X), y, epochs=2, batch_size=16, seed=0)
+    assert np.array_equal(model.params, fit_params(X, y))
+    for make in (sparse.csr_matrix, sparse.csc_array, sparse.coo_matrix):
+        assert np.array_equal(model.predict_proba(make(X)), model.predict_proba(X))
+        assert model.evaluate(make(X), y) == model.evaluate(X, y)
+    with pytest.raises(ValueError, match="has 4 features but the model expects 6"):
+        model.predict(sparse.csr_matrix(X[:, :4]))
+
+
+def test_sparse_rows_too_big_to_make_dense_are_refused(problem, monkeypatch):
+    X, y = problem
+    monkeypatch.setattr(fastmlp.validation, "available_memory", lambda: 2 * X.nbytes - 8)
+    with pytest.raises(ValueError, match=r"sparse 100 x 6 matrix; fastmlp trains on dense rows"):
+        fit_params(sparse.csr_matrix(X), y)
+    monkeypatch.setattr(fastmlp.validation, "available_memory", lambda: 2 * X.nbytes)
+    assert np.array_equal(fit_params(sparse.csr_matrix(X), y), fit_params(X, y))
 
 
 def test_predict_from_many_threads_at_once():
