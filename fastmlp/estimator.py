@@ -151,6 +151,8 @@ class _BaseMLP(BaseEstimator):
             self.validation_scores_ = [] if self.early_stopping else None
             self.best_loss_ = np.inf
             self.best_validation_score_ = None
+        if not stopping and self.early_stopping:
+            raise ValueError("partial_fit does not support early_stopping=True")
         validation = None
         if stopping and self.early_stopping:
             stratify = self._classes_of(targets)
@@ -178,8 +180,7 @@ class _BaseMLP(BaseEstimator):
             min_delta=self.tol, monitor=monitor, restore_best_weights=validation is not None,
             beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
         self._record(history, X.shape[0], validation is not None)
-        if stopping and history.stopped_epoch is None and self.n_iter_ >= self.max_iter \
-                and self.max_iter > 0:
+        if stopping and history.stopped_epoch is None and self.n_iter_ >= self.max_iter:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached "
                           "and the optimization hasn't converged yet.", ConvergenceWarning)
         return self
@@ -270,8 +271,8 @@ class _BaseMLP(BaseEstimator):
         if self.learning_rate not in LEARNING_RATES:
             raise ValueError(f"learning rate {self.learning_rate} is not supported; expected "
                              f"one of {LEARNING_RATES}")
-        if not (isinstance(self.max_iter, (int, np.integer)) and self.max_iter >= 0):
-            raise ValueError(f"max_iter must be a non-negative integer, got {self.max_iter!r}")
+        if not (isinstance(self.max_iter, (int, np.integer)) and self.max_iter >= 1):
+            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if not (isinstance(self.max_fun, (int, np.integer)) and self.max_fun >= 1):
             raise ValueError(f"max_fun must be a positive integer, got {self.max_fun!r}")
         if not 0 < self.validation_fraction < 1:
@@ -298,6 +299,9 @@ class _BaseMLP(BaseEstimator):
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise ValueError(f"batch_size must be 'auto' or a positive integer, "
                              f"got {self.batch_size!r}")
+        if self.batch_size > n_samples:  # (scikit-learn's words)
+            warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is going "
+                          "to be clipped")
         return min(int(self.batch_size), n_samples)
 
     def _seed(self):

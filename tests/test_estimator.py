@@ -185,6 +185,18 @@ def test_one_hot_columns_from_a_column_transformer():
     assert pipe.fit(table, y).score(table, y) > 0.95
 
 
+def test_partial_fit_refuses_early_stopping_and_big_batches_warn(digits):
+    """As scikit-learn's: partial_fit has no validation split to stop on,
+    and a batch_size above the rows is clipped, with scikit-learn's warning."""
+    X, y = digits
+    with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
+        MLPClassifier(early_stopping=True).partial_fit(X, y, classes=np.arange(10))
+    with pytest.warns(UserWarning, match="batch_size` less than 1 or larger than sample size"):
+        clipped = MLPClassifier(batch_size=500, max_iter=2, random_state=0).fit(X[:100], y[:100])
+    whole = MLPClassifier(batch_size=100, max_iter=2, random_state=0).fit(X[:100], y[:100])
+    assert np.array_equal(clipped.model_.params, whole.model_.params)
+
+
 def test_unsupported_settings_are_refused(digits):
     X, y = digits
     for params, message in [(dict(solver="newton"), "solver 'newton' is not supported"),
@@ -192,10 +204,11 @@ def test_unsupported_settings_are_refused(digits):
                             (dict(batch_size=0), "batch_size"),
                             (dict(hidden_layer_sizes=(0,)), "hidden_layer_sizes"),
                             (dict(max_fun=0), "max_fun"),
+                            (dict(max_iter=0), "max_iter must be a positive integer"),
                             (dict(beta_2=1.0), "beta_2 must be < 1"),
                             (dict(epsilon=0.0), "epsilon must be > 0")]:
         with pytest.raises(ValueError, match=message):
-            MLPClassifier(max_iter=1, **params).fit(X, y)
+            MLPClassifier(**{"max_iter": 1, **params}).fit(X, y)
 
 
 def test_regressor_fits_one_and_several_outputs():
