@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from .full_batch import minimize_lbfgs
 from .model import MLP
 from .progress import Callback
-from .training import fit, thread_count
+from .training import TrainingInterrupted, fit, thread_count
 from .validation import check_int
 
 ACTIVATION_NAMES = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -170,15 +170,23 @@ class _BaseMLP(BaseEstimator):
             lr *= scale
         monitor = self._monitor(validation)
         schedule, callbacks = self._schedule(lr, X.shape[0], monitor, stopping, optimizer)
-        history = fit(
-            self.model_, X, targets, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-            lr=lr, momentum=self.momentum, nesterov=bool(self.nesterovs_momentum),
-            weight_decay=decay, shuffle=self.shuffle, validation_data=validation,
-            sample_weight=weights, seed=self._seed() if reset else None, threads=self._threads(),
-            verbose=int(self.verbose), callbacks=callbacks, lr_schedule=schedule,
-            patience=self.n_iter_no_change if stopping and not callbacks else None,
-            min_delta=self.tol, monitor=monitor, restore_best_weights=validation is not None,
-            beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
+        try:
+            history = fit(
+                self.model_, X, targets, epochs=epochs, batch_size=batch_size,
+                optimizer=optimizer, lr=lr, momentum=self.momentum,
+                nesterov=bool(self.nesterovs_momentum), weight_decay=decay, shuffle=self.shuffle,
+                validation_data=validation, sample_weight=weights,
+                seed=self._seed() if reset else None, threads=self._threads(),
+                verbose=int(self.verbose), callbacks=callbacks, lr_schedule=schedule,
+                patience=self.n_iter_no_change if stopping and not callbacks else None,
+                min_delta=self.tol, monitor=monitor, restore_best_weights=validation is not None,
+                beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
+        except TrainingInterrupted as stop:  # as scikit-learn: a warning, and the model kept
+            warnings.warn("Training interrupted by user.")
+            if stop.best_params is not None:
+                np.copyto(self.model_.params, stop.best_params)
+            self._record(stop.history, X.shape[0], validation is not None)
+            return self
         self._record(history, X.shape[0], validation is not None)
         if stopping and history.stopped_epoch is None and self.n_iter_ >= self.max_iter:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached "
@@ -247,8 +255,9 @@ class _BaseMLP(BaseEstimator):
         if self.loss_curve_:
             self.loss_ = self.loss_curve_[-1]
         if validating:
-            self.validation_scores_ += history.history[f"val_{self.model_.metric}"]
-            self.best_validation_score_ = max(self.validation_scores_)
+            self.validation_scores_ += history.history.get(f"val_{self.model_.metric}", [])
+            if self.validation_scores_:  # (none after an interrupt in the first epoch)
+                self.best_validation_score_ = max(self.validation_scores_)
             self.best_loss_ = None
         elif self.loss_curve_:
             self.best_loss_ = min(self.loss_curve_)

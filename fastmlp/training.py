@@ -200,29 +200,35 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     loop = EpochLoop(model, state, X, y, sample_weight, batch_size, shuffle, sampling, comm)
     history = History(model.metric)
 
-    with thread_count(threads), deferred_interrupt() as interrupt:
-        history.compile_time = loop.compile(callbacks, interrupt)
-        total_epochs = model.training_state.epoch + epochs
-        for callback in callbacks:
-            callback.on_train_begin(history.compile_time)
-        for _ in range(epochs):
-            logs, done = loop.epoch(callbacks, total_epochs, interrupt)
-            epoch = model.training_state.epoch - 1
-            record_epoch(history, model, epoch, logs, loop.elapsed, validation)
-            if isinstance(state.schedule, schedules.Plateau):
-                state.schedule.end_epoch(loop.lr, logs)
-            asked = [callback.on_epoch_end(epoch, done, loop.elapsed, logs)
-                     for callback in callbacks]
-            if any(asked) or (stopper is not None and stopper.should_stop(epoch, logs)):
-                history.stopped_epoch = epoch
-                break
-        if stopper is not None:
-            history.best_epoch = stopper.finish()
-        if comm is not None:
-            history.allreduce_time = float(loop.batches.tally[REDUCE_SECONDS])
-            history.allreduce_steps = loop.steps
-        if interrupt[loop.stop_key]:  # arrived after the last chunk
-            raise TrainingInterrupted
+    try:
+        with thread_count(threads), deferred_interrupt() as interrupt:
+            history.compile_time = loop.compile(callbacks, interrupt)
+            total_epochs = model.training_state.epoch + epochs
+            for callback in callbacks:
+                callback.on_train_begin(history.compile_time)
+            for _ in range(epochs):
+                logs, done = loop.epoch(callbacks, total_epochs, interrupt)
+                epoch = model.training_state.epoch - 1
+                record_epoch(history, model, epoch, logs, loop.elapsed, validation)
+                if isinstance(state.schedule, schedules.Plateau):
+                    state.schedule.end_epoch(loop.lr, logs)
+                asked = [callback.on_epoch_end(epoch, done, loop.elapsed, logs)
+                         for callback in callbacks]
+                if any(asked) or (stopper is not None and stopper.should_stop(epoch, logs)):
+                    history.stopped_epoch = epoch
+                    break
+            if stopper is not None:
+                history.best_epoch = stopper.finish()
+            if comm is not None:
+                history.allreduce_time = float(loop.batches.tally[REDUCE_SECONDS])
+                history.allreduce_steps = loop.steps
+            if interrupt[loop.stop_key]:  # arrived after the last chunk
+                raise TrainingInterrupted
+    except TrainingInterrupted as stop:  # the epochs done so far, for the caller
+        stop.history = history
+        stop.best_params = (stopper.best_params if stopper is not None and
+                            stopper.best_epoch is not None else None)
+        raise
     return history
 
 
@@ -560,7 +566,11 @@ class EarlyStopping:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """fit stopped at Ctrl-C (or, with MPI, when any rank had one): the model,
-    its optimizer and training state agree and can be saved and resumed."""
+    its optimizer and training state agree and can be saved and resumed.
+    `history` holds the epochs completed; with early stopping that restores
+    the best weights, `best_params` holds them (else None)."""
+    history = None
+    best_params = None
 
 
 class TrainingDiverged(ValueError):

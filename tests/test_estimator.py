@@ -1,7 +1,9 @@
 """fastmlp.MLPClassifier and MLPRegressor against scikit-learn's own
 estimator checks (every one, sample-weight equivalence included), and in
 scikit-learn's machinery."""
+import os
 import pickle
+import signal
 import warnings
 
 import numba
@@ -17,6 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+import fastmlp.training
 from fastmlp import MLPClassifier, MLPRegressor
 
 from conftest import relative_error
@@ -195,6 +198,35 @@ def test_partial_fit_refuses_early_stopping_and_big_batches_warn(digits):
         clipped = MLPClassifier(batch_size=500, max_iter=2, random_state=0).fit(X[:100], y[:100])
     whole = MLPClassifier(batch_size=100, max_iter=2, random_state=0).fit(X[:100], y[:100])
     assert np.array_equal(clipped.model_.params, whole.model_.params)
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_ctrl_c_keeps_the_model_as_scikit_learns(digits, monkeypatch, early_stopping):
+    """Ctrl-C (here after the 4th epoch's record) ends fit with scikit-learn's
+    warning and a usable model: the epochs done, with early stopping the
+    best epoch's weights."""
+    X, y = digits
+    record = fastmlp.training.record_epoch
+    params = []
+
+    def record_then_interrupt(history, model, epoch, logs, elapsed, validation):
+        record(history, model, epoch, logs, elapsed, validation)
+        params.append(model.params.copy())
+        if len(history.epoch) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(fastmlp.training, "record_epoch", record_then_interrupt)
+    clf = MLPClassifier(max_iter=50, early_stopping=early_stopping, random_state=0)
+    with pytest.warns(UserWarning, match="Training interrupted by user"):
+        assert clf.fit(X / 16, y) is clf
+    assert clf.n_iter_ == 4 and len(clf.loss_curve_) == 4 and clf.score(X / 16, y) > 0.5
+    # the interrupt is seen after a chunk of the 5th epoch's steps
+    if early_stopping:
+        best = int(np.argmax(clf.validation_scores_))
+        assert len(clf.validation_scores_) == 4
+        assert np.array_equal(clf.model_.params, params[best])
+    else:
+        assert not np.array_equal(clf.model_.params, params[-1])
 
 
 def test_unsupported_settings_are_refused(digits):

@@ -166,9 +166,10 @@ def test_ctrl_c_stops_cleanly_and_training_resumes_bit_for_bit(optimizer, monkey
     options = dict(batch_size=10, optimizer=optimizer, lr=0.01)  # 50 steps an epoch
     fastmlp.fit(model_a, X, y, epochs=3, seed=1, **options)
     handler = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         fastmlp.fit(model_b, X, y, epochs=3, seed=1, callbacks=[InterruptAt(70)], **options)
     assert (model_b.training_state.epoch, model_b.training_state.step) == (1, 20)
+    assert stop.value.history.epoch == [0] and stop.value.best_params is None
     assert model_b.optimizer_state.updates == 70
     assert not np.array_equal(model_a.params, model_b.params)
     fastmlp.fit(model_b, X, y, epochs=2, **options)  # finishes epoch 2, then epoch 3
