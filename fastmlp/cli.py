@@ -405,6 +405,8 @@ def main(argv=None):
             sys.stderr.write(f"\nInterrupted; saved {args.save} (resume with --resume {args.save})\n")
         else:
             sys.stderr.write("\nInterrupted\n")
+        if leader and isinstance(exc, TrainingInterrupted) and exc.history.epoch:
+            write_curves(args, exc.history, data.held_out)  # the epochs completed
         # TrainingInterrupted stops every MPI rank at the same step; any
         # other interrupt may have hit one rank only
         return 130 if isinstance(exc, TrainingInterrupted) else abort_ranks(comm, 130)
@@ -480,10 +482,15 @@ def report(args, model, data, history, settings, elapsed, comm, out):
     if args.onnx:
         model.to_onnx(args.onnx, preprocessing=True)
         out.write(f"Wrote {args.onnx}\n")
+    write_curves(args, history, data.held_out)
+
+
+def write_curves(args, history, held_out):
+    """--history and --plot, of the epochs history holds."""
     if args.history:
         history.save(args.history)
     if args.plot:
-        plot_history(history, args.plot, data.held_out)
+        plot_history(history, args.plot, held_out)
 
 
 def convert(old, new):

@@ -227,7 +227,8 @@ def test_the_installed_command_runs(data_dir):
 def test_interrupt_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig):
     path = tmp_path / "ck.fmlp"
     proc = subprocess.Popen([sys.executable, "-m", "fastmlp.cli", "--dataset", "digits",
-                             "--epochs", "100000", "--batch-size", "8", "--save", str(path)],
+                             "--epochs", "100000", "--batch-size", "8", "--save", str(path),
+                             "--history", str(tmp_path / "h.csv")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until training runs
         if line.startswith("Epoch 3/"):
@@ -239,6 +240,11 @@ def test_interrupt_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig):
     model = fastmlp.load(path)
     assert model.training_state.epoch >= 2
     assert model.optimizer_state.updates == model.training_state.epoch * 180 + model.training_state.step
+    # --history has a row for each epoch completed (but one whose steps
+    # ended as the interrupt came, before its metrics were taken)
+    rows = (tmp_path / "h.csv").read_text().splitlines()[1:]
+    assert 2 <= len(rows) and model.training_state.epoch - 1 <= len(rows) <= model.training_state.epoch
+    assert [row.split(",")[0] for row in rows] == [str(e + 1) for e in range(len(rows))]
     # the checkpoint knows its data and batch size: the printed command
     # resumes it with no other flag (and --epochs to end the epoch it is in)
     epoch = model.training_state.epoch
