@@ -2,6 +2,7 @@
 fsync, then os.replace. The new file gets the permissions open() would give
 it (0o666 less the umask), or those of the file it replaces."""
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -11,6 +12,8 @@ def temporary_beside(path, prefix=".fastmlp-"):
     """(fd, name): a new, empty file open for writing in path's directory,
     to be renamed onto path."""
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):  # (said of path, not of the temporary name)
+        raise FileNotFoundError(errno.ENOENT, f"no directory {directory!r} to write into", path)
     while True:
         tmp = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
         try:  # as tempfile.mkstemp, but with open()'s mode rather than 0o600

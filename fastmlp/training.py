@@ -16,7 +16,7 @@ from .history import History
 from .model import Workspace, aligned_zeros
 from .state import OptimizerState, TrainingState
 from .optimizers import ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, DEFAULT_LR, LR, OPTIMIZERS
-from .progress import CompileNotice, ProgressPrinter
+from .progress import Callback, CompileNotice, ProgressPrinter
 from .step import (
     INTERRUPT_ASKED,
     INTERRUPTED,
@@ -39,6 +39,7 @@ from .validation import (
 )
 
 SAMPLINGS = ("epoch", "replacement")
+CALLBACK_METHODS = [name for name in vars(Callback) if name.startswith("on_")]
 # An epoch runs as calls into compiled code of about CHUNK_SECONDS each (and
 # at least CHUNKS_PER_EPOCH of them; one, if the epoch is shorter than
 # CHUNK_SECONDS): progress, Ctrl-C and a memory map's page release act
@@ -174,7 +175,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
                 *check_adam(beta_1, beta_2, epsilon))
     threads = check_threads(threads)
     validation = check_validation(model, validation_data)
-    callbacks = list(callbacks)
+    callbacks = check_callbacks(callbacks)
     if comm is None or comm.rank == 0:
         if verbose:
             callbacks.append(ProgressPrinter())
@@ -301,6 +302,20 @@ def check_threads(threads):
     if threads is not None and threads > max_threads:
         raise ValueError(f"threads must be <= {max_threads} (NUMBA_NUM_THREADS), got {threads}")
     return threads
+
+
+def check_callbacks(callbacks):
+    """callbacks as a list, each with every method of progress.Callback."""
+    callbacks = list(callbacks)
+    for callback in callbacks:
+        missing = [name for name in CALLBACK_METHODS
+                   if not callable(getattr(callback, name, None))]
+        if missing:
+            raise TypeError(
+                f"callbacks must be fastmlp.progress.Callback objects; {callback!r} has no "
+                f"{', '.join(missing)} (subclass Callback and override the methods you need; "
+                "its methods take other arguments than Keras's)")
+    return callbacks
 
 
 def check_validation(model, validation_data):

@@ -28,7 +28,7 @@ def check_dtype(dtype, bfloat16=False):
 
 
 def check_activation(activation):
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(
             f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[activation]

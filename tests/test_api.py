@@ -134,12 +134,36 @@ def test_fit_rejects_bad_input_with_a_clear_message(change, message):
     (dict(layer_sizes=[3, 1]), "at least 2 classes"),
     (dict(layer_sizes=5), "sequence of integers"),
     (dict(activation="softplus"), "unknown activation 'softplus'"),
+    (dict(activation=["relu"]), r"unknown activation \['relu'\]"),
     (dict(dtype="float16"), "dtype must be 'float32', 'float64' or 'bfloat16'"),
     (dict(init="orthogonal"), "unknown init"),
 ])
 def test_model_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         fastmlp.MLP(**{"layer_sizes": [3, 2], **kwargs})
+
+
+def test_callbacks_without_fastmlps_methods_are_refused_by_name():
+    class KerasStyle:
+        def on_epoch_end(self, epoch, logs=None):
+            pass
+
+    model = fastmlp.MLP([3, 2], seed=0)
+    for callback, missing in ((KerasStyle(), "on_compile_begin, on_train_begin, "
+                                             "on_epoch_begin, on_steps ("),
+                              (print, "on_compile_begin, on_train_begin, on_epoch_begin, "
+                                      "on_steps, on_epoch_end (")):
+        with pytest.raises(TypeError, match="callbacks must be fastmlp.progress.Callback") as info:
+            fastmlp.fit(model, np.zeros((4, 3)), [0, 1, 0, 1], callbacks=[callback])
+        assert f" has no {missing}" in str(info.value)
+    assert model.training_state is None  # refused before training
+
+
+def test_saving_into_a_missing_directory_names_the_file(tmp_path):
+    target = tmp_path / "missing" / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"no directory .* to write into: '{target}'"):
+        fastmlp.MLP([3, 2], seed=0).save(target)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_predict_and_gradients_validate_too():
