@@ -2,12 +2,15 @@
 import argparse
 import csv
 import io
+import json
+import os
+import re
 import sys
 
 import numpy as np
 
 from . import __version__, sources
-from .cli import Parser
+from .cli import Parser, UsageError
 from .heads import VALUE_HEADS
 from .files import atomic_write
 from .modelfile import load as load_model
@@ -19,6 +22,8 @@ EXAMPLES = """examples:
                                                   and each class's probability, to a file
   fastmlp-predict model.safetensors new.csv --keep id
                                                   each row's id, then its prediction
+  fastmlp-predict model.safetensors new.parquet -o predictions.parquet
+                                                  typed columns, for pandas, Spark, DuckDB
   fastmlp-predict digits.safetensors images.npy   8-bit pixels, one image per row
 
 The file's columns are found by the names the model was trained on (other
@@ -31,7 +36,7 @@ exit codes: 0 success, 2 usage error or bad input
 
 def build_parser():
     parser = Parser(prog="fastmlp-predict", description="Predict with a model saved by "
-                    "fastmlp-train --save: one line per row of DATA, in order, as CSV: the "
+                    "fastmlp-train --save: one row per row of DATA, in order (CSV, or -o's format): the "
                     "class label, the predicted values (--output linear) or one 0/1 column "
                     "per label (--output sigmoid).",
                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,8 +45,10 @@ def build_parser():
     parser.add_argument("data", metavar="DATA", help="rows to predict: a table as "
                         "fastmlp-train --data reads (.csv, .tsv, compressed too, .parquet, .xlsx), .npz "
                         "(array X) or .npy")
-    parser.add_argument("-o", "--output", metavar="FILE", help="write the CSV here, "
-                        "atomically (default: standard output)")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the predictions "
+                        "here, atomically, in the format of the file's ending: .csv (also "
+                        "without one), .tsv, .json (a list of row objects), .parquet, .xlsx "
+                        "(default, or -: CSV on standard output)")
     parser.add_argument("--proba", action="store_true",
                         help="add one column per class (or label) with its probability")
     parser.add_argument("--keep", metavar="COLUMNS", help="columns of DATA to copy into the "
@@ -49,52 +56,139 @@ def build_parser():
     return parser
 
 
-def predictions_csv(model, x, proba, kept=None):
-    """The CSV text. softmax: a 'prediction' column of labels, then with
-    proba one column per class; linear: one column per target; sigmoid: a
-    0/1 column per label, then with proba one probability column each.
-    kept: {name: cells} of the data's columns to write first, as they are."""
-    header, rows = prediction_rows(model, x, proba)
-    kept = kept or {}
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(list(kept) + header)
-    columns = [[cell_text(cell) for cell in cells] for cells in kept.values()]
-    writer.writerows([[column[i] for column in columns] + row for i, row in enumerate(rows)])
-    return text.getvalue()
+# -o FILE's format, by its ending; no ending (or "-", standard output) is CSV
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".parquet": "parquet",
+           ".xlsx": "xlsx"}
 
 
-def prediction_rows(model, x, proba):
-    """(header, rows) of predictions_csv, as text."""
+def output_format(path):
+    """The format -o FILE asks for by its ending (CSV for none)."""
+    if path is None or path == "-":
+        return "csv"
+    ending = os.path.splitext(path)[1].lower()
+    if not ending:
+        return "csv"
+    if ending not in FORMATS:
+        raise UsageError(f"-o {path}: fastmlp-predict writes {', '.join(FORMATS)} "
+                         f"(by the file's ending), not {ending}")
+    return FORMATS[ending]
+
+
+def prediction_columns(model, x, proba, kept=None):
+    """[(name, values, digits)]: the output's columns, kept ones first (kept:
+    {name: cells} of the data's columns, as they are). softmax: a
+    'prediction' column of labels, then with proba one probability column
+    per class; linear, poisson: one column per target; sigmoid: a 0/1
+    column per label, then with proba one probability column each. values
+    are Python numbers, strings or None; digits, the significant digits a
+    float is written with as text (None: not a float column)."""
+    columns = [(name, [cell_value(cell) for cell in cells], None)
+               for name, cells in (kept or {}).items()]
     prep = model.preprocessing
     if model.output in VALUE_HEADS:
         names = prep["target"].split(",") if prep else [f"y{k}" for k in range(model.n_outputs)]
         values = sources.target_values(model.predict(x).reshape(len(x), -1), prep)
-        return names, [[f"{v:.9g}" for v in row] for row in values]
-    probabilities = model.predict_proba(x)
+        return columns + [(name, values[:, k].tolist(), 9) for k, name in enumerate(names)]
+    probabilities = model.predict_proba(x).astype(np.float64)
     classes = prep["classes"] if prep is not None else list(range(model.n_outputs))
-    chances = ([f"p({label})" for label in classes] if proba else [])
+    chances = ([(f"p({label})", probabilities[:, k].tolist(), 6)
+                for k, label in enumerate(classes)] if proba else [])
     if model.output == "sigmoid":
-        return [str(label) for label in classes] + chances, [
-            [str(int(p >= 0.5)) for p in row] + ([f"{p:.6g}" for p in row] if proba else [])
-            for row in probabilities]
-    labels = np.argmax(probabilities, axis=1)
-    return ["prediction"] + chances, [
-        [str(classes[label])] + ([f"{p:.6g}" for p in row] if proba else [])
-        for label, row in zip(labels, probabilities)]
+        return columns + [(str(label), (probabilities[:, k] >= 0.5).astype(int).tolist(), None)
+                          for k, label in enumerate(classes)] + chances
+    labels = [classes[label] for label in np.argmax(probabilities, axis=1)]
+    return columns + [("prediction", labels, None)] + chances
 
 
-def cell_text(cell):
-    """A kept cell as the file would hold it: numbers in their shortest
-    form, a missing text cell empty."""
-    if cell is None:
-        return ""
-    return str(cell.item() if isinstance(cell, np.generic) else cell)
+def cell_value(cell):
+    """A kept cell as a Python value: numbers as they are, a missing cell
+    (empty, as fastmlp-train reads cells, or NaN) None."""
+    value = cell.item() if isinstance(cell, np.generic) else cell
+    return None if value == "" or (isinstance(value, float) and value != value) else value
+
+
+INTEGER = re.compile(r"[+-]?(0|[1-9][0-9]*)")
+
+
+def typed(columns):
+    """columns with kept text columns read from CSV made numbers where every
+    cell is one (as pandas reads them; text with leading zeros stays text),
+    for the formats that hold types."""
+    def numbers(values):
+        texts = [v for v in values if v is not None]
+        if not texts or not all(isinstance(v, str) for v in texts):
+            return values
+        if all(INTEGER.fullmatch(v.strip()) for v in texts):
+            return [None if v is None else int(v) for v in values]
+        try:
+            return [None if v is None else float(v) for v in values]
+        except ValueError:
+            return values
+
+    return [(name, numbers(values) if digits is None else values, digits)
+            for name, values, digits in columns]
+
+
+def text_table(columns, delimiter=","):
+    """CSV (or, with a tab, TSV) text: floats to their columns' digits, a
+    missing cell empty."""
+    def text(value, digits):
+        if value is None:
+            return ""
+        return f"{value:.{digits}g}" if digits is not None else str(value)
+
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=delimiter, lineterminator="\n")
+    writer.writerow([name for name, _, _ in columns])
+    writer.writerows(zip(*[[text(v, digits) for v in values] for _, values, digits in columns]))
+    return out.getvalue().encode()
+
+
+def json_table(columns):
+    """A JSON list with an object per row, as pandas' to_json(orient="records")."""
+    columns = typed(columns)
+    names = [name for name, _, _ in columns]
+    rows = [dict(zip(names, row)) for row in zip(*[values for _, values, _ in columns])]
+    return json.dumps(rows, allow_nan=False).encode() + b"\n"
+
+
+def parquet_table(columns):
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UsageError("writing .parquet needs pyarrow: pip install 'fastmlp[parquet]'") from None
+    columns = typed(columns)
+    sink = io.BytesIO()
+    pyarrow.parquet.write_table(
+        pyarrow.table({name: pyarrow.array(values) for name, values, _ in columns}), sink)
+    return sink.getvalue()
+
+
+def xlsx_table(columns):
+    try:
+        import openpyxl
+    except ImportError:
+        raise UsageError("writing .xlsx needs openpyxl: pip install 'fastmlp[excel]'") from None
+    columns = typed(columns)
+    book = openpyxl.Workbook(write_only=True)
+    sheet = book.create_sheet("predictions")
+    sheet.append([name for name, _, _ in columns])
+    for row in zip(*[values for _, values, _ in columns]):
+        sheet.append(row)
+    sink = io.BytesIO()
+    book.save(sink)
+    return sink.getvalue()
+
+
+WRITERS = {"csv": text_table, "tsv": lambda columns: text_table(columns, "\t"),
+           "json": json_table, "parquet": parquet_table, "xlsx": xlsx_table}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        form = output_format(args.output)
         model = load_model(args.model)
         if args.proba and model.output in VALUE_HEADS:
             raise ValueError(f"--proba: {args.model} predicts values (--output {model.output}), "
@@ -105,13 +199,13 @@ def main(argv=None):
             sys.stderr.write(f"fastmlp-predict: warning: {args.data}: {unseen}\n")
         if not model.prediction_ready():  # on stderr: stdout may be the predictions
             sys.stderr.write(f"{PREDICT_COMPILE_NOTICE}...\n")
-        text = predictions_csv(model, x, args.proba, table.kept)
-        if args.output:
-            atomic_write(args.output, [text.encode()])
+        written = WRITERS[form](prediction_columns(model, x, args.proba, table.kept))
+        if args.output and args.output != "-":
+            atomic_write(args.output, [written])
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(written.decode())  # (CSV: the binary formats need a file)
         return 0
-    except (ValueError, OSError) as exc:
+    except (UsageError, ValueError, OSError) as exc:
         sys.stderr.write(f"fastmlp-predict: error: {exc}\n")
         return 2
 

@@ -1,6 +1,7 @@
 """The user's own files: fastmlp-train --data and fastmlp-predict, the data a
 model file records, and the first-run behaviour of the command line."""
 import csv
+import io
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import fastmlp
@@ -256,6 +258,40 @@ def test_predict_refuses_bad_input_and_writes_nothing(table, tmp_path, capsys):
                          predict_main)
     assert code == 2 and "no column 'width', which the model was trained on" in err
     assert sorted(os.listdir(tmp_path)) == ["m.fmlp", "new.csv", "train.csv"]
+
+
+def test_predictions_are_written_in_the_format_of_the_files_ending(table, tmp_path, capsys):
+    """-o FILE.json, .parquet, .xlsx, .tsv: the same table as the CSV, typed
+    (as pandas reads each back); an unknown ending is a usage error."""
+    path, x, labels = table
+    model_path = str(tmp_path / "m.fmlp")
+    assert run(["--data", path, "--epochs", "3", "--quiet", "--save", model_path], capsys)[0] == 0
+    rows = ["id,length,width,depth,note"] + [
+        f"{i},{a},{b},{c},{'' if i % 3 else 'odd'}" for i, (a, b, c) in enumerate(x[:12])]
+    (tmp_path / "new.csv").write_text("\n".join(rows) + "\n")
+    argv = [model_path, str(tmp_path / "new.csv"), "--keep", "id,note", "--proba", "-o"]
+    code, out, err = run(argv + ["-"], capsys, predict_main)
+    assert code == 0, err
+    expected = pd.read_csv(io.StringIO(out))
+    assert list(expected.columns) == ["id", "note", "prediction", "p(setosa)", "p(versicolor)",
+                                      "p(virginica)"]
+    assert list(expected["prediction"]) == list(labels[:12])
+    readers = {"p.json": pd.read_json, "p.parquet": pd.read_parquet, "p.xlsx": pd.read_excel,
+               "p.tsv": lambda f: pd.read_csv(f, sep="\t"), "p": pd.read_csv}
+    for name, read in readers.items():
+        assert run(argv + [str(tmp_path / name)], capsys, predict_main)[0] == 0
+        written = read(tmp_path / name)
+        assert list(written.columns) == list(expected.columns), name
+        assert list(written["id"]) == list(range(12)) and written["id"].dtype.kind in "if"
+        assert list(written["prediction"]) == list(labels[:12]), name
+        assert written["note"].isna().sum() == 8 and (written["note"] == "odd").sum() == 4
+        probabilities = written.iloc[:, 3:].to_numpy(float)
+        assert np.allclose(probabilities, expected.iloc[:, 3:].to_numpy(float), rtol=1e-5)
+        if name != "p.tsv":  # (written as text, to 6 digits)
+            assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+    code, out, err = run(argv + [str(tmp_path / "p.npy")], capsys, predict_main)
+    assert code == 2 and "writes .csv, .tsv, .json, .parquet, .xlsx" in err
+    assert not (tmp_path / "p.npy").exists()
 
 
 def test_an_image_model_predicts_pixels_from_npy(tmp_path, capsys):
