@@ -456,7 +456,7 @@ def feature_matrix(path, chosen, by_name, categories):
     every column of text is categorical, its values learnt; else exactly
     the columns it names are, with its values."""
     learning = categories is None
-    blocks, found, unseen = [], {}, {}
+    blocks, found, unseen, too_many = [], {}, {}, []
     for name in chosen:
         cells = by_name[name]
         if not learning and name not in categories:
@@ -468,12 +468,20 @@ def feature_matrix(path, chosen, by_name, categories):
                 blocks.append(values[:, None])
                 continue
         texts, rows = category_texts(cells)
-        known = learn_categories(path, name, texts, rows) if learning else categories[name]
+        if learning:
+            known, given = learn_categories(texts, rows)
+            if too_many_categories(len(known), given):
+                too_many.append((name, len(known), given))
+                continue
+        else:
+            known = categories[name]
         encoded, others = one_hot(texts, rows, known)
         blocks.append(encoded)
         found[name] = known
         if others:
             unseen[name] = others
+    if too_many:
+        raise too_many_error(path, too_many)
     return np.hstack(blocks), found, unseen
 
 
@@ -488,17 +496,33 @@ def category_texts(cells):
     return [None if text in NA_CELLS else text for text in texts], rows
 
 
-def learn_categories(path, name, texts, rows):
-    """The sorted values of a text column (category_texts); too many of
-    them is an error."""
+def learn_categories(texts, rows):
+    """(the sorted values of a text column (category_texts), the number of
+    rows that give one)."""
     values = sorted(set(texts) - {None})
     given = int(np.count_nonzero(np.array([text is not None for text in texts])[rows]))
-    if len(values) > MAX_CATEGORIES or (len(values) > MANY_CATEGORIES and given < 2 * len(values)):
-        raise DataError(f"{path}: column {name!r} holds text with {len(values)} distinct values "
-                        f"in {given} rows, too many to encode as categories (at most "
-                        f"{MAX_CATEGORIES}, and 2 rows a value on average); leave it out "
-                        f"with --ignore {name}")
-    return values
+    return values, given
+
+
+def too_many_error(path, columns):
+    """The DataError for text columns (name, distinct values, rows given)
+    with too many values, naming them all and the --ignore that leaves them
+    out."""
+    several = len(columns) > 1
+    listed = ", ".join(f"{name!r} ({n} distinct values in {given} rows)"
+                       for name, n, given in columns)
+    return DataError(f"{path}: {'columns' if several else 'column'} {listed} "
+                     f"{'hold' if several else 'holds'} text with too many distinct values to "
+                     f"encode as categories (at most {MAX_CATEGORIES}, and 2 rows a value on "
+                     f"average); leave {'them' if several else 'it'} out with --ignore "
+                     f"{','.join(name for name, _, _ in columns)}")
+
+
+def too_many_categories(n_values, given):
+    """Whether a text column has too many values to one-hot encode: more
+    than MAX_CATEGORIES, or more than MANY_CATEGORIES with fewer than 2
+    rows a value (names, ids)."""
+    return n_values > MAX_CATEGORIES or (n_values > MANY_CATEGORIES and given < 2 * n_values)
 
 
 def one_hot(texts, rows, categories):
@@ -601,8 +625,15 @@ def handle_missing(table, policy, remedy="choose --missing drop or --missing mea
     rows = np.flatnonzero(bad.any(axis=1))
     if policy == "error":
         column = int(np.flatnonzero(bad[rows[0]])[0])
+        by_column = {}  # (a text column's one-hot inputs are missing together)
+        for j in np.flatnonzero(bad.any(axis=0)):
+            name = table.column_name(j)
+            by_column[name] = max(by_column.get(name, 0), int(np.count_nonzero(bad[:, j])))
+        counts = ", ".join(f"{name} {count}" for name, count in
+                           sorted(by_column.items(), key=lambda item: -item[1]))
         raise DataError(f"{table.path}: {len(rows)} rows have missing or NaN features (the first "
-                        f"is row {rows[0] + 1}, column {table.column_name(column)}); {remedy}")
+                        f"is row {rows[0] + 1}, column {table.column_name(column)}; rows "
+                        f"missing by column: {counts}); {remedy}")
     keep = np.ones(len(table.features), bool)
     keep[rows] = False
     if not keep.any():

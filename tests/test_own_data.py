@@ -151,7 +151,8 @@ def test_missing_cells_are_refused_unless_a_policy_is_chosen(tmp_path, capsys):
     open(path, "w").write("\n".join(lines) + "\n")
     code, out, err = run(["--data", path, "--epochs", "1", "--quiet"], capsys)
     assert code == 2
-    assert "2 rows have missing or NaN features (the first is row 5, column 'width')" in err
+    assert ("2 rows have missing or NaN features (the first is row 5, column 'width'; rows "
+            "missing by column: 'length' 1, 'width' 1)") in err
     assert "--missing drop" in err and err.count("\n") == 1
     model_path = str(tmp_path / "m.safetensors")
     code, out, err = run(["--data", path, "--epochs", "1", "--quiet", "--missing", "drop",
@@ -183,8 +184,14 @@ def test_missing_cells_are_refused_unless_a_policy_is_chosen(tmp_path, capsys):
     # a column of text is categorical; one that mixes text and numbers is a mistake
     ("a,b,species\n1,x,p\n2,3,q\n", [], "bad.csv, line 2, column 'b': 'x' is not a number"),
     ("name,a,species\n" + "".join(f"p{i},{i},{i % 2}\n" for i in range(30)), [],
-     "column 'name' holds text with 30 distinct values in 30 rows, too many to encode as "
-     "categories (at most 100, and 2 rows a value on average); leave it out with --ignore name"),
+     "column 'name' (30 distinct values in 30 rows) holds text with too many distinct values "
+     "to encode as categories (at most 100, and 2 rows a value on average); leave it out with "
+     "--ignore name"),
+    # every such column at once, not one a run
+    ("name,a,day,species\n" + "".join(f"p{i},{i},d{i % 20},{i % 2}\n" for i in range(30)), [],
+     "columns 'name' (30 distinct values in 30 rows), 'day' (20 distinct values in 30 rows) "
+     "hold text with too many distinct values to encode as categories (at most 100, and 2 rows "
+     "a value on average); leave them out with --ignore name,day"),
     ("a,b,species\n1,2,x\n3,4,y\n", ["--ignore", "b,c"],
      "bad.csv: no column 'c' to ignore; the columns are a, b, species"),
     ("a,b,species\n1,2,x\n3,4,y\n", ["--ignore", "a,b"],
