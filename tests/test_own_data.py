@@ -159,8 +159,9 @@ def test_missing_cells_are_refused_unless_a_policy_is_chosen(tmp_path, capsys):
                           "--save", model_path], capsys)
     assert code == 0 and "52 training rows" in out  # 58 rows, 6 held out
     code, out, err = run([model_path, path], capsys, predict_main)  # one answer a row
-    assert code == 2 and "(the first is row 5, column 'width'); the model was trained with " \
-        "--missing drop, so it needs every feature" in err
+    assert code == 2 and ("(the first is row 5, column 'width'; rows missing by column: "
+                          "'length' 1, 'width' 1); the model was trained with --missing drop, "
+                          "so it needs every feature") in err
     code, out, err = run(["--data", path, "--epochs", "1", "--quiet", "--missing", "mean"], capsys)
     assert code == 0 and "54 training rows" in out
 
