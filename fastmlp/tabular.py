@@ -549,7 +549,9 @@ def numeric_column(path, name, cells, allow_text=False):
         if allow_text and cells.dtype.kind == "U":
             return numeric_column(path, name, cells.astype(object), allow_text)
         if not (np.issubdtype(cells.dtype, np.number) or cells.dtype == bool):
-            raise DataError(f"{path}: column {name!r} holds {cells.dtype}, not numbers")
+            hint = (f"; leave it out with --ignore {name}, or make it numbers (a date's "
+                    "year, day of the year, ...) first" if allow_text else "")
+            raise DataError(f"{path}: column {name!r} holds {cells.dtype}, not numbers{hint}")
         return cells.astype(np.float64)
     try:  # every cell a number: NumPy parses strings as float() does
         return np.array(cells, dtype=np.float64)
@@ -631,7 +633,8 @@ def handle_missing(table, policy, remedy="choose --missing drop or --missing mea
             by_column[name] = max(by_column.get(name, 0), int(np.count_nonzero(bad[:, j])))
         counts = ", ".join(f"{name} {count}" for name, count in
                            sorted(by_column.items(), key=lambda item: -item[1]))
-        raise DataError(f"{table.path}: {len(rows)} rows have missing or NaN features (the first "
+        raise DataError(f"{table.path}: {len(rows)} {'rows have' if len(rows) > 1 else 'row has'} "
+                        f"missing or NaN features (the first "
                         f"is row {rows[0] + 1}, column {table.column_name(column)}; rows "
                         f"missing by column: {counts}); {remedy}")
     keep = np.ones(len(table.features), bool)

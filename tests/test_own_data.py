@@ -438,6 +438,12 @@ def test_text_columns_are_one_hot_encoded(tmp_path):
     parquet = tabular.read_table(tmp_path / "t.parquet", "y")
     assert parquet.categories == table.categories
     np.testing.assert_array_equal(parquet.features, expected)
+    # a column of dates is neither: refused, naming the way out
+    frame["day"] = pd.date_range("2021-01-01", periods=len(frame))
+    frame.to_parquet(tmp_path / "dates.parquet")
+    with pytest.raises(tabular.DataError, match=r"column 'day' holds datetime64\[.s\], not "
+                       r"numbers; leave it out with --ignore day, or make it numbers"):
+        tabular.read_table(tmp_path / "dates.parquet", "y")
 
 
 def passengers(n, seed, ports="CQS"):
