@@ -59,31 +59,66 @@ class InvScaling:
         return self.lr / (epoch * self.n_samples + 1) ** self.power_t
 
 
-class Adaptive(Callback):
-    """scikit-learn's 'adaptive': the rate stays while the monitored score
-    improves by tol; after more than n_iter_no_change epochs without, it is
-    divided by 5, and training stops once it would fall below 1e-6."""
+class NoImprovement(Callback):
+    """What scikit-learn's stochastic solvers do after each epoch: the loss
+    they report (loss_curve_: the head's loss on scikit-learn's scale, plus
+    the L2 term), with verbose 'Iteration N, loss = L' and 'Validation
+    score: S', and the count of epochs without a tol improvement of the
+    training loss (or, with early_stopping, of the validation score, whose
+    best epoch's parameters it keeps). After more than n_iter_no_change such
+    epochs training stops, or for learning_rate 'adaptive' (this object is
+    then the schedule too) the rate is divided by 5, and training stops once
+    it is at most 1e-6. The best value and the count carry over from the
+    estimator's previous fits, as there."""
 
-    def __init__(self, lr, tol, n_iter_no_change, monitor):
-        self.lr, self.tol, self.patience, self.monitor = lr, tol, n_iter_no_change, monitor
-        self.best, self.wait = np.inf, 0
+    def __init__(self, estimator, lr, scale, adaptive, validating, penalty):
+        self.estimator, self.model = estimator, estimator.model_
+        self.lr, self.scale, self.adaptive = lr, scale, adaptive
+        self.validating, self.penalty = validating, penalty
+        self.count = getattr(estimator, "_no_improvement_count", 0)
+        if validating:
+            best = estimator.best_validation_score_
+            self.best = -np.inf if best is None else best
+            self.best_params = getattr(estimator, "_best_params", None)
+        else:
+            self.best = estimator.best_loss_ if estimator.best_loss_ is not None else np.inf
+        self.losses, self.scores = [], []
 
     def __call__(self, epoch):
         return self.lr
 
     def on_epoch_end(self, epoch, n_steps, epoch_time, logs):
-        value = logs[self.monitor] * (1 if self.monitor == "loss" else -1)
-        if value > self.best - self.tol:
-            self.wait += 1
+        model, estimator = self.model, self.estimator
+        tol, patience, verbose = estimator.tol, estimator.n_iter_no_change, estimator.verbose
+        weights = sum(float(np.sum(w * w, dtype=np.float64)) for w in model.weights)
+        loss = sklearn_loss(model.output, model.n_outputs, logs["loss"]) + self.penalty * weights
+        self.losses.append(loss)
+        if verbose:
+            print(f"Iteration {len(self.losses)}, loss = {loss:.8f}")
+        if self.validating:
+            score = logs[f"val_{model.metric}"]
+            self.scores.append(score)
+            if verbose:
+                print(f"Validation score: {score:f}")
+            self.count = self.count + 1 if score < self.best + tol else 0
+            if score > self.best:
+                self.best, self.best_params = score, model.params.copy()
         else:
-            self.wait = 0
-        self.best = min(self.best, value)
-        if self.wait > self.patience:
-            if self.lr <= 1e-6:
-                return True  # stop
+            self.count = self.count + 1 if loss > self.best - tol else 0
+            self.best = min(self.best, loss)
+        if self.count <= patience:
+            return False
+        message = (f"{'Validation score' if self.validating else 'Training loss'} did not "
+                   f"improve more than tol={tol:f} for {patience} consecutive epochs.")
+        if self.adaptive and self.lr / self.scale > 1e-6:  # (scikit-learn's rate)
             self.lr /= 5
-            self.wait = 0
-        return False
+            self.count = 0
+            if verbose:
+                print(f"{message} Setting learning rate to {self.lr / self.scale:f}")
+            return False
+        if verbose:
+            print(f"{message}{' Learning rate too small.' if self.adaptive else ''} Stopping.")
+        return True
 
 
 class _BaseMLP(BaseEstimator):
@@ -149,8 +184,10 @@ class _BaseMLP(BaseEstimator):
         if reset or not hasattr(self, "loss_curve_"):  # (no curves after lbfgs)
             self.loss_curve_ = []
             self.validation_scores_ = [] if self.early_stopping else None
-            self.best_loss_ = np.inf
+            self.best_loss_ = None if self.early_stopping else np.inf
             self.best_validation_score_ = None
+            self._no_improvement_count = 0
+            self._adaptive_lr = self._best_params = None
         if not stopping and self.early_stopping:
             raise ValueError("partial_fit does not support early_stopping=True")
         validation = None
@@ -168,8 +205,8 @@ class _BaseMLP(BaseEstimator):
         lr = self.learning_rate_init
         if optimizer != "adam":
             lr *= scale
-        monitor = self._monitor(validation)
-        schedule, callbacks = self._schedule(lr, X.shape[0], monitor, stopping, optimizer)
+        tracker, schedule = self._tracker(lr, scale, X.shape[0], batch_size, weights,
+                                          validation is not None)
         try:
             history = fit(
                 self.model_, X, targets, epochs=epochs, batch_size=batch_size,
@@ -177,17 +214,13 @@ class _BaseMLP(BaseEstimator):
                 nesterov=bool(self.nesterovs_momentum), weight_decay=decay, shuffle=self.shuffle,
                 validation_data=validation, sample_weight=weights,
                 seed=self._seed() if reset else None, threads=self._threads(),
-                verbose=int(self.verbose), callbacks=callbacks, lr_schedule=schedule,
-                patience=self.n_iter_no_change if stopping and not callbacks else None,
-                min_delta=self.tol, monitor=monitor, restore_best_weights=validation is not None,
-                beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
-        except TrainingInterrupted as stop:  # as scikit-learn: a warning, and the model kept
+                callbacks=[tracker], lr_schedule=schedule, beta_1=self.beta_1,
+                beta_2=self.beta_2, epsilon=self.epsilon)
+        except TrainingInterrupted:  # as scikit-learn: a warning, and the model kept
             warnings.warn("Training interrupted by user.")
-            if stop.best_params is not None:
-                np.copyto(self.model_.params, stop.best_params)
-            self._record(stop.history, X.shape[0], validation is not None)
+            self._record(tracker, X.shape[0])
             return self
-        self._record(history, X.shape[0], validation is not None)
+        self._record(tracker, X.shape[0])
         if stopping and history.stopped_epoch is None and self.n_iter_ >= self.max_iter:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached "
                           "and the optimization hasn't converged yet.", ConvergenceWarning)
@@ -233,34 +266,42 @@ class _BaseMLP(BaseEstimator):
         regression and multi-label targets)."""
         return None
 
-    def _monitor(self, validation):
-        return f"val_{self.model_.metric}" if validation is not None else "loss"
+    def _tracker(self, lr, scale, n_samples, batch_size, weights, validating):
+        """(NoImprovement, lr_schedule) for scikit-learn's learning_rate, which
+        (as there) applies to solver 'sgd' only. An 'adaptive' rate carries
+        over from the previous fit."""
+        adaptive = self.solver == "sgd" and self.learning_rate == "adaptive"
+        if adaptive and getattr(self, "_adaptive_lr", None) is not None:
+            lr = self._adaptive_lr
+        # scikit-learn adds alpha / 2 * |W|^2 over each batch's weight to its loss
+        penalty = 0.5 * self.alpha * -(-n_samples // batch_size) / (n_samples * weights.mean())
+        tracker = NoImprovement(self, lr, scale, adaptive, validating, penalty)
+        if adaptive:
+            return tracker, tracker
+        if self.solver == "sgd" and self.learning_rate == "invscaling":
+            return tracker, InvScaling(lr, self.power_t, n_samples)
+        return tracker, "constant"
 
-    def _schedule(self, lr, n_samples, monitor, stopping, optimizer):
-        """(lr_schedule, callbacks) for scikit-learn's learning_rate, which
-        (as there) applies to solver 'sgd' only."""
-        if self.solver != "sgd" or self.learning_rate == "constant":
-            return "constant", []
-        if self.learning_rate == "invscaling":
-            return InvScaling(lr, self.power_t, n_samples), []
-        adaptive = Adaptive(lr, self.tol, self.n_iter_no_change, monitor)
-        return adaptive, [adaptive] if stopping else []
-
-    def _record(self, history, n_samples, validating):
-        epochs = len(history.epoch)
+    def _record(self, tracker, n_samples):
+        """The fitted attributes after a stochastic fit of the epochs that
+        tracker (NoImprovement) saw."""
+        epochs = len(tracker.losses)
         self.n_iter_ = epochs  # this call's epochs, as in scikit-learn; t_ counts them all
         self.t_ += epochs * n_samples
-        self.loss_curve_ += [sklearn_loss(self.model_.output, self.model_.n_outputs, loss)
-                             for loss in history.history["loss"]]
+        self.loss_curve_ += tracker.losses
         if self.loss_curve_:
             self.loss_ = self.loss_curve_[-1]
-        if validating:
-            self.validation_scores_ += history.history.get(f"val_{self.model_.metric}", [])
-            if self.validation_scores_:  # (none after an interrupt in the first epoch)
-                self.best_validation_score_ = max(self.validation_scores_)
-            self.best_loss_ = None
-        elif self.loss_curve_:
-            self.best_loss_ = min(self.loss_curve_)
+        self._no_improvement_count = tracker.count
+        if tracker.adaptive:
+            self._adaptive_lr = tracker.lr
+        if tracker.validating:
+            self.validation_scores_ += tracker.scores
+            if tracker.best_params is not None:  # restored, as scikit-learn does
+                np.copyto(self.model_.params, tracker.best_params)
+                self.best_validation_score_ = tracker.best
+                self._best_params = tracker.best_params
+        else:
+            self.best_loss_ = tracker.best
 
     def _sample_weight(self, y, sample_weight):
         weights = None if sample_weight is None else np.asarray(sample_weight, np.float64)

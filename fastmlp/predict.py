@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+from collections import namedtuple
 
 import numpy as np
 
@@ -36,9 +37,9 @@ exit codes: 0 success, 2 usage error or bad input
 
 def build_parser():
     parser = Parser(prog="fastmlp-predict", description="Predict with a model saved by "
-                    "fastmlp-train --save: one row per row of DATA, in order (CSV, or -o's format): the "
-                    "class label, the predicted values (--output linear) or one 0/1 column "
-                    "per label (--output sigmoid).",
+                    "fastmlp-train --save: one row per row of DATA, in order (CSV, or -o's "
+                    "format): the class label, the predicted values (--output linear) or one "
+                    "0/1 column per label (--output sigmoid).",
                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("model", metavar="MODEL", help="a model file")
@@ -74,30 +75,35 @@ def output_format(path):
     return FORMATS[ending]
 
 
+# A column of the output: its values are Python numbers, strings or None;
+# digits, the significant digits its floats are written with as text (None
+# for labels, 0/1 flags and kept columns); kept: a column of DATA, copied
+Column = namedtuple("Column", ["name", "values", "digits", "kept"])
+
+
 def prediction_columns(model, x, proba, kept=None):
-    """[(name, values, digits)]: the output's columns, kept ones first (kept:
-    {name: cells} of the data's columns, as they are). softmax: a
-    'prediction' column of labels, then with proba one probability column
-    per class; linear, poisson: one column per target; sigmoid: a 0/1
-    column per label, then with proba one probability column each. values
-    are Python numbers, strings or None; digits, the significant digits a
-    float is written with as text (None: not a float column)."""
-    columns = [(name, [cell_value(cell) for cell in cells], None)
+    """[Column]: the output, kept ones first (kept: {name: cells} of the
+    data's columns, as they are). softmax: a 'prediction' column of labels,
+    then with proba one probability column per class; linear, poisson: one
+    column per target; sigmoid: a 0/1 column per label, then with proba one
+    probability column each."""
+    columns = [Column(name, [cell_value(cell) for cell in cells], None, True)
                for name, cells in (kept or {}).items()]
     prep = model.preprocessing
     if model.output in VALUE_HEADS:
         names = prep["target"].split(",") if prep else [f"y{k}" for k in range(model.n_outputs)]
         values = sources.target_values(model.predict(x).reshape(len(x), -1), prep)
-        return columns + [(name, values[:, k].tolist(), 9) for k, name in enumerate(names)]
+        return columns + [Column(name, values[:, k].tolist(), 9, False)
+                          for k, name in enumerate(names)]
     probabilities = model.predict_proba(x).astype(np.float64)
     classes = prep["classes"] if prep is not None else list(range(model.n_outputs))
-    chances = ([(f"p({label})", probabilities[:, k].tolist(), 6)
+    chances = ([Column(f"p({label})", probabilities[:, k].tolist(), 6, False)
                 for k, label in enumerate(classes)] if proba else [])
     if model.output == "sigmoid":
-        return columns + [(str(label), (probabilities[:, k] >= 0.5).astype(int).tolist(), None)
-                          for k, label in enumerate(classes)] + chances
+        return columns + [Column(str(label), (probabilities[:, k] >= 0.5).astype(int).tolist(),
+                                 None, False) for k, label in enumerate(classes)] + chances
     labels = [classes[label] for label in np.argmax(probabilities, axis=1)]
-    return columns + [("prediction", labels, None)] + chances
+    return columns + [Column("prediction", labels, None, False)] + chances
 
 
 def cell_value(cell):
@@ -111,9 +117,9 @@ INTEGER = re.compile(r"[+-]?(0|[1-9][0-9]*)")
 
 
 def typed(columns):
-    """columns with kept text columns read from CSV made numbers where every
-    cell is one (as pandas reads them; text with leading zeros stays text),
-    for the formats that hold types."""
+    """columns, with kept columns of text (as a CSV file's are read) made
+    numbers where every cell is one, as pandas reads them (but text with
+    leading zeros stays text): for the formats that hold types."""
     def numbers(values):
         texts = [v for v in values if v is not None]
         if not texts or not all(isinstance(v, str) for v in texts):
@@ -125,8 +131,8 @@ def typed(columns):
         except ValueError:
             return values
 
-    return [(name, numbers(values) if digits is None else values, digits)
-            for name, values, digits in columns]
+    return [column._replace(values=numbers(column.values)) if column.kept else column
+            for column in columns]
 
 
 def text_table(columns, delimiter=","):
@@ -139,16 +145,17 @@ def text_table(columns, delimiter=","):
 
     out = io.StringIO()
     writer = csv.writer(out, delimiter=delimiter, lineterminator="\n")
-    writer.writerow([name for name, _, _ in columns])
-    writer.writerows(zip(*[[text(v, digits) for v in values] for _, values, digits in columns]))
+    writer.writerow([column.name for column in columns])
+    writer.writerows(zip(*[[text(value, column.digits) for value in column.values]
+                           for column in columns]))
     return out.getvalue().encode()
 
 
 def json_table(columns):
     """A JSON list with an object per row, as pandas' to_json(orient="records")."""
     columns = typed(columns)
-    names = [name for name, _, _ in columns]
-    rows = [dict(zip(names, row)) for row in zip(*[values for _, values, _ in columns])]
+    names = [column.name for column in columns]
+    rows = [dict(zip(names, row)) for row in zip(*[column.values for column in columns])]
     return json.dumps(rows, allow_nan=False).encode() + b"\n"
 
 
@@ -161,7 +168,7 @@ def parquet_table(columns):
     columns = typed(columns)
     sink = io.BytesIO()
     pyarrow.parquet.write_table(
-        pyarrow.table({name: pyarrow.array(values) for name, values, _ in columns}), sink)
+        pyarrow.table({column.name: pyarrow.array(column.values) for column in columns}), sink)
     return sink.getvalue()
 
 
@@ -173,8 +180,8 @@ def xlsx_table(columns):
     columns = typed(columns)
     book = openpyxl.Workbook(write_only=True)
     sheet = book.create_sheet("predictions")
-    sheet.append([name for name, _, _ in columns])
-    for row in zip(*[values for _, values, _ in columns]):
+    sheet.append([column.name for column in columns])
+    for row in zip(*[column.values for column in columns]):
         sheet.append(row)
     sink = io.BytesIO()
     book.save(sink)

@@ -3,6 +3,7 @@ estimator checks (every one, sample-weight equivalence included), and in
 scikit-learn's machinery."""
 import os
 import pickle
+import re
 import signal
 import warnings
 
@@ -14,7 +15,7 @@ import scipy.sparse as sparse
 from sklearn.compose import make_column_transformer
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -107,7 +108,7 @@ def test_binary_problems_and_partial_fit(digits):
     clf = MLPClassifier(random_state=0)
     for _ in range(15):
         clf.partial_fit(X, y, classes=["even", "odd"])
-    assert clf.n_iter_ == 15 and clf.score(X, y) > 0.95
+    assert clf.n_iter_ == 1 and clf.t_ == 15 * len(X) and clf.score(X, y) > 0.95
     # one logistic output, as scikit-learn's: coefs_, n_outputs_, probabilities
     assert clf.model_.output == "sigmoid" and clf.coefs_[-1].shape == (100, 1)
     assert clf.n_outputs_ == 1 and clf.out_activation_ == "logistic"
@@ -121,14 +122,76 @@ def test_binary_problems_and_partial_fit(digits):
         MLPClassifier().partial_fit(X, y)
 
 
-def test_early_stopping_keeps_the_best_validation_score(digits):
+def sklearn_stopping(values, validating, adaptive, tol, patience):
+    """(the epoch scikit-learn stops after, or None; its learning rates) for
+    a series of training losses or validation scores, by its own code:
+    MLPClassifier._update_no_improvement_count and SGDOptimizer."""
+    from sklearn.neural_network import MLPClassifier as SklearnMLPClassifier
+    from sklearn.neural_network._stochastic_optimizers import SGDOptimizer
+    theirs = SklearnMLPClassifier(tol=tol, n_iter_no_change=patience)
+    theirs.loss_curve_, theirs.validation_scores_ = [], []
+    theirs.best_loss_, theirs.best_validation_score_ = np.inf, -np.inf
+    theirs._no_improvement_count, theirs.coefs_, theirs.intercepts_ = 0, [], []
+    optimizer = SGDOptimizer([np.zeros(1)], learning_rate_init=0.1,
+                             lr_schedule="adaptive" if adaptive else "constant")
+    rates = []
+    for epoch, value in enumerate(values):
+        theirs.loss_curve_.append(value)
+        theirs._score = lambda X, y, sample_weight=None: value
+        theirs._update_no_improvement_count(validating, None, None, None)
+        rates.append(optimizer.learning_rate)
+        if theirs._no_improvement_count > patience:
+            if optimizer.trigger_stopping("", False):
+                return epoch, rates
+            theirs._no_improvement_count = 0
+    return None, rates
+
+
+@pytest.mark.parametrize("validating", [False, True])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_stopping_and_adaptive_rates_follow_scikit_learns_code(validating, adaptive):
+    """The same series of losses (or validation scores) stops training, and
+    for 'adaptive' lowers the rate, after the same epochs as scikit-learn's
+    own bookkeeping does."""
+    from fastmlp.estimator import NoImprovement
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        steps = rng.normal(0.02, 0.05, 300) * (1 if validating else -1)
+        values = list(1.0 + np.cumsum(steps))
+        estimator = MLPClassifier(tol=0.01, n_iter_no_change=3, early_stopping=validating)
+        estimator.model_ = fastmlp.MLP([2, 3, 2], seed=0)
+        estimator.best_loss_, estimator.best_validation_score_ = np.inf, None
+        tracker = NoImprovement(estimator, 0.1, 1.0, adaptive, validating, penalty=0.0)
+        ours, rates = None, []
+        for epoch, value in enumerate(values):
+            rates.append(tracker.lr)
+            if tracker.on_epoch_end(epoch, 1, 0.0, {"loss": value, "val_accuracy": value}):
+                ours = epoch
+                break
+        expected_stop, expected_rates = sklearn_stopping(values, validating, adaptive, 0.01, 3)
+        assert ours == expected_stop and ours is not None, trial
+        assert rates == pytest.approx(expected_rates), trial
+
+
+def test_early_stopping_keeps_the_best_validation_score(digits, capsys):
     X, y = digits
-    clf = MLPClassifier(early_stopping=True, n_iter_no_change=3, max_iter=300,
+    clf = MLPClassifier(early_stopping=True, n_iter_no_change=3, max_iter=300, verbose=True,
                         learning_rate_init=0.01, random_state=0).fit(X, y)
     assert clf.n_iter_ < 300
     assert clf.best_loss_ is None
     assert clf.best_validation_score_ == max(clf.validation_scores_)
     assert len(clf.validation_scores_) == clf.n_iter_
+    # the best epoch's weights are back: they score it on the validation rows
+    _, X_val, _, y_val = train_test_split(X, y, test_size=0.1, random_state=0, stratify=y)
+    assert clf.score(X_val, y_val) == clf.best_validation_score_
+    # verbose prints scikit-learn's lines
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * clf.n_iter_ + 1
+    for epoch in range(clf.n_iter_):
+        assert re.fullmatch(rf"Iteration {epoch + 1}, loss = \d\.\d{{8}}", lines[2 * epoch])
+        assert lines[2 * epoch + 1] == f"Validation score: {clf.validation_scores_[epoch]:f}"
+    assert lines[-1] == ("Validation score did not improve more than tol=0.000100 for 3 "
+                         "consecutive epochs. Stopping.")
 
 
 def test_class_weight_moves_predictions(digits):
