@@ -5,7 +5,9 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections import namedtuple
 
 import numpy as np
@@ -19,6 +21,8 @@ from .progress import PREDICT_COMPILE_NOTICE
 
 EXAMPLES = """examples:
   fastmlp-predict model.safetensors new.csv       one predicted label per row, to stdout
+  ... | fastmlp-predict model.safetensors - > out.csv
+                                                  a table from a pipe, predictions to one
   fastmlp-predict model.safetensors new.csv --proba -o out.csv
                                                   and each class's probability, to a file
   fastmlp-predict model.safetensors new.csv --keep id
@@ -45,7 +49,7 @@ def build_parser():
     parser.add_argument("model", metavar="MODEL", help="a model file")
     parser.add_argument("data", metavar="DATA", help="rows to predict: a table as "
                         "fastmlp-train --data reads (.csv, .tsv, compressed too, .parquet, .xlsx), .npz "
-                        "(array X) or .npy")
+                        "(array X) or .npy; - reads a CSV or TSV table from standard input")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the predictions "
                         "here, atomically, in the format of the file's ending: .csv (also "
                         "without one), .tsv, .json (a list of row objects), .parquet, .xlsx "
@@ -192,6 +196,19 @@ WRITERS = {"csv": text_table, "tsv": lambda columns: text_table(columns, "\t"),
            "json": json_table, "parquet": parquet_table, "xlsx": xlsx_table}
 
 
+def standard_input(model, keep):
+    """sources.model_input of a CSV (or TSV) table on standard input, read
+    through a temporary file; messages name it '-'."""
+    with tempfile.TemporaryDirectory(prefix="fastmlp-") as directory:
+        path = os.path.join(directory, "stdin.csv")
+        with open(path, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f)
+        try:
+            return sources.model_input(path, model, keep)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(path, "-")) from None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -200,7 +217,10 @@ def main(argv=None):
         if args.proba and model.output in VALUE_HEADS:
             raise ValueError(f"--proba: {args.model} predicts values (--output {model.output}), "
                              "not probabilities")
-        x, table = sources.model_input(args.data, model, args.keep)
+        if args.data == "-":
+            x, table = standard_input(model, args.keep)
+        else:
+            x, table = sources.model_input(args.data, model, args.keep)
         unseen = sources.unseen_note(table)
         if unseen:
             sys.stderr.write(f"fastmlp-predict: warning: {args.data}: {unseen}\n")

@@ -302,6 +302,20 @@ def test_predictions_are_written_in_the_format_of_the_files_ending(table, tmp_pa
     assert not (tmp_path / "p.npy").exists()
 
 
+def test_predict_reads_a_table_from_standard_input(table, tmp_path, capsys, monkeypatch):
+    path, x, labels = table
+    model_path = str(tmp_path / "m.fmlp")
+    assert run(["--data", path, "--epochs", "3", "--quiet", "--save", model_path], capsys)[0] == 0
+    from_file = run([model_path, path, "--proba"], capsys, predict_main)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(open(path, "rb").read())))
+    assert run([model_path, "-", "--proba"], capsys, predict_main) == from_file
+    assert from_file[0] == 0 and len(from_file[1].splitlines()) == 301
+    # its errors name it "-"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"length,depth\n1,2\n")))
+    code, out, err = run([model_path, "-"], capsys, predict_main)
+    assert code == 2 and err.startswith("fastmlp-predict: error: -: no column 'width'"), err
+
+
 def test_an_image_model_predicts_pixels_from_npy(tmp_path, capsys):
     model_path = str(tmp_path / "d.fmlp")
     assert run(["--dataset", "digits", "--epochs", "1", "--quiet", "--save", model_path],
