@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from .full_batch import minimize_lbfgs
 from .model import MLP
 from .progress import Callback
-from .training import TrainingInterrupted, fit, thread_count
+from .training import TrainingDiverged, TrainingInterrupted, fit, thread_count
 from .validation import check_int
 
 ACTIVATION_NAMES = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -220,6 +220,12 @@ class _BaseMLP(BaseEstimator):
             warnings.warn("Training interrupted by user.")
             self._record(tracker, X.shape[0])
             return self
+        except TrainingDiverged as diverged:  # in scikit-learn's words, and this one's settings
+            raise ValueError(
+                "Solver produced non-finite parameter weights. The input data may contain large "
+                f"values and need to be preprocessed (the loss diverged at epoch "
+                f"{diverged.epoch + 1}, step {diverged.step + 1}; or lower learning_rate_init "
+                f"from {self.learning_rate_init!r}).") from None
         self._record(tracker, X.shape[0])
         if stopping and history.stopped_epoch is None and self.n_iter_ >= self.max_iter:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached "

@@ -292,6 +292,15 @@ def test_ctrl_c_keeps_the_model_as_scikit_learns(digits, monkeypatch, early_stop
         assert not np.array_equal(clf.model_.params, params[-1])
 
 
+def test_divergence_is_scikit_learns_value_error():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 5))
+    y = 3e5 + 1e5 * X[:, 0]  # unscaled targets: SGD's steps blow up
+    with pytest.raises(ValueError, match=r"Solver produced non-finite parameter weights\. .*"
+                       r"diverged at epoch 1, step \d+; or lower learning_rate_init from 0\.001"):
+        MLPRegressor(solver="sgd", max_iter=50, random_state=0).fit(X, y)
+
+
 def test_unsupported_settings_are_refused(digits):
     X, y = digits
     for params, message in [(dict(solver="newton"), "solver 'newton' is not supported"),
