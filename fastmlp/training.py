@@ -90,6 +90,20 @@ def deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def epochs_done_on_interrupt(history, stopper):
+    """A TrainingInterrupted that leaves fit carries the epochs completed
+    (history) and, for early stopping that restores them, the best
+    epoch's parameters (or None)."""
+    try:
+        yield
+    except TrainingInterrupted as stop:
+        stop.history = history
+        stop.best_params = (stopper.best_params if stopper is not None and
+                            stopper.best_epoch is not None else None)
+        raise
+
+
 def epoch_order(idx, rng, n, shuffle, sampling):
     """Fills idx with the epoch's rows in training order, drawn from rng."""
     if sampling == "replacement":
@@ -201,35 +215,30 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     loop = EpochLoop(model, state, X, y, sample_weight, batch_size, shuffle, sampling, comm)
     history = History(model.metric)
 
-    try:
-        with thread_count(threads), deferred_interrupt() as interrupt:
-            history.compile_time = loop.compile(callbacks, interrupt)
-            total_epochs = model.training_state.epoch + epochs
-            for callback in callbacks:
-                callback.on_train_begin(history.compile_time)
-            for _ in range(epochs):
-                logs, done = loop.epoch(callbacks, total_epochs, interrupt)
-                epoch = model.training_state.epoch - 1
-                record_epoch(history, model, epoch, logs, loop.elapsed, validation)
-                if isinstance(state.schedule, schedules.Plateau):
-                    state.schedule.end_epoch(loop.lr, logs)
-                asked = [callback.on_epoch_end(epoch, done, loop.elapsed, logs)
-                         for callback in callbacks]
-                if any(asked) or (stopper is not None and stopper.should_stop(epoch, logs)):
-                    history.stopped_epoch = epoch
-                    break
-            if stopper is not None:
-                history.best_epoch = stopper.finish()
-            if comm is not None:
-                history.allreduce_time = float(loop.batches.tally[REDUCE_SECONDS])
-                history.allreduce_steps = loop.steps
-            if interrupt[loop.stop_key]:  # arrived after the last chunk
-                raise TrainingInterrupted
-    except TrainingInterrupted as stop:  # the epochs done so far, for the caller
-        stop.history = history
-        stop.best_params = (stopper.best_params if stopper is not None and
-                            stopper.best_epoch is not None else None)
-        raise
+    with thread_count(threads), deferred_interrupt() as interrupt, \
+            epochs_done_on_interrupt(history, stopper):
+        history.compile_time = loop.compile(callbacks, interrupt)
+        total_epochs = model.training_state.epoch + epochs
+        for callback in callbacks:
+            callback.on_train_begin(history.compile_time)
+        for _ in range(epochs):
+            logs, done = loop.epoch(callbacks, total_epochs, interrupt)
+            epoch = model.training_state.epoch - 1
+            record_epoch(history, model, epoch, logs, loop.elapsed, validation)
+            if isinstance(state.schedule, schedules.Plateau):
+                state.schedule.end_epoch(loop.lr, logs)
+            asked = [callback.on_epoch_end(epoch, done, loop.elapsed, logs)
+                     for callback in callbacks]
+            if any(asked) or (stopper is not None and stopper.should_stop(epoch, logs)):
+                history.stopped_epoch = epoch
+                break
+        if stopper is not None:
+            history.best_epoch = stopper.finish()
+        if comm is not None:
+            history.allreduce_time = float(loop.batches.tally[REDUCE_SECONDS])
+            history.allreduce_steps = loop.steps
+        if interrupt[loop.stop_key]:  # arrived after the last chunk
+            raise TrainingInterrupted
     return history
 
 
