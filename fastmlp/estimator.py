@@ -280,7 +280,8 @@ class _BaseMLP(BaseEstimator):
         if adaptive and getattr(self, "_adaptive_lr", None) is not None:
             lr = self._adaptive_lr
         # scikit-learn adds alpha / 2 * |W|^2 over each batch's weight to its loss
-        penalty = 0.5 * self.alpha * -(-n_samples // batch_size) / (n_samples * weights.mean())
+        penalty = (0.5 * self.alpha * -(-n_samples // batch_size) / (n_samples * weights.mean())
+                   if weights.sum() > 0 else 0.0)
         tracker = NoImprovement(self, lr, scale, adaptive, validating, penalty)
         if adaptive:
             return tracker, tracker

@@ -106,12 +106,7 @@ def check_X(X, n_features, name="X"):
         raise ValueError(f"{name} must hold numbers, got dtype {X.dtype}")
     if np.issubdtype(X.dtype, np.complexfloating):
         raise ValueError(f"{name} must be real, got dtype {X.dtype}")
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
-    if X.shape[0] == 0:
-        raise ValueError(f"{name} is empty: it has no samples")
-    if X.shape[1] != n_features:
-        raise ValueError(f"{name} has {X.shape[1]} features but the model expects {n_features}")
+    check_shape(X.shape, n_features, name)
     if X.dtype.type not in INPUT_DTYPES or not X.dtype.isnative:
         X = X.astype(np.float64 if X.dtype.itemsize > 4 else np.float32)
     X = np.ascontiguousarray(X)
@@ -122,6 +117,16 @@ def check_X(X, n_features, name="X"):
                 row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                 raise ValueError(f"{name} contains NaN or inf (first in row {row})")
     return X
+
+
+def check_shape(shape, n_features, name):
+    """shape is that of rows (samples, n_features), and some."""
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features), got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has no samples")
+    if shape[1] != n_features:
+        raise ValueError(f"{name} has {shape[1]} features but the model expects {n_features}")
 
 
 def is_sparse(X):
@@ -136,10 +141,7 @@ def dense_rows(X, n_features, name):
     columns from OneHotEncoder or ColumnTransformer come). Refused, naming
     the sizes, where the dense copy would take more than half the memory
     available."""
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
-    if X.shape[1] != n_features:
-        raise ValueError(f"{name} has {X.shape[1]} features but the model expects {n_features}")
+    check_shape(X.shape, n_features, name)
     needed = X.shape[0] * X.shape[1] * max(X.dtype.itemsize, 4)
     available = available_memory()
     if available is not None and needed > available // 2:
