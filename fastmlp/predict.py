@@ -61,22 +61,14 @@ def build_parser():
     return parser
 
 
-# -o FILE's format, by its ending; no ending (or "-", standard output) is CSV
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".parquet": "parquet",
-           ".xlsx": "xlsx"}
-
-
-def output_format(path):
-    """The format -o FILE asks for by its ending (CSV for none)."""
-    if path is None or path == "-":
-        return "csv"
-    ending = os.path.splitext(path)[1].lower()
-    if not ending:
-        return "csv"
-    if ending not in FORMATS:
-        raise UsageError(f"-o {path}: fastmlp-predict writes {', '.join(FORMATS)} "
+def output_writer(path):
+    """The writer (WRITERS) for -o FILE's ending: CSV for none, or for "-"
+    (standard output)."""
+    ending = "" if path in (None, "-") else os.path.splitext(path)[1].lower()
+    if ending and ending not in WRITERS:
+        raise UsageError(f"-o {path}: fastmlp-predict writes {', '.join(WRITERS)} "
                          f"(by the file's ending), not {ending}")
-    return FORMATS[ending]
+    return WRITERS.get(ending, text_table)
 
 
 # A column of the output: its values are Python numbers, strings or None;
@@ -192,8 +184,9 @@ def xlsx_table(columns):
     return sink.getvalue()
 
 
-WRITERS = {"csv": text_table, "tsv": lambda columns: text_table(columns, "\t"),
-           "json": json_table, "parquet": parquet_table, "xlsx": xlsx_table}
+# -o FILE's formats, by its ending
+WRITERS = {".csv": text_table, ".tsv": lambda columns: text_table(columns, "\t"),
+           ".json": json_table, ".parquet": parquet_table, ".xlsx": xlsx_table}
 
 
 def standard_input(model, keep):
@@ -212,7 +205,7 @@ def standard_input(model, keep):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        form = output_format(args.output)
+        write = output_writer(args.output)
         model = load_model(args.model)
         if args.proba and model.output in VALUE_HEADS:
             raise ValueError(f"--proba: {args.model} predicts values (--output {model.output}), "
@@ -226,7 +219,7 @@ def main(argv=None):
             sys.stderr.write(f"fastmlp-predict: warning: {args.data}: {unseen}\n")
         if not model.prediction_ready():  # on stderr: stdout may be the predictions
             sys.stderr.write(f"{PREDICT_COMPILE_NOTICE}...\n")
-        written = WRITERS[form](prediction_columns(model, x, args.proba, table.kept))
+        written = write(prediction_columns(model, x, args.proba, table.kept))
         if args.output and args.output != "-":
             atomic_write(args.output, [written])
         else:
