@@ -14,9 +14,12 @@ import numpy as np
 # each layer's transposed block in Work.weights_t; tasks: gradients_update's
 # work list (step.make_tasks); activation, head: kernels.ACTIVATIONS and
 # heads.HEADS codes; operands: the weights the products read, params itself,
-# or for bf16 (bfloat16.py) their copy rounded to bfloat16
+# or for bf16 (bfloat16.py) their copy rounded to bfloat16; amx: bf16 on
+# AMX tiles, with the weights packed for them in packed_weights as laid out
+# by packed_weights_layout (amx_layers.py; empty without)
 Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", "tasks",
-                                 "activation", "head", "operands", "bf16"])
+                                 "activation", "head", "operands", "bf16", "amx",
+                                 "packed_weights", "packed_weights_layout"])
 # acts, deltas: every layer's (B, width) block at act_off[l]; labels (B,) or
 # targets (B, K): the batch's targets; row_weights (B,); row_stats (B, 2):
 # each row's weighted loss and score; target_scale (K,): see heads.py;
@@ -25,10 +28,11 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # weights_t: transposed weights (kernels.kept_transposed); outputs_t
 # (threads, V): each thread's scratch for a wide layer's transposed outputs
 # (kernels.wide_forward); balance: how the parallel regions share
-# work between threads (balance.py)
+# work between threads (balance.py); packed, packed_layout: activations and
+# deltas packed for AMX tiles (amx_layers.py; empty without)
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
                            "row_stats", "target_scale", "task_checks", "task_grads",
-                           "weights_t", "outputs_t", "balance"])
+                           "weights_t", "outputs_t", "balance", "packed", "packed_layout"])
 # X: the (N, C) rows' raw bytes, (N, C * x_bytes) uint8, where x_bytes is
 # 1, 4 or 8 for uint8, float32 or float64 rows; labels (N,) int32 for
 # softmax, else targets (N, K) (the other one has no rows); sample_weight

@@ -32,7 +32,8 @@ class FullBatch:
         self.total_weight = float(weights.sum(dtype=np.float64))
         if not self.total_weight > 0:
             raise ValueError("sample_weight sums to 0: there is no loss to minimise")
-        self.workspace = Workspace(model.layer_sizes, min(self.n, CHUNK_ROWS), model.dtype)
+        self.workspace = Workspace(model.layer_sizes, min(self.n, CHUNK_ROWS), model.dtype,
+                                   amx=model.amx)
         self.data = make_data(X, y, weights, np.arange(self.n, dtype=np.int64), model.dtype)
         self.inv_total = model.dtype.type(1.0 / self.total_weight)
         self.grads = aligned_zeros(model.n_params, model.dtype)

@@ -8,6 +8,8 @@ import numpy as np
 
 from . import jit
 from .balance import make_balance
+from .amx import usable as amx_usable
+from .amx_layers import layouts as amx_layouts
 from .buffers import Network, Work, make_data, read_only
 from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
@@ -91,7 +93,7 @@ class Workspace:
     D_0 is never written. `work` groups them as the kernels take them
     (buffers.Work)."""
 
-    def __init__(self, layer_sizes, batch_size, dtype, backward=True):
+    def __init__(self, layer_sizes, batch_size, dtype, backward=True, amx=False):
         sizes = np.asarray(layer_sizes, np.int64)
         # each block starts on a cache line (ALIGNMENT bytes = 16 values or more)
         blocks = -(-batch_size * sizes // 16) * 16
@@ -106,6 +108,7 @@ class Workspace:
         threads = numba.config.NUMBA_NUM_THREADS
         block = task_block_values(layer_sizes) if backward else 0
         wide = wide_scratch_values(layer_sizes)
+        (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
         self.work = Work(
             acts=self.acts, deltas=self.deltas, act_off=self.act_off,
             labels=np.zeros(batch_size, np.int32),
@@ -117,7 +120,8 @@ class Workspace:
             task_grads=aligned_zeros(threads * block, dtype).reshape(threads, block),
             weights_t=aligned_zeros(n_transposed, dtype),
             outputs_t=aligned_zeros(threads * wide, dtype).reshape(threads, wide),
-            balance=make_balance(threads))
+            balance=make_balance(threads),
+            packed=aligned_zeros(packed_size, np.uint16), packed_layout=packed_layout)
         self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,
@@ -157,7 +161,7 @@ class MLP:
         self.flat_targets = self.layer_sizes[-1] == 1
         self.params = aligned_zeros(n_params, self.dtype)
         self.weights, self.biases = self.layer_views(self.params)
-        self._operands = self._operand_buffer()
+        self._operand_buffers()
         # set by fit and kept, so that a second fit (or a loaded file) continues
         self.optimizer_state = None
         self.training_state = None
@@ -180,18 +184,25 @@ class MLP:
             else:
                 w[...] = np.sqrt(2.0 / fan_in) * rng.standard_normal(w.shape)
 
-    def _operand_buffer(self):
+    def _operand_buffers(self):
         # what the products read the weights from (buffers.Network.operands):
-        # params, or for bfloat16 a rounded copy that the kernels keep current
-        if self.precision == "bfloat16":
-            return aligned_zeros(self.params.size, self.dtype)
-        return self.params
+        # params, or for bfloat16 a rounded copy that the kernels keep
+        # current; and whether bfloat16 products run on AMX tiles in this
+        # process, with the weights packed for them (amx_layers.py)
+        bfloat16 = self.precision == "bfloat16"
+        self._operands = aligned_zeros(self.params.size, self.dtype) if bfloat16 else self.params
+        self.amx = bfloat16 and amx_usable()
+        _, (layout, size) = amx_layouts(self.layer_sizes, 0, self.amx)
+        self._packed_weights = aligned_zeros(size, np.uint16)
+        self._packed_weights_layout = layout
 
     def __getstate__(self):
         # weights and biases are views of params, operands params or a copy
         # made from them: rebuilt after unpickling
         state = dict(self.__dict__)
-        del state["weights"], state["biases"], state["_operands"]
+        for key in ("weights", "biases", "_operands", "amx", "_packed_weights",
+                    "_packed_weights_layout"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state):
@@ -206,7 +217,7 @@ class MLP:
         self.__dict__.update(state)
         self.params = aligned_copy(self.params)
         self.weights, self.biases = self.layer_views(self.params)
-        self._operands = self._operand_buffer()
+        self._operand_buffers()
 
     def fit(self, X, y, **kwargs):
         """fastmlp.fit(self, X, y, **kwargs), spelt as Keras's model.fit:
@@ -282,7 +293,8 @@ class MLP:
         layout = (read_only(a) for a in (self._sizes, self.w_off, self.b_off, self._wt_off,
                                          self._tasks))
         return Network(self.params, *layout, self.activation_code, HEADS[self.output],
-                       self._operands, self.precision == "bfloat16")
+                       self._operands, self.precision == "bfloat16", self.amx,
+                       self._packed_weights, read_only(self._packed_weights_layout))
 
     def __repr__(self):
         return (f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "
@@ -325,7 +337,8 @@ class MLP:
         """(loss sum, score sum) over X (targets y, checked), in batches of
         PREDICT_BATCH rows; fills outputs if given."""
         n = X.shape[0]
-        workspace = Workspace(self.layer_sizes, min(n, PREDICT_BATCH), self.dtype, backward=False)
+        workspace = Workspace(self.layer_sizes, min(n, PREDICT_BATCH), self.dtype, backward=False,
+                              amx=self.amx)
         workspace.work.target_scale[:] = target_scale(self.output, y, self.n_outputs, self.dtype)
         data = make_data(X, y, np.ones(n, self.dtype), np.arange(n, dtype=np.int64), self.dtype)
         loss, score = 0.0, 0.0
@@ -343,7 +356,7 @@ class MLP:
         """Whether predict, predict_proba and evaluate run without compiling:
         their kernels are loaded, or in the disk cache for this CPU (the
         first call of a model dtype compiles them otherwise, for about 40 s)."""
-        workspace = Workspace(self.layer_sizes, 1, self.dtype, backward=False)
+        workspace = Workspace(self.layer_sizes, 1, self.dtype, backward=False, amx=self.amx)
         X = np.zeros((1, self.n_features), self.dtype)
         data = make_data(X, self._no_targets(1), np.ones(1, self.dtype),
                          np.arange(1, dtype=np.int64), self.dtype)
@@ -396,7 +409,7 @@ class MLP:
         y = self.check_targets(y, X.shape[0])
         n = X.shape[0]
         sample_weight = check_sample_weight(sample_weight, n, self.dtype)
-        workspace = Workspace(self.layer_sizes, n, self.dtype)
+        workspace = Workspace(self.layer_sizes, n, self.dtype, amx=self.amx)
         grads = aligned_zeros(self.params.size, self.dtype)
         self._transpose(workspace)
         data = make_data(X, y, sample_weight, np.arange(n, dtype=np.int64), self.dtype)

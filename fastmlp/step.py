@@ -31,6 +31,9 @@ import functools
 import numpy as np
 from numba import prange
 
+from .amx_layers import (amx_backward_input, amx_backward_weight, amx_forward, amx_layer,
+                         pack_delta, pack_input, pack_weights)
+from .amx import padded
 from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
@@ -40,6 +43,7 @@ from .schedules import COSINE, KIND, step_lr
 from .kernels import (
     BLOCK_COLUMNS,
     IDENTITY,
+    bias_activation,
     dense_backward_bias,
     dense_backward_input,
     dense_backward_weight,
@@ -172,9 +176,10 @@ def transposed_layout(layer_sizes):
 
 
 def wide_scratch_values(layer_sizes):
-    """Values of the scratch in which a thread's wide_forward sums a block
-    of its rows' outputs (Work.outputs_t): 0 without a wide layer."""
-    return max([transposed_outputs(fan_out) * BLOCK_COLUMNS for fan_out in layer_sizes[1:]
+    """Values of the scratch in which a thread's wide_forward (or
+    amx_forward, all outputs padded to 32) sums a block of its rows'
+    outputs (Work.outputs_t): 0 without a wide layer."""
+    return max([padded(fan_out) * BLOCK_COLUMNS for fan_out in layer_sizes[1:]
                 if wide_layer(fan_out)], default=0)
 
 
@@ -199,6 +204,8 @@ def transpose_weights(weights_t, net):
         weight = view2d(net.operands, net.w_off, l, OC, C)
         if net.bf16:
             round_columns(weight, view2d(net.params, net.w_off, l, OC, C), k0, k1)
+        if amx_layer(net, l):
+            pack_weights(net, weight, l, np.int64(0), OC, k0, k1)
         transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT), weight, np.int64(0), OCT,
                                k0, k1)
 
@@ -244,18 +251,28 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
             continue
         fp_control = flush_subnormals()
         outputs_t = all_outputs_t[part]
-        gather_rows(view2d(acts, act_off, np.int64(0), B, sizes[0]), work.labels, work.targets,
-                    work.row_weights, data, start, net.bf16, r0, r1)
+        inp = view2d(acts, act_off, np.int64(0), B, sizes[0])
+        gather_rows(inp, work.labels, work.targets, work.row_weights, data, start, net.bf16,
+                    r0, r1)
         for l in range(L):
             hidden = l < L - 1  # the logits stay float32 (bfloat16.py)
-            dense_forward(view2d(acts, act_off, l + 1, B, sizes[l + 1]),
-                          view2d(acts, act_off, l, B, sizes[l]),
-                          view2d(net.operands, net.w_off, l, sizes[l + 1], sizes[l]),
-                          view2d(work.weights_t, net.wt_off, l, sizes[l],
-                                 kept_transposed(sizes[l + 1])),
-                          outputs_t,
-                          net.params[net.b_off[l]:net.b_off[l] + sizes[l + 1]],
-                          net.activation if hidden else IDENTITY, net.bf16 and hidden, r0, r1)
+            out = view2d(acts, act_off, l + 1, B, sizes[l + 1])
+            bias = net.params[net.b_off[l]:net.b_off[l] + sizes[l + 1]]
+            activation = net.activation if hidden else IDENTITY
+            if amx_layer(net, l):
+                # (its input packed as it was written)
+                if l == 0:
+                    pack_input(work, inp, l, r0, r1, nrows, backward)
+                amx_forward(out, outputs_t, work, net, l, r0, r1)
+                bias_activation(out, bias, activation, hidden, r0, r1)
+            else:
+                dense_forward(out, inp, view2d(net.operands, net.w_off, l, sizes[l + 1], sizes[l]),
+                              view2d(work.weights_t, net.wt_off, l, sizes[l],
+                                     kept_transposed(sizes[l + 1])),
+                              outputs_t, bias, activation, net.bf16 and hidden, r0, r1)
+            if hidden and amx_layer(net, l + 1):
+                pack_input(work, out, l + 1, r0, r1, nrows, backward)
+            inp = out
         out = view2d(acts, act_off, L, B, sizes[L])
         head_forward(out, work.row_stats, work.labels, work.targets, work.row_weights,
                      work.target_scale, net.head, r0, r1)
@@ -266,12 +283,21 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
             if net.bf16:
                 for b in range(r0, r1):
                     round_row(dout[b])
+            if amx_layer(net, L - 1):
+                pack_delta(work, dout, L - 1, r0, r1, nrows)
             for l in range(L - 1, 0, -1):
-                dense_backward_input(view2d(work.deltas, act_off, l, B, sizes[l]),
-                                     view2d(work.deltas, act_off, l + 1, B, sizes[l + 1]),
-                                     view2d(net.operands, net.w_off, l, sizes[l + 1], sizes[l]),
-                                     view2d(acts, act_off, l, B, sizes[l]),
-                                     net.activation, net.bf16, r0, r1)
+                dinp = view2d(work.deltas, act_off, l, B, sizes[l])
+                if amx_layer(net, l):
+                    amx_backward_input(dinp, view2d(acts, act_off, l, B, sizes[l]), work, net, l,
+                                       r0, r1)
+                else:
+                    dense_backward_input(dinp, view2d(work.deltas, act_off, l + 1, B, sizes[l + 1]),
+                                         view2d(net.operands, net.w_off, l, sizes[l + 1],
+                                                sizes[l]),
+                                         view2d(acts, act_off, l, B, sizes[l]),
+                                         net.activation, net.bf16, r0, r1)
+                if amx_layer(net, l - 1):
+                    pack_delta(work, dinp, l - 1, r0, r1, nrows)
         write_fp_control(fp_control)
         record(shares, part, started, r1 - r0)
 
@@ -293,8 +319,12 @@ def task_gradient(grads, g_first, work, net, t, nrows):
         j0 = tasks[t, 2]
         j1 = tasks[t, 3]
         block = grads[g_first:g_first + (j1 - j0) * fan_in].reshape((j1 - j0, fan_in))
-        dense_backward_weight(block, dout[:, j0:j1], view2d(work.acts, work.act_off, l, B, fan_in),
-                              np.int64(0), j1 - j0, nrows, tasks[t, 4], tasks[t, 5])
+        if amx_layer(net, l):
+            amx_backward_weight(block, work, l, j0, j1, nrows, tasks[t, 4], tasks[t, 5])
+        else:
+            dense_backward_weight(block, dout[:, j0:j1],
+                                  view2d(work.acts, work.act_off, l, B, fan_in), np.int64(0),
+                                  j1 - j0, nrows, tasks[t, 4], tasks[t, 5])
     else:
         dense_backward_bias(grads[g_first:g_first + fan_out], dout, nrows)
 
@@ -369,6 +399,9 @@ def task_update(weights_t, net, opt, t, grads, g_first):
         if net.bf16:
             round_columns(view2d(net.operands, net.w_off, l, OC, C)[j0:tasks[t, 3]],
                           view2d(params, net.w_off, l, OC, C)[j0:tasks[t, 3]], k0, k1)
+        if amx_layer(net, l):
+            pack_weights(net, view2d(net.operands, net.w_off, l, OC, C), l, j0, tasks[t, 3], k0,
+                         k1)
         if j0 < OCT:
             transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT),
                                    view2d(net.operands, net.w_off, l, OC, C), j0,
