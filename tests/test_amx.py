@@ -1,0 +1,154 @@
+"""bfloat16 on AMX tiles (fastmlp/amx.py, fastmlp/amx_layers.py): the
+packed layouts everywhere; the tile products and the wide layers that use
+them where the CPU has AMX, against the float64 product and the bfloat16
+oracle."""
+import numpy as np
+import pytest
+
+import fastmlp
+from fastmlp import amx, reference
+from fastmlp.amx_layers import amx_product
+from fastmlp.bfloat16 import round_array
+
+from conftest import random_problem, relative_error
+
+needs_amx = pytest.mark.skipif(
+    not amx.usable(), reason="needs a CPU with AMX (amx_bf16), kernels compiled for it and "
+                             "Linux's grant of the tile state; elsewhere bfloat16 is emulated")
+
+
+def bfloat16_values(shape, seed):
+    return round_array(np.random.default_rng(seed).standard_normal(shape))
+
+
+def top_halves(a):
+    return (a.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def test_packing_matches_the_tile_layouts():
+    src = bfloat16_values((9, 13), 0)
+    words = src.view(np.uint32)
+    # A, rows along K: a window of rows and columns, the rest untouched
+    rows = np.full((10, 16), 7, np.uint16)
+    amx.pack_rows(rows, src, 2, 7, 3, 11)
+    expected = np.full((10, 16), 7, np.uint16)
+    expected[2:7, 3:11] = top_halves(src[2:7, 3:11])
+    assert np.array_equal(rows, expected)
+    # B, pairs of rows: an odd last row pairs with zero, then zero rows
+    pairs = np.full((6, 13), 7, np.uint32)
+    amx.pack_row_pairs(pairs, src, 2, 7, 10, 1, 12)
+    expected = np.full((6, 13), 7, np.uint32)
+    for r in range(2, 10, 2):
+        low = words[r, 1:12] >> 16 if r < 7 else 0
+        high = words[r + 1, 1:12] & 0xFFFF0000 if r + 1 < 7 else 0
+        expected[r // 2, 1:12] = high | low
+    assert np.array_equal(pairs, expected)
+    # A from columns (a transpose), zeros to column 8
+    columns = np.full((13, 10), 7, np.uint16)
+    amx.pack_columns(columns, src, 1, 5, 8)
+    expected = np.full((13, 10), 7, np.uint16)
+    expected[:, 1:5] = top_halves(src[1:5]).T
+    expected[:, 5:8] = 0
+    assert np.array_equal(columns, expected)
+    # B from pairs of columns: 13 columns, the last paired with zero
+    column_pairs = np.full((8, 9), 7, np.uint32)
+    amx.pack_column_pairs(column_pairs, src, 0, 9)
+    padded = np.concatenate([words, np.zeros((9, 1), np.uint32)], axis=1)
+    expected = np.full((8, 9), 7, np.uint32)
+    expected[:7] = ((padded[:, 1::2] & 0xFFFF0000) | (padded[:, ::2] >> 16)).T
+    assert np.array_equal(column_pairs, expected)
+
+
+def test_amx_is_off_without_the_instructions_or_when_asked(monkeypatch):
+    assert amx.target_has_amx("+avx512f,+amx-tile,+amx-bf16,-amx-fp16")
+    assert not amx.target_has_amx("+avx512f,+amx-tile,-amx-bf16")
+    monkeypatch.setattr("fastmlp.bfloat16.native_support", lambda: ("avx512_bf16",))
+    assert not amx.usable()
+    assert not fastmlp.MLP([4, 300, 2], dtype="bfloat16").amx
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTMLP_AMX", "0")
+    assert not amx.usable()
+    assert not fastmlp.MLP([4, 300, 2], dtype="bfloat16").amx
+
+
+def packed_a(a, rows):
+    # A as the tiles read it: rows, K padded to whole steps, `rows` rows
+    out = np.zeros((rows, amx.padded(a.shape[1])), np.uint16)
+    amx.pack_rows(out, a, 0, a.shape[0], 0, a.shape[1])
+    return out
+
+
+def packed_b(b, columns):
+    out = np.zeros((amx.padded(b.shape[0]) // 2, columns), np.uint32)
+    amx.pack_row_pairs(out, b, 0, b.shape[0], b.shape[0], 0, b.shape[1])
+    return out
+
+
+@needs_amx
+@pytest.mark.parametrize("rows,columns,K", [(32, 64, 32), (16, 32, 96), (45, 50, 100),
+                                            (70, 96, 33), (5, 20, 200)])
+def test_tile_products_match_the_exact_product(rows, columns, K):
+    # A[a0:a0 + rows] @ B[:, b0:b0 + columns] at offsets, with every edge:
+    # a last strip of 16 or fewer rows, a last block of fewer columns, a K
+    # padded with zeros. Each product of bfloat16 values is exact in float32
+    # and the tiles sum in float32: within K roundings of the exact sum.
+    a0, b0 = 3, 5
+    A = bfloat16_values((a0 + rows, K), 1)
+    B = bfloat16_values((K, b0 + columns), 2)
+    out = np.full((rows + 2, columns + 3), 9.0, np.float32)
+    amx_product(out, packed_a(A, a0 + rows + 32), np.int64(a0), packed_b(B, b0 + columns + 32),
+                np.int64(b0), np.int64(rows), np.int64(columns), np.int64(amx.padded(K) // 32))
+    A64, B64 = A[a0:].astype(np.float64), B[:, b0:].astype(np.float64)
+    exact = A64 @ B64
+    bound = K * np.finfo(np.float32).eps * (np.abs(A64) @ np.abs(B64))
+    assert np.all(np.abs(out[:rows, :columns] - exact) <= bound)
+    assert np.all(out[rows:] == 9.0) and np.all(out[:, columns:] == 9.0)  # nothing past the edge
+
+
+@needs_amx
+@pytest.mark.parametrize("output", ["softmax", "linear"])
+def test_wide_layers_on_amx_follow_the_bfloat16_oracle(output):
+    # 300 and 290 outputs: whole blocks and a last one of 12 (forward) or
+    # 2 (the weight gradient's columns); 70 rows: strips of 32, 32 and 6.
+    # The tiles' float32 sums round otherwise than the oracle's chain (no
+    # less precisely: test above), so now and then a value that the step
+    # rounds to bfloat16 lands one bfloat16 step (2^-8) away from the
+    # oracle's, and the gradients it feeds differ there: here by up to
+    # 5.5e-4 of a layer's scale (seed 5, the worst of three), where float32
+    # products differ by 1.4e-3 to 0.24. A trajectory drifts likewise, as
+    # any two orders of the sums would: 50 steps of SGD end 1.5e-3 apart.
+    model, X, y = random_problem([37, 300, 290, 5], 70, "relu", np.float32, seed=5)
+    if output == "linear":
+        y = np.random.default_rng(5).standard_normal((70, 5)).astype(np.float32)
+    bf16 = fastmlp.MLP(model.layer_sizes, activation="relu", dtype="bfloat16", output=output)
+    assert bf16.amx
+    bf16.params[:] = model.params
+    loss, dweights, dbiases = bf16.gradients(X, y)
+    weights = [w.copy() for w in model.weights]
+    biases = [b.copy() for b in model.biases]
+    oracle = reference.loss_and_gradients(weights, biases, X, y, "relu", output=output,
+                                          bfloat16=True)
+    plain = reference.loss_and_gradients(weights, biases, X, y, "relu", output=output)
+    for ours, theirs, float32 in zip(dweights + dbiases, oracle[1] + oracle[2],
+                                     plain[1] + plain[2]):
+        assert relative_error(ours, theirs) < 1e-3
+        assert relative_error(ours, float32) > 2 * relative_error(ours, theirs)
+    assert abs(loss - oracle[0]) < 1e-5 * max(1.0, abs(oracle[0]))
+    outputs = bf16.predict_proba(X) if output == "softmax" else bf16.predict(X)
+    expected = reference.forward(weights, biases, X, "relu", output, bfloat16=True)[-1]
+    assert relative_error(outputs, expected) < 1e-3
+
+
+@needs_amx
+def test_amx_parameters_are_bit_identical_for_any_thread_count():
+    # 230 rows in batches of 64: a last batch of 38, K padded with zeros
+    model, X, y = random_problem([50, 300, 260, 3], 230, "relu", np.float32, seed=6)
+    results = []
+    for threads in (1, 2):
+        bf16 = fastmlp.MLP(model.layer_sizes, activation="relu", dtype="bfloat16")
+        bf16.params[:] = model.params
+        fastmlp.fit(bf16, X, y, epochs=2, batch_size=64, optimizer="adam", lr=0.01,
+                    threads=threads, seed=0)
+        results.append(bf16.params.copy())
+    assert np.array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], model.params)
