@@ -34,12 +34,15 @@ import platform
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import carray, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .bfloat16 import round_bfloat16
 from .jit import kernel
-from .microkernel import accumulating_loop, out_of_line_function
+from .kernels import stack_buffer
+from .microkernel import (accumulating_loop, element_address, out_of_line_function,
+                          transpose_function)
 
 TILE_ROWS = 16
 TILE_BYTES = 64
@@ -224,26 +227,11 @@ def amx_block(typingctx, out, i, j, a, ai, b, bj, ksteps, blocks, row_tiles):
     return types.void(out, index, index, a, index, b, index, index, index, row_tiles), codegen
 
 
-@intrinsic
-def bfloat16_bits(typingctx, x):
-    # the top 16 bits of float32 x: x itself when x is a bfloat16 value
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        bits = builder.bitcast(args[0], ir.IntType(32))
-        return builder.trunc(builder.lshr(bits, ir.Constant(ir.IntType(32), 16)),
-                             ir.IntType(16))
-    return types.uint16(x), codegen
-
-
 # ----------------------------------------------------------------------------
-# packing: float32 values already rounded to bfloat16, into tiles' layouts.
+# packing: float32 values, rounded to bfloat16 (those of the activations
+# and deltas are already), into tiles' layouts.
 # A is uint16 (rows along K); B is uint32, each value a pair of bfloat16
-# along K (the lower half first). Transposes go in tiles of TRANSPOSE x
-# TRANSPOSE, so that what they read and write stays in L1.
-
-TRANSPOSE = 16
+# along K (the lower half first).
 
 
 @intrinsic
@@ -258,9 +246,17 @@ def float_bits(typingctx, x):
 
 
 @kernel
+def bfloat16_bits(x):
+    # float32 x rounded to the nearest bfloat16 (ties to even), as its 16
+    # bits (a value that is one already stays as it is)
+    return np.uint16(float_bits(round_bfloat16(x)) >> np.uint32(16))
+
+
+@kernel
 def pair_word(low, high):
-    # two bfloat16 values (float32 with zero lower halves) as one word of B
-    return (float_bits(high) & np.uint32(0xFFFF0000)) | (float_bits(low) >> np.uint32(16))
+    # two float32 values rounded to bfloat16, as one word of B
+    return ((float_bits(round_bfloat16(high)) & np.uint32(0xFFFF0000))
+            | (float_bits(round_bfloat16(low)) >> np.uint32(16)))
 
 
 @kernel
@@ -306,37 +302,108 @@ def pack_row_pairs(dst, src, r0, r1, zero_to, k0, k1):
                 out[c] = 0
 
 
+@intrinsic
+def transpose_words(typingctx, dst, di, dj, src, si, sj):
+    # dst and src are 2-D uint32 arrays with unit stride along their last
+    # axis: dst[di + a, dj + b] = src[si + b, sj + a] for a, b < 8, in
+    # registers (microkernel.transpose_function)
+    if not all(isinstance(x, types.Array) and x.ndim == 2 and x.dtype == types.uint32
+               for x in (dst, src)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dst_arr, src_arr = (context.make_array(t)(context, builder, x)
+                            for t, x in ((dst, args[0]), (src, args[3])))
+        function = transpose_function(builder.module, ir.IntType(32), 4, TRANSPOSE_WORDS)
+        builder.call(function, [
+            element_address(builder, dst_arr, args[1], args[2], 4),
+            builder.extract_value(dst_arr.strides, 0),
+            element_address(builder, src_arr, args[4], args[5], 4),
+            builder.extract_value(src_arr.strides, 0)])
+        return context.get_dummy_value()
+
+    index = types.intp
+    return types.void(dst, index, index, src, index, index), codegen
+
+
+TRANSPOSE_WORDS = 8  # a transposed tile: 8 x 8 words
+# packing through a transpose goes in blocks of words on the stack
+WORD_ROWS = 16
+WORD_COLUMNS = 512
+WORD_VALUES = WORD_ROWS * WORD_COLUMNS
+
+
+@kernel
+def transpose_block(dst, d0, c0, words, rows, columns):
+    # dst[c0 + c, d0 + r] = words[r, c] for r < rows, c < columns: 8 x 8
+    # tiles, then what is left one word at a time
+    n = TRANSPOSE_WORDS
+    rows_n = rows // n * n
+    columns_n = columns // n * n
+    for c in range(0, columns_n, n):
+        for r in range(0, rows_n, n):
+            transpose_words(dst, c0 + c, d0 + r, words, r, c)
+    for c in range(columns):
+        row = dst[c0 + c]
+        for r in range(rows_n if c < columns_n else 0, rows):
+            row[d0 + r] = words[r, c]
+
+
 @kernel
 def pack_columns(dst, src, r0, r1, zero_to):
-    # dst is (>= C, >= zero_to) uint16, src is (>= r1, C) float32
-    # dst[:, r0:r1] = src[r0:r1].T: A with K along src's columns; zeros in
-    # columns r1:zero_to
+    # dst is (>= C, >= zero_to / 2) uint32, the words of a uint16 A;
+    # src is (>= r1, C) float32; r0 even
+    # src[r0:r1].T as A with K along src's rows: dst's values (uint16)
+    # [c, r] = src[r, c], and zeros in its columns r1:zero_to. Pairs of rows
+    # make words (as pack_row_pairs), which go transposed in tiles.
     C = src.shape[1]
-    for c0 in range(0, C, TRANSPOSE):
-        c1 = min(C, c0 + TRANSPOSE)
-        for r in range(r0, r1):
-            row = src[r]
-            for c in range(c0, c1):
-                dst[c, r] = bfloat16_bits(row[c])
-        for c in range(c0, c1):
-            for r in range(r1, zero_to):
-                dst[c, r] = 0
+    end = max(r1, zero_to)
+    scratch = carray(stack_buffer(WORD_VALUES, dst), WORD_VALUES)
+    zero = np.float32(0.0)
+    for c0 in range(0, C, WORD_COLUMNS):
+        nc = min(WORD_COLUMNS, C - c0)
+        for b0 in range(r0, end, 2 * WORD_ROWS):
+            pairs = (min(end, b0 + 2 * WORD_ROWS) - b0 + 1) // 2
+            words = scratch[:pairs * nc].reshape((pairs, nc))
+            for i in range(pairs):
+                r = b0 + 2 * i
+                out = words[i]
+                if r + 1 < r1:
+                    low = src[r, c0:c0 + nc]
+                    high = src[r + 1, c0:c0 + nc]
+                    for c in range(nc):
+                        out[c] = pair_word(low[c], high[c])
+                elif r < r1:
+                    low = src[r, c0:c0 + nc]
+                    for c in range(nc):
+                        out[c] = pair_word(low[c], zero)
+                else:
+                    for c in range(nc):
+                        out[c] = 0
+            transpose_block(dst, b0 // 2, c0, words, pairs, nc)
 
 
 @kernel
 def pack_column_pairs(dst, src, r0, r1):
     # dst is (>= padded(C) / 2, >= r1) uint32, src is (>= r1, C) float32
-    # src[r0:r1].T as B with K along src's rows: dst[p, r] pairs src[r, 2p]
-    # and src[r, 2p + 1] (an odd C's last pair with a zero)
+    # src[r0:r1].T as B with K along src's columns: dst[p, r] pairs src[r, 2p]
+    # and src[r, 2p + 1] (an odd C's last pair with a zero); words made
+    # along src's rows, transposed in tiles
     C = src.shape[1]
-    P = C // 2
+    P = (C + 1) // 2
+    scratch = carray(stack_buffer(WORD_VALUES, dst), WORD_VALUES)
     zero = np.float32(0.0)
-    for p0 in range(0, P, TRANSPOSE):
-        p1 = min(P, p0 + TRANSPOSE)
-        for r in range(r0, r1):
-            row = src[r]
-            for p in range(p0, p1):
-                dst[p, r] = pair_word(row[2 * p], row[2 * p + 1])
-    if C % 2:
-        for r in range(r0, r1):
-            dst[P, r] = pair_word(src[r, C - 1], zero)
+    for q0 in range(0, P, WORD_COLUMNS):
+        nq = min(WORD_COLUMNS, P - q0)
+        whole = min(nq, C // 2 - q0)  # pairs of two columns of src
+        for b0 in range(r0, r1, WORD_ROWS):
+            nb = min(WORD_ROWS, r1 - b0)
+            words = scratch[:nb * nq].reshape((nb, nq))
+            for b in range(nb):
+                row = src[b0 + b, 2 * q0:]
+                out = words[b]
+                for q in range(whole):
+                    out[q] = pair_word(row[2 * q], row[2 * q + 1])
+                if whole < nq:
+                    out[whole] = pair_word(row[2 * whole], zero)
+            transpose_block(dst, b0, q0, words, nb, nq)

@@ -190,8 +190,9 @@ TRANSPOSE_PIECES = 8
 @parallel_kernel
 def transpose_weights(weights_t, net):
     # every layer's transposed block from its weights (and, for bfloat16,
-    # the rounded weights first): needed after params change anywhere but
-    # in task_update, which keeps both current
+    # the rounded weights first; for layers on AMX tiles, their packed
+    # operands instead): needed after params change anywhere but in
+    # task_update, which keeps them all current
     L = net.sizes.shape[0] - 1
     for p in prange(L * TRANSPOSE_PIECES):
         l = p // TRANSPOSE_PIECES
@@ -202,10 +203,12 @@ def transpose_weights(weights_t, net):
         k0 = piece * C // TRANSPOSE_PIECES
         k1 = (piece + 1) * C // TRANSPOSE_PIECES
         weight = view2d(net.operands, net.w_off, l, OC, C)
+        if amx_layer(net, l):
+            pack_weights(net, view2d(net.params, net.w_off, l, OC, C), l, np.int64(0), OC,
+                         k0, k1)
+            continue
         if net.bf16:
             round_columns(weight, view2d(net.params, net.w_off, l, OC, C), k0, k1)
-        if amx_layer(net, l):
-            pack_weights(net, weight, l, np.int64(0), OC, k0, k1)
         transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT), weight, np.int64(0), OCT,
                                k0, k1)
 
@@ -396,12 +399,12 @@ def task_update(weights_t, net, opt, t, grads, g_first):
         OC = sizes[l + 1]
         OCT = kept_transposed(OC)
         j0 = tasks[t, 2]
+        if amx_layer(net, l):
+            pack_weights(net, view2d(params, net.w_off, l, OC, C), l, j0, tasks[t, 3], k0, k1)
+            return check
         if net.bf16:
             round_columns(view2d(net.operands, net.w_off, l, OC, C)[j0:tasks[t, 3]],
                           view2d(params, net.w_off, l, OC, C)[j0:tasks[t, 3]], k0, k1)
-        if amx_layer(net, l):
-            pack_weights(net, view2d(net.operands, net.w_off, l, OC, C), l, j0, tasks[t, 3], k0,
-                         k1)
         if j0 < OCT:
             transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT),
                                    view2d(net.operands, net.w_off, l, OC, C), j0,

@@ -26,36 +26,38 @@ def top_halves(a):
 
 
 def test_packing_matches_the_tile_layouts():
-    src = bfloat16_values((9, 13), 0)
+    # 21 x 37: the transposes' 8 x 8 tiles and what is left past them
+    src = bfloat16_values((21, 37), 0)
     words = src.view(np.uint32)
     # A, rows along K: a window of rows and columns, the rest untouched
-    rows = np.full((10, 16), 7, np.uint16)
-    amx.pack_rows(rows, src, 2, 7, 3, 11)
-    expected = np.full((10, 16), 7, np.uint16)
-    expected[2:7, 3:11] = top_halves(src[2:7, 3:11])
+    rows = np.full((22, 40), 7, np.uint16)
+    amx.pack_rows(rows, src, 2, 17, 3, 31)
+    expected = np.full((22, 40), 7, np.uint16)
+    expected[2:17, 3:31] = top_halves(src[2:17, 3:31])
     assert np.array_equal(rows, expected)
     # B, pairs of rows: an odd last row pairs with zero, then zero rows
-    pairs = np.full((6, 13), 7, np.uint32)
-    amx.pack_row_pairs(pairs, src, 2, 7, 10, 1, 12)
-    expected = np.full((6, 13), 7, np.uint32)
-    for r in range(2, 10, 2):
-        low = words[r, 1:12] >> 16 if r < 7 else 0
-        high = words[r + 1, 1:12] & 0xFFFF0000 if r + 1 < 7 else 0
-        expected[r // 2, 1:12] = high | low
+    pairs = np.full((14, 37), 7, np.uint32)
+    amx.pack_row_pairs(pairs, src, 2, 21, 26, 1, 36)
+    expected = np.full((14, 37), 7, np.uint32)
+    for r in range(2, 26, 2):
+        low = words[r, 1:36] >> 16 if r < 21 else 0
+        high = words[r + 1, 1:36] & 0xFFFF0000 if r + 1 < 21 else 0
+        expected[r // 2, 1:36] = high | low
     assert np.array_equal(pairs, expected)
-    # A from columns (a transpose), zeros to column 8
-    columns = np.full((13, 10), 7, np.uint16)
-    amx.pack_columns(columns, src, 1, 5, 8)
-    expected = np.full((13, 10), 7, np.uint16)
-    expected[:, 1:5] = top_halves(src[1:5]).T
-    expected[:, 5:8] = 0
+    # A from columns (a transpose): rows 2:19 of src, zeros to column 24;
+    # its words go in
+    columns = np.full((37, 28), 7, np.uint16)
+    amx.pack_columns(columns.view(np.uint32), src, 2, 19, 24)
+    expected = np.full((37, 28), 7, np.uint16)
+    expected[:, 2:19] = top_halves(src[2:19]).T
+    expected[:, 19:24] = 0
     assert np.array_equal(columns, expected)
-    # B from pairs of columns: 13 columns, the last paired with zero
-    column_pairs = np.full((8, 9), 7, np.uint32)
-    amx.pack_column_pairs(column_pairs, src, 0, 9)
-    padded = np.concatenate([words, np.zeros((9, 1), np.uint32)], axis=1)
-    expected = np.full((8, 9), 7, np.uint32)
-    expected[:7] = ((padded[:, 1::2] & 0xFFFF0000) | (padded[:, ::2] >> 16)).T
+    # B from pairs of columns: 37 columns, the last paired with zero
+    column_pairs = np.full((20, 23), 7, np.uint32)
+    amx.pack_column_pairs(column_pairs, src, 1, 21)
+    padded = np.concatenate([words, np.zeros((21, 1), np.uint32)], axis=1)
+    expected = np.full((20, 23), 7, np.uint32)
+    expected[:19, 1:21] = ((padded[1:, 1::2] & 0xFFFF0000) | (padded[1:, ::2] >> 16)).T
     assert np.array_equal(column_pairs, expected)
 
 
