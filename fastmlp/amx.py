@@ -249,14 +249,15 @@ def float_bits(typingctx, x):
 def bfloat16_bits(x):
     # float32 x rounded to the nearest bfloat16 (ties to even), as its 16
     # bits (a value that is one already stays as it is)
-    return np.uint16(float_bits(round_bfloat16(x)) >> np.uint32(16))
+    return np.uint16(float_bits(round_bfloat16(np.float32(x))) >> np.uint32(16))
 
 
 @kernel
 def pair_word(low, high):
     # two float32 values rounded to bfloat16, as one word of B
-    return ((float_bits(round_bfloat16(high)) & np.uint32(0xFFFF0000))
-            | (float_bits(round_bfloat16(low)) >> np.uint32(16)))
+    # (float64 values type here too, in kernels where no layer is on AMX)
+    return ((float_bits(round_bfloat16(np.float32(high))) & np.uint32(0xFFFF0000))
+            | (float_bits(round_bfloat16(np.float32(low))) >> np.uint32(16)))
 
 
 @kernel
