@@ -118,7 +118,8 @@ def run_fastmlp_1thread(workload, data, epochs):
 
 
 def run_fastmlp_bf16(workload, data, epochs):
-    # dtype="bfloat16": bfloat16 products (emulated in float32 on every CPU)
+    # dtype="bfloat16": bfloat16 products, on AMX tiles where the CPU has
+    # them, else emulated in float32
     return run_fastmlp(workload, data, epochs, dtype="bfloat16")
 
 
@@ -498,12 +499,15 @@ def machine_summary():
                          if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from fastmlp import amx
     from fastmlp.bfloat16 import native_support
     name, bits = compiled_target()
     bf16 = ", ".join(native_support()) or "none"
+    how = ("fastmlp_bf16 runs its wide layers on AMX tiles" if amx.usable()
+           else "fastmlp_bf16 emulates them in float32")
     return (f"CPU: {model}; LLVM CPU name: {name}; microkernels: {bits}-bit vectors, "
             f"4 rows x up to {panel_vectors(bits)} vectors; bfloat16 instructions: {bf16} "
-            f"(fastmlp_bf16 emulates them in float32)")
+            f"({how})")
 
 
 def peer_kernels(peer):
@@ -646,6 +650,23 @@ def compare_workload(workload, peers, epochs, rounds, peak):
               f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {by_round:18}  "
               f"{result['blas']}")
     print(f"sgemm peak by round: {' '.join(f'{p:.0f}' for p in peaks)} GFLOP/s")
+    for line in bfloat16_lines(rates, failed):
+        print(line)
+
+
+def bfloat16_lines(rates, failed):
+    """fastmlp_bf16's speed-ups over PyTorch's bf16 autocast and over
+    fastmlp's float32, as medians of the rounds' ratios, when both ran."""
+    lines = []
+    for peer, label in (("torch_bf16", "PyTorch's bf16 autocast"), ("fastmlp", "float32")):
+        if "fastmlp_bf16" not in rates or peer not in rates or {peer, "fastmlp_bf16"} & set(failed):
+            continue
+        ratios = [a / b for a, b in zip(rates["fastmlp_bf16"], rates[peer])
+                  if a is not None and b is not None]
+        if ratios:
+            lines.append(f"fastmlp_bf16 over {label}: {float(np.median(ratios)):.2f}x "
+                         f"(by round: {' '.join(f'{r:.2f}' for r in ratios)})")
+    return lines
 
 
 def main(argv=None):

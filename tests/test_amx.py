@@ -154,3 +154,14 @@ def test_amx_parameters_are_bit_identical_for_any_thread_count():
         results.append(bf16.params.copy())
     assert np.array_equal(results[0], results[1])
     assert not np.array_equal(results[0], model.params)
+
+
+def test_the_peak_loops_are_valid_llvm(monkeypatch):
+    # scripts/core_peaks.py: its loops parse and verify for every vector
+    # width, whatever this CPU runs (timing them is for the script)
+    import llvmlite.binding as llvm
+    from conftest import load_script
+    peaks = load_script("core_peaks")
+    for text in (peaks.fma_ir(16), peaks.fma_ir(8), peaks.dpbf16_ir(), peaks.amx_ir()):
+        llvm.parse_assembly(text).verify()
+    assert peaks.fma_ir(8).count("@llvm.fma.v8f32(") == 1 + peaks.ACCUMULATORS * peaks.UNROLL

@@ -46,6 +46,17 @@ def test_a_round_that_failed_gives_no_ratio():
     assert math.isnan(rate) and math.isnan(ratio) and ratios == []
 
 
+def test_the_bfloat16_lines_are_medians_of_ratios_within_rounds():
+    compare = load_script("compare")
+    rates = {"fastmlp": [1.0, 0.5, 1.0], "fastmlp_bf16": [3.0, 1.0, None],
+             "torch_bf16": [1.0, 0.4, 1.5]}
+    lines = compare.bfloat16_lines(rates, failed={})
+    assert lines == ["fastmlp_bf16 over PyTorch's bf16 autocast: 2.75x (by round: 3.00 2.50)",
+                     "fastmlp_bf16 over float32: 2.50x (by round: 3.00 2.00)"]
+    assert compare.bfloat16_lines(rates, failed={"torch_bf16": "crashed"}) == lines[1:]
+    assert compare.bfloat16_lines({"fastmlp": [1.0]}, failed={}) == []
+
+
 def test_every_peer_names_its_module_and_has_a_runner():
     # a peer missing from MODULE_OF would stop the comparison with a
     # KeyError after minutes of runs; one without run_<peer> was reported
