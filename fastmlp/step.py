@@ -31,7 +31,7 @@ import functools
 import numpy as np
 from numba import prange
 
-from .amx_layers import (amx_backward_input, amx_backward_weight, amx_forward, amx_layer,
+from .amx_layers import (AMX_MIN_OUTPUTS, amx_backward_input, amx_backward_weight, amx_forward, amx_layer,
                          pack_delta, pack_input, pack_weights)
 from .amx import padded
 from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
@@ -180,7 +180,7 @@ def wide_scratch_values(layer_sizes):
     amx_forward, all outputs padded to 32) sums a block of its rows'
     outputs (Work.outputs_t): 0 without a wide layer."""
     return max([padded(fan_out) * BLOCK_COLUMNS for fan_out in layer_sizes[1:]
-                if wide_layer(fan_out)], default=0)
+                if wide_layer(fan_out) or fan_out >= AMX_MIN_OUTPUTS], default=0)
 
 
 # pieces of fan_in rows per layer in transpose_weights

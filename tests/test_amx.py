@@ -1,5 +1,5 @@
 """bfloat16 on AMX tiles (fastmlp/amx.py, fastmlp/amx_layers.py): the
-packed layouts everywhere; the tile products and the wide layers that use
+packed layouts everywhere; the tile products and the layers that use
 them where the CPU has AMX, against the float64 product and the bfloat16
 oracle."""
 import numpy as np
@@ -109,7 +109,7 @@ def test_tile_products_match_the_exact_product(rows, columns, K):
 
 @needs_amx
 @pytest.mark.parametrize("output", ["softmax", "linear"])
-def test_wide_layers_on_amx_follow_the_bfloat16_oracle(output):
+def test_layers_on_amx_follow_the_bfloat16_oracle(output):
     # 300 and 290 outputs: whole blocks and a last one of 12 (forward) or
     # 2 (the weight gradient's columns); 70 rows: strips of 32, 32 and 6.
     # The tiles' float32 sums round otherwise than the oracle's chain (no

@@ -8,6 +8,7 @@ import pytest
 
 import fastmlp
 from fastmlp import reference
+from fastmlp.amx_layers import W_ROWS, is_amx_layer
 from fastmlp.bfloat16 import round_array, round_bfloat16
 
 from conftest import random_problem, relative_error
@@ -126,10 +127,20 @@ def test_the_products_read_the_rounded_weights_after_training_and_loading(tmp_pa
     fastmlp.fit(bf16, X, y, epochs=2, batch_size=50, optimizer="momentum", lr=0.05)
 
     def operands_rounded(m):
+        # what each layer's products read: the rounded copy, or on AMX
+        # tiles (amx_layers.py) the packed rows of bfloat16 bits
         net = m.network()
-        return all(np.array_equal(
-            net.operands[m.w_off[l]:m.w_off[l] + w.size].reshape(w.T.shape), round_array(w.T))
-            for l, w in enumerate(m.weights))
+        for l, w in enumerate(m.weights):
+            rounded = round_array(w.T)
+            if is_amx_layer(w.shape[1], m.amx):
+                start, rows, columns = net.packed_weights_layout[l, W_ROWS]
+                packed = net.packed_weights[start:start + rows * columns].reshape(rows, columns)
+                read = (packed[:w.shape[1], :w.shape[0]].astype(np.uint32) << 16).view(np.float32)
+            else:
+                read = net.operands[m.w_off[l]:m.w_off[l] + w.size].reshape(w.T.shape)
+            if not np.array_equal(read, rounded):
+                return False
+        return True
 
     assert operands_rounded(bf16)
     assert bf16.network().operands is not bf16.params
