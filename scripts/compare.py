@@ -374,10 +374,11 @@ DTYPE_ROWS = ("float32", "float64", "float64:float32")
 
 
 def compare_estimators(rounds):
-    """MLPClassifier on Fashion-MNIST: float32 and float64 input, and float64
-    input that fastmlp trains in float32."""
+    """MLPClassifier on Fashion-MNIST: float32 and float64 input, float64
+    input that fastmlp trains in float32, and float32 input that it trains
+    in bfloat16."""
     print(f"\nMLPClassifier, Fashion-MNIST, {SKLEARN_SETTINGS}, {rounds} rounds")
-    compare_fits("--estimator", "test acc", DTYPE_ROWS, rounds)
+    compare_fits("--estimator", "test acc", DTYPE_ROWS + ("float32:bfloat16",), rounds)
 
 
 def compare_lbfgs(rounds):
@@ -503,7 +504,7 @@ def machine_summary():
     from fastmlp.bfloat16 import native_support
     name, bits = compiled_target()
     bf16 = ", ".join(native_support()) or "none"
-    how = ("fastmlp_bf16 runs its wide layers on AMX tiles" if amx.usable()
+    how = ("fastmlp_bf16 runs its layers of 32 or more outputs on AMX tiles" if amx.usable()
            else "fastmlp_bf16 emulates them in float32")
     return (f"CPU: {model}; LLVM CPU name: {name}; microkernels: {bits}-bit vectors, "
             f"4 rows x up to {panel_vectors(bits)} vectors; bfloat16 instructions: {bf16} "
