@@ -4,25 +4,26 @@ A tile is 16 rows of 64 bytes. `tdpbf16ps` multiplies a tile of 16 rows
 by 32 bfloat16 values (A) with a tile of 16 pairs of rows by 16 columns
 (B, the "VNNI" layout: row p holds columns 0..15 of B's rows 2p and 2p + 1,
 interleaved) and adds the 16 x 16 products into a float32 tile (C): 8,192
-multiply-adds in one instruction, 13x the float32 FMA rate of the same core
-(measured: 2,823 against 214 GFLOP/s on an Intel Xeon with AMX).
+multiply-adds in one instruction. One core of an Intel Xeon with AMX ran
+them at 3,553 GFLOP/s, its float32 FMAs at 238 (scripts/core_peaks.py).
 
-`amx_block(out, i, j, a, ai, b, bj, ksteps, row_tiles)` computes the
-(16 row_tiles) x 32 block
-    out[i:i + 16 row_tiles, j:j + 32] = A[ai:ai + 16 row_tiles, :32 ksteps]
-                                        @ B[:32 ksteps, bj:bj + 32]
+`amx_block(out, i, j, a, ai, b, bj, ksteps, blocks, row_tiles)` computes
+a strip of `blocks` blocks of (16 row_tiles) x 32:
+    out[i:i + 16 row_tiles, j:j + 32 blocks] =
+        A[ai:ai + 16 row_tiles, :32 ksteps] @ B[:32 ksteps, bj:bj + 32 blocks]
 from packed bfloat16 operands: `a` holds A's rows (uint16, (M, K)), `b`
-B's pairs of rows, each uint32 two bfloat16 values of one column ((K / 2, N)). Its loop over K
-keeps the 2 row_tiles accumulators in tiles 0-3, A in tiles 4-5 and B in
-6-7 (2 x 2 tiles: 4 products for 4 loads).
+B's pairs of rows, each uint32 two bfloat16 values of one column
+((K / 2, N)). A block's loop over K keeps its 2 row_tiles accumulators in
+tiles 0-3, A in tiles 4-5 and B in 6-7 (2 x 2 tiles: 4 products for 4
+loads).
 
-The operands are packed by the kernels below from the float32 values that
-the bfloat16 mode already rounds (bfloat16.py): their top 16 bits. The
-products are exact; the sums are float32 with rounding of AMX's own, which
-is not a chain of float32 additions (a probe found none of the orders of
-two or four products that it matches), so AMX results agree with the
-oracle to float32 rounding, not bit for bit. They depend on the shapes
-only, never on the thread count.
+The packers below round float32 values to bfloat16 (activations and
+deltas are bfloat16 values already; the weights are the float32 master
+weights). The products are exact; the sums are float32 with rounding of
+AMX's own, which is not a chain of float32 additions (a probe found none
+of the orders of two or four products that it matches; it is no less
+precise), so AMX results agree with the oracle to float32 rounding, not
+bit for bit. They depend on the shapes only, never on the thread count.
 
 Linux hands a process the tile registers' 8 KB of state only when asked
 (arch_prctl ARCH_REQ_XCOMP_PERM): `usable()` asks once.

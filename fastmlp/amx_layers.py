@@ -2,10 +2,9 @@
 
 A layer takes this path when the model is bfloat16, `amx.usable()` and
 the layer has at least AMX_MIN_OUTPUTS outputs (W3's 784-512 and 512-512,
-the lesson's 784-50, not a classifier's last 10). With 32, the lesson's
-bfloat16 step took the time of its float32 one, against 1.8x emulated;
-scikit-learn's (100,) network fitted in 0.78 of float32's time. Its three products each read two
-packed operands, A (uint16 rows along K) and B (uint32 pairs along K):
+the lesson's 784-50, not a classifier's last 10). Its three products each
+read two packed operands, A (uint16 rows along K) and B (uint32 pairs
+along K):
 
   forward      out.T = weight @ inp.T   A: W_ROWS     (OC rows, K = C)
                                          B: XT_PAIRS  (K = C, N = batch)
@@ -32,7 +31,6 @@ padded to whole steps of 32 with zeros, and rows and columns where a block
 of 32 may start anywhere by 32 more.
 """
 import numpy as np
-
 from numba import carray
 
 from .amx import (BLOCK, K_STEP, TILE_ROWS, amx_block, pack_column_pairs, pack_columns,
@@ -46,8 +44,10 @@ W_ROWS, W_PAIRS = range(2)
 SCRATCH_VALUES = BLOCK * BLOCK  # amx_product's block on the stack
 ALIGN_VALUES = 32  # each operand starts on a cache line
 TILE_OUTPUTS = TRANSPOSE_BYTES // 4  # outputs of a float32 transpose tile
-
-
+# Layers of fewer outputs keep the emulated products. From 256 down to 32,
+# the lesson's bfloat16 step went from 1.8x its float32 time to 0.99x, and
+# scikit-learn's (100,) network fitted in 0.78 of float32's time (Intel
+# Xeon, measured; docs/performance.md).
 AMX_MIN_OUTPUTS = 32
 
 

@@ -31,9 +31,9 @@ import functools
 import numpy as np
 from numba import prange
 
-from .amx_layers import (AMX_MIN_OUTPUTS, amx_backward_input, amx_backward_weight, amx_forward, amx_layer,
-                         pack_delta, pack_input, pack_weights)
 from .amx import padded
+from .amx_layers import (AMX_MIN_OUTPUTS, amx_backward_input, amx_backward_weight, amx_forward,
+                         amx_layer, pack_delta, pack_input, pack_weights)
 from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control

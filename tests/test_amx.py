@@ -2,6 +2,8 @@
 packed layouts everywhere; the tile products and the layers that use
 them where the CPU has AMX, against the float64 product and the bfloat16
 oracle."""
+import re
+
 import numpy as np
 import pytest
 
@@ -165,3 +167,29 @@ def test_the_peak_loops_are_valid_llvm(monkeypatch):
     for text in (peaks.fma_ir(16), peaks.fma_ir(8), peaks.dpbf16_ir(), peaks.amx_ir()):
         llvm.parse_assembly(text).verify()
     assert peaks.fma_ir(8).count("@llvm.fma.v8f32(") == 1 + peaks.ACCUMULATORS * peaks.UNROLL
+
+
+@pytest.mark.parametrize("row_tiles", [1, 2])
+def test_the_tile_loop_compiles_for_sapphire_rapids_on_any_cpu(row_tiles):
+    # the strip's assembly for Intel's first AMX CPU: its K loop is loads
+    # and products of tiles alone (no stack, no reconfiguration), and the
+    # tile configuration is loaded and released once a call
+    import llvmlite.binding as llvm
+    from llvmlite import ir
+    module = ir.Module()
+    module.triple = llvm.get_default_triple()
+    amx.block_function(module, row_tiles)
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    machine = llvm.Target.from_default_triple().create_target_machine(
+        cpu="sapphirerapids", features="", opt=2)
+    assembly = machine.emit_assembly(llvm.parse_assembly(str(module)))
+    assert assembly.count("ldtilecfg") == 1 and assembly.count("tilerelease") == 1
+    lines = assembly.splitlines()
+    products = [i for i, line in enumerate(lines) if "tdpbf16ps" in line]
+    assert len(products) == 2 * row_tiles
+    start = max(i for i in range(products[0]) if lines[i].startswith(".LBB"))
+    end = next(i for i in range(products[-1], len(lines)) if re.match(r"\s+j\w+\s", lines[i]))
+    loop = lines[start:end + 1]
+    assert sum("tileloadd" in line for line in loop) == row_tiles + 2
+    assert not any("%rsp" in line or "ldtilecfg" in line for line in loop), "\n".join(loop)

@@ -46,8 +46,9 @@ def test_bfloat16_reaches_float32s_accuracy(fashion_mnist):
     # learning rate decayed by a cosine so that the last epoch's accuracy
     # is not one draw of the noise between epochs. Measured gaps, in points:
     # seeds 0, 1, 2 on Zen 3 0.14, 0.05 and 0.08; seed 0 after the exp fix
-    # 0.16; seed 0 under sandybridge code (no FMA: other roundings, the same
-    # maths) 0.31.
+    # 0.16; seed 0 on an Intel Xeon's AMX tiles 0.16 (0.8969 against
+    # 0.8953); seed 0 under sandybridge code (no FMA: other roundings, the
+    # same maths; no CPU of ours runs it) 0.31.
     x_train, y_train, x_test, y_test = fashion_mnist
     accuracy = {}
     for dtype in ("float32", "bfloat16"):
@@ -57,4 +58,4 @@ def test_bfloat16_reaches_float32s_accuracy(fashion_mnist):
                     lr_schedule="cosine")
         accuracy[dtype] = model.evaluate(x_test, y_test)[1]
     assert accuracy["float32"] >= 0.89
-    assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.005, accuracy
+    assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.003, accuracy
