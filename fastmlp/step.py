@@ -31,7 +31,7 @@ import functools
 import numpy as np
 from numba import prange
 
-from .amx import padded
+from .amx import COMPILED as AMX_COMPILED, padded
 from .amx_layers import (AMX_MIN_OUTPUTS, amx_backward_input, amx_backward_weight, amx_forward,
                          amx_layer, pack_delta, pack_input, pack_weights)
 from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
@@ -203,7 +203,7 @@ def transpose_weights(weights_t, net):
         k0 = piece * C // TRANSPOSE_PIECES
         k1 = (piece + 1) * C // TRANSPOSE_PIECES
         weight = view2d(net.operands, net.w_off, l, OC, C)
-        if amx_layer(net, l):
+        if AMX_COMPILED and amx_layer(net, l):
             pack_weights(net, view2d(net.params, net.w_off, l, OC, C), l, np.int64(0), OC,
                          k0, k1)
             continue
@@ -262,7 +262,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
             out = view2d(acts, act_off, l + 1, B, sizes[l + 1])
             bias = net.params[net.b_off[l]:net.b_off[l] + sizes[l + 1]]
             activation = net.activation if hidden else IDENTITY
-            if amx_layer(net, l):
+            if AMX_COMPILED and amx_layer(net, l):
                 # (its input packed as it was written)
                 if l == 0:
                     pack_input(work, inp, l, r0, r1, nrows, backward)
@@ -273,7 +273,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
                               view2d(work.weights_t, net.wt_off, l, sizes[l],
                                      kept_transposed(sizes[l + 1])),
                               outputs_t, bias, activation, net.bf16 and hidden, r0, r1)
-            if hidden and amx_layer(net, l + 1):
+            if AMX_COMPILED and hidden and amx_layer(net, l + 1):
                 pack_input(work, out, l + 1, r0, r1, nrows, backward)
             inp = out
         out = view2d(acts, act_off, L, B, sizes[L])
@@ -286,11 +286,11 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
             if net.bf16:
                 for b in range(r0, r1):
                     round_row(dout[b])
-            if amx_layer(net, L - 1):
+            if AMX_COMPILED and amx_layer(net, L - 1):
                 pack_delta(work, dout, L - 1, r0, r1, nrows)
             for l in range(L - 1, 0, -1):
                 dinp = view2d(work.deltas, act_off, l, B, sizes[l])
-                if amx_layer(net, l):
+                if AMX_COMPILED and amx_layer(net, l):
                     amx_backward_input(dinp, view2d(acts, act_off, l, B, sizes[l]), work, net, l,
                                        r0, r1)
                 else:
@@ -299,7 +299,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
                                                 sizes[l]),
                                          view2d(acts, act_off, l, B, sizes[l]),
                                          net.activation, net.bf16, r0, r1)
-                if amx_layer(net, l - 1):
+                if AMX_COMPILED and amx_layer(net, l - 1):
                     pack_delta(work, dinp, l - 1, r0, r1, nrows)
         write_fp_control(fp_control)
         record(shares, part, started, r1 - r0)
@@ -322,7 +322,7 @@ def task_gradient(grads, g_first, work, net, t, nrows):
         j0 = tasks[t, 2]
         j1 = tasks[t, 3]
         block = grads[g_first:g_first + (j1 - j0) * fan_in].reshape((j1 - j0, fan_in))
-        if amx_layer(net, l):
+        if AMX_COMPILED and amx_layer(net, l):
             amx_backward_weight(block, work, l, j0, j1, nrows, tasks[t, 4], tasks[t, 5])
         else:
             dense_backward_weight(block, dout[:, j0:j1],
@@ -399,7 +399,7 @@ def task_update(weights_t, net, opt, t, grads, g_first):
         OC = sizes[l + 1]
         OCT = kept_transposed(OC)
         j0 = tasks[t, 2]
-        if amx_layer(net, l):
+        if AMX_COMPILED and amx_layer(net, l):
             pack_weights(net, view2d(params, net.w_off, l, OC, C), l, j0, tasks[t, 3], k0, k1)
             return check
         if net.bf16:
