@@ -143,21 +143,6 @@ def test_layers_on_amx_follow_the_bfloat16_oracle(output):
     assert relative_error(outputs, expected) < 1e-3
 
 
-@needs_amx
-def test_amx_parameters_are_bit_identical_for_any_thread_count():
-    # 230 rows in batches of 64: a last batch of 38, K padded with zeros
-    model, X, y = random_problem([50, 300, 260, 3], 230, "relu", np.float32, seed=6)
-    results = []
-    for threads in (1, 2):
-        bf16 = fastmlp.MLP(model.layer_sizes, activation="relu", dtype="bfloat16")
-        bf16.params[:] = model.params
-        fastmlp.fit(bf16, X, y, epochs=2, batch_size=64, optimizer="adam", lr=0.01,
-                    threads=threads, seed=0)
-        results.append(bf16.params.copy())
-    assert np.array_equal(results[0], results[1])
-    assert not np.array_equal(results[0], model.params)
-
-
 def test_the_peak_loops_are_valid_llvm(monkeypatch):
     # scripts/core_peaks.py: its loops parse and verify for every vector
     # width, whatever this CPU runs (timing them is for the script)
