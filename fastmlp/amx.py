@@ -127,8 +127,9 @@ def block_function(module, row_tiles):
     C[:, :32 blocks] = A @ B[:, :32 blocks] over K = 32 ksteps, one block
     of 32 columns after another: byte pointers to C's, A's and B's first
     values, row strides in bytes. The tile configuration is loaded once a
-    strip (the weight gradient's blocks sum only 4 steps of a batch of
-    128: a call per block spent most of its time on it, measured)."""
+    strip: a weight gradient's block sums only 4 steps of a batch of 128.
+    (A call and a configuration per block, with slower packing, made W3's
+    bfloat16 step 1.7 ms; strips and row-slice packing 0.785 ms.)"""
     i8, i64 = ir.IntType(8), ir.IntType(64)
     byte_pointer = i8.as_pointer()
     function, builder = out_of_line_function(
