@@ -215,20 +215,13 @@ def amx_block(typingctx, out, i, j, a, ai, b, bj, ksteps, blocks, row_tiles):
         out_arr, a_arr, b_arr = (context.make_array(t)(context, builder, x)
                                  for t, x in zip((out, a, b), (args[0], args[3], args[5])))
         i_, j_, ai_, bj_, ksteps_, blocks_ = args[1], args[2], args[4], args[6], args[7], args[8]
-        i64 = ir.IntType(64)
-        byte_pointer = ir.IntType(8).as_pointer()
-
-        def address(array, row, column, itemsize):
-            data = builder.bitcast(array.data, byte_pointer)
-            return builder.gep(data, [builder.add(
-                builder.mul(row, builder.extract_value(array.strides, 0)),
-                builder.mul(column, ir.Constant(i64, itemsize)))])
-
-        zero = ir.Constant(i64, 0)
+        zero = ir.Constant(ir.IntType(64), 0)
         builder.call(block_function(builder.module, tiles), [
-            address(out_arr, i_, j_, 4), builder.extract_value(out_arr.strides, 0),
-            address(a_arr, ai_, zero, 2), builder.extract_value(a_arr.strides, 0),
-            address(b_arr, zero, bj_, 4),
+            element_address(builder, out_arr, i_, j_, 4),
+            builder.extract_value(out_arr.strides, 0),
+            element_address(builder, a_arr, ai_, zero, 2),
+            builder.extract_value(a_arr.strides, 0),
+            element_address(builder, b_arr, zero, bj_, 4),
             builder.extract_value(b_arr.strides, 0), ksteps_, blocks_])
         return context.get_dummy_value()
 
