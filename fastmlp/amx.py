@@ -94,7 +94,7 @@ def usable():
     from .bfloat16 import native_support
     if os.environ.get("FASTMLP_AMX", "1") == "0":
         return False
-    return "amx_bf16" in native_support() and compiled_with_amx() and tile_permission()
+    return "amx_bf16" in native_support() and COMPILED and tile_permission()
 
 
 def tile_config(module):
