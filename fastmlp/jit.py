@@ -134,6 +134,11 @@ kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy")
 # caller, and with `reassoc` it may associate the same sum differently there.
 ordered_kernel = package_jit(fastmath=ORDERED_FASTMATH, nogil=True, error_model="numpy")
 
+# A serial kernel that Numba inlines, as its IR, into the kernels that call
+# it: no compiled code of its own, which LLVM would link and optimize again
+# with every kernel it calls (seconds of a first compile for a few calls).
+inline_kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+
 # A kernel that owns one `prange` region (both cores).
 parallel_kernel = package_jit(parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 

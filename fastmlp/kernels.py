@@ -127,29 +127,28 @@ def scale_rows(out, X, idx, start, scale, bf16, r0, r1):
 # dense layer with its activation fused
 
 @kernel
-def bias_activation(out, bias, activation, bf16, r0, r1):
+def bias_activation(out, bias, activation, bf16, r0, r1, j0, j1):
     # out is (B, OC), bias is (OC,)
-    # out = activation(out + bias) for rows r0:r1, rounded to bfloat16 if
-    # bf16; one loop per activation so that each vectorizes (exp too), and
-    # two-dimensional indexing: a row view or a call per row costs Numba's
-    # reference counting per row
-    OC = out.shape[1]
+    # out = activation(out + bias) for rows r0:r1 and columns j0:j1, rounded
+    # to bfloat16 if bf16; one loop per activation so that each vectorizes
+    # (exp too), and two-dimensional indexing: a row view or a call per row
+    # costs Numba's reference counting per row
     for i in range(r0, r1):
         if activation == SIGMOID:
-            for j in range(OC):
+            for j in range(j0, j1):
                 out[i, j] = ONE / (ONE + fast_exp(-(out[i, j] + bias[j])))
         elif activation == TANH:
-            for j in range(OC):
+            for j in range(j0, j1):
                 out[i, j] = math.tanh(out[i, j] + bias[j])
         elif activation == RELU:
-            for j in range(OC):
+            for j in range(j0, j1):
                 z = out[i, j] + bias[j]
                 out[i, j] = z if z > ZERO else ZERO
         else:
-            for j in range(OC):
+            for j in range(j0, j1):
                 out[i, j] += bias[j]
         if bf16:
-            for j in range(OC):
+            for j in range(j0, j1):
                 out[i, j] = round_bfloat16(out[i, j])
 
 
@@ -173,13 +172,14 @@ def activation_derivative(a, activation):
 
 
 @kernel
-def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16, r0, r1):
+def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16, r0, r1, j0, j1):
     # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is (C, OCT)
     # holding weight[:OCT].T or (C, 0) for a wide layer, outputs_t is this
     # thread's scratch for a wide layer's transposed outputs (at least
-    # OCT * BLOCK_COLUMNS values), bias is (OC,)
-    # out = activation(inp @ weight.T + bias) for rows r0:r1, rounded to
-    # bfloat16 if bf16.
+    # OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a multiple of
+    # BLOCK_COLUMNS
+    # out = activation(inp @ weight.T + bias) for rows r0:r1 and outputs
+    # j0:j1, rounded to bfloat16 if bf16.
     # Outputs 0:OCT (OCT = transposed_outputs(OC), whole blocks of
     # BLOCK_COLUMNS) come from rows_times_matrix's register blocks (about
     # 1.5x the rate of the dot products below, measured): as rows of inp
@@ -191,18 +191,22 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # call (dot_tile in microkernel.py: explicit vectors, in tiles that fit
     # the CPU's registers). At an edge a tile repeats the last row or output
     # and stores only what is real, so every output is computed by the
-    # same instructions.
+    # same instructions, whatever rows and outputs a call covers (a wide
+    # layer split between threads by its outputs: step.column_layer).
     OC, C = weight.shape
     OCT = transposed_outputs(OC)
-    if wide_layer(OC):
-        for b0 in range(r0, r1, BLOCK_COLUMNS):
-            wide_forward(out, inp, weight, outputs_t, b0, min(r1, b0 + BLOCK_COLUMNS))
-    elif OCT > 0:
-        rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, np.int64(0), OCT, C)
+    blocked = min(j1, OCT)
+    if blocked > j0:
+        if wide_layer(OC):
+            for b0 in range(r0, r1, BLOCK_COLUMNS):
+                wide_forward(out, inp, weight, outputs_t, b0, min(r1, b0 + BLOCK_COLUMNS), j0,
+                             blocked)
+        else:
+            rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, j0, blocked, C)
     for b in range(r0, r1, 4):
-        for j in range(OCT, OC, DOT_OUTPUTS):
-            dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(DOT_OUTPUTS, OC - j))
-        bias_activation(out, bias, activation, bf16, b, min(b + 4, r1))
+        for j in range(max(j0, OCT), j1, DOT_OUTPUTS):
+            dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(DOT_OUTPUTS, j1 - j))
+        bias_activation(out, bias, activation, bf16, b, min(b + 4, r1), j0, j1)
 
 
 # Layers with at least this many outputs in whole register blocks compute
@@ -228,10 +232,11 @@ def kept_transposed(OC):
 
 
 @kernel
-def wide_forward(out, inp, weight, outputs_t, b0, b1):
+def wide_forward(out, inp, weight, outputs_t, b0, b1, j0, j1):
     # out is (B, OC), inp is (B, C), weight is (OC, C), outputs_t has at
-    # least OCT * BLOCK_COLUMNS values; b1 - b0 <= BLOCK_COLUMNS
-    # out[b0:b1, :OCT] = inp[b0:b1] @ weight[:OCT].T, computed as its
+    # least OCT * BLOCK_COLUMNS values; b1 - b0 <= BLOCK_COLUMNS; j0, j1
+    # multiples of 16 within 0:OCT
+    # out[b0:b1, j0:j1] = inp[b0:b1] @ weight[j0:j1].T, computed as its
     # transpose: rows of weight (4 outputs a register block) times a panel
     # of inp.T (C values a column, one column a batch row, zero columns up to
     # a multiple of NARROW_COLUMNS), into outputs_t as an (OCT, width)
@@ -254,11 +259,12 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1):
     for c0 in range(0, max(C, 1), step):  # once when C is 0: zeros
         c1 = min(C, c0 + step)
         panel = transposed_panel(packed, inp, b0, b1, width, c0, c1)
-        for j in range(0, OCT, 4):
+        for j in range(j0, j1, 4):
             narrow_block(sums, weight[:, c0:c1], panel, j, np.int64(4), c1 - c0, c0 > 0,
                          width)
-    # out[b0:b1, :OCT] = sums[:, :nb].T, as the weights' transposes are made
-    transpose_weight_block(out[b0:b1], sums, np.int64(0), OCT, np.int64(0), nb)
+    # out[b0:b1, j0:j1] = sums[j0:j1, :nb].T, as the weights' transposes are
+    # made
+    transpose_weight_block(out[b0:b1], sums, j0, j1, np.int64(0), nb)
 
 
 @kernel
@@ -320,25 +326,26 @@ def round_columns(out, src, k0, k1):
 
 
 @ordered_kernel
-def dense_backward_input(dinp, dout, weight, inp, activation, bf16, r0, r1):
+def dense_backward_input(dinp, dout, weight, inp, activation, bf16, r0, r1, k0, k1):
     # dinp is (B, C), dout is (B, OC), weight is (OC, C), inp is (B, C)
-    # dinp = (dout @ weight) * activation'(inp) for rows r0:r1 (rounded to
-    # bfloat16 if bf16), where inp is the previous layer's output: the delta
-    # of the previous layer's pre-activation, ready for its own weight
-    # gradient. An ordered_kernel:
+    # dinp = (dout @ weight) * activation'(inp) for rows r0:r1 and columns
+    # k0:k1 (k0 a multiple of BLOCK_COLUMNS; rounded to bfloat16 if bf16),
+    # where inp is the previous layer's output: the delta of the previous
+    # layer's pre-activation, ready for its own weight gradient. Each value
+    # is the same whatever rows and columns a call covers. An ordered_kernel:
     # with `reassoc`, g * (a * (1 - a)) could become (g * a) * (1 - a) in one
     # caller and not in another (seen: a fresh compile and the cached one
     # trained to different parameters).
-    rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], np.int64(0),
-                      dinp.shape[1], weight.shape[0])
-    C = dinp.shape[1]
+    rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], k0, k1,
+                      weight.shape[0])
     for b in range(r0, r1):
         g = dinp[b]
         a = inp[b]
-        for k in range(C):
+        for k in range(k0, k1):
             g[k] *= activation_derivative(a[k], activation)
         if bf16:
-            round_row(g)
+            for k in range(k0, k1):
+                g[k] = round_bfloat16(g[k])
 
 
 @kernel

@@ -18,6 +18,7 @@ from .step import (
     forward_backward,
     gradients_update,
     make_tasks,
+    region,
     task_block_values,
     transpose_weights,
     transposed_layout,
@@ -362,9 +363,9 @@ class MLP:
                          np.arange(1, dtype=np.int64), self.dtype)
         # the arguments' types as _transpose and _forward pass them
         return (jit.ready(transpose_weights, (workspace.work.weights_t, self.network())) and
-                jit.ready(forward_backward, (workspace.work, self.network(), data, 0, 1,
-                                             self.dtype.type(0.0), False, 0,
-                                             numba.get_num_threads())))
+                jit.ready(region, (workspace.work, self.network(), data, 0, 1,
+                                   self.dtype.type(0.0), False, 0, numba.get_num_threads(),
+                                   False, True, 0, 0, True, 0, 0)))
 
     def _no_targets(self, n):
         # targets for n rows that are only predicted: zeros of the head's kind

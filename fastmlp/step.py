@@ -37,7 +37,7 @@ from .amx_layers import (AMX_MIN_OUTPUTS, amx_backward_input, amx_backward_weigh
 from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
-from .jit import kernel, parallel_kernel
+from .jit import inline_kernel, kernel, parallel_kernel
 from .heads import head_backward, head_forward
 from .schedules import COSINE, KIND, step_lr
 from .kernels import (
@@ -220,7 +220,46 @@ def view2d(flat, offsets, index, rows, cols):
     return flat[start:start + rows * cols].reshape((rows, cols))
 
 
-@parallel_kernel
+@kernel
+def column_layer(net, l, threads):
+    # whether layer l runs forward split between threads by its outputs
+    # (column_forward), not by batch rows: a wide hidden layer, on more than
+    # one thread. Each thread then reads only the weights it updates itself
+    # (gradients_update gives it their tasks), where a split by rows has
+    # every thread read every weight, half of them just written by another
+    # core (W3's step 1.13x faster, measured: see the module's docstring).
+    L = net.sizes.shape[0] - 1
+    if threads < 2 or l >= L - 1 or net.bf16:
+        return False
+    return wide_layer(net.sizes[l + 1])
+
+
+@kernel
+def column_parts(work, threads):
+    # the parts a column layer's outputs are cut into: one per thread, no
+    # more than the scratch blocks (one per thread Numba may start)
+    return max(1, min(threads, work.outputs_t.shape[0], work.task_grads.shape[0]))
+
+
+@kernel
+def column_cut(OC, part, parts):
+    # the first output of part `part` of a column layer's OC outputs (OC for
+    # part == parts): at whole register blocks, the last part also taking
+    # any outputs past them
+    if part >= parts:
+        return OC
+    return part * (transposed_outputs(OC) // BLOCK_COLUMNS) // parts * BLOCK_COLUMNS
+
+
+@kernel
+def row_split_below(net, l, threads):
+    # the lowest layer l' <= l such that layers l..l' + 1 have their input
+    # deltas split by rows (their inputs are no column layer's outputs)
+    while l >= 1 and not column_layer(net, l - 1, threads):
+        l -= 1
+    return l
+
+
 def forward_backward(work, net, data, start, nrows, inv_total, backward, next_rows, threads):
     # work, net, data: see buffers.py. Rows 0:nrows of the batch are dataset
     # rows data.idx[start:start + nrows]; inv_total is 1 / their total sample
@@ -228,81 +267,143 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     # loss and score into work.row_stats, summed by the caller over rows
     # 0:nrows), and with backward every delta (D_l, the loss gradient of
     # layer l's pre-activation, at work.act_off[l] in work.deltas).
-    # Each part starts by prefetching its share of the next batch, the
-    # next_rows rows at idx[start + nrows:] (the same part runs on the same
-    # thread next time, under prange's static schedule, which balance.py
-    # relies on too). threads is the number of parts to cut
-    # (numba.get_num_threads() in the caller: called here, it would keep the
-    # kernel out of Numba's cache).
+    # threads is the number of parts to cut (numba.get_num_threads() in the
+    # caller: called in a kernel, it would keep the kernel out of Numba's
+    # cache). Parallel regions in turn: runs of layers split by rows, and
+    # column layers (column_layer) split by outputs, forward and for the
+    # delta of their outputs. Without column layers, the whole step is one
+    # region. Plain Python, for callers in Python; train_steps inlines its
+    # twin, compiled_forward_backward.
+    L = net.sizes.shape[0] - 1
+    none = np.int64(0)
+    f0 = np.int64(0)  # the first layer not run forward yet
+    gathered = False
+    for l in range(L):
+        if column_layer(net, l, threads):
+            if f0 < l or not gathered:
+                region(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
+                       np.bool_(False), not gathered, f0, l, np.bool_(False), none, none)
+                gathered = True
+            region(work, net, data, start, nrows, inv_total, backward, none, threads,
+                   np.bool_(True), np.bool_(False), l, l + 1, np.bool_(False), none, none)
+            f0 = l + 1
+    # the other layers forward, the head, and from the last layer down the
+    # deltas of the layers' inputs, in regions of each kind
+    hi = L - 1
+    lo = row_split_below(net, hi, threads)
+    region(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
+           np.bool_(False), not gathered, f0, L, np.bool_(True), hi, lo)
+    while backward and lo >= 1:
+        hi = lo
+        columns = column_layer(net, hi - 1, threads)
+        lo = hi - 1 if columns else row_split_below(net, hi, threads)
+        region(work, net, data, start, nrows, inv_total, backward, none, threads, columns,
+               np.bool_(False), L, L, np.bool_(False), hi, lo)
+
+
+compiled_forward_backward = inline_kernel(forward_backward)
+
+
+@parallel_kernel
+def region(work, net, data, start, nrows, inv_total, backward, next_rows, threads, columns,
+           gather, f0, f1, head, back_hi, back_lo):
+    # One parallel region of forward_backward, for batch rows 0:nrows: with
+    # gather, the batch's rows gathered; layers f0..f1 - 1 forward; with
+    # head, the head's outputs and, with backward, its delta; with
+    # backward, the deltas of the inputs of layers back_hi down to
+    # back_lo + 1.
+    # Without columns, the rows are cut into one contiguous part per
+    # thread, sized by speed (balance.py), and each part gathering its rows
+    # also prefetches its share of the next_rows rows at idx[start + nrows:]
+    # (the same part runs on the same thread next time, under prange's
+    # static schedule, which balance.py relies on too). With columns (a
+    # column layer forward, or the delta of its outputs), each part takes
+    # its outputs (column_cut) for every row.
     sizes = net.sizes
     acts = work.acts
     act_off = work.act_off
     B = work.labels.shape[0]
     L = sizes.shape[0] - 1
     # (no more parts than scratch blocks: one per thread Numba may start)
-    parts = max(1, min(threads, (max(nrows, next_rows) + 3) // 4, work.outputs_t.shape[0]))
-    shares = work.balance[FORWARD]  # (out of the tuple: see gradients_update)
+    parts = (column_parts(work, threads) if columns else
+             max(1, min(threads, (max(nrows, next_rows) + 3) // 4, work.outputs_t.shape[0])))
+    # (out of the tuple: see gradients_update)
+    shares = work.balance[FORWARD]
     all_outputs_t = work.outputs_t
-    fold_timings(shares, parts)
+    if not columns:
+        fold_timings(shares, parts)
     for p in prange(parts):
         part = np.int64(p)  # (prange's index is unsigned: see jit.py)
         started = cycles()
-        n0, n1 = share_rows(shares, next_rows, part, parts)
-        prefetch_rows(data.X, data.idx, start + nrows, n0, n1)
-        r0, r1 = share_rows(shares, nrows, part, parts)
-        if r0 == r1:  # fewer tiles than parts
-            continue
+        # which outputs of each layer this part computes: cut j of cuts
+        cut, cuts = (part, parts) if columns else (np.int64(0), np.int64(1))
+        if columns:
+            r0, r1 = np.int64(0), nrows
+        else:
+            if gather:
+                n0, n1 = share_rows(shares, next_rows, part, parts)
+                prefetch_rows(data.X, data.idx, start + nrows, n0, n1)
+            r0, r1 = share_rows(shares, nrows, part, parts)
+            if r0 == r1:  # fewer tiles than parts
+                continue
         fp_control = flush_subnormals()
         outputs_t = all_outputs_t[part]
-        inp = view2d(acts, act_off, np.int64(0), B, sizes[0])
-        gather_rows(inp, work.labels, work.targets, work.row_weights, data, start, net.bf16,
-                    r0, r1)
-        for l in range(L):
+        if gather:
+            gather_rows(view2d(acts, act_off, np.int64(0), B, sizes[0]), work.labels,
+                        work.targets, work.row_weights, data, start, net.bf16, r0, r1)
+        inp = view2d(acts, act_off, f0, B, sizes[f0])
+        for l in range(f0, f1):
             hidden = l < L - 1  # the logits stay float32 (bfloat16.py)
-            out = view2d(acts, act_off, l + 1, B, sizes[l + 1])
-            bias = net.params[net.b_off[l]:net.b_off[l] + sizes[l + 1]]
+            OC = sizes[l + 1]
+            out = view2d(acts, act_off, l + 1, B, OC)
+            bias = net.params[net.b_off[l]:net.b_off[l] + OC]
             activation = net.activation if hidden else IDENTITY
             if AMX_COMPILED and amx_layer(net, l):
                 # (its input packed as it was written)
                 if l == 0:
                     pack_input(work, inp, l, r0, r1, nrows, backward)
                 amx_forward(out, outputs_t, work, net, l, r0, r1)
-                bias_activation(out, bias, activation, hidden, r0, r1)
+                bias_activation(out, bias, activation, hidden, r0, r1, np.int64(0), OC)
             else:
-                dense_forward(out, inp, view2d(net.operands, net.w_off, l, sizes[l + 1], sizes[l]),
+                dense_forward(out, inp, view2d(net.operands, net.w_off, l, OC, sizes[l]),
                               view2d(work.weights_t, net.wt_off, l, sizes[l],
-                                     kept_transposed(sizes[l + 1])),
-                              outputs_t, bias, activation, net.bf16 and hidden, r0, r1)
+                                     kept_transposed(OC)),
+                              outputs_t, bias, activation, net.bf16 and hidden, r0, r1,
+                              column_cut(OC, cut, cuts), column_cut(OC, cut + 1, cuts))
             if AMX_COMPILED and hidden and amx_layer(net, l + 1):
                 pack_input(work, out, l + 1, r0, r1, nrows, backward)
             inp = out
-        out = view2d(acts, act_off, L, B, sizes[L])
-        head_forward(out, work.row_stats, work.labels, work.targets, work.row_weights,
-                     work.target_scale, net.head, r0, r1)
+        if head:
+            out = view2d(acts, act_off, L, B, sizes[L])
+            head_forward(out, work.row_stats, work.labels, work.targets, work.row_weights,
+                         work.target_scale, net.head, r0, r1)
+            if backward:
+                dout = view2d(work.deltas, act_off, L, B, sizes[L])
+                head_backward(dout, out, work.labels, work.targets, work.row_weights, inv_total,
+                              net.head, r0, r1)
+                if net.bf16:
+                    for b in range(r0, r1):
+                        round_row(dout[b])
+                if AMX_COMPILED and amx_layer(net, L - 1):
+                    pack_delta(work, dout, L - 1, r0, r1, nrows)
         if backward:
-            dout = view2d(work.deltas, act_off, L, B, sizes[L])
-            head_backward(dout, out, work.labels, work.targets, work.row_weights, inv_total,
-                          net.head, r0, r1)
-            if net.bf16:
-                for b in range(r0, r1):
-                    round_row(dout[b])
-            if AMX_COMPILED and amx_layer(net, L - 1):
-                pack_delta(work, dout, L - 1, r0, r1, nrows)
-            for l in range(L - 1, 0, -1):
-                dinp = view2d(work.deltas, act_off, l, B, sizes[l])
+            for l in range(back_hi, back_lo, -1):
+                C = sizes[l]
+                dinp = view2d(work.deltas, act_off, l, B, C)
                 if AMX_COMPILED and amx_layer(net, l):
-                    amx_backward_input(dinp, view2d(acts, act_off, l, B, sizes[l]), work, net, l,
-                                       r0, r1)
+                    amx_backward_input(dinp, view2d(acts, act_off, l, B, C), work, net, l, r0,
+                                       r1)
                 else:
                     dense_backward_input(dinp, view2d(work.deltas, act_off, l + 1, B, sizes[l + 1]),
-                                         view2d(net.operands, net.w_off, l, sizes[l + 1],
-                                                sizes[l]),
-                                         view2d(acts, act_off, l, B, sizes[l]),
-                                         net.activation, net.bf16, r0, r1)
+                                         view2d(net.operands, net.w_off, l, sizes[l + 1], C),
+                                         view2d(acts, act_off, l, B, C), net.activation,
+                                         net.bf16, r0, r1, column_cut(C, cut, cuts),
+                                         column_cut(C, cut + 1, cuts))
                 if AMX_COMPILED and amx_layer(net, l - 1):
                     pack_delta(work, dinp, l - 1, r0, r1, nrows)
         write_fp_control(fp_control)
-        record(shares, part, started, r1 - r0)
+        if not columns:
+            record(shares, part, started, r1 - r0)
 
 
 @kernel
@@ -426,26 +527,50 @@ def task_work(net, t):
 
 
 @kernel
-def total_work(net):
-    # the estimated cost of the whole task list
+def task_owner(net, t, parts, threads):
+    # the part that runs task t whatever the shares: for the weights of a
+    # column layer, the part that computes their outputs forward (by the
+    # task's first row); -1 for every other task
+    tasks = net.tasks
+    l = tasks[t, 0]
+    if tasks[t, 1] != WEIGHT_TASK or not column_layer(net, l, threads):
+        return -1
+    OC = net.sizes[l + 1]
+    for part in range(parts):
+        if tasks[t, 2] < column_cut(OC, part + 1, parts):
+            return part
+    return parts - 1
+
+
+@kernel
+def shared_work(net, t, parts, threads):
+    # task_work of a task the parts share out by speed (0 for one that has
+    # its owner)
+    return task_work(net, t) if task_owner(net, t, parts, threads) < 0 else 0
+
+
+@kernel
+def total_work(net, parts, threads):
+    # the estimated cost of the tasks shared out by speed
     total = 0
     for t in range(net.tasks.shape[0]):
-        total += task_work(net, t)
+        total += shared_work(net, t, parts, threads)
     return total
 
 
 @kernel
-def share_first_task(shares, net, total, part, parts):
+def share_first_task(shares, net, total, part, parts, threads):
     # the first task of part `part`'s share of the task list (the list's
     # length for part = parts): the first whose cost midpoint lies at or
-    # past the part's point on the cumulative cost (of `total` in all)
+    # past the part's point on the cumulative cost of the shared tasks (of
+    # `total` in all)
     T = net.tasks.shape[0]
     if part >= parts:
         return T
     point = share_point(shares, part, parts) * total
     before = 0
     for t in range(T):
-        cost = task_work(net, t)
+        cost = shared_work(net, t, parts, threads)
         if before + 0.5 * cost >= point:
             return t
         before += cost
@@ -462,8 +587,10 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # W3's 2.7 MB of it stay out of a shared L3 that holds 8-12 MB here.
     # Apart (MPI ranks sum their gradients in between), they go through
     # opt.grads. work.task_checks[t] is NaN when task t produced a
-    # non-finite parameter, else 0. Each of `threads` parts runs a
-    # contiguous share of the task list (balance.py).
+    # non-finite parameter, else 0. Each of `threads` parts runs the tasks
+    # it owns (the weights of the column layers' outputs it computes
+    # forward: task_owner) and a contiguous share of the others, sized by
+    # speed (balance.py: timed over those alone).
     # (The arrays are taken out of the tuple first: Numba's parfor pass
     # drops a store into an array read off a tuple inside the loop body.)
     task_checks = work.task_checks
@@ -472,27 +599,33 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # (no more parts than scratch blocks: one per thread Numba may start)
     parts = max(1, min(threads, task_grads.shape[0]))
     fold_timings(shares, parts)
-    total = total_work(net)
+    total = total_work(net, parts, threads)
     fused = gradients and update
+    T = net.tasks.shape[0]
     for p in prange(parts):
         part = np.int64(p)
-        started = cycles()
         fp_control = flush_subnormals()
-        t0 = share_first_task(shares, net, total, part, parts)
-        t1 = share_first_task(shares, net, total, part + 1, parts)
-        done = np.int64(0)
         grads = task_grads[part] if fused else opt.grads
-        for t in range(t0, t1):
-            g_first = np.int64(0) if fused else task_first(net, t)
-            if gradients:
-                task_gradient(grads, g_first, work, net, t, nrows)
-            check = 0.0
-            if update:
-                check = task_update(work.weights_t, net, opt, t, grads, g_first)
-            task_checks[t] = check
-            done += task_work(net, t)
+        t0 = share_first_task(shares, net, total, part, parts, threads)
+        t1 = share_first_task(shares, net, total, part + 1, parts, threads)
+        done = np.int64(0)
+        spent = np.int64(0)  # cycles of the shared tasks
+        for t in range(T):
+            owner = task_owner(net, t, parts, threads)
+            if owner == part or (owner < 0 and t0 <= t < t1):
+                started = cycles()
+                g_first = np.int64(0) if fused else task_first(net, t)
+                if gradients:
+                    task_gradient(grads, g_first, work, net, t, nrows)
+                check = 0.0
+                if update:
+                    check = task_update(work.weights_t, net, opt, t, grads, g_first)
+                task_checks[t] = check
+                if owner < 0:
+                    done += task_work(net, t)
+                    spent += cycles() - started
         write_fp_control(fp_control)
-        record(shares, part, started, done)
+        record(shares, part, cycles() - spent, done)
 
 
 @kernel
@@ -596,8 +729,8 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
         # the next step's rows, when this call runs it (a shard's own rows
         # of it are not worth working out)
         next_rows = min(B, n_rows - start - nrows) if s + 1 < step1 and not sharded else 0
-        forward_backward(work, net, data, start + lo, hi - lo, inv_total, np.bool_(True),
-                         next_rows, threads)
+        compiled_forward_backward(work, net, data, start + lo, hi - lo, inv_total, np.bool_(True),
+                                  next_rows, threads)
         step_loss, step_score = sum_row_stats(work.row_stats, hi - lo)
         if sharded:
             gradients_update(work, net, opt, hi - lo, np.bool_(True), np.bool_(False), threads)

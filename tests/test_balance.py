@@ -20,7 +20,8 @@ from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, adam_betas, make_hyper
-from fastmlp.step import make_tasks, share_first_task, task_work, total_work, train_steps
+from fastmlp.step import (WEIGHT_TASK, column_cut, column_layer, make_tasks, share_first_task,
+                          task_owner, task_work, total_work, train_steps)
 
 from conftest import random_problem
 
@@ -61,7 +62,7 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
     net = model.network()
     parts = len(speeds)
     balance = balance_with(GRADIENTS, speeds)
-    firsts = [share_first_task(balance[GRADIENTS], net, total_work(net), p, parts)
+    firsts = [share_first_task(balance[GRADIENTS], net, total_work(net, parts, 1), p, parts, 1)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == len(make_tasks(sizes))
     assert firsts == sorted(firsts)
@@ -72,6 +73,39 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
         weights = np.clip(np.array(speeds) * parts / sum(speeds), MIN_SHARE, 1 / MIN_SHARE)
         want = costs.sum() * weights / weights.sum()
         assert (np.abs(done - want) <= costs.max()).all()
+
+
+@pytest.mark.parametrize("speeds", SPEEDS)
+@pytest.mark.parametrize("sizes", [[784, 512, 512, 10], [130, 300, 50, 260, 7]])
+def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(speeds, sizes):
+    """On several threads, the weight tasks of a column layer (a wide hidden
+    layer, split between threads by its outputs) run on the thread that
+    computes those outputs forward, whatever the speeds; the other tasks are
+    shared out by speed; every task runs once."""
+    model, _, _ = random_problem(sizes, 8, "relu", np.float32, seed=0)
+    net = model.network()
+    parts = len(speeds)
+    threads = max(2, parts)
+    T = len(net.tasks)
+    owners = [task_owner(net, t, parts, threads) for t in range(T)]
+    for t, (layer, kind, j0, j1, _, _) in enumerate(net.tasks):
+        if kind == WEIGHT_TASK and column_layer(net, layer, threads):
+            OC = sizes[layer + 1]
+            assert column_cut(OC, owners[t], parts) <= j0 < column_cut(OC, owners[t] + 1, parts)
+            assert task_work(net, t) > 0
+        else:
+            assert owners[t] == -1
+    assert [column_layer(net, l, threads) for l in range(len(sizes) - 1)] == [
+        size >= 256 and l < len(sizes) - 2 for l, size in enumerate(sizes[1:])]
+    balance = balance_with(GRADIENTS, speeds)
+    total = total_work(net, parts, threads)
+    firsts = [share_first_task(balance[GRADIENTS], net, total, p, parts, threads)
+              for p in range(parts + 1)]
+    assert firsts[0] == 0 and firsts[-1] == T and firsts == sorted(firsts)
+    shared = [t for t in range(T) if owners[t] < 0]
+    assert total == sum(task_work(net, t) for t in shared) > 0
+    # on one thread nothing is owned: every task is shared out
+    assert all(task_owner(net, t, 1, 1) == -1 for t in range(T))
 
 
 def test_timings_become_smoothed_speeds():

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
         out[activation] = model.params.tolist()
     # the step's kernels: compiled here, and found in the disk cache
     step = fastmlp.step
-    out["compiled"] = sum(step.forward_backward.stats.cache_misses.values())
+    out["compiled"] = sum(step.region.stats.cache_misses.values())
     out["loaded"] = sum(sum(kernel.stats.cache_hits.values())
                         for kernel in (step.gradients_update, step.transpose_weights))
     json.dump(out, open(sys.argv[1], "w"))
@@ -64,7 +64,8 @@ def test_a_fresh_compile_and_the_cache_train_to_the_same_parameters(tmp_path):
     counts, fresh = train(tmp_path, "fresh", cache)
     assert any(cache.rglob("*.nbc")), "nothing was cached"
     if compile_ahead.available_cores() >= 2:
-        # forward_backward compiled once, here; the child's two kernels loaded
+        # forward_backward's region compiled once, here; the child's two kernels
+        # loaded
         assert counts == (1, 2), counts
     _, cached = train(tmp_path, "cached", cache)
     for name in fresh:

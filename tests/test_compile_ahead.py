@@ -80,7 +80,7 @@ def test_a_failed_compile_here_stops_the_child(monkeypatch):
 
     monkeypatch.setattr(compile_ahead, "can_share", lambda jobs: True)
     monkeypatch.setattr(compile_ahead, "start_child", start_sleeper)
-    monkeypatch.setattr(compile_ahead, "forward_backward", Broken())
+    monkeypatch.setattr(compile_ahead, "region", Broken())
     from fastmlp import MLP, training
     import numpy as np
     model = MLP([3, 2, 2])

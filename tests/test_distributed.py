@@ -101,7 +101,7 @@ def test_float32_ranks_agree_and_stay_close(tmp_path):
 
 
 def test_ranks_on_one_machine_share_the_first_compile(tmp_path):
-    # from an empty cache: rank 0 compiles forward_backward, rank 1 the
+    # from an empty cache: rank 0 compiles forward_backward's region, rank 1 the
     # gradients and transposes, and each loads the other's from the cache
     config = config_for("adam-relu")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
@@ -112,8 +112,8 @@ def test_ranks_on_one_machine_share_the_first_compile(tmp_path):
     data = np.load(out)
     results = json.loads(str(data["results"]))
     assert [r["kernels"] for r in results] == [
-        {"forward_backward": [1, 0], "gradients_update": [0, 1], "transpose_weights": [0, 1]},
-        {"forward_backward": [0, 1], "gradients_update": [1, 0], "transpose_weights": [1, 0]}]
+        {"region": [1, 0], "gradients_update": [0, 1], "transpose_weights": [0, 1]},
+        {"region": [0, 1], "gradients_update": [1, 0], "transpose_weights": [1, 0]}]
     assert np.array_equal(data["params"][0], data["params"][1])
     assert relative_error(data["params"][0], single_process(config)[0]) < 1e-6
 

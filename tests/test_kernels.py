@@ -90,7 +90,7 @@ def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
     kernels.transpose_weight_block(weight_t, weight, 0, weight_t.shape[1], 0, C)
     assert (weight_t == weight[:weight_t.shape[1]].T).all()
     outputs_t = np.full(OCT * kernels.BLOCK_COLUMNS, np.nan)
-    kernels.dense_forward(out, inp, weight, weight_t, outputs_t, bias, code, False, r0, r1)
+    kernels.dense_forward(out, inp, weight, weight_t, outputs_t, bias, code, False, r0, r1, 0, OC)
     z = inp[r0:r1] @ weight.T + bias
     expected = z if activation == "identity" else reference.ACTIVATION[activation](z)
     assert relative_error(out[r0:r1], expected) < 1e-13
@@ -114,7 +114,7 @@ def test_wide_forward_equals_the_transposed_weights_path(dtype, C, OC, r0, r1, r
     wide = np.full((r1 + 3, OC), 7.0, dtype)
     kernels.dense_forward(wide, inp, weight, np.zeros((C, 0), dtype),
                           np.full(OCT * kernels.BLOCK_COLUMNS, np.nan, dtype),
-                          np.zeros(OC, dtype), IDENTITY, False, r0, r1)
+                          np.zeros(OC, dtype), IDENTITY, False, r0, r1, 0, OC)
     transposed = np.full((r1 + 3, OC), 7.0, dtype)
     kernels.rows_times_matrix(transposed, inp, weight[:OCT].T.copy(), r0, r1, C, 0, OCT, C)
     assert np.array_equal(wide[:, :OCT], transposed[:, :OCT])
@@ -146,10 +146,58 @@ def test_dense_backward_input(activation, C, OC, rng):
     weight = rng.standard_normal((OC, C))
     inp = reference.ACTIVATION[activation](rng.standard_normal((6, C)))
     dinp = np.full((6, C), 7.0)
-    kernels.dense_backward_input(dinp, dout, weight, inp, code, False, 1, 5)
+    kernels.dense_backward_input(dinp, dout, weight, inp, code, False, 1, 5, 0, C)
     expected = (dout @ weight) * reference.DERIVATIVE[activation](inp)
     assert relative_error(dinp[1:5], expected[1:5]) < 1e-13
     assert (dinp[0] == 7.0).all() and (dinp[5] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C,cuts", [(512, [0, 256, 512]), (300, [0, 128, 300]),
+                                    (260, [0, 64, 128, 192, 260])])
+def test_dense_backward_input_by_columns_equals_all_columns(dtype, C, cuts, rng):
+    """The delta of a column layer's outputs, computed in column pieces
+    (step.column_backward, one a thread), is bit for bit the delta of all
+    columns at once, and each piece writes its columns only."""
+    code = ACTIVATIONS["relu"]
+    dout = rng.standard_normal((70, 300)).astype(dtype)
+    weight = rng.standard_normal((300, C)).astype(dtype)
+    inp = np.maximum(rng.standard_normal((70, C)), 0).astype(dtype)
+    whole = np.full((70, C), 7.0, dtype)
+    kernels.dense_backward_input(whole, dout, weight, inp, code, False, 0, 70, 0, C)
+    pieces = np.full((70, C), 7.0, dtype)
+    for k0, k1 in zip(cuts[:-1], cuts[1:]):
+        kernels.dense_backward_input(pieces, dout, weight, inp, code, False, 0, 67, k0, k1)
+        assert (pieces[:67, k1:] == 7.0).all()
+    assert np.array_equal(pieces[:67], whole[:67]) and (pieces[67:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C,OC,nrows,cuts", [(784, 512, 128, [0, 256, 512]),
+                                             (130, 300, 70, [0, 128, 300]),
+                                             (9, 260, 3, [0, 64, 128, 192, 260])])
+def test_wide_forward_by_columns_equals_by_rows(dtype, C, OC, nrows, cuts, rng):
+    """A column layer's outputs, computed in column pieces for all rows
+    (step.column_layer, one piece a thread: whole blocks transposed, the
+    outputs past them in dot tiles), are bit for bit those of the same layer
+    cut by rows; each piece writes its columns only."""
+    inp = rng.standard_normal((nrows + 2, C)).astype(dtype)
+    weight = rng.standard_normal((OC, C)).astype(dtype)
+    bias = rng.standard_normal(OC).astype(dtype)
+    code = ACTIVATIONS["tanh"]
+    outputs_t = np.full(kernels.transposed_outputs(OC) * kernels.BLOCK_COLUMNS, np.nan, dtype)
+    rows = np.full((nrows + 2, OC), 7.0, dtype)
+    for r0, r1 in [(0, nrows // 8 * 4), (nrows // 8 * 4, nrows)]:
+        kernels.dense_forward(rows, inp, weight, np.zeros((C, 0), dtype), outputs_t, bias, code,
+                              False, r0, r1, 0, OC)
+    columns = np.full((nrows + 2, OC), 7.0, dtype)
+    for j0, j1 in zip(cuts[:-1], cuts[1:]):
+        kernels.dense_forward(columns, inp, weight, np.zeros((C, 0), dtype), outputs_t, bias, code,
+                              False, 0, nrows, j0, j1)
+        assert (columns[:, j1:] == 7.0).all()
+    assert np.array_equal(columns, rows)
+    z = inp[:nrows].astype(np.float64) @ weight.T.astype(np.float64) + bias
+    assert relative_error(columns[:nrows], np.tanh(z)) < (1e-4 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("nrows", [1, 3, 4, 9])
@@ -285,13 +333,13 @@ def test_float32_kernels_never_widen_to_float64():
     labels = np.zeros(4, np.int32)
     compiled = {
         "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, inp.T.copy(),
-                                    np.ones(4 * 64, f32), vec, 0, True, 0, 4),
+                                    np.ones(4 * 64, f32), vec, 0, True, 0, 4, 0, 3),
         "wide_forward": float32_ir(kernels.wide_forward, np.ones((4, 256), f32), inp,
-                                   np.ones((256, 8), f32), np.ones(256 * 64, f32), 0, 4),
+                                   np.ones((256, 8), f32), np.ones(256 * 64, f32), 0, 4, 0, 256),
         "transpose_weight_block": float32_ir(kernels.transpose_weight_block, inp.T.copy(), weight,
                                              0, 0, 0, 8),
         "dense_backward_input": float32_ir(kernels.dense_backward_input, inp, out, weight, inp, 0,
-                                           True, 0, 4),
+                                           True, 0, 4, 0, 8),
         "round_columns": float32_ir(kernels.round_columns, weight, weight, 0, 8),
         "dense_backward_weight": float32_ir(kernels.dense_backward_weight, weight, out, inp, 0, 3, 4, 0, 8),
         "dense_backward_bias": float32_ir(kernels.dense_backward_bias, vec, out, 4),

@@ -24,6 +24,7 @@ from fastmlp.step import (
     forward_backward,
     gradients_update,
     make_tasks,
+    region,
     task_cost,
     train_steps,
 )
@@ -188,9 +189,11 @@ def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10)):
     return model.params.copy()
 
 
-# the lesson's network, and one with a wide layer (kernels.wide_forward: a
-# thread's 50 rows padded to 64 columns, one thread's 100 in blocks of 64 and 48)
-@pytest.mark.parametrize("sizes", [(784, 50, 10), (784, 256, 10)])
+# the lesson's network, one with a wide layer (kernels.wide_forward: one
+# thread's 100 rows in blocks of 64 and 48; on 2 threads a column layer, each
+# thread its outputs for all rows), and two wide layers with outputs past
+# whole blocks (column layers whose input deltas are split by columns too)
+@pytest.mark.parametrize("sizes", [(784, 50, 10), (784, 256, 10), (784, 300, 260, 10)])
 def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
@@ -501,7 +504,7 @@ def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head(tmp_path)
     def model_dtype(signature):  # of the Work tuple, the first argument
         return dict(zip(signature[0].fields, signature[0].types))["acts"].dtype
 
-    for function in (train_steps, forward_backward, gradients_update):
+    for function in (train_steps, region, gradients_update):
         dtypes = [model_dtype(signature) for signature in function.signatures]
         assert len(dtypes) == len(set(dtypes)), (function.__name__, function.signatures)
     assert numba.float32 in [model_dtype(signature) for signature in train_steps.signatures]
