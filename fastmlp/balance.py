@@ -1,8 +1,10 @@
 """Sharing a parallel region's work between threads by their measured speed.
 
-Both parallel regions of a step cut their work into one contiguous share per
-thread: `forward_backward` the batch's rows (at 4-row tiles), and
-`gradients_update` its task list (by the tasks' estimated cost). Equal
+Both phases of a step cut their work into one contiguous share per thread:
+`forward_backward` the batch's rows (at 4-row tiles), and
+`gradients_update` its task list (by the tasks' estimated cost). (Column
+layers, split by their outputs, and their weight tasks are cut evenly
+instead: step.column_cut.) Equal
 shares assume equal cores, which a user's CPU need not have (performance and
 efficiency cores), nor a virtual machine's (a core shared with another guest
 ran the same forward pass 1.4x slower than its sibling, measured with

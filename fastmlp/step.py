@@ -1,6 +1,6 @@
 """The fused minibatch step, and the loop that runs many steps in compiled code.
 
-A step is two parallel regions:
+A step is two phases:
 
 1. `forward_backward`: the batch is cut into one contiguous part per
    thread, at multiples of 4 rows, sized by each thread's measured speed
@@ -12,6 +12,16 @@ A step is two parallel regions:
    its loss into its own slot, summed afterwards in row order. Few, large
    parts let a block of weights serve many rows while it is in cache (W3
    4% faster than with 16 parts of 8 rows, W2 6%, measured).
+   On more than one thread, wide hidden layers (column layers: 256
+   outputs or more) are split by their outputs instead, each thread
+   computing its outputs for every row, in a parallel region of their own;
+   so is the delta of their outputs, by the same cut. A thread then reads
+   only the weights that it updates itself (below), where a split by rows
+   has each thread read every weight, half of them just written by the
+   other core: on a 2-core Xeon, that traffic took W3's step from 1,337 to
+   1,614 us, and the split by outputs took it back to 1,490 (both measured,
+   docs/performance.md). Each output is computed by the same instructions
+   either way, so no value depends on the cut.
 2. `gradients_update`: weight gradients are sums over the batch, so they are
    split by *parameter* instead: each task owns a block of weight rows and
    columns (or one layer's bias), sums over all rows of the batch in row
@@ -19,8 +29,9 @@ A step is two parallel regions:
    update from there while the block is hot in cache. One writer per
    parameter: no atomics, and the result is bit-identical for any thread
    count.
-   Each thread runs a contiguous share of the task list, also sized by
-   its measured speed.
+   The tasks of a column layer's weights go to the thread that computes
+   their outputs; each thread runs a contiguous share of the other tasks,
+   sized by its measured speed.
 
 `train_steps` runs steps step0..step1 in one call, so an epoch costs one
 Python call. Nothing is allocated: every array is a view of the workspace or
