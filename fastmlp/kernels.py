@@ -134,8 +134,8 @@ def bias_activation(out, bias, activation, bf16, r0, r1, j0, j1):
     # (exp too), and two-dimensional indexing: a row view or a call per row
     # costs Numba's reference counting per row. (Unsigned columns: a signed
     # index from j0 gets Numba's check for negative indices, which kept the
-    # loops from vectorizing: the regression benchmark's forward pass took
-    # 1.2x as long.)
+    # loops from vectorizing: the regression benchmark's forward_backward
+    # took 1.5x as long.)
     u0 = np.uint64(j0)
     u1 = np.uint64(j1)
     for i in range(r0, r1):

@@ -234,11 +234,12 @@ def view2d(flat, offsets, index, rows, cols):
 @kernel
 def column_layer(net, l, threads):
     # whether layer l runs forward split between threads by its outputs
-    # (column_forward), not by batch rows: a wide hidden layer, on more than
-    # one thread. Each thread then reads only the weights it updates itself
-    # (gradients_update gives it their tasks), where a split by rows has
-    # every thread read every weight, half of them just written by another
-    # core (W3's step 1.13x faster, measured: see the module's docstring).
+    # (a region of its own in forward_backward), not by batch rows: a wide
+    # hidden layer, on more than one thread. Each thread then reads only the
+    # weights it updates itself (gradients_update gives it their tasks),
+    # where a split by rows has every thread read every weight, half of them
+    # just written by another core (W3's step 1.12x faster, measured: see
+    # the module's docstring).
     L = net.sizes.shape[0] - 1
     if threads < 2 or l >= L - 1 or net.bf16:
         return False
@@ -286,17 +287,17 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     # region. Plain Python, for callers in Python; train_steps inlines its
     # twin, compiled_forward_backward.
     L = net.sizes.shape[0] - 1
-    none = np.int64(0)
+    zero = np.int64(0)
     f0 = np.int64(0)  # the first layer not run forward yet
     gathered = False
     for l in range(L):
         if column_layer(net, l, threads):
             if f0 < l or not gathered:
                 region(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
-                       np.bool_(False), not gathered, f0, l, np.bool_(False), none, none)
+                       np.bool_(False), not gathered, f0, l, np.bool_(False), zero, zero)
                 gathered = True
-            region(work, net, data, start, nrows, inv_total, backward, none, threads,
-                   np.bool_(True), np.bool_(False), l, l + 1, np.bool_(False), none, none)
+            region(work, net, data, start, nrows, inv_total, backward, zero, threads,
+                   np.bool_(True), np.bool_(False), l, l + 1, np.bool_(False), zero, zero)
             f0 = l + 1
     # the other layers forward, the head, and from the last layer down the
     # deltas of the layers' inputs, in regions of each kind
@@ -308,7 +309,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
         hi = lo
         columns = column_layer(net, hi - 1, threads)
         lo = hi - 1 if columns else row_split_below(net, hi, threads)
-        region(work, net, data, start, nrows, inv_total, backward, none, threads, columns,
+        region(work, net, data, start, nrows, inv_total, backward, zero, threads, columns,
                np.bool_(False), L, L, np.bool_(False), hi, lo)
 
 
