@@ -104,6 +104,10 @@ def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(spee
     assert firsts[0] == 0 and firsts[-1] == T and firsts == sorted(firsts)
     shared = [t for t in range(T) if owners[t] < 0]
     assert total == sum(task_work(net, t) for t in shared) > 0
+    # what each part runs (gradients_update): its own tasks and its share
+    runs = [t for p in range(parts) for t in range(T)
+            if owners[t] == p or (owners[t] < 0 and firsts[p] <= t < firsts[p + 1])]
+    assert sorted(runs) == list(range(T))
     # on one thread nothing is owned: every task is shared out
     assert all(task_owner(net, t, 1, 1) == -1 for t in range(T))
 
