@@ -621,11 +621,12 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
         t0 = share_first_task(shares, net, total, part, parts, threads)
         t1 = share_first_task(shares, net, total, part + 1, parts, threads)
         done = np.int64(0)
-        spent = np.int64(0)  # cycles of the shared tasks
+        started = cycles()
+        owned = np.int64(0)  # cycles of the owned tasks, not timed for the shares
         for t in range(T):
             owner = task_owner(net, t, parts, threads)
             if owner == part or (owner < 0 and t0 <= t < t1):
-                started = cycles()
+                owned_from = cycles() if owner >= 0 else np.int64(0)
                 g_first = np.int64(0) if fused else task_first(net, t)
                 if gradients:
                     task_gradient(grads, g_first, work, net, t, nrows)
@@ -633,11 +634,12 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
                 if update:
                     check = task_update(work.weights_t, net, opt, t, grads, g_first)
                 task_checks[t] = check
-                if owner < 0:
+                if owner >= 0:
+                    owned += cycles() - owned_from
+                else:
                     done += task_work(net, t)
-                    spent += cycles() - started
         write_fp_control(fp_control)
-        record(shares, part, cycles() - spent, done)
+        record(shares, part, started + owned, done)
 
 
 @kernel
