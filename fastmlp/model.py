@@ -9,7 +9,7 @@ import numpy as np
 from . import jit
 from .balance import make_balance
 from .amx import usable as amx_usable
-from .amx_layers import layouts as amx_layouts
+from .amx_layers import layouts as amx_layouts, packed_dtype
 from .buffers import Network, Work, make_data, read_only
 from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
@@ -122,7 +122,7 @@ class Workspace:
             weights_t=aligned_zeros(n_transposed, dtype),
             outputs_t=aligned_zeros(threads * wide, dtype).reshape(threads, wide),
             balance=make_balance(threads),
-            packed=aligned_zeros(packed_size, np.uint16), packed_layout=packed_layout)
+            packed=aligned_zeros(packed_size, packed_dtype(amx)), packed_layout=packed_layout)
         self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,
@@ -194,7 +194,7 @@ class MLP:
         self._operands = aligned_zeros(self.params.size, self.dtype) if bfloat16 else self.params
         self.amx = bfloat16 and amx_usable()
         _, (layout, size) = amx_layouts(self.layer_sizes, 0, self.amx)
-        self._packed_weights = aligned_zeros(size, np.uint16)
+        self._packed_weights = aligned_zeros(size, packed_dtype(self.amx))
         self._packed_weights_layout = layout
 
     def __getstate__(self):

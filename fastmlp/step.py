@@ -43,8 +43,14 @@ import numpy as np
 from numba import prange
 
 from .amx import COMPILED as AMX_COMPILED, padded
-from .amx_layers import (AMX_MIN_OUTPUTS, amx_backward_input, amx_backward_weight, amx_forward,
-                         amx_layer, pack_delta, pack_input, pack_weights)
+from .amx_layers import AMX_MIN_OUTPUTS, amx_layer
+# (each a call that does nothing for a model off AMX tiles: see amx_layers.py)
+from .amx_layers import step_amx_backward_input as amx_backward_input
+from .amx_layers import step_amx_backward_weight as amx_backward_weight
+from .amx_layers import step_amx_forward as amx_forward
+from .amx_layers import step_pack_delta as pack_delta
+from .amx_layers import step_pack_input as pack_input
+from .amx_layers import step_pack_weights as pack_weights
 from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control

@@ -2,7 +2,11 @@
 packed layouts everywhere; the tile products and the layers that use
 them where the CPU has AMX, against the float64 product and the bfloat16
 oracle."""
+import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,3 +182,39 @@ def test_the_tile_loop_compiles_for_sapphire_rapids_on_any_cpu(row_tiles):
     loop = lines[start:end + 1]
     assert sum("tileloadd" in line for line in loop) == row_tiles + 2
     assert not any("%rsp" in line or "ldtilecfg" in line for line in loop), "\n".join(loop)
+
+
+KERNELS_COMPILED = """
+import json, sys
+import numpy as np
+import fastmlp
+from fastmlp import amx_layers, compile_ahead
+compile_ahead.PROCESSES = 1  # every kernel compiled here, none in a child
+rng = np.random.default_rng(0)
+X = rng.random((64, 20)).astype(np.float32)
+y = rng.integers(0, 3, 64)
+model = fastmlp.MLP([20, 40, 3], dtype=sys.argv[1], seed=0)
+model.fit(X, y, epochs=1, batch_size=32)
+model.predict(X)
+print(json.dumps({name: len(getattr(amx_layers, name).signatures)
+                  for name in ("amx_forward", "amx_backward_input", "amx_backward_weight",
+                               "pack_input", "pack_delta", "pack_weights")}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_only_models_on_tiles_compile_the_tile_kernels(tmp_path, dtype):
+    """A float32 model compiles none of the AMX kernels, even where the CPU
+    has AMX (where the step's branches to them are not pruned by the CPU);
+    a bfloat16 model on AMX compiles them all."""
+    if dtype == "bfloat16" and not amx.usable():
+        pytest.skip("AMX tiles are not usable here")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", KERNELS_COMPILED, dtype], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    if dtype == "float32":
+        assert all(count == 0 for count in counts.values()), counts
+    else:
+        assert all(count > 0 for count in counts.values()), counts
