@@ -501,10 +501,15 @@ def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head(tmp_path)
     assert not mapped_model.w_off.flags.writeable
     fastmlp.fit(mapped_model, X, y, epochs=1, batch_size=8)
 
-    def model_dtype(signature):  # of the Work tuple, the first argument
-        return dict(zip(signature[0].fields, signature[0].types))["acts"].dtype
+    def model_kind(signature):
+        # of the Work tuple, the first argument: the model dtype, and whether
+        # it runs on AMX tiles (bfloat16 there, which tests elsewhere in
+        # this session may have trained: its own compile, amx_layers.on_tiles)
+        fields = dict(zip(signature[0].fields, signature[0].types))
+        return fields["acts"].dtype, fields["packed"].dtype
 
     for function in (train_steps, region, gradients_update):
-        dtypes = [model_dtype(signature) for signature in function.signatures]
-        assert len(dtypes) == len(set(dtypes)), (function.__name__, function.signatures)
-    assert numba.float32 in [model_dtype(signature) for signature in train_steps.signatures]
+        kinds = [model_kind(signature) for signature in function.signatures]
+        assert len(kinds) == len(set(kinds)), (function.__name__, function.signatures)
+    assert (numba.float32, numba.uint8) in [model_kind(signature)
+                                            for signature in train_steps.signatures]
