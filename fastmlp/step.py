@@ -15,7 +15,9 @@ A step is two phases:
    On more than one thread, wide hidden layers (column layers: 256
    outputs or more) are split by their outputs instead, each thread
    computing its outputs for every row, in a parallel region of their own;
-   so is the delta of their outputs, by the same cut. A thread then reads
+   so is the delta of their outputs, by the same cut, when the layer above
+   is a column layer too (below a narrow one it is a small product, done
+   by rows in the region before). A thread then reads
    only the weights that it updates itself (below), where a split by rows
    has each thread read every weight, half of them just written by the
    other core: on a 2-core Xeon, that traffic took W3's step from 1,337 to
@@ -270,10 +272,22 @@ def column_cut(OC, part, parts):
 
 
 @kernel
+def column_delta(net, l, threads):
+    # whether D_l, the delta of layer l's inputs, is split between threads
+    # by its columns, in a region of its own (each thread the columns of
+    # the outputs it computes forward), rather than by rows: when layer l's
+    # inputs are a column layer's outputs and layer l is a column layer too.
+    # Below a narrow layer (W3's 10 outputs), that delta is a small product
+    # and the region before computes it by rows: a region of its own took
+    # 31 us of W3's step (2 threads, Intel Xeon, measured).
+    return l >= 1 and column_layer(net, l - 1, threads) and column_layer(net, l, threads)
+
+
+@kernel
 def row_split_below(net, l, threads):
     # the lowest layer l' <= l such that layers l..l' + 1 have their input
-    # deltas split by rows (their inputs are no column layer's outputs)
-    while l >= 1 and not column_layer(net, l - 1, threads):
+    # deltas split by rows (column_delta)
+    while l >= 1 and not column_delta(net, l, threads):
         l -= 1
     return l
 
@@ -288,9 +302,9 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     # threads is the number of parts to cut (numba.get_num_threads() in the
     # caller: called in a kernel, it would keep the kernel out of Numba's
     # cache). Parallel regions in turn: runs of layers split by rows, and
-    # column layers (column_layer) split by outputs, forward and for the
-    # delta of their outputs. Without column layers, the whole step is one
-    # region. Plain Python, for callers in Python; train_steps inlines its
+    # column layers (column_layer) split by outputs, forward and, below
+    # another column layer, for the delta of their outputs (column_delta).
+    # Without column layers, the whole step is one region. Plain Python, for callers in Python; train_steps inlines its
     # twin, compiled_forward_backward.
     L = net.sizes.shape[0] - 1
     zero = np.int64(0)
@@ -313,7 +327,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
            np.bool_(False), not gathered, f0, L, np.bool_(True), hi, lo)
     while backward and lo >= 1:
         hi = lo
-        columns = column_layer(net, hi - 1, threads)
+        columns = column_delta(net, hi, threads)
         lo = hi - 1 if columns else row_split_below(net, hi, threads)
         region(work, net, data, start, nrows, inv_total, backward, zero, threads, columns,
                np.bool_(False), L, L, np.bool_(False), hi, lo)
