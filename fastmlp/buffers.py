@@ -29,10 +29,14 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # (threads, V): each thread's scratch for a wide layer's transposed outputs
 # (kernels.wide_forward); balance: how the parallel regions share
 # work between threads (balance.py); packed, packed_layout: activations and
-# deltas packed for AMX tiles (amx_layers.py; empty without)
+# deltas packed for AMX tiles (amx_layers.py; empty without); inputs
+# (threads, B, C): each thread's own copy of the batch's input rows, for a
+# first layer split between threads by its outputs (step.own_inputs; (0, 0,
+# C) without)
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
                            "row_stats", "target_scale", "task_checks", "task_grads",
-                           "weights_t", "outputs_t", "balance", "packed", "packed_layout"])
+                           "weights_t", "outputs_t", "balance", "packed", "packed_layout",
+                           "inputs"])
 # X: the (N, C) rows' raw bytes, (N, C * x_bytes) uint8, where x_bytes is
 # 1, 4 or 8 for uint8, float32 or float64 rows; labels (N,) int32 for
 # softmax, else targets (N, K) (the other one has no rows); sample_weight

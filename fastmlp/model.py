@@ -18,6 +18,7 @@ from .step import (
     forward_backward,
     gradients_update,
     make_tasks,
+    own_inputs_shape,
     region,
     task_block_values,
     transpose_weights,
@@ -110,6 +111,7 @@ class Workspace:
         block = task_block_values(layer_sizes) if backward else 0
         wide = wide_scratch_values(layer_sizes)
         (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
+        inputs_shape = own_inputs_shape(layer_sizes, batch_size, threads)
         self.work = Work(
             acts=self.acts, deltas=self.deltas, act_off=self.act_off,
             labels=np.zeros(batch_size, np.int32),
@@ -122,7 +124,8 @@ class Workspace:
             weights_t=aligned_zeros(n_transposed, dtype),
             outputs_t=aligned_zeros(threads * wide, dtype).reshape(threads, wide),
             balance=make_balance(threads),
-            packed=aligned_zeros(packed_size, packed_dtype(amx)), packed_layout=packed_layout)
+            packed=aligned_zeros(packed_size, packed_dtype(amx)), packed_layout=packed_layout,
+            inputs=aligned_zeros(int(np.prod(inputs_shape)), dtype).reshape(inputs_shape))
         self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,

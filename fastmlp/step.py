@@ -68,7 +68,9 @@ from .kernels import (
     dense_backward_weight,
     dense_forward,
     finite,
+    gather_inputs,
     gather_rows,
+    gather_targets,
     kept_transposed,
     prefetch_rows,
     round_columns,
@@ -261,6 +263,28 @@ def column_parts(work, threads):
     return max(1, min(threads, work.outputs_t.shape[0], work.task_grads.shape[0]))
 
 
+def own_inputs_shape(layer_sizes, batch_size, threads):
+    """The shape of Work.inputs: each thread's own copy of the batch's
+    input rows where the first layer may be a column layer (a wide hidden
+    layer, on 2 or more threads), else none."""
+    C = int(layer_sizes[0])
+    if threads >= 2 and len(layer_sizes) > 2 and wide_layer(layer_sizes[1]):
+        return threads, batch_size, C
+    return 0, 0, C
+
+
+@kernel
+def own_inputs(work, net, threads):
+    # whether the first layer is a column layer whose region gathers the
+    # batch's input rows itself, each thread all of them into its own copy
+    # (Work.inputs), read by its forward products and its weight tasks. No
+    # thread then reads input rows another wrote, nor writes lines another
+    # has read: with one copy gathered by rows, W3's gather took 31 us a
+    # step, 7 us when its lines were its own already (2 threads, Intel
+    # Xeon, measured).
+    return column_layer(net, 0, threads) and work.inputs.shape[0] >= column_parts(work, threads)
+
+
 @kernel
 def column_cut(OC, part, parts):
     # the first output of part `part` of a column layer's OC outputs (OC for
@@ -312,12 +336,14 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     gathered = False
     for l in range(L):
         if column_layer(net, l, threads):
-            if f0 < l or not gathered:
+            own = l == 0 and own_inputs(work, net, threads)
+            if not own and (f0 < l or not gathered):
                 region(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
                        np.bool_(False), not gathered, f0, l, np.bool_(False), zero, zero)
-                gathered = True
-            region(work, net, data, start, nrows, inv_total, backward, zero, threads,
-                   np.bool_(True), np.bool_(False), l, l + 1, np.bool_(False), zero, zero)
+            region(work, net, data, start, nrows, inv_total, backward,
+                   next_rows if own else zero, threads, np.bool_(True), own, l, l + 1,
+                   np.bool_(False), zero, zero)
+            gathered = True
             f0 = l + 1
     # the other layers forward, the head, and from the last layer down the
     # deltas of the layers' inputs, in regions of each kind
@@ -350,7 +376,9 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
     # (the same part runs on the same thread next time, under prange's
     # static schedule, which balance.py relies on too). With columns (a
     # column layer forward, or the delta of its outputs), each part takes
-    # its outputs (column_cut) for every row.
+    # its outputs (column_cut) for every row; with gather too (a first
+    # column layer: own_inputs), each part gathers every row into its own
+    # copy of the inputs, and prefetches every next row.
     sizes = net.sizes
     acts = work.acts
     act_off = work.act_off
@@ -362,6 +390,7 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
     # (out of the tuple: see gradients_update)
     shares = work.balance[FORWARD]
     all_outputs_t = work.outputs_t
+    all_inputs = work.inputs
     if not columns:
         fold_timings(shares, parts)
     for p in prange(parts):
@@ -371,6 +400,8 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
         cut, cuts = (part, parts) if columns else (np.int64(0), np.int64(1))
         if columns:
             r0, r1 = np.int64(0), nrows
+            if gather:
+                prefetch_rows(data.X, data.idx, start + nrows, np.int64(0), next_rows)
         else:
             if gather:
                 n0, n1 = share_rows(shares, next_rows, part, parts)
@@ -380,10 +411,15 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
                 continue
         fp_control = flush_subnormals()
         outputs_t = all_outputs_t[part]
-        if gather:
+        inp = view2d(acts, act_off, f0, B, sizes[f0])
+        if gather and columns:
+            inp = all_inputs[part]
+            gather_inputs(inp, data, start, net.bf16, r0, r1)
+            if part == 0:
+                gather_targets(work.labels, work.targets, work.row_weights, data, start, r0, r1)
+        elif gather:
             gather_rows(view2d(acts, act_off, np.int64(0), B, sizes[0]), work.labels,
                         work.targets, work.row_weights, data, start, net.bf16, r0, r1)
-        inp = view2d(acts, act_off, f0, B, sizes[f0])
         for l in range(f0, f1):
             hidden = l < L - 1  # the logits stay float32 (bfloat16.py)
             OC = sizes[l + 1]
@@ -439,10 +475,11 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
 
 
 @kernel
-def task_gradient(grads, g_first, work, net, t, nrows):
+def task_gradient(grads, g_first, work, net, t, nrows, inputs):
     # the gradient of task t's parameters over batch rows 0:nrows, into
     # grads from g_first: its weight rows j0:j1 as a (j1 - j0, fan_in)
-    # block (columns k0:k1 written), or its layer's biases
+    # block (columns k0:k1 written), or its layer's biases; inputs: the
+    # batch's input rows (B, C), as the forward pass read them
     tasks = net.tasks
     if tasks[t, 1] == NO_TASK:
         return
@@ -458,9 +495,9 @@ def task_gradient(grads, g_first, work, net, t, nrows):
         if AMX_COMPILED and amx_layer(net, l):
             amx_backward_weight(block, work, l, j0, j1, nrows, tasks[t, 4], tasks[t, 5])
         else:
-            dense_backward_weight(block, dout[:, j0:j1],
-                                  view2d(work.acts, work.act_off, l, B, fan_in), np.int64(0),
-                                  j1 - j0, nrows, tasks[t, 4], tasks[t, 5])
+            inp = inputs if l == 0 else view2d(work.acts, work.act_off, l, B, fan_in)
+            dense_backward_weight(block, dout[:, j0:j1], inp, np.int64(0), j1 - j0, nrows,
+                                  tasks[t, 4], tasks[t, 5])
     else:
         dense_backward_bias(grads[g_first:g_first + fan_out], dout, nrows)
 
@@ -627,17 +664,23 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # drops a store into an array read off a tuple inside the loop body.)
     task_checks = work.task_checks
     task_grads = work.task_grads
+    all_inputs = work.inputs
+    B = work.labels.shape[0]
     shares = work.balance[GRADIENTS]
     # (no more parts than scratch blocks: one per thread Numba may start)
     parts = max(1, min(threads, task_grads.shape[0]))
     fold_timings(shares, parts)
     total = total_work(net, parts, threads)
     fused = gradients and update
+    own = own_inputs(work, net, threads)
     T = net.tasks.shape[0]
     for p in prange(parts):
         part = np.int64(p)
         fp_control = flush_subnormals()
         grads = task_grads[part] if fused else opt.grads
+        # (its own copy, read only by the tasks it owns: own_inputs)
+        inputs = (all_inputs[part] if own
+                  else view2d(work.acts, work.act_off, np.int64(0), B, net.sizes[0]))
         t0 = share_first_task(shares, net, total, part, parts, threads)
         t1 = share_first_task(shares, net, total, part + 1, parts, threads)
         done = np.int64(0)
@@ -649,7 +692,7 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
                 owned_from = cycles() if owner >= 0 else np.int64(0)
                 g_first = np.int64(0) if fused else task_first(net, t)
                 if gradients:
-                    task_gradient(grads, g_first, work, net, t, nrows)
+                    task_gradient(grads, g_first, work, net, t, nrows, inputs)
                 check = 0.0
                 if update:
                     check = task_update(work.weights_t, net, opt, t, grads, g_first)

@@ -206,6 +206,44 @@ def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes):
     assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1, sizes=sizes))
 
 
+def test_a_first_column_layer_reads_each_threads_own_copy_of_the_inputs():
+    """On 2 threads a wide first layer (a column layer) has each thread
+    gather every row of the batch into its own copy of the inputs; on one
+    thread, or with a narrow first layer, the rows go to the one shared
+    block as before. The forward pass gives the same outputs either way."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads")
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (300, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, 300)
+    idx = rng.permutation(300)
+    expected = (X[idx[40:140]] * np.float32(1 / 255)).astype(np.float32)
+    assert Workspace([784, 50, 10], 100, np.float32).work.inputs.shape == (0, 0, 784)
+    model = fastmlp.MLP([784, 256, 10], seed=0)
+    data = make_data(X, y.astype(np.int32), np.ones(300, np.float32), idx, model.dtype)
+    previous = numba.get_num_threads()
+    outputs = {}
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            ws = Workspace(model.layer_sizes, 100, model.dtype)
+            assert ws.work.inputs.shape == (numba.config.NUMBA_NUM_THREADS, 100, 784)
+            model._transpose(ws)
+            model._forward(data, ws, 40, 100, False)
+            shared = ws.acts[:100 * 784].reshape(100, 784)
+            if threads == 1:
+                assert np.array_equal(shared, expected)
+                assert not ws.work.inputs.any()
+            else:
+                assert not shared.any()  # the shared block is not written
+                for copy in ws.work.inputs[:2]:
+                    assert np.array_equal(copy, expected)
+            outputs[threads] = ws.output[:100].copy()
+    finally:
+        numba.set_num_threads(previous)
+    assert np.array_equal(outputs[1], outputs[2])
+
+
 @pytest.mark.parametrize("sizes,balanced", [([784, 50, 10], True), ([784, 100, 10], True),
                                             ([784, 512, 512, 10], True), ([130, 300, 20], True),
                                             ([3, 1, 7, 2], False)])  # 3 weight tasks
