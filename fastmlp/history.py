@@ -22,6 +22,7 @@ class History:
         self.history = {"loss": [], metric: [], "epoch_time": [], "lr": []}
         self.epoch = []
         self.compile_time = 0.0
+        self.threads = None  # the thread count fit trained on
         self.best_epoch = None  # with early stopping
         self.stopped_epoch = None
         # with MPI: seconds spent in the per-step Allreduce, and steps taken

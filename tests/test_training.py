@@ -10,7 +10,7 @@ import pytest
 from numba.core.runtime import _nrt_python, rtsys
 
 import fastmlp
-from fastmlp import reference
+from fastmlp import reference, training
 from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
@@ -204,6 +204,40 @@ def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes):
     assert np.array_equal(two, again)
     # a different seed is a different run: the comparison can fail
     assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1, sizes=sizes))
+
+
+@pytest.mark.parametrize("gain,one_thread", [(1e-6, True), (1e6, False)])
+def test_fit_without_threads_trains_on_the_faster_count_of_a_probe(monkeypatch, gain,
+                                                                  one_thread):
+    """fit without `threads` times a few steps on every core and on one,
+    and trains on the faster (ONE_THREAD_GAIN decides here). The probe
+    leaves no trace: the parameters are a fit's on a fixed thread count,
+    and Numba's thread count is restored. Given threads, or data of fewer
+    steps than a probe, there is no probe."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads")
+    monkeypatch.setattr(training, "ONE_THREAD_GAIN", gain)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((640, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 640)
+    previous = numba.get_num_threads()
+    every = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(every)
+    try:
+        fits = {}
+        for threads in (None, 2):
+            model = fastmlp.MLP([20, 30, 3], seed=0)
+            history = fastmlp.fit(model, X, y, epochs=2, batch_size=32, optimizer="adam",
+                                  seed=3, threads=threads)
+            assert numba.get_num_threads() == every
+            fits[threads] = (history.threads, model.params.copy())
+        assert fits[None][0] == (1 if one_thread else every)
+        assert fits[2][0] == 2  # given: no probe
+        assert np.array_equal(fits[None][1], fits[2][1])
+        small = fastmlp.fit(fastmlp.MLP([20, 30, 3], seed=0), X[:64], y[:64], batch_size=32)
+        assert small.threads == every  # 2 steps an epoch: no probe
+    finally:
+        numba.set_num_threads(previous)
 
 
 def test_a_first_column_layer_reads_each_threads_own_copy_of_the_inputs():
