@@ -328,8 +328,9 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     # cache). Parallel regions in turn: runs of layers split by rows, and
     # column layers (column_layer) split by outputs, forward and, below
     # another column layer, for the delta of their outputs (column_delta).
-    # Without column layers, the whole step is one region. Plain Python, for callers in Python; train_steps inlines its
-    # twin, compiled_forward_backward.
+    # Without column layers, the whole step is one region. Plain Python,
+    # for callers in Python; train_steps inlines its twin,
+    # compiled_forward_backward.
     L = net.sizes.shape[0] - 1
     zero = np.int64(0)
     f0 = np.int64(0)  # the first layer not run forward yet
