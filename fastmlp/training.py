@@ -485,13 +485,12 @@ class EpochLoop:
         every = numba.get_num_threads()
         if every < 2 or self.n_steps < PROBE_STEPS:
             return every
-        model, state = self.model, self.state
-        kept = [a.copy() for a in (model.params, state.state1, state.state2, state.hyper)]
-
-        def undo():
-            for array, copy in zip((model.params, state.state1, state.state2, state.hyper), kept):
-                np.copyto(array, copy)
-
+        state = self.state
+        # kept where epoch() keeps its replay point (it copies them anew)
+        live = (self.model.params, state.state1, state.state2)
+        for copy, source in zip(self.saved, live):
+            np.copyto(copy, source)
+        hyper = state.hyper.copy()
         self.idx[:] = np.arange(self.n)  # (the first epoch orders its rows anew)
         times = {every: [], 1: []}
         try:
@@ -501,14 +500,15 @@ class EpochLoop:
                 start = time.perf_counter()
                 train_steps(*self.step_arguments(0, PROBE_STEPS))
                 seconds = time.perf_counter() - start
-                undo()
                 if turn == 0:  # the first run, untimed (its pages touched first)
                     if seconds > PROBE_SECONDS:
                         return every
                     continue
                 times[threads].append(seconds)
-        finally:
-            undo()
+        finally:  # the probe's updates undone
+            for live_array, copy in zip(live, self.saved):
+                np.copyto(live_array, copy)
+            np.copyto(state.hyper, hyper)
             numba.set_num_threads(every)
         return 1 if np.median(times[1]) * ONE_THREAD_GAIN < np.median(times[every]) else every
 
