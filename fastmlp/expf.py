@@ -23,7 +23,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from .jit import ORDERED_FASTMATH
 
@@ -33,6 +33,7 @@ LN2_HIGH = F(0.693359375)  # few significant bits: n * LN2_HIGH is exact
 LN2_LOW = F(-2.12194440e-4)
 LOWEST = F(-87.0)
 HIGHEST = F(88.0)
+TANH_LIMIT = F(10.0)
 
 
 @intrinsic
@@ -41,6 +42,17 @@ def int32_bits_as_float32(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
     return types.float32(types.int32), codegen
+
+
+@register_jitable(fastmath=ORDERED_FASTMATH)
+def exp_reduced(x):
+    # (exp(r) - 1, 2^n) with x = n ln2 + r, |r| <= ln2/2, for float32 x in
+    # [-87, 88]: exp(x) = (exp(r) - 1 + 1) 2^n
+    n = np.floor(x * LOG2E + F(0.5))
+    r = x - n * LN2_HIGH - n * LN2_LOW
+    p = (((((F(1.9875691500e-4) * r + F(1.3981999507e-3)) * r + F(8.3334519073e-3)) * r
+           + F(4.1665795894e-2)) * r + F(1.6666665459e-1)) * r + F(5.0000001201e-1))
+    return p * (r * r) + r, int32_bits_as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 def fast_exp(x):
@@ -56,10 +68,26 @@ def _fast_exp(x):
     def expf(x):
         # clamped so that NaN stays NaN (min and max could drop it)
         x = LOWEST if x < LOWEST else (HIGHEST if x > HIGHEST else x)
-        n = np.floor(x * LOG2E + F(0.5))
-        r = x - n * LN2_HIGH - n * LN2_LOW
-        p = (((((F(1.9875691500e-4) * r + F(1.3981999507e-3)) * r + F(8.3334519073e-3)) * r
-               + F(4.1665795894e-2)) * r + F(1.6666665459e-1)) * r + F(5.0000001201e-1))
-        return (p * (r * r) + r + F(1.0)) * int32_bits_as_float32(
-            (np.int32(n) + np.int32(127)) << np.int32(23))
+        expm1_r, scale = exp_reduced(x)
+        return (expm1_r + F(1.0)) * scale
     return expf
+
+
+def fast_tanh(x):
+    """tanh(x); in compiled code vectorizable for float32 (see the module)."""
+    return math.tanh(x)
+
+
+@overload(fast_tanh, jit_options={"fastmath": ORDERED_FASTMATH})
+def _fast_tanh(x):
+    if x != types.float32:
+        return lambda x: math.tanh(x)
+
+    def tanhf(x):
+        # tanh(x) = m / (m + 2) with m = expm1(2x) = 2^n (exp(r) - 1) + 2^n - 1;
+        # clamped to [-10, 10] (tanh is +-1 in float32 past 9), NaN kept
+        x = -TANH_LIMIT if x < -TANH_LIMIT else (TANH_LIMIT if x > TANH_LIMIT else x)
+        expm1_r, scale = exp_reduced(x + x)
+        m = expm1_r * scale + (scale - F(1.0))
+        return m / (m + F(2.0))
+    return tanhf

@@ -17,7 +17,6 @@ are written in terms of the activation's output, so the forward pass keeps
 only post-activations (as scikit-learn does). Callers choose which rows or
 weight rows a call covers, so that parallel callers write disjoint memory.
 """
-import math
 
 import numpy as np
 from llvmlite import ir
@@ -26,7 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .bfloat16 import round_bfloat16
-from .expf import fast_exp
+from .expf import fast_exp, fast_tanh
 from .heads import copy_targets
 from .jit import kernel, ordered_kernel
 from .microkernel import (DOT_OUTPUTS, TRANSPOSE_BYTES, block_multiply_add, dot_tile,
@@ -158,7 +157,7 @@ def bias_activation(out, bias, activation, bf16, r0, r1, j0, j1):
                 out[i, j] = ONE / (ONE + fast_exp(-(out[i, j] + bias[j])))
         elif activation == TANH:
             for j in range(u0, u1):
-                out[i, j] = math.tanh(out[i, j] + bias[j])
+                out[i, j] = fast_tanh(out[i, j] + bias[j])
         elif activation == RELU:
             for j in range(u0, u1):
                 z = out[i, j] + bias[j]
