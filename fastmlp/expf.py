@@ -1,4 +1,5 @@
-"""`fast_exp`: exp that LLVM can vectorize, for the kernels' float32 paths.
+"""`fast_exp` and `fast_tanh`: exp and tanh that LLVM can vectorize, for
+the kernels' float32 paths.
 
 Numba's math.exp is a call into libm, one value at a time (Numba lost its
 SVML vector library in 0.62), and costs about as much as the sigmoid
@@ -16,7 +17,13 @@ runs as written: with it, LLVM folded `x - n * LN2_HIGH - n * LN2_LOW` into
 `x - n * ln2` on CPUs without FMA (x86-64, sandybridge code), and the
 error grew to 4.1e-6; with FMA it was 3.0e-7.
 
-float64 keeps math.exp: its tests hold fastmlp to 1e-12.
+fast_tanh is tanh(x) = m / (m + 2) with m = expm1(2x), built from the
+same reduction as 2^n (exp(r) - 1) + 2^n - 1, with no cancellation near 0;
+its relative error is at most 1.6e-7 (NumPy's float32 tanh: 1.1e-7).
+libm's tanhf, one value at a time, took a 784-100 tanh layer's forward
+pass from 173 us (relu) to 460; fast_tanh, to 205 (measured).
+
+float64 keeps math.exp and math.tanh: its tests hold fastmlp to 1e-12.
 """
 import math
 
