@@ -1,5 +1,5 @@
 """`fast_exp` and `fast_tanh`: exp and tanh that LLVM can vectorize, for
-the kernels' float32 paths.
+the kernels' float32 and float64 paths.
 
 Numba's math.exp is a call into libm, one value at a time (Numba lost its
 SVML vector library in 0.62), and costs about as much as the sigmoid
@@ -23,7 +23,14 @@ its relative error is at most 1.6e-7 (NumPy's float32 tanh: 1.1e-7).
 libm's tanhf, one value at a time, took a 784-100 tanh layer's forward
 pass from 173 us (relu) to 460; fast_tanh, to 205 (measured).
 
-float64 keeps math.exp and math.tanh: its tests hold fastmlp to 1e-12.
+For float64, both take Cephes' exp: the same reduction (ln2 split after 21
+bits) and exp(r) = 1 + 2 p / (q - p), p = r P(r^2) and q = Q(r^2) of
+degrees 2 and 3, so exp(r) - 1 keeps its precision too. exp is within
+2.1e-16 of the exact value (libm's 1.2e-16), tanh within 4.3e-16; the
+tests hold float64 training to 1e-9 of the oracle. Arguments are clamped
+to [-708, 709] (exp) and [-20, 20] (tanh). With libm, a float64 784-100
+forward pass took 1.22x relu's time with sigmoid and 1.95x with tanh;
+with these, 1.04x both (measured).
 """
 import math
 
@@ -41,6 +48,22 @@ LN2_LOW = F(-2.12194440e-4)
 LOWEST = F(-87.0)
 HIGHEST = F(88.0)
 TANH_LIMIT = F(10.0)
+# float64: Cephes' exp (a Pade form of exp(r) on |r| <= ln2/2)
+D = np.float64
+LOG2E_64 = D(1.4426950408889634073599)
+LN2_HIGH_64 = D(6.93145751953125e-1)
+LN2_LOW_64 = D(1.42860682030941723212e-6)
+LOWEST_64 = D(-708.0)
+HIGHEST_64 = D(709.0)
+TANH_LIMIT_64 = D(20.0)
+
+
+@intrinsic
+def int64_bits_as_float64(typingctx, bits):
+    # the float64 whose IEEE-754 bits are the int64 `bits` (a plain bitcast)
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
 
 
 @intrinsic
@@ -67,8 +90,29 @@ def fast_exp(x):
     return math.exp(x)
 
 
+@register_jitable(fastmath=ORDERED_FASTMATH)
+def exp_reduced_64(x):
+    # exp_reduced for float64 x in [-708, 709]: exp(r) - 1 = 2 p / (q - p),
+    # with p = r P(r^2) and q = Q(r^2), Cephes' coefficients
+    n = np.floor(x * LOG2E_64 + D(0.5))
+    r = x - n * LN2_HIGH_64 - n * LN2_LOW_64
+    rr = r * r
+    p = r * ((D(1.26177193074810590878e-4) * rr + D(3.02994407707441961300e-2)) * rr
+             + D(9.99999999999999999910e-1))
+    q = (((D(3.00198505138664455042e-6) * rr + D(2.52448340349684104192e-3)) * rr
+          + D(2.27265548208155028766e-1)) * rr + D(2.00000000000000000009e0))
+    return D(2.0) * p / (q - p), int64_bits_as_float64((np.int64(n) + np.int64(1023))
+                                                        << np.int64(52))
+
+
 @overload(fast_exp, jit_options={"fastmath": ORDERED_FASTMATH})
 def _fast_exp(x):
+    if x == types.float64:
+        def exp64(x):
+            x = LOWEST_64 if x < LOWEST_64 else (HIGHEST_64 if x > HIGHEST_64 else x)
+            expm1_r, scale = exp_reduced_64(x)
+            return (expm1_r + D(1.0)) * scale
+        return exp64
     if x != types.float32:
         return lambda x: math.exp(x)
 
@@ -87,6 +131,14 @@ def fast_tanh(x):
 
 @overload(fast_tanh, jit_options={"fastmath": ORDERED_FASTMATH})
 def _fast_tanh(x):
+    if x == types.float64:
+        def tanh64(x):
+            x = -TANH_LIMIT_64 if x < -TANH_LIMIT_64 else (TANH_LIMIT_64 if x > TANH_LIMIT_64
+                                                           else x)
+            expm1_r, scale = exp_reduced_64(x + x)
+            m = expm1_r * scale + (scale - D(1.0))
+            return m / (m + D(2.0))
+        return tanh64
     if x != types.float32:
         return lambda x: math.tanh(x)
 
