@@ -441,6 +441,8 @@ def test_fast_tanh_float64_is_within_1e15_of_libm_tanh():
 RUNNABLE_CPUS = ["x86-64", "sandybridge", "haswell"]
 
 EXP_CHILD = textwrap.dedent("""
+    import math
+
     import numpy as np
     from fastmlp import expf, jit
 
@@ -464,6 +466,16 @@ EXP_CHILD = textwrap.dedent("""
     tanh_all(out, x)
     exact = np.tanh(x.astype(np.float64))
     print(np.max(np.abs(out - exact)[exact != 0] / np.abs(exact[exact != 0])))
+
+    x = np.linspace(-708, 709, 100_001)
+    out = np.empty_like(x)
+    exp_all(out, x)
+    exact = np.array([math.exp(v) for v in x])
+    print(np.max(np.abs(out - exact) / exact))
+    x = np.linspace(-25, 25, 100_001)
+    tanh_all(out, x)
+    exact = np.array([math.tanh(v) for v in x])
+    print(np.max(np.abs(out - exact)[exact != 0] / np.abs(exact[exact != 0])))
 """)
 
 
@@ -479,9 +491,12 @@ def test_fast_exp_and_tanh_float32_keep_their_accuracy_on_other_cpus(cpu, tmp_pa
     child = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                            text=True, timeout=600)
     assert child.returncode == 0, child.stderr
-    exp_error, tanh_error = (float(value) for value in child.stdout.split()[-2:])
+    exp_error, tanh_error, exp_error_64, tanh_error_64 = (
+        float(value) for value in child.stdout.split()[-4:])
     assert exp_error < 1e-7
     assert tanh_error < 2e-7
+    assert exp_error_64 < 5e-16
+    assert tanh_error_64 < 1e-15
 
 
 def test_fast_exp_float64_is_within_5e16_of_libm_exp_and_clamped():
