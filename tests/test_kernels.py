@@ -486,7 +486,7 @@ EXP_CHILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("cpu", RUNNABLE_CPUS)
-def test_fast_exp_and_tanh_float32_keep_their_accuracy_on_other_cpus(cpu, tmp_path):
+def test_fast_exp_and_tanh_keep_their_accuracy_on_other_cpus(cpu, tmp_path):
     # Without FMA nothing ties n * LN2_HIGH and n * LN2_LOW to their own
     # subtractions, and with `reassoc` LLVM folded them into n * ln2 rounded
     # to float32: 4.1e-6 on x86-64 and sandybridge code (3.0e-7 with FMA)
