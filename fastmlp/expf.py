@@ -105,23 +105,24 @@ def exp_reduced_64(x):
                                                         << np.int64(52))
 
 
+# per float type: its range reduction, exp's clamp, tanh's clamp, its scalar
+KINDS = {types.float32: (exp_reduced, LOWEST, HIGHEST, TANH_LIMIT, F),
+         types.float64: (exp_reduced_64, LOWEST_64, HIGHEST_64, TANH_LIMIT_64, D)}
+
+
 @overload(fast_exp, jit_options={"fastmath": ORDERED_FASTMATH})
 def _fast_exp(x):
-    if x == types.float64:
-        def exp64(x):
-            x = LOWEST_64 if x < LOWEST_64 else (HIGHEST_64 if x > HIGHEST_64 else x)
-            expm1_r, scale = exp_reduced_64(x)
-            return (expm1_r + D(1.0)) * scale
-        return exp64
-    if x != types.float32:
+    if x not in KINDS:
         return lambda x: math.exp(x)
+    reduced, lowest, highest, _, scalar = KINDS[x]
+    one = scalar(1.0)
 
-    def expf(x):
+    def exp(x):
         # clamped so that NaN stays NaN (min and max could drop it)
-        x = LOWEST if x < LOWEST else (HIGHEST if x > HIGHEST else x)
-        expm1_r, scale = exp_reduced(x)
-        return (expm1_r + F(1.0)) * scale
-    return expf
+        x = lowest if x < lowest else (highest if x > highest else x)
+        expm1_r, scale = reduced(x)
+        return (expm1_r + one) * scale
+    return exp
 
 
 def fast_tanh(x):
@@ -131,22 +132,17 @@ def fast_tanh(x):
 
 @overload(fast_tanh, jit_options={"fastmath": ORDERED_FASTMATH})
 def _fast_tanh(x):
-    if x == types.float64:
-        def tanh64(x):
-            x = -TANH_LIMIT_64 if x < -TANH_LIMIT_64 else (TANH_LIMIT_64 if x > TANH_LIMIT_64
-                                                           else x)
-            expm1_r, scale = exp_reduced_64(x + x)
-            m = expm1_r * scale + (scale - D(1.0))
-            return m / (m + D(2.0))
-        return tanh64
-    if x != types.float32:
+    if x not in KINDS:
         return lambda x: math.tanh(x)
+    reduced, _, _, limit, scalar = KINDS[x]
+    one, two = scalar(1.0), scalar(2.0)
 
-    def tanhf(x):
+    def tanh(x):
         # tanh(x) = m / (m + 2) with m = expm1(2x) = 2^n (exp(r) - 1) + 2^n - 1;
-        # clamped to [-10, 10] (tanh is +-1 in float32 past 9), NaN kept
-        x = -TANH_LIMIT if x < -TANH_LIMIT else (TANH_LIMIT if x > TANH_LIMIT else x)
-        expm1_r, scale = exp_reduced(x + x)
-        m = expm1_r * scale + (scale - F(1.0))
-        return m / (m + F(2.0))
-    return tanhf
+        # clamped where tanh is +-1 already (past 9 in float32, about 19 in
+        # float64), NaN kept
+        x = -limit if x < -limit else (limit if x > limit else x)
+        expm1_r, scale = reduced(x + x)
+        m = expm1_r * scale + (scale - one)
+        return m / (m + two)
+    return tanh
