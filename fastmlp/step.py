@@ -100,7 +100,7 @@ from .optimizers import (
 # A task of gradients_update covers about this many parameters.
 TASK_PARAMS = 2048
 TASK_GROUPS = 4
-# layers with fewer row groups than this get their columns split in
+# a first layer with fewer row groups than this gets its columns split in
 # COLUMN_PIECES too
 FEW_ROW_GROUPS = 32
 COLUMN_PIECES = 2
@@ -122,7 +122,7 @@ def task_list(layer_sizes):
     # make_tasks's list, built once per process and shape (0.12 ms a fit
     # for a small network, twice a fit)
     tasks = []
-    preferred = {}  # task: the bins it goes to while they have room
+    preferred = {}  # a column piece's task: the bins it goes to while they have room
     for layer in range(len(layer_sizes) - 1):
         fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
         # whole groups of the 4 rows that dense_backward_weight computes
@@ -132,11 +132,20 @@ def task_list(layer_sizes):
         # tasks were measured, not others)
         group = 16 if transposed_outputs(fan_out) > 0 else 4
         rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // group) * group
-        # A layer of few row groups (W1's 50 rows: 13) cannot be shared out
-        # evenly by rows, so its columns are split too, at whole register
-        # blocks: every weight is then computed exactly as without the split.
+        # A first layer of few row groups (W1's 50 rows: 13) cannot be
+        # shared out evenly by rows, so its columns are split too, at whole
+        # register blocks: every weight is then computed exactly as without
+        # the split. Only the first: a piece's weights are segments of every
+        # row, and a thread updating its segments streams into the other
+        # thread's, whose cores then take the lines back and forth (the
+        # hardware prefetcher runs past the end of a segment: on a 2-core
+        # Xeon, Adam on two column halves of one 100 x 784 matrix took 49 us
+        # a thread, on row halves 13.5). That pays where the pieces save
+        # reading the other core's half of 784-value input rows, not in a
+        # hidden layer of 128 (docs/performance.md).
         blocks = fan_in // BLOCK_COLUMNS
-        pieces = max(1, min(COLUMN_PIECES, blocks)) if -(-fan_out // rows) < FEW_ROW_GROUPS else 1
+        pieces = (max(1, min(COLUMN_PIECES, blocks))
+                  if layer == 0 and -(-fan_out // rows) < FEW_ROW_GROUPS else 1)
         cuts = [piece * blocks // pieces * BLOCK_COLUMNS for piece in range(pieces)] + [fan_in]
         if pieces > 1:
             # Then each piece's rows go in as few tasks as its bins take, cut
@@ -155,16 +164,26 @@ def task_list(layer_sizes):
                 # have room: with 2 threads, each thread then reads only its
                 # own columns of the batch's inputs, half of them written by
                 # the other core in the forward pass, not all of them
-                preferred[tasks[-1]] = range(piece * TASK_GROUPS // pieces,
-                                             (piece + 1) * TASK_GROUPS // pieces)
+                if pieces > 1:
+                    preferred[tasks[-1]] = range(piece * TASK_GROUPS // pieces,
+                                                 (piece + 1) * TASK_GROUPS // pieces)
     for layer in range(len(layer_sizes) - 1):
         tasks.append((layer, BIAS_TASK, 0, 0, 0, 0))
-    # prange hands each thread one contiguous block of tasks, by count. The
-    # tasks are dealt into TASK_GROUPS bins of equal count and similar cost
-    # (largest first, each to the cheapest bin with room; no-op tasks pad the
-    # bins), so that contiguous halves and quarters get similar work (in
-    # layer order, one thread had 61% of W3's). Which thread runs a task
-    # never changes its result.
+    # Which thread runs a task never changes its result. Each thread runs a
+    # contiguous share of the list, by cost (share_first_task). Without
+    # column pieces, the list is in the parameters' order (a layer's weight
+    # rows, then its biases): a thread's share is then one stretch of the
+    # parameter and optimizer vectors, which meets the next thread's only
+    # at its two ends (the 100-128-64-1 Adam step 1.035x faster than in
+    # bins, below; SGD, which writes one vector, the same).
+    if not preferred:
+        return np.array(sorted(tasks), dtype=np.int64).reshape(-1, 6)
+    # With them, the tasks are dealt into TASK_GROUPS bins of equal count
+    # and similar cost (largest first, each to the cheapest bin with room;
+    # no-op tasks pad the bins), so that contiguous halves and quarters get
+    # similar work, each piece in its own half (in layer order, one thread
+    # had 61% of W3's; W1 and 784-100-10 are slower in the parameters'
+    # order, a piece after the other).
     per_bin = -(-len(tasks) // TASK_GROUPS)
     bins = [[] for _ in range(TASK_GROUPS)]
     loads = [0] * TASK_GROUPS

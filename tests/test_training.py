@@ -26,6 +26,7 @@ from fastmlp.step import (
     make_tasks,
     region,
     task_cost,
+    task_first,
     train_steps,
 )
 
@@ -278,15 +279,12 @@ def test_a_first_column_layer_reads_each_threads_own_copy_of_the_inputs():
     assert np.array_equal(outputs[1], outputs[2])
 
 
-@pytest.mark.parametrize("sizes,balanced", [([784, 50, 10], True), ([784, 100, 10], True),
-                                            ([784, 512, 512, 10], True), ([130, 300, 20], True),
-                                            ([3, 1, 7, 2], False)])  # 3 weight tasks
-def test_gradient_tasks_cover_every_parameter_once_in_balanced_bins(sizes, balanced):
-    tasks = make_tasks(sizes)
-    assert len(tasks) % TASK_GROUPS == 0
+@pytest.mark.parametrize("sizes", [[784, 50, 10], [784, 100, 10], [784, 512, 512, 10],
+                                   [130, 300, 20], [100, 128, 64, 1], [3, 1, 7, 2]])
+def test_gradient_tasks_cover_every_parameter_once(sizes):
     covered = [np.zeros((fan_out, fan_in), int) for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
     biases = np.zeros(len(sizes) - 1, int)
-    for layer, kind, j0, j1, k0, k1 in tasks:
+    for layer, kind, j0, j1, k0, k1 in make_tasks(sizes):
         if kind == WEIGHT_TASK:
             covered[layer][j0:j1, k0:k1] += 1
         elif kind == BIAS_TASK:
@@ -294,20 +292,52 @@ def test_gradient_tasks_cover_every_parameter_once_in_balanced_bins(sizes, balan
         else:
             assert kind == NO_TASK
     assert all((c == 1).all() for c in covered) and (biases == 1).all()
-    # contiguous quarters (what prange gives 4 threads) and halves carry
-    # similar work
+
+
+def column_pieces(tasks):
+    # {layer: the (k0, k1) column ranges of its weight tasks}
+    pieces = {}
+    for layer, kind, _, _, k0, k1 in tasks:
+        if kind == WEIGHT_TASK:
+            pieces.setdefault(int(layer), set()).add((int(k0), int(k1)))
+    return pieces
+
+
+@pytest.mark.parametrize("sizes", [[784, 50, 10], [784, 100, 10], [130, 300, 20]])
+def test_a_first_layer_in_column_pieces_deals_its_tasks_into_balanced_bins(sizes):
+    tasks = make_tasks(sizes)
+    assert len(column_pieces(tasks)[0]) == 2
+    assert all(len(cuts) == 1 for layer, cuts in column_pieces(tasks).items() if layer > 0)
+    assert len(tasks) % TASK_GROUPS == 0
+    # contiguous quarters and halves carry similar work
     per_bin = len(tasks) // TASK_GROUPS
     loads = [sum(task_cost(tuple(t)) for t in tasks[g * per_bin:(g + 1) * per_bin])
              for g in range(TASK_GROUPS)]
-    if balanced:
-        total = sum(loads)
-        assert abs(loads[0] + loads[1] - total / 2) <= 0.05 * total
-        assert max(loads) <= 1.2 * min(loads)
-    # W1's first layer is split in two column pieces, one for each half
-    if sizes == [784, 50, 10]:
-        halves = [{(t[4], t[5]) for t in tasks[h * 2 * per_bin:(h + 1) * 2 * per_bin]
-                   if t[1] == WEIGHT_TASK and t[0] == 0} for h in range(2)]
-        assert halves[0] == {(0, 384)} and halves[1] == {(384, 784)}
+    total = sum(loads)
+    assert abs(loads[0] + loads[1] - total / 2) <= 0.05 * total
+    assert max(loads) <= 1.2 * min(loads)
+    # each half of the list holds one piece of the first layer
+    halves = [{(t[4], t[5]) for t in tasks[h * 2 * per_bin:(h + 1) * 2 * per_bin]
+               if t[1] == WEIGHT_TASK and t[0] == 0} for h in range(2)]
+    cuts = sorted(column_pieces(tasks)[0])
+    assert halves == [{cuts[0]}, {cuts[1]}]
+
+
+@pytest.mark.parametrize("sizes", [[100, 128, 64, 1], [784, 512, 512, 10], [3, 1, 7, 2]])
+def test_tasks_without_column_pieces_follow_the_parameters_order(sizes):
+    """Each task's parameters start where the previous task's end, so that
+    a thread's contiguous share of the list is one stretch of the parameter
+    vector (a hidden layer of 128 inputs is not cut in column pieces)."""
+    model = fastmlp.MLP(sizes, output="linear", seed=0)
+    net = model.network()
+    assert all(len(cuts) == 1 for cuts in column_pieces(net.tasks).values())
+    end = 0
+    for t, (layer, kind, j0, j1, k0, k1) in enumerate(net.tasks):
+        assert kind != NO_TASK
+        assert task_first(net, t) == end
+        end = task_first(net, t) + ((j1 - j0) * sizes[layer] if kind == WEIGHT_TASK
+                                    else sizes[layer + 1])
+    assert end == model.params.size
 
 
 def test_update_tasks_keep_the_transposed_weights_current():
