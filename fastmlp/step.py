@@ -174,16 +174,15 @@ def task_list(layer_sizes):
     # column pieces, the list is in the parameters' order (a layer's weight
     # rows, then its biases): a thread's share is then one stretch of the
     # parameter and optimizer vectors, which meets the next thread's only
-    # at its two ends (the 100-128-64-1 Adam step 1.035x faster than in
-    # bins, below; SGD, which writes one vector, the same).
+    # at its ends (the 100-128-64-1 Adam step 1.035x faster than in the
+    # bins below; with SGD, which writes one vector, no change).
     if not preferred:
         return np.array(sorted(tasks), dtype=np.int64).reshape(-1, 6)
     # With them, the tasks are dealt into TASK_GROUPS bins of equal count
     # and similar cost (largest first, each to the cheapest bin with room;
-    # no-op tasks pad the bins), so that contiguous halves and quarters get
-    # similar work, each piece in its own half (in layer order, one thread
-    # had 61% of W3's; W1 and 784-100-10 are slower in the parameters'
-    # order, a piece after the other).
+    # no-op tasks pad the bins), each piece to its own half of the list:
+    # W1 and 784-100-10 ran slower in the parameters' order, one piece
+    # after the other.
     per_bin = -(-len(tasks) // TASK_GROUPS)
     bins = [[] for _ in range(TASK_GROUPS)]
     loads = [0] * TASK_GROUPS
