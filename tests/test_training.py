@@ -323,11 +323,12 @@ def test_a_first_layer_in_column_pieces_deals_its_tasks_into_balanced_bins(sizes
     assert halves == [{cuts[0]}, {cuts[1]}]
 
 
-@pytest.mark.parametrize("sizes", [[100, 128, 64, 1], [784, 512, 512, 10], [3, 1, 7, 2]])
+@pytest.mark.parametrize("sizes", [[100, 128, 64, 1], [64, 128, 128, 10], [784, 512, 512, 10],
+                                   [3, 1, 7, 2]])
 def test_tasks_without_column_pieces_follow_the_parameters_order(sizes):
     """Each task's parameters start where the previous task's end, so that
     a thread's contiguous share of the list is one stretch of the parameter
-    vector (a hidden layer of 128 inputs is not cut in column pieces)."""
+    vector (hidden layers of 128 inputs are not cut in column pieces)."""
     model = fastmlp.MLP(sizes, output="linear", seed=0)
     net = model.network()
     assert all(len(cuts) == 1 for cuts in column_pieces(net.tasks).values())
