@@ -95,7 +95,8 @@ class Workspace:
     D_0 is never written. `work` groups them as the kernels take them
     (buffers.Work)."""
 
-    def __init__(self, layer_sizes, batch_size, dtype, backward=True, amx=False):
+    def __init__(self, layer_sizes, batch_size, dtype, backward=True, amx=False,
+                 input_bytes=None):
         sizes = np.asarray(layer_sizes, np.int64)
         # each block starts on a cache line (ALIGNMENT bytes = 16 values or more)
         blocks = -(-batch_size * sizes // 16) * 16
@@ -111,7 +112,9 @@ class Workspace:
         block = task_block_values(layer_sizes) if backward else 0
         wide = wide_scratch_values(layer_sizes)
         (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
-        inputs_shape = own_inputs_shape(layer_sizes, batch_size, threads)
+        itemsize = np.dtype(dtype).itemsize
+        inputs_shape = own_inputs_shape(layer_sizes, batch_size, threads, itemsize,
+                                        itemsize if input_bytes is None else input_bytes)
         self.work = Work(
             acts=self.acts, deltas=self.deltas, act_off=self.act_off,
             labels=np.zeros(batch_size, np.int32),

@@ -13,12 +13,14 @@ A step is two phases:
    parts let a block of weights serve many rows while it is in cache (W3
    4% faster than with 16 parts of 8 rows, W2 6%, measured).
    On more than one thread, wide hidden layers (column layers: 256
-   outputs or more) are split by their outputs instead, each thread
-   computing its outputs for every row, in a parallel region of their own;
-   so is the delta of their outputs, by the same cut, when the layer above
-   is a column layer too (below a narrow one it is a small product, done
-   by rows in the region before). A thread then reads
-   only the weights that it updates itself (below), where a split by rows
+   outputs or more), and a narrow first layer whose weights outweigh the
+   batch's input rows (narrow_columns), are split by their outputs
+   instead, each thread computing its outputs for every row, in a
+   parallel region of their own; so is the delta of a wide layer's
+   outputs, by the same cut, when the layer above is a column layer too
+   (below a narrow one it is a small product, done by rows in the region
+   before). A thread then reads only the weights that it updates itself
+   (below), where a split by rows
    has each thread read every weight, half of them just written by the
    other core: on a 2-core Xeon, that traffic took W3's step from 1,337 to
    1,614 us, and the split by outputs took it back to 1,490 (both measured,
@@ -260,10 +262,11 @@ def view2d(flat, offsets, index, rows, cols):
 
 
 @kernel
-def column_layer(net, l, threads):
+def column_layer(net, l, threads, own):
     # whether layer l runs forward split between threads by its outputs
-    # (a region of its own in forward_backward), not by batch rows: a wide
-    # hidden layer, on more than one thread. Each thread then reads only the
+    # (a region of its own in forward_backward), not by batch rows: on more
+    # than one thread, a wide hidden layer, or with own (own_inputs) a
+    # narrow first one (narrow_columns). Each thread then reads only the
     # weights it updates itself (gradients_update gives it their tasks),
     # where a split by rows has every thread read every weight, half of them
     # just written by another core (W3's step 1.12x faster, measured: see
@@ -271,7 +274,7 @@ def column_layer(net, l, threads):
     L = net.sizes.shape[0] - 1
     if threads < 2 or l >= L - 1 or net.bf16:
         return False
-    return wide_layer(net.sizes[l + 1])
+    return wide_layer(net.sizes[l + 1]) or (l == 0 and own)
 
 
 @kernel
@@ -281,12 +284,40 @@ def column_parts(work, threads):
     return max(1, min(threads, work.outputs_t.shape[0], work.task_grads.shape[0]))
 
 
-def own_inputs_shape(layer_sizes, batch_size, threads):
+# A narrow first layer is split by its outputs only when its weights are at
+# least this many bytes: in a small network the region this adds costs more
+# than the traffic between cores it saves (64-32-10, batch 32: 1.27x the
+# time, measured).
+NARROW_COLUMNS_MIN_BYTES = 64 * 1024
+
+
+def narrow_columns(layer_sizes, batch_size, itemsize, input_bytes):
+    """Whether a first hidden layer too narrow for the transposed blocks
+    (fewer than 64 outputs: dot tiles only) is split between threads by its
+    outputs (step.column_layer), each thread gathering every input row of
+    the batch into its own copy: where its weights (as large as the rows
+    split by rows would have each core read, half of them just written by
+    the other) outweigh the batch's input rows (input_bytes a value) that
+    each thread then gathers. On a 2-core Xeon: W2's step (784-50-10,
+    batch 32, uint8 rows) 0.87 of the time, W1's (batch 100) 0.93; with
+    float32 rows W2 0.93, and W1 1.02, which this rule leaves by rows."""
+    if len(layer_sizes) < 3:
+        return False
+    C, OC = int(layer_sizes[0]), int(layer_sizes[1])
+    return (transposed_outputs(OC) == 0 and OC >= 8
+            and C * OC * itemsize >= NARROW_COLUMNS_MIN_BYTES
+            and OC * itemsize > batch_size * input_bytes)
+
+
+def own_inputs_shape(layer_sizes, batch_size, threads, itemsize, input_bytes):
     """The shape of Work.inputs: each thread's own copy of the batch's
     input rows where the first layer may be a column layer (a wide hidden
-    layer, on 2 or more threads), else none."""
+    layer, or a narrow one by narrow_columns, on 2 or more threads), else
+    none."""
     C = int(layer_sizes[0])
-    if threads >= 2 and len(layer_sizes) > 2 and wide_layer(layer_sizes[1]):
+    if threads >= 2 and len(layer_sizes) > 2 and (
+            wide_layer(layer_sizes[1])
+            or narrow_columns(layer_sizes, batch_size, itemsize, input_bytes)):
         return threads, batch_size, C
     return 0, 0, C
 
@@ -295,26 +326,34 @@ def own_inputs_shape(layer_sizes, batch_size, threads):
 def own_inputs(work, net, threads):
     # whether the first layer is a column layer whose region gathers the
     # batch's input rows itself, each thread all of them into its own copy
-    # (Work.inputs), read by its forward products and its weight tasks. No
-    # thread then reads input rows another wrote, nor writes lines another
-    # has read: with one copy gathered by rows, W3's gather took 31 us a
-    # step, 7 us when its lines were its own already (2 threads, Intel
-    # Xeon, measured).
-    return column_layer(net, 0, threads) and work.inputs.shape[0] >= column_parts(work, threads)
+    # (Work.inputs, which the workspace holds only for a first layer that
+    # may be a column layer: own_inputs_shape), read by its forward products
+    # and its weight tasks. No thread then reads input rows another wrote,
+    # nor writes lines another has read: with one copy gathered by rows,
+    # W3's gather took 31 us a step, 7 us when its lines were its own
+    # already (2 threads, Intel Xeon, measured). Computed once a region and
+    # passed on as a flag: a call that takes the Work tuple counts the
+    # references of all its arrays.
+    L = net.sizes.shape[0] - 1
+    return (threads >= 2 and L >= 2 and not net.bf16
+            and work.inputs.shape[0] >= column_parts(work, threads))
 
 
 @kernel
 def column_cut(OC, part, parts):
     # the first output of part `part` of a column layer's OC outputs (OC for
     # part == parts): at whole register blocks, the last part also taking
-    # any outputs past them
+    # any outputs past them; in a layer of dot tiles only, at whole tiles
+    # of 4 (dense_forward: an output's value does not depend on the cut)
     if part >= parts:
         return OC
+    if transposed_outputs(OC) == 0:
+        return part * (OC // 4) // parts * 4
     return part * (transposed_outputs(OC) // BLOCK_COLUMNS) // parts * BLOCK_COLUMNS
 
 
 @kernel
-def column_delta(net, l, threads):
+def column_delta(net, l, threads, own):
     # whether D_l, the delta of layer l's inputs, is split between threads
     # by its columns, in a region of its own (each thread the columns of
     # the outputs it computes forward), rather than by rows: when layer l's
@@ -322,14 +361,15 @@ def column_delta(net, l, threads):
     # Below a narrow layer (W3's 10 outputs), that delta is a small product
     # and the region before computes it by rows: a region of its own took
     # 31 us of W3's step (2 threads, Intel Xeon, measured).
-    return l >= 1 and column_layer(net, l - 1, threads) and column_layer(net, l, threads)
+    return (l >= 1 and wide_layer(net.sizes[l]) and column_layer(net, l - 1, threads, own)
+            and column_layer(net, l, threads, own))
 
 
 @kernel
-def row_split_below(net, l, threads):
+def row_split_below(net, l, threads, own):
     # the lowest layer l' <= l such that layers l..l' + 1 have their input
     # deltas split by rows (column_delta)
-    while l >= 1 and not column_delta(net, l, threads):
+    while l >= 1 and not column_delta(net, l, threads, own):
         l -= 1
     return l
 
@@ -353,9 +393,10 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     zero = np.int64(0)
     f0 = np.int64(0)  # the first layer not run forward yet
     gathered = False
+    first_own = own_inputs(work, net, threads)
     for l in range(L):
-        if column_layer(net, l, threads):
-            own = l == 0 and own_inputs(work, net, threads)
+        if column_layer(net, l, threads, first_own):
+            own = l == 0 and first_own
             if not own and (f0 < l or not gathered):
                 region(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
                        np.bool_(False), not gathered, f0, l, np.bool_(False), zero, zero)
@@ -367,13 +408,13 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     # the other layers forward, the head, and from the last layer down the
     # deltas of the layers' inputs, in regions of each kind
     hi = L - 1
-    lo = row_split_below(net, hi, threads)
+    lo = row_split_below(net, hi, threads, first_own)
     region(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
            np.bool_(False), not gathered, f0, L, np.bool_(True), hi, lo)
     while backward and lo >= 1:
         hi = lo
-        columns = column_delta(net, hi, threads)
-        lo = hi - 1 if columns else row_split_below(net, hi, threads)
+        columns = column_delta(net, hi, threads, first_own)
+        lo = hi - 1 if columns else row_split_below(net, hi, threads, first_own)
         region(work, net, data, start, nrows, inv_total, backward, zero, threads, columns,
                np.bool_(False), L, L, np.bool_(False), hi, lo)
 
@@ -615,13 +656,13 @@ def task_work(net, t):
 
 
 @kernel
-def task_owner(net, t, parts, threads):
+def task_owner(net, t, parts, threads, own):
     # the part that runs task t whatever the shares: for the weights of a
     # column layer, the part that computes their outputs forward (by the
     # task's first row); -1 for every other task
     tasks = net.tasks
     l = tasks[t, 0]
-    if tasks[t, 1] != WEIGHT_TASK or not column_layer(net, l, threads):
+    if tasks[t, 1] != WEIGHT_TASK or not column_layer(net, l, threads, own):
         return -1
     OC = net.sizes[l + 1]
     for part in range(parts):
@@ -631,23 +672,23 @@ def task_owner(net, t, parts, threads):
 
 
 @kernel
-def shared_work(net, t, parts, threads):
+def shared_work(net, t, parts, threads, own):
     # task_work of a task the parts share out by speed (0 for one that has
     # its owner)
-    return task_work(net, t) if task_owner(net, t, parts, threads) < 0 else 0
+    return task_work(net, t) if task_owner(net, t, parts, threads, own) < 0 else 0
 
 
 @kernel
-def total_work(net, parts, threads):
+def total_work(net, parts, threads, own):
     # the estimated cost of the tasks shared out by speed
     total = 0
     for t in range(net.tasks.shape[0]):
-        total += shared_work(net, t, parts, threads)
+        total += shared_work(net, t, parts, threads, own)
     return total
 
 
 @kernel
-def share_first_task(shares, net, total, part, parts, threads):
+def share_first_task(shares, net, total, part, parts, threads, own):
     # the first task of part `part`'s share of the task list (the list's
     # length for part = parts): the first whose cost midpoint lies at or
     # past the part's point on the cumulative cost of the shared tasks (of
@@ -658,7 +699,7 @@ def share_first_task(shares, net, total, part, parts, threads):
     point = share_point(shares, part, parts) * total
     before = 0
     for t in range(T):
-        cost = shared_work(net, t, parts, threads)
+        cost = shared_work(net, t, parts, threads, own)
         if before + 0.5 * cost >= point:
             return t
         before += cost
@@ -689,9 +730,9 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # (no more parts than scratch blocks: one per thread Numba may start)
     parts = max(1, min(threads, task_grads.shape[0]))
     fold_timings(shares, parts)
-    total = total_work(net, parts, threads)
-    fused = gradients and update
     own = own_inputs(work, net, threads)
+    total = total_work(net, parts, threads, own)
+    fused = gradients and update
     T = net.tasks.shape[0]
     for p in prange(parts):
         part = np.int64(p)
@@ -700,13 +741,13 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
         # (its own copy, read only by the tasks it owns: own_inputs)
         inputs = (all_inputs[part] if own
                   else view2d(work.acts, work.act_off, np.int64(0), B, net.sizes[0]))
-        t0 = share_first_task(shares, net, total, part, parts, threads)
-        t1 = share_first_task(shares, net, total, part + 1, parts, threads)
+        t0 = share_first_task(shares, net, total, part, parts, threads, own)
+        t1 = share_first_task(shares, net, total, part + 1, parts, threads, own)
         done = np.int64(0)
         started = cycles()
         owned = np.int64(0)  # cycles of the owned tasks, not timed for the shares
         for t in range(T):
-            owner = task_owner(net, t, parts, threads)
+            owner = task_owner(net, t, parts, threads, own)
             if owner == part or (owner < 0 and t0 <= t < t1):
                 owned_from = cycles() if owner >= 0 else np.int64(0)
                 g_first = np.int64(0) if fused else task_first(net, t)

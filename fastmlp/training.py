@@ -432,7 +432,7 @@ class EpochLoop:
         self.whole_epoch = self.n_steps
         ranks = 1 if comm is None else comm.size
         self.workspace = Workspace(model.layer_sizes, -(-batch_size // ranks), model.dtype,
-                                   amx=model.amx)
+                                   amx=model.amx, input_bytes=X.itemsize)
         self.workspace.work.target_scale[:] = target_scale(model.output, y, model.n_outputs,
                                                            model.dtype)
         # with MPI, the step's loss, score and interrupt flag travel behind

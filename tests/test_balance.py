@@ -20,8 +20,8 @@ from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, adam_betas, make_hyper
-from fastmlp.step import (WEIGHT_TASK, column_cut, column_layer, make_tasks, share_first_task,
-                          task_owner, task_work, total_work, train_steps)
+from fastmlp.step import (WEIGHT_TASK, column_cut, column_layer, make_tasks, own_inputs,
+                          share_first_task, task_owner, task_work, total_work, train_steps)
 
 from conftest import random_problem
 
@@ -62,7 +62,8 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
     net = model.network()
     parts = len(speeds)
     balance = balance_with(GRADIENTS, speeds)
-    firsts = [share_first_task(balance[GRADIENTS], net, total_work(net, parts, 1), p, parts, 1)
+    firsts = [share_first_task(balance[GRADIENTS], net, total_work(net, parts, 1, False), p,
+                               parts, 1, False)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == len(make_tasks(sizes))
     assert firsts == sorted(firsts)
@@ -75,31 +76,49 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
         assert (np.abs(done - want) <= costs.max()).all()
 
 
+# layer sizes, batch size, bytes of an input value, and which layers are
+# column layers on several threads: wide hidden layers, and a narrow first
+# layer whose weights outweigh the batch's input rows (step.narrow_columns)
+COLUMN_LAYERS = [
+    ([784, 512, 512, 10], 8, 4, [True, True, False]),
+    ([130, 300, 50, 260, 7], 8, 4, [True, False, True, False]),
+    ([784, 50, 10], 32, 1, [True, False]),  # W2
+    ([784, 50, 10], 100, 1, [True, False]),  # W1
+    ([784, 50, 10], 100, 4, [False, False]),  # W1 on float32 rows
+    ([784, 50, 50, 10], 32, 4, [True, False, False]),
+    ([64, 32, 10], 8, 1, [False, False]),  # too small to pay
+]
+
+
 @pytest.mark.parametrize("speeds", SPEEDS)
-@pytest.mark.parametrize("sizes", [[784, 512, 512, 10], [130, 300, 50, 260, 7]])
-def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(speeds, sizes):
-    """On several threads, the weight tasks of a column layer (a wide hidden
-    layer, split between threads by its outputs) run on the thread that
-    computes those outputs forward, whatever the speeds; the other tasks are
-    shared out by speed; every task runs once."""
+@pytest.mark.parametrize("sizes, batch, input_bytes, expected", COLUMN_LAYERS)
+def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(
+        speeds, sizes, batch, input_bytes, expected):
+    """On several threads, the weight tasks of a column layer (split between
+    threads by its outputs) run on the thread that computes those outputs
+    forward, whatever the speeds; the other tasks are shared out by speed;
+    every task runs once."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("a first column layer needs a workspace for 2 threads")
     model, _, _ = random_problem(sizes, 8, "relu", np.float32, seed=0)
     net = model.network()
+    work = Workspace(sizes, batch, np.float32, input_bytes=input_bytes).work
     parts = len(speeds)
     threads = max(2, parts)
     T = len(net.tasks)
-    owners = [task_owner(net, t, parts, threads) for t in range(T)]
+    own = own_inputs(work, net, threads)
+    owners = [task_owner(net, t, parts, threads, own) for t in range(T)]
     for t, (layer, kind, j0, j1, _, _) in enumerate(net.tasks):
-        if kind == WEIGHT_TASK and column_layer(net, layer, threads):
+        if kind == WEIGHT_TASK and column_layer(net, layer, threads, own):
             OC = sizes[layer + 1]
             assert column_cut(OC, owners[t], parts) <= j0 < column_cut(OC, owners[t] + 1, parts)
             assert task_work(net, t) > 0
         else:
             assert owners[t] == -1
-    assert [column_layer(net, l, threads) for l in range(len(sizes) - 1)] == [
-        size >= 256 and l < len(sizes) - 2 for l, size in enumerate(sizes[1:])]
+    assert [column_layer(net, l, threads, own) for l in range(len(sizes) - 1)] == expected
     balance = balance_with(GRADIENTS, speeds)
-    total = total_work(net, parts, threads)
-    firsts = [share_first_task(balance[GRADIENTS], net, total, p, parts, threads)
+    total = total_work(net, parts, threads, own)
+    firsts = [share_first_task(balance[GRADIENTS], net, total, p, parts, threads, own)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == T and firsts == sorted(firsts)
     shared = [t for t in range(T) if owners[t] < 0]
@@ -109,7 +128,7 @@ def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(spee
             if owners[t] == p or (owners[t] < 0 and firsts[p] <= t < firsts[p + 1])]
     assert sorted(runs) == list(range(T))
     # on one thread nothing is owned: every task is shared out
-    assert all(task_owner(net, t, 1, 1) == -1 for t in range(T))
+    assert all(task_owner(net, t, 1, 1, own_inputs(work, net, 1)) == -1 for t in range(T))
 
 
 def test_timings_become_smoothed_speeds():

@@ -190,10 +190,12 @@ def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10)):
     return model.params.copy()
 
 
-# the lesson's network, one with a wide layer (kernels.wide_forward: one
-# thread's 100 rows in blocks of 64 and 48; on 2 threads a column layer, each
-# thread its outputs for all rows), and two wide layers with outputs past
-# whole blocks (column layers whose input deltas are split by columns too)
+# the lesson's network (on 2 threads a narrow first column layer: its
+# weights outweigh 100 uint8 rows), one with a wide layer
+# (kernels.wide_forward: one thread's 100 rows in blocks of 64 and 48; on 2
+# threads a column layer, each thread its outputs for all rows), and two
+# wide layers with outputs past whole blocks (column layers whose input
+# deltas are split by columns too)
 @pytest.mark.parametrize("sizes", [(784, 50, 10), (784, 256, 10), (784, 300, 260, 10)])
 def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes):
     if numba.config.NUMBA_NUM_THREADS < 2:
@@ -241,31 +243,35 @@ def test_fit_without_threads_trains_on_the_faster_count_of_a_probe(monkeypatch, 
         numba.set_num_threads(previous)
 
 
-def test_a_first_column_layer_reads_each_threads_own_copy_of_the_inputs():
-    """On 2 threads a wide first layer (a column layer) has each thread
-    gather every row of the batch into its own copy of the inputs; on one
-    thread, or with a narrow first layer, the rows go to the one shared
-    block as before. The forward pass gives the same outputs either way."""
+@pytest.mark.parametrize("sizes, batch", [([784, 256, 10], 100), ([784, 50, 10], 32)])
+def test_a_first_column_layer_reads_each_threads_own_copy_of_the_inputs(sizes, batch):
+    """On 2 threads a first column layer (wide, or narrow with weights that
+    outweigh the batch's uint8 rows: W2's) has each thread gather every row
+    of the batch into its own copy of the inputs; on one thread, or with
+    float32 rows that outweigh a narrow layer's weights, the rows go to the
+    one shared block. The forward pass gives the same outputs either way."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, (300, 784), dtype=np.uint8)
     y = rng.integers(0, 10, 300)
     idx = rng.permutation(300)
-    expected = (X[idx[40:140]] * np.float32(1 / 255)).astype(np.float32)
+    expected = (X[idx[40:40 + batch]] * np.float32(1 / 255)).astype(np.float32)
     assert Workspace([784, 50, 10], 100, np.float32).work.inputs.shape == (0, 0, 784)
-    model = fastmlp.MLP([784, 256, 10], seed=0)
+    assert Workspace([784, 50, 10], 32, np.float32, input_bytes=4).work.inputs.shape == (
+        numba.config.NUMBA_NUM_THREADS, 32, 784)
+    model = fastmlp.MLP(sizes, seed=0)
     data = make_data(X, y.astype(np.int32), np.ones(300, np.float32), idx, model.dtype)
     previous = numba.get_num_threads()
     outputs = {}
     try:
         for threads in (1, 2):
             numba.set_num_threads(threads)
-            ws = Workspace(model.layer_sizes, 100, model.dtype)
-            assert ws.work.inputs.shape == (numba.config.NUMBA_NUM_THREADS, 100, 784)
+            ws = Workspace(model.layer_sizes, batch, model.dtype, input_bytes=1)
+            assert ws.work.inputs.shape == (numba.config.NUMBA_NUM_THREADS, batch, 784)
             model._transpose(ws)
-            model._forward(data, ws, 40, 100, False)
-            shared = ws.acts[:100 * 784].reshape(100, 784)
+            model._forward(data, ws, 40, batch, False)
+            shared = ws.acts[:batch * 784].reshape(batch, 784)
             if threads == 1:
                 assert np.array_equal(shared, expected)
                 assert not ws.work.inputs.any()
@@ -273,7 +279,7 @@ def test_a_first_column_layer_reads_each_threads_own_copy_of_the_inputs():
                 assert not shared.any()  # the shared block is not written
                 for copy in ws.work.inputs[:2]:
                     assert np.array_equal(copy, expected)
-            outputs[threads] = ws.output[:100].copy()
+            outputs[threads] = ws.output[:batch].copy()
     finally:
         numba.set_num_threads(previous)
     assert np.array_equal(outputs[1], outputs[2])
