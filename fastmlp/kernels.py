@@ -195,7 +195,7 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # holding weight[:OCT].T or (C, 0) for a wide layer, outputs_t is this
     # thread's scratch for a wide layer's transposed outputs (at least
     # OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a multiple of
-    # BLOCK_COLUMNS
+    # BLOCK_COLUMNS, or of 16 below OCT, or of 4 past it (step.column_cut)
     # out = activation(inp @ weight.T + bias) for rows r0:r1 and outputs
     # j0:j1, rounded to bfloat16 if bf16.
     # Outputs 0:OCT (OCT = transposed_outputs(OC), whole blocks of

@@ -63,6 +63,7 @@ from .heads import head_backward, head_forward
 from .schedules import COSINE, KIND, step_lr
 from .kernels import (
     BLOCK_COLUMNS,
+    NARROW_COLUMNS,
     IDENTITY,
     bias_activation,
     dense_backward_bias,
@@ -292,19 +293,20 @@ NARROW_COLUMNS_MIN_BYTES = 64 * 1024
 
 
 def narrow_columns(layer_sizes, batch_size, itemsize, input_bytes):
-    """Whether a first hidden layer too narrow for the transposed blocks
-    (fewer than 64 outputs: dot tiles only) is split between threads by its
+    """Whether a first hidden layer narrower than a wide one (fewer than
+    256 outputs) is split between threads by its
     outputs (step.column_layer), each thread gathering every input row of
     the batch into its own copy: where its weights (as large as the rows
     split by rows would have each core read, half of them just written by
     the other) outweigh the batch's input rows (input_bytes a value) that
     each thread then gathers. On a 2-core Xeon: W2's step (784-50-10,
-    batch 32, uint8 rows) 0.87 of the time, W1's (batch 100) 0.93; with
-    float32 rows W2 0.93, and W1 1.02, which this rule leaves by rows."""
+    batch 32, uint8 rows) 0.87 of the time, W1's (batch 100) 0.90; with
+    float32 rows W2 0.84, and W1 1.02, which this rule leaves by rows
+    (docs/performance.md)."""
     if len(layer_sizes) < 3:
         return False
     C, OC = int(layer_sizes[0]), int(layer_sizes[1])
-    return (transposed_outputs(OC) == 0 and OC >= 8
+    return (not wide_layer(OC) and OC >= 8
             and C * OC * itemsize >= NARROW_COLUMNS_MIN_BYTES
             and OC * itemsize > batch_size * input_bytes)
 
@@ -343,13 +345,18 @@ def own_inputs(work, net, threads):
 def column_cut(OC, part, parts):
     # the first output of part `part` of a column layer's OC outputs (OC for
     # part == parts): at whole register blocks, the last part also taking
-    # any outputs past them; in a layer of dot tiles only, at whole tiles
-    # of 4 (dense_forward: an output's value does not depend on the cut)
+    # any outputs past them. A narrow first layer (narrow_columns): at
+    # whole 16s within its transposed block, or with none (dot tiles only)
+    # at whole tiles of 4. (dense_forward: an output's value does not
+    # depend on the cut.)
     if part >= parts:
         return OC
-    if transposed_outputs(OC) == 0:
+    OCT = transposed_outputs(OC)
+    if wide_layer(OC):
+        return part * (OCT // BLOCK_COLUMNS) // parts * BLOCK_COLUMNS
+    if OCT == 0:
         return part * (OC // 4) // parts * 4
-    return part * (transposed_outputs(OC) // BLOCK_COLUMNS) // parts * BLOCK_COLUMNS
+    return min(OCT, part * OC // parts // NARROW_COLUMNS * NARROW_COLUMNS)
 
 
 @kernel

@@ -86,6 +86,8 @@ COLUMN_LAYERS = [
     ([784, 50, 10], 100, 1, [True, False]),  # W1
     ([784, 50, 10], 100, 4, [False, False]),  # W1 on float32 rows
     ([784, 50, 50, 10], 32, 4, [True, False, False]),
+    ([784, 100, 10], 100, 1, [True, False]),  # cut within the transposed block
+    ([784, 100, 10], 200, 4, [False, False]),  # MLPClassifier's float32 fit
     ([64, 32, 10], 8, 1, [False, False]),  # too small to pay
 ]
 

@@ -190,13 +190,15 @@ def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10)):
     return model.params.copy()
 
 
-# the lesson's network (on 2 threads a narrow first column layer: its
-# weights outweigh 100 uint8 rows), one with a wide layer
+# the lesson's network and one of 100 hidden units (on 2 threads narrow
+# first column layers: their weights outweigh 100 uint8 rows; the second
+# cut within its transposed block), one with a wide layer
 # (kernels.wide_forward: one thread's 100 rows in blocks of 64 and 48; on 2
 # threads a column layer, each thread its outputs for all rows), and two
 # wide layers with outputs past whole blocks (column layers whose input
 # deltas are split by columns too)
-@pytest.mark.parametrize("sizes", [(784, 50, 10), (784, 256, 10), (784, 300, 260, 10)])
+@pytest.mark.parametrize("sizes", [(784, 50, 10), (784, 100, 10), (784, 256, 10),
+                                   (784, 300, 260, 10)])
 def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
@@ -243,7 +245,8 @@ def test_fit_without_threads_trains_on_the_faster_count_of_a_probe(monkeypatch, 
         numba.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("sizes, batch", [([784, 256, 10], 100), ([784, 50, 10], 32)])
+@pytest.mark.parametrize("sizes, batch", [([784, 256, 10], 100), ([784, 50, 10], 32),
+                                          ([784, 100, 10], 100)])
 def test_a_first_column_layer_reads_each_threads_own_copy_of_the_inputs(sizes, batch):
     """On 2 threads a first column layer (wide, or narrow with weights that
     outweigh the batch's uint8 rows: W2's) has each thread gather every row
