@@ -93,7 +93,10 @@ class Workspace:
     allocated once. A_l (and D_l, the loss gradient of layer l's
     pre-activation) is a (batch_size, layer_sizes[l]) block at act_off[l];
     D_0 is never written. `work` groups them as the kernels take them
-    (buffers.Work)."""
+    (buffers.Work). input_bytes, the size of the training rows' values (1
+    for uint8 pixels; the dtype's by default), decides whether a narrow
+    first layer gets each thread's own copy of the inputs
+    (step.narrow_columns)."""
 
     def __init__(self, layer_sizes, batch_size, dtype, backward=True, amx=False,
                  input_bytes=None):
