@@ -336,9 +336,8 @@ def own_inputs(work, net, threads):
     # already (2 threads, Intel Xeon, measured). Computed once a region and
     # passed on as a flag: a call that takes the Work tuple counts the
     # references of all its arrays.
-    L = net.sizes.shape[0] - 1
-    return (threads >= 2 and L >= 2 and not net.bf16
-            and work.inputs.shape[0] >= column_parts(work, threads))
+    return (work.inputs.shape[0] >= column_parts(work, threads)
+            and column_layer(net, 0, threads, True))
 
 
 @kernel
