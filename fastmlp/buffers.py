@@ -23,8 +23,11 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # acts, deltas: every layer's (B, width) block at act_off[l]; labels (B,) or
 # targets (B, K): the batch's targets; row_weights (B,); row_stats (B, 2):
 # each row's weighted loss and score; target_scale (K,): see heads.py;
-# task_checks (T,): the update check sums; task_grads (threads, V): each
-# thread's scratch for one task's gradient block (step.gradients_update);
+# task_checks (T,): the update check sums; task_grads (threads, 2, V): each
+# thread's scratch for one task's gradient block, and for its sum over the
+# batch's second half (step.gradients_update); second_half (P,): the shared
+# tasks' gradients over the batch's second half (step.half_gradients; empty
+# where a workspace's batches are never cut in two, or on one thread);
 # weights_t: transposed weights (kernels.kept_transposed); outputs_t
 # (threads, V): each thread's scratch for a wide layer's transposed outputs
 # (kernels.wide_forward); balance: how the parallel regions share
@@ -36,7 +39,7 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
                            "row_stats", "target_scale", "task_checks", "task_grads",
                            "weights_t", "outputs_t", "balance", "packed", "packed_layout",
-                           "inputs"])
+                           "inputs", "second_half"])
 # X: the (N, C) rows' raw bytes, (N, C * x_bytes) uint8, where x_bytes is
 # 1, 4 or 8 for uint8, float32 or float64 rows; labels (N,) int32 for
 # softmax, else targets (N, K) (the other one has no rows); sample_weight

@@ -12,7 +12,7 @@ from .amx import usable as amx_usable
 from .amx_layers import layouts as amx_layouts, packed_dtype
 from .buffers import Network, Work, make_data, read_only
 from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, score, target_scale
-from .kernels import ACTIVATIONS
+from .kernels import ACTIVATIONS, MAX_SUM_ROWS
 from .optimizers import gradients_only
 from .step import (
     forward_backward,
@@ -116,6 +116,9 @@ class Workspace:
         wide = wide_scratch_values(layer_sizes)
         (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
         itemsize = np.dtype(dtype).itemsize
+        # (step.gradient_cut: batches of more rows are summed in two halves)
+        halves = backward and batch_size > MAX_SUM_ROWS
+        n_params = parameter_layout(layer_sizes)[2]
         inputs_shape = own_inputs_shape(layer_sizes, batch_size, threads, itemsize,
                                         itemsize if input_bytes is None else input_bytes)
         self.work = Work(
@@ -126,12 +129,13 @@ class Workspace:
             row_stats=np.zeros((batch_size, 2), np.float64),  # per-row loss, score
             target_scale=np.zeros(n_outputs, dtype),
             task_checks=np.zeros(len(make_tasks(layer_sizes)), np.float64),
-            task_grads=aligned_zeros(threads * block, dtype).reshape(threads, block),
+            task_grads=aligned_zeros(threads * 2 * block, dtype).reshape(threads, 2, block),
             weights_t=aligned_zeros(n_transposed, dtype),
             outputs_t=aligned_zeros(threads * wide, dtype).reshape(threads, wide),
             balance=make_balance(threads),
             packed=aligned_zeros(packed_size, packed_dtype(amx)), packed_layout=packed_layout,
-            inputs=aligned_zeros(int(np.prod(inputs_shape)), dtype).reshape(inputs_shape))
+            inputs=aligned_zeros(int(np.prod(inputs_shape)), dtype).reshape(inputs_shape),
+            second_half=aligned_zeros(n_params if halves else 0, dtype))
         self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,

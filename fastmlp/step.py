@@ -36,6 +36,15 @@ A step is two phases:
    The tasks of a column layer's weights go to the thread that computes
    their outputs; each thread runs a contiguous share of the other tasks,
    sized by its measured speed.
+   A batch of more than 128 rows is summed in two halves, each
+   parameter's gradient the sum over the first half plus the sum over the
+   second (gradient_cut), whatever the thread count. Those halves are
+   summed first, in a region of their own (half_gradients): on two
+   threads, each thread the half of the batch that it ran forward, for
+   every weight row outside the column layers, so that no thread reads
+   deltas and inputs another wrote. The tasks then add the halves and
+   update (the 784-100-10 Adam step at batch 200, float32 rows, 0.89 of
+   the time; the regression benchmark's 0.90).
 
 `train_steps` runs steps step0..step1 in one call, so an epoch costs one
 Python call. Nothing is allocated: every array is a view of the workspace or
@@ -63,6 +72,7 @@ from .heads import head_backward, head_forward
 from .schedules import COSINE, KIND, step_lr
 from .kernels import (
     BLOCK_COLUMNS,
+    MAX_SUM_ROWS,
     NARROW_COLUMNS,
     IDENTITY,
     bias_activation,
@@ -302,11 +312,14 @@ def narrow_columns(layer_sizes, batch_size, itemsize, input_bytes):
     each thread then gathers. On a 2-core Xeon: W2's step (784-50-10,
     batch 32, uint8 rows) 0.87 of the time, W1's (batch 100) 0.90; with
     float32 rows W2 0.84, and W1 1.02, which this rule leaves by rows
-    (docs/performance.md)."""
+    (docs/performance.md). Not for a batch summed in two halves
+    (gradient_cut): split by rows, each thread then sums the half it ran
+    forward (half_gradients), and 784-100-10 at batch 200 (uint8 rows,
+    Adam) took 0.82 of the time it took as a column layer."""
     if len(layer_sizes) < 3:
         return False
     C, OC = int(layer_sizes[0]), int(layer_sizes[1])
-    return (not wide_layer(OC) and OC >= 8
+    return (not wide_layer(OC) and OC >= 8 and batch_size <= MAX_SUM_ROWS
             and C * OC * itemsize >= NARROW_COLUMNS_MIN_BYTES
             and OC * itemsize > batch_size * input_bytes)
 
@@ -453,7 +466,7 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
     # (no more parts than scratch blocks: one per thread Numba may start)
     parts = (column_parts(work, threads) if columns else
              max(1, min(threads, (max(nrows, next_rows) + 3) // 4, work.outputs_t.shape[0])))
-    # (out of the tuple: see gradients_update)
+    # (out of the tuple: see task_region)
     shares = work.balance[FORWARD]
     all_outputs_t = work.outputs_t
     all_inputs = work.inputs
@@ -541,31 +554,86 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
 
 
 @kernel
-def task_gradient(grads, g_first, work, net, t, nrows, inputs):
+def gradient_cut(nrows):
+    # where a batch of nrows rows is cut in two halves for the gradients:
+    # each parameter's gradient is its sum over rows 0:h plus its sum over
+    # rows h:nrows (the second added to the first), whichever thread sums
+    # them; nrows (one sum) for a batch that rows_times_matrix sums in one
+    # pass. Multiples of 4 rows: forward_backward's parts cut there, and
+    # two threads of equal speed cut a batch at h.
+    if nrows <= MAX_SUM_ROWS:
+        return nrows
+    return nrows // 8 * 4
+
+
+@kernel
+def task_gradient(grads, g_first, spare, work, net, t, nrows, inputs):
     # the gradient of task t's parameters over batch rows 0:nrows, into
-    # grads from g_first: its weight rows j0:j1 as a (j1 - j0, fan_in)
-    # block (columns k0:k1 written), or its layer's biases; inputs: the
-    # batch's input rows (B, C), as the forward pass read them
+    # grads from g_first (rows_gradient's layout), summed over each half of
+    # the batch (gradient_cut), the second half in spare from 0 (a block of
+    # the same size) and added; inputs: the batch's input rows (B, C), as
+    # the forward pass read them. A layer on AMX tiles sums all rows at once.
     tasks = net.tasks
     if tasks[t, 1] == NO_TASK:
         return
     l = tasks[t, 0]
-    B = work.labels.shape[0]
-    fan_in = net.sizes[l]
-    fan_out = net.sizes[l + 1]
-    dout = view2d(work.deltas, work.act_off, l + 1, B, fan_out)
-    if tasks[t, 1] == WEIGHT_TASK:
+    if AMX_COMPILED and tasks[t, 1] == WEIGHT_TASK and amx_layer(net, l):
         j0 = tasks[t, 2]
         j1 = tasks[t, 3]
+        fan_in = net.sizes[l]
         block = grads[g_first:g_first + (j1 - j0) * fan_in].reshape((j1 - j0, fan_in))
-        if AMX_COMPILED and amx_layer(net, l):
-            amx_backward_weight(block, work, l, j0, j1, nrows, tasks[t, 4], tasks[t, 5])
-        else:
-            inp = inputs if l == 0 else view2d(work.acts, work.act_off, l, B, fan_in)
-            dense_backward_weight(block, dout[:, j0:j1], inp, np.int64(0), j1 - j0, nrows,
-                                  tasks[t, 4], tasks[t, 5])
+        amx_backward_weight(block, work, l, j0, j1, nrows, tasks[t, 4], tasks[t, 5])
+        return
+    B = work.labels.shape[0]
+    dout = view2d(work.deltas, work.act_off, l + 1, B, net.sizes[l + 1])
+    inp = inputs if l == 0 else view2d(work.acts, work.act_off, l, B, net.sizes[l])
+    h = gradient_cut(nrows)
+    rows_gradient(grads, g_first, tasks[t], dout[:h], inp[:h])
+    if h < nrows:
+        rows_gradient(spare, np.int64(0), tasks[t], dout[h:nrows], inp[h:nrows])
+        add_blocks(grads, g_first, grads, g_first, spare, np.int64(0), net, t, tasks[t, 4],
+                   tasks[t, 5])
+
+
+@inline_kernel
+def rows_gradient(grads, g_first, task, dout, inp):
+    # the sum over the rows of dout (R, fan_out) and inp (R, fan_in) of the
+    # gradient of a task's parameters (task: its row of net.tasks), into
+    # grads from g_first: its weight rows j0:j1 as a (j1 - j0, fan_in) block
+    # (columns k0:k1 written), or its layer's biases
+    R, fan_in = inp.shape
+    if task[1] == WEIGHT_TASK:
+        j0 = task[2]
+        j1 = task[3]
+        block = grads[g_first:g_first + (j1 - j0) * fan_in].reshape((j1 - j0, fan_in))
+        dense_backward_weight(block, dout[:, j0:j1], inp, np.int64(0), j1 - j0, R, task[4],
+                              task[5])
     else:
-        dense_backward_bias(grads[g_first:g_first + fan_out], dout, nrows)
+        dense_backward_bias(grads[g_first:g_first + dout.shape[1]], dout, R)
+
+
+@kernel
+def add_blocks(out, o_first, a, a_first, b, b_first, net, t, k0, k1):
+    # out = a + b over task t's block, each from its first value in
+    # rows_gradient's layout: its weight rows' columns k0:k1, or its biases
+    # (out may be a)
+    tasks = net.tasks
+    l = tasks[t, 0]
+    if tasks[t, 1] == WEIGHT_TASK:
+        rows = tasks[t, 3] - tasks[t, 2]
+        stride = net.sizes[l]
+    else:
+        rows = np.int64(1)
+        stride = net.sizes[l + 1]
+        k0 = np.int64(0)
+        k1 = stride
+    for i in range(rows):
+        # (unsigned: no wraparound test in the loop, which then vectorizes)
+        o = np.uint64(o_first + i * stride + k0)
+        p = np.uint64(a_first + i * stride + k0)
+        q = np.uint64(b_first + i * stride + k0)
+        for k in range(np.uint64(k1 - k0)):
+            out[o + k] = a[p + k] + b[q + k]
 
 
 @kernel
@@ -593,11 +661,12 @@ def task_block_values(layer_sizes):
 
 
 @kernel
-def task_update(weights_t, net, opt, t, grads, g_first):
+def task_update(weights_t, net, opt, t, grads, g_first, whole_rows):
     # applies the optimizer to task t's parameters (its weight rows, or its
     # layer's biases) from their gradients in grads, laid out as
-    # task_gradient writes them from g_first; returns the update's check sum
-    # (NaN when a new value is not finite)
+    # task_gradient writes them from g_first; with whole_rows, to every
+    # column of its weight rows, not only its own; returns the update's
+    # check sum (NaN when a new value is not finite)
     tasks = net.tasks
     sizes = net.sizes
     params = net.params
@@ -608,8 +677,8 @@ def task_update(weights_t, net, opt, t, grads, g_first):
     first = task_first(net, t)
     if tasks[t, 1] == WEIGHT_TASK:
         rows = tasks[t, 3] - tasks[t, 2]
-        k0 = tasks[t, 4]
-        k1 = tasks[t, 5]
+        k0 = np.int64(0) if whole_rows else tasks[t, 4]
+        k1 = sizes[l] if whole_rows else tasks[t, 5]
         stride = sizes[l]
         decay = hyper[DECAY]  # weight decay applies to weights only
     else:
@@ -649,12 +718,17 @@ def task_update(weights_t, net, opt, t, grads, g_first):
 
 
 @kernel
-def task_work(net, t):
+def task_work(net, t, halves):
     # a task's estimated cost, in compiled code: the weights it computes (a
     # bias task sums a batch of deltas per bias: cheap; task_cost, which
-    # deals the tasks into bins, counts it as nothing)
+    # deals the tasks into bins, counts it as nothing). With halves (the
+    # update of gradients that half_gradients summed), a weight task
+    # stands for every column of its rows (task_region), and the rows'
+    # other column pieces for nothing.
     tasks = net.tasks
     if tasks[t, 1] == WEIGHT_TASK:
+        if halves:
+            return 0 if tasks[t, 4] > 0 else (tasks[t, 3] - tasks[t, 2]) * net.sizes[tasks[t, 0]]
         return (tasks[t, 3] - tasks[t, 2]) * (tasks[t, 5] - tasks[t, 4])
     if tasks[t, 1] == BIAS_TASK:
         return net.sizes[tasks[t, 0] + 1]
@@ -678,77 +752,204 @@ def task_owner(net, t, parts, threads, own):
 
 
 @kernel
-def shared_work(net, t, parts, threads, own):
+def shared_work(net, t, parts, threads, own, halves):
     # task_work of a task the parts share out by speed (0 for one that has
     # its owner)
-    return task_work(net, t) if task_owner(net, t, parts, threads, own) < 0 else 0
+    return task_work(net, t, halves) if task_owner(net, t, parts, threads, own) < 0 else 0
 
 
 @kernel
-def total_work(net, parts, threads, own):
+def total_work(net, parts, threads, own, halves):
     # the estimated cost of the tasks shared out by speed
     total = 0
     for t in range(net.tasks.shape[0]):
-        total += shared_work(net, t, parts, threads, own)
+        total += shared_work(net, t, parts, threads, own, halves)
     return total
 
 
 @kernel
-def share_first_task(shares, net, total, part, parts, threads, own):
+def share_first_task(shares, net, total, part, parts, threads, own, halves):
     # the first task of part `part`'s share of the task list (the list's
-    # length for part = parts): the first whose cost midpoint lies at or
-    # past the part's point on the cumulative cost of the shared tasks (of
-    # `total` in all)
-    T = net.tasks.shape[0]
+    # length for part = parts), by speed (balance.share_point)
     if part >= parts:
-        return T
-    point = share_point(shares, part, parts) * total
+        return net.tasks.shape[0]
+    return first_task_at(net, share_point(shares, part, parts) * total, parts, threads, own,
+                         halves)
+
+
+@kernel
+def first_task_at(net, point, parts, threads, own, halves):
+    # the first task whose cost midpoint lies at or past point on the
+    # cumulative cost of the shared tasks
+    T = net.tasks.shape[0]
     before = 0
     for t in range(T):
-        cost = shared_work(net, t, parts, threads, own)
+        cost = shared_work(net, t, parts, threads, own, halves)
         if before + 0.5 * cost >= point:
             return t
         before += cost
     return T
 
 
-@parallel_kernel
+# A batch cut in two has its halves summed apart, in a region of their own
+# (half_gradients), when the parameters fill at least this many bytes; in
+# a smaller network the region costs more than it saves, and each task
+# sums both halves itself (task_gradient).
+HALVES_MIN_BYTES = 16 * 1024
+
+
+@kernel
+def sum_halves(nrows, params, second_half, amx):
+    # whether half_gradients sums the gradients by halves of the batch: a
+    # batch cut in two, no AMX tiles (which sum all rows at once), and
+    # parameters of HALVES_MIN_BYTES or more (all in the workspace's
+    # second_half)
+    P = params.shape[0]
+    return (gradient_cut(nrows) < nrows and not amx and second_half.shape[0] >= P
+            and P * params.itemsize >= HALVES_MIN_BYTES)
+
+
 def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # With gradients, computes the gradient of every parameter over batch
     # rows 0:nrows; then, with update, applies the optimizer to them. Both
     # at once (alone), each task's gradient goes into its thread's scratch
     # block (work.task_grads) and is applied from there while it is in
-    # cache: the gradient vector opt.grads is neither written nor read, so
-    # W3's 2.7 MB of it stay out of a shared L3 that holds 8-12 MB here.
-    # Apart (MPI ranks sum their gradients in between), they go through
-    # opt.grads. work.task_checks[t] is NaN when task t produced a
-    # non-finite parameter, else 0. Each of `threads` parts runs the tasks
-    # it owns (the weights of the column layers' outputs it computes
-    # forward: task_owner) and a contiguous share of the others, sized by
-    # speed (balance.py: timed over those alone).
+    # cache: for a batch summed at once, the gradient vector opt.grads is
+    # neither written nor read, so W3's 2.7 MB of it stay out of a shared L3
+    # that holds 8-12 MB here. Apart (MPI ranks sum their gradients in
+    # between), they go through opt.grads. The halves of a batch cut in two
+    # (gradient_cut) are summed first, into opt.grads and work.second_half
+    # (half_gradients), where sum_halves says so. work.task_checks[t] is NaN
+    # when task t produced a non-finite parameter, else 0. Plain Python, for
+    # callers in Python; train_steps inlines its twin,
+    # compiled_gradients_update.
+    own = own_inputs(work, net, threads)
+    halves = gradients and sum_halves(nrows, net.params, work.second_half, net.amx)
+    if halves:
+        half_gradients(work, net, opt, nrows, threads, own)
+    task_region(work, net, opt, nrows, gradients, update, threads, own, halves)
+
+
+compiled_gradients_update = inline_kernel(gradients_update)
+
+
+@parallel_kernel
+def half_gradients(work, net, opt, nrows, threads, own):
+    # The gradient of every parameter over each half of the batch, apart:
+    # the first half's into opt.grads, the second's into work.second_half,
+    # each at its parameter's place; task_region adds them. A column
+    # layer's weight rows go to the part that computes their outputs (both
+    # halves, from its own inputs); the other layers' to the parts of each
+    # half, which cut them between them evenly (shared_rows). On two threads
+    # each part then sums the half of the batch whose rows it ran forward
+    # (two threads of equal speed cut the batch where gradient_cut does),
+    # where a task summed over every row reads half of its deltas and
+    # inputs from the other core: the 784-100-10 Adam step (batch 200,
+    # float32 rows) 0.89 of the time, measured.
+    parts = max(1, min(threads, work.task_grads.shape[0]))
+    L = net.sizes.shape[0] - 1
+    h = gradient_cut(nrows)
+    total = 0
+    for l in range(L):
+        if not column_layer(net, l, threads, own):
+            total += net.sizes[l] * net.sizes[l + 1]
+    for p in prange(parts):
+        part = np.int64(p)
+        fp_control = flush_subnormals()
+        for half in range(2):
+            # the half's parts: first..last - 1 (one part: both halves)
+            first = half * parts // 2
+            last = max(first + 1, (half + 1) * parts // 2)
+            out = opt.grads if half == 0 else work.second_half
+            r0 = np.int64(0) if half == 0 else h
+            r1 = h if half == 0 else nrows
+            shared = first <= part < last
+            lo = (part - first) * total / (last - first) if shared else 0.0
+            hi = 0.0
+            if shared:
+                hi = float(total) if part == last - 1 else (part + 1 - first) * total / (
+                    last - first)
+            half_rows_gradients(out, work, net, part, parts, threads, own, lo, hi, r0, r1,
+                                part == last - 1)
+        write_fp_control(fp_control)
+
+
+@kernel
+def half_rows_gradients(out, work, net, part, parts, threads, own, lo, hi, r0, r1, biases):
+    # the gradients over batch rows r0:r1, into out at their place, of
+    # part `part`'s weight rows: its outputs' in a column layer, and in the
+    # others (the shared layers) those between points lo and hi of their
+    # weights (shared_rows); with biases, of every layer's biases
+    L = net.sizes.shape[0] - 1
+    B = work.labels.shape[0]
+    before = 0
+    for l in range(L):
+        C = net.sizes[l]
+        OC = net.sizes[l + 1]
+        inputs = view2d(work.acts, work.act_off, l, B, C)
+        if column_layer(net, l, threads, own):
+            j0 = column_cut(OC, part, parts)
+            j1 = column_cut(OC, part + 1, parts)
+            if l == 0 and own:
+                inputs = work.inputs[part]  # (its own copy: own_inputs)
+        else:
+            j0 = shared_rows(lo, before, C, OC)
+            j1 = shared_rows(hi, before, C, OC)
+            before += C * OC
+        dout = view2d(work.deltas, work.act_off, l + 1, B, OC)[r0:r1]
+        if j1 > j0:
+            dense_backward_weight(view2d(out, net.w_off, l, OC, C)[j0:j1], dout[:, j0:j1],
+                                  inputs[r0:r1], np.int64(0), j1 - j0, r1 - r0, np.int64(0), C)
+        if biases:
+            dense_backward_bias(out[net.b_off[l]:net.b_off[l] + OC], dout, r1 - r0)
+
+
+@kernel
+def shared_rows(point, before, C, OC):
+    # the weight row of a layer of OC rows of C weights, whose first weight
+    # lies `before` weights into the shared layers, at which a cut at
+    # `point` falls: a multiple of 4 rows, or OC at or past the layer's end
+    if point >= before + C * OC:
+        return OC
+    row = int((point - before) / C + 2.0) // 4 * 4
+    return min(OC, max(0, row))
+
+
+@parallel_kernel
+def task_region(work, net, opt, nrows, gradients, update, threads, own, halves):
+    # gradients_update's tasks. Each of `threads` parts runs the tasks it
+    # owns (the weights of the column layers' outputs it computes forward:
+    # task_owner) and a contiguous share of the others, sized by speed
+    # (balance.py: timed over those alone). With halves, a task's gradient
+    # is the sum of its halves (half_gradients), and a weight task updates
+    # every column of its rows, the rows' other column pieces nothing: two
+    # threads updating pieces of the same rows slow each other down (Adam on
+    # two column halves of 100 x 784 weights took 50 us a thread, on row
+    # halves 14, and one thread alone 28: 2-core Xeon, measured).
     # (The arrays are taken out of the tuple first: Numba's parfor pass
     # drops a store into an array read off a tuple inside the loop body.)
     task_checks = work.task_checks
     task_grads = work.task_grads
     all_inputs = work.inputs
+    second_half = work.second_half
     B = work.labels.shape[0]
     shares = work.balance[GRADIENTS]
     # (no more parts than scratch blocks: one per thread Numba may start)
     parts = max(1, min(threads, task_grads.shape[0]))
     fold_timings(shares, parts)
-    own = own_inputs(work, net, threads)
-    total = total_work(net, parts, threads, own)
+    total = total_work(net, parts, threads, own, halves)
     fused = gradients and update
     T = net.tasks.shape[0]
     for p in prange(parts):
         part = np.int64(p)
         fp_control = flush_subnormals()
-        grads = task_grads[part] if fused else opt.grads
+        grads = task_grads[part, 0] if fused else opt.grads
+        spare = task_grads[part, 1]
         # (its own copy, read only by the tasks it owns: own_inputs)
         inputs = (all_inputs[part] if own
                   else view2d(work.acts, work.act_off, np.int64(0), B, net.sizes[0]))
-        t0 = share_first_task(shares, net, total, part, parts, threads, own)
-        t1 = share_first_task(shares, net, total, part + 1, parts, threads, own)
+        t0 = share_first_task(shares, net, total, part, parts, threads, own, halves)
+        t1 = share_first_task(shares, net, total, part + 1, parts, threads, own, halves)
         done = np.int64(0)
         started = cycles()
         owned = np.int64(0)  # cycles of the owned tasks, not timed for the shares
@@ -756,17 +957,23 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
             owner = task_owner(net, t, parts, threads, own)
             if owner == part or (owner < 0 and t0 <= t < t1):
                 owned_from = cycles() if owner >= 0 else np.int64(0)
-                g_first = np.int64(0) if fused else task_first(net, t)
-                if gradients:
-                    task_gradient(grads, g_first, work, net, t, nrows, inputs)
                 check = 0.0
-                if update:
-                    check = task_update(work.weights_t, net, opt, t, grads, g_first)
+                # (with halves, a later column piece is its rows' first piece's)
+                if net.tasks[t, 1] != NO_TASK and not (halves and net.tasks[t, 4] > 0):
+                    first = task_first(net, t)
+                    g_first = np.int64(0) if fused else first
+                    if halves:
+                        add_blocks(grads, g_first, opt.grads, first, second_half, first, net, t,
+                                   np.int64(0), net.sizes[net.tasks[t, 0]])
+                    elif gradients:
+                        task_gradient(grads, g_first, spare, work, net, t, nrows, inputs)
+                    if update:
+                        check = task_update(work.weights_t, net, opt, t, grads, g_first, halves)
                 task_checks[t] = check
                 if owner >= 0:
                     owned += cycles() - owned_from
                 else:
-                    done += task_work(net, t)
+                    done += task_work(net, t, halves)
         write_fp_control(fp_control)
         record(shares, part, started + owned, done)
 
@@ -876,7 +1083,8 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
                                   next_rows, threads)
         step_loss, step_score = sum_row_stats(work.row_stats, hi - lo)
         if sharded:
-            gradients_update(work, net, opt, hi - lo, np.bool_(True), np.bool_(False), threads)
+            compiled_gradients_update(work, net, opt, hi - lo, np.bool_(True), np.bool_(False),
+                                      threads)
             if not sum_over_ranks(opt.grads, batches, step_loss, step_score):
                 return loss_sum, weight_sum, score_sum, REDUCE_FAILED, s
             step_loss = float(opt.grads[P + LOSS_SLOT])
@@ -894,8 +1102,8 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
                                            opt.betas[1])
         # alone: gradients and update in one pass; with MPI: the update of
         # the summed gradients
-        gradients_update(work, net, opt, nrows, np.bool_(not sharded), np.bool_(True),
-                         threads)
+        compiled_gradients_update(work, net, opt, nrows, np.bool_(not sharded), np.bool_(True),
+                                  threads)
         if not finite(work.task_checks.sum()):
             return loss_sum, weight_sum, score_sum, PARAMS_NOT_FINITE, s
         if sharded and opt.grads[P + INTERRUPT_SLOT] > 0:

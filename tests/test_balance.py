@@ -55,21 +55,22 @@ def test_rows_are_cut_once_at_tiles_in_proportion_to_speed(speeds, nrows):
         assert rows.max() - rows.min() <= 4 + (-nrows % 4)
 
 
+@pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize("speeds", SPEEDS)
 @pytest.mark.parametrize("sizes", [[784, 50, 10], [100, 128, 64, 2], [3, 1, 7, 2]])
-def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes):
+def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes, halves):
     model, _, _ = random_problem(sizes, 8, "relu", np.float32, seed=0)
     net = model.network()
     parts = len(speeds)
     balance = balance_with(GRADIENTS, speeds)
-    firsts = [share_first_task(balance[GRADIENTS], net, total_work(net, parts, 1, False), p,
-                               parts, 1, False)
+    firsts = [share_first_task(balance[GRADIENTS], net, total_work(net, parts, 1, False, halves),
+                               p, parts, 1, False, halves)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == len(make_tasks(sizes))
     assert firsts == sorted(firsts)
     if min(speeds) > 0:
         # each cut lies within half a task of its ideal point
-        costs = np.array([task_work(net, t) for t in range(len(net.tasks))])
+        costs = np.array([task_work(net, t, halves) for t in range(len(net.tasks))])
         done = np.array([costs[a:b].sum() for a, b in zip(firsts[:-1], firsts[1:])])
         weights = np.clip(np.array(speeds) * parts / sum(speeds), MIN_SHARE, 1 / MIN_SHARE)
         want = costs.sum() * weights / weights.sum()
@@ -92,10 +93,11 @@ COLUMN_LAYERS = [
 ]
 
 
+@pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize("speeds", SPEEDS)
 @pytest.mark.parametrize("sizes, batch, input_bytes, expected", COLUMN_LAYERS)
 def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(
-        speeds, sizes, batch, input_bytes, expected):
+        speeds, sizes, batch, input_bytes, expected, halves):
     """On several threads, the weight tasks of a column layer (split between
     threads by its outputs) run on the thread that computes those outputs
     forward, whatever the speeds; the other tasks are shared out by speed;
@@ -114,17 +116,17 @@ def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(
         if kind == WEIGHT_TASK and column_layer(net, layer, threads, own):
             OC = sizes[layer + 1]
             assert column_cut(OC, owners[t], parts) <= j0 < column_cut(OC, owners[t] + 1, parts)
-            assert task_work(net, t) > 0
+            assert task_work(net, t, False) > 0
         else:
             assert owners[t] == -1
     assert [column_layer(net, l, threads, own) for l in range(len(sizes) - 1)] == expected
     balance = balance_with(GRADIENTS, speeds)
-    total = total_work(net, parts, threads, own)
-    firsts = [share_first_task(balance[GRADIENTS], net, total, p, parts, threads, own)
+    total = total_work(net, parts, threads, own, halves)
+    firsts = [share_first_task(balance[GRADIENTS], net, total, p, parts, threads, own, halves)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == T and firsts == sorted(firsts)
     shared = [t for t in range(T) if owners[t] < 0]
-    assert total == sum(task_work(net, t) for t in shared) > 0
+    assert total == sum(task_work(net, t, halves) for t in shared) > 0
     # what each part runs (gradients_update): its own tasks and its share
     runs = [t for p in range(parts) for t in range(T)
             if owners[t] == p or (owners[t] < 0 and firsts[p] <= t < firsts[p + 1])]

@@ -112,8 +112,8 @@ def test_ranks_on_one_machine_share_the_first_compile(tmp_path):
     data = np.load(out)
     results = json.loads(str(data["results"]))
     assert [r["kernels"] for r in results] == [
-        {"region": [1, 0], "gradients_update": [0, 1], "transpose_weights": [0, 1]},
-        {"region": [0, 1], "gradients_update": [1, 0], "transpose_weights": [1, 0]}]
+        {"region": [1, 0], "task_region": [0, 1], "transpose_weights": [0, 1]},
+        {"region": [0, 1], "task_region": [1, 0], "transpose_weights": [1, 0]}]
     assert np.array_equal(data["params"][0], data["params"][1])
     assert relative_error(data["params"][0], single_process(config)[0]) < 1e-6
 

@@ -80,6 +80,26 @@ def test_fifty_steps_follow_the_oracle(output, optimizer, options):
     assert relative_error(model.weights[0], start[0][0]) > 1e-3  # it trained
 
 
+# A batch of more than 128 rows is summed in two halves (step.gradient_cut):
+# apart, in a region of their own, for a network of 16 KB of parameters or
+# more (64-40-30-5 and 64-41-1 in float64), else by each task. Layers of 1,
+# 5, 30 and 41 outputs, not whole 4-row groups; the last batch, 150 rows,
+# is cut too.
+@pytest.mark.parametrize("sizes", [[64, 40, 30, 5], [64, 41, 1], [12, 10, 7, 3]])
+@pytest.mark.parametrize("output", ["sigmoid", "linear"])
+def test_batches_summed_in_halves_follow_the_oracle(sizes, output):
+    n, batch_size = 19 * 200 + 150, 200
+    model, X, y = head_problem(output, sizes, n, "relu", np.float64, seed=3)
+    weights, biases = reference_copy(model)
+    fastmlp.fit(model, X, y, epochs=1, batch_size=batch_size, optimizer="adam", lr=0.003,
+                shuffle=False)
+    losses = reference.train(weights, biases, X, y, "relu", batches_in_order(n, batch_size),
+                             optimizer="adam", output=output, lr=0.003)
+    assert len(losses) == 20
+    for got, want in zip(model.weights + model.biases, weights + biases):
+        assert relative_error(got, want) < 1e-9
+
+
 def test_scores_are_sklearns():
     model, X, y = head_problem("linear", [5, 8, 3], 200, "tanh", np.float64, seed=1)
     fastmlp.fit(model, X, y, epochs=5, batch_size=20, optimizer="adam", lr=0.01)

@@ -27,6 +27,7 @@ from fastmlp.step import (
     region,
     task_cost,
     task_first,
+    task_region,
     train_steps,
 )
 
@@ -180,12 +181,12 @@ def test_ctrl_c_stops_cleanly_and_training_resumes_bit_for_bit(optimizer, monkey
     assert signal.getsignal(signal.SIGINT) == handler
 
 
-def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10)):
+def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10), batch_size=100, rows=np.uint8):
     rng = np.random.default_rng(0)
-    X = rng.integers(0, 256, (2000, 784), dtype=np.uint8)
+    X = rng.integers(0, 256, (2000, 784), dtype=np.uint8).astype(rows)
     y = rng.integers(0, 10, 2000)
     model = fastmlp.MLP(list(sizes), seed=0)
-    fastmlp.fit(model, X, y, epochs=1, batch_size=100, optimizer="momentum", lr=0.1,
+    fastmlp.fit(model, X, y, epochs=1, batch_size=batch_size, optimizer="momentum", lr=0.1,
                 seed=seed, threads=threads)
     return model.params.copy()
 
@@ -197,18 +198,26 @@ def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10)):
 # threads a column layer, each thread its outputs for all rows), and two
 # wide layers with outputs past whole blocks (column layers whose input
 # deltas are split by columns too)
-@pytest.mark.parametrize("sizes", [(784, 50, 10), (784, 100, 10), (784, 256, 10),
-                                   (784, 300, 260, 10)])
-def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes):
+# Batches of more than 128 rows are summed in two halves (step.gradient_cut):
+# on 2 threads, the shared tasks' halves apart (step.half_gradients), first
+# layers in column pieces (784-100 on float32 rows) or a narrow column layer
+# (on uint8 rows); 192 rows leave a last batch of 80, summed at once.
+@pytest.mark.parametrize("sizes, batch_size, rows", [
+    ((784, 50, 10), 100, np.uint8), ((784, 100, 10), 100, np.uint8),
+    ((784, 256, 10), 100, np.uint8), ((784, 300, 260, 10), 100, np.uint8),
+    ((784, 100, 10), 200, np.float32), ((784, 100, 10), 200, np.uint8),
+    ((784, 64, 32, 10), 192, np.float32), ((784, 300, 260, 10), 200, np.uint8)])
+def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes, batch_size, rows):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
-    one = train_lesson_epoch(threads=1, sizes=sizes)
-    two = train_lesson_epoch(threads=2, sizes=sizes)
-    again = train_lesson_epoch(threads=2, sizes=sizes)
+    options = dict(sizes=sizes, batch_size=batch_size, rows=rows)
+    one = train_lesson_epoch(threads=1, **options)
+    two = train_lesson_epoch(threads=2, **options)
+    again = train_lesson_epoch(threads=2, **options)
     assert np.array_equal(one, two)
     assert np.array_equal(two, again)
     # a different seed is a different run: the comparison can fail
-    assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1, sizes=sizes))
+    assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1, **options))
 
 
 @pytest.mark.parametrize("gain,one_thread", [(1e-6, True), (1e6, False)])
@@ -374,21 +383,24 @@ def test_update_tasks_keep_the_transposed_weights_current():
 
 @pytest.mark.parametrize("optimizer,options", OPTIMIZER_CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_update_equals_gradients_then_update(optimizer, options, dtype):
+@pytest.mark.parametrize("batch", [64, 200])
+def test_fused_update_equals_gradients_then_update(optimizer, options, dtype, batch):
     """Alone, each task computes its gradient into its thread's scratch
     block and updates from there; MPI ranks compute every gradient into the
     flat vector first and update from it. Both give the same parameters,
     optimizer state and transposed weights bit for bit, and the fused pass
-    leaves the flat vector as it was. The layers cover every kind of task:
-    rows of a wide layer (transposed), column pieces of a narrow one (50
-    outputs of 784 inputs), biases."""
+    of a batch summed at once leaves the flat vector as it was (a batch of
+    200 has its halves summed there and in work.second_half first). The
+    layers cover every kind of task: rows of a wide layer (transposed),
+    column pieces of a narrow one (50 outputs of 784 inputs), biases."""
     sizes = [784, 50, 130, 10]
-    model, X, y = random_problem(sizes, 64, "relu", dtype, seed=5)
+    model, X, y = random_problem(sizes, batch, "relu", dtype, seed=5)
     net = model.network()
-    ws = Workspace(sizes, 64, model.dtype)
-    data = make_data(X, y.astype(np.int32), np.ones(64, model.dtype), np.arange(64), model.dtype)
+    ws = Workspace(sizes, batch, model.dtype)
+    data = make_data(X, y.astype(np.int32), np.ones(batch, model.dtype), np.arange(batch),
+                     model.dtype)
     model._transpose(ws)
-    forward_backward(ws.work, net, data, 0, 64, model.dtype.type(1 / 64), True, 0, 2)
+    forward_backward(ws.work, net, data, 0, batch, model.dtype.type(1 / batch), True, 0, 2)
     hyper = make_hyper(model.dtype, options["lr"], options.get("momentum", 0.0),
                        options.get("weight_decay", 0.0))
     hyper[ADAM_ALPHA] = 0.001  # Adam's bias-corrected step size
@@ -404,11 +416,12 @@ def test_fused_update_equals_gradients_then_update(optimizer, options, dtype):
         opt = Optimizer(grads, m, v, hyper, OPTIMIZERS[optimizer], options.get("nesterov", False),
                         np.zeros(5), adam_betas())
         if fused:
-            gradients_update(ws.work, net, opt, 64, True, True, 2)
-            assert np.isnan(grads).all()  # the flat gradient vector is never touched
+            gradients_update(ws.work, net, opt, batch, True, True, 2)
+            # a batch summed at once never touches the flat gradient vector
+            assert np.isnan(grads).all() == (batch == 64)
         else:
-            gradients_update(ws.work, net, opt, 64, True, False, 2)
-            gradients_update(ws.work, net, opt, 64, False, True, 2)
+            gradients_update(ws.work, net, opt, batch, True, False, 2)
+            gradients_update(ws.work, net, opt, batch, False, True, 2)
             assert not np.isnan(grads).any()
         assert not ws.work.task_checks.any()  # every new value finite
         results.append([model.params.copy(), m, v, ws.work.weights_t.copy()])
@@ -620,7 +633,7 @@ def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head(tmp_path)
         fields = dict(zip(signature[0].fields, signature[0].types))
         return fields["acts"].dtype, fields["packed"].dtype
 
-    for function in (train_steps, region, gradients_update):
+    for function in (train_steps, region, task_region):
         kinds = [model_kind(signature) for signature in function.signatures]
         assert len(kinds) == len(set(kinds)), (function.__name__, function.signatures)
     assert (numba.float32, numba.uint8) in [model_kind(signature)
