@@ -26,7 +26,7 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # task_checks (T,): the update check sums; task_grads (threads, 2, V): each
 # thread's scratch for one task's gradient block, and for its sum over the
 # batch's second half (step.gradients_update); second_half (P,): the shared
-# tasks' gradients over the batch's second half (step.half_gradients; empty
+# tasks' gradients over the batch's second half (step.part_halves; empty
 # where a workspace's batches are never cut in two, or on one thread);
 # weights_t: transposed weights (kernels.kept_transposed); outputs_t
 # (threads, V): each thread's scratch for a wide layer's transposed outputs

@@ -4,8 +4,8 @@ Compiling the training step (`step.train_steps`) takes about a minute,
 nearly all of it LLVM on one core, and most of that in the step's two
 parallel kernels, which do not call each other. So when the step is not in
 the disk cache and a second core is free, a child process compiles
-`gradients_update`'s regions and `transpose_weights` into the cache while this
-process compiles `forward_backward`'s parallel region; compiling
+`gradients_update`'s parallel region into the cache while this process
+compiles `forward_backward`'s and `transpose_weights`; compiling
 `train_steps` then loads the child's kernels from the cache and links them
 as it would have linked its own (the cache keeps their LLVM bitcode), so the
 machine code is the same.
@@ -29,7 +29,7 @@ import numba
 from numba import typeof, types
 
 from . import jit
-from .step import half_gradients, region, task_region, transpose_weights
+from .step import gradients_region, region, transpose_weights
 
 # processes a first compile may use: 1 compiles in this process alone
 PROCESSES = 2
@@ -53,17 +53,16 @@ module.compile_from(sys.stdin.buffer)
 def step_jobs(work, net, opt, data):
     """The kernels train_steps calls with these buffers, as (dispatcher,
     signature) pairs with the types it passes, in two halves of about the
-    same compile time: forward_backward's parallel region; gradients_update's
-    two (task_region, half_gradients) and transpose_weights."""
+    same compile time: forward_backward's parallel region and
+    transpose_weights; gradients_update's (gradients_region)."""
     i64 = types.int64
     boolean = types.boolean
     return ([(region, (typeof(work), typeof(net), typeof(data), i64, i64,
                        typeof(net.params).dtype, boolean, i64, i64, boolean, boolean, i64,
-                       i64, boolean, i64, i64))],
-            [(task_region, (typeof(work), typeof(net), typeof(opt), i64, boolean, boolean, i64,
-                            boolean, boolean)),
-             (half_gradients, (typeof(work), typeof(net), typeof(opt), i64, i64, boolean)),
-             (transpose_weights, (typeof(work.weights_t), typeof(net)))])
+                       i64, boolean, i64, i64)),
+             (transpose_weights, (typeof(work.weights_t), typeof(net)))],
+            [(gradients_region, (typeof(work), typeof(net), typeof(opt), i64, boolean, boolean,
+                                 i64, boolean, i64))])
 
 
 def step_kernels(work, net, opt, data):

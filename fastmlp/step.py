@@ -39,7 +39,7 @@ A step is two phases:
    A batch of more than 128 rows is summed in two halves, each
    parameter's gradient the sum over the first half plus the sum over the
    second (gradient_cut), whatever the thread count. Those halves are
-   summed first, in a region of their own (half_gradients): on two
+   summed first, in a stage of their own (part_halves): on two
    threads, each thread the half of the batch that it ran forward, for
    every weight row outside the column layers, so that no thread reads
    deltas and inputs another wrote. The tasks then add the halves and
@@ -314,7 +314,7 @@ def narrow_columns(layer_sizes, batch_size, itemsize, input_bytes):
     float32 rows W2 0.84, and W1 1.02, which this rule leaves by rows
     (docs/performance.md). Not for a batch summed in two halves
     (gradient_cut): split by rows, each thread then sums the half it ran
-    forward (half_gradients), and 784-100-10 at batch 200 (uint8 rows,
+    forward (part_halves), and 784-100-10 at batch 200 (uint8 rows,
     Adam) took 0.82 of the time it took as a column layer."""
     if len(layer_sizes) < 3:
         return False
@@ -466,7 +466,7 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
     # (no more parts than scratch blocks: one per thread Numba may start)
     parts = (column_parts(work, threads) if columns else
              max(1, min(threads, (max(nrows, next_rows) + 3) // 4, work.outputs_t.shape[0])))
-    # (out of the tuple: see task_region)
+    # (out of the tuple: see gradients_region)
     shares = work.balance[FORWARD]
     all_outputs_t = work.outputs_t
     all_inputs = work.inputs
@@ -722,8 +722,8 @@ def task_work(net, t, halves):
     # a task's estimated cost, in compiled code: the weights it computes (a
     # bias task sums a batch of deltas per bias: cheap; task_cost, which
     # deals the tasks into bins, counts it as nothing). With halves (the
-    # update of gradients that half_gradients summed), a weight task
-    # stands for every column of its rows (task_region), and the rows'
+    # update of gradients summed by halves: part_halves), a weight task
+    # stands for every column of its rows (gradients_region), and the rows'
     # other column pieces for nothing.
     tasks = net.tasks
     if tasks[t, 1] == WEIGHT_TASK:
@@ -792,7 +792,7 @@ def first_task_at(net, point, parts, threads, own, halves):
 
 
 # A batch cut in two has its halves summed apart, in a region of their own
-# (half_gradients), when the parameters fill at least this many bytes; in
+# (part_halves), when the parameters fill at least this many bytes; in
 # a smaller network the region costs more than it saves, and each task
 # sums both halves itself (task_gradient).
 HALVES_MIN_BYTES = 16 * 1024
@@ -800,7 +800,7 @@ HALVES_MIN_BYTES = 16 * 1024
 
 @kernel
 def sum_halves(nrows, params, second_half, amx):
-    # whether half_gradients sums the gradients by halves of the batch: a
+    # whether part_halves sums the gradients by halves of the batch: a
     # batch cut in two, no AMX tiles (which sum all rows at once), and
     # parameters of HALVES_MIN_BYTES or more (all in the workspace's
     # second_half)
@@ -819,62 +819,59 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     # that holds 8-12 MB here. Apart (MPI ranks sum their gradients in
     # between), they go through opt.grads. The halves of a batch cut in two
     # (gradient_cut) are summed first, into opt.grads and work.second_half
-    # (half_gradients), where sum_halves says so. work.task_checks[t] is NaN
+    # (part_halves), where sum_halves says so. work.task_checks[t] is NaN
     # when task t produced a non-finite parameter, else 0. Plain Python, for
     # callers in Python; train_steps inlines its twin,
     # compiled_gradients_update.
     own = own_inputs(work, net, threads)
     halves = gradients and sum_halves(nrows, net.params, work.second_half, net.amx)
-    if halves:
-        half_gradients(work, net, opt, nrows, threads, own)
-    task_region(work, net, opt, nrows, gradients, update, threads, own, halves)
+    # TASKS, or HALVES then TASKS_AFTER_HALVES (one call site: each costs
+    # seconds of train_steps' compile)
+    for stage in range(HALVES if halves else TASKS, TASKS_AFTER_HALVES + 1 if halves else HALVES):
+        gradients_region(work, net, opt, nrows, gradients, update, threads, own, stage)
 
 
 compiled_gradients_update = inline_kernel(gradients_update)
 
 
-@parallel_kernel
-def half_gradients(work, net, opt, nrows, threads, own):
-    # The gradient of every parameter over each half of the batch, apart:
-    # the first half's into opt.grads, the second's into work.second_half,
-    # each at its parameter's place; task_region adds them. A column
-    # layer's weight rows go to the part that computes their outputs (both
-    # halves, from its own inputs); the other layers' to the parts of each
-    # half, which cut them between them evenly (shared_rows). On two threads
-    # each part then sums the half of the batch whose rows it ran forward
-    # (two threads of equal speed cut the batch where gradient_cut does),
-    # where a task summed over every row reads half of its deltas and
-    # inputs from the other core: the 784-100-10 Adam step (batch 200,
-    # float32 rows) 0.89 of the time, measured.
-    parts = max(1, min(threads, work.task_grads.shape[0]))
+@inline_kernel
+def part_halves(work, net, opt, nrows, part, parts, threads, own):
+    # Part `part`'s share of the gradient of every parameter over each half
+    # of the batch, apart: the first half's into opt.grads, the second's
+    # into work.second_half, each at its parameter's place (the HALVES
+    # stage of gradients_region; the tasks then add them). A column layer's
+    # weight rows go to the part that computes their outputs (both halves,
+    # from its own inputs); the other layers' to the parts of each half,
+    # which cut them between them evenly (shared_rows). On two threads each
+    # part then sums the half of the batch whose rows it ran forward (two
+    # threads of equal speed cut the batch where gradient_cut does), where
+    # a task summed over every row reads half of its deltas and inputs from
+    # the other core: the 784-100-10 Adam step (batch 200, float32 rows)
+    # 0.88 of the time, measured.
     L = net.sizes.shape[0] - 1
     h = gradient_cut(nrows)
     total = 0
     for l in range(L):
         if not column_layer(net, l, threads, own):
             total += net.sizes[l] * net.sizes[l + 1]
-    for p in prange(parts):
-        part = np.int64(p)
-        fp_control = flush_subnormals()
-        for half in range(2):
-            # the half's parts: first..last - 1 (one part: both halves)
-            first = half * parts // 2
-            last = max(first + 1, (half + 1) * parts // 2)
-            out = opt.grads if half == 0 else work.second_half
-            r0 = np.int64(0) if half == 0 else h
-            r1 = h if half == 0 else nrows
-            shared = first <= part < last
-            lo = (part - first) * total / (last - first) if shared else 0.0
-            hi = 0.0
-            if shared:
-                hi = float(total) if part == last - 1 else (part + 1 - first) * total / (
-                    last - first)
-            half_rows_gradients(out, work, net, part, parts, threads, own, lo, hi, r0, r1,
-                                part == last - 1)
-        write_fp_control(fp_control)
+    for half in range(2):
+        # the half's parts: first..last - 1 (one part: both halves)
+        first = half * parts // 2
+        last = max(first + 1, (half + 1) * parts // 2)
+        out = opt.grads if half == 0 else work.second_half
+        r0 = np.int64(0) if half == 0 else h
+        r1 = h if half == 0 else nrows
+        lo = 0.0
+        hi = 0.0
+        if first <= part < last:
+            lo = (part - first) * total / (last - first)
+            hi = float(total) if part == last - 1 else (part + 1 - first) * total / (
+                last - first)
+        half_rows_gradients(out, work, net, part, parts, threads, own, lo, hi, r0, r1,
+                            part == last - 1)
 
 
-@kernel
+@inline_kernel
 def half_rows_gradients(out, work, net, part, parts, threads, own, lo, hi, r0, r1, biases):
     # the gradients over batch rows r0:r1, into out at their place, of
     # part `part`'s weight rows: its outputs' in a column layer, and in the
@@ -915,19 +912,28 @@ def shared_rows(point, before, C, OC):
     return min(OC, max(0, row))
 
 
+# the stages of gradients_region: the tasks, each summing its gradient
+# itself; the halves of the batch summed apart (part_halves); the tasks
+# after that, adding the halves
+TASKS, HALVES, TASKS_AFTER_HALVES = range(3)
+
+
 @parallel_kernel
-def task_region(work, net, opt, nrows, gradients, update, threads, own, halves):
-    # gradients_update's tasks. Each of `threads` parts runs the tasks it
-    # owns (the weights of the column layers' outputs it computes forward:
-    # task_owner) and a contiguous share of the others, sized by speed
-    # (balance.py: timed over those alone). With halves, a task's gradient
-    # is the sum of its halves (half_gradients), and a weight task updates
+def gradients_region(work, net, opt, nrows, gradients, update, threads, own, stage):
+    # gradients_update's parallel region: one kernel for its stages, which
+    # compiles once (a second parallel kernel for the halves made a cold
+    # start 24.2 s, against 18.6; this one 21.4 against 19.4). In the task stages, each of `threads` parts runs the
+    # tasks it owns (the weights of the column layers' outputs it computes
+    # forward: task_owner) and a contiguous share of the others, sized by
+    # speed (balance.py: timed over those alone). After the halves, a
+    # task's gradient is the sum of its halves, and a weight task updates
     # every column of its rows, the rows' other column pieces nothing: two
     # threads updating pieces of the same rows slow each other down (Adam on
     # two column halves of 100 x 784 weights took 50 us a thread, on row
     # halves 14, and one thread alone 28: 2-core Xeon, measured).
     # (The arrays are taken out of the tuple first: Numba's parfor pass
     # drops a store into an array read off a tuple inside the loop body.)
+    halves = stage == TASKS_AFTER_HALVES
     task_checks = work.task_checks
     task_grads = work.task_grads
     all_inputs = work.inputs
@@ -936,13 +942,18 @@ def task_region(work, net, opt, nrows, gradients, update, threads, own, halves):
     shares = work.balance[GRADIENTS]
     # (no more parts than scratch blocks: one per thread Numba may start)
     parts = max(1, min(threads, task_grads.shape[0]))
-    fold_timings(shares, parts)
+    if stage != HALVES:
+        fold_timings(shares, parts)
     total = total_work(net, parts, threads, own, halves)
     fused = gradients and update
     T = net.tasks.shape[0]
     for p in prange(parts):
         part = np.int64(p)
         fp_control = flush_subnormals()
+        if stage == HALVES:
+            part_halves(work, net, opt, nrows, part, parts, threads, own)
+            write_fp_control(fp_control)
+            continue
         grads = task_grads[part, 0] if fused else opt.grads
         spare = task_grads[part, 1]
         # (its own copy, read only by the tasks it owns: own_inputs)

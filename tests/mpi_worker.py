@@ -70,7 +70,7 @@ def main():
     result["kernels"] = {
         kernel.py_func.__name__: [sum(kernel.stats.cache_misses.values()),
                                   sum(kernel.stats.cache_hits.values())]
-        for kernel in (step.region, step.task_region, step.transpose_weights)}
+        for kernel in (step.region, step.gradients_region, step.transpose_weights)}
     every = comm.gather(dict(result, params=model.params.copy()), root=0)
     if comm.rank == 0:
         np.savez(sys.argv[2], params=np.stack([r["params"] for r in every]),

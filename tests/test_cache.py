@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
     step = fastmlp.step
     out["compiled"] = sum(step.region.stats.cache_misses.values())
     out["loaded"] = sum(sum(kernel.stats.cache_hits.values())
-                        for kernel in (step.task_region, step.transpose_weights))
+                        for kernel in (step.gradients_region, step.transpose_weights))
     json.dump(out, open(sys.argv[1], "w"))
 """)
 

@@ -101,8 +101,8 @@ def test_float32_ranks_agree_and_stay_close(tmp_path):
 
 
 def test_ranks_on_one_machine_share_the_first_compile(tmp_path):
-    # from an empty cache: rank 0 compiles forward_backward's region, rank 1 the
-    # gradients and transposes, and each loads the other's from the cache
+    # from an empty cache: rank 0 compiles forward_backward's region and the
+    # transposes, rank 1 the gradients, and each loads the other's from the cache
     config = config_for("adam-relu")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     out = tmp_path / "result.npz"
@@ -112,8 +112,8 @@ def test_ranks_on_one_machine_share_the_first_compile(tmp_path):
     data = np.load(out)
     results = json.loads(str(data["results"]))
     assert [r["kernels"] for r in results] == [
-        {"region": [1, 0], "task_region": [0, 1], "transpose_weights": [0, 1]},
-        {"region": [0, 1], "task_region": [1, 0], "transpose_weights": [1, 0]}]
+        {"region": [1, 0], "gradients_region": [0, 1], "transpose_weights": [1, 0]},
+        {"region": [0, 1], "gradients_region": [1, 0], "transpose_weights": [0, 1]}]
     assert np.array_equal(data["params"][0], data["params"][1])
     assert relative_error(data["params"][0], single_process(config)[0]) < 1e-6
 

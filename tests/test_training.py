@@ -22,12 +22,12 @@ from fastmlp.step import (
     TASK_GROUPS,
     WEIGHT_TASK,
     forward_backward,
+    gradients_region,
     gradients_update,
     make_tasks,
     region,
     task_cost,
     task_first,
-    task_region,
     train_steps,
 )
 
@@ -199,7 +199,7 @@ def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10), batch_size=100, row
 # wide layers with outputs past whole blocks (column layers whose input
 # deltas are split by columns too)
 # Batches of more than 128 rows are summed in two halves (step.gradient_cut):
-# on 2 threads, the shared tasks' halves apart (step.half_gradients), first
+# on 2 threads, the shared tasks' halves apart (step.part_halves), first
 # layers in column pieces (784-100 on float32 rows) or a narrow column layer
 # (on uint8 rows); 192 rows leave a last batch of 80, summed at once.
 @pytest.mark.parametrize("sizes, batch_size, rows", [
@@ -633,7 +633,7 @@ def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head(tmp_path)
         fields = dict(zip(signature[0].fields, signature[0].types))
         return fields["acts"].dtype, fields["packed"].dtype
 
-    for function in (train_steps, region, task_region):
+    for function in (train_steps, region, gradients_region):
         kinds = [model_kind(signature) for signature in function.signatures]
         assert len(kinds) == len(set(kinds)), (function.__name__, function.signatures)
     assert (numba.float32, numba.uint8) in [model_kind(signature)
