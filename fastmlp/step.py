@@ -827,7 +827,8 @@ def gradients_update(work, net, opt, nrows, gradients, update, threads):
     halves = gradients and sum_halves(nrows, net.params, work.second_half, net.amx)
     # TASKS, or HALVES then TASKS_AFTER_HALVES (one call site: each costs
     # seconds of train_steps' compile)
-    for stage in range(HALVES if halves else TASKS, TASKS_AFTER_HALVES + 1 if halves else HALVES):
+    stages = (HALVES, TASKS_AFTER_HALVES + 1) if halves else (TASKS, TASKS + 1)
+    for stage in range(stages[0], stages[1]):
         gradients_region(work, net, opt, nrows, gradients, update, threads, own, stage)
 
 
@@ -842,13 +843,15 @@ def part_halves(work, net, opt, nrows, part, parts, threads, own):
     # stage of gradients_region; the tasks then add them). A column layer's
     # weight rows go to the part that computes their outputs (both halves,
     # from its own inputs); the other layers' to the parts of each half,
-    # which cut them between them evenly (shared_rows). On two threads each
-    # part then sums the half of the batch whose rows it ran forward (two
-    # threads of equal speed cut the batch where gradient_cut does), where
-    # a task summed over every row reads half of its deltas and inputs from
-    # the other core: the 784-100-10 Adam step (batch 200, float32 rows)
-    # 0.88 of the time, measured.
+    # which cut them between them evenly (shared_rows), the half's last
+    # part taking every layer's biases. On two threads each part then sums
+    # the half of the batch whose rows it ran forward (two threads of equal
+    # speed cut the batch where gradient_cut does), where a task summed
+    # over every row reads half of its deltas and inputs from the other
+    # core: the 784-100-10 Adam step (batch 200, float32 rows) 0.88 of the
+    # time, measured.
     L = net.sizes.shape[0] - 1
+    B = work.labels.shape[0]
     h = gradient_cut(nrows)
     total = 0
     for l in range(L):
@@ -861,44 +864,34 @@ def part_halves(work, net, opt, nrows, part, parts, threads, own):
         out = opt.grads if half == 0 else work.second_half
         r0 = np.int64(0) if half == 0 else h
         r1 = h if half == 0 else nrows
+        # this part's points on the shared layers' weights (none outside the half)
         lo = 0.0
         hi = 0.0
         if first <= part < last:
             lo = (part - first) * total / (last - first)
             hi = float(total) if part == last - 1 else (part + 1 - first) * total / (
                 last - first)
-        half_rows_gradients(out, work, net, part, parts, threads, own, lo, hi, r0, r1,
-                            part == last - 1)
-
-
-@inline_kernel
-def half_rows_gradients(out, work, net, part, parts, threads, own, lo, hi, r0, r1, biases):
-    # the gradients over batch rows r0:r1, into out at their place, of
-    # part `part`'s weight rows: its outputs' in a column layer, and in the
-    # others (the shared layers) those between points lo and hi of their
-    # weights (shared_rows); with biases, of every layer's biases
-    L = net.sizes.shape[0] - 1
-    B = work.labels.shape[0]
-    before = 0
-    for l in range(L):
-        C = net.sizes[l]
-        OC = net.sizes[l + 1]
-        inputs = view2d(work.acts, work.act_off, l, B, C)
-        if column_layer(net, l, threads, own):
-            j0 = column_cut(OC, part, parts)
-            j1 = column_cut(OC, part + 1, parts)
-            if l == 0 and own:
-                inputs = work.inputs[part]  # (its own copy: own_inputs)
-        else:
-            j0 = shared_rows(lo, before, C, OC)
-            j1 = shared_rows(hi, before, C, OC)
-            before += C * OC
-        dout = view2d(work.deltas, work.act_off, l + 1, B, OC)[r0:r1]
-        if j1 > j0:
-            dense_backward_weight(view2d(out, net.w_off, l, OC, C)[j0:j1], dout[:, j0:j1],
-                                  inputs[r0:r1], np.int64(0), j1 - j0, r1 - r0, np.int64(0), C)
-        if biases:
-            dense_backward_bias(out[net.b_off[l]:net.b_off[l] + OC], dout, r1 - r0)
+        before = 0
+        for l in range(L):
+            C = net.sizes[l]
+            OC = net.sizes[l + 1]
+            inputs = view2d(work.acts, work.act_off, l, B, C)
+            if column_layer(net, l, threads, own):
+                j0 = column_cut(OC, part, parts)
+                j1 = column_cut(OC, part + 1, parts)
+                if l == 0 and own:
+                    inputs = work.inputs[part]  # (its own copy: own_inputs)
+            else:
+                j0 = shared_rows(lo, before, C, OC)
+                j1 = shared_rows(hi, before, C, OC)
+                before += C * OC
+            dout = view2d(work.deltas, work.act_off, l + 1, B, OC)[r0:r1]
+            if j1 > j0:
+                dense_backward_weight(view2d(out, net.w_off, l, OC, C)[j0:j1], dout[:, j0:j1],
+                                      inputs[r0:r1], np.int64(0), j1 - j0, r1 - r0,
+                                      np.int64(0), C)
+            if part == last - 1:
+                dense_backward_bias(out[net.b_off[l]:net.b_off[l] + OC], dout, r1 - r0)
 
 
 @kernel
@@ -922,15 +915,16 @@ TASKS, HALVES, TASKS_AFTER_HALVES = range(3)
 def gradients_region(work, net, opt, nrows, gradients, update, threads, own, stage):
     # gradients_update's parallel region: one kernel for its stages, which
     # compiles once (a second parallel kernel for the halves made a cold
-    # start 24.2 s, against 18.6; this one 21.4 against 19.4). In the task stages, each of `threads` parts runs the
-    # tasks it owns (the weights of the column layers' outputs it computes
-    # forward: task_owner) and a contiguous share of the others, sized by
-    # speed (balance.py: timed over those alone). After the halves, a
-    # task's gradient is the sum of its halves, and a weight task updates
-    # every column of its rows, the rows' other column pieces nothing: two
-    # threads updating pieces of the same rows slow each other down (Adam on
-    # two column halves of 100 x 784 weights took 50 us a thread, on row
-    # halves 14, and one thread alone 28: 2-core Xeon, measured).
+    # start 24.2 s, against 18.6; this one 21.4 against 19.4). In the task
+    # stages, each of `threads` parts runs the tasks it owns (the weights of
+    # the column layers' outputs it computes forward: task_owner) and a
+    # contiguous share of the others, sized by speed (balance.py: timed
+    # over those alone). After the halves, a task's gradient is the sum of
+    # its halves, and a weight task updates every column of its rows, the
+    # rows' other column pieces nothing: two threads updating pieces of the
+    # same rows slow each other down (Adam on two column halves of 100 x
+    # 784 weights took 50 us a thread, on row halves 14, and one thread
+    # alone 28: 2-core Xeon, measured).
     # (The arrays are taken out of the tuple first: Numba's parfor pass
     # drops a store into an array read off a tuple inside the loop body.)
     halves = stage == TASKS_AFTER_HALVES
