@@ -770,18 +770,13 @@ def total_work(net, parts, threads, own, halves):
 @kernel
 def share_first_task(shares, net, total, part, parts, threads, own, halves):
     # the first task of part `part`'s share of the task list (the list's
-    # length for part = parts), by speed (balance.share_point)
-    if part >= parts:
-        return net.tasks.shape[0]
-    return first_task_at(net, share_point(shares, part, parts) * total, parts, threads, own,
-                         halves)
-
-
-@kernel
-def first_task_at(net, point, parts, threads, own, halves):
-    # the first task whose cost midpoint lies at or past point on the
-    # cumulative cost of the shared tasks
+    # length for part = parts): the first whose cost midpoint lies at or
+    # past the part's point on the cumulative cost of the shared tasks (of
+    # `total` in all)
     T = net.tasks.shape[0]
+    if part >= parts:
+        return T
+    point = share_point(shares, part, parts) * total
     before = 0
     for t in range(T):
         cost = shared_work(net, t, parts, threads, own, halves)
