@@ -67,7 +67,7 @@ from .amx_layers import step_pack_weights as pack_weights
 from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
-from .jit import inline_kernel, kernel, parallel_kernel
+from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
 from .heads import head_backward, head_forward
 from .schedules import COSINE, KIND, step_lr
 from .kernels import (
@@ -1045,7 +1045,7 @@ INTERRUPTED = 3  # a rank was interrupted: every rank stops at the returned step
 REDUCE_FAILED = 4  # MPI_Allreduce failed at the returned step (nothing applied)
 
 
-@kernel
+@driver_kernel
 def train_steps(work, net, opt, data, batches, step0, step1, update_count, threads):
     # Runs steps step0..step1 of an epoch whose rows, in order, are data.idx;
     # step s covers the batch idx[s*B : (s+1)*B] (B = batches.size; the last
