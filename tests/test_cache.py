@@ -194,3 +194,42 @@ def test_without_a_writable_cache_directory_it_warns_once_and_compiles(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "False"]
     assert jit.caching()  # here, where the cache has a place
+
+
+def test_drivers_and_parallel_regions_link_their_kernels_as_compiled():
+    # train_steps and the parallel regions take this Numba's pipeline that
+    # does not optimize linked kernels again (jit.link_as_compiled_pipeline):
+    # a caller then holds each kernel's code as the kernel compiled it
+    assert jit.LINK_AS_COMPILED is not None
+    from fastmlp import step
+    for dispatcher in (step.train_steps, step.region, step.gradients_region,
+                       step.transpose_weights):
+        assert dispatcher._compiler.pipeline_class is jit.LINK_AS_COMPILED, dispatcher
+
+    @numba.njit
+    def twice(x):
+        return 2.0 * x
+
+    @numba.njit(pipeline_class=jit.LINK_AS_COMPILED)
+    def driver(x):
+        return twice(x) + twice(x + 1.0)
+
+    @numba.njit
+    def usual_driver(x):
+        return twice(x) + twice(x + 1.0)
+
+    assert driver(3.0) == usual_driver(3.0) == 14.0
+    callee = twice.overloads[twice.signatures[0]].library
+    name = next(f.name for f in callee.get_defined_functions()
+                if f.name.startswith("_ZN") and "twice" in f.name)
+
+    def defines(library):
+        return any(f.name == name and not f.is_declaration
+                   for f in library._final_module.functions)
+
+    linked = driver.overloads[driver.signatures[0]].library
+    assert type(linked).__name__ == "LinkedAsCompiledLibrary"
+    # linked and called as compiled; Numba's own pipeline optimizes it
+    # again, inlined into the driver (and its copy dropped)
+    assert defines(linked)
+    assert not defines(usual_driver.overloads[usual_driver.signatures[0]].library)
