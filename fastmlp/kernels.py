@@ -259,7 +259,7 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1, j0, j1):
     # of inp.T (C values a column, one column a batch row, zero columns up to
     # a multiple of NARROW_COLUMNS), into outputs_t as an (OCT, width)
     # matrix that is then copied out transposed. C goes in passes of at
-    # most MAX_SUM_ROWS, the panel of each packed on the stack once and read
+    # most panel_rows, the panel of each packed on the stack once and read
     # by every block of 4 outputs. Each output is the chain of
     # multiply-adds that rows_times_matrix gives it from weight_t, in the
     # same order (a * b is b * a), so the values are the same bit for bit.
@@ -272,7 +272,7 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1, j0, j1):
     # (any-layout, as rows_times_matrix passes it: one compiled narrow_block)
     sums = outputs_t[:OCT * width].reshape((OCT, width))[:, ::1]
     packed = carray(stack_buffer(PACK_VALUES, out), PACK_VALUES)
-    passes = max(1, -(-C // MAX_SUM_ROWS))
+    passes = max(1, -(-C // panel_rows(out)))
     step = max(1, -(-C // passes))
     for c0 in range(0, max(C, 1), step):  # once when C is 0: zeros
         c1 = min(C, c0 + step)
@@ -422,15 +422,23 @@ def weight_tail_columns(dweight, dout, inp, j0, j1, nrows, k0, k1):
 BLOCK_COLUMNS = 64
 NARROW_COLUMNS = 16
 # rows_times_matrix sums more source rows than this in equal passes of at
-# most this many: a packed 64-column panel (32 KB at most in float32) then
-# stays in L1 for every row group (weight gradient of 784-100 on 200 rows
-# 1.2x faster in two passes of 100, measured).
+# most this many (panel_rows: half as many in float64): a packed 64-column
+# panel (32 KB at most) then stays in L1 for every row group (weight
+# gradient of 784-100 on 200 rows 1.2x faster in two passes of 100,
+# measured).
 MAX_SUM_ROWS = 128
 PACK_VALUES = MAX_SUM_ROWS * BLOCK_COLUMNS  # rows_times_matrix's packed panel
 PACK_MIN_ROWS = 32
 TAIL_ROWS = PACK_VALUES // NARROW_COLUMNS  # source rows of a padded tail panel
 TILE_VALUES = 4 * NARROW_COLUMNS
 SQUARE_TILE_VALUES = NARROW_COLUMNS * NARROW_COLUMNS  # weight_tail_columns' tile
+
+
+@kernel
+def panel_rows(out):
+    # the most source rows of a packed panel of BLOCK_COLUMNS columns of
+    # out's dtype that fit in 32 KB: MAX_SUM_ROWS in float32, half in float64
+    return MAX_SUM_ROWS * 4 // out.itemsize
 
 
 @kernel
@@ -487,7 +495,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # vectors, no stores until the end). Column blocks are the outer loop,
     # so that a block of src stays in cache for every row group; within a
     # column block, source rows go in equal passes of at most sum_rows (and
-    # MAX_SUM_ROWS), each continuing the sums the pass before stored (the
+    # panel_rows), each continuing the sums the pass before stored (the
     # same additions in the same order as in one pass). The last few
     # columns (fewer than 16) take the same block on a zero-padded panel
     # (tail_columns). Which path an output takes depends on the shapes and
@@ -505,7 +513,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # tasks of 24 and 32 rows of W1 and the regression benchmark: their
     # gradients 1.2x and 1.07x faster unpacked)
     pack = r1 - r0 > PACK_MIN_ROWS
-    passes = max(1, -(-nt // min(sum_rows, MAX_SUM_ROWS)))
+    passes = max(1, -(-nt // min(sum_rows, panel_rows(out))))
     step = max(1, -(-nt // passes))  # equal passes that fit the panel
     # the width is a literal at each call: 64 here, one of three in narrow_block
     for k in range(k0, blocked, BLOCK_COLUMNS):
