@@ -46,7 +46,7 @@ class Callback:
 
 
 # what the first run's compile takes, said before it starts
-COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about 45 s on 2 cores, "
+COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; 20-50 s on 2 cores, "
                   "cached after)")
 # the same before a first prediction (predict and evaluate compile less)
 PREDICT_COMPILE_NOTICE = ("Compiling kernels for this CPU (first run only; about 40 s, "
