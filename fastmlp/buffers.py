@@ -27,7 +27,7 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # thread's scratch for one task's gradient block, and for its sum over the
 # batch's second half (step.gradients_update); second_half (P,): the shared
 # tasks' gradients over the batch's second half (step.part_halves; empty
-# where a workspace's batches are never cut in two, or on one thread);
+# where a workspace's batches are never cut in two);
 # weights_t: transposed weights (kernels.kept_transposed); outputs_t
 # (threads, V): each thread's scratch for a wide layer's transposed outputs
 # (kernels.wide_forward); balance: how the parallel regions share

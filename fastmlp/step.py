@@ -910,7 +910,7 @@ TASKS, HALVES, TASKS_AFTER_HALVES = range(3)
 def gradients_region(work, net, opt, nrows, gradients, update, threads, own, stage):
     # gradients_update's parallel region: one kernel for its stages, which
     # compiles once (a second parallel kernel for the halves made a cold
-    # start 24.2 s, against 18.6; this one 21.4 against 19.4). In the task
+    # start 24.2 s, against 18.6: docs/performance.md). In the task
     # stages, each of `threads` parts runs the tasks it owns (the weights of
     # the column layers' outputs it computes forward: task_owner) and a
     # contiguous share of the others, sized by speed (balance.py: timed

@@ -200,8 +200,9 @@ def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10), batch_size=100, row
 # deltas are split by columns too)
 # Batches of more than 128 rows are summed in two halves (step.gradient_cut):
 # on 2 threads, the shared tasks' halves apart (step.part_halves), first
-# layers in column pieces (784-100 on float32 rows) or a narrow column layer
-# (on uint8 rows); 192 rows leave a last batch of 80, summed at once.
+# layers in column pieces (784-100 on float32 rows) or split by rows (on
+# uint8 rows: no narrow column layer for such batches); 192 rows leave a
+# last batch of 80, summed at once.
 @pytest.mark.parametrize("sizes, batch_size, rows", [
     ((784, 50, 10), 100, np.uint8), ((784, 100, 10), 100, np.uint8),
     ((784, 256, 10), 100, np.uint8), ((784, 300, 260, 10), 100, np.uint8),
