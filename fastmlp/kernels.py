@@ -70,18 +70,45 @@ def prefetch(typingctx, address):
     return types.void(types.uintp), codegen
 
 
+# A thread's rows of the next batch are asked for a step early
+# (prefetch_rows, from step.region) when they fill at most this many bytes;
+# larger ones as the gather copies them (scale_rows). An Intel core holds
+# one line fill buffer per line in flight, so a longer burst stalls the
+# thread until its lines arrive, and lines fetched a whole step early are
+# partly evicted before the gather reads them: a thread's burst for 100 rows
+# of 784 float32 values stalled it 29 us a step (docs/performance.md).
+EARLY_PREFETCH_BYTES = 128 * 1024
+# the gather asks for the row this many bytes ahead of the one it copies (at
+# least one row): more than the lines one core keeps in flight
+GATHER_AHEAD_BYTES = 4096
+
+
+@kernel
+def early_prefetch(X, nrows):
+    # whether nrows rows of X are asked for a step early (prefetch_rows),
+    # not as the gather copies them
+    return nrows * X.shape[1] * X.itemsize <= EARLY_PREFETCH_BYTES
+
+
+@kernel
+def prefetch_row(X, i):
+    # X is (N, C)
+    # asks for every cache line of dataset row i
+    row = np.int64(X.ctypes.data) + i * X.strides[0]
+    for line in range(row // 64 * 64, row + X.shape[1] * X.itemsize, 64):
+        prefetch(np.uint64(line))
+
+
 @kernel
 def prefetch_rows(X, idx, start, r0, r1):
     # X is (N, C), idx is (>=start+r1,)
-    # asks for dataset rows idx[start + r0:start + r1] ahead of their use:
-    # rows drawn at random from a large X otherwise arrive one DRAM latency
-    # at a time
-    base = X.ctypes.data
-    row_bytes = X.shape[1] * X.itemsize
+    # asks for dataset rows idx[start + r0:start + r1] a step ahead of their
+    # use, if early_prefetch: rows drawn at random from a large X otherwise
+    # arrive one DRAM latency at a time
+    if not early_prefetch(X, r1 - r0):
+        return
     for b in range(r0, r1):
-        row = base + idx[start + b] * X.strides[0]
-        for offset in range(0, row_bytes, 64):
-            prefetch(row + offset)
+        prefetch_row(X, idx[start + b])
 
 
 @kernel
@@ -124,10 +151,22 @@ def gather_targets(labels_out, targets_out, weights_out, data, start, r0, r1):
 def scale_rows(out, X, idx, start, scale, bf16, r0, r1):
     # out is (B, C), X is (N, C), idx is (>=start+r1,)
     # out[b] = X[idx[start + b]] * scale for rows r0:r1, rounded to
-    # bfloat16 if bf16
+    # bfloat16 if bf16. Rows too many to be asked for a step early
+    # (early_prefetch) are asked for `ahead` rows before their copy
+    # (GATHER_AHEAD_BYTES), so that they arrive while the rows before them
+    # are copied: 100 rows of 784 float32 values took 53-56 us a thread
+    # that way, 65 without any prefetch, and 43 after a burst of early
+    # prefetches that itself stalled the thread 29 us (2-core Xeon).
     C = out.shape[1]
+    early = early_prefetch(X, r1 - r0)
+    ahead = max(1, GATHER_AHEAD_BYTES // max(1, C * X.itemsize))
+    if not early:
+        for b in range(r0, min(r1, r0 + ahead)):
+            prefetch_row(X, idx[start + b])
     for b in range(r0, r1):
         i = idx[start + b]
+        if not early and b + ahead < r1:
+            prefetch_row(X, idx[start + b + ahead])
         if bf16:
             for c in range(C):
                 out[b, c] = round_bfloat16(X[i, c] * scale)

@@ -283,16 +283,20 @@ def test_head_kernels_against_the_oracle(rng, output):
     assert relative_error(dout[2:8], delta) < 1e-13 and (dout[:2] == 0).all()
 
 
+# (rows of 9 values: asked for a step early; of 30,000: more than
+# kernels.EARLY_PREFETCH_BYTES for 5 rows, each asked for while an earlier
+# one is copied)
+@pytest.mark.parametrize("columns", [9, 30000])
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.float32, np.float64])
-def test_gather_rows_scales_uint8_and_follows_index(rng, x_dtype):
+def test_gather_rows_scales_uint8_and_follows_index(rng, x_dtype, columns):
     if x_dtype == np.uint8:
-        X = rng.integers(0, 256, (20, 9), dtype=np.uint8)
+        X = rng.integers(0, 256, (20, columns), dtype=np.uint8)
     else:
-        X = rng.standard_normal((20, 9)).astype(x_dtype)
+        X = rng.standard_normal((20, columns)).astype(x_dtype)
     y = rng.integers(0, 3, 20).astype(np.int32)
     idx = rng.permutation(20)
     sample_weight = rng.uniform(0, 1, 20).astype(np.float32)
-    out = np.zeros((5, 9), np.float32)
+    out = np.zeros((5, columns), np.float32)
     labels = np.zeros(5, np.int32)
     weights = np.zeros(5, np.float32)
     targets = np.zeros((5, 2), np.float32)
