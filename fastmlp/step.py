@@ -452,10 +452,10 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
     # Without columns, the rows are cut into one contiguous part per
     # thread, sized by speed (balance.py), and each part gathering its rows
     # also prefetches its share of the next_rows rows at idx[start + nrows:]
-    # where they are few enough (kernels.early_prefetch; the gather fetches
-    # larger ones as it copies) (the same part runs on the same thread next
-    # time, under prange's static schedule, which balance.py relies on too).
-    # With columns (a column layer forward, or the delta of its outputs),
+    # where they are few enough (kernels.early_prefetch; the gather asks for
+    # larger ones as it copies them). The same part runs on the same thread
+    # next time, under prange's static schedule, which balance.py relies on
+    # too. With columns (a column layer forward, or the delta of its outputs),
     # each part takes its outputs (column_cut) for every row; with gather
     # too (a first column layer: own_inputs), each part gathers every row
     # into its own copy of the inputs, and prefetches every next row on the
