@@ -233,3 +233,75 @@ def test_drivers_and_parallel_regions_link_their_kernels_as_compiled():
     # again, inlined into the driver (and its copy dropped)
     assert defines(linked)
     assert not defines(usual_driver.overloads[usual_driver.signatures[0]].library)
+
+
+CALLER_MODULE = textwrap.dedent("""
+    from fastmlp.jit import driver_kernel, kernel
+
+    @kernel
+    def other(x):
+        return x + 1.0
+
+    @kernel
+    def leaf(x):
+        total = 0.0
+        for value in x:
+            total += value * value
+        return total
+
+    @driver_kernel
+    def caller(x):
+        return leaf(x) + 1.0
+""")
+
+CALLER_RUN = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import callers
+    if sys.argv[1] == "renumber":  # compile others first: leaf gets another name
+        callers.other(1.0), callers.other(np.arange(3.0))
+        callers.leaf(np.arange(4.0))
+    result = callers.caller(np.arange(4.0)) if sys.argv[1] != "renumber" else None
+    leaf = callers.leaf.overloads[callers.leaf.signatures[0]]
+    print(json.dumps({"result": result, "leaf": leaf.fndesc.mangled_name,
+                      "loaded": sum(callers.caller.stats.cache_hits.values())}))
+""")
+
+
+def test_a_driver_calls_a_kernels_own_code_and_loads_it_from_the_cache(tmp_path):
+    # A driver's library holds no copy of a fastmlp kernel it calls: the
+    # call stays a declaration, resolved to the kernel's own code. From the
+    # cache, the driver loads its kernels first; it calls a kernel by the
+    # name of the process that compiled it (Numba numbers a process's
+    # compiles), which need not be this process's name for it.
+    (tmp_path / "callers.py").write_text(CALLER_MODULE)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
+               PYTHONPATH=str(tmp_path))
+
+    def run(mode):
+        proc = subprocess.run([sys.executable, "-c", CALLER_RUN, mode], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    first = run("compile")
+    assert first == {"result": 15.0, "leaf": first["leaf"], "loaded": 0}
+    cache = next((tmp_path / "numba-cache").iterdir())
+    for path in cache.glob("callers.leaf-*"):  # leaf compiled again, elsewhere
+        path.unlink()
+    renumbered = run("renumber")
+    assert renumbered["leaf"] != first["leaf"]
+    # the driver from the cache, the kernel too, under its new name
+    assert run("load") == {"result": 15.0, "leaf": renumbered["leaf"], "loaded": 1}
+
+    # and in this process: the driver's code declares the kernel, defines it not
+    sys.path.insert(0, str(tmp_path))
+    try:
+        callers = importlib.import_module("callers")
+        callers.caller(np.arange(4.0))
+    finally:
+        sys.path.remove(str(tmp_path))
+    library = callers.caller.overloads[callers.caller.signatures[0]].library
+    name = callers.leaf.overloads[callers.leaf.signatures[0]].fndesc.mangled_name
+    assert [f.is_declaration for f in library._final_module.functions if f.name == name] == [True]
+    assert library.calls == (("callers", "leaf", callers.leaf.signatures[0], (name,)),)
