@@ -239,8 +239,9 @@ def link_as_compiled_pipeline():
                 linked, calls = [], []
                 for library in self._linking_libraries:
                     owner = owners.get(id(library))
-                    if owner is None:
+                    if owner is None:  # linked in, with the kernels it calls
                         linked.append(library)
+                        calls.extend(getattr(library, "calls", ()))
                         continue
                     dispatcher, signature = owner
                     symbol = dispatcher.overloads[signature].fndesc.mangled_name
@@ -269,10 +270,40 @@ def link_as_compiled_pipeline():
                     state.library.enable_object_caching()
                 return False
 
+        @compiler_machinery.register_pass(mutates_CFG=True, analysis_only=False)
+        class LinkedParforLowering(typed_passes.NativeParforLowering):
+            # Numba's parfor lowering, whose loop bodies (each compiled
+            # into a library of its own, named for Numba's parfor gufuncs)
+            # are linked as compiled too: a body calls a kernel's own code,
+            # not a copy optimized again (fused_steps' body held one of
+            # every step kernel: 8.6 s of its compile). (Numba compiles
+            # under one global lock, so nothing else makes libraries
+            # meanwhile.)
+            _name = "fastmlp_linked_parfor_lowering"
+
+            def run_pass(self, state):
+                target_codegen = state.targetctx.codegen()
+                create_library = target_codegen.create_library
+
+                def create_body_library(name, **kwargs):
+                    if name.startswith("__numba_parfor_gufunc"):
+                        return LinkedAsCompiledLibrary(target_codegen, name, **kwargs)
+                    return create_library(name, **kwargs)
+                target_codegen.create_library = create_body_library
+                try:
+                    return typed_passes.NativeParforLowering.run_pass(self, state)
+                finally:
+                    del target_codegen.create_library
+
         class LinkAsCompiledCompiler(compiler.CompilerBase):
             def define_pipelines(self):
                 pipeline = compiler.DefaultPassBuilder.define_nopython_pipeline(self.state)
                 pipeline.add_pass_after(LinkAsCompiled, typed_passes.IRLegalization)
+                if self.state.flags.auto_parallel.enabled:
+                    pipeline.passes = [(LinkedParforLowering, description)
+                                       if cls is typed_passes.NativeParforLowering
+                                       else (cls, description)
+                                       for cls, description in pipeline.passes]
                 pipeline.finalize()
                 return [pipeline]
     except (ImportError, AttributeError, TypeError):
@@ -287,9 +318,10 @@ LINK_AS_COMPILED = link_as_compiled_pipeline()
 driver_kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy",
                             pipeline_class=LINK_AS_COMPILED)
 
-# A kernel that owns one `prange` region (both cores). Its loop body is a
-# kernel of its own, fully optimized, that the region links as it was
-# compiled (link_as_compiled_pipeline).
+# A kernel that owns one `prange` region (both cores). Its loop body calls
+# kernels that do each part's work (step.region_part, say): the body and
+# the region are linked as compiled, without copies of those kernels
+# (link_as_compiled_pipeline).
 parallel_kernel = package_jit(parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy",
                               pipeline_class=LINK_AS_COMPILED)
 

@@ -47,8 +47,16 @@ A step is two phases:
    the time; the regression benchmark's 0.90).
 
 `train_steps` runs steps step0..step1 in one call, so an epoch costs one
-Python call. Nothing is allocated: every array is a view of the workspace or
-of the parameter and optimizer-state vectors.
+Python call, and in one parallel region (`fused_steps`): each thread runs its
+part of every phase of every step, and waits for the others at a spin
+barrier (sync.py) where a phase needs the whole of the one before. A region
+of its own for each phase cost 7-10 us to start and join on a 2-core Xeon, a
+barrier 0.3 us (W1's step 0.91 of the time, the regression benchmark's 0.95).
+Where Numba runs two parts on one thread, the region gives up before any
+work and the steps run in regions of their own (`region`,
+`gradients_region`), as MPI ranks always do. Nothing is allocated per step:
+every array is a view of the workspace or of the parameter and
+optimizer-state vectors.
 """
 import functools
 
@@ -68,6 +76,8 @@ from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_poi
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
+from .sync import (ABORTED, START, START_TIMEOUT_CYCLES, SYNC_WORDS, all_started, arrive, release,
+                   wait)
 from .heads import head_backward, head_forward
 from .schedules import COSINE, KIND, step_lr
 from .kernels import (
@@ -402,43 +412,88 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
     # layer l's pre-activation, at work.act_off[l] in work.deltas).
     # threads is the number of parts to cut (numba.get_num_threads() in the
     # caller: called in a kernel, it would keep the kernel out of Numba's
-    # cache). Parallel regions in turn: runs of layers split by rows, and
-    # column layers (column_layer) split by outputs, forward and, below
-    # another column layer, for the delta of their outputs (column_delta).
-    # Without column layers, the whole step is one region. Plain Python,
-    # for callers in Python; train_steps inlines its twin,
-    # compiled_forward_backward.
+    # cache). One parallel region for each row of region_plan. Plain
+    # Python, for callers in Python; train_steps runs the plan itself.
+    run_regions(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
+                region_plan(work, net, threads, backward))
+
+
+# the columns of a region_plan row: region's arguments of the same names;
+# with NEXT_ROWS, the region is told the next batch's rows
+COLUMNS, GATHER, F0, F1, HEAD, BACK_HI, BACK_LO, NEXT_ROWS = range(8)
+
+
+@kernel
+def region_plan(work, net, threads, backward):
+    # forward_backward's parallel regions in turn, a row each: runs of
+    # layers split by rows, and column layers (column_layer) split by
+    # outputs, forward and, below another column layer, for the delta of
+    # their outputs (column_delta). Without column layers, the whole step
+    # is one region.
     L = net.sizes.shape[0] - 1
-    zero = np.int64(0)
-    f0 = np.int64(0)  # the first layer not run forward yet
+    plan = np.zeros((3 * L + 1, 8), np.int64)
+    n = 0
+    f0 = 0  # the first layer not run forward yet
     gathered = False
     first_own = own_inputs(work, net, threads)
     for l in range(L):
         if column_layer(net, l, threads, first_own):
             own = l == 0 and first_own
             if not own and (f0 < l or not gathered):
-                region(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
-                       np.bool_(False), not gathered, f0, l, np.bool_(False), zero, zero)
-            region(work, net, data, start, nrows, inv_total, backward,
-                   next_rows if own else zero, threads, np.bool_(True), own, l, l + 1,
-                   np.bool_(False), zero, zero)
+                plan_row(plan[n], False, not gathered, f0, l, False, 0, 0, True)
+                n += 1
+            plan_row(plan[n], True, own, l, l + 1, False, 0, 0, own)
+            n += 1
             gathered = True
             f0 = l + 1
     # the other layers forward, the head, and from the last layer down the
     # deltas of the layers' inputs, in regions of each kind
     hi = L - 1
     lo = row_split_below(net, hi, threads, first_own)
-    region(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
-           np.bool_(False), not gathered, f0, L, np.bool_(True), hi, lo)
+    plan_row(plan[n], False, not gathered, f0, L, True, hi, lo, True)
+    n += 1
     while backward and lo >= 1:
         hi = lo
         columns = column_delta(net, hi, threads, first_own)
         lo = hi - 1 if columns else row_split_below(net, hi, threads, first_own)
-        region(work, net, data, start, nrows, inv_total, backward, zero, threads, columns,
-               np.bool_(False), L, L, np.bool_(False), hi, lo)
+        plan_row(plan[n], columns, False, L, L, False, hi, lo, False)
+        n += 1
+    return plan[:n]
 
 
-compiled_forward_backward = inline_kernel(forward_backward)
+@kernel
+def plan_row(row, columns, gather, f0, f1, head, back_hi, back_lo, next_rows):
+    row[COLUMNS] = columns
+    row[GATHER] = gather
+    row[F0] = f0
+    row[F1] = f1
+    row[HEAD] = head
+    row[BACK_HI] = back_hi
+    row[BACK_LO] = back_lo
+    row[NEXT_ROWS] = next_rows
+
+
+def run_regions(work, net, data, start, nrows, inv_total, backward, next_rows, threads, plan):
+    # forward_backward's regions, as planned (region_plan). Plain Python;
+    # train_steps inlines its twin, compiled_run_regions.
+    for i in range(plan.shape[0]):
+        row = plan[i]
+        region(work, net, data, start, nrows, inv_total, backward,
+               next_rows if row[NEXT_ROWS] else np.int64(0), threads, np.bool_(row[COLUMNS]),
+               np.bool_(row[GATHER]), row[F0], row[F1], np.bool_(row[HEAD]), row[BACK_HI],
+               row[BACK_LO])
+
+
+compiled_run_regions = inline_kernel(run_regions)
+
+
+@kernel
+def region_parts(work, nrows, next_rows, threads, columns):
+    # how many parts a region of forward_backward cuts (no more than
+    # scratch blocks: one per thread Numba may start)
+    if columns:
+        return column_parts(work, threads)
+    return max(1, min(threads, (max(nrows, next_rows) + 3) // 4, work.outputs_t.shape[0]))
 
 
 @parallel_kernel
@@ -448,7 +503,20 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
     # gather, the batch's rows gathered; layers f0..f1 - 1 forward; with
     # head, the head's outputs and, with backward, its delta; with
     # backward, the deltas of the inputs of layers back_hi down to
-    # back_lo + 1.
+    # back_lo + 1. Each part runs region_part.
+    parts = region_parts(work, nrows, next_rows, threads, columns)
+    if not columns:
+        fold_timings(work.balance[FORWARD], parts)
+    for p in prange(parts):
+        # (prange's index is unsigned: see jit.py)
+        region_part(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
+                    columns, gather, f0, f1, head, back_hi, back_lo, np.int64(p), parts)
+
+
+@kernel
+def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, threads, columns,
+                gather, f0, f1, head, back_hi, back_lo, part, parts):
+    # Part `part` of `parts` of a region (region's arguments).
     # Without columns, the rows are cut into one contiguous part per
     # thread, sized by speed (balance.py), and each part gathering its rows
     # also prefetches its share of the next_rows rows at idx[start + nrows:]
@@ -465,94 +533,84 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
     act_off = work.act_off
     B = work.labels.shape[0]
     L = sizes.shape[0] - 1
-    # (no more parts than scratch blocks: one per thread Numba may start)
-    parts = (column_parts(work, threads) if columns else
-             max(1, min(threads, (max(nrows, next_rows) + 3) // 4, work.outputs_t.shape[0])))
-    # (out of the tuple: see gradients_region)
     shares = work.balance[FORWARD]
-    all_outputs_t = work.outputs_t
-    all_inputs = work.inputs
-    if not columns:
-        fold_timings(shares, parts)
-    for p in prange(parts):
-        part = np.int64(p)  # (prange's index is unsigned: see jit.py)
-        started = cycles()
-        # which outputs of each layer this part computes: cut j of cuts
-        cut, cuts = (part, parts) if columns else (np.int64(0), np.int64(1))
-        if columns:
-            r0, r1 = np.int64(0), nrows
-            if gather:
-                prefetch_rows(data.X, data.idx, start + nrows, np.int64(0), next_rows)
+    started = cycles()
+    # which outputs of each layer this part computes: cut j of cuts
+    cut, cuts = (part, parts) if columns else (np.int64(0), np.int64(1))
+    if columns:
+        r0, r1 = np.int64(0), nrows
+        if gather:
+            prefetch_rows(data.X, data.idx, start + nrows, np.int64(0), next_rows)
+    else:
+        if gather:
+            n0, n1 = share_rows(shares, next_rows, part, parts)
+            prefetch_rows(data.X, data.idx, start + nrows, n0, n1)
+        r0, r1 = share_rows(shares, nrows, part, parts)
+        if r0 == r1:  # fewer tiles than parts
+            return
+    fp_control = flush_subnormals()
+    outputs_t = work.outputs_t[part]
+    inp = view2d(acts, act_off, f0, B, sizes[f0])
+    if gather and columns:
+        inp = work.inputs[part]
+        gather_inputs(inp, data, start, net.bf16, r0, r1)
+        if part == 0:
+            gather_targets(work.labels, work.targets, work.row_weights, data, start, r0, r1)
+    elif gather:
+        gather_rows(view2d(acts, act_off, np.int64(0), B, sizes[0]), work.labels,
+                    work.targets, work.row_weights, data, start, net.bf16, r0, r1)
+    for l in range(f0, f1):
+        hidden = l < L - 1  # the logits stay float32 (bfloat16.py)
+        OC = sizes[l + 1]
+        out = view2d(acts, act_off, l + 1, B, OC)
+        bias = net.params[net.b_off[l]:net.b_off[l] + OC]
+        activation = net.activation if hidden else IDENTITY
+        if AMX_COMPILED and amx_layer(net, l):
+            # (its input packed as it was written)
+            if l == 0:
+                pack_input(work, inp, l, r0, r1, nrows, backward)
+            amx_forward(out, outputs_t, work, net, l, r0, r1)
+            bias_activation(out, bias, activation, hidden, r0, r1, np.int64(0), OC)
         else:
-            if gather:
-                n0, n1 = share_rows(shares, next_rows, part, parts)
-                prefetch_rows(data.X, data.idx, start + nrows, n0, n1)
-            r0, r1 = share_rows(shares, nrows, part, parts)
-            if r0 == r1:  # fewer tiles than parts
-                continue
-        fp_control = flush_subnormals()
-        outputs_t = all_outputs_t[part]
-        inp = view2d(acts, act_off, f0, B, sizes[f0])
-        if gather and columns:
-            inp = all_inputs[part]
-            gather_inputs(inp, data, start, net.bf16, r0, r1)
-            if part == 0:
-                gather_targets(work.labels, work.targets, work.row_weights, data, start, r0, r1)
-        elif gather:
-            gather_rows(view2d(acts, act_off, np.int64(0), B, sizes[0]), work.labels,
-                        work.targets, work.row_weights, data, start, net.bf16, r0, r1)
-        for l in range(f0, f1):
-            hidden = l < L - 1  # the logits stay float32 (bfloat16.py)
-            OC = sizes[l + 1]
-            out = view2d(acts, act_off, l + 1, B, OC)
-            bias = net.params[net.b_off[l]:net.b_off[l] + OC]
-            activation = net.activation if hidden else IDENTITY
-            if AMX_COMPILED and amx_layer(net, l):
-                # (its input packed as it was written)
-                if l == 0:
-                    pack_input(work, inp, l, r0, r1, nrows, backward)
-                amx_forward(out, outputs_t, work, net, l, r0, r1)
-                bias_activation(out, bias, activation, hidden, r0, r1, np.int64(0), OC)
-            else:
-                dense_forward(out, inp, view2d(net.operands, net.w_off, l, OC, sizes[l]),
-                              view2d(work.weights_t, net.wt_off, l, sizes[l],
-                                     kept_transposed(OC)),
-                              outputs_t, bias, activation, net.bf16 and hidden, r0, r1,
-                              column_cut(OC, cut, cuts), column_cut(OC, cut + 1, cuts))
-            if AMX_COMPILED and hidden and amx_layer(net, l + 1):
-                pack_input(work, out, l + 1, r0, r1, nrows, backward)
-            inp = out
-        if head:
-            out = view2d(acts, act_off, L, B, sizes[L])
-            head_forward(out, work.row_stats, work.labels, work.targets, work.row_weights,
-                         work.target_scale, net.head, r0, r1)
-            if backward:
-                dout = view2d(work.deltas, act_off, L, B, sizes[L])
-                head_backward(dout, out, work.labels, work.targets, work.row_weights, inv_total,
-                              net.head, r0, r1)
-                if net.bf16:
-                    for b in range(r0, r1):
-                        round_row(dout[b])
-                if AMX_COMPILED and amx_layer(net, L - 1):
-                    pack_delta(work, dout, L - 1, r0, r1, nrows)
+            dense_forward(out, inp, view2d(net.operands, net.w_off, l, OC, sizes[l]),
+                          view2d(work.weights_t, net.wt_off, l, sizes[l],
+                                 kept_transposed(OC)),
+                          outputs_t, bias, activation, net.bf16 and hidden, r0, r1,
+                          column_cut(OC, cut, cuts), column_cut(OC, cut + 1, cuts))
+        if AMX_COMPILED and hidden and amx_layer(net, l + 1):
+            pack_input(work, out, l + 1, r0, r1, nrows, backward)
+        inp = out
+    if head:
+        out = view2d(acts, act_off, L, B, sizes[L])
+        head_forward(out, work.row_stats, work.labels, work.targets, work.row_weights,
+                     work.target_scale, net.head, r0, r1)
         if backward:
-            for l in range(back_hi, back_lo, -1):
-                C = sizes[l]
-                dinp = view2d(work.deltas, act_off, l, B, C)
-                if AMX_COMPILED and amx_layer(net, l):
-                    amx_backward_input(dinp, view2d(acts, act_off, l, B, C), work, net, l, r0,
-                                       r1)
-                else:
-                    dense_backward_input(dinp, view2d(work.deltas, act_off, l + 1, B, sizes[l + 1]),
-                                         view2d(net.operands, net.w_off, l, sizes[l + 1], C),
-                                         view2d(acts, act_off, l, B, C), net.activation,
-                                         net.bf16, r0, r1, column_cut(C, cut, cuts),
-                                         column_cut(C, cut + 1, cuts))
-                if AMX_COMPILED and amx_layer(net, l - 1):
-                    pack_delta(work, dinp, l - 1, r0, r1, nrows)
-        write_fp_control(fp_control)
-        if not columns:
-            record(shares, part, started, r1 - r0)
+            dout = view2d(work.deltas, act_off, L, B, sizes[L])
+            head_backward(dout, out, work.labels, work.targets, work.row_weights, inv_total,
+                          net.head, r0, r1)
+            if net.bf16:
+                for b in range(r0, r1):
+                    round_row(dout[b])
+            if AMX_COMPILED and amx_layer(net, L - 1):
+                pack_delta(work, dout, L - 1, r0, r1, nrows)
+    if backward:
+        for l in range(back_hi, back_lo, -1):
+            C = sizes[l]
+            dinp = view2d(work.deltas, act_off, l, B, C)
+            if AMX_COMPILED and amx_layer(net, l):
+                amx_backward_input(dinp, view2d(acts, act_off, l, B, C), work, net, l, r0,
+                                   r1)
+            else:
+                dense_backward_input(dinp, view2d(work.deltas, act_off, l + 1, B, sizes[l + 1]),
+                                     view2d(net.operands, net.w_off, l, sizes[l + 1], C),
+                                     view2d(acts, act_off, l, B, C), net.activation,
+                                     net.bf16, r0, r1, column_cut(C, cut, cuts),
+                                     column_cut(C, cut + 1, cuts))
+            if AMX_COMPILED and amx_layer(net, l - 1):
+                pack_delta(work, dinp, l - 1, r0, r1, nrows)
+    write_fp_control(fp_control)
+    if not columns:
+        record(shares, part, started, r1 - r0)
 
 
 @kernel
@@ -912,8 +970,27 @@ TASKS, HALVES, TASKS_AFTER_HALVES = range(3)
 def gradients_region(work, net, opt, nrows, gradients, update, threads, own, stage):
     # gradients_update's parallel region: one kernel for its stages, which
     # compiles once (a second parallel kernel for the halves made a cold
-    # start 24.2 s, against 18.6: docs/performance.md). In the task
-    # stages, each of `threads` parts runs the tasks it owns (the weights of
+    # start 24.2 s, against 18.6: docs/performance.md). Each part runs
+    # gradients_part.
+    parts = gradient_parts(work, threads)
+    if stage != HALVES:
+        fold_timings(work.balance[GRADIENTS], parts)
+    for p in prange(parts):
+        gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage,
+                       np.int64(p), parts)
+
+
+@kernel
+def gradient_parts(work, threads):
+    # how many parts gradients_region cuts (no more than scratch blocks:
+    # one per thread Numba may start)
+    return max(1, min(threads, work.task_grads.shape[0]))
+
+
+@kernel
+def gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage, part, parts):
+    # Part `part` of `parts` of a stage of gradients_update (gradients_region).
+    # In the task stages, each part runs the tasks it owns (the weights of
     # the column layers' outputs it computes forward: task_owner) and a
     # contiguous share of the others, sized by speed (balance.py: timed
     # over those alone). After the halves, a task's gradient is the sum of
@@ -922,62 +999,50 @@ def gradients_region(work, net, opt, nrows, gradients, update, threads, own, sta
     # same rows slow each other down (Adam on two column halves of 100 x
     # 784 weights took 50 us a thread, on row halves 14, and one thread
     # alone 28: 2-core Xeon, measured).
-    # (The arrays are taken out of the tuple first: Numba's parfor pass
-    # drops a store into an array read off a tuple inside the loop body.)
+    fp_control = flush_subnormals()
+    if stage == HALVES:
+        part_halves(work, net, opt, nrows, part, parts, threads, own)
+        write_fp_control(fp_control)
+        return
     halves = stage == TASKS_AFTER_HALVES
-    task_checks = work.task_checks
-    task_grads = work.task_grads
-    all_inputs = work.inputs
-    second_half = work.second_half
     B = work.labels.shape[0]
     shares = work.balance[GRADIENTS]
-    # (no more parts than scratch blocks: one per thread Numba may start)
-    parts = max(1, min(threads, task_grads.shape[0]))
-    if stage != HALVES:
-        fold_timings(shares, parts)
     total = total_work(net, parts, threads, own, halves)
     fused = gradients and update
     T = net.tasks.shape[0]
-    for p in prange(parts):
-        part = np.int64(p)
-        fp_control = flush_subnormals()
-        if stage == HALVES:
-            part_halves(work, net, opt, nrows, part, parts, threads, own)
-            write_fp_control(fp_control)
-            continue
-        grads = task_grads[part, 0] if fused else opt.grads
-        spare = task_grads[part, 1]
-        # (its own copy, read only by the tasks it owns: own_inputs)
-        inputs = (all_inputs[part] if own
-                  else view2d(work.acts, work.act_off, np.int64(0), B, net.sizes[0]))
-        t0 = share_first_task(shares, net, total, part, parts, threads, own, halves)
-        t1 = share_first_task(shares, net, total, part + 1, parts, threads, own, halves)
-        done = np.int64(0)
-        started = cycles()
-        owned = np.int64(0)  # cycles of the owned tasks, not timed for the shares
-        for t in range(T):
-            owner = task_owner(net, t, parts, threads, own)
-            if owner == part or (owner < 0 and t0 <= t < t1):
-                owned_from = cycles() if owner >= 0 else np.int64(0)
-                check = 0.0
-                # (with halves, a later column piece is its rows' first piece's)
-                if net.tasks[t, 1] != NO_TASK and not (halves and net.tasks[t, 4] > 0):
-                    first = task_first(net, t)
-                    g_first = np.int64(0) if fused else first
-                    if halves:
-                        add_blocks(grads, g_first, opt.grads, first, second_half, first, net, t,
-                                   np.int64(0), net.sizes[net.tasks[t, 0]])
-                    elif gradients:
-                        task_gradient(grads, g_first, spare, work, net, t, nrows, inputs)
-                    if update:
-                        check = task_update(work.weights_t, net, opt, t, grads, g_first, halves)
-                task_checks[t] = check
-                if owner >= 0:
-                    owned += cycles() - owned_from
-                else:
-                    done += task_work(net, t, halves)
-        write_fp_control(fp_control)
-        record(shares, part, started + owned, done)
+    grads = work.task_grads[part, 0] if fused else opt.grads
+    spare = work.task_grads[part, 1]
+    # (its own copy, read only by the tasks it owns: own_inputs)
+    inputs = (work.inputs[part] if own
+              else view2d(work.acts, work.act_off, np.int64(0), B, net.sizes[0]))
+    t0 = share_first_task(shares, net, total, part, parts, threads, own, halves)
+    t1 = share_first_task(shares, net, total, part + 1, parts, threads, own, halves)
+    done = np.int64(0)
+    started = cycles()
+    owned = np.int64(0)  # cycles of the owned tasks, not timed for the shares
+    for t in range(T):
+        owner = task_owner(net, t, parts, threads, own)
+        if owner == part or (owner < 0 and t0 <= t < t1):
+            owned_from = cycles() if owner >= 0 else np.int64(0)
+            check = 0.0
+            # (with halves, a later column piece is its rows' first piece's)
+            if net.tasks[t, 1] != NO_TASK and not (halves and net.tasks[t, 4] > 0):
+                first = task_first(net, t)
+                g_first = np.int64(0) if fused else first
+                if halves:
+                    add_blocks(grads, g_first, opt.grads, first, work.second_half, first, net, t,
+                               np.int64(0), net.sizes[net.tasks[t, 0]])
+                elif gradients:
+                    task_gradient(grads, g_first, spare, work, net, t, nrows, inputs)
+                if update:
+                    check = task_update(work.weights_t, net, opt, t, grads, g_first, halves)
+            work.task_checks[t] = check
+            if owner >= 0:
+                owned += cycles() - owned_from
+            else:
+                done += task_work(net, t, halves)
+    write_fp_control(fp_control)
+    record(shares, part, started + owned, done)
 
 
 @kernel
@@ -1071,6 +1136,17 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
     score_sum = 0.0
     # params may have changed since the last call (a new fit, a rollback)
     transpose_weights(work.weights_t, net)
+    plan = region_plan(work, net, threads, np.bool_(True))
+    if not sharded and step1 > step0:
+        sync = np.zeros(SYNC_WORDS, np.int64)
+        results = np.zeros(RESULT_WORDS)
+        results[AT] = step1
+        fused_steps(work, net, opt, data, batches, step0, step1, update_count, threads, plan,
+                    sync, results)
+        if sync[START] != ABORTED:
+            return (results[LOSS_SUM], results[WEIGHT_SUM], results[SCORE_SUM],
+                    np.int64(results[STATUS]), np.int64(results[AT]))
+        # (the region gave up before any work: the steps in regions of their own)
     for s in range(step0, step1):
         start = s * B
         nrows = min(B, n_rows - start)
@@ -1081,8 +1157,8 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
         # the next step's rows, when this call runs it (a shard's own rows
         # of it are not worth working out)
         next_rows = min(B, n_rows - start - nrows) if s + 1 < step1 and not sharded else 0
-        compiled_forward_backward(work, net, data, start + lo, hi - lo, inv_total, np.bool_(True),
-                                  next_rows, threads)
+        compiled_run_regions(work, net, data, start + lo, hi - lo, inv_total, np.bool_(True),
+                             next_rows, threads, plan)
         step_loss, step_score = sum_row_stats(work.row_stats, hi - lo)
         if sharded:
             compiled_gradients_update(work, net, opt, hi - lo, np.bool_(True), np.bool_(False),
@@ -1111,3 +1187,104 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
         if sharded and opt.grads[P + INTERRUPT_SLOT] > 0:
             return loss_sum, weight_sum, score_sum, INTERRUPTED, s + 1
     return loss_sum, weight_sum, score_sum, STEPS_DONE, step1
+
+
+# fused_steps' results: train_steps' sums, status and step
+LOSS_SUM, WEIGHT_SUM, SCORE_SUM, STATUS, AT = range(5)
+RESULT_WORDS = 5
+
+
+@parallel_kernel
+def fused_steps(work, net, opt, data, batches, step0, step1, update_count, threads, plan, sync,
+                results):
+    # train_steps' steps step0..step1 for a single process, in one parallel
+    # region: each part runs steps_part, with a barrier (sync.py) where
+    # train_steps would end one region and start the next. results: see
+    # train_steps; sync: barrier state, all zero, whose START word reads
+    # ABORTED on return if the region gave up before doing anything.
+    parts = gradient_parts(work, threads)
+    for p in prange(parts):
+        steps_part(work, net, opt, data, batches, step0, step1, update_count, threads, plan,
+                   sync, results, np.int64(p), parts)
+
+
+@driver_kernel
+def steps_part(work, net, opt, data, batches, step0, step1, update_count, threads, plan, sync,
+               results, part, parts):
+    # Part `part` of fused_steps' region: in each step, its part of each
+    # region of the plan (region_part; its part of none where a region
+    # cuts fewer parts) and of each stage of gradients_update
+    # (gradients_part). At each barrier, the last part to come folds the
+    # parts' timings (balance.py: before the next phase cuts its shares by
+    # them) and does train_steps' serial work: the step's loss and score
+    # after the head, its learning rate, and after the update the check of
+    # the new parameters. Every part reads the status after the barrier, so
+    # all stop at the same step.
+    if not all_started(sync, parts, START_TIMEOUT_CYCLES):
+        return
+    B = batches.size
+    n_rows = data.idx.shape[0]
+    hyper = opt.hyper
+    own = own_inputs(work, net, threads)
+    backward = np.bool_(True)
+    for s in range(step0, step1):
+        first = s * B
+        nrows = min(B, n_rows - first)
+        total = batch_weight(data.sample_weight, data.idx, first, nrows)
+        inv_total = net.params.dtype.type(1.0 / total if total > 0 else 0.0)
+        next_rows = min(B, n_rows - first - nrows) if s + 1 < step1 else 0
+        for i in range(plan.shape[0]):
+            row = plan[i]
+            rows_next = next_rows if row[NEXT_ROWS] else np.int64(0)
+            columns = np.bool_(row[COLUMNS])
+            region_cut = region_parts(work, nrows, rows_next, threads, columns)
+            if part < region_cut:
+                region_part(work, net, data, first, nrows, inv_total, backward, rows_next, threads,
+                            columns, np.bool_(row[GATHER]), row[F0], row[F1],
+                            np.bool_(row[HEAD]), row[BACK_HI], row[BACK_LO], part, region_cut)
+            last, generation = arrive(sync, parts)
+            if last:
+                fold_all_timings(work.balance, parts)
+                if i == plan.shape[0] - 1:
+                    step_loss, step_score = sum_row_stats(work.row_stats, nrows)
+                    results[SCORE_SUM] += step_score
+                    if finite(step_loss):
+                        results[LOSS_SUM] += step_loss
+                        results[WEIGHT_SUM] += total
+                        if opt.schedule[KIND] == COSINE:
+                            hyper[LR] = step_lr(opt.schedule, update_count + 1)
+                        if opt.code == ADAM:
+                            hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count + 1,
+                                                           opt.betas[0], opt.betas[1])
+                    else:
+                        results[STATUS] = LOSS_NOT_FINITE
+                        results[AT] = s
+                release(sync, generation)
+            else:
+                wait(sync, generation)
+        if results[STATUS] != STEPS_DONE:
+            return
+        update_count += 1
+        halves = sum_halves(nrows, net.params, work.second_half, net.amx)
+        stages = (HALVES, TASKS_AFTER_HALVES + 1) if halves else (TASKS, TASKS + 1)
+        for stage in range(stages[0], stages[1]):
+            gradients_part(work, net, opt, nrows, backward, backward, threads, own, stage, part,
+                           parts)
+            last, generation = arrive(sync, parts)
+            if last:
+                fold_all_timings(work.balance, parts)
+                if stage == stages[1] - 1 and not finite(work.task_checks.sum()):
+                    results[STATUS] = PARAMS_NOT_FINITE
+                    results[AT] = s
+                release(sync, generation)
+            else:
+                wait(sync, generation)
+        if results[STATUS] != STEPS_DONE:
+            return
+
+
+@kernel
+def fold_all_timings(balance, parts):
+    # every phase's last timings into its parts' speeds (balance.py)
+    for phase in range(balance.shape[0]):
+        fold_timings(balance[phase], parts)

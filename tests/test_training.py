@@ -19,17 +19,21 @@ from fastmlp.progress import Callback
 from fastmlp.step import (
     BIAS_TASK,
     NO_TASK,
+    RESULT_WORDS,
     TASK_GROUPS,
     WEIGHT_TASK,
     forward_backward,
+    fused_steps,
     gradients_region,
     gradients_update,
     make_tasks,
     region,
+    region_plan,
     task_cost,
     task_first,
     train_steps,
 )
+from fastmlp.sync import ABORTED, START, SYNC_WORDS
 
 from conftest import random_problem, reference_copy, relative_error
 
@@ -639,3 +643,47 @@ def test_the_step_compiles_once_per_model_dtype_for_any_input_and_head(tmp_path)
         assert len(kinds) == len(set(kinds)), (function.__name__, function.signatures)
     assert (numba.float32, numba.uint8) in [model_kind(signature)
                                             for signature in train_steps.signatures]
+
+
+def _step_buffers(threads_in_workspace=2):
+    model, X, y = random_problem([64, 80, 16, 10], 1000, "relu", np.float32, seed=0,
+                                 x_dtype=np.uint8)
+    ws = Workspace(model.layer_sizes, 50, model.dtype)
+    grads = np.zeros_like(model.params)
+    m, v = np.zeros_like(model.params), np.zeros_like(model.params)
+    optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.001, 0.9, 0.0),
+                          OPTIMIZERS["adam"], False, np.zeros(5), adam_betas())
+    data = make_data(X, y.astype(np.int32), np.ones(1000, model.dtype),
+                     np.random.default_rng(1).permutation(1000), model.dtype)
+    return model, (ws.work, model.network(), optimizer, data, local_batches(50, model.dtype))
+
+
+def test_parts_on_one_thread_give_the_fused_region_up_and_train_alike():
+    """train_steps runs its steps in one parallel region whose parts wait for
+    each other at barriers (sync.py). Where Numba runs two parts on one
+    thread (here: 2 parts, 1 thread), the region gives up before any work,
+    and the steps run in regions of their own: the same parameters, bit for
+    bit, as the fused region on 2 threads."""
+    threads = numba.get_num_threads()
+    if threads < 2:
+        pytest.skip("needs 2 threads")
+    fused_model, fused = _step_buffers()
+    fused_result = train_steps(*fused, 0, 12, 0, 2)
+    model, buffers = _step_buffers()
+    plan = region_plan(buffers[0], buffers[1], 2, np.bool_(True))
+    sync = np.zeros(SYNC_WORDS, np.int64)
+    results = np.zeros(RESULT_WORDS)
+    start = model.params.copy()
+    numba.set_num_threads(1)
+    try:
+        fused_steps(*buffers, 0, 12, 0, 2, plan, sync, results)
+        assert sync[START] == ABORTED
+        assert np.array_equal(model.params, start)  # nothing done
+        assert not results.any()
+        result = train_steps(*buffers, 0, 12, 0, 2)  # aborted, then regions
+    finally:
+        numba.set_num_threads(threads)
+    assert result == fused_result
+    assert result[3] == 0 and result[4] == 12  # all steps done
+    assert np.array_equal(model.params, fused_model.params)
+    assert not np.array_equal(model.params, start)
