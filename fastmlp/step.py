@@ -1130,7 +1130,6 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
     n_rows = data.idx.shape[0]
     sharded = batches.allreduce != 0
     P = net.params.shape[0]
-    hyper = opt.hyper
     loss_sum = 0.0
     weight_sum = 0.0
     score_sum = 0.0
@@ -1173,11 +1172,7 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
         loss_sum += step_loss
         weight_sum += total
         update_count += 1
-        if opt.schedule[KIND] == COSINE:
-            hyper[LR] = step_lr(opt.schedule, update_count)
-        if opt.code == ADAM:
-            hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count, opt.betas[0],
-                                           opt.betas[1])
+        set_step_size(opt, update_count)
         # alone: gradients and update in one pass; with MPI: the update of
         # the summed gradients
         compiled_gradients_update(work, net, opt, nrows, np.bool_(not sharded), np.bool_(True),
@@ -1224,7 +1219,6 @@ def steps_part(work, net, opt, data, batches, step0, step1, update_count, thread
         return
     B = batches.size
     n_rows = data.idx.shape[0]
-    hyper = opt.hyper
     own = own_inputs(work, net, threads)
     backward = np.bool_(True)
     for s in range(step0, step1):
@@ -1251,17 +1245,11 @@ def steps_part(work, net, opt, data, batches, step0, step1, update_count, thread
                     if finite(step_loss):
                         results[LOSS_SUM] += step_loss
                         results[WEIGHT_SUM] += total
-                        if opt.schedule[KIND] == COSINE:
-                            hyper[LR] = step_lr(opt.schedule, update_count + 1)
-                        if opt.code == ADAM:
-                            hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update_count + 1,
-                                                           opt.betas[0], opt.betas[1])
+                        set_step_size(opt, update_count + 1)
                     else:
                         results[STATUS] = LOSS_NOT_FINITE
                         results[AT] = s
-                release(sync, generation)
-            else:
-                wait(sync, generation)
+            end_barrier(sync, last, generation)
         if results[STATUS] != STEPS_DONE:
             return
         update_count += 1
@@ -1276,11 +1264,30 @@ def steps_part(work, net, opt, data, batches, step0, step1, update_count, thread
                 if stage == stages[1] - 1 and not finite(work.task_checks.sum()):
                     results[STATUS] = PARAMS_NOT_FINITE
                     results[AT] = s
-                release(sync, generation)
-            else:
-                wait(sync, generation)
+            end_barrier(sync, last, generation)
         if results[STATUS] != STEPS_DONE:
             return
+
+
+@kernel
+def end_barrier(sync, last, generation):
+    # after a part's arrive (and the last part's serial work): the last
+    # part lets the others go on, the others wait for it
+    if last:
+        release(sync, generation)
+    else:
+        wait(sync, generation)
+
+
+@kernel
+def set_step_size(opt, update):
+    # the learning rate of update number `update` (1 for the first) where
+    # it changes by the step (a cosine schedule), and Adam's step size
+    hyper = opt.hyper
+    if opt.schedule[KIND] == COSINE:
+        hyper[LR] = step_lr(opt.schedule, update)
+    if opt.code == ADAM:
+        hyper[ADAM_ALPHA] = adam_alpha(float(hyper[LR]), update, opt.betas[0], opt.betas[1])
 
 
 @kernel
