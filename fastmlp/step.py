@@ -1125,7 +1125,10 @@ def train_steps(work, net, opt, data, batches, step0, step1, update_count, threa
     # each batch, gradients scaled by the whole batch's weight, then the
     # ranks sum their gradients, losses and scores (sum_over_ranks) and each
     # applies the same update: single-process training up to the order of
-    # the sums. Alone, the gradients are summed and applied in one pass.
+    # the sums, each phase a parallel region of its own. Alone, the
+    # gradients are summed and applied in one pass, and every step runs in
+    # one parallel region (fused_steps), unless it gives up: then in regions
+    # of their own, as with MPI.
     B = batches.size
     n_rows = data.idx.shape[0]
     sharded = batches.allreduce != 0
