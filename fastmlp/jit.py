@@ -107,7 +107,7 @@ class PackageCache(caching.FunctionCache):
     _impl_class = PackageCacheImpl
 
     def load_overload(self, sig, target_context):
-        # (a function whose callees changed since it was cached compiles again)
+        # (a function with a callee this process cannot load compiles again)
         try:
             return super().load_overload(sig, target_context)
         except CallsMissing:
