@@ -76,8 +76,8 @@ from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_poi
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
-from .sync import (ABORTED, START, START_TIMEOUT_CYCLES, SYNC_WORDS, all_started, arrive, release,
-                   wait)
+from .sync import (ABORTED, START, START_TIMEOUT_CYCLES, SYNC_WORDS, all_started, arrive,
+                   end_barrier)
 from .heads import head_backward, head_forward
 from .schedules import COSINE, KIND, step_lr
 from .kernels import (
@@ -1223,7 +1223,7 @@ def steps_part(work, net, opt, data, batches, step0, step1, update_count, thread
     B = batches.size
     n_rows = data.idx.shape[0]
     own = own_inputs(work, net, threads)
-    backward = np.bool_(True)
+    true = np.bool_(True)  # (backward; gradients and update)
     for s in range(step0, step1):
         first = s * B
         nrows = min(B, n_rows - first)
@@ -1236,7 +1236,7 @@ def steps_part(work, net, opt, data, batches, step0, step1, update_count, thread
             columns = np.bool_(row[COLUMNS])
             region_cut = region_parts(work, nrows, rows_next, threads, columns)
             if part < region_cut:
-                region_part(work, net, data, first, nrows, inv_total, backward, rows_next, threads,
+                region_part(work, net, data, first, nrows, inv_total, true, rows_next, threads,
                             columns, np.bool_(row[GATHER]), row[F0], row[F1],
                             np.bool_(row[HEAD]), row[BACK_HI], row[BACK_LO], part, region_cut)
             last, generation = arrive(sync, parts)
@@ -1259,8 +1259,7 @@ def steps_part(work, net, opt, data, batches, step0, step1, update_count, thread
         halves = sum_halves(nrows, net.params, work.second_half, net.amx)
         stages = (HALVES, TASKS_AFTER_HALVES + 1) if halves else (TASKS, TASKS + 1)
         for stage in range(stages[0], stages[1]):
-            gradients_part(work, net, opt, nrows, backward, backward, threads, own, stage, part,
-                           parts)
+            gradients_part(work, net, opt, nrows, true, true, threads, own, stage, part, parts)
             last, generation = arrive(sync, parts)
             if last:
                 fold_all_timings(work.balance, parts)
@@ -1270,16 +1269,6 @@ def steps_part(work, net, opt, data, batches, step0, step1, update_count, thread
             end_barrier(sync, last, generation)
         if results[STATUS] != STEPS_DONE:
             return
-
-
-@kernel
-def end_barrier(sync, last, generation):
-    # after a part's arrive (and the last part's serial work): the last
-    # part lets the others go on, the others wait for it
-    if last:
-        release(sync, generation)
-    else:
-        wait(sync, generation)
 
 
 @kernel

@@ -16,8 +16,8 @@ that can give up (`all_started`): a part that has waited `START_TIMEOUT_CYCLES`
 for the others marks the region aborted, and every part, the late ones
 too, then returns before doing any work; the caller runs the steps in
 regions of their own instead. Once every part is waiting at that barrier,
-each runs on a thread of its own, and the later barriers (`arrive`,
-`release`, `wait`) wait for as long as it takes.
+each runs on a thread of its own, and the later barriers (`arrive`, then
+`end_barrier`) wait for as long as it takes.
 
 A barrier's state is a few int64 words of one array (`make_sync`), each on
 a cache line of its own. Its atomic operations are LLVM's (`lock xadd`,
@@ -175,10 +175,17 @@ def wait(sync, generation):
 
 
 @kernel
-def barrier(sync, parts):
-    # every part waits here until all `parts` have come
-    last, generation = arrive(sync, parts)
+def end_barrier(sync, last, generation):
+    # after a part's arrive (and the last part's serial work): the last
+    # part lets the others go on, the others wait for it
     if last:
         release(sync, generation)
     else:
         wait(sync, generation)
+
+
+@kernel
+def barrier(sync, parts):
+    # every part waits here until all `parts` have come
+    last, generation = arrive(sync, parts)
+    end_barrier(sync, last, generation)
