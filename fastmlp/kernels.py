@@ -414,21 +414,50 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # dweight[j0:j1, k0:k1] = dout[:nrows, j0:j1].T @ inp[:nrows, k0:k1],
     # k0 a multiple of BLOCK_COLUMNS (or k0:k1 all of C). One writer per
     # weight row, and each row sums over batch rows in the same order
-    # whatever the thread count. (Both callers pass coef as `[:, ::1]`, which
-    # Numba types as any-layout: one compiled rows_times_matrix instead of a
-    # C and an F one, seconds less of compiling; it only reads coef's scalars.)
-    # The last (k1 - k0) % 16 columns go transposed for whole blocks of 16
-    # weight rows (weight_tail_columns); rows past those, on rows_times_matrix's
-    # padded panel.
+    # whatever the thread count. The last (k1 - k0) % 16 columns go
+    # transposed for whole blocks of 16 weight rows (weight_tail_columns);
+    # rows past those, on rows_times_matrix's padded panel.
     main = k0 + (k1 - k0) // NARROW_COLUMNS * NARROW_COLUMNS
     tail_rows = j0 + (j1 - j0) // NARROW_COLUMNS * NARROW_COLUMNS if main < k1 else j0
     if tail_rows > j0:
-        rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, tail_rows, nrows, k0, main,
-                          np.int64(MAX_SUM_ROWS))
+        deltas_times_inputs(dweight, dout, inp, j0, tail_rows, nrows, k0, main)
         weight_tail_columns(dweight, dout, inp, j0, tail_rows, nrows, main, k1)
     if j1 > tail_rows:
-        rows_times_matrix(dweight, dout.T[:, ::1], inp, tail_rows, j1, nrows, k0, k1,
+        deltas_times_inputs(dweight, dout, inp, tail_rows, j1, nrows, k0, k1)
+
+
+@kernel
+def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
+    # dweight is (OC, C), dout is (B, OC), inp is (B, C)
+    # dweight[j0:j1, k0:k1] = dout[:nrows, j0:j1].T @ inp[:nrows, k0:k1] by
+    # rows_times_matrix, whose coefficients are dout's columns. Read in
+    # place, a column steps a whole row of dout per batch row; where that
+    # stride is a multiple of CONFLICT_STRIDE bytes, a register
+    # block's 4 columns over 128 batch rows fall into a few of L1's sets
+    # (at 512 outputs, 2 KB: 2 of 64) and are fetched from L2 again and
+    # again. There, for PACKED_DELTAS_MIN_COLUMNS inputs or more (a copy
+    # that many multiply-adds repay), the columns are first copied into
+    # contiguous rows on the stack, as many weight rows at a time as fit
+    # (MAX_SUM_ROWS batch rows at most). The copy changes no value. (Both
+    # calls pass coef as `[:, ::1]`, which Numba types as any-layout: one
+    # compiled rows_times_matrix for all callers; it only reads coef's
+    # scalars.)
+    if (nrows > MAX_SUM_ROWS or k1 - k0 < PACKED_DELTAS_MIN_COLUMNS
+            or dout.strides[0] % CONFLICT_STRIDE != 0):
+        rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
                           np.int64(MAX_SUM_ROWS))
+        return
+    packed = carray(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
+    chunk = PACK_VALUES // max(nrows, 1) // 4 * 4
+    for c0 in range(j0, j1, chunk):
+        c1 = min(j1, c0 + chunk)
+        coef = packed[:(c1 - c0) * nrows].reshape((c1 - c0, nrows))
+        for t in range(nrows):
+            row = dout[t, c0:c1]
+            for i in range(c1 - c0):
+                coef[i, t] = row[i]
+        rows_times_matrix(dweight[c0:c1], coef[:, ::1], inp, np.int64(0), c1 - c0, nrows, k0,
+                          k1, np.int64(MAX_SUM_ROWS))
 
 
 @kernel
@@ -469,6 +498,11 @@ NARROW_COLUMNS = 16
 MAX_SUM_ROWS = 128
 PACK_VALUES = MAX_SUM_ROWS * BLOCK_COLUMNS  # rows_times_matrix's packed panel
 PACK_MIN_ROWS = 32
+# Rows a multiple of this many bytes apart fall into 16 of L1's 64 sets or
+# fewer: what rows_times_matrix and deltas_times_inputs copy where they can
+CONFLICT_STRIDE = 256
+# deltas_times_inputs copies its coefficients for this many inputs or more
+PACKED_DELTAS_MIN_COLUMNS = 4 * BLOCK_COLUMNS
 TAIL_ROWS = PACK_VALUES // NARROW_COLUMNS  # source rows of a padded tail panel
 TILE_VALUES = 4 * NARROW_COLUMNS
 SQUARE_TILE_VALUES = NARROW_COLUMNS * NARROW_COLUMNS  # weight_tail_columns' tile
@@ -551,8 +585,10 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # a panel read by few row groups is not worth its copy (W3's weight
     # gradient tasks of 16 rows: 7.7-8.1 to 5.4-7.4 ms a step on Zen 3; the
     # tasks of 24 and 32 rows of W1 and the regression benchmark: their
-    # gradients 1.2x and 1.07x faster unpacked)
-    pack = r1 - r0 > PACK_MIN_ROWS
+    # gradients 1.2x and 1.07x faster unpacked), unless its rows fall into
+    # few L1 sets (CONFLICT_STRIDE): W3's 32-row tasks of 512 inputs
+    pack = r1 - r0 > PACK_MIN_ROWS or (r1 - r0 == PACK_MIN_ROWS
+                                       and src.strides[0] % CONFLICT_STRIDE == 0)
     passes = max(1, -(-nt // min(sum_rows, panel_rows(out))))
     step = max(1, -(-nt // passes))  # equal passes that fit the panel
     # the width is a literal at each call: 64 here, one of three in narrow_block

@@ -123,6 +123,12 @@ from .optimizers import (
 # A task of gradients_update covers about this many parameters.
 TASK_PARAMS = 2048
 TASK_GROUPS = 4
+# A wide layer's weight task covers 32 rows: 8 register blocks read each
+# panel of the batch's inputs, which rows_times_matrix packs where its
+# rows would fall into few L1 sets (W3's 512 inputs, 2 KB apart: 16-row
+# tasks read them in place). 64 rows gave W3 no more on Zen 3, and half
+# as many tasks to share between threads.
+WIDE_TASK_ROWS = 32
 # a first layer with fewer row groups than this gets its columns split in
 # COLUMN_PIECES too
 FEW_ROW_GROUPS = 32
@@ -150,10 +156,12 @@ def task_list(layer_sizes):
         fan_in, fan_out = layer_sizes[layer], layer_sizes[layer + 1]
         # whole groups of the 4 rows that dense_backward_weight computes
         # together; 16 rows (a cache line of the transposed block that the
-        # task writes after its update) when the layer has one; wide layers
-        # (dense_forward), which keep none, kept 16 as well (their 16-row
-        # tasks were measured, not others)
-        group = 16 if transposed_outputs(fan_out) > 0 else 4
+        # task writes after its update) when the layer has one; WIDE_TASK_ROWS
+        # in wide layers (kernels.wide_layer), which keep none
+        if wide_layer(fan_out):
+            group = WIDE_TASK_ROWS
+        else:
+            group = 16 if transposed_outputs(fan_out) > 0 else 4
         rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // group) * group
         # A first layer of few row groups (W1's 50 rows: 13) cannot be
         # shared out evenly by rows, so its columns are split too, at whole
@@ -168,7 +176,8 @@ def task_list(layer_sizes):
         # hidden layer of 128 (docs/performance.md).
         blocks = fan_in // BLOCK_COLUMNS
         pieces = (max(1, min(COLUMN_PIECES, blocks))
-                  if layer == 0 and -(-fan_out // rows) < FEW_ROW_GROUPS else 1)
+                  if layer == 0 and not wide_layer(fan_out)
+                  and -(-fan_out // rows) < FEW_ROW_GROUPS else 1)
         cuts = [piece * blocks // pieces * BLOCK_COLUMNS for piece in range(pieces)] + [fan_in]
         if pieces > 1:
             # Then each piece's rows go in as few tasks as its bins take, cut

@@ -230,6 +230,51 @@ def test_dense_backward_weight_in_passes_sums_as_one_pass(nrows, rng):
     assert relative_error(in_passes, expected) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# dout's rows 2 KB or 4 KB apart (copied), or 2000 / 4000 bytes (read in place)
+@pytest.mark.parametrize("fan_out", [512, 500])
+def test_weight_gradients_from_copied_deltas_are_the_in_place_ones(fan_out, dtype, rng):
+    # deltas_times_inputs copies dout's columns into contiguous rows (where
+    # dout's rows fall into few L1 sets), in chunks of weight rows: rows
+    # 4..140 of 128 batch rows span three chunks, and 300 inputs take whole
+    # blocks, a narrow block and a transposed tail. Every weight must be the
+    # very value that rows_times_matrix gives reading dout.T in place.
+    nrows, C, j0, j1 = kernels.MAX_SUM_ROWS, 300, 4, 140
+    assert (fan_out * np.dtype(dtype).itemsize % kernels.CONFLICT_STRIDE == 0) == (fan_out == 512)
+    assert j1 - j0 > 2 * (kernels.PACK_VALUES // nrows) and C >= kernels.PACKED_DELTAS_MIN_COLUMNS
+    dout = rng.standard_normal((nrows, fan_out)).astype(dtype)
+    inp = rng.standard_normal((nrows, C)).astype(dtype)
+    out = np.full((fan_out, C), 7.0, dtype)
+    kernels.dense_backward_weight(out, dout, inp, j0, j1, nrows, 0, C)
+    in_place = np.full((fan_out, C), 7.0, dtype)
+    main = C // kernels.NARROW_COLUMNS * kernels.NARROW_COLUMNS
+    kernels.rows_times_matrix(in_place, dout.T, inp, j0, j1, nrows, 0, main, nrows)
+    kernels.tail_columns(in_place, dout.T, inp, np.zeros(kernels.PACK_VALUES, dtype), j0, j1,
+                         nrows, main, C)
+    assert np.array_equal(out, in_place)
+    expected = dout[:, j0:j1].T.astype(np.float64) @ inp.astype(np.float64)
+    assert relative_error(out[j0:j1], expected) < (1e-5 if dtype == np.float32 else 1e-12)
+    assert (out[:j0] == 7.0).all() and (out[j1:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_source_whose_rows_share_few_cache_sets_is_packed_to_the_same_sums(dtype, rng):
+    # rows_times_matrix packs PACK_MIN_ROWS output rows' source panel when
+    # its rows are a multiple of CONFLICT_STRIDE bytes apart (512 columns),
+    # not when they are not (500 columns): the same sums either way
+    nt, rows = 100, kernels.PACK_MIN_ROWS
+    coef = rng.standard_normal((rows, nt)).astype(dtype)
+    wide = rng.standard_normal((nt, 512)).astype(dtype)
+    narrow = np.ascontiguousarray(wide[:, :500])
+    packed = np.full((rows, 500), 7.0, dtype)
+    in_place = np.full((rows, 500), 7.0, dtype)
+    kernels.rows_times_matrix(packed, coef, wide, 0, rows, nt, 0, 500, nt)
+    kernels.rows_times_matrix(in_place, coef, narrow, 0, rows, nt, 0, 500, nt)
+    assert np.array_equal(packed, in_place)
+    expected = coef.astype(np.float64) @ narrow.astype(np.float64)
+    assert relative_error(packed, expected) < (1e-5 if dtype == np.float32 else 1e-12)
+
+
 def test_softmax_crossentropy_forward_backward(rng):
     logits = rng.standard_normal((8, 5)) * 30  # large logits: stability matters
     labels = rng.integers(0, 5, 8).astype(np.int32)

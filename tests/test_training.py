@@ -22,6 +22,7 @@ from fastmlp.step import (
     RESULT_WORDS,
     TASK_GROUPS,
     WEIGHT_TASK,
+    WIDE_TASK_ROWS,
     forward_backward,
     fused_steps,
     gradients_region,
@@ -33,6 +34,7 @@ from fastmlp.step import (
     task_first,
     train_steps,
 )
+from fastmlp.kernels import wide_layer
 from fastmlp.sync import ABORTED, START, SYNC_WORDS
 
 from conftest import random_problem, reference_copy, relative_error
@@ -326,7 +328,7 @@ def column_pieces(tasks):
     return pieces
 
 
-@pytest.mark.parametrize("sizes", [[784, 50, 10], [784, 100, 10], [130, 300, 20]])
+@pytest.mark.parametrize("sizes", [[784, 50, 10], [784, 100, 10], [256, 200, 10]])
 def test_a_first_layer_in_column_pieces_deals_its_tasks_into_balanced_bins(sizes):
     tasks = make_tasks(sizes)
     assert len(column_pieces(tasks)[0]) == 2
@@ -344,6 +346,22 @@ def test_a_first_layer_in_column_pieces_deals_its_tasks_into_balanced_bins(sizes
                if t[1] == WEIGHT_TASK and t[0] == 0} for h in range(2)]
     cuts = sorted(column_pieces(tasks)[0])
     assert halves == [{cuts[0]}, {cuts[1]}]
+
+
+@pytest.mark.parametrize("sizes", [[784, 512, 512, 10], [130, 300, 20], [64, 1024, 10]])
+def test_wide_layers_take_their_weight_rows_in_tasks_of_32_whole_rows(sizes):
+    # wide layers (kernels.wide_layer: 256 outputs or more) get tasks of
+    # WIDE_TASK_ROWS whole rows, a first one too (no column pieces); the
+    # others keep smaller ones
+    for layer, kind, j0, j1, k0, k1 in make_tasks(sizes):
+        if kind != WEIGHT_TASK:
+            continue
+        assert (k0, k1) == (0, sizes[layer])
+        if wide_layer(sizes[layer + 1]):
+            # (the layer's last rows: what is left)
+            assert j1 - j0 == WIDE_TASK_ROWS == 32 or 0 < j1 - j0 < 32 and j1 == sizes[layer + 1]
+        else:
+            assert j1 - j0 <= 16
 
 
 @pytest.mark.parametrize("sizes", [[100, 128, 64, 1], [64, 128, 128, 10], [784, 512, 512, 10],
