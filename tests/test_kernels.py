@@ -235,10 +235,12 @@ def test_dense_backward_weight_in_passes_sums_as_one_pass(nrows, rng):
 @pytest.mark.parametrize("fan_out", [512, 500])
 def test_weight_gradients_from_copied_deltas_are_the_in_place_ones(fan_out, dtype, rng):
     # deltas_times_inputs copies dout's columns into contiguous rows (where
-    # dout's rows fall into few L1 sets), in chunks of weight rows: rows
-    # 4..140 of 128 batch rows span three chunks, and 300 inputs take whole
-    # blocks, a narrow block and a transposed tail. Every weight must be the
-    # very value that rows_times_matrix gives reading dout.T in place.
+    # dout's rows fall into few L1 sets), in chunks of weight rows: at 128
+    # batch rows, chunks of 64, so that rows 4..132 (whole 16s, with the
+    # transposed tail of 300 inputs) take two and rows 132..140 one more;
+    # 300 inputs also take whole blocks and a narrow block. Every weight
+    # must be the very value that rows_times_matrix gives reading dout.T in
+    # place.
     nrows, C, j0, j1 = kernels.MAX_SUM_ROWS, 300, 4, 140
     assert (fan_out * np.dtype(dtype).itemsize % kernels.CONFLICT_STRIDE == 0) == (fan_out == 512)
     assert j1 - j0 > 2 * (kernels.PACK_VALUES // nrows) and C >= kernels.PACKED_DELTAS_MIN_COLUMNS

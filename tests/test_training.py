@@ -13,6 +13,7 @@ import fastmlp
 from fastmlp import reference, training
 from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
+from fastmlp.kernels import wide_layer
 from fastmlp.model import Workspace
 from fastmlp.optimizers import ADAM_ALPHA, OPTIMIZERS, adam_betas, make_hyper
 from fastmlp.progress import Callback
@@ -34,7 +35,6 @@ from fastmlp.step import (
     task_first,
     train_steps,
 )
-from fastmlp.kernels import wide_layer
 from fastmlp.sync import ABORTED, START, SYNC_WORDS
 
 from conftest import random_problem, reference_copy, relative_error
