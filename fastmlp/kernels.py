@@ -432,7 +432,7 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # dweight[j0:j1, k0:k1] = dout[:nrows, j0:j1].T @ inp[:nrows, k0:k1] by
     # rows_times_matrix, whose coefficients are dout's columns. Read in
     # place, a column steps a whole row of dout per batch row; where that
-    # stride is a multiple of CONFLICT_STRIDE bytes, a register
+    # stride is a multiple of CONFLICT_STRIDE bytes (few_sets), a register
     # block's 4 columns over 128 batch rows fall into a few of L1's sets
     # (at 512 outputs, 2 KB: 2 of 64) and are fetched from L2 again and
     # again. There, for PACKED_DELTAS_MIN_COLUMNS inputs or more (a copy
@@ -442,8 +442,7 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # calls pass coef as `[:, ::1]`, which Numba types as any-layout: one
     # compiled rows_times_matrix for all callers; it only reads coef's
     # scalars.)
-    if (nrows > MAX_SUM_ROWS or k1 - k0 < PACKED_DELTAS_MIN_COLUMNS
-            or dout.strides[0] % CONFLICT_STRIDE != 0):
+    if nrows > MAX_SUM_ROWS or k1 - k0 < PACKED_DELTAS_MIN_COLUMNS or not few_sets(dout):
         rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
                           np.int64(MAX_SUM_ROWS))
         return
@@ -458,6 +457,13 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
                 coef[i, t] = row[i]
         rows_times_matrix(dweight[c0:c1], coef[:, ::1], inp, np.int64(0), c1 - c0, nrows, k0,
                           k1, np.int64(MAX_SUM_ROWS))
+
+
+@kernel
+def few_sets(matrix):
+    # whether matrix's rows are a multiple of CONFLICT_STRIDE bytes apart:
+    # a column of it falls into a few of L1's sets
+    return matrix.strides[0] % CONFLICT_STRIDE == 0
 
 
 @kernel
@@ -587,8 +593,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # tasks of 24 and 32 rows of W1 and the regression benchmark: their
     # gradients 1.2x and 1.07x faster unpacked), unless its rows fall into
     # few L1 sets (CONFLICT_STRIDE): W3's 32-row tasks of 512 inputs
-    pack = r1 - r0 > PACK_MIN_ROWS or (r1 - r0 == PACK_MIN_ROWS
-                                       and src.strides[0] % CONFLICT_STRIDE == 0)
+    pack = r1 - r0 > PACK_MIN_ROWS or (r1 - r0 == PACK_MIN_ROWS and few_sets(src))
     passes = max(1, -(-nt // min(sum_rows, panel_rows(out))))
     step = max(1, -(-nt // passes))  # equal passes that fit the panel
     # the width is a literal at each call: 64 here, one of three in narrow_block

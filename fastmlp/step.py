@@ -163,10 +163,10 @@ def task_list(layer_sizes):
         else:
             group = 16 if transposed_outputs(fan_out) > 0 else 4
         rows = -(-max(1, -(-TASK_PARAMS // fan_in)) // group) * group
-        # A first layer of few row groups (W1's 50 rows: 13) cannot be
-        # shared out evenly by rows, so its columns are split too, at whole
-        # register blocks: every weight is then computed exactly as without
-        # the split. Only the first: a piece's weights are segments of every
+        # A first layer of few row groups (W1's 50 rows: 13; not a wide one)
+        # cannot be shared out evenly by rows, so its columns are split too,
+        # at whole register blocks: every weight is then computed exactly as
+        # without the split. Only the first: a piece's weights are segments of every
         # row, and a thread updating its segments streams into the other
         # thread's, whose cores then take the lines back and forth (the
         # hardware prefetcher runs past the end of a segment: on a 2-core
