@@ -71,12 +71,17 @@ def prefetch(typingctx, address):
 
 
 # A thread's rows of the next batch are asked for a step early
-# (prefetch_rows, from step.region) when they fill at most this many bytes;
-# larger ones as the gather copies them (scale_rows). An Intel core holds
-# one line fill buffer per line in flight, so a longer burst stalls the
-# thread until its lines arrive, and lines fetched a whole step early are
-# partly evicted before the gather reads them: a thread's burst for 100 rows
-# of 784 float32 values stalled it 29 us a step (docs/performance.md).
+# (prefetch_rows, from step.region) when they are float rows that fill at
+# most this many bytes; larger ones, and uint8 rows, as the gather copies
+# them (scale_rows). An Intel core holds one line fill buffer per line in
+# flight, so a longer burst stalls the thread until its lines arrive, and
+# lines fetched a whole step early are partly evicted before the gather
+# reads them: a thread's burst for 100 rows of 784 float32 values stalled
+# it 29 us a step (Xeon). A Zen 3 core drops most of a burst instead: 100
+# uint8 rows of 784 pixels took 22-24 us to gather after one, 14 asked for
+# 5 rows ahead (the Xeon: the same either way); the regression's float64
+# rows gathered as fast either way, and its step was 1.02x slower without
+# the burst (docs/performance.md).
 EARLY_PREFETCH_BYTES = 128 * 1024
 # the gather asks for the row this many bytes ahead of the one it copies (at
 # least one row): more than the lines one core keeps in flight
@@ -84,10 +89,10 @@ GATHER_AHEAD_BYTES = 4096
 
 
 @kernel
-def early_prefetch(X, nrows):
-    # whether nrows rows of X are asked for a step early (prefetch_rows),
-    # not as the gather copies them
-    return nrows * X.shape[1] * X.itemsize <= EARLY_PREFETCH_BYTES
+def early_prefetch(X, nrows, value_bytes):
+    # whether nrows rows of X, of value_bytes a value, are asked for a step
+    # early (prefetch_rows), not as the gather copies them
+    return value_bytes > 1 and nrows * X.shape[1] * X.itemsize <= EARLY_PREFETCH_BYTES
 
 
 @kernel
@@ -100,12 +105,12 @@ def prefetch_row(X, i):
 
 
 @kernel
-def prefetch_rows(X, idx, start, r0, r1):
+def prefetch_rows(X, idx, start, r0, r1, value_bytes):
     # X is (N, C), idx is (>=start+r1,)
     # asks for dataset rows idx[start + r0:start + r1] a step ahead of their
     # use, if early_prefetch: rows drawn at random from a large X otherwise
     # arrive one DRAM latency at a time
-    if not early_prefetch(X, r1 - r0):
+    if not early_prefetch(X, r1 - r0, value_bytes):
         return
     for b in range(r0, r1):
         prefetch_row(X, idx[start + b])
@@ -159,7 +164,7 @@ def scale_rows(out, X, idx, start, scale, bf16, r0, r1):
     # step-early burst that stalled the thread longer than that saved
     # (forward_backward 207-210 against 219 us a step).
     C = out.shape[1]
-    early = early_prefetch(X, r1 - r0)
+    early = early_prefetch(X, r1 - r0, X.itemsize)
     ahead = max(1, GATHER_AHEAD_BYTES // max(1, C * X.itemsize))
     if not early:
         for b in range(r0, min(r1, r0 + ahead)):

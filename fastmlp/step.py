@@ -529,8 +529,8 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
     # Without columns, the rows are cut into one contiguous part per
     # thread, sized by speed (balance.py), and each part gathering its rows
     # also prefetches its share of the next_rows rows at idx[start + nrows:]
-    # where they are few enough (kernels.early_prefetch; the gather asks for
-    # larger ones as it copies them). The same part runs on the same thread
+    # where they are few enough float rows (kernels.early_prefetch; the
+    # gather asks for the others as it copies them). The same part runs on the same thread
     # next time, under prange's static schedule, which balance.py relies on
     # too. With columns (a column layer forward, or the delta of its outputs),
     # each part takes its outputs (column_cut) for every row; with gather
@@ -549,11 +549,12 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
     if columns:
         r0, r1 = np.int64(0), nrows
         if gather:
-            prefetch_rows(data.X, data.idx, start + nrows, np.int64(0), next_rows)
+            prefetch_rows(data.X, data.idx, start + nrows, np.int64(0), next_rows,
+                          data.x_bytes)
     else:
         if gather:
             n0, n1 = share_rows(shares, next_rows, part, parts)
-            prefetch_rows(data.X, data.idx, start + nrows, n0, n1)
+            prefetch_rows(data.X, data.idx, start + nrows, n0, n1, data.x_bytes)
         r0, r1 = share_rows(shares, nrows, part, parts)
         if r0 == r1:  # fewer tiles than parts
             return

@@ -330,9 +330,9 @@ def test_head_kernels_against_the_oracle(rng, output):
     assert relative_error(dout[2:8], delta) < 1e-13 and (dout[:2] == 0).all()
 
 
-# (rows of 9 values: asked for a step early; of 30,000: more than
-# kernels.EARLY_PREFETCH_BYTES for 5 rows, each asked for while an earlier
-# one is copied)
+# (rows of 9 values: float rows asked for a step early, uint8 rows while an
+# earlier one is copied; of 30,000: more than kernels.EARLY_PREFETCH_BYTES
+# for 5 rows, asked for while an earlier one is copied)
 @pytest.mark.parametrize("columns", [9, 30000])
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.float32, np.float64])
 def test_gather_rows_scales_uint8_and_follows_index(rng, x_dtype, columns):
@@ -350,6 +350,9 @@ def test_gather_rows_scales_uint8_and_follows_index(rng, x_dtype, columns):
     data = make_data(X, y, sample_weight, idx, np.dtype(np.float32))
     scale = np.float32(1 / 255) if x_dtype == np.uint8 else np.float32(1)
     assert data.scale == scale and data.X.dtype == np.uint8
+    early = kernels.early_prefetch(data.X, 5, data.x_bytes)
+    assert early == (x_dtype != np.uint8 and columns == 9)
+    kernels.prefetch_rows(data.X, idx, 10, 0, 5, data.x_bytes)  # (a hint: no effect on values)
     kernels.gather_rows(out, labels, targets, weights, data, 10, False, 0, 5)
     assert np.array_equal(out, (X[idx[10:15]] * scale).astype(np.float32))
     assert np.array_equal(labels, y[idx[10:15]])
