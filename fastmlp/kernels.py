@@ -78,8 +78,8 @@ def prefetch(typingctx, address):
 # lines fetched a whole step early are partly evicted before the gather
 # reads them: a thread's burst for 100 rows of 784 float32 values stalled
 # it 29 us a step (Xeon). A Zen 3 core drops most of a burst instead: 100
-# uint8 rows of 784 pixels took 22-24 us to gather after one, 14 asked for
-# 5 rows ahead (the Xeon: the same either way); the regression's float64
+# uint8 rows of 784 pixels took 22-24 us to gather after one, 14 us asked
+# for 5 rows ahead (the Xeon: the same either way); the regression's float64
 # rows gathered as fast either way, and its step was 1.02x slower without
 # the burst (docs/performance.md).
 EARLY_PREFETCH_BYTES = 128 * 1024

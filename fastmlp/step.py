@@ -530,13 +530,13 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
     # thread, sized by speed (balance.py), and each part gathering its rows
     # also prefetches its share of the next_rows rows at idx[start + nrows:]
     # where they are few enough float rows (kernels.early_prefetch; the
-    # gather asks for the others as it copies them). The same part runs on the same thread
-    # next time, under prange's static schedule, which balance.py relies on
-    # too. With columns (a column layer forward, or the delta of its outputs),
-    # each part takes its outputs (column_cut) for every row; with gather
-    # too (a first column layer: own_inputs), each part gathers every row
-    # into its own copy of the inputs, and prefetches every next row on the
-    # same terms.
+    # gather asks for the others as it copies them). The same part runs on
+    # the same thread next time, under prange's static schedule, which
+    # balance.py relies on too. With columns (a column layer forward, or
+    # the delta of its outputs), each part takes its outputs (column_cut)
+    # for every row; with gather too (a first column layer: own_inputs),
+    # each part gathers every row into its own copy of the inputs, and
+    # prefetches every next row on the same terms.
     sizes = net.sizes
     acts = work.acts
     act_off = work.act_off
