@@ -80,8 +80,8 @@ def prefetch(typingctx, address):
 # it 29 us a step (Xeon). A Zen 3 core drops most of a burst instead: 100
 # uint8 rows of 784 pixels took 22-24 us to gather after one, 14 us asked
 # for 5 rows ahead (the Xeon: the same either way); the regression's float64
-# rows gathered as fast either way, and its step was 1.02x slower without
-# the burst (docs/performance.md).
+# rows gathered as fast with no prefetch at all, but its step was 1.02x
+# slower without the burst (docs/performance.md).
 EARLY_PREFETCH_BYTES = 128 * 1024
 # the gather asks for the row this many bytes ahead of the one it copies (at
 # least one row): more than the lines one core keeps in flight
