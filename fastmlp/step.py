@@ -166,14 +166,14 @@ def task_list(layer_sizes):
         # A first layer of few row groups (W1's 50 rows: 13; not a wide one)
         # cannot be shared out evenly by rows, so its columns are split too,
         # at whole register blocks: every weight is then computed exactly as
-        # without the split. Only the first: a piece's weights are segments of every
-        # row, and a thread updating its segments streams into the other
-        # thread's, whose cores then take the lines back and forth (the
-        # hardware prefetcher runs past the end of a segment: on a 2-core
-        # Xeon, Adam on two column halves of one 100 x 784 matrix took 49 us
-        # a thread, on row halves 13.5). That pays where the pieces save
-        # reading the other core's half of 784-value input rows, not in a
-        # hidden layer of 128 (docs/performance.md).
+        # without the split. Only the first: a piece's weights are segments
+        # of every row, and a thread updating its segments streams into the
+        # other thread's, whose cores then take the lines back and forth
+        # (the hardware prefetcher runs past the end of a segment: on a
+        # 2-core Xeon, Adam on two column halves of one 100 x 784 matrix
+        # took 49 us a thread, on row halves 13.5). That pays where the
+        # pieces save reading the other core's half of 784-value input rows,
+        # not in a hidden layer of 128 (docs/performance.md).
         blocks = fan_in // BLOCK_COLUMNS
         pieces = (max(1, min(COLUMN_PIECES, blocks))
                   if layer == 0 and not wide_layer(fan_out)
