@@ -240,7 +240,7 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # holding weight[:OCT].T or (C, 0) for a wide layer, outputs_t is this
     # thread's scratch for a wide layer's transposed outputs (at least
     # OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a multiple of
-    # BLOCK_COLUMNS, or of 16 below OCT, or of 4 past it (step.column_cut)
+    # BLOCK_COLUMNS, or of 16 below OCT, or any output past it (step.column_cut)
     # out = activation(inp @ weight.T + bias) for rows r0:r1 and outputs
     # j0:j1, rounded to bfloat16 if bf16.
     # Outputs 0:OCT (OCT = transposed_outputs(OC), whole blocks of
@@ -252,10 +252,11 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # takes changes no value. The rest are dot products along the long,
     # contiguous C axis of weight's rows, 4 rows x DOT_OUTPUTS outputs a
     # call (dot_tile in microkernel.py: explicit vectors, in tiles that fit
-    # the CPU's registers). At an edge a tile repeats the last row or output
-    # and stores only what is real, so every output is computed by the
-    # same instructions, whatever rows and outputs a call covers (a wide
-    # layer split between threads by its outputs: step.column_layer).
+    # the CPU's registers). At an edge a tile repeats the last row and
+    # stores only what is real, and the last outputs take a tile as wide as
+    # they are: every output is computed by the same instructions, whatever
+    # rows and outputs a call covers (a layer split between threads by its
+    # outputs: step.column_layer).
     OC, C = weight.shape
     OCT = transposed_outputs(OC)
     blocked = min(j1, OCT)

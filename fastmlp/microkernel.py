@@ -380,7 +380,7 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
     # float type with unit stride along their last axis:
     # out[b:b + rows, j:j + outs] = inp[b:b + rows] @ weight[j:j + outs].T
     # for rows of 1 to 4 and outs of 1 to DOT_OUTPUTS, in tiles of
-    # dot_tile_outputs() outputs
+    # dot_tile_outputs() outputs (the last one as wide as the outputs left)
     if not all(isinstance(a, types.Array) and a.ndim == 2 for a in (out, inp, weight)):
         return None
     dtype = out.dtype
@@ -396,25 +396,38 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
         itemsize = context.get_abi_sizeof(value)
         bits = target_vector_bits(context)
         per_tile = dot_tile_outputs(bits)
-        function = dot_function(builder.module, value, itemsize, bits // 8 // itemsize, per_tile)
+        # a tile of each width up to per_tile: the last outputs of a call
+        # take one as wide as they are, so that a call of 25 outputs costs
+        # 8 1/3 tiles of 3, not 9 (step.column_cut cuts W1's 50 in two)
+        functions = [dot_function(builder.module, value, itemsize, bits // 8 // itemsize, n)
+                     for n in range(1, per_tile + 1)]
 
         def address(array, row, column):
             return element_address(builder, array, row, column, itemsize)
 
         zero = ir.Constant(i64, 0)
         C = builder.extract_value(weight_arr.shape, 1)
+
+        def call(function, output, outs):
+            builder.call(function, [
+                address(out_arr, b_, output), builder.extract_value(out_arr.strides, 0),
+                address(inp_arr, b_, zero), builder.extract_value(inp_arr.strides, 0),
+                address(weight_arr, output, zero),
+                builder.extract_value(weight_arr.strides, 0), C, rows_, outs])
+
         for first in range(0, DOT_OUTPUTS, per_tile):
             left = builder.sub(outs_, ir.Constant(i64, first))
             with builder.if_then(builder.icmp_signed(">", left, zero), likely=True):
                 output = builder.add(j_, ir.Constant(i64, first))
-                tile_outs = builder.select(
-                    builder.icmp_signed("<", left, ir.Constant(i64, per_tile)),
-                    left, ir.Constant(i64, per_tile))
-                builder.call(function, [
-                    address(out_arr, b_, output), builder.extract_value(out_arr.strides, 0),
-                    address(inp_arr, b_, zero), builder.extract_value(inp_arr.strides, 0),
-                    address(weight_arr, output, zero),
-                    builder.extract_value(weight_arr.strides, 0), C, rows_, tile_outs])
+                whole = builder.icmp_signed(">=", left, ir.Constant(i64, per_tile))
+                with builder.if_else(whole, likely=True) as (then, otherwise):
+                    with then:
+                        call(functions[-1], output, ir.Constant(i64, per_tile))
+                    with otherwise:
+                        for n in range(1, per_tile):
+                            with builder.if_then(builder.icmp_signed(
+                                    "==", left, ir.Constant(i64, n))):
+                                call(functions[n - 1], output, left)
         return context.get_dummy_value()
 
     index = types.intp

@@ -378,7 +378,8 @@ def column_cut(OC, part, parts):
     # part == parts): at whole register blocks, the last part also taking
     # any outputs past them. A narrow first layer (narrow_columns): at
     # whole 16s within its transposed block, or with none (dot tiles only)
-    # at whole tiles of 4. (dense_forward: an output's value does not
+    # at any output: W1's 50 in two of 25, each 8 tiles of 3 and one of 1
+    # (at whole tiles, 8 and 9). (dense_forward: an output's value does not
     # depend on the cut.)
     if part >= parts:
         return OC
@@ -386,7 +387,7 @@ def column_cut(OC, part, parts):
     if wide_layer(OC):
         return part * (OCT // BLOCK_COLUMNS) // parts * BLOCK_COLUMNS
     if OCT == 0:
-        return part * (OC // 4) // parts * 4
+        return part * OC // parts
     return min(OCT, part * OC // parts // NARROW_COLUMNS * NARROW_COLUMNS)
 
 
@@ -809,14 +810,16 @@ def task_work(net, t, halves):
 def task_owner(net, t, parts, threads, own):
     # the part that runs task t whatever the shares: for the weights of a
     # column layer, the part that computes their outputs forward (by the
-    # task's first row); -1 for every other task
+    # task's middle row: W1's tasks of rows 0:24 and 24:50 go to the parts
+    # of outputs 0:25 and 25:50); -1 for every other task
     tasks = net.tasks
     l = tasks[t, 0]
     if tasks[t, 1] != WEIGHT_TASK or not column_layer(net, l, threads, own):
         return -1
     OC = net.sizes[l + 1]
+    middle = (tasks[t, 2] + tasks[t, 3] - 1) // 2
     for part in range(parts):
-        if tasks[t, 2] < column_cut(OC, part + 1, parts):
+        if middle < column_cut(OC, part + 1, parts):
             return part
     return parts - 1
 

@@ -115,7 +115,9 @@ def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(
     for t, (layer, kind, j0, j1, _, _) in enumerate(net.tasks):
         if kind == WEIGHT_TASK and column_layer(net, layer, threads, own):
             OC = sizes[layer + 1]
-            assert column_cut(OC, owners[t], parts) <= j0 < column_cut(OC, owners[t] + 1, parts)
+            middle = (j0 + j1 - 1) // 2
+            assert (column_cut(OC, owners[t], parts) <= middle
+                    < column_cut(OC, owners[t] + 1, parts))
             assert task_work(net, t, False) > 0
         else:
             assert owners[t] == -1
