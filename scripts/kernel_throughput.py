@@ -157,19 +157,24 @@ def kernel_rate(name, assembly, model):
     CHILD names it. A block kernel runs one loop per column panel, all over
     the same source rows, and a panel size's loop is one function however
     often it is called (AVX2's 64 float32 columns: panels of 2, 3 and 3
-    vectors, so the 3-vector loop counts twice)."""
+    vectors, so the 3-vector loop counts twice). A dot kernel's loops of
+    fewer outputs than a tile (a call's last outputs) count for nothing:
+    they do few of a layer's multiply-adds."""
     from fastmlp.microkernel import ROWS, panel_vectors, panels
     dtype, kernel = name.split("-")
     bits = 512 if "%zmm" in assembly else 256
+    loops_of = [(sum("vfmadd" in line for line in loop), loop) for loop in fma_loops(assembly)]
     runs = {}
     if kernel.isdigit():
         lanes = bits // (32 if dtype == "float32" else 64)
         for size in panels(int(kernel) // lanes, panel_vectors(bits)):
             runs[ROWS * size] = runs.get(ROWS * size, 0) + 1
+    else:  # a dot tile: the whole tile's loop
+        runs[max(fmas for fmas, _ in loops_of)] = 1
     per_loop = []
-    for loop in fma_loops(assembly):
-        fmas = sum("vfmadd" in line for line in loop)
-        per_loop.append((fmas, cycles_per_iteration(loop, model), runs.get(fmas, 1)))
+    for fmas, loop in loops_of:
+        if fmas in runs:
+            per_loop.append((fmas, cycles_per_iteration(loop, model), runs[fmas]))
     rate = sum(f * n for f, _, n in per_loop) / sum(c * n for _, c, n in per_loop)
     return rate, fma_peak(model, "zmm" if bits == 512 else "ymm"), per_loop
 
