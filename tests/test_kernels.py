@@ -175,12 +175,15 @@ def test_dense_backward_input_by_columns_equals_all_columns(dtype, C, cuts, rng)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("C,OC,nrows,cuts", [(784, 512, 128, [0, 256, 512]),
                                              (130, 300, 70, [0, 128, 300]),
-                                             (9, 260, 3, [0, 64, 128, 192, 260])])
-def test_wide_forward_by_columns_equals_by_rows(dtype, C, OC, nrows, cuts, rng):
+                                             (9, 260, 3, [0, 64, 128, 192, 260]),
+                                             (784, 50, 100, [0, 25, 50]),
+                                             (20, 50, 9, [0, 1, 7, 26, 50])])
+def test_column_layer_by_columns_equals_by_rows(dtype, C, OC, nrows, cuts, rng):
     """A column layer's outputs, computed in column pieces for all rows
     (step.column_layer, one piece a thread: whole blocks transposed, the
-    outputs past them in dot tiles), are bit for bit those of the same layer
-    cut by rows; each piece writes its columns only."""
+    outputs past them in dot tiles, a narrow layer's cut at any output),
+    are bit for bit those of the same layer cut by rows; each piece writes
+    its columns only."""
     inp = rng.standard_normal((nrows + 2, C)).astype(dtype)
     weight = rng.standard_normal((OC, C)).astype(dtype)
     bias = rng.standard_normal(OC).astype(dtype)

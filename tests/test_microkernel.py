@@ -96,6 +96,27 @@ def test_dot_tile_against_numpy(dtype, C, OC, rng):
     np.testing.assert_array_equal(out[[0, 10, 11]], 7.0)
 
 
+@njit(fastmath=FASTMATH)
+def one_dot_tile(out, inp, weight, j, outs):
+    dot_tile(out, inp, weight, 0, 4, j, outs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_dot_tile_of_fewer_outputs_computes_them_alike(dtype, rng):
+    # the last outputs of a call take a tile as wide as they are (1 to
+    # dot_tile_outputs() - 1): each output bit for bit as in a whole tile
+    inp = rng.standard_normal((4, 50)).astype(dtype)
+    weight = rng.standard_normal((DOT_OUTPUTS, 50)).astype(dtype)
+    whole = np.zeros((4, DOT_OUTPUTS), dtype)
+    one_dot_tile(whole, inp, weight, 0, DOT_OUTPUTS)
+    for outs in range(1, DOT_OUTPUTS + 1):
+        for j in range(0, DOT_OUTPUTS - outs + 1):
+            part = np.full((4, DOT_OUTPUTS), 7.0, dtype)
+            one_dot_tile(part, inp, weight, j, outs)
+            assert np.array_equal(part[:, j:j + outs], whole[:, j:j + outs])
+            assert (np.delete(part, np.s_[j:j + outs], axis=1) == 7.0).all()
+
+
 def test_panels_fit_the_register_file():
     for bits, registers in ((512, 32), (256, 16), (128, 16)):
         most = panel_vectors(bits)
