@@ -397,8 +397,8 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
         bits = target_vector_bits(context)
         per_tile = dot_tile_outputs(bits)
         # a tile of each width up to per_tile: the last outputs of a call
-        # take one as wide as they are, so that a call of 25 outputs costs
-        # 8 1/3 tiles of 3, not 9 (step.column_cut cuts W1's 50 in two)
+        # take one as wide as they are, so that 25 outputs cost 8 tiles of 3
+        # and one of 1, not 9 tiles of 3 (step.column_cut cuts W1's 50 in two)
         functions = [dot_function(builder.module, value, itemsize, bits // 8 // itemsize, n)
                      for n in range(1, per_tile + 1)]
 

@@ -378,9 +378,9 @@ def column_cut(OC, part, parts):
     # part == parts): at whole register blocks, the last part also taking
     # any outputs past them. A narrow first layer (narrow_columns): at
     # whole 16s within its transposed block, or with none (dot tiles only)
-    # at any output: W1's 50 in two of 25, each 8 tiles of 3 and one of 1
-    # (at whole tiles, 8 and 9). (dense_forward: an output's value does not
-    # depend on the cut.)
+    # at any output: W1's 50 in two of 25, each 8 dot tiles of 3 and one of
+    # 1 on AVX2 (at whole tiles, 8 and 9). (dense_forward: an output's
+    # value does not depend on the cut.)
     if part >= parts:
         return OC
     OCT = transposed_outputs(OC)
