@@ -2,9 +2,10 @@
 
 Both phases of a step cut their work into one contiguous share per thread:
 `forward_backward` the batch's rows (at 4-row tiles), and
-`gradients_update` its task list (by the tasks' estimated cost). (Column
-layers, split by their outputs, and their weight tasks are cut evenly
-instead: step.column_cut.) Equal
+`gradients_update` its task list (by the tasks' estimated cost), and before
+it, for a batch summed in two halves, the weights of both halves
+(step.part_halves). (Column layers, split by their outputs, and their
+weight tasks are cut evenly instead: step.column_cut.) Equal
 shares assume equal cores, which a user's CPU need not have (performance and
 efficiency cores), nor a virtual machine's (a core shared with another guest
 ran the same forward pass 1.4x slower than its sibling, measured with
@@ -29,7 +30,7 @@ from numba.extending import intrinsic
 
 from .jit import kernel
 
-FORWARD, GRADIENTS = range(2)  # the phases
+FORWARD, GRADIENTS, HALF_SUMS = range(3)  # the phases (HALF_SUMS: step.part_halves)
 SPEED, CYCLES, DONE = range(3)
 # the newest speed's weight in the smoothed one
 SMOOTHING = 0.5
@@ -40,7 +41,7 @@ MIN_SHARE = 0.25
 
 def make_balance(max_parts):
     """The balance state of a workspace, for up to max_parts threads."""
-    return np.zeros((2, 3, max_parts), np.float64)
+    return np.zeros((3, 3, max_parts), np.float64)
 
 
 @intrinsic

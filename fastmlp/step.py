@@ -72,7 +72,8 @@ from .amx_layers import step_amx_forward as amx_forward
 from .amx_layers import step_pack_delta as pack_delta
 from .amx_layers import step_pack_input as pack_input
 from .amx_layers import step_pack_weights as pack_weights
-from .balance import FORWARD, GRADIENTS, cycles, fold_timings, record, share_point, share_rows
+from .balance import (FORWARD, GRADIENTS, HALF_SUMS, cycles, fold_timings, record, share_point,
+                      share_rows)
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
@@ -910,35 +911,31 @@ def part_halves(work, net, opt, nrows, part, parts, threads, own):
     # into work.second_half, each at its parameter's place (the HALVES
     # stage of gradients_region; the tasks then add them). A column layer's
     # weight rows go to the part that computes their outputs (both halves,
-    # from its own inputs); the other layers' to the parts of each half,
-    # which cut them between them evenly (shared_rows), the half's last
-    # part taking every layer's biases. On two threads each part then sums
-    # the half of the batch whose rows it ran forward (two threads of equal
-    # speed cut the batch where gradient_cut does), where a task summed
-    # over every row reads half of its deltas and inputs from the other
-    # core: the 784-100-10 Adam step (batch 200, float32 rows) 0.88 of the
-    # time, measured.
+    # from its own inputs). The other layers' weights, the first half's and
+    # then the second's, are cut into one contiguous stretch a part, sized
+    # by speed (balance.py, HALF_SUMS; at 4 weight rows: shared_rows); the
+    # part whose stretch ends a half takes every layer's biases of that
+    # half. On two threads of equal speed each part then sums the half of
+    # the batch whose rows it ran forward (they cut the batch where
+    # gradient_cut does), where a task summed over every row reads half of
+    # its deltas and inputs from the other core: the 784-100-10 Adam step
+    # (batch 200, float32 rows) 0.88 of the time, measured. On unequal ones
+    # the faster also sums some of the other half's weights.
     L = net.sizes.shape[0] - 1
     B = work.labels.shape[0]
     h = gradient_cut(nrows)
+    shares = work.balance[HALF_SUMS]
+    started = cycles()
+    done = np.int64(0)  # weights times rows summed
     total = 0
     for l in range(L):
         if not column_layer(net, l, threads, own):
             total += net.sizes[l] * net.sizes[l + 1]
     for half in range(2):
-        # the half's parts: first..last - 1 (one part: both halves)
-        first = half * parts // 2
-        last = max(first + 1, (half + 1) * parts // 2)
         out = opt.grads if half == 0 else work.second_half
         r0 = np.int64(0) if half == 0 else h
         r1 = h if half == 0 else nrows
-        # this part's points on the shared layers' weights (none outside the half)
-        lo = 0.0
-        hi = 0.0
-        if first <= part < last:
-            lo = (part - first) * total / (last - first)
-            hi = float(total) if part == last - 1 else (part + 1 - first) * total / (
-                last - first)
+        lo, hi, biases = half_stretch(shares, total, part, parts, half)
         before = 0
         for l in range(L):
             C = net.sizes[l]
@@ -958,8 +955,23 @@ def part_halves(work, net, opt, nrows, part, parts, threads, own):
                 dense_backward_weight(view2d(out, net.w_off, l, OC, C)[j0:j1], dout[:, j0:j1],
                                       inputs[r0:r1], np.int64(0), j1 - j0, r1 - r0,
                                       np.int64(0), C)
-            if part == last - 1:
+                done += (j1 - j0) * C * (r1 - r0)
+            if biases:
                 dense_backward_bias(out[net.b_off[l]:net.b_off[l] + OC], dout, r1 - r0)
+    record(shares, part, started, done)
+
+
+@kernel
+def half_stretch(shares, total, part, parts, half):
+    # part_halves: part `part`'s points (lo, hi) on the `total` shared
+    # weights of half `half`, where its stretch of both halves' in turn
+    # (cut by speed: shares) meets that half (lo = hi: none), and whether it
+    # takes the half's biases (its stretch ends the half)
+    first = share_point(shares, part, parts) * 2.0 * total - half * total
+    last = share_point(shares, part + 1, parts) * 2.0 * total - half * total
+    end = 0.5 * (half + 1)  # where the half ends on the unit interval
+    biases = share_point(shares, part, parts) < end <= share_point(shares, part + 1, parts)
+    return (min(max(first, 0.0), float(total)), min(max(last, 0.0), float(total)), biases)
 
 
 @kernel
@@ -986,8 +998,7 @@ def gradients_region(work, net, opt, nrows, gradients, update, threads, own, sta
     # start 24.2 s, against 18.6: docs/performance.md). Each part runs
     # gradients_part.
     parts = gradient_parts(work, threads)
-    if stage != HALVES:
-        fold_timings(work.balance[GRADIENTS], parts)
+    fold_timings(work.balance[HALF_SUMS if stage == HALVES else GRADIENTS], parts)
     for p in prange(parts):
         gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage,
                        np.int64(p), parts)

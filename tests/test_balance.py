@@ -10,18 +10,21 @@ from fastmlp.balance import (
     DONE,
     FORWARD,
     GRADIENTS,
+    HALF_SUMS,
     MIN_SHARE,
     SPEED,
     fold_timings,
     make_balance,
     share_rows,
 )
+from fastmlp.kernels import MAX_SUM_ROWS
 from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, adam_betas, make_hyper
-from fastmlp.step import (WEIGHT_TASK, column_cut, column_layer, make_tasks, own_inputs,
-                          share_first_task, task_owner, task_work, total_work, train_steps)
+from fastmlp.step import (WEIGHT_TASK, column_cut, column_layer, half_stretch, make_tasks,
+                          own_inputs, share_first_task, shared_rows, task_owner, task_work,
+                          total_work, train_steps)
 
 from conftest import random_problem
 
@@ -151,22 +154,22 @@ def test_timings_become_smoothed_speeds():
     assert (balance[GRADIENTS] == 0).all()
 
 
-def run_steps(threads, speeds, steps=6):
-    """Parameters after `steps` Adam steps of 40 rows, with the workspace's
-    balance state preset to `speeds` in both phases."""
-    model, X, y = random_problem([30, 70, 64, 5], 400, "tanh", np.float32, seed=3)
-    ws = Workspace(model.layer_sizes, 40, model.dtype)
+def run_steps(threads, speeds, steps=6, batch=40):
+    """Parameters after `steps` Adam steps of `batch` rows, with the
+    workspace's balance state preset to `speeds` in every phase."""
+    model, X, y = random_problem([30, 70, 64, 5], steps * batch, "tanh", np.float32, seed=3)
+    ws = Workspace(model.layer_sizes, batch, model.dtype)
     ws.work.balance[:, SPEED, :len(speeds)] = speeds
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
                           OPTIMIZERS["adam"], False, np.zeros(5), adam_betas())
-    data = make_data(X, y.astype(np.int32), np.ones(400, model.dtype), np.arange(400),
+    data = make_data(X, y.astype(np.int32), np.ones(len(X), model.dtype), np.arange(len(X)),
                      model.dtype)
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
         status = train_steps(ws.work, model.network(), optimizer, data,
-                             local_batches(40, model.dtype), 0, steps, 0, threads)[3]
+                             local_batches(batch, model.dtype), 0, steps, 0, threads)[3]
     finally:
         numba.set_num_threads(previous)
     assert status == 0
@@ -175,11 +178,48 @@ def run_steps(threads, speeds, steps=6):
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
 @pytest.mark.parametrize("speeds", [[1.0, 4.0], [4.0, 1.0], [1.0, 1.0]])
-def test_any_cut_trains_bit_identical_parameters(speeds):
-    one, _ = run_steps(1, [1.0])
-    two, balance = run_steps(2, speeds)
+@pytest.mark.parametrize("batch", [40, 200])
+def test_any_cut_trains_bit_identical_parameters(speeds, batch):
+    # (at 200 rows the batch is summed in halves, cut between the threads
+    # by speed: part_halves)
+    one, _ = run_steps(1, [1.0], batch=batch)
+    two, balance = run_steps(2, speeds, batch=batch)
     assert np.array_equal(one, two)
-    # every step timed both threads' shares
-    assert (balance[:, SPEED, :2] > 0).all()
+    # every step timed both threads' shares, in every phase it has
+    phases = [FORWARD, GRADIENTS] + ([HALF_SUMS] if batch > MAX_SUM_ROWS else [])
+    assert (balance[phases, SPEED, :2] > 0).all()
     # and one step of different training differs: the comparison can fail
-    assert not np.array_equal(one, run_steps(1, [1.0], steps=5)[0])
+    assert not np.array_equal(one, run_steps(1, [1.0], steps=5, batch=batch)[0])
+
+
+def test_halves_are_cut_by_speed_and_cover_every_weight_once():
+    """part_halves's stretches: both halves' shared weights, each row of
+    each half summed by one part, the faster part taking more; each half's
+    biases by one part."""
+    sizes = [30, 70, 64, 5]
+    total = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    for speeds in ([1.0, 1.0], [1.0, 3.0], [3.0, 1.0], [1.0, 2.0, 3.0]):
+        parts = len(speeds)
+        table = balance_with(HALF_SUMS, speeds)[HALF_SUMS]
+        covered = {}
+        bias_parts = [[], []]
+        for p in range(parts):
+            for half in range(2):
+                lo, hi, biases = half_stretch(table, total, p, parts, half)
+                if biases:
+                    bias_parts[half].append(p)
+                before = 0
+                for l in range(len(sizes) - 1):
+                    C, OC = sizes[l], sizes[l + 1]
+                    for row in range(shared_rows(lo, before, C, OC),
+                                     shared_rows(hi, before, C, OC)):
+                        assert (half, l, row) not in covered
+                        covered[half, l, row] = p
+                    before += C * OC
+        assert len(covered) == 2 * sum(sizes[1:])
+        assert bias_parts[1] == [parts - 1] and len(bias_parts[0]) == 1
+        rows = [sum(1 for p in covered.values() if p == q) for q in range(parts)]
+        fastest, slowest = int(np.argmax(speeds)), int(np.argmin(speeds))
+        assert rows[fastest] >= rows[slowest]
+        if speeds[fastest] > speeds[slowest]:
+            assert rows[fastest] > rows[slowest]
