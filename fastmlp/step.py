@@ -40,9 +40,10 @@ A step is two phases:
    parameter's gradient the sum over the first half plus the sum over the
    second (gradient_cut), whatever the thread count. Those halves are
    summed first, in a stage of their own (part_halves): on two
-   threads, each thread the half of the batch that it ran forward, for
-   every weight row outside the column layers, so that no thread reads
-   deltas and inputs another wrote. The tasks then add the halves and
+   threads of equal speed, each thread the half of the batch that it ran
+   forward, for every weight row outside the column layers, so that no
+   thread reads deltas and inputs another wrote (a faster thread also sums
+   some of the other half's weights). The tasks then add the halves and
    update (the 784-100-10 Adam step at batch 200, float32 rows, 0.89 of
    the time; the regression benchmark's 0.90).
 
