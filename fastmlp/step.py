@@ -968,11 +968,13 @@ def half_stretch(shares, total, part, parts, half):
     # weights of half `half`, where its stretch of both halves' in turn
     # (cut by speed: shares) meets that half (lo = hi: none), and whether it
     # takes the half's biases (its stretch ends the half)
-    first = share_point(shares, part, parts) * 2.0 * total - half * total
-    last = share_point(shares, part + 1, parts) * 2.0 * total - half * total
+    start = share_point(shares, part, parts)
+    stop = share_point(shares, part + 1, parts)
+    first = start * 2.0 * total - half * total
+    last = stop * 2.0 * total - half * total
     end = 0.5 * (half + 1)  # where the half ends on the unit interval
-    biases = share_point(shares, part, parts) < end <= share_point(shares, part + 1, parts)
-    return (min(max(first, 0.0), float(total)), min(max(last, 0.0), float(total)), biases)
+    return (min(max(first, 0.0), float(total)), min(max(last, 0.0), float(total)),
+            start < end <= stop)
 
 
 @kernel
