@@ -1,11 +1,11 @@
 """Sharing a parallel region's work between threads by their measured speed.
 
 Both phases of a step cut their work into one contiguous share per thread:
-`forward_backward` the batch's rows (at 4-row tiles), and
-`gradients_update` its task list (by the tasks' estimated cost), and before
-it, for a batch summed in two halves, the weights of both halves
-(step.part_halves). (Column layers, split by their outputs, and their
-weight tasks are cut evenly instead: step.column_cut.) Equal
+`forward_backward` the batch's rows (at 4-row tiles), or a column layer's
+outputs (step.column_cut, at 16 outputs: its weight tasks then go to the
+thread that computes their outputs), and `gradients_update` its task list
+(by the tasks' estimated cost), and before it, for a batch summed in two
+halves, the weights of both halves (step.part_halves). Equal
 shares assume equal cores, which a user's CPU need not have (performance and
 efficiency cores), nor a virtual machine's (a core shared with another guest
 ran the same forward pass 1.4x slower than its sibling, measured with
@@ -20,7 +20,9 @@ depend on the thread that runs it. With one thread nothing changes.
 `balance` (make_balance) holds, per phase and per part: its smoothed speed,
 and the cycles and work of its last run (folded into the speed when the
 next region of that phase starts). The kernels take one phase's table,
-balance[phase] (3, max_parts).
+balance[phase] (3, max_parts). W3's step (784-512-512-10) with a third of
+one core taken by another process: 0.87-0.88 of the time with its column
+layers cut by speed, against evenly (docs/performance.md).
 """
 import numpy as np
 from llvmlite import ir
@@ -30,7 +32,10 @@ from numba.extending import intrinsic
 
 from .jit import kernel
 
-FORWARD, GRADIENTS, HALF_SUMS = range(3)  # the phases (HALF_SUMS: step.part_halves)
+# the phases: forward_backward's regions by rows, gradients_update's
+# tasks, the halves of a batch (step.part_halves), and the column regions
+# (step.column_cut)
+FORWARD, GRADIENTS, HALF_SUMS, COLUMN_LAYERS = range(4)
 SPEED, CYCLES, DONE = range(3)
 # the newest speed's weight in the smoothed one
 SMOOTHING = 0.5
@@ -41,7 +46,7 @@ MIN_SHARE = 0.25
 
 def make_balance(max_parts):
     """The balance state of a workspace, for up to max_parts threads."""
-    return np.zeros((3, 3, max_parts), np.float64)
+    return np.zeros((4, 3, max_parts), np.float64)
 
 
 @intrinsic

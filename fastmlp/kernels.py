@@ -239,8 +239,8 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is (C, OCT)
     # holding weight[:OCT].T or (C, 0) for a wide layer, outputs_t is this
     # thread's scratch for a wide layer's transposed outputs (at least
-    # OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a multiple of
-    # BLOCK_COLUMNS, or of 16 below OCT, or any output past it (step.column_cut)
+    # OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a multiple of 16 below
+    # OCT, or any output past it (step.column_cut)
     # out = activation(inp @ weight.T + bias) for rows r0:r1 and outputs
     # j0:j1, rounded to bfloat16 if bf16.
     # Outputs 0:OCT (OCT = transposed_outputs(OC), whole blocks of
@@ -393,7 +393,7 @@ def round_columns(out, src, k0, k1):
 def dense_backward_input(dinp, dout, weight, inp, activation, bf16, r0, r1, k0, k1):
     # dinp is (B, C), dout is (B, OC), weight is (OC, C), inp is (B, C)
     # dinp = (dout @ weight) * activation'(inp) for rows r0:r1 and columns
-    # k0:k1 (k0 a multiple of BLOCK_COLUMNS; rounded to bfloat16 if bf16),
+    # k0:k1 (k0 a multiple of 16; rounded to bfloat16 if bf16),
     # where inp is the previous layer's output: the delta of the previous
     # layer's pre-activation, ready for its own weight gradient. Each value
     # is the same whatever rows and columns a call covers. An ordered_kernel:
@@ -573,7 +573,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
     # out is (R, C), coef is (R, T), src is (T, C)
     # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1], both backward
     # products and the forward one from transposed weights (k0 a multiple of
-    # BLOCK_COLUMNS, or 0): each output row is a sum of source rows, all
+    # 16, or 0): each output row is a sum of source rows, all
     # contiguous along C. Groups of 4 output rows (the last group may have
     # fewer) take C in blocks of BLOCK_COLUMNS, then the whole 16s of
     # columns left in one narrow block, whose accumulators stay in

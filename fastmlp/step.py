@@ -15,7 +15,8 @@ A step is two phases:
    On more than one thread, wide hidden layers (column layers: 256
    outputs or more), and a narrow first layer whose weights outweigh the
    batch's input rows (narrow_columns), are split by their outputs
-   instead, each thread computing its outputs for every row, in a
+   instead, each thread computing its outputs for every row (a share
+   sized by its measured speed, as a part of rows is: balance.py), in a
    parallel region of their own; so is the delta of a wide layer's
    outputs, by the same cut, when the layer above is a column layer too
    (below a narrow one it is a small product, done by rows in the region
@@ -73,7 +74,8 @@ from .amx_layers import step_amx_forward as amx_forward
 from .amx_layers import step_pack_delta as pack_delta
 from .amx_layers import step_pack_input as pack_input
 from .amx_layers import step_pack_weights as pack_weights
-from .balance import (FORWARD, GRADIENTS, HALF_SUMS, cycles, fold_timings, record, share_point,
+from .balance import (COLUMN_LAYERS, FORWARD, GRADIENTS, HALF_SUMS, cycles, fold_timings, record,
+                      share_point,
                       share_rows)
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
@@ -375,22 +377,24 @@ def own_inputs(work, net, threads):
 
 
 @kernel
-def column_cut(OC, part, parts):
+def column_cut(shares, OC, part, parts):
     # the first output of part `part` of a column layer's OC outputs (OC for
-    # part == parts): at whole register blocks, the last part also taking
-    # any outputs past them. A narrow first layer (narrow_columns): at
-    # whole 16s within its transposed block, or with none (dot tiles only)
-    # at any output: W1's 50 in two of 25, each 8 dot tiles of 3 and one of
-    # 1 on AVX2 (at whole tiles, 8 and 9). (dense_forward: an output's
-    # value does not depend on the cut.)
+    # part == parts), each part's share in proportion to its measured speed
+    # (shares: balance.py's COLUMN_LAYERS phase, timed over the column regions;
+    # equal shares until timed): at whole 16s within the transposed block
+    # (a wide layer's last part also taking any outputs past it), or in a
+    # narrow first layer without one (dot tiles only) at any output: W1's
+    # 50 in two of 25 at equal speeds, each 8 dot tiles of 3 and one of 1 on
+    # AVX2 (at whole tiles, 8 and 9). (dense_forward: an output's value does
+    # not depend on the cut.)
     if part >= parts:
         return OC
+    point = share_point(shares, part, parts)
     OCT = transposed_outputs(OC)
-    if wide_layer(OC):
-        return part * (OCT // BLOCK_COLUMNS) // parts * BLOCK_COLUMNS
     if OCT == 0:
-        return part * OC // parts
-    return min(OCT, part * OC // parts // NARROW_COLUMNS * NARROW_COLUMNS)
+        return int(point * OC + 0.5)
+    units = (OCT if wide_layer(OC) else OC) // NARROW_COLUMNS
+    return min(OCT, int(point * units + 0.5) * NARROW_COLUMNS)
 
 
 @kernel
@@ -517,8 +521,7 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
     # backward, the deltas of the inputs of layers back_hi down to
     # back_lo + 1. Each part runs region_part.
     parts = region_parts(work, nrows, next_rows, threads, columns)
-    if not columns:
-        fold_timings(work.balance[FORWARD], parts)
+    fold_timings(work.balance[COLUMN_LAYERS if columns else FORWARD], parts)
     for p in prange(parts):
         # (prange's index is unsigned: see jit.py)
         region_part(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
@@ -536,7 +539,8 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
     # gather asks for the others as it copies them). The same part runs on
     # the same thread next time, under prange's static schedule, which
     # balance.py relies on too. With columns (a column layer forward, or
-    # the delta of its outputs), each part takes its outputs (column_cut)
+    # the delta of its outputs), each part takes its outputs (column_cut,
+    # by speed: balance.py's COLUMN_LAYERS phase, timed in multiply-adds a cycle)
     # for every row; with gather too (a first column layer: own_inputs),
     # each part gathers every row into its own copy of the inputs, and
     # prefetches every next row on the same terms.
@@ -546,9 +550,11 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
     B = work.labels.shape[0]
     L = sizes.shape[0] - 1
     shares = work.balance[FORWARD]
+    column_shares = work.balance[COLUMN_LAYERS]
     started = cycles()
     # which outputs of each layer this part computes: cut j of cuts
     cut, cuts = (part, parts) if columns else (np.int64(0), np.int64(1))
+    products = np.int64(0)  # the multiply-adds of a column region's part
     if columns:
         r0, r1 = np.int64(0), nrows
         if gather:
@@ -585,11 +591,13 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
             amx_forward(out, outputs_t, work, net, l, r0, r1)
             bias_activation(out, bias, activation, hidden, r0, r1, np.int64(0), OC)
         else:
+            j0 = column_cut(column_shares, OC, cut, cuts)
+            j1 = column_cut(column_shares, OC, cut + 1, cuts)
             dense_forward(out, inp, view2d(net.operands, net.w_off, l, OC, sizes[l]),
                           view2d(work.weights_t, net.wt_off, l, sizes[l],
                                  kept_transposed(OC)),
-                          outputs_t, bias, activation, net.bf16 and hidden, r0, r1,
-                          column_cut(OC, cut, cuts), column_cut(OC, cut + 1, cuts))
+                          outputs_t, bias, activation, net.bf16 and hidden, r0, r1, j0, j1)
+            products += (j1 - j0) * sizes[l] * (r1 - r0)
         if AMX_COMPILED and hidden and amx_layer(net, l + 1):
             pack_input(work, out, l + 1, r0, r1, nrows, backward)
         inp = out
@@ -614,15 +622,19 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
                 amx_backward_input(dinp, view2d(acts, act_off, l, B, C), work, net, l, r0,
                                    r1)
             else:
+                k0 = column_cut(column_shares, C, cut, cuts)
+                k1 = column_cut(column_shares, C, cut + 1, cuts)
                 dense_backward_input(dinp, view2d(work.deltas, act_off, l + 1, B, sizes[l + 1]),
                                      view2d(net.operands, net.w_off, l, sizes[l + 1], C),
                                      view2d(acts, act_off, l, B, C), net.activation,
-                                     net.bf16, r0, r1, column_cut(C, cut, cuts),
-                                     column_cut(C, cut + 1, cuts))
+                                     net.bf16, r0, r1, k0, k1)
+                products += (k1 - k0) * sizes[l + 1] * (r1 - r0)
             if AMX_COMPILED and amx_layer(net, l - 1):
                 pack_delta(work, dinp, l - 1, r0, r1, nrows)
     write_fp_control(fp_control)
-    if not columns:
+    if columns:
+        record(column_shares, part, started, products)
+    else:
         record(shares, part, started, r1 - r0)
 
 
@@ -809,7 +821,7 @@ def task_work(net, t, halves):
 
 
 @kernel
-def task_owner(net, t, parts, threads, own):
+def task_owner(balance, net, t, parts, threads, own):
     # the part that runs task t whatever the shares: for the weights of a
     # column layer, the part that computes their outputs forward (by the
     # task's middle row: W1's tasks of rows 0:24 and 24:50 go to the parts
@@ -821,29 +833,30 @@ def task_owner(net, t, parts, threads, own):
     OC = net.sizes[l + 1]
     middle = (tasks[t, 2] + tasks[t, 3] - 1) // 2
     for part in range(parts):
-        if middle < column_cut(OC, part + 1, parts):
+        if middle < column_cut(balance[COLUMN_LAYERS], OC, part + 1, parts):
             return part
     return parts - 1
 
 
 @kernel
-def shared_work(net, t, parts, threads, own, halves):
+def shared_work(balance, net, t, parts, threads, own, halves):
     # task_work of a task the parts share out by speed (0 for one that has
     # its owner)
-    return task_work(net, t, halves) if task_owner(net, t, parts, threads, own) < 0 else 0
+    return (task_work(net, t, halves)
+            if task_owner(balance, net, t, parts, threads, own) < 0 else 0)
 
 
 @kernel
-def total_work(net, parts, threads, own, halves):
+def total_work(balance, net, parts, threads, own, halves):
     # the estimated cost of the tasks shared out by speed
     total = 0
     for t in range(net.tasks.shape[0]):
-        total += shared_work(net, t, parts, threads, own, halves)
+        total += shared_work(balance, net, t, parts, threads, own, halves)
     return total
 
 
 @kernel
-def share_first_task(shares, net, total, part, parts, threads, own, halves):
+def share_first_task(balance, net, total, part, parts, threads, own, halves):
     # the first task of part `part`'s share of the task list (the list's
     # length for part = parts): the first whose cost midpoint lies at or
     # past the part's point on the cumulative cost of the shared tasks (of
@@ -851,10 +864,10 @@ def share_first_task(shares, net, total, part, parts, threads, own, halves):
     T = net.tasks.shape[0]
     if part >= parts:
         return T
-    point = share_point(shares, part, parts) * total
+    point = share_point(balance[GRADIENTS], part, parts) * total
     before = 0
     for t in range(T):
-        cost = shared_work(net, t, parts, threads, own, halves)
+        cost = shared_work(balance, net, t, parts, threads, own, halves)
         if before + 0.5 * cost >= point:
             return t
         before += cost
@@ -943,8 +956,8 @@ def part_halves(work, net, opt, nrows, part, parts, threads, own):
             OC = net.sizes[l + 1]
             inputs = view2d(work.acts, work.act_off, l, B, C)
             if column_layer(net, l, threads, own):
-                j0 = column_cut(OC, part, parts)
-                j1 = column_cut(OC, part + 1, parts)
+                j0 = column_cut(work.balance[COLUMN_LAYERS], OC, part, parts)
+                j1 = column_cut(work.balance[COLUMN_LAYERS], OC, part + 1, parts)
                 if l == 0 and own:
                     inputs = work.inputs[part]  # (its own copy: own_inputs)
             else:
@@ -1034,7 +1047,7 @@ def gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage
     halves = stage == TASKS_AFTER_HALVES
     B = work.labels.shape[0]
     shares = work.balance[GRADIENTS]
-    total = total_work(net, parts, threads, own, halves)
+    total = total_work(work.balance, net, parts, threads, own, halves)
     fused = gradients and update
     T = net.tasks.shape[0]
     grads = work.task_grads[part, 0] if fused else opt.grads
@@ -1042,13 +1055,13 @@ def gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage
     # (its own copy, read only by the tasks it owns: own_inputs)
     inputs = (work.inputs[part] if own
               else view2d(work.acts, work.act_off, np.int64(0), B, net.sizes[0]))
-    t0 = share_first_task(shares, net, total, part, parts, threads, own, halves)
-    t1 = share_first_task(shares, net, total, part + 1, parts, threads, own, halves)
+    t0 = share_first_task(work.balance, net, total, part, parts, threads, own, halves)
+    t1 = share_first_task(work.balance, net, total, part + 1, parts, threads, own, halves)
     done = np.int64(0)
     started = cycles()
     owned = np.int64(0)  # cycles of the owned tasks, not timed for the shares
     for t in range(T):
-        owner = task_owner(net, t, parts, threads, own)
+        owner = task_owner(work.balance, net, t, parts, threads, own)
         if owner == part or (owner < 0 and t0 <= t < t1):
             owned_from = cycles() if owner >= 0 else np.int64(0)
             check = 0.0
