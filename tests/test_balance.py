@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastmlp.balance import (
+    COLUMN_LAYERS,
     CYCLES,
     DONE,
     FORWARD,
@@ -66,7 +67,7 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes, halves):
     net = model.network()
     parts = len(speeds)
     balance = balance_with(GRADIENTS, speeds)
-    firsts = [share_first_task(balance[GRADIENTS], net, total_work(net, parts, 1, False, halves),
+    firsts = [share_first_task(balance, net, total_work(balance, net, parts, 1, False, halves),
                                p, parts, 1, False, halves)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == len(make_tasks(sizes))
@@ -83,7 +84,7 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes, halves):
 # layer sizes, batch size, bytes of an input value, and which layers are
 # column layers on several threads: wide hidden layers, and a narrow first
 # layer whose weights outweigh the batch's input rows (step.narrow_columns)
-COLUMN_LAYERS = [
+COLUMN_CASES = [
     ([784, 512, 512, 10], 8, 4, [True, True, False]),
     ([130, 300, 50, 260, 7], 8, 4, [True, False, True, False]),
     ([784, 50, 10], 32, 1, [True, False]),  # W2
@@ -98,7 +99,7 @@ COLUMN_LAYERS = [
 
 @pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize("speeds", SPEEDS)
-@pytest.mark.parametrize("sizes, batch, input_bytes, expected", COLUMN_LAYERS)
+@pytest.mark.parametrize("sizes, batch, input_bytes, expected", COLUMN_CASES)
 def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(
         speeds, sizes, batch, input_bytes, expected, halves):
     """On several threads, the weight tasks of a column layer (split between
@@ -114,20 +115,22 @@ def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(
     threads = max(2, parts)
     T = len(net.tasks)
     own = own_inputs(work, net, threads)
-    owners = [task_owner(net, t, parts, threads, own) for t in range(T)]
+    # (column layers cut by the speeds too)
+    balance = balance_with(GRADIENTS, speeds)
+    balance[COLUMN_LAYERS] = balance[GRADIENTS]
+    owners = [task_owner(balance, net, t, parts, threads, own) for t in range(T)]
     for t, (layer, kind, j0, j1, _, _) in enumerate(net.tasks):
         if kind == WEIGHT_TASK and column_layer(net, layer, threads, own):
             OC = sizes[layer + 1]
             middle = (j0 + j1 - 1) // 2
-            assert (column_cut(OC, owners[t], parts) <= middle
-                    < column_cut(OC, owners[t] + 1, parts))
+            assert (column_cut(balance[COLUMN_LAYERS], OC, owners[t], parts) <= middle
+                    < column_cut(balance[COLUMN_LAYERS], OC, owners[t] + 1, parts))
             assert task_work(net, t, False) > 0
         else:
             assert owners[t] == -1
     assert [column_layer(net, l, threads, own) for l in range(len(sizes) - 1)] == expected
-    balance = balance_with(GRADIENTS, speeds)
-    total = total_work(net, parts, threads, own, halves)
-    firsts = [share_first_task(balance[GRADIENTS], net, total, p, parts, threads, own, halves)
+    total = total_work(balance, net, parts, threads, own, halves)
+    firsts = [share_first_task(balance, net, total, p, parts, threads, own, halves)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == T and firsts == sorted(firsts)
     shared = [t for t in range(T) if owners[t] < 0]
@@ -137,7 +140,8 @@ def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(
             if owners[t] == p or (owners[t] < 0 and firsts[p] <= t < firsts[p + 1])]
     assert sorted(runs) == list(range(T))
     # on one thread nothing is owned: every task is shared out
-    assert all(task_owner(net, t, 1, 1, own_inputs(work, net, 1)) == -1 for t in range(T))
+    assert all(task_owner(balance, net, t, 1, 1, own_inputs(work, net, 1)) == -1
+               for t in range(T))
 
 
 def test_timings_become_smoothed_speeds():
@@ -154,10 +158,10 @@ def test_timings_become_smoothed_speeds():
     assert (balance[GRADIENTS] == 0).all()
 
 
-def run_steps(threads, speeds, steps=6, batch=40):
+def run_steps(threads, speeds, steps=6, batch=40, sizes=(30, 70, 64, 5)):
     """Parameters after `steps` Adam steps of `batch` rows, with the
     workspace's balance state preset to `speeds` in every phase."""
-    model, X, y = random_problem([30, 70, 64, 5], steps * batch, "tanh", np.float32, seed=3)
+    model, X, y = random_problem(list(sizes), steps * batch, "tanh", np.float32, seed=3)
     ws = Workspace(model.layer_sizes, batch, model.dtype)
     ws.work.balance[:, SPEED, :len(speeds)] = speeds
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
@@ -179,17 +183,44 @@ def run_steps(threads, speeds, steps=6, batch=40):
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
 @pytest.mark.parametrize("speeds", [[1.0, 4.0], [4.0, 1.0], [1.0, 1.0]])
 @pytest.mark.parametrize("batch", [40, 200])
-def test_any_cut_trains_bit_identical_parameters(speeds, batch):
+@pytest.mark.parametrize("sizes", [(30, 70, 64, 5), (40, 300, 260, 5)])
+def test_any_cut_trains_bit_identical_parameters(speeds, batch, sizes):
     # (at 200 rows the batch is summed in halves, cut between the threads
-    # by speed: part_halves)
-    one, _ = run_steps(1, [1.0], batch=batch)
-    two, balance = run_steps(2, speeds, batch=batch)
+    # by speed: part_halves; 300 and 260 outputs make column layers, their
+    # outputs, deltas and weight tasks cut by speed too)
+    one, _ = run_steps(1, [1.0], batch=batch, sizes=sizes)
+    two, balance = run_steps(2, speeds, batch=batch, sizes=sizes)
     assert np.array_equal(one, two)
     # every step timed both threads' shares, in every phase it has
-    phases = [FORWARD, GRADIENTS] + ([HALF_SUMS] if batch > MAX_SUM_ROWS else [])
+    phases = ([FORWARD, GRADIENTS] + ([HALF_SUMS] if batch > MAX_SUM_ROWS else [])
+              + ([COLUMN_LAYERS] if max(sizes) >= 256 else []))
     assert (balance[phases, SPEED, :2] > 0).all()
     # and one step of different training differs: the comparison can fail
-    assert not np.array_equal(one, run_steps(1, [1.0], steps=5, batch=batch)[0])
+    assert not np.array_equal(one, run_steps(1, [1.0], steps=5, batch=batch, sizes=sizes)[0])
+
+
+@pytest.mark.parametrize("speeds", SPEEDS)
+@pytest.mark.parametrize("OC", [50, 100, 300, 512])
+def test_column_layers_are_cut_by_speed_at_their_granularity(speeds, OC):
+    """A column layer's outputs (step.column_cut): cut once each, in
+    proportion to speed within a unit of the cut (16 outputs where the
+    layer has transposed ones, else one), and at equal speeds as evenly as
+    the units allow."""
+    parts = len(speeds)
+    table = balance_with(COLUMN_LAYERS, speeds)[COLUMN_LAYERS]
+    cuts = [column_cut(table, OC, p, parts) for p in range(parts + 1)]
+    assert cuts[0] == 0 and cuts[-1] == OC and cuts == sorted(cuts)
+    unit = 1 if OC < 64 else 16
+    assert all(c % unit == 0 for c in cuts[:-1])
+    OCT = OC // 64 * 64  # kernels.transposed_outputs
+    if min(speeds) > 0 and parts < 4:
+        weights = np.clip(np.array(speeds) * parts / sum(speeds), MIN_SHARE, 1 / MIN_SHARE)
+        want = np.cumsum(weights / weights.sum())[:-1] * (OC if unit == 1 else OCT)
+        if OC == 100:  # (a narrow layer's cut stays within its transposed outputs)
+            want = np.minimum(np.cumsum(weights / weights.sum())[:-1] * OC, OCT)
+        assert np.abs(np.array(cuts[1:-1]) - want).max() <= unit / 2 + 1e-9
+    if speeds == [1.0, 1.0]:
+        assert cuts[1] == {50: 25, 100: 48, 300: 128, 512: 256}[OC]
 
 
 def test_halves_are_cut_by_speed_and_cover_every_weight_once():

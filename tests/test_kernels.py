@@ -153,12 +153,14 @@ def test_dense_backward_input(activation, C, OC, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("C,cuts", [(512, [0, 256, 512]), (300, [0, 128, 300]),
+@pytest.mark.parametrize("C,cuts", [(512, [0, 256, 512]), (512, [0, 272, 512]),
+                                    (300, [0, 128, 300]), (300, [0, 48, 208, 300]),
                                     (260, [0, 64, 128, 192, 260])])
 def test_dense_backward_input_by_columns_equals_all_columns(dtype, C, cuts, rng):
     """The delta of a column layer's outputs, computed in column pieces
-    (step.column_backward, one a thread), is bit for bit the delta of all
-    columns at once, and each piece writes its columns only."""
+    (step.column_delta, one a thread, cut by speed at 16s: step.column_cut),
+    is bit for bit the delta of all columns at once, and each piece writes
+    its columns only."""
     code = ACTIVATIONS["relu"]
     dout = rng.standard_normal((70, 300)).astype(dtype)
     weight = rng.standard_normal((300, C)).astype(dtype)
@@ -174,7 +176,9 @@ def test_dense_backward_input_by_columns_equals_all_columns(dtype, C, cuts, rng)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("C,OC,nrows,cuts", [(784, 512, 128, [0, 256, 512]),
+                                             (784, 512, 128, [0, 16, 272, 512]),
                                              (130, 300, 70, [0, 128, 300]),
+                                             (130, 300, 70, [0, 144, 300]),
                                              (9, 260, 3, [0, 64, 128, 192, 260]),
                                              (784, 50, 100, [0, 25, 50]),
                                              (20, 50, 9, [0, 1, 7, 26, 50])])
