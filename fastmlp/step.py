@@ -379,17 +379,21 @@ def own_inputs(work, net, threads):
 @kernel
 def column_cut(shares, OC, part, parts):
     # the first output of part `part` of a column layer's OC outputs (OC for
-    # part == parts), each part's share in proportion to its measured speed
-    # (shares: balance.py's COLUMN_LAYERS phase, timed over the column regions;
-    # equal shares until timed): at whole 16s within the transposed block
-    # (a wide layer's last part also taking any outputs past it), or in a
-    # narrow first layer without one (dot tiles only) at any output: W1's
-    # 50 in two of 25 at equal speeds, each 8 dot tiles of 3 and one of 1 on
-    # AVX2 (at whole tiles, 8 and 9). (dense_forward: an output's value does
-    # not depend on the cut.)
+    # part == parts): at whole 16s within the transposed block (a wide
+    # layer's last part also taking any outputs past it), or in a narrow
+    # first layer without one (dot tiles only) at any output: W1's 50 in two
+    # of 25, each 8 dot tiles of 3 and one of 1 on AVX2 (at whole tiles, 8
+    # and 9). A wide layer's parts are sized by their measured speed
+    # (shares: balance.py's COLUMN_LAYERS phase, timed over the column
+    # regions; equal until timed): W3's step with a third of one core taken
+    # by another process 0.75-0.88 of the time cut evenly. A narrow first
+    # layer's stay even: its weight tasks, 2 row blocks, could not follow,
+    # and its short regions time speed poorly (W2 with that load 1.08x
+    # slower by speed, measured). (dense_forward: an output's value does not
+    # depend on the cut.)
     if part >= parts:
         return OC
-    point = share_point(shares, part, parts)
+    point = share_point(shares, part, parts) if wide_layer(OC) else part / parts
     OCT = transposed_outputs(OC)
     if OCT == 0:
         return int(point * OC + 0.5)
