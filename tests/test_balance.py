@@ -202,10 +202,10 @@ def test_any_cut_trains_bit_identical_parameters(speeds, batch, sizes):
 @pytest.mark.parametrize("speeds", SPEEDS)
 @pytest.mark.parametrize("OC", [50, 100, 300, 512])
 def test_column_layers_are_cut_by_speed_at_their_granularity(speeds, OC):
-    """A column layer's outputs (step.column_cut): cut once each, in
-    proportion to speed within a unit of the cut (16 outputs where the
-    layer has transposed ones, else one), and at equal speeds as evenly as
-    the units allow."""
+    """A column layer's outputs (step.column_cut): cut once each, at 16s
+    where the layer has transposed outputs, else at any output; a wide
+    layer's in proportion to speed within half a unit of 16, a narrow
+    first layer's evenly whatever the speeds."""
     parts = len(speeds)
     table = balance_with(COLUMN_LAYERS, speeds)[COLUMN_LAYERS]
     cuts = [column_cut(table, OC, p, parts) for p in range(parts + 1)]
@@ -213,12 +213,16 @@ def test_column_layers_are_cut_by_speed_at_their_granularity(speeds, OC):
     unit = 1 if OC < 64 else 16
     assert all(c % unit == 0 for c in cuts[:-1])
     OCT = OC // 64 * 64  # kernels.transposed_outputs
-    if min(speeds) > 0 and parts < 4:
+    if OC < 256:
+        even = [column_cut(balance_with(COLUMN_LAYERS, [1.0] * parts)[COLUMN_LAYERS], OC, p,
+                           parts) for p in range(parts + 1)]
+        assert cuts == even
+    elif min(speeds) > 0:
         weights = np.clip(np.array(speeds) * parts / sum(speeds), MIN_SHARE, 1 / MIN_SHARE)
-        want = np.cumsum(weights / weights.sum())[:-1] * (OC if unit == 1 else OCT)
-        if OC == 100:  # (a narrow layer's cut stays within its transposed outputs)
-            want = np.minimum(np.cumsum(weights / weights.sum())[:-1] * OC, OCT)
+        want = np.cumsum(weights / weights.sum())[:-1] * OCT
         assert np.abs(np.array(cuts[1:-1]) - want).max() <= unit / 2 + 1e-9
+        if parts == 2 and speeds[0] != speeds[1]:  # the faster part takes more of 0:OCT
+            assert (cuts[1] > OCT - cuts[1]) == (speeds[0] > speeds[1])
     if speeds == [1.0, 1.0]:
         assert cuts[1] == {50: 25, 100: 48, 300: 128, 512: 256}[OC]
 
