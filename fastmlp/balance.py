@@ -1,9 +1,9 @@
 """Sharing a parallel region's work between threads by their measured speed.
 
 Both phases of a step cut their work into one contiguous share per thread:
-`forward_backward` the batch's rows (at 4-row tiles), or a column layer's
-outputs (step.column_cut, at 16 outputs: its weight tasks then go to the
-thread that computes their outputs), and `gradients_update` its task list
+`forward_backward` the batch's rows (at 4-row tiles), or a wide column
+layer's outputs (step.column_cut, at 16 outputs: its weight tasks then go
+to the thread that computes their outputs), and `gradients_update` its task list
 (by the tasks' estimated cost), and before it, for a batch summed in two
 halves, the weights of both halves (step.part_halves). Equal
 shares assume equal cores, which a user's CPU need not have (performance and
@@ -21,7 +21,7 @@ depend on the thread that runs it. With one thread nothing changes.
 and the cycles and work of its last run (folded into the speed when the
 next region of that phase starts). The kernels take one phase's table,
 balance[phase] (3, max_parts). W3's step (784-512-512-10) with a third of
-one core taken by another process: 0.87-0.88 of the time with its column
+one core taken by another process: 0.81-0.88 of the time with its column
 layers cut by speed, against evenly (docs/performance.md).
 """
 import numpy as np

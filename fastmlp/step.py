@@ -75,8 +75,7 @@ from .amx_layers import step_pack_delta as pack_delta
 from .amx_layers import step_pack_input as pack_input
 from .amx_layers import step_pack_weights as pack_weights
 from .balance import (COLUMN_LAYERS, FORWARD, GRADIENTS, HALF_SUMS, cycles, fold_timings, record,
-                      share_point,
-                      share_rows)
+                      share_point, share_rows)
 from .collective import allreduce, wall_time
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
@@ -386,7 +385,7 @@ def column_cut(shares, OC, part, parts):
     # and 9). A wide layer's parts are sized by their measured speed
     # (shares: balance.py's COLUMN_LAYERS phase, timed over the column
     # regions; equal until timed): W3's step with a third of one core taken
-    # by another process 0.75-0.88 of the time cut evenly. A narrow first
+    # by another process 0.81-0.88 of the time cut evenly. A narrow first
     # layer's stay even: its weight tasks, 2 row blocks, could not follow,
     # and its short regions time speed poorly (W2 with that load 1.08x
     # slower by speed, measured). (dense_forward: an output's value does not
@@ -543,9 +542,9 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
     # gather asks for the others as it copies them). The same part runs on
     # the same thread next time, under prange's static schedule, which
     # balance.py relies on too. With columns (a column layer forward, or
-    # the delta of its outputs), each part takes its outputs (column_cut,
-    # by speed: balance.py's COLUMN_LAYERS phase, timed in multiply-adds a cycle)
-    # for every row; with gather too (a first column layer: own_inputs),
+    # the delta of its outputs), each part takes its outputs (column_cut;
+    # timed in multiply-adds for balance.py's COLUMN_LAYERS phase) for every
+    # row; with gather too (a first column layer: own_inputs),
     # each part gathers every row into its own copy of the inputs, and
     # prefetches every next row on the same terms.
     sizes = net.sizes
@@ -826,10 +825,11 @@ def task_work(net, t, halves):
 
 @kernel
 def task_owner(balance, net, t, parts, threads, own):
-    # the part that runs task t whatever the shares: for the weights of a
-    # column layer, the part that computes their outputs forward (by the
-    # task's middle row: W1's tasks of rows 0:24 and 24:50 go to the parts
-    # of outputs 0:25 and 25:50); -1 for every other task
+    # the part that runs task t whatever the tasks' shares: for the weights
+    # of a column layer, the part that computes their outputs forward as
+    # balance's column shares cut them now, by the task's middle row (W1's
+    # tasks of rows 0:24 and 24:50 go to the parts of outputs 0:25 and
+    # 25:50); -1 for every other task
     tasks = net.tasks
     l = tasks[t, 0]
     if tasks[t, 1] != WEIGHT_TASK or not column_layer(net, l, threads, own):
