@@ -73,6 +73,8 @@ def initial_weights(sizes, seed=0):
 TURN_EPOCHS = 0
 # what a peer's process prints for the coordinator, each on a line of its own
 READY, RESULT = "@@compare-ready", "@@compare-result "
+# the thread count fastmlp's fit trained on (its probe's choice unless told)
+FIT_THREADS = None
 
 
 def wait_turn(epoch):
@@ -104,11 +106,21 @@ def run_fastmlp(workload, data, epochs, dtype="float32", threads=None):
         # (epoch_time counts the training loop's calls only, not this wait)
         epoch = 0
 
+        def on_compile_begin(self, cached):
+            # the first turn starts before fit's probe of the thread count
+            # (threads=None), so that the probe runs alone, as a user's
+            # would, not while the other peers warm up (the table's BLAS
+            # column says what it chose)
+            wait_turn(0)
+
         def on_epoch_begin(self, epoch, total_epochs, n_steps):
-            wait_turn(self.epoch)
+            if self.epoch:  # (epoch 0's turn began before the probe)
+                wait_turn(self.epoch)
             self.epoch += 1
     history = fastmlp.fit(model, x_train, y_train, epochs=epochs, batch_size=batch_size,
                           lr=lr, seed=0, threads=threads, callbacks=[Turns()])
+    global FIT_THREADS
+    FIT_THREADS = history.threads
     return history.history["epoch_time"], model.evaluate(x_test, y_test)[1]
 
 
@@ -532,6 +544,8 @@ def serve(peer, workload, epochs, rounds):
     times, accuracy = globals()[f"run_{peer}"](workload, data, epochs * rounds)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     blas = peer_kernels(peer)
+    if FIT_THREADS is not None:
+        blas = f"trained on {FIT_THREADS} thread(s); {blas}"
     print(RESULT + json.dumps({"epoch_times": times, "accuracy": accuracy, "rss_mb": rss_mb,
                                "blas": blas}), flush=True)
 
