@@ -3,9 +3,9 @@
 Both phases of a step cut their work into one contiguous share per thread:
 `forward_backward` the batch's rows (at 4-row tiles), or a wide column
 layer's outputs (step.column_cut, at 16 outputs: its weight tasks then go
-to the thread that computes their outputs), and `gradients_update` its task list
-(by the tasks' estimated cost), and before it, for a batch summed in two
-halves, the weights of both halves (step.part_halves). Equal
+to the thread that computes their outputs), and `gradients_update` its
+task list (by the tasks' estimated cost), and before it, for a batch
+summed in two halves, the weights of both halves (step.part_halves). Equal
 shares assume equal cores, which a user's CPU need not have (performance and
 efficiency cores), nor a virtual machine's (a core shared with another guest
 ran the same forward pass 1.4x slower than its sibling, measured with

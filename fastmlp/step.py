@@ -392,11 +392,12 @@ def column_cut(shares, OC, part, parts):
     # depend on the cut.)
     if part >= parts:
         return OC
-    point = share_point(shares, part, parts) if wide_layer(OC) else part / parts
+    wide = wide_layer(OC)
+    point = share_point(shares, part, parts) if wide else part / parts
     OCT = transposed_outputs(OC)
     if OCT == 0:
         return int(point * OC + 0.5)
-    units = (OCT if wide_layer(OC) else OC) // NARROW_COLUMNS
+    units = (OCT if wide else OC) // NARROW_COLUMNS
     return min(OCT, int(point * units + 0.5) * NARROW_COLUMNS)
 
 
