@@ -68,14 +68,41 @@ def thread_count(threads):
         numba.set_num_threads(previous)
 
 
-# fit without `threads` times PROBE_ROUNDS alternated runs of PROBE_STEPS
-# steps on every core and on one (EpochLoop.fastest_threads), unless a run
-# takes more than PROBE_SECONDS: steps that long scale with the cores
+# fit without `threads` times PROBE_ROUNDS rounds of runs of PROBE_STEPS
+# steps on each count of thread_ladder (EpochLoop.fastest_threads); a count
+# whose steps take longer than PROBE_RUN_SECONDS / PROBE_STEPS runs fewer,
+# at least one (W3's 3 ms steps: one a run, so that the probe costs about 2%
+# of an epoch)
 PROBE_STEPS = 16
 PROBE_ROUNDS = 3
-PROBE_SECONDS = 0.02
-# one thread is kept only when its median step is at least this much faster
-ONE_THREAD_GAIN = 1.05
+PROBE_RUN_SECONDS = 0.0025
+# fewer threads than all are kept only when their median step is at least
+# this much faster than all threads'
+FEWER_THREADS_GAIN = 1.05
+
+
+def thread_ladder(every):
+    """The thread counts fit's probe times: every (Numba's count), then the
+    powers of two below it, down to 1. Where Numba starts more threads than
+    the process gets cores (a container's CPU quota, a shared host), the
+    step's spin barriers wait for threads that are not running: on a 2-core
+    Zen 3 with 8 Numba threads, W1 took 654 us a step on 8 threads, 366 on
+    4, 165 on 2 and 260 on 1 (measured; docs/performance.md)."""
+    counts = [every]
+    while counts[-1] > 1:
+        counts.append(1 << (counts[-1] - 1).bit_length() - 1)
+    return counts
+
+
+def fastest_count(times, gain=None):
+    """The thread count to train on from the probe's times {count: [seconds
+    a step, by run]}: the count of the lowest median, if it beats the largest
+    count's median by `gain` (FEWER_THREADS_GAIN), else the largest."""
+    gain = FEWER_THREADS_GAIN if gain is None else gain
+    medians = {count: float(np.median(seconds)) for count, seconds in times.items()}
+    every = max(medians)
+    best = min(medians, key=lambda count: (medians[count], -count))
+    return best if medians[best] * gain < medians[every] else every
 
 
 @contextlib.contextmanager
@@ -476,12 +503,14 @@ class EpochLoop:
                 step0, step1, self.state.updates, numba.get_num_threads())
 
     def fastest_threads(self):
-        """The thread count to train on when fit was given none: every core
-        (Numba's current count) or one, whichever ran its steps faster in
-        a short probe on this data. Small steps may run faster on one core
-        than split across two (W2's batches of 32 on a 2-core Intel Xeon:
-        10.46 against 9.62 epochs/s). No value depends on the thread count,
-        and the probe's updates are undone."""
+        """The thread count to train on when fit was given none: the fastest
+        of thread_ladder's counts from every core (Numba's current count) in
+        a short probe on this data (fastest_count). Small steps may run
+        faster on one core than split across two (W2's batches of 32 on a
+        2-core Intel Xeon: 10.46 against 9.62 epochs/s), and steps on more
+        threads than the process has cores run far slower (thread_ladder).
+        No value depends on the thread count, and the probe's updates are
+        undone."""
         every = numba.get_num_threads()
         if every < 2 or self.n_steps < PROBE_STEPS:
             return every
@@ -492,25 +521,39 @@ class EpochLoop:
             np.copyto(copy, source)
         hyper = state.hyper.copy()
         self.idx[:] = np.arange(self.n)  # (the first epoch orders its rows anew)
-        times = {every: [], 1: []}
+        counts = thread_ladder(every)[::-1]  # the fewest first (below)
+        times = {count: [] for count in counts}
         try:
-            for turn in range(2 * PROBE_ROUNDS + 1):
-                threads = every if turn % 2 == 0 else 1
+            # Every run begins with a step untimed: the first touches the
+            # pages, and steps just after a change of thread count are slow.
+            # Rounds run the fewest threads first: a run just after one on
+            # more threads than cores is slowed down too. (With 8 Numba
+            # threads on 2 cores, W1 on 2 threads stepped 1.2-4x slower in
+            # the probe than after; on 8 threads down to 1, the probe picked
+            # 1 thread in 4 of 8 fits and 2 in the others, where 2 threads
+            # run 1.6x faster; fewest first, 2 threads in 40 of 40 fits of W1
+            # and W2, measured.)
+            steps = {}  # a count's run: its steps, from one timed step
+            for threads in counts:
                 numba.set_num_threads(threads)
+                train_steps(*self.step_arguments(0, 1))
                 start = time.perf_counter()
-                train_steps(*self.step_arguments(0, PROBE_STEPS))
-                seconds = time.perf_counter() - start
-                if turn == 0:  # the first run, untimed (its pages touched first)
-                    if seconds > PROBE_SECONDS:
-                        return every
-                    continue
-                times[threads].append(seconds)
+                train_steps(*self.step_arguments(0, 1))
+                seconds = max(time.perf_counter() - start, 1e-9)
+                steps[threads] = int(min(PROBE_STEPS, max(1, PROBE_RUN_SECONDS / seconds)))
+            for _ in range(PROBE_ROUNDS):
+                for threads in counts:
+                    numba.set_num_threads(threads)
+                    train_steps(*self.step_arguments(0, 1))
+                    start = time.perf_counter()
+                    train_steps(*self.step_arguments(0, steps[threads]))
+                    times[threads].append((time.perf_counter() - start) / steps[threads])
         finally:  # the probe's updates undone
             for live_array, copy in zip(live, self.saved):
                 np.copyto(live_array, copy)
             np.copyto(state.hyper, hyper)
             numba.set_num_threads(every)
-        return 1 if np.median(times[1]) * ONE_THREAD_GAIN < np.median(times[every]) else every
+        return fastest_count(times)
 
     def compile(self, callbacks, interrupt):
         """Compiles (or loads from the cache) without training; returns the

@@ -1,7 +1,11 @@
 """Training trajectories against the oracle, determinism, and the promise that
 nothing is allocated inside an epoch."""
+import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import joblib
 import numba
@@ -227,17 +231,22 @@ def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes, batch
     assert not np.array_equal(two, train_lesson_epoch(threads=2, seed=1, **options))
 
 
-@pytest.mark.parametrize("gain,one_thread", [(1e-6, True), (1e6, False)])
-def test_fit_without_threads_trains_on_the_faster_count_of_a_probe(monkeypatch, gain,
-                                                                  one_thread):
+@pytest.mark.parametrize("one_thread", [True, False])
+def test_fit_without_threads_trains_on_the_count_its_probe_picks(monkeypatch, one_thread):
     """fit without `threads` times a few steps on every core and on one,
-    and trains on the faster (ONE_THREAD_GAIN decides here). The probe
-    leaves no trace: the parameters are a fit's on a fixed thread count,
-    and Numba's thread count is restored. Given threads, or data of fewer
-    steps than a probe, there is no probe."""
+    and trains on the count the probe picks (fastest_count: here made to
+    pick one thread, or every). The probe leaves no trace: the parameters
+    are a fit's on a fixed thread count, and Numba's thread count is
+    restored. Given threads, or data of fewer steps than a probe, there is
+    no probe."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
-    monkeypatch.setattr(training, "ONE_THREAD_GAIN", gain)
+    probed = []
+
+    def pick(times):
+        probed.append(sorted(times))
+        return min(times) if one_thread else max(times)
+    monkeypatch.setattr(training, "fastest_count", pick)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((640, 20)).astype(np.float32)
     y = rng.integers(0, 3, 640)
@@ -253,12 +262,76 @@ def test_fit_without_threads_trains_on_the_faster_count_of_a_probe(monkeypatch, 
             assert numba.get_num_threads() == every
             fits[threads] = (history.threads, model.params.copy())
         assert fits[None][0] == (1 if one_thread else every)
+        assert probed == [training.thread_ladder(every)[::-1]]
         assert fits[2][0] == 2  # given: no probe
         assert np.array_equal(fits[None][1], fits[2][1])
         small = fastmlp.fit(fastmlp.MLP([20, 30, 3], seed=0), X[:64], y[:64], batch_size=32)
         assert small.threads == every  # 2 steps an epoch: no probe
     finally:
         numba.set_num_threads(previous)
+
+
+def test_the_probe_times_every_count_and_then_the_powers_of_two_below_it():
+    assert training.thread_ladder(1) == [1]
+    assert training.thread_ladder(2) == [2, 1]
+    assert training.thread_ladder(3) == [3, 2, 1]
+    assert training.thread_ladder(6) == [6, 4, 2, 1]
+    assert training.thread_ladder(16) == [16, 8, 4, 2, 1]
+
+
+def test_the_probe_keeps_every_thread_unless_fewer_are_faster_by_its_gain():
+    times = {8: [3.0, 2.9, 9.0], 4: [1.5, 1.4, 1.6], 2: [1.0, 5.0, 1.1], 1: [2.0, 2.0, 2.0]}
+    assert training.fastest_count(times, 1.05) == 2  # medians 3.0, 1.5, 1.1, 2.0
+    assert training.fastest_count(times, 3.0) == 8  # 1.1 * 3 is not below 3.0
+    assert training.fastest_count({2: [1.0, 1.0], 1: [0.97, 0.97]}, 1.05) == 2
+    assert training.fastest_count({2: [1.0, 1.0], 1: [0.9, 0.9]}, 1.05) == 1
+    assert training.fastest_count({2: [1.0], 1: [1.0]}, 1e-6) == 2  # a tie: the most threads
+
+
+# Fits on 4 Numba threads (more than the cores of most test machines) with
+# the probe's clock faked: each step costs STEP_COST[thread count] seconds.
+LADDER_FIT = textwrap.dedent("""
+    import json, sys, types
+    import numba, numpy as np
+    import fastmlp
+    from fastmlp import training
+    STEP_COST = {4: 3.0, 2: 1.0, 1: 2.0}
+    clock = [0.0]
+    seen = set()
+    real_train_steps = training.train_steps
+    def train_steps(work, net, opt, data, batches, step0, step1, *rest):
+        seen.add(numba.get_num_threads())
+        clock[0] += STEP_COST[numba.get_num_threads()] * (step1 - step0)
+        return real_train_steps(work, net, opt, data, batches, step0, step1, *rest)
+    training.train_steps = train_steps
+    training.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((640, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 640)
+    out = {}
+    for threads in (None, 2):
+        model = fastmlp.MLP([20, 30, 3], seed=0)
+        history = fastmlp.fit(model, X, y, epochs=2, batch_size=32, seed=3, threads=threads)
+        out[str(threads)] = [history.threads, model.params.tolist(), numba.get_num_threads()]
+    out["seen"] = sorted(seen)
+    json.dump(out, open(sys.argv[1], "w"))
+""")
+
+
+def test_the_probe_picks_the_fastest_count_of_its_ladder(tmp_path):
+    """On 4 Numba threads whose steps cost 3, 1 and 2 (faked seconds) on 4,
+    2 and 1 threads, fit without `threads` probes all three and trains on
+    2: the same parameters as a fit given 2, and Numba keeps 4."""
+    result = tmp_path / "ladder.json"
+    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
+    proc = subprocess.run([sys.executable, "-c", LADDER_FIT, str(result)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(result.read_text())
+    assert out["seen"] == [1, 2, 4]
+    assert out["None"][0] == 2 and out["2"][0] == 2
+    assert out["None"][1] == out["2"][1]
+    assert out["None"][2] == 4
 
 
 @pytest.mark.parametrize("sizes, batch", [([784, 256, 10], 100), ([784, 50, 10], 32),
