@@ -94,6 +94,40 @@ def thread_ladder(every):
     return counts
 
 
+# where a cgroup's CPU quota is kept: v2's cpu.max ("quota period", or "max
+# period" for none); v1's cfs_quota_us (-1 for none) and cfs_period_us
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_CFS_QUOTA = "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"
+CGROUP_CFS_PERIOD = "/sys/fs/cgroup/cpu/cpu.cfs_period_us"
+
+
+def cpu_quota():
+    """How many CPUs' time this process's cgroup allows (its CFS quota over
+    its period, rounded up), or None: no quota, or none readable. A
+    container run with `--cpus=2` on a 64-core host sees 64 cores, and
+    Numba starts 64 threads; on more threads than the quota pays for, the
+    step's spin barriers wait for throttled threads. (A short probe run may
+    fall in a moment before the throttling and time them as fast.)"""
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        try:
+            with open(CGROUP_CFS_QUOTA) as f:
+                quota = f.read().strip()
+            with open(CGROUP_CFS_PERIOD) as f:
+                period = f.read().strip()
+        except OSError:
+            return None
+    try:
+        quota, period = int(quota), int(period)
+    except ValueError:  # "max"
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return -(-quota // period)
+
+
 def fastest_count(times, gain=None):
     """The thread count to train on from the probe's times {count: [seconds
     a step, by run]}: the count of the lowest median, if it beats the largest
@@ -510,10 +544,11 @@ class EpochLoop:
         2-core Intel Xeon: 10.46 against 9.62 epochs/s), and steps on more
         threads than the process has cores run far slower (thread_ladder).
         No value depends on the thread count, and the probe's updates are
-        undone."""
+        undone. Never more threads than the process's CPU quota (cpu_quota)."""
         every = numba.get_num_threads()
-        if every < 2 or self.n_steps < PROBE_STEPS:
-            return every
+        most = min(every, cpu_quota() or every)
+        if most < 2 or self.n_steps < PROBE_STEPS:
+            return most
         state = self.state
         # kept where epoch() keeps its replay point (it copies them anew)
         live = (self.model.params, state.state1, state.state2)
@@ -521,7 +556,7 @@ class EpochLoop:
             np.copyto(copy, source)
         hyper = state.hyper.copy()
         self.idx[:] = np.arange(self.n)  # (the first epoch orders its rows anew)
-        counts = thread_ladder(every)[::-1]  # the fewest first (below)
+        counts = thread_ladder(most)[::-1]  # the fewest first (below)
         times = {count: [] for count in counts}
         try:
             # Every run begins with a step untimed: the first touches the

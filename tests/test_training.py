@@ -288,20 +288,43 @@ def test_the_probe_keeps_every_thread_unless_fewer_are_faster_by_its_gain():
     assert training.fastest_count({2: [1.0], 1: [1.0]}, 1e-6) == 2  # a tie: the most threads
 
 
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "200000 100000\n"}, 2),
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs' time: 2 threads
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "50000 100000\n", "cfs_quota_us": "300000\n", "cfs_period_us": "100000\n"}, 1),
+    ({"cfs_quota_us": "300000\n", "cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cfs_quota_us": "-1\n", "cfs_period_us": "100000\n"}, None),
+    ({"cfs_quota_us": "300000\n"}, None),  # no period
+    ({"cpu.max": "\n"}, None),
+    ({}, None),
+])
+def test_the_cpu_quota_is_read_from_the_cgroup(monkeypatch, tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(training, "CGROUP_CPU_MAX", str(tmp_path / "cpu.max"))
+    monkeypatch.setattr(training, "CGROUP_CFS_QUOTA", str(tmp_path / "cfs_quota_us"))
+    monkeypatch.setattr(training, "CGROUP_CFS_PERIOD", str(tmp_path / "cfs_period_us"))
+    assert training.cpu_quota() == quota
+
+
 # Fits on 4 Numba threads (more than the cores of most test machines) with
-# the probe's clock faked: each step costs STEP_COST[thread count] seconds.
+# the probe's clock faked: each step costs STEP_COST[thread count] seconds;
+# a CPU quota (argv[2], "none" for none) caps the threads.
 LADDER_FIT = textwrap.dedent("""
     import json, sys, types
     import numba, numpy as np
     import fastmlp
     from fastmlp import training
-    STEP_COST = {4: 3.0, 2: 1.0, 1: 2.0}
+    training.cpu_quota = lambda: None if sys.argv[2] == "none" else int(sys.argv[2])
+    STEP_COST = {4: 3.0, 3: 2.5, 2: 1.0, 1: 2.0}
     clock = [0.0]
     seen = set()
     real_train_steps = training.train_steps
     def train_steps(work, net, opt, data, batches, step0, step1, *rest):
-        seen.add(numba.get_num_threads())
-        clock[0] += STEP_COST[numba.get_num_threads()] * (step1 - step0)
+        if step1 > step0:  # (a compile runs no step)
+            seen.add(numba.get_num_threads())
+            clock[0] += STEP_COST[numba.get_num_threads()] * (step1 - step0)
         return real_train_steps(work, net, opt, data, batches, step0, step1, *rest)
     training.train_steps = train_steps
     training.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
@@ -318,20 +341,25 @@ LADDER_FIT = textwrap.dedent("""
 """)
 
 
-def test_the_probe_picks_the_fastest_count_of_its_ladder(tmp_path):
+@pytest.mark.parametrize("quota, probed, picked", [("none", [1, 2, 4], 2), ("3", [1, 2, 3], 2),
+                                                  ("1", [], 1)])
+def test_the_probe_picks_the_fastest_count_of_its_ladder(tmp_path, quota, probed, picked):
     """On 4 Numba threads whose steps cost 3, 1 and 2 (faked seconds) on 4,
     2 and 1 threads, fit without `threads` probes all three and trains on
-    2: the same parameters as a fit given 2, and Numba keeps 4."""
+    2: the same parameters as a fit given 2, and Numba keeps 4. Under a CPU
+    quota of 3, it probes 3, 2 and 1; of 1, it trains on 1 without a probe."""
     result = tmp_path / "ladder.json"
     env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
-    proc = subprocess.run([sys.executable, "-c", LADDER_FIT, str(result)], env=env,
+    proc = subprocess.run([sys.executable, "-c", LADDER_FIT, str(result), quota], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(result.read_text())
-    assert out["seen"] == [1, 2, 4]
-    assert out["None"][0] == 2 and out["2"][0] == 2
-    assert out["None"][1] == out["2"][1]
+    # (the fits' own steps add the count each trained on)
+    assert out["seen"] == sorted(set(probed) | {picked, 2})
+    assert out["None"][0] == picked and out["2"][0] == 2
     assert out["None"][2] == 4
+    if picked == 2:
+        assert out["None"][1] == out["2"][1]
 
 
 @pytest.mark.parametrize("sizes, batch", [([784, 256, 10], 100), ([784, 50, 10], 32),
