@@ -176,8 +176,9 @@ def build_parser():
     train.add_argument("--no-shuffle", action="store_true", help="take rows in order")
     train.add_argument("--seed", type=int, default=0,
                        help="initialisation, shuffling and --validation-split seed")
-    train.add_argument("--threads", type=int, help="threads (default: all cores; with "
-                       "--distributed, the cores each rank has to itself)")
+    train.add_argument("--threads", type=int, help="threads (default: the fastest in a short "
+                       "probe of all cores and the powers of two below; with --distributed, "
+                       "the cores each rank has to itself)")
     train.add_argument("--distributed", action="store_true",
                        help="data-parallel training over MPI: start with mpiexec -n N; each "
                        "rank trains its shard of every batch (--batch-size is the global "
