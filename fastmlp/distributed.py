@@ -29,6 +29,7 @@ import zlib
 import numpy as np
 
 from .buffers import Batches
+from .cores import cpu_quota
 from .step import TAIL, TALLY
 
 MISSING_MPI = ("distributed training needs mpi4py and an MPI library: pip install "
@@ -46,9 +47,10 @@ def world():
 
 
 def rank_threads(comm):
-    """Threads for this rank: the cores it may run on, shared with the other
-    ranks of its machine whose cores overlap its own. Unbound ranks on a
-    2-core machine get 1 thread each; ranks bound to 4 cores each get 4."""
+    """Threads for this rank: the cores it may run on (no more than its
+    cgroup's CPU quota: cores.cpu_quota), shared with the other ranks of its
+    machine whose cores overlap its own. Unbound ranks on a 2-core machine
+    get 1 thread each; ranks bound to 4 cores each get 4."""
     from mpi4py import MPI
     mine = os.sched_getaffinity(0)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -57,7 +59,7 @@ def rank_threads(comm):
     finally:
         local.Free()
     sharers = sum(1 for cores in sets if mine.intersection(cores))
-    return max(1, len(mine) // sharers)
+    return max(1, min(len(mine), cpu_quota() or len(mine)) // sharers)
 
 
 def data_digest(array):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import fastmlp
+from fastmlp import distributed
 from fastmlp.step import shard
 
 from conftest import relative_error
@@ -32,6 +33,33 @@ def mpiexec():
 def run_mpi(ranks, argv, timeout=240, **kwargs):
     return subprocess.run([mpiexec(), "-n", str(ranks)] + argv, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+class SharedNode:
+    """A stand-in for an MPI communicator whose ranks on this machine all
+    report the same cores (rank_threads' allgather)."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def Split_type(self, kind):
+        return self
+
+    def allgather(self, value):
+        return [value] * self.ranks
+
+    def Free(self):
+        pass
+
+
+@pytest.mark.parametrize("quota, threads", [(None, 4), (4, 2), (3, 1), (1, 1)])
+def test_mpi_ranks_share_the_cores_and_the_cpu_quota(monkeypatch, quota, threads):
+    """Two ranks on 8 cores get 4 threads each; under a CPU quota, half of
+    it (at least 1)."""
+    pytest.importorskip("mpi4py")
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(distributed, "cpu_quota", lambda: quota)
+    assert distributed.rank_threads(SharedNode(2)) == threads
 
 
 def run_worker(ranks, config, tmp_path):

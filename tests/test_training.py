@@ -14,7 +14,7 @@ import pytest
 from numba.core.runtime import _nrt_python, rtsys
 
 import fastmlp
-from fastmlp import reference, training
+from fastmlp import cores, reference, training
 from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.kernels import wide_layer
@@ -302,10 +302,10 @@ def test_the_probe_keeps_every_thread_unless_fewer_are_faster_by_its_gain():
 def test_the_cpu_quota_is_read_from_the_cgroup(monkeypatch, tmp_path, files, quota):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    monkeypatch.setattr(training, "CGROUP_CPU_MAX", str(tmp_path / "cpu.max"))
-    monkeypatch.setattr(training, "CGROUP_CFS_QUOTA", str(tmp_path / "cfs_quota_us"))
-    monkeypatch.setattr(training, "CGROUP_CFS_PERIOD", str(tmp_path / "cfs_period_us"))
-    assert training.cpu_quota() == quota
+    monkeypatch.setattr(cores, "CGROUP_CPU_MAX", str(tmp_path / "cpu.max"))
+    monkeypatch.setattr(cores, "CGROUP_CFS_QUOTA", str(tmp_path / "cfs_quota_us"))
+    monkeypatch.setattr(cores, "CGROUP_CFS_PERIOD", str(tmp_path / "cfs_period_us"))
+    assert cores.cpu_quota() == quota
 
 
 # Fits on 4 Numba threads (more than the cores of most test machines) with
