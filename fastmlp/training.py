@@ -530,11 +530,11 @@ class EpochLoop:
             # pages, and steps just after a change of thread count are slow.
             # Rounds run the fewest threads first: a run just after one on
             # more threads than cores is slowed down too. (With 8 Numba
-            # threads on 2 cores, W1 on 2 threads stepped 1.2-4x slower in
-            # the probe than after; on 8 threads down to 1, the probe picked
-            # 1 thread in 4 of 8 fits and 2 in the others, where 2 threads
-            # run 1.6x faster; fewest first, 2 threads in 40 of 40 fits of W1
-            # and W2, measured.)
+            # threads on 2 cores, W1 on 2 threads stepped up to 4x slower in
+            # the probe than in training; on 8 threads down to 1, the probe
+            # picked 1 thread in 4 of 8 probes, where 2 threads run 1.6x
+            # faster; fewest first, 2 threads in 39 of 40 probes of W1 and
+            # W2, measured.)
             steps = {}  # a count's run: its steps, from one timed step
             for threads in counts:
                 numba.set_num_threads(threads)
