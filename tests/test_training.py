@@ -233,14 +233,15 @@ def test_parameters_are_bit_identical_across_thread_counts_and_runs(sizes, batch
 
 @pytest.mark.parametrize("one_thread", [True, False])
 def test_fit_without_threads_trains_on_the_count_its_probe_picks(monkeypatch, one_thread):
-    """fit without `threads` times a few steps on every core and on one,
-    and trains on the count the probe picks (fastest_count: here made to
-    pick one thread, or every). The probe leaves no trace: the parameters
-    are a fit's on a fixed thread count, and Numba's thread count is
-    restored. Given threads, or data of fewer steps than a probe, there is
-    no probe."""
+    """fit without `threads` times a few steps on every count of its ladder
+    (all of Numba's threads, the powers of two below) and trains on the
+    count the probe picks (fastest_count: here made to pick one thread, or
+    every). The probe leaves no trace: the parameters are a fit's on a
+    fixed thread count, and Numba's thread count is restored. Given
+    threads, or data of fewer steps than a probe, there is no probe."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
+    monkeypatch.setattr(training, "cpu_quota", lambda: None)  # (whatever this host's)
     probed = []
 
     def pick(times):
