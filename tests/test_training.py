@@ -289,23 +289,34 @@ def test_the_probe_keeps_every_thread_unless_fewer_are_faster_by_its_gain():
     assert training.fastest_count({2: [1.0], 1: [1.0]}, 1e-6) == 2  # a tie: the most threads
 
 
-@pytest.mark.parametrize("files, quota", [
-    ({"cpu.max": "200000 100000\n"}, 2),
-    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs' time: 2 threads
-    ({"cpu.max": "max 100000\n"}, None),
-    ({"cpu.max": "50000 100000\n", "cfs_quota_us": "300000\n", "cfs_period_us": "100000\n"}, 1),
-    ({"cfs_quota_us": "300000\n", "cfs_period_us": "100000\n"}, 3),  # cgroup v1
-    ({"cfs_quota_us": "-1\n", "cfs_period_us": "100000\n"}, None),
-    ({"cfs_quota_us": "300000\n"}, None),  # no period
-    ({"cpu.max": "\n"}, None),
-    ({}, None),
+@pytest.mark.parametrize("proc, files, quota", [
+    ("0::/\n", {"cpu.max": "200000 100000"}, 2),  # a container's own namespace
+    ("0::/\n", {"cpu.max": "150000 100000"}, 2),  # 1.5 CPUs' time: 2 threads
+    ("0::/\n", {"cpu.max": "max 100000"}, None),
+    ("0::/\n", {"cpu.max": "\n"}, None),
+    ("0::/a/b\n", {"a/b/cpu.max": "max 100000", "a/cpu.max": "300000 100000"}, 3),
+    ("0::/a/b\n", {"a/b/cpu.max": "100000 100000", "a/cpu.max": "300000 100000"}, 1),
+    ("0::/a/b\n", {"cpu.max": "400000 100000"}, 4),  # a/b not visible here: the root's
+    ("4:cpu,cpuacct:/docker/x\n", {"cpu/cpu.cfs_quota_us": "300000",
+                                    "cpu/cpu.cfs_period_us": "100000"}, 3),  # cgroup v1
+    ("4:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"},
+     None),
+    ("4:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "300000"}, None),  # no period
+    ("3:cpuset:/\n", {"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"},
+     None),  # not the cpu controller
+    (None, {"cpu.max": "200000 100000"}, 2),  # no /proc/self/cgroup: the mount points
+    ("0::/\n", {}, None),
 ])
-def test_the_cpu_quota_is_read_from_the_cgroup(monkeypatch, tmp_path, files, quota):
+def test_the_cpu_quota_is_read_from_the_cgroups(monkeypatch, tmp_path, proc, files, quota):
+    """The smallest quota on this process's cgroup path, v2 or v1."""
+    root = tmp_path / "cgroup"
     for name, text in files.items():
-        (tmp_path / name).write_text(text)
-    monkeypatch.setattr(cores, "CGROUP_CPU_MAX", str(tmp_path / "cpu.max"))
-    monkeypatch.setattr(cores, "CGROUP_CFS_QUOTA", str(tmp_path / "cfs_quota_us"))
-    monkeypatch.setattr(cores, "CGROUP_CFS_PERIOD", str(tmp_path / "cfs_period_us"))
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    if proc is not None:
+        (tmp_path / "proc-cgroup").write_text(proc)
+    monkeypatch.setattr(cores, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(cores, "PROC_CGROUP", str(tmp_path / "proc-cgroup"))
     assert cores.cpu_quota() == quota
 
 
