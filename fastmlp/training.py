@@ -72,7 +72,7 @@ def thread_count(threads):
 # fit without `threads` times PROBE_ROUNDS rounds of runs of PROBE_STEPS
 # steps on each count of thread_ladder (EpochLoop.fastest_threads); a count
 # whose steps take longer than PROBE_RUN_SECONDS / PROBE_STEPS runs fewer,
-# at least one (W3's 3 ms steps: one a run, so that the probe costs about 2%
+# at least one (W3's 3 ms steps: one a run; its probe took 41-74 ms, 3-5%
 # of an epoch)
 PROBE_STEPS = 16
 PROBE_ROUNDS = 3
