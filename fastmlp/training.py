@@ -91,7 +91,7 @@ def thread_ladder(every):
     4, 165 on 2 and 260 on 1 (measured; docs/performance.md)."""
     counts = [every]
     while counts[-1] > 1:
-        counts.append(1 << (counts[-1] - 1).bit_length() - 1)
+        counts.append(1 << ((counts[-1] - 1).bit_length() - 1))  # the power of two below
     return counts
 
 
@@ -535,21 +535,20 @@ class EpochLoop:
             # picked 1 thread in 4 of 8 probes, where 2 threads run 1.6x
             # faster; fewest first, 2 threads in 39 of 40 probes of W1 and
             # W2, measured.)
-            steps = {}  # a count's run: its steps, from one timed step
-            for threads in counts:
+            def seconds_a_step(threads, steps):
                 numba.set_num_threads(threads)
                 train_steps(*self.step_arguments(0, 1))
                 start = time.perf_counter()
-                train_steps(*self.step_arguments(0, 1))
-                seconds = max(time.perf_counter() - start, 1e-9)
-                steps[threads] = int(min(PROBE_STEPS, max(1, PROBE_RUN_SECONDS / seconds)))
+                train_steps(*self.step_arguments(0, steps))
+                return max(time.perf_counter() - start, 1e-9) / steps
+
+            # a count's run: its steps, from one timed step
+            steps = {threads: int(min(PROBE_STEPS, max(1, PROBE_RUN_SECONDS
+                                                       / seconds_a_step(threads, 1))))
+                     for threads in counts}
             for _ in range(PROBE_ROUNDS):
                 for threads in counts:
-                    numba.set_num_threads(threads)
-                    train_steps(*self.step_arguments(0, 1))
-                    start = time.perf_counter()
-                    train_steps(*self.step_arguments(0, steps[threads]))
-                    times[threads].append((time.perf_counter() - start) / steps[threads])
+                    times[threads].append(seconds_a_step(threads, steps[threads]))
         finally:  # the probe's updates undone
             for live_array, copy in zip(live, self.saved):
                 np.copyto(live_array, copy)
