@@ -5,12 +5,15 @@ nearly all of it LLVM on one core, and most of that in the step's two
 parallel kernels, which do not call each other. So when the step is not in
 the disk cache and a second core is free, a child process compiles
 `gradients_update`'s parallel region into the cache while this process
-compiles `forward_backward`'s and `transpose_weights`; compiling
-`train_steps` then loads the child's kernels from the cache and links them
-as it would have linked its own (the cache keeps their LLVM bitcode), so the
-machine code is the same.
+compiles `forward_backward`'s, `transpose_weights` and `region_plan` (which
+only `train_steps` calls: compiled here, it leaves `train_steps` less to do
+after both halves); compiling `train_steps` then loads the child's kernels
+from the cache and links them as it would have linked its own (the cache
+keeps their LLVM bitcode), so the machine code is the same.
 On a 2-core Zen 3, `fastmlp-train --compile-only` from an empty cache took
-41-45 s this way and 66-74 s in one process.
+41-45 s this way and 66-74 s in one process (2026-12-01); with
+`region_plan` in this process's half, 32-40 s against 34-44 s before
+(2026-12-04, docs/performance.md).
 
 MPI ranks on one machine compile side by side anyway (each rank on its own
 cores), so there two ranks compile one half each instead.
@@ -29,7 +32,7 @@ import numba
 from numba import typeof, types
 
 from . import jit
-from .step import gradients_region, region, transpose_weights
+from .step import gradients_region, region, region_plan, transpose_weights
 
 # processes a first compile may use: 1 compiles in this process alone
 PROCESSES = 2
@@ -53,14 +56,16 @@ module.compile_from(sys.stdin.buffer)
 def step_jobs(work, net, opt, data):
     """The kernels train_steps calls with these buffers, as (dispatcher,
     signature) pairs with the types it passes, in two halves of about the
-    same compile time: forward_backward's parallel region and
-    transpose_weights; gradients_update's (gradients_region)."""
+    same compile time: forward_backward's parallel region,
+    transpose_weights and region_plan; gradients_update's
+    (gradients_region)."""
     i64 = types.int64
     boolean = types.boolean
     return ([(region, (typeof(work), typeof(net), typeof(data), i64, i64,
                        typeof(net.params).dtype, boolean, i64, i64, boolean, boolean, i64,
                        i64, boolean, i64, i64)),
-             (transpose_weights, (typeof(work.weights_t), typeof(net)))],
+             (transpose_weights, (typeof(work.weights_t), typeof(net))),
+             (region_plan, (typeof(work), typeof(net), i64, boolean))],
             [(gradients_region, (typeof(work), typeof(net), typeof(opt), i64, boolean, boolean,
                                  i64, boolean, i64))])
 

@@ -40,6 +40,8 @@ SCRIPT = textwrap.dedent("""
     out["compiled"] = sum(step.region.stats.cache_misses.values())
     out["loaded"] = sum(sum(kernel.stats.cache_hits.values())
                         for kernel in (step.gradients_region, step.transpose_weights))
+    # compiled before train_steps for the signature train_steps calls it with
+    out["plans"] = len(step.region_plan.signatures)
     json.dump(out, open(sys.argv[1], "w"))
 """)
 
@@ -52,6 +54,7 @@ def train(tmp_path, name, cache_dir, processes=2):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(result.read_text())
     counts = out.pop("compiled"), out.pop("loaded")
+    assert out.pop("plans") == 1
     return counts, {k: np.array(v, np.float32) for k, v in out.items()}
 
 
