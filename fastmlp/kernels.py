@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 from .bfloat16 import round_bfloat16
 from .expf import fast_exp, fast_tanh
 from .heads import copy_targets
-from .jit import kernel, ordered_kernel
+from .jit import driver_kernel, kernel, ordered_kernel
 from .microkernel import (DOT_OUTPUTS, TRANSPOSE_BYTES, block_multiply_add, dot_tile,
                           transpose_tile)
 
@@ -116,7 +116,7 @@ def prefetch_rows(X, idx, start, r0, r1, value_bytes):
         prefetch_row(X, idx[start + b])
 
 
-@kernel
+@driver_kernel
 def gather_rows(out, labels_out, targets_out, weights_out, data, start, bf16, r0, r1):
     # out is (B, C), labels_out and weights_out are (B,), targets_out (B, K);
     # data: buffers.Data of N rows, data.idx (>=start+r1,)
@@ -131,7 +131,7 @@ def gather_rows(out, labels_out, targets_out, weights_out, data, start, bf16, r0
     gather_targets(labels_out, targets_out, weights_out, data, start, r0, r1)
 
 
-@kernel
+@driver_kernel
 def gather_inputs(out, data, start, bf16, r0, r1):
     # out is (B, C); data: buffers.Data of N rows, data.idx (>=start+r1,)
     # gather_rows' input rows only
@@ -234,7 +234,7 @@ def activation_derivative(a, activation):
     return ONE
 
 
-@kernel
+@driver_kernel
 def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16, r0, r1, j0, j1):
     # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is (C, OCT)
     # holding weight[:OCT].T or (C, 0) for a wide layer, outputs_t is this

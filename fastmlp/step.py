@@ -532,7 +532,7 @@ def region(work, net, data, start, nrows, inv_total, backward, next_rows, thread
                     columns, gather, f0, f1, head, back_hi, back_lo, np.int64(p), parts)
 
 
-@kernel
+@driver_kernel
 def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, threads, columns,
                 gather, f0, f1, head, back_hi, back_lo, part, parts):
     # Part `part` of `parts` of a region (region's arguments).
@@ -655,7 +655,7 @@ def gradient_cut(nrows):
     return nrows // 8 * 4
 
 
-@kernel
+@driver_kernel
 def task_gradient(grads, g_first, spare, work, net, t, nrows, inputs):
     # the gradient of task t's parameters over batch rows 0:nrows, into
     # grads from g_first (rows_gradient's layout), summed over each half of
@@ -749,7 +749,7 @@ def task_block_values(layer_sizes):
     return -(-largest // 16) * 16
 
 
-@kernel
+@driver_kernel
 def task_update(weights_t, net, opt, t, grads, g_first, whole_rows):
     # applies the optimizer to task t's parameters (its weight rows, or its
     # layer's biases) from their gradients in grads, laid out as
@@ -1032,7 +1032,7 @@ def gradient_parts(work, threads):
     return max(1, min(threads, work.task_grads.shape[0]))
 
 
-@kernel
+@driver_kernel
 def gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage, part, parts):
     # Part `part` of `parts` of a stage of gradients_update (gradients_region).
     # In the task stages, each part runs the tasks it owns (the weights of

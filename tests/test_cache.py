@@ -308,3 +308,42 @@ def test_a_driver_calls_a_kernels_own_code_and_loads_it_from_the_cache(tmp_path)
     name = callers.leaf.overloads[callers.leaf.signatures[0]].fndesc.mangled_name
     assert [f.is_declaration for f in library._final_module.functions if f.name == name] == [True]
     assert library.calls == (("callers", "leaf", callers.leaf.signatures[0], (name,)),)
+
+
+LINK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numba
+    import numpy as np
+    from fastmlp import kernels
+    kernels.finite(1.0)  # compiled, or loaded from the cache
+    library = kernels.finite.overloads[kernels.finite.signatures[0]].library
+    unparsed = getattr(library, "bitcode", None) is not None
+
+    @numba.njit
+    def caller(x):  # links finite's code into its own
+        return kernels.finite(x) and not kernels.finite(x * np.inf)
+
+    json.dump({"loaded": sum(kernels.finite.stats.cache_hits.values()),
+               "lazy": type(library).__name__ == "LazyLinkingLibrary",
+               "unparsed": unparsed, "linked": bool(caller(1.0)),
+               "parsed": getattr(library, "bitcode", None) is None}, open(sys.argv[1], "w"))
+""")
+
+
+def test_a_kernel_from_the_cache_parses_its_bitcode_only_when_a_compile_links_it(tmp_path):
+    """jit.loaded_lazily: a process that loads a kernel's machine code from
+    the cache leaves the LLVM bitcode beside it unparsed, until a new
+    compile links the kernel in; the linked code then runs."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    runs = []
+    for name in ("compiled", "loaded"):
+        result = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, "-c", LINK_SCRIPT, str(result)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(result.read_text()))
+    compiled, loaded = runs
+    assert compiled == {"loaded": 0, "lazy": False, "unparsed": False, "linked": True,
+                        "parsed": True}
+    assert loaded == {"loaded": 1, "lazy": True, "unparsed": True, "linked": True,
+                      "parsed": True}
