@@ -380,8 +380,11 @@ def link_as_compiled_pipeline():
 
 LINK_AS_COMPILED = link_as_compiled_pipeline()
 
-# A serial kernel whose own code only runs compiled kernels (the step loop),
-# linked as they were compiled (link_as_compiled_pipeline).
+# A serial kernel that calls compiled kernels a few times each (the step
+# loop, a step's part, a layer's or a task's work), linked as they were
+# compiled (link_as_compiled_pipeline). Called only by drivers and parallel
+# kernels: a plain kernel would link its code, whose calls to kernels stay
+# declarations that a load from the cache leaves unresolved.
 driver_kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy",
                             pipeline_class=LINK_AS_COMPILED)
 

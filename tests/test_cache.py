@@ -347,3 +347,40 @@ def test_a_kernel_from_the_cache_parses_its_bitcode_only_when_a_compile_links_it
                         "parsed": True}
     assert loaded == {"loaded": 1, "lazy": True, "unparsed": True, "linked": True,
                       "parsed": True}
+
+
+def test_no_plain_kernel_calls_one_linked_as_compiled():
+    """A driver or parallel kernel (jit.link_as_compiled_pipeline) leaves
+    its calls to other kernels as declarations, and records the callees it
+    must load first from the cache. A plain kernel that called one would
+    link in that code without the record: loaded from the cache, its calls
+    would find nothing. So only drivers and parallel kernels call them,
+    directly or through kernels Numba inlines (inline_kernel)."""
+    for module in pkgutil.iter_modules(fastmlp.__path__):
+        importlib.import_module(f"fastmlp.{module.name}")
+
+    def linked_as_compiled(dispatcher):
+        return dispatcher._compiler.pipeline_class is jit.LINK_AS_COMPILED
+
+    def inlined(dispatcher):
+        return dispatcher.targetoptions.get("inline") == "always"
+
+    def callees(dispatcher):
+        # the kernels its code names, and through inlined ones theirs
+        names = dispatcher.py_func.__code__.co_names
+        scope = dispatcher.py_func.__globals__
+        for value in (scope.get(name) for name in names):
+            if value in jit.DISPATCHERS:
+                yield value
+                if inlined(value):
+                    yield from callees(value)
+
+    assert jit.LINK_AS_COMPILED is not None
+    wrong = [(caller.py_func.__qualname__, callee.py_func.__qualname__)
+             for caller in jit.DISPATCHERS
+             if not linked_as_compiled(caller) and not inlined(caller)
+             for callee in callees(caller) if linked_as_compiled(callee)]
+    assert not wrong, wrong
+    # the check sees such a call: the step's parts call drivers
+    from fastmlp import step
+    assert any(linked_as_compiled(callee) for callee in callees(step.region_part))
