@@ -12,8 +12,8 @@ from the cache and links them as it would have linked its own (the cache
 keeps their LLVM bitcode), so the machine code is the same.
 On a 2-core Zen 3, `fastmlp-train --compile-only` from an empty cache took
 41-45 s this way and 66-74 s in one process (2026-12-01); with
-`region_plan` in this process's half, 32-40 s against 34-44 s before
-(2026-12-04, docs/performance.md).
+`region_plan` in this process's half and the step's parts linked as
+compiled (jit.driver_kernel), 26-32 s (2026-12-04, docs/performance.md).
 
 MPI ranks on one machine compile side by side anyway (each rank on its own
 cores), so there two ranks compile one half each instead.
