@@ -46,13 +46,24 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def train(tmp_path, name, cache_dir, processes=2):
-    result = tmp_path / f"{name}.json"
+def run_script(script, result, cache_dir, *args):
+    """What `script`, run in a fresh process with this Numba cache
+    directory, writes to `result` as JSON (its first argument)."""
     env = {"NUMBA_CACHE_DIR": str(cache_dir), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(result), str(processes)], env=env,
+    proc = subprocess.run([sys.executable, "-c", script, str(result), *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(result.read_text())
+    return json.loads(result.read_text())
+
+
+def import_package():
+    """Every module of the package, imported (so are its dispatchers)."""
+    return [importlib.import_module(f"fastmlp.{module.name}")
+            for module in pkgutil.iter_modules(fastmlp.__path__)]
+
+
+def train(tmp_path, name, cache_dir, processes=2):
+    out = run_script(SCRIPT, tmp_path / f"{name}.json", cache_dir, str(processes))
     counts = out.pop("compiled"), out.pop("loaded")
     assert out.pop("plans") == 1
     return counts, {k: np.array(v, np.float32) for k, v in out.items()}
@@ -80,8 +91,8 @@ def test_every_cached_function_is_stamped_with_the_whole_package():
     # a function's machine code holds the kernels and constants it uses from
     # other files, so its cache must go stale when any of them changes
     cached = {}
-    for module in pkgutil.iter_modules(fastmlp.__path__):
-        for name, value in vars(importlib.import_module(f"fastmlp.{module.name}")).items():
+    for module in import_package():
+        for name, value in vars(module).items():
             if isinstance(value, numba.core.dispatcher.Dispatcher) and \
                     value.py_func.__module__.startswith("fastmlp."):
                 cached[f"{value.py_func.__module__}.{name}"] = value
@@ -334,15 +345,8 @@ def test_a_kernel_from_the_cache_parses_its_bitcode_only_when_a_compile_links_it
     """jit.loaded_lazily: a process that loads a kernel's machine code from
     the cache leaves the LLVM bitcode beside it unparsed, until a new
     compile links the kernel in; the linked code then runs."""
-    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    runs = []
-    for name in ("compiled", "loaded"):
-        result = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, "-c", LINK_SCRIPT, str(result)], env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        runs.append(json.loads(result.read_text()))
-    compiled, loaded = runs
+    compiled, loaded = (run_script(LINK_SCRIPT, tmp_path / f"{name}.json", tmp_path / "cache")
+                        for name in ("compiled", "loaded"))
     assert compiled == {"loaded": 0, "lazy": False, "unparsed": False, "linked": True,
                         "parsed": True}
     assert loaded == {"loaded": 1, "lazy": True, "unparsed": True, "linked": True,
@@ -356,8 +360,7 @@ def test_no_plain_kernel_calls_one_linked_as_compiled():
     link in that code without the record: loaded from the cache, its calls
     would find nothing. So only drivers and parallel kernels call them,
     directly or through kernels Numba inlines (inline_kernel)."""
-    for module in pkgutil.iter_modules(fastmlp.__path__):
-        importlib.import_module(f"fastmlp.{module.name}")
+    import_package()
 
     def linked_as_compiled(dispatcher):
         return dispatcher._compiler.pipeline_class is jit.LINK_AS_COMPILED
