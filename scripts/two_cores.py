@@ -31,7 +31,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..")]  # core_peaks.py; this fastmlp
 import core_peaks  # noqa: E402
 from fastmlp.kernels import dense_backward_weight  # noqa: E402
 

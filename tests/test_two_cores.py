@@ -1,0 +1,27 @@
+"""scripts/two_cores.py times work on one thread and on two: each thread
+must do its own share, and only its own, or the ratio it prints means
+nothing. (Timing is for the script.)"""
+import numpy as np
+from conftest import load_script
+
+two_cores = load_script("two_cores")
+
+
+def test_each_thread_sums_its_own_buffer():
+    first, second = np.ones(1000, np.float32), np.full(1000, 2, np.float32)
+    assert two_cores.sums(first, second, 3, 1).tolist() == [3000, 0]
+    assert two_cores.sums(first, second, 3, 2).tolist() == [3000, 6000]
+
+
+def test_each_thread_computes_its_own_gradient():
+    rng = np.random.default_rng(0)
+    shape = (2, two_cores.ROWS)
+    deltas = rng.standard_normal((*shape, two_cores.OUTPUTS)).astype(np.float32)
+    inputs = rng.random((*shape, two_cores.INPUTS), dtype=np.float32)
+    for threads in (1, 2):
+        weights = np.zeros((2, two_cores.OUTPUTS, two_cores.INPUTS), np.float32)
+        two_cores.gradients(weights, deltas, inputs, 2, threads)
+        for p in range(2):
+            expected = (deltas[p].T.astype(np.float64) @ inputs[p] if p < threads
+                        else np.zeros_like(weights[p]))
+            np.testing.assert_allclose(weights[p], expected, rtol=1e-4, atol=1e-4)
