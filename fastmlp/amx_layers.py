@@ -247,7 +247,7 @@ def amx_backward_weight(dweight, work, l, j0, j1, nrows, k0, k1):
 
 
 # ----------------------------------------------------------------------------
-# the entry points of the step (step.py)
+# the entry points of the step (forward_backward.py, gradients.py)
 #
 # A model that runs on AMX tiles has its operands packed in uint16 arrays
 # (Work.packed, Network.packed_weights); any other has empty uint8 ones, a

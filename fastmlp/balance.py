@@ -2,10 +2,10 @@
 
 Both phases of a step cut their work into one contiguous share per thread:
 `forward_backward` the batch's rows (at 4-row tiles), or a wide column
-layer's outputs (step.column_cut, at 16 outputs: its weight tasks then go
+layer's outputs (column_layers.column_cut, at 16 outputs: its weight tasks then go
 to the thread that computes their outputs), and `gradients_update` its
 task list (by the tasks' estimated cost), and before it, for a batch
-summed in two halves, the weights of both halves (step.part_halves). Equal
+summed in two halves, the weights of both halves (gradients.part_halves). Equal
 shares assume equal cores, which a user's CPU need not have (performance and
 efficiency cores), nor a virtual machine's (a core shared with another guest
 ran the same forward pass 1.4x slower than its sibling, measured with
@@ -33,8 +33,8 @@ from numba.extending import intrinsic
 from .jit import kernel
 
 # the phases: forward_backward's regions by rows, gradients_update's
-# tasks, the halves of a batch (step.part_halves), and the column regions
-# (step.column_cut)
+# tasks, the halves of a batch (gradients.part_halves), and the column regions
+# (column_layers.column_cut)
 FORWARD, GRADIENTS, HALF_SUMS, COLUMN_LAYERS = range(4)
 SPEED, CYCLES, DONE = range(3)
 # the newest speed's weight in the smoothed one

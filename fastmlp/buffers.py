@@ -9,10 +9,12 @@ from collections import namedtuple
 
 import numpy as np
 
+from .jit import kernel
+
 # params: the flat parameter vector; sizes: layer widths; w_off, b_off: where
 # each layer's (fan_out, fan_in) weights and biases start in params; wt_off:
 # each layer's transposed block in Work.weights_t; tasks: gradients_update's
-# work list (step.make_tasks); activation, head: kernels.ACTIVATIONS and
+# work list (tasks.make_tasks); activation, head: kernels.ACTIVATIONS and
 # heads.HEADS codes; operands: the weights the products read, params itself,
 # or for bf16 (bfloat16.py) their copy rounded to bfloat16; amx: bf16 on
 # AMX tiles, with the weights packed for them in packed_weights as laid out
@@ -25,8 +27,8 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # each row's weighted loss and score; target_scale (K,): see heads.py;
 # task_checks (T,): the update check sums; task_grads (threads, 2, V): each
 # thread's scratch for one task's gradient block, and for its sum over the
-# batch's second half (step.gradients_update); second_half (P,): the shared
-# tasks' gradients over the batch's second half (step.part_halves; empty
+# batch's second half (gradients.gradients_update); second_half (P,): the shared
+# tasks' gradients over the batch's second half (gradients.part_halves; empty
 # where a workspace's batches are never cut in two);
 # weights_t: transposed weights (kernels.kept_transposed); outputs_t
 # (threads, V): each thread's scratch for a wide layer's transposed outputs
@@ -34,7 +36,7 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # work between threads (balance.py); packed, packed_layout: activations and
 # deltas packed for AMX tiles (amx_layers.py; empty without); inputs
 # (threads, B, C): each thread's own copy of the batch's input rows, for a
-# first layer split between threads by its outputs (step.own_inputs; (0, 0,
+# first layer split between threads by its outputs (column_layers.own_inputs; (0, 0,
 # C) without)
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
                            "row_stats", "target_scale", "task_checks", "task_grads",
@@ -84,3 +86,10 @@ def read_only(array):
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+@kernel
+def view2d(flat, offsets, index, rows, cols):
+    # flat[offsets[index]:...] seen as a (rows, cols) matrix
+    start = offsets[index]
+    return flat[start:start + rows * cols].reshape((rows, cols))

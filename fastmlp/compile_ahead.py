@@ -32,7 +32,8 @@ import numba
 from numba import typeof, types
 
 from . import jit
-from .step import gradients_region, region, region_plan, transpose_weights
+from .forward_backward import region, region_plan, transpose_weights
+from .gradients import gradients_region
 
 # processes a first compile may use: 1 compiles in this process alone
 PROCESSES = 2

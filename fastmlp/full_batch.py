@@ -12,7 +12,8 @@ import numpy as np
 from .buffers import make_data
 from .model import Workspace, aligned_zeros, parallel_launch_guard
 from .optimizers import gradients_only
-from .step import forward_backward, gradients_update, transpose_weights
+from .forward_backward import forward_backward, transpose_weights
+from .gradients import gradients_update
 from .validation import check_sample_weight, check_X
 
 CHUNK_ROWS = 2048  # rows per kernel call: activations of a few MB

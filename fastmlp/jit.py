@@ -389,7 +389,7 @@ driver_kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy",
                             pipeline_class=LINK_AS_COMPILED)
 
 # A kernel that owns one `prange` region (both cores). Its loop body calls
-# kernels that do each part's work (step.region_part, say): the body and
+# kernels that do each part's work (forward_backward.region_part, say): the body and
 # the region are linked as compiled, without copies of those kernels
 # (link_as_compiled_pipeline).
 parallel_kernel = package_jit(parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy",

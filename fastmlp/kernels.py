@@ -71,7 +71,7 @@ def prefetch(typingctx, address):
 
 
 # A thread's rows of the next batch are asked for a step early
-# (prefetch_rows, from step.region) when they are float rows that fill at
+# (prefetch_rows, from forward_backward.region) when they are float rows that fill at
 # most this many bytes; larger ones, and uint8 rows, as the gather copies
 # them (scale_rows). An Intel core holds one line fill buffer per line in
 # flight, so a longer burst stalls the thread until its lines arrive, and
@@ -240,7 +240,7 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # holding weight[:OCT].T or (C, 0) for a wide layer, outputs_t is this
     # thread's scratch for a wide layer's transposed outputs (at least
     # OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a multiple of 16 below
-    # OCT, or any output past it (step.column_cut)
+    # OCT, or any output past it (column_layers.column_cut)
     # out = activation(inp @ weight.T + bias) for rows r0:r1 and outputs
     # j0:j1, rounded to bfloat16 if bf16.
     # Outputs 0:OCT (OCT = transposed_outputs(OC), whole blocks of
@@ -256,7 +256,7 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # stores only what is real, and the last outputs take a tile as wide as
     # they are: every output is computed by the same instructions, whatever
     # rows and outputs a call covers (a layer split between threads by its
-    # outputs: step.column_layer).
+    # outputs: column_layers.column_layer).
     OC, C = weight.shape
     OCT = transposed_outputs(OC)
     blocked = min(j1, OCT)

@@ -398,7 +398,7 @@ def dot_tile(typingctx, out, inp, weight, b, rows, j, outs):
         per_tile = dot_tile_outputs(bits)
         # a tile of each width up to per_tile: the last outputs of a call
         # take one as wide as they are, so that 25 outputs cost 8 tiles of 3
-        # and one of 1, not 9 tiles of 3 (step.column_cut cuts W1's 50 in two)
+        # and one of 1, not 9 tiles of 3 (column_layers.column_cut cuts W1's 50 in two)
         functions = [dot_function(builder.module, value, itemsize, bits // 8 // itemsize, n)
                      for n in range(1, per_tile + 1)]
 

@@ -14,17 +14,11 @@ from .buffers import Network, Work, make_data, read_only
 from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS, MAX_SUM_ROWS
 from .optimizers import gradients_only
-from .step import (
-    forward_backward,
-    gradients_update,
-    make_tasks,
-    own_inputs_shape,
-    region,
-    task_block_values,
-    transpose_weights,
-    transposed_layout,
-    wide_scratch_values,
-)
+from .column_layers import own_inputs_shape
+from .forward_backward import (forward_backward, region, transpose_weights, transposed_layout,
+                               wide_scratch_values)
+from .gradients import gradients_update
+from .tasks import make_tasks, task_block_values
 from .validation import (
     check_activation,
     check_choice,
@@ -96,7 +90,7 @@ class Workspace:
     (buffers.Work). input_bytes, the size of the training rows' values (1
     for uint8 pixels; the dtype's by default), decides whether a narrow
     first layer gets each thread's own copy of the inputs
-    (step.narrow_columns)."""
+    (column_layers.narrow_columns)."""
 
     def __init__(self, layer_sizes, batch_size, dtype, backward=True, amx=False,
                  input_bytes=None):
@@ -116,7 +110,7 @@ class Workspace:
         wide = wide_scratch_values(layer_sizes)
         (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
         itemsize = np.dtype(dtype).itemsize
-        # (step.gradient_cut: batches of more rows are summed in two halves)
+        # (gradients.gradient_cut: batches of more rows are summed in two halves)
         halves = backward and batch_size > MAX_SUM_ROWS
         n_params = parameter_layout(layer_sizes)[2]
         inputs_shape = own_inputs_shape(layer_sizes, batch_size, threads, itemsize,

@@ -73,7 +73,7 @@ def adam_alpha(lr, step, beta1, beta2):
 # Each updates `rows` ranges of parameters: params[p + k0:p + k1] for
 # p = p0, p0 + stride, ..., from the gradients at the same offsets from g0
 # (the optimizer's flat gradient vector, g0 = p0, or the block a gradient
-# task has just computed, step.py): a gradient task's weight rows, or one
+# task has just computed, gradients.py): a gradient task's weight rows, or one
 # range of biases.
 #
 # Indices are unsigned: with an index that may be negative as far as LLVM

@@ -10,7 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastmlp
-from fastmlp import distributed, step
+from fastmlp import distributed, forward_backward, gradients
 
 
 def problem(config):
@@ -70,7 +70,8 @@ def main():
     result["kernels"] = {
         kernel.py_func.__name__: [sum(kernel.stats.cache_misses.values()),
                                   sum(kernel.stats.cache_hits.values())]
-        for kernel in (step.region, step.gradients_region, step.transpose_weights)}
+        for kernel in (forward_backward.region, gradients.gradients_region,
+                       forward_backward.transpose_weights)}
     every = comm.gather(dict(result, params=model.params.copy()), root=0)
     if comm.rank == 0:
         np.savez(sys.argv[2], params=np.stack([r["params"] for r in every]),

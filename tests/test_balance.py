@@ -23,9 +23,11 @@ from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, adam_betas, make_hyper
-from fastmlp.step import (WEIGHT_TASK, column_cut, column_layer, half_stretch, make_tasks,
-                          own_inputs, share_first_task, shared_rows, task_owner, task_work,
-                          total_work, train_steps)
+from fastmlp.column_layers import column_cut, column_layer, own_inputs
+from fastmlp.gradients import half_stretch, shared_rows
+from fastmlp.step import train_steps
+from fastmlp.tasks import (WEIGHT_TASK, make_tasks, share_first_task, task_owner, task_work,
+                           total_work)
 
 from conftest import random_problem
 
@@ -83,7 +85,7 @@ def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes, halves):
 
 # layer sizes, batch size, bytes of an input value, and which layers are
 # column layers on several threads: wide hidden layers, and a narrow first
-# layer whose weights outweigh the batch's input rows (step.narrow_columns)
+# layer whose weights outweigh the batch's input rows (column_layers.narrow_columns)
 COLUMN_CASES = [
     ([784, 512, 512, 10], 8, 4, [True, True, False]),
     ([130, 300, 50, 260, 7], 8, 4, [True, False, True, False]),
@@ -202,7 +204,7 @@ def test_any_cut_trains_bit_identical_parameters(speeds, batch, sizes):
 @pytest.mark.parametrize("speeds", SPEEDS)
 @pytest.mark.parametrize("OC", [50, 100, 300, 512])
 def test_column_layers_are_cut_by_speed_at_their_granularity(speeds, OC):
-    """A column layer's outputs (step.column_cut): cut once each, at 16s
+    """A column layer's outputs (column_layers.column_cut): cut once each, at 16s
     where the layer has transposed outputs, else at any output; a wide
     layer's in proportion to speed within half a unit of 16, a narrow
     first layer's evenly whatever the speeds."""

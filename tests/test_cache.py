@@ -36,12 +36,12 @@ SCRIPT = textwrap.dedent("""
         fastmlp.fit(model, X, y, epochs=2, batch_size=50, optimizer=optimizer, seed=2)
         out[activation] = model.params.tolist()
     # the step's kernels: compiled here, and found in the disk cache
-    step = fastmlp.step
-    out["compiled"] = sum(step.region.stats.cache_misses.values())
+    forward, gradients = fastmlp.forward_backward, fastmlp.gradients
+    out["compiled"] = sum(forward.region.stats.cache_misses.values())
     out["loaded"] = sum(sum(kernel.stats.cache_hits.values())
-                        for kernel in (step.gradients_region, step.transpose_weights))
+                        for kernel in (gradients.gradients_region, forward.transpose_weights))
     # compiled before train_steps for the signature train_steps calls it with
-    out["plans"] = len(step.region_plan.signatures)
+    out["plans"] = len(forward.region_plan.signatures)
     json.dump(out, open(sys.argv[1], "w"))
 """)
 
@@ -215,9 +215,9 @@ def test_drivers_and_parallel_regions_link_their_kernels_as_compiled():
     # does not optimize linked kernels again (jit.link_as_compiled_pipeline):
     # a caller then holds each kernel's code as the kernel compiled it
     assert jit.LINK_AS_COMPILED is not None
-    from fastmlp import step
-    for dispatcher in (step.train_steps, step.region, step.gradients_region,
-                       step.transpose_weights):
+    from fastmlp import forward_backward, gradients, step
+    for dispatcher in (step.train_steps, forward_backward.region, gradients.gradients_region,
+                       forward_backward.transpose_weights):
         assert dispatcher._compiler.pipeline_class is jit.LINK_AS_COMPILED, dispatcher
 
     @numba.njit
@@ -385,5 +385,5 @@ def test_no_plain_kernel_calls_one_linked_as_compiled():
              for callee in callees(caller) if linked_as_compiled(callee)]
     assert not wrong, wrong
     # the check sees such a call: the step's parts call drivers
-    from fastmlp import step
-    assert any(linked_as_compiled(callee) for callee in callees(step.region_part))
+    from fastmlp import forward_backward
+    assert any(linked_as_compiled(callee) for callee in callees(forward_backward.region_part))

@@ -80,7 +80,7 @@ def test_fifty_steps_follow_the_oracle(output, optimizer, options):
     assert relative_error(model.weights[0], start[0][0]) > 1e-3  # it trained
 
 
-# A batch of more than 128 rows is summed in two halves (step.gradient_cut):
+# A batch of more than 128 rows is summed in two halves (gradients.gradient_cut):
 # apart, in a region of their own, for a network of 16 KB of parameters or
 # more (64-40-30-5 and 64-41-1 in float64), else by each task. Layers of 1,
 # 5, 30 and 41 outputs, not whole 4-row groups; the last batch, 150 rows,

@@ -158,7 +158,7 @@ def test_dense_backward_input(activation, C, OC, rng):
                                     (260, [0, 64, 128, 192, 260])])
 def test_dense_backward_input_by_columns_equals_all_columns(dtype, C, cuts, rng):
     """The delta of a column layer's outputs, computed in column pieces
-    (step.column_delta, one a thread, cut by speed at 16s: step.column_cut),
+    (column_layers.column_delta, one a thread, cut by speed at 16s: column_layers.column_cut),
     is bit for bit the delta of all columns at once, and each piece writes
     its columns only."""
     code = ACTIVATIONS["relu"]
@@ -184,7 +184,7 @@ def test_dense_backward_input_by_columns_equals_all_columns(dtype, C, cuts, rng)
                                              (20, 50, 9, [0, 1, 7, 26, 50])])
 def test_column_layer_by_columns_equals_by_rows(dtype, C, OC, nrows, cuts, rng):
     """A column layer's outputs, computed in column pieces for all rows
-    (step.column_layer, one piece a thread: whole blocks transposed, the
+    (column_layers.column_layer, one piece a thread: whole blocks transposed, the
     outputs past them in dot tiles, a narrow layer's cut at any output),
     are bit for bit those of the same layer cut by rows; each piece writes
     its columns only."""

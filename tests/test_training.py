@@ -21,24 +21,11 @@ from fastmlp.kernels import wide_layer
 from fastmlp.model import Workspace
 from fastmlp.optimizers import ADAM_ALPHA, OPTIMIZERS, adam_betas, make_hyper
 from fastmlp.progress import Callback
-from fastmlp.step import (
-    BIAS_TASK,
-    NO_TASK,
-    RESULT_WORDS,
-    TASK_GROUPS,
-    WEIGHT_TASK,
-    WIDE_TASK_ROWS,
-    forward_backward,
-    fused_steps,
-    gradients_region,
-    gradients_update,
-    make_tasks,
-    region,
-    region_plan,
-    task_cost,
-    task_first,
-    train_steps,
-)
+from fastmlp.forward_backward import forward_backward, region, region_plan
+from fastmlp.gradients import gradients_region, gradients_update
+from fastmlp.step import RESULT_WORDS, fused_steps, train_steps
+from fastmlp.tasks import (BIAS_TASK, NO_TASK, TASK_GROUPS, WEIGHT_TASK, WIDE_TASK_ROWS,
+                           make_tasks, task_cost, task_first)
 from fastmlp.sync import ABORTED, START, SYNC_WORDS
 
 from conftest import random_problem, reference_copy, relative_error
@@ -208,8 +195,8 @@ def train_lesson_epoch(threads, seed=0, sizes=(784, 50, 10), batch_size=100, row
 # threads a column layer, each thread its outputs for all rows), and two
 # wide layers with outputs past whole blocks (column layers whose input
 # deltas are split by columns too)
-# Batches of more than 128 rows are summed in two halves (step.gradient_cut):
-# on 2 threads, the shared tasks' halves apart (step.part_halves), first
+# Batches of more than 128 rows are summed in two halves (gradients.gradient_cut):
+# on 2 threads, the shared tasks' halves apart (gradients.part_halves), first
 # layers in column pieces (784-100 on float32 rows) or split by rows (on
 # uint8 rows: no narrow column layer for such batches); 192 rows leave a
 # last batch of 80, summed at once.
