@@ -63,8 +63,7 @@ def step_jobs(work, net, opt, data):
     i64 = types.int64
     boolean = types.boolean
     return ([(region, (typeof(work), typeof(net), typeof(data), i64, i64,
-                       typeof(net.params).dtype, boolean, i64, i64, boolean, boolean, i64,
-                       i64, boolean, i64, i64)),
+                       typeof(net.params).dtype, boolean, i64, i64, types.Array(i64, 1, "C"))),
              (transpose_weights, (typeof(work.weights_t), typeof(net))),
              (region_plan, (typeof(work), typeof(net), i64, boolean))],
             [(gradients_region, (typeof(work), typeof(net), typeof(opt), i64, boolean, boolean,

@@ -170,45 +170,44 @@ def run_regions(work, net, data, start, nrows, inv_total, backward, next_rows, t
     # forward_backward's regions, as planned (region_plan). Plain Python;
     # train_steps inlines its twin, compiled_run_regions.
     for i in range(plan.shape[0]):
-        row = plan[i]
-        region(work, net, data, start, nrows, inv_total, backward,
-               next_rows if row[NEXT_ROWS] else np.int64(0), threads, np.bool_(row[COLUMNS]),
-               np.bool_(row[GATHER]), row[F0], row[F1], np.bool_(row[HEAD]), row[BACK_HI],
-               row[BACK_LO])
+        region(work, net, data, start, nrows, inv_total, backward, next_rows, threads, plan[i])
 
 
 compiled_run_regions = inline_kernel(run_regions)
 
 
 @kernel
-def region_parts(work, nrows, next_rows, threads, columns):
-    # how many parts a region of forward_backward cuts (no more than
+def region_parts(work, row, nrows, next_rows, threads):
+    # how many parts the region of plan row `row` cuts (no more than
     # scratch blocks: one per thread Numba may start)
-    if columns:
+    if row[COLUMNS]:
         return column_parts(work, threads)
-    return max(1, min(threads, (max(nrows, next_rows) + 3) // 4, work.outputs_t.shape[0]))
+    rows = max(nrows, next_rows if row[NEXT_ROWS] else 0)
+    return max(1, min(threads, (rows + 3) // 4, work.outputs_t.shape[0]))
 
 
 @parallel_kernel
-def region(work, net, data, start, nrows, inv_total, backward, next_rows, threads, columns,
-           gather, f0, f1, head, back_hi, back_lo):
-    # One parallel region of forward_backward, for batch rows 0:nrows: with
-    # gather, the batch's rows gathered; layers f0..f1 - 1 forward; with
-    # head, the head's outputs and, with backward, its delta; with
-    # backward, the deltas of the inputs of layers back_hi down to
-    # back_lo + 1. Each part runs region_part.
-    parts = region_parts(work, nrows, next_rows, threads, columns)
-    fold_timings(work.balance[COLUMN_LAYERS if columns else FORWARD], parts)
+def region(work, net, data, start, nrows, inv_total, backward, next_rows, threads, row):
+    # One parallel region of forward_backward, for batch rows 0:nrows, as
+    # row (a row of region_plan) says: with GATHER, the batch's rows
+    # gathered (and with NEXT_ROWS, the next batch's next_rows rows
+    # prefetched); layers F0..F1 - 1 forward; with HEAD, the head's outputs
+    # and, with backward, its delta; with backward, the deltas of the inputs
+    # of layers BACK_HI down to BACK_LO + 1; with COLUMNS, split between
+    # threads by outputs. Each part runs region_part.
+    parts = region_parts(work, row, nrows, next_rows, threads)
+    fold_timings(work.balance[COLUMN_LAYERS if row[COLUMNS] else FORWARD], parts)
     for p in prange(parts):
         # (prange's index is unsigned: see jit.py)
-        region_part(work, net, data, start, nrows, inv_total, backward, next_rows, threads,
-                    columns, gather, f0, f1, head, back_hi, back_lo, np.int64(p), parts)
+        region_part(work, net, data, start, nrows, inv_total, backward, next_rows, threads, row,
+                    np.int64(p), parts)
 
 
 @driver_kernel
-def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, threads, columns,
-                gather, f0, f1, head, back_hi, back_lo, part, parts):
-    # Part `part` of `parts` of a region (region's arguments).
+def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, threads, row,
+                part, parts):
+    # Part `part` of `parts` of a region (region's arguments; `columns`,
+    # `gather` and so on below are the row's COLUMNS, GATHER, ...).
     # Without columns, the rows are cut into one contiguous part per
     # thread, sized by speed (balance.py), and each part gathering its rows
     # also prefetches its share of the next_rows rows at idx[start + nrows:]
@@ -221,6 +220,13 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
     # row; with gather too (a first column layer: own_inputs),
     # each part gathers every row into its own copy of the inputs, and
     # prefetches every next row on the same terms.
+    columns = row[COLUMNS] != 0
+    gather = row[GATHER] != 0
+    f0, f1 = row[F0], row[F1]
+    head = row[HEAD] != 0
+    back_hi, back_lo = row[BACK_HI], row[BACK_LO]
+    if not row[NEXT_ROWS]:
+        next_rows = np.int64(0)
     sizes = net.sizes
     acts = work.acts
     act_off = work.act_off

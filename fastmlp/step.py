@@ -29,8 +29,7 @@ from numba import prange
 from .balance import fold_timings
 from .collective import allreduce, wall_time
 from .column_layers import own_inputs
-from .forward_backward import (BACK_HI, BACK_LO, COLUMNS, F0, F1, GATHER, HEAD, NEXT_ROWS,
-                               compiled_run_regions, region_part, region_parts, region_plan,
+from .forward_backward import (compiled_run_regions, region_part, region_parts, region_plan,
                                transpose_weights)
 from .gradients import (HALVES, TASKS, TASKS_AFTER_HALVES, compiled_gradients_update,
                         gradient_parts, gradients_part, sum_halves)
@@ -228,14 +227,10 @@ def steps_part(work, net, opt, data, batches, step0, step1, update_count, thread
         inv_total = net.params.dtype.type(1.0 / total if total > 0 else 0.0)
         next_rows = min(B, n_rows - first - nrows) if s + 1 < step1 else 0
         for i in range(plan.shape[0]):
-            row = plan[i]
-            rows_next = next_rows if row[NEXT_ROWS] else np.int64(0)
-            columns = np.bool_(row[COLUMNS])
-            region_cut = region_parts(work, nrows, rows_next, threads, columns)
+            region_cut = region_parts(work, plan[i], nrows, next_rows, threads)
             if part < region_cut:
-                region_part(work, net, data, first, nrows, inv_total, true, rows_next, threads,
-                            columns, np.bool_(row[GATHER]), row[F0], row[F1],
-                            np.bool_(row[HEAD]), row[BACK_HI], row[BACK_LO], part, region_cut)
+                region_part(work, net, data, first, nrows, inv_total, true, next_rows, threads,
+                            plan[i], part, region_cut)
             last, generation = arrive(sync, parts)
             if last:
                 fold_all_timings(work.balance, parts)
