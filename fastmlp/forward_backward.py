@@ -20,10 +20,11 @@ of a wide layer's outputs, by the same cut, when the layer above is a
 column layer too. region_plan lists the regions in turn; without column
 layers, the whole phase is one region.
 
-The forward products read the first whole blocks of each layer's outputs
-from transposed weights (transpose_weights; laid out by
-transposed_layout), which the gradient tasks keep current as they update
-(gradients.py).
+A layer narrower than a wide one computes its leading whole blocks of
+outputs from a transposed copy of those weights (transpose_weights, laid
+out by transposed_layout), which each gradient task rewrites for its rows
+as it updates them (gradients.py); a wide layer computes them transposed
+(kernels.wide_forward) and keeps no copy.
 """
 import numpy as np
 from numba import prange
