@@ -4,7 +4,8 @@ that no kernel call spells out twenty arrays. Each group is a namedtuple
 them out, with the activation and head codes), `Work` (the buffers of one
 batch size), `Data` (the training rows and their order) and `Optimizer`
 (gradients, state and hyperparameters). `fastmlp.model` builds the first
-two, `fastmlp.training` the others."""
+two, `fastmlp.training` the others. Kernels see a layer's block of a flat
+vector as a matrix through `view2d`."""
 from collections import namedtuple
 
 import numpy as np

@@ -372,7 +372,7 @@ class MLP:
         return (jit.ready(transpose_weights, (workspace.work.weights_t, self.network())) and
                 jit.ready(region, (workspace.work, self.network(), data, 0, 1,
                                    self.dtype.type(0.0), False, 0, numba.get_num_threads(),
-                                   False, True, 0, 0, True, 0, 0)))
+                                   np.zeros(8, np.int64))))  # (a row of region_plan)
 
     def _no_targets(self, n):
         # targets for n rows that are only predicted: zeros of the head's kind
