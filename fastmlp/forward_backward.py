@@ -115,6 +115,7 @@ def forward_backward(work, net, data, start, nrows, inv_total, backward, next_ro
 # the columns of a region_plan row: region's arguments of the same names;
 # with NEXT_ROWS, the region is told the next batch's rows
 COLUMNS, GATHER, F0, F1, HEAD, BACK_HI, BACK_LO, NEXT_ROWS = range(8)
+PLAN_WIDTH = 8
 
 
 @kernel
@@ -125,7 +126,7 @@ def region_plan(work, net, threads, backward):
     # their outputs (column_delta). Without column layers, the whole step
     # is one region.
     L = net.sizes.shape[0] - 1
-    plan = np.zeros((3 * L + 1, 8), np.int64)
+    plan = np.zeros((3 * L + 1, PLAN_WIDTH), np.int64)
     n = 0
     f0 = 0  # the first layer not run forward yet
     gathered = False
@@ -183,8 +184,14 @@ def region_parts(work, row, nrows, next_rows, threads):
     # scratch blocks: one per thread Numba may start)
     if row[COLUMNS]:
         return column_parts(work, threads)
-    rows = max(nrows, next_rows if row[NEXT_ROWS] else 0)
+    rows = max(nrows, planned_next_rows(row, next_rows))
     return max(1, min(threads, (rows + 3) // 4, work.outputs_t.shape[0]))
+
+
+@kernel
+def planned_next_rows(row, next_rows):
+    # the next batch's rows that the region of plan row `row` prefetches
+    return next_rows if row[NEXT_ROWS] else np.int64(0)
 
 
 @parallel_kernel
@@ -226,8 +233,7 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
     f0, f1 = row[F0], row[F1]
     head = row[HEAD] != 0
     back_hi, back_lo = row[BACK_HI], row[BACK_LO]
-    if not row[NEXT_ROWS]:
-        next_rows = np.int64(0)
+    next_rows = planned_next_rows(row, next_rows)
     sizes = net.sizes
     acts = work.acts
     act_off = work.act_off

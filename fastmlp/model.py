@@ -15,8 +15,8 @@ from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, scor
 from .kernels import ACTIVATIONS, MAX_SUM_ROWS
 from .optimizers import gradients_only
 from .column_layers import own_inputs_shape
-from .forward_backward import (forward_backward, region, transpose_weights, transposed_layout,
-                               wide_scratch_values)
+from .forward_backward import (PLAN_WIDTH, forward_backward, region, transpose_weights,
+                               transposed_layout, wide_scratch_values)
 from .gradients import gradients_update
 from .tasks import make_tasks, task_block_values
 from .validation import (
@@ -372,7 +372,7 @@ class MLP:
         return (jit.ready(transpose_weights, (workspace.work.weights_t, self.network())) and
                 jit.ready(region, (workspace.work, self.network(), data, 0, 1,
                                    self.dtype.type(0.0), False, 0, numba.get_num_threads(),
-                                   np.zeros(8, np.int64))))  # (a row of region_plan)
+                                   np.zeros(PLAN_WIDTH, np.int64))))  # a plan row
 
     def _no_targets(self, n):
         # targets for n rows that are only predicted: zeros of the head's kind
