@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import __version__, datasets, distributed, sources, tabular
+from . import __version__, datasets, distributed, jit, sources, tabular
 from .model import MLP
 from .modelfile import load as load_model, loads as load_model_bytes
 from .heads import HEADS, VALUE_HEADS
@@ -318,6 +318,8 @@ def plot_history(history, path, held_out="test"):
 
 
 def main(argv=None):
+    if argv is None:  # run as fastmlp-train: a process of its own
+        jit.numba_without_scipy_linalg()
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)

@@ -8,19 +8,25 @@ files itself or in a subdirectory named after the dataset. Otherwise it
 downloads into the cache, trying each mirror in turn, checking each file's
 published MD5, and writing each file atomically. Given a data_dir, it looks
 there alone and downloads there.
+
+The first load of a gzipped file of UNPACK_MIN_BYTES or more keeps its
+array uncompressed in the cache's unpacked/ directory, named after the
+file's path, size and modification time; later loads read that copy
+(Fashion-MNIST's images: gunzip 0.3 s, the copy 0.02 s). A copy that
+cannot be written or read is done without.
 """
+import contextlib
 import gzip
 import hashlib
+import io
 import math
 import os
 import sys
-import urllib.error
-import urllib.request
 import zlib
 
 import numpy as np
 
-from .files import temporary_beside
+from .files import atomic_write, temporary_beside
 
 # IDX type byte -> big-endian NumPy dtype
 IDX_DTYPES = {
@@ -82,9 +88,42 @@ def load_directory(directory):
                 break
         else:
             raise FileNotFoundError(f"{directory}: no {name}[.gz]")
-        array = load_idx(path)
+        unpack = path.endswith(".gz") and os.path.getsize(path) >= UNPACK_MIN_BYTES
+        array = load_gzipped(path) if unpack else load_idx(path)
         arrays.append(array.reshape(array.shape[0], -1) if key.startswith("x") else array)
     return tuple(arrays)
+
+
+def unpacked_copy(path):
+    """Where path's uncompressed copy lives in the cache: a name for the
+    file (its real path) and one for this version of it (size, mtime)."""
+    real = os.path.realpath(path)
+    status = os.stat(real)
+    source = hashlib.sha256(real.encode()).hexdigest()[:12]
+    version = hashlib.sha256(f"{status.st_size}:{status.st_mtime_ns}".encode()).hexdigest()[:12]
+    name = os.path.basename(real).removesuffix(".gz")
+    return os.path.join(cache_dir(), "unpacked", f"{name}-{source}-{version}.npy")
+
+
+def load_gzipped(path):
+    """load_idx(path) of a .gz file, read from its uncompressed copy when
+    there is one, else decompressed and copied (replacing the copies of the
+    file's earlier versions)."""
+    copy = unpacked_copy(path)
+    with contextlib.suppress(OSError, ValueError, EOFError):  # none yet, or damaged
+        return np.load(copy, allow_pickle=False)
+    array = load_idx(path)
+    with contextlib.suppress(OSError):  # no writable cache: load without a copy
+        directory = os.path.dirname(copy)
+        os.makedirs(directory, exist_ok=True)
+        stem = os.path.basename(copy).rsplit("-", 1)[0]
+        for old in os.listdir(directory):
+            if old.startswith(stem + "-") and old.endswith(".npy"):
+                os.unlink(os.path.join(directory, old))
+        npy = io.BytesIO()
+        np.save(npy, array, allow_pickle=False)
+        atomic_write(copy, [npy.getbuffer()])
+    return array
 
 
 # name -> (mirrors, {IDX file name: published MD5 of its .gz})
@@ -107,6 +146,7 @@ DATASETS = {
 }
 NAMES = sorted(DATASETS) + ["digits"]
 DOWNLOAD_TIMEOUT = 30  # seconds without data before a mirror is given up
+UNPACK_MIN_BYTES = 1 << 20  # smaller .gz files decompress in milliseconds
 
 
 class DatasetNotFound(OSError):
@@ -212,6 +252,7 @@ def short_reason(exc):
 def download(url, destination, md5, progress=True):
     """Fetches url into destination atomically; a wrong MD5 or a transfer
     that breaks off raises (ValueError or OSError) and leaves nothing."""
+    import urllib.request  # here, not at the top: 40 ms of every start
     fd, tmp = temporary_beside(destination, prefix=".download-")
     try:
         digest = hashlib.md5()

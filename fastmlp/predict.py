@@ -12,7 +12,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import __version__, sources
+from . import __version__, jit, sources
 from .cli import Parser, UsageError
 from .heads import VALUE_HEADS
 from .files import atomic_write
@@ -203,6 +203,8 @@ def standard_input(model, keep):
 
 
 def main(argv=None):
+    if argv is None:  # run as fastmlp-predict: a process of its own
+        jit.numba_without_scipy_linalg()
     args = build_parser().parse_args(argv)
     try:
         write = output_writer(args.output)

@@ -332,3 +332,35 @@ def test_early_stopping_flags(data_dir, tmp_path, capsys):
     assert min(r["val_loss"] for r in rows) == rows[best - 1]["val_loss"]
     with pytest.raises(SystemExit):
         main(["--data-dir", data_dir, "--patience", "0"])
+
+
+HIDDEN_SCIPY_SCRIPT = """
+import json, sys
+import numpy as np
+from fastmlp import cli, predict
+main = cli.main if sys.argv[1] == "fastmlp-train" else predict.main
+sys.argv = sys.argv[1:]
+code = main()
+import numba, numba.np.arraymath
+result = {"code": code, "scipy.linalg": "scipy.linalg" in sys.modules,
+          "vector dot by BLAS": numba.np.arraymath._HAVE_BLAS}
+import scipy.linalg  # imports as usual afterwards, and so does BLAS for Numba
+a = np.arange(6.0).reshape(2, 3)
+result["dot"] = numba.njit(lambda a, b: np.dot(a, b))(a, a.T).tolist()
+print(json.dumps(result))
+"""
+
+
+def test_the_commands_start_without_scipy_linalg(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", X=rng.normal(size=(60, 4)), y=rng.integers(0, 3, 60))
+    model = str(tmp_path / "m.safetensors")
+    for argv in (["fastmlp-train", "--data", str(tmp_path / "d.npz"), "--epochs", "1",
+                  "--quiet", "--save", model],
+                 ["fastmlp-predict", model, str(tmp_path / "d.npz"), "-o", str(tmp_path / "p.csv")]):
+        run = subprocess.run([sys.executable, "-c", HIDDEN_SCIPY_SCRIPT] + argv,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        result = json.loads(run.stdout.splitlines()[-1])
+        assert result == {"code": 0, "scipy.linalg": False, "vector dot by BLAS": False,
+                          "dot": [[5.0, 14.0], [14.0, 50.0]]}, argv[0]

@@ -85,6 +85,64 @@ def test_load_directory_flattens_images_gz_or_not(tmp_path):
         assert np.array_equal(y_test, arrays["y_test"])
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Uncompressed copies, even of small files, go to a cache of the test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets, "UNPACK_MIN_BYTES", 0)
+    return tmp_path / "cache" / "fastmlp" / "unpacked"
+
+
+def test_a_gzipped_file_is_read_from_its_copy_after_the_first_load(tmp_path, private_cache,
+                                                                   monkeypatch):
+    arrays = write_dataset(tmp_path / "data")
+    first = load_directory(tmp_path / "data")
+    assert len(os.listdir(private_cache)) == 4
+    monkeypatch.setattr(gzip, "open", lambda *a, **k: pytest.fail("decompressed again"))
+    again = load_directory(tmp_path / "data")
+    for key, before, after in zip(FILES, first, again):
+        assert np.array_equal(after, before) and after.dtype == before.dtype
+    assert np.array_equal(again[0], arrays["x_train"].reshape(30, -1))
+
+
+def test_a_changed_file_replaces_its_copy(tmp_path, private_cache):
+    write_dataset(tmp_path / "data", seed=0)
+    load_directory(tmp_path / "data")
+    names = set(os.listdir(private_cache))
+    arrays = write_dataset(tmp_path / "data", seed=1)
+    for name in FILES.values():  # a new version whatever the clock's resolution
+        os.utime(tmp_path / "data" / (name + ".gz"), ns=(0, 10**9))
+    x_train, y_train, x_test, y_test = load_directory(tmp_path / "data")
+    assert np.array_equal(x_train, arrays["x_train"].reshape(30, -1))
+    assert np.array_equal(y_test, arrays["y_test"])
+    now = set(os.listdir(private_cache))
+    assert len(now) == 4 and not now & names
+
+
+def test_a_damaged_copy_is_made_again(tmp_path, private_cache):
+    arrays = write_dataset(tmp_path / "data")
+    load_directory(tmp_path / "data")
+    copy = next(private_cache.glob("train-images-*.npy"))
+    copy.write_bytes(copy.read_bytes()[:200])
+    assert np.array_equal(load_directory(tmp_path / "data")[0], arrays["x_train"].reshape(30, -1))
+    assert np.array_equal(np.load(copy), arrays["x_train"])
+
+
+def test_small_files_are_not_copied(tmp_path, private_cache, monkeypatch):
+    monkeypatch.setattr(datasets, "UNPACK_MIN_BYTES", 30 * 784)  # the images' .gz is larger
+    write_dataset(tmp_path / "data")
+    load_directory(tmp_path / "data")
+    assert [name.split("-")[0] for name in os.listdir(private_cache)] == ["train"]
+
+
+def test_without_a_writable_cache_it_loads_without_a_copy(tmp_path, monkeypatch):
+    (tmp_path / "not-a-directory").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-directory"))
+    arrays = write_dataset(tmp_path / "data")
+    for _ in range(2):
+        assert np.array_equal(load_directory(tmp_path / "data")[1], arrays["y_train"])
+
+
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
     """No $FASTMLP_DATA, a private cache."""
