@@ -15,8 +15,8 @@ from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, scor
 from .kernels import ACTIVATIONS, MAX_SUM_ROWS
 from .optimizers import gradients_only
 from .column_layers import own_inputs_shape
-from .forward_backward import (PLAN_WIDTH, forward_backward, region, transpose_weights,
-                               transposed_layout, wide_scratch_values)
+from .forward_backward import (PLAN_WIDTH, forward_backward, region, region_plan, run_regions,
+                               transpose_weights, transposed_layout, wide_scratch_values)
 from .gradients import gradients_update
 from .tasks import make_tasks, task_block_values
 from .validation import (
@@ -67,6 +67,9 @@ def parallel_launch_guard():
         layer = None
     return contextlib.nullcontext() if layer in ("omp", "tbb") else _LAUNCH_LOCK
 PREDICT_BATCH = 1024  # rows per forward call in predict/evaluate
+# predict/evaluate keep their workspace for the next call when it is this
+# small: a new one costs 0.1 ms, more than a forward pass of a few rows
+KEEP_WORKSPACE_BYTES = 1 << 20
 
 
 def parameter_layout(layer_sizes):
@@ -134,6 +137,16 @@ class Workspace:
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,
                                                                                n_outputs)
+        self.nbytes = sum(a.nbytes for a in self.work if isinstance(a, np.ndarray))
+        self._plans = {}
+
+    def plan(self, net, threads, backward):
+        """region_plan(work, net, threads, backward), made once per thread
+        count: it depends on the buffers' shapes and the layer sizes only."""
+        key = (threads, backward)
+        if key not in self._plans:
+            self._plans[key] = region_plan(self.work, net, threads, backward)
+        return self._plans[key]
 
 
 class MLP:
@@ -203,13 +216,14 @@ class MLP:
         _, (layout, size) = amx_layouts(self.layer_sizes, 0, self.amx)
         self._packed_weights = aligned_zeros(size, packed_dtype(self.amx))
         self._packed_weights_layout = layout
+        self.__dict__.pop("_layout_views", None)  # network() makes them anew
 
     def __getstate__(self):
         # weights and biases are views of params, operands params or a copy
         # made from them: rebuilt after unpickling
         state = dict(self.__dict__)
         for key in ("weights", "biases", "_operands", "amx", "_packed_weights",
-                    "_packed_weights_layout"):
+                    "_packed_weights_layout", "_idle_workspace", "_layout_views"):
             state.pop(key, None)
         return state
 
@@ -298,11 +312,14 @@ class MLP:
         layout goes as read-only views, whether or not its arrays are (they
         are in a model that joblib loads from a memory map, as scikit-learn's
         checks do), so that one compiled step serves both (buffers.make_data)."""
-        layout = (read_only(a) for a in (self._sizes, self.w_off, self.b_off, self._wt_off,
-                                         self._tasks))
-        return Network(self.params, *layout, self.activation_code, HEADS[self.output],
+        views = self.__dict__.get("_layout_views")
+        if views is None:  # made once: the layout does not change
+            views = self._layout_views = tuple(read_only(a) for a in (
+                self._sizes, self.w_off, self.b_off, self._wt_off, self._tasks,
+                self._packed_weights_layout))
+        return Network(self.params, *views[:5], self.activation_code, HEADS[self.output],
                        self._operands, self.precision == "bfloat16", self.amx,
-                       self._packed_weights, read_only(self._packed_weights_layout))
+                       self._packed_weights, views[5])
 
     def __repr__(self):
         return (f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "
@@ -345,20 +362,36 @@ class MLP:
         """(loss sum, score sum) over X (targets y, checked), in batches of
         PREDICT_BATCH rows; fills outputs if given."""
         n = X.shape[0]
-        workspace = Workspace(self.layer_sizes, min(n, PREDICT_BATCH), self.dtype, backward=False,
-                              amx=self.amx)
+        workspace = self._inference_workspace(min(n, PREDICT_BATCH))
         workspace.work.target_scale[:] = target_scale(self.output, y, self.n_outputs, self.dtype)
         data = make_data(X, y, np.ones(n, self.dtype), np.arange(n, dtype=np.int64), self.dtype)
+        net, threads, no_total = self.network(), numba.get_num_threads(), self.dtype.type(0.0)
+        plan = workspace.plan(net, threads, False)
         loss, score = 0.0, 0.0
-        self._transpose(workspace)
-        for start in range(0, n, workspace.batch_size):
-            nrows = min(workspace.batch_size, n - start)
-            self._forward(data, workspace, start, nrows, False)
-            loss += workspace.row_stats[:nrows, 0].sum()
-            score += workspace.row_stats[:nrows, 1].sum()
-            if outputs is not None:
-                outputs[start:start + nrows] = workspace.output[:nrows]
+        with parallel_launch_guard():
+            transpose_weights(workspace.work.weights_t, net)
+            for start in range(0, n, workspace.batch_size):
+                nrows = min(workspace.batch_size, n - start)
+                run_regions(workspace.work, net, data, start, nrows, no_total, False, 0, threads,
+                            plan)
+                loss += workspace.row_stats[:nrows, 0].sum()
+                score += workspace.row_stats[:nrows, 1].sum()
+                if outputs is not None:
+                    outputs[start:start + nrows] = workspace.output[:nrows]
+        if workspace.nbytes <= KEEP_WORKSPACE_BYTES:
+            self._idle_workspace = workspace
         return loss, score
+
+    def _inference_workspace(self, rows):
+        # a forward-only workspace for batches of `rows` rows: the one the
+        # last call kept if it fits, else a new one. Each call takes the kept
+        # one away while it runs, so threads that predict at once never share.
+        workspace = self.__dict__.pop("_idle_workspace", None)
+        key = (tuple(self.layer_sizes), self.dtype, self.amx, rows)
+        if workspace is None or workspace.key != key:
+            workspace = Workspace(self.layer_sizes, rows, self.dtype, backward=False, amx=self.amx)
+            workspace.key = key
+        return workspace
 
     def prediction_ready(self):
         """Whether predict, predict_proba and evaluate run without compiling:

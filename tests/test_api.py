@@ -29,6 +29,26 @@ def test_params_is_one_flat_vector_with_writable_views():
     assert model.predict(X)[0] == 0 and not np.allclose(before, model.predict_proba(X))
 
 
+def test_predict_reuses_a_small_workspace_and_answers_as_a_new_one_would():
+    model, X, y = random_problem([6, 5, 4], 50, "relu", np.float32, seed=0)
+    first = model.predict_proba(X[:7])
+    kept = model._idle_workspace
+    assert np.array_equal(model.predict_proba(X[:7]), first) and model._idle_workspace is kept
+    assert np.array_equal(model.predict_proba(X[:3]), first[:3])  # a workspace of 3 rows
+    assert model._idle_workspace is not kept
+    model.weights[0][:] *= 2  # in place: the next call reads the new weights
+    changed = model.predict_proba(X[:7])
+    assert not np.allclose(changed, first)
+    state = model.__getstate__()
+    assert "_idle_workspace" not in state and "_layout_views" not in state
+    assert np.array_equal(pickle.loads(pickle.dumps(model)).predict_proba(X[:7]), changed)
+    loss, accuracy = model.evaluate(X, y)
+    assert accuracy == np.mean(model.predict(X) == y)
+    wide = fastmlp.MLP([784, 512, 10], seed=0)
+    wide.predict(np.zeros((1024, 784), np.float32))  # a workspace of 8 MB is not kept
+    assert "_idle_workspace" not in vars(wide)
+
+
 def test_lesson_initialisation():
     model = fastmlp.MLP([784, 50, 10], seed=0)
     assert model.dtype == np.float32
