@@ -66,6 +66,26 @@ def test_grid_search_with_two_jobs_over_a_pipeline(digits):
     assert cross_val_score(search.best_estimator_, X, y, cv=3).mean() > 0.9
 
 
+def test_float_rows_are_predicted_without_scikit_learns_validation(digits, monkeypatch):
+    """A C float array of the fitted width skips validate_data (its cost is
+    more than predicting a few rows); anything else still goes through it."""
+    X, y = digits
+    clf = MLPClassifier(max_iter=5, random_state=0).fit(X / 16, y)
+    expected = clf.predict_proba(X[:9] / 16)
+    monkeypatch.setattr(fastmlp.estimator, "validate_data",
+                        lambda *a, **k: pytest.fail("validated again"))
+    for dtype in (np.float64, np.float32):
+        rows = (X[:9] / 16).astype(dtype)
+        assert np.allclose(clf.predict_proba(rows), expected, atol=1e-6)
+        assert np.array_equal(clf.predict(rows), expected.argmax(axis=1))
+    for other in ((X[:9] / 16).tolist(), X[:9].astype(np.int64), (X[:9] / 16)[:, :10],
+                  np.zeros((0, 64))):
+        with pytest.raises(pytest.fail.Exception, match="validated again"):
+            clf.predict(other)
+    with pytest.raises(ValueError, match="NaN"):  # the values are still checked
+        clf.predict(np.full((1, 64), np.nan))
+
+
 def test_threads_are_capped_at_what_the_process_allows(digits, monkeypatch):
     X, y = digits
     one = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0, threads=1)
