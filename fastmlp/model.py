@@ -15,8 +15,8 @@ from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, scor
 from .kernels import ACTIVATIONS, MAX_SUM_ROWS
 from .optimizers import gradients_only
 from .column_layers import own_inputs_shape
-from .forward_backward import (PLAN_WIDTH, forward_backward, region, region_plan, run_regions,
-                               transpose_weights, transposed_layout, wide_scratch_values)
+from .forward_backward import (PLAN_WIDTH, region, region_plan, run_regions, transpose_weights,
+                               transposed_layout, wide_scratch_values)
 from .gradients import gradients_update
 from .tasks import make_tasks, task_block_values
 from .validation import (
@@ -216,7 +216,8 @@ class MLP:
         _, (layout, size) = amx_layouts(self.layer_sizes, 0, self.amx)
         self._packed_weights = aligned_zeros(size, packed_dtype(self.amx))
         self._packed_weights_layout = layout
-        self.__dict__.pop("_layout_views", None)  # network() makes them anew
+        for derived in ("_layout_views", "_idle_workspace"):  # made anew when needed
+            self.__dict__.pop(derived, None)
 
     def __getstate__(self):
         # weights and biases are views of params, operands params or a copy
@@ -341,18 +342,22 @@ class MLP:
     # ------------------------------------------------------------------
     # kernels on a whole array
 
-    def _transpose(self, workspace):
+    def _transpose(self, workspace, net):
         # workspace's transposed weights from params, for dense_forward
         with parallel_launch_guard():
-            transpose_weights(workspace.work.weights_t, self.network())
+            transpose_weights(workspace.work.weights_t, net)
 
-    def _forward(self, data, workspace, start, nrows, backward):
-        # 1 / the rows' total weight scales the output deltas: only backward needs it
-        weights = data.sample_weight[data.idx[start:start + nrows]]
-        inv_total = self.dtype.type(1.0 / weights.sum() if backward else 0.0)
+    def _forward(self, data, workspace, start, nrows, backward, net):
+        # forward_backward over the workspace's region plan; 1 / the rows'
+        # total weight scales the output deltas: only backward needs it
+        inv_total = self.dtype.type(0.0)
+        if backward:
+            weights = data.sample_weight[data.idx[start:start + nrows]]
+            inv_total = self.dtype.type(1.0 / weights.sum())
+        threads = numba.get_num_threads()
         with parallel_launch_guard():
-            forward_backward(workspace.work, self.network(), data, start, nrows, inv_total,
-                             backward, 0, numba.get_num_threads())
+            run_regions(workspace.work, net, data, start, nrows, inv_total, backward, 0, threads,
+                        workspace.plan(net, threads, backward))
 
     def check_targets(self, y, n_samples, name="y"):
         """y as the kernels take it for this model's head (see heads.py)."""
@@ -365,19 +370,16 @@ class MLP:
         workspace = self._inference_workspace(min(n, PREDICT_BATCH))
         workspace.work.target_scale[:] = target_scale(self.output, y, self.n_outputs, self.dtype)
         data = make_data(X, y, np.ones(n, self.dtype), np.arange(n, dtype=np.int64), self.dtype)
-        net, threads, no_total = self.network(), numba.get_num_threads(), self.dtype.type(0.0)
-        plan = workspace.plan(net, threads, False)
+        net = self.network()
         loss, score = 0.0, 0.0
-        with parallel_launch_guard():
-            transpose_weights(workspace.work.weights_t, net)
-            for start in range(0, n, workspace.batch_size):
-                nrows = min(workspace.batch_size, n - start)
-                run_regions(workspace.work, net, data, start, nrows, no_total, False, 0, threads,
-                            plan)
-                loss += workspace.row_stats[:nrows, 0].sum()
-                score += workspace.row_stats[:nrows, 1].sum()
-                if outputs is not None:
-                    outputs[start:start + nrows] = workspace.output[:nrows]
+        self._transpose(workspace, net)
+        for start in range(0, n, workspace.batch_size):
+            nrows = min(workspace.batch_size, n - start)
+            self._forward(data, workspace, start, nrows, False, net)
+            loss += workspace.row_stats[:nrows, 0].sum()
+            score += workspace.row_stats[:nrows, 1].sum()
+            if outputs is not None:
+                outputs[start:start + nrows] = workspace.output[:nrows]
         if workspace.nbytes <= KEEP_WORKSPACE_BYTES:
             self._idle_workspace = workspace
         return loss, score
@@ -387,10 +389,8 @@ class MLP:
         # last call kept if it fits, else a new one. Each call takes the kept
         # one away while it runs, so threads that predict at once never share.
         workspace = self.__dict__.pop("_idle_workspace", None)
-        key = (tuple(self.layer_sizes), self.dtype, self.amx, rows)
-        if workspace is None or workspace.key != key:
+        if workspace is None or workspace.batch_size != rows:
             workspace = Workspace(self.layer_sizes, rows, self.dtype, backward=False, amx=self.amx)
-            workspace.key = key
         return workspace
 
     def prediction_ready(self):
@@ -452,11 +452,12 @@ class MLP:
         sample_weight = check_sample_weight(sample_weight, n, self.dtype)
         workspace = Workspace(self.layer_sizes, n, self.dtype, amx=self.amx)
         grads = aligned_zeros(self.params.size, self.dtype)
-        self._transpose(workspace)
+        net = self.network()
+        self._transpose(workspace, net)
         data = make_data(X, y, sample_weight, np.arange(n, dtype=np.int64), self.dtype)
-        self._forward(data, workspace, 0, n, True)
+        self._forward(data, workspace, 0, n, True, net)
         optimizer = gradients_only(grads)
-        gradients_update(workspace.work, self.network(), optimizer, n, True, False,
+        gradients_update(workspace.work, net, optimizer, n, True, False,
                          numba.get_num_threads())
         loss = float(workspace.row_stats[:n, 0].sum() / sample_weight.sum())
         dweights, dbiases = self.layer_views(grads)

@@ -388,8 +388,8 @@ def test_a_first_column_layer_reads_each_threads_own_copy_of_the_inputs(sizes, b
             numba.set_num_threads(threads)
             ws = Workspace(model.layer_sizes, batch, model.dtype, input_bytes=1)
             assert ws.work.inputs.shape == (numba.config.NUMBA_NUM_THREADS, batch, 784)
-            model._transpose(ws)
-            model._forward(data, ws, 40, batch, False)
+            model._transpose(ws, model.network())
+            model._forward(data, ws, 40, batch, False, model.network())
             shared = ws.acts[:batch * 784].reshape(batch, 784)
             if threads == 1:
                 assert np.array_equal(shared, expected)
@@ -522,7 +522,7 @@ def test_fused_update_equals_gradients_then_update(optimizer, options, dtype, ba
     ws = Workspace(sizes, batch, model.dtype)
     data = make_data(X, y.astype(np.int32), np.ones(batch, model.dtype), np.arange(batch),
                      model.dtype)
-    model._transpose(ws)
+    model._transpose(ws, net)
     forward_backward(ws.work, net, data, 0, batch, model.dtype.type(1 / batch), True, 0, 2)
     hyper = make_hyper(model.dtype, options["lr"], options.get("momentum", 0.0),
                        options.get("weight_decay", 0.0))
