@@ -27,6 +27,12 @@ bit for bit. They depend on the shapes only, never on the thread count.
 
 Linux hands a process the tile registers' 8 KB of state only when asked
 (arch_prctl ARCH_REQ_XCOMP_PERM): `usable()` asks once.
+
+On AMD Zen 4 and later, which have AVX512_BF16 but no AMX, `amx_block`
+computes the same blocks from the same packed operands with `vdpbf16ps`
+(dpbf16.py), and every layer kernel built on it (amx_layers.py) runs
+unchanged: "AMX" in the names of this path means packed bfloat16
+products, on tiles or on vdpbf16ps.
 """
 import ctypes
 import functools
@@ -39,7 +45,9 @@ from numba import carray, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import dpbf16
 from .bfloat16 import round_bfloat16
+from .dpbf16 import target_has_dpbf16
 from .jit import kernel
 from .kernels import stack_buffer
 from .microkernel import (accumulating_loop, element_address, out_of_line_function,
@@ -73,28 +81,48 @@ def tile_permission():
     return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
 
 
-def compiled_with_amx():
-    """Whether the kernels of this process are compiled for a CPU with AMX
-    (the host's features, or NUMBA_CPU_NAME's and NUMBA_CPU_FEATURES')."""
+def compiled_target_products():
+    """Which packed bfloat16 products the kernels of this process are
+    compiled for (the host's CPU, or NUMBA_CPU_NAME's and
+    NUMBA_CPU_FEATURES'): "amx" tiles, "dpbf16" (AVX512_BF16 with AMD's
+    tuning, dpbf16.py) or None."""
     from numba.core.registry import cpu_target
-    return target_has_amx(cpu_target.target_context.codegen()._tm_features)
+    codegen = cpu_target.target_context.codegen()
+    if target_has_amx(codegen._tm_features):
+        return "amx"
+    if target_has_dpbf16(codegen._get_host_cpu_name(), codegen._tm_features):
+        return "dpbf16"
+    return None
 
 
-# Whether this process compiles kernels for a CPU with AMX: the step's
-# kernels test it first, a constant, so that for other CPUs Numba prunes
-# their AMX branches before typing them (a cold start of the float32
-# kernels 7.7 s longer with them, measured on the Intel Xeon)
-COMPILED = compiled_with_amx()
+# Whether this process compiles kernels for packed bfloat16 products: the
+# step's kernels test it first, a constant, so that for other CPUs Numba
+# prunes their branches to them before typing them (a cold start of the
+# float32 kernels 7.7 s longer with them, measured on the Intel Xeon)
+COMPILED_PRODUCTS = compiled_target_products()
+COMPILED = COMPILED_PRODUCTS is not None
 
 
 def usable():
-    """Whether bfloat16 products run on AMX tiles here: the compiled code
-    has them, the CPU runs them and Linux grants their state. Set
+    """Whether bfloat16 products run on packed operands here: on AMX tiles
+    (the compiled code has them, the CPU runs them and Linux grants their
+    state) or on vdpbf16ps (AVX512_BF16 on AMD Zen 4 and later). Set
     FASTMLP_AMX=0 to use the emulated products instead."""
     from .bfloat16 import native_support
     if os.environ.get("FASTMLP_AMX", "1") == "0":
         return False
-    return "amx_bf16" in native_support() and COMPILED and tile_permission()
+    if COMPILED_PRODUCTS == "amx":
+        return "amx_bf16" in native_support() and tile_permission()
+    return COMPILED_PRODUCTS == "dpbf16" and "avx512_bf16" in native_support()
+
+
+def products_name():
+    """What the packed bfloat16 products run on in this process, for
+    people to read: "AMX tiles", "vdpbf16ps" (AVX512_BF16) or "float32
+    FMAs (emulated)"."""
+    if not usable():
+        return "float32 FMAs (emulated)"
+    return "AMX tiles" if COMPILED_PRODUCTS == "amx" else "vdpbf16ps (AVX512_BF16)"
 
 
 def tile_config(module):
@@ -196,8 +224,10 @@ def amx_block(typingctx, out, i, j, a, ai, b, bj, ksteps, blocks, row_tiles):
     # all with unit stride along their last axis; row_tiles a literal 1 or 2:
     # out[i:i + 16 row_tiles, j:j + 32 blocks] =
     #     A[ai:ai + 16 row_tiles, :32 ksteps] @ B[:32 ksteps, bj:bj + 32 blocks]
-    # (see the module's docstring). Compiled for a CPU without AMX, or for
-    # an out of another float type, it traps: callers check usable() first.
+    # (see the module's docstring): on AMX tiles, or compiled for AMD's
+    # AVX512_BF16 CPUs on vdpbf16ps (dpbf16.strip_function, the same
+    # blocks). Compiled for a CPU with neither, or for an out of another
+    # float type, it traps: callers check usable() first.
     if not isinstance(row_tiles, types.IntegerLiteral):
         return None
     if not all(isinstance(x, types.Array) and x.ndim == 2 for x in (out, a, b)):
@@ -207,7 +237,14 @@ def amx_block(typingctx, out, i, j, a, ai, b, bj, ksteps, blocks, row_tiles):
     tiles = row_tiles.literal_value
 
     def codegen(context, builder, signature, args):
-        if out.dtype != types.float32 or not target_has_amx(context.codegen()._tm_features):
+        codegen_ = context.codegen()
+        features = codegen_._tm_features
+        if out.dtype == types.float32 and target_has_amx(features):
+            strip = block_function(builder.module, tiles)
+        elif out.dtype == types.float32 and target_has_dpbf16(codegen_._get_host_cpu_name(),
+                                                              features):
+            strip = dpbf16.strip_function(builder.module, tiles)
+        else:
             trap = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
             builder.call(trap, [])
@@ -216,7 +253,7 @@ def amx_block(typingctx, out, i, j, a, ai, b, bj, ksteps, blocks, row_tiles):
                                  for t, x in zip((out, a, b), (args[0], args[3], args[5])))
         i_, j_, ai_, bj_, ksteps_, blocks_ = args[1], args[2], args[4], args[6], args[7], args[8]
         zero = ir.Constant(ir.IntType(64), 0)
-        builder.call(block_function(builder.module, tiles), [
+        builder.call(strip, [
             element_address(builder, out_arr, i_, j_, 4),
             builder.extract_value(out_arr.strides, 0),
             element_address(builder, a_arr, ai_, zero, 2),

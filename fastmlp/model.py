@@ -208,8 +208,9 @@ class MLP:
     def _operand_buffers(self):
         # what the products read the weights from (buffers.Network.operands):
         # params, or for bfloat16 a rounded copy that the kernels keep
-        # current; and whether bfloat16 products run on AMX tiles in this
-        # process, with the weights packed for them (amx_layers.py)
+        # current; and whether bfloat16 products run on packed operands (AMX
+        # tiles or vdpbf16ps) in this process, with the weights packed for
+        # them (amx_layers.py)
         bfloat16 = self.precision == "bfloat16"
         self._operands = aligned_zeros(self.params.size, self.dtype) if bfloat16 else self.params
         self.amx = bfloat16 and amx_usable()

@@ -130,8 +130,8 @@ def run_fastmlp_1thread(workload, data, epochs):
 
 
 def run_fastmlp_bf16(workload, data, epochs):
-    # dtype="bfloat16": bfloat16 products, on AMX tiles where the CPU has
-    # them, else emulated in float32
+    # dtype="bfloat16": bfloat16 products, on AMX tiles or vdpbf16ps where
+    # the CPU has them (amx.usable), else emulated in float32
     return run_fastmlp(workload, data, epochs, dtype="bfloat16")
 
 
@@ -516,8 +516,8 @@ def machine_summary():
     from fastmlp.bfloat16 import native_support
     name, bits = compiled_target()
     bf16 = ", ".join(native_support()) or "none"
-    how = ("fastmlp_bf16 runs its layers of 32 or more outputs on AMX tiles" if amx.usable()
-           else "fastmlp_bf16 emulates them in float32")
+    how = (f"fastmlp_bf16 runs its layers of 32 or more outputs on {amx.products_name()}"
+           if amx.usable() else "fastmlp_bf16 emulates them in float32")
     return (f"CPU: {model}; LLVM CPU name: {name}; microkernels: {bits}-bit vectors, "
             f"4 rows x up to {panel_vectors(bits)} vectors; bfloat16 instructions: {bf16} "
             f"({how})")

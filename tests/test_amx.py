@@ -1,7 +1,8 @@
-"""bfloat16 on AMX tiles (fastmlp/amx.py, fastmlp/amx_layers.py): the
-packed layouts everywhere; the tile products and the layers that use
-them where the CPU has AMX, against the float64 product and the bfloat16
-oracle."""
+"""bfloat16 on packed operands (fastmlp/amx.py, fastmlp/amx_layers.py,
+fastmlp/dpbf16.py): the packed layouts everywhere; the products (AMX tiles
+or vdpbf16ps) and the layers that use them where the CPU runs them,
+against the float64 product and the bfloat16 oracle; the assembly of both
+products for their CPUs on any CPU."""
 import json
 import os
 import re
@@ -12,15 +13,17 @@ import numpy as np
 import pytest
 
 import fastmlp
-from fastmlp import amx, reference
+from fastmlp import amx, dpbf16, reference
 from fastmlp.amx_layers import amx_product
 from fastmlp.bfloat16 import round_array
 
 from conftest import random_problem, relative_error
 
 needs_amx = pytest.mark.skipif(
-    not amx.usable(), reason="needs a CPU with AMX (amx_bf16), kernels compiled for it and "
-                             "Linux's grant of the tile state; elsewhere bfloat16 is emulated")
+    not amx.usable(), reason="needs a CPU with AMX (amx_bf16: Intel Xeon, with Linux's grant of "
+                             "the tile state) or AVX512_BF16 with AMD's tuning (Zen 4 and "
+                             "later), and kernels compiled for it; elsewhere bfloat16 is "
+                             "emulated")
 
 
 def bfloat16_values(shape, seed):
@@ -67,13 +70,26 @@ def test_packing_matches_the_tile_layouts():
     assert np.array_equal(column_pairs, expected)
 
 
-def test_amx_is_off_without_the_instructions_or_when_asked(monkeypatch):
+def test_packed_products_only_where_the_cpu_runs_them_or_when_asked(monkeypatch):
     assert amx.target_has_amx("+avx512f,+amx-tile,+amx-bf16,-amx-fp16")
     assert not amx.target_has_amx("+avx512f,+amx-tile,-amx-bf16")
-    monkeypatch.setattr("fastmlp.bfloat16.native_support", lambda: ("avx512_bf16",))
+    assert dpbf16.target_has_dpbf16("znver4", "+avx512f,+avx512bf16,-amx-bf16")
+    assert not dpbf16.target_has_dpbf16("znver4", "+avx512f,-avx512bf16")
+    # Intel's vdpbf16ps runs at half its float32 FMA rate: not used there
+    assert not dpbf16.target_has_dpbf16("cooperlake", "+avx512f,+avx512bf16")
+    monkeypatch.setattr(amx, "tile_permission", lambda: True)
+    cases = [("amx", ("avx512_bf16", "amx_bf16"), True), ("amx", ("avx512_bf16",), False),
+             ("dpbf16", ("avx512_bf16",), True), ("dpbf16", (), False),
+             (None, ("avx512_bf16", "amx_bf16"), False)]
+    for compiled, flags, expected in cases:
+        monkeypatch.setattr(amx, "COMPILED_PRODUCTS", compiled)
+        monkeypatch.setattr("fastmlp.bfloat16.native_support", lambda: flags)
+        assert amx.usable() == expected, (compiled, flags)
+        assert fastmlp.MLP([4, 300, 2], dtype="bfloat16").amx == expected
+    monkeypatch.setattr(amx, "tile_permission", lambda: False)  # Linux refused the tiles
+    monkeypatch.setattr(amx, "COMPILED_PRODUCTS", "amx")
     assert not amx.usable()
-    assert not fastmlp.MLP([4, 300, 2], dtype="bfloat16").amx
-    monkeypatch.undo()
+    monkeypatch.setattr(amx, "COMPILED_PRODUCTS", "dpbf16")
     monkeypatch.setenv("FASTMLP_AMX", "0")
     assert not amx.usable()
     assert not fastmlp.MLP([4, 300, 2], dtype="bfloat16").amx
@@ -184,6 +200,35 @@ def test_the_tile_loop_compiles_for_sapphire_rapids_on_any_cpu(row_tiles):
     assert not any("%rsp" in line or "ldtilecfg" in line for line in loop), "\n".join(loop)
 
 
+@pytest.mark.parametrize("cpu", ["znver4", "znver5"])
+@pytest.mark.parametrize("row_tiles", [1, 2])
+def test_the_dpbf16_loop_keeps_its_accumulators_in_registers_on_any_cpu(cpu, row_tiles):
+    # the vdpbf16ps strip's assembly for AMD's AVX-512 CPUs: its K loop
+    # holds 8 rows x 2 accumulators in zmm registers, loads B's two vectors
+    # and 8 broadcasts of A, and touches no stack
+    import llvmlite.binding as llvm
+    from llvmlite import ir
+    module = ir.Module()
+    module.triple = llvm.get_default_triple()
+    dpbf16.strip_function(module, row_tiles)
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    machine = llvm.Target.from_default_triple().create_target_machine(
+        cpu=cpu, features="", opt=2)
+    assembly = machine.emit_assembly(llvm.parse_assembly(str(module)))
+    lines = assembly.splitlines()
+    products = [i for i, line in enumerate(lines) if "vdpbf16ps" in line]
+    assert len(products) == 2 * dpbf16.GROUP_ROWS
+    start = max(i for i in range(products[0]) if lines[i].startswith(".LBB"))
+    end = next(i for i in range(products[-1], len(lines)) if re.match(r"\s+j\w+\s", lines[i]))
+    loop = lines[start:end + 1]
+    assert all("zmm" in lines[i] for i in products)
+    assert len({lines[i].split(",")[-1].strip() for i in products}) == 2 * dpbf16.GROUP_ROWS
+    loads = [line for line in loop if "(%" in line and "lea" not in line]
+    assert len(loads) == 2 + dpbf16.GROUP_ROWS, "\n".join(loop)
+    assert not any("%rsp" in line for line in loop), "\n".join(loop)
+
+
 KERNELS_COMPILED = """
 import json, sys
 import numpy as np
@@ -204,11 +249,11 @@ print(json.dumps({name: len(getattr(amx_layers, name).signatures)
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_only_models_on_tiles_compile_the_tile_kernels(tmp_path, dtype):
-    """A float32 model compiles none of the AMX kernels, even where the CPU
-    has AMX (where the step's branches to them are not pruned by the CPU);
-    a bfloat16 model on AMX compiles them all."""
+    """A float32 model compiles none of the packed products' kernels, even
+    where the CPU runs them (where the step's branches to them are not
+    pruned by the CPU); a bfloat16 model on them compiles them all."""
     if dtype == "bfloat16" and not amx.usable():
-        pytest.skip("AMX tiles are not usable here")
+        pytest.skip("packed bfloat16 products (AMX or vdpbf16ps) are not usable here")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", KERNELS_COMPILED, dtype], env=env,
                           capture_output=True, text=True, timeout=900)
