@@ -209,7 +209,9 @@ def amx_forward(out, outputs_t, work, net, l, r0, r1):
     tiled = OC // TILE_OUTPUTS * TILE_OUTPUTS
     for b0 in range(r0, r1, BLOCK_COLUMNS):
         nb = min(BLOCK_COLUMNS, r1 - b0)
-        amx_product(sums, weight, np.int64(0), inputs, b0, padded(OC), np.int64(BLOCK_COLUMNS),
+        # (whole blocks of 32 of the batch's rows: those past r1 are read,
+        # not copied out)
+        amx_product(sums, weight, np.int64(0), inputs, b0, padded(OC), padded(nb),
                     padded(C) // K_STEP)
         transpose_weight_block(out[b0:b0 + nb], sums[:, ::1], np.int64(0), tiled,
                                np.int64(0), nb)

@@ -107,12 +107,13 @@ def share_point(table, q, parts):
 
 
 @kernel
-def share_rows(table, nrows, part, parts):
-    # rows [r0, r1) of part `part` of a batch of nrows, cut at 4-row tiles
-    tiles = (nrows + 3) // 4
+def share_rows(table, nrows, part, parts, tile):
+    # rows [r0, r1) of part `part` of a batch of nrows, cut at tiles of
+    # `tile` rows
+    tiles = (nrows + tile - 1) // tile
     t0 = int(share_point(table, part, parts) * tiles + 0.5)
     t1 = int(share_point(table, part + 1, parts) * tiles + 0.5)
-    return min(nrows, t0 * 4), min(nrows, t1 * 4)
+    return min(nrows, t0 * tile), min(nrows, t1 * tile)
 
 
 @kernel
