@@ -107,13 +107,24 @@ def share_point(table, q, parts):
 
 
 @kernel
-def share_rows(table, nrows, part, parts, tile):
-    # rows [r0, r1) of part `part` of a batch of nrows, cut at tiles of
-    # `tile` rows
-    tiles = (nrows + tile - 1) // tile
-    t0 = int(share_point(table, part, parts) * tiles + 0.5)
-    t1 = int(share_point(table, part + 1, parts) * tiles + 0.5)
-    return min(nrows, t0 * tile), min(nrows, t1 * tile)
+def cut_row(table, nrows, q, parts, block):
+    # where part q's rows of a batch of nrows start: at a 4-row tile, moved
+    # to the nearest multiple of `block` rows (if block > 0) when that is at
+    # most a quarter block away. Both neighbours of a cut ask for the same q.
+    tiles = (nrows + 3) // 4
+    row = min(nrows, int(share_point(table, q, parts) * tiles + 0.5) * 4)
+    if block > 0 and 0 < row < nrows:
+        near = (row + block // 2) // block * block
+        if abs(row - near) * 4 <= block and near <= nrows:
+            row = near
+    return row
+
+
+@kernel
+def share_rows(table, nrows, part, parts, block):
+    # rows [r0, r1) of part `part` of a batch of nrows (cut_row)
+    return (cut_row(table, nrows, part, parts, block),
+            cut_row(table, nrows, part + 1, parts, block))
 
 
 @kernel

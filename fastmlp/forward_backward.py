@@ -194,18 +194,15 @@ def planned_next_rows(row, next_rows):
     return next_rows if row[NEXT_ROWS] else np.int64(0)
 
 
-# a part's rows of the batch start at a multiple of ROW_TILE rows, or with
-# packed bfloat16 products (amx_layers.py) of BLOCK rows: their products go
-# in blocks of 32 rows, so a cut elsewhere leaves a part a block mostly
-# empty (W3's bfloat16 step on Zen 4: 1.18-1.27 ms with rows cut 64 + 64,
-# 1.42-1.59 ms with the cuts at 60 or 68 that speeds of a few percent apart
-# chose at 4-row tiles)
-ROW_TILE = 4
-
-
 @kernel
-def packed_row_tile(net):
-    return BLOCK if AMX_COMPILED and net.amx else ROW_TILE
+def packed_block_rows(net):
+    # the rows that the cuts between parts snap to (balance.cut_row): with
+    # packed bfloat16 products (amx_layers.py) their blocks of 32, so that
+    # a cut a few rows past one does not leave a part a block mostly empty
+    # (W3's bfloat16 step on Zen 4: 1.18-1.27 ms with rows cut 64 + 64,
+    # 1.42-1.59 ms with the cuts at 60 or 68 that speeds a few percent
+    # apart chose); else none
+    return BLOCK if AMX_COMPILED and net.amx else 0
 
 
 @parallel_kernel
@@ -266,9 +263,9 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
                           data.x_bytes)
     else:
         if gather:
-            n0, n1 = share_rows(shares, next_rows, part, parts, ROW_TILE)
+            n0, n1 = share_rows(shares, next_rows, part, parts, np.int64(0))
             prefetch_rows(data.X, data.idx, start + nrows, n0, n1, data.x_bytes)
-        r0, r1 = share_rows(shares, nrows, part, parts, packed_row_tile(net))
+        r0, r1 = share_rows(shares, nrows, part, parts, packed_block_rows(net))
         if r0 == r1:  # fewer tiles than parts
             return
     fp_control = flush_subnormals()
