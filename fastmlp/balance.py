@@ -109,13 +109,14 @@ def share_point(table, q, parts):
 @kernel
 def cut_row(table, nrows, q, parts, block):
     # where part q's rows of a batch of nrows start: at a 4-row tile, moved
-    # to the nearest multiple of `block` rows (if block > 0) when that is at
-    # most a quarter block away. Both neighbours of a cut ask for the same q.
+    # to the nearest multiple of `block` rows (if block > 0) when that is
+    # at most a fifth of an equal share away (and half a block). Both
+    # neighbours of a cut ask for the same q.
     tiles = (nrows + 3) // 4
     row = min(nrows, int(share_point(table, q, parts) * tiles + 0.5) * 4)
     if block > 0 and 0 < row < nrows:
         near = (row + block // 2) // block * block
-        if abs(row - near) * 4 <= block and near <= nrows:
+        if abs(row - near) <= min(block // 2, nrows // (5 * parts)) and near <= nrows:
             row = near
     return row
 

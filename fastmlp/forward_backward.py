@@ -198,7 +198,7 @@ def planned_next_rows(row, next_rows):
 def packed_block_rows(net):
     # the rows that the cuts between parts snap to (balance.cut_row): with
     # packed bfloat16 products (amx_layers.py) their blocks of 32, so that
-    # a cut a few rows past one does not leave a part a block mostly empty
+    # a cut some rows past one does not leave a part a block mostly empty
     # (W3's bfloat16 step on Zen 4: 1.18-1.27 ms with rows cut 64 + 64,
     # 1.42-1.59 ms with the cuts at 60 or 68 that speeds a few percent
     # apart chose); else none
