@@ -15,10 +15,12 @@ an Intel Xeon it ran at half the float32 rate (107 against 214), so Intel
 CPUs use AMX tiles where they have them and float32 FMAs otherwise: this
 path is for AMD's tuning (LLVM CPU names znver4 and later).
 
-Sums: each lane adds its pair's products to the float32 accumulator, with
-subnormal inputs and results flushed to zero. So results agree with the
-bfloat16 oracle to float32 rounding, not bit for bit, and depend on the
-shapes only, never on the thread count.
+Sums: each lane adds its pair's products (exact in float32) to its
+float32 accumulator; the instruction, as defined, rounds to nearest even
+and treats subnormal inputs and results as zero. The order of the sums is
+the strip's, not the oracle's chain, so results agree with the bfloat16
+oracle to float32 rounding (tests/test_amx.py bounds both), not bit for
+bit, and depend on the shapes only, never on the thread count.
 """
 from llvmlite import ir
 from numba.core import cgutils
