@@ -50,7 +50,7 @@ from .bfloat16 import round_bfloat16
 from .dpbf16 import target_has_dpbf16
 from .jit import kernel
 from .kernels import stack_buffer
-from .microkernel import (accumulating_loop, element_address, out_of_line_function,
+from .microkernel import (accumulating_loop, element_address, strip_function_shell,
                           transpose_function)
 
 TILE_ROWS = 16
@@ -160,9 +160,7 @@ def block_function(module, row_tiles):
     bfloat16 step 1.7 ms; strips and row-slice packing 0.785 ms.)"""
     i8, i64 = ir.IntType(8), ir.IntType(64)
     byte_pointer = i8.as_pointer()
-    function, builder = out_of_line_function(
-        module, f"fastmlp_amx_strip_{row_tiles}x2",
-        [byte_pointer, i64, byte_pointer, i64, byte_pointer, i64, i64, i64])
+    function, builder = strip_function_shell(module, f"fastmlp_amx_strip_{row_tiles}x2")
     if builder is None:
         return function
     c, c_stride, a, a_stride, b, b_stride, ksteps, blocks = function.args

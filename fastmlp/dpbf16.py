@@ -25,7 +25,7 @@ bit, and depend on the shapes only, never on the thread count.
 from llvmlite import ir
 from numba.core import cgutils
 
-from .microkernel import accumulating_loop, out_of_line_function, splat
+from .microkernel import accumulating_loop, splat, strip_function_shell
 
 GROUP_ROWS = 8  # rows of a register block: 8 x 2 accumulators of 16 lanes
 LANES = 16
@@ -60,11 +60,8 @@ def strip_function(module, row_tiles):
 
     C[:16 row_tiles, :32 blocks] = A @ B[:, :32 blocks] over K = 32 ksteps
     (16 ksteps words of A's rows, 16 ksteps rows of B's words)."""
-    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-    byte_pointer = i8.as_pointer()
-    function, builder = out_of_line_function(
-        module, f"fastmlp_dpbf16_strip_{row_tiles}",
-        [byte_pointer, i64, byte_pointer, i64, byte_pointer, i64, i64, i64])
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    function, builder = strip_function_shell(module, f"fastmlp_dpbf16_strip_{row_tiles}")
     if builder is None:
         return function
     c, c_stride, a, a_stride, b, b_stride, ksteps, blocks = function.args

@@ -127,6 +127,18 @@ def out_of_line_function(module, name, arguments):
     return function, ir.IRBuilder(function.append_basic_block("entry"))
 
 
+def strip_function_shell(module, name):
+    """out_of_line_function for a strip of product blocks (AMX tiles,
+    amx.block_function; vdpbf16ps, dpbf16.strip_function), whose arguments
+    are byte pointers and row strides in bytes of C, A and B, then ksteps
+    and blocks: void strip(c, c_stride, a, a_stride, b, b_stride, ksteps,
+    blocks)."""
+    i64 = ir.IntType(64)
+    byte_pointer = ir.IntType(8).as_pointer()
+    return out_of_line_function(module, name, [byte_pointer, i64, byte_pointer, i64,
+                                               byte_pointer, i64, i64, i64])
+
+
 def clamped_rows(builder, count, n):
     # row indices 0..n-1 of a tile with `count` real rows, the rows past the
     # last real one repeating it (loaded, never stored)

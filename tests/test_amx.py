@@ -174,28 +174,42 @@ def test_the_peak_loops_are_valid_llvm(monkeypatch):
     assert peaks.fma_ir(8).count("@llvm.fma.v8f32(") == 1 + peaks.ACCUMULATORS * peaks.UNROLL
 
 
+def strip_assembly(strip_function, row_tiles, cpu):
+    """The assembly lines of a strip function (amx.block_function,
+    dpbf16.strip_function) compiled for LLVM CPU `cpu`, whatever this
+    machine is."""
+    import llvmlite.binding as llvm
+    from llvmlite import ir
+    module = ir.Module()
+    module.triple = llvm.get_default_triple()
+    strip_function(module, row_tiles)
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    machine = llvm.Target.from_default_triple().create_target_machine(
+        cpu=cpu, features="", opt=2)
+    return machine.emit_assembly(llvm.parse_assembly(str(module))).splitlines()
+
+
+def inner_loop(lines, products):
+    """The lines of the loop around the product instructions (line indices
+    `products`): from the label before the first to the jump after the
+    last."""
+    start = max(i for i in range(products[0]) if lines[i].startswith(".LBB"))
+    end = next(i for i in range(products[-1], len(lines)) if re.match(r"\s+j\w+\s", lines[i]))
+    return lines[start:end + 1]
+
+
 @pytest.mark.parametrize("row_tiles", [1, 2])
 def test_the_tile_loop_compiles_for_sapphire_rapids_on_any_cpu(row_tiles):
     # the strip's assembly for Intel's first AMX CPU: its K loop is loads
     # and products of tiles alone (no stack, no reconfiguration), and the
     # tile configuration is loaded and released once a call
-    import llvmlite.binding as llvm
-    from llvmlite import ir
-    module = ir.Module()
-    module.triple = llvm.get_default_triple()
-    amx.block_function(module, row_tiles)
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    machine = llvm.Target.from_default_triple().create_target_machine(
-        cpu="sapphirerapids", features="", opt=2)
-    assembly = machine.emit_assembly(llvm.parse_assembly(str(module)))
+    lines = strip_assembly(amx.block_function, row_tiles, "sapphirerapids")
+    assembly = "\n".join(lines)
     assert assembly.count("ldtilecfg") == 1 and assembly.count("tilerelease") == 1
-    lines = assembly.splitlines()
     products = [i for i, line in enumerate(lines) if "tdpbf16ps" in line]
     assert len(products) == 2 * row_tiles
-    start = max(i for i in range(products[0]) if lines[i].startswith(".LBB"))
-    end = next(i for i in range(products[-1], len(lines)) if re.match(r"\s+j\w+\s", lines[i]))
-    loop = lines[start:end + 1]
+    loop = inner_loop(lines, products)
     assert sum("tileloadd" in line for line in loop) == row_tiles + 2
     assert not any("%rsp" in line or "ldtilecfg" in line for line in loop), "\n".join(loop)
 
@@ -206,22 +220,10 @@ def test_the_dpbf16_loop_keeps_its_accumulators_in_registers_on_any_cpu(cpu, row
     # the vdpbf16ps strip's assembly for AMD's AVX-512 CPUs: its K loop
     # holds 8 rows x 2 accumulators in zmm registers, loads B's two vectors
     # and 8 broadcasts of A, and touches no stack
-    import llvmlite.binding as llvm
-    from llvmlite import ir
-    module = ir.Module()
-    module.triple = llvm.get_default_triple()
-    dpbf16.strip_function(module, row_tiles)
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    machine = llvm.Target.from_default_triple().create_target_machine(
-        cpu=cpu, features="", opt=2)
-    assembly = machine.emit_assembly(llvm.parse_assembly(str(module)))
-    lines = assembly.splitlines()
+    lines = strip_assembly(dpbf16.strip_function, row_tiles, cpu)
     products = [i for i, line in enumerate(lines) if "vdpbf16ps" in line]
     assert len(products) == 2 * dpbf16.GROUP_ROWS
-    start = max(i for i in range(products[0]) if lines[i].startswith(".LBB"))
-    end = next(i for i in range(products[-1], len(lines)) if re.match(r"\s+j\w+\s", lines[i]))
-    loop = lines[start:end + 1]
+    loop = inner_loop(lines, products)
     assert all("zmm" in lines[i] for i in products)
     assert len({lines[i].split(",")[-1].strip() for i in products}) == 2 * dpbf16.GROUP_ROWS
     loads = [line for line in loop if "(%" in line and "lea" not in line]
