@@ -7,7 +7,6 @@ import pytest
 
 import fastmlp
 from fastmlp import amx
-
 from fastmlp.balance import (
     COLUMN_LAYERS,
     CYCLES,
