@@ -47,7 +47,6 @@ from numba.extending import intrinsic
 
 from . import dpbf16
 from .bfloat16 import round_bfloat16
-from .dpbf16 import target_has_dpbf16
 from .jit import kernel
 from .kernels import stack_buffer
 from .microkernel import (accumulating_loop, element_address, strip_function_shell,
@@ -81,18 +80,22 @@ def tile_permission():
     return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
 
 
-def compiled_target_products():
-    """Which packed bfloat16 products the kernels of this process are
-    compiled for (the host's CPU, or NUMBA_CPU_NAME's and
-    NUMBA_CPU_FEATURES'): "amx" tiles, "dpbf16" (AVX512_BF16 with AMD's
-    tuning, dpbf16.py) or None."""
-    from numba.core.registry import cpu_target
-    codegen = cpu_target.target_context.codegen()
+def target_products(codegen):
+    """Which packed bfloat16 products a Numba code generator's target runs:
+    "amx" tiles, "dpbf16" (AVX512_BF16 with AMD's tuning, dpbf16.py) or
+    None."""
     if target_has_amx(codegen._tm_features):
         return "amx"
-    if target_has_dpbf16(codegen._get_host_cpu_name(), codegen._tm_features):
+    if dpbf16.target_has_dpbf16(codegen._get_host_cpu_name(), codegen._tm_features):
         return "dpbf16"
     return None
+
+
+def compiled_target_products():
+    """target_products of the kernels of this process (the host's CPU, or
+    NUMBA_CPU_NAME's and NUMBA_CPU_FEATURES')."""
+    from numba.core.registry import cpu_target
+    return target_products(cpu_target.target_context.codegen())
 
 
 # Whether this process compiles kernels for packed bfloat16 products: the
@@ -235,12 +238,10 @@ def amx_block(typingctx, out, i, j, a, ai, b, bj, ksteps, blocks, row_tiles):
     tiles = row_tiles.literal_value
 
     def codegen(context, builder, signature, args):
-        codegen_ = context.codegen()
-        features = codegen_._tm_features
-        if out.dtype == types.float32 and target_has_amx(features):
+        products = target_products(context.codegen()) if out.dtype == types.float32 else None
+        if products == "amx":
             strip = block_function(builder.module, tiles)
-        elif out.dtype == types.float32 and target_has_dpbf16(codegen_._get_host_cpu_name(),
-                                                              features):
+        elif products == "dpbf16":
             strip = dpbf16.strip_function(builder.module, tiles)
         else:
             trap = cgutils.get_or_insert_function(
