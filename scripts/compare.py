@@ -30,7 +30,11 @@ Each round also measures the float32 matrix product rate (NumPy's sgemm,
 1024^3) with OpenBLAS's native kernel for this CPU: in a process of its
 own without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which some machines set
 (the peers keep the environment as it is). A peer's "% peak" is the median
-over the rounds of its rate as a share of that round's peak.
+over the rounds of its rate as a share of that round's peak. And it
+measures the round trip of a cache line between the first two CPUs
+(two_cores.round_trip_ns): a virtual machine's host may move its CPUs
+apart for minutes, which slows whatever two threads share (W1's two
+threads ran 1.72x one thread's speed at 50-100 ns, 1.35x at 330-390).
 """
 import argparse
 import json
@@ -409,7 +413,9 @@ def compare_fits(flag, score_name, dtypes, rounds):
     for dtype in dtypes:
         seconds = {"sklearn": [], "fastmlp": []}
         scores = {}
+        trips = []
         for _ in range(rounds):
+            trips.append(round_trip())
             for which in seconds:
                 out = subprocess.run([sys.executable, __file__, flag, which, dtype],
                                      capture_output=True, text=True)
@@ -426,6 +432,7 @@ def compare_fits(flag, score_name, dtypes, rounds):
             by_round = " ".join(f"{x:.2f}" for x in speedups) if which == "fastmlp" else ""
             print(f"{dtype:15} {which:10} {np.median(times):8.2f} {speedup:9.2f} "
                   f"{scores[which]:9.4f}  {by_round}")
+        print(f"{'':15} {round_trips_line(trips)}")
 
 
 REGRESSION_SETTINGS = dict(hidden_layer_sizes=(128, 64), solver="adam", batch_size=200,
@@ -488,6 +495,21 @@ def measure_peak():
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["gflops"], result["blas"]
+
+
+def round_trip():
+    """two_cores.round_trip_ns (None with fewer than two CPUs)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import two_cores
+    return two_cores.round_trip_ns()
+
+
+def round_trips_line(trips):
+    """The round trips measured by round, or what kept them from being."""
+    if any(trip is None for trip in trips):
+        return "cache line round trip: fewer than two CPUs"
+    return ("cache line round trip between the first two CPUs by round: "
+            f"{' '.join(f'{trip:.0f}' for trip in trips)} ns")
 
 
 def peak_shares(rates, peaks, flops):
@@ -630,7 +652,7 @@ def compare_workload(workload, peers, epochs, rounds, peak):
         else:
             runnable.append(peer)
     rates = {peer: [None] * rounds for peer in runnable}
-    peaks = []
+    peaks, trips = [], []
     processes, failed = {}, {}
     for peer in runnable:  # one at a time: no warm-up runs beside another
         processes[peer] = Peer(peer, workload, epochs, rounds)
@@ -638,6 +660,7 @@ def compare_workload(workload, peers, epochs, rounds, peak):
             failed[peer] = processes.pop(peer).error()
     for round_index in range(rounds):
         peaks.append(measure_peak()[0])
+        trips.append(round_trip())
         for peer in round_order(runnable, round_index):
             if peer in processes and not processes[peer].turn():
                 failed[peer] = processes.pop(peer).error()
@@ -665,6 +688,7 @@ def compare_workload(workload, peers, epochs, rounds, peak):
               f"{result['accuracy']:9.4f} {result['rss_mb']:7.0f}  {by_round:18}  "
               f"{result['blas']}")
     print(f"sgemm peak by round: {' '.join(f'{p:.0f}' for p in peaks)} GFLOP/s")
+    print(round_trips_line(trips))
     for line in bfloat16_lines(rates, failed):
         print(line)
 
@@ -741,6 +765,7 @@ def main(argv=None):
     print(f"sgemm peak (NumPy, float32, 1024^3), OpenBLAS's native kernel ({native}"
           f"{'; ' + pinned + ' unset for it' if pinned else ''}): {peak:.0f} GFLOP/s; "
           f"the peers' BLAS: {blas_kernel()}")
+    print(round_trips_line([round_trip()]).replace(" by round", ""))
     for workload in filter(None, args.workloads.split(",")):
         compare_workload(workload, args.peers.split(","), args.epochs, args.rounds, peak)
     if args.sklearn:

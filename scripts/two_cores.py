@@ -18,6 +18,15 @@ thread alone and on two threads at once, each thread on buffers of its own
 It prints each one's median rate per thread, alone and together, and the
 ratio: the fraction of a second core's speed-up that the host leaves. The
 threads are Numba's (`NUMBA_NUM_THREADS` at least 2).
+
+Last, the round trip of a cache line between the process's first two CPUs
+(`round_trip_ns`): what a barrier, or a value one core wrote and the other
+reads, costs. A virtual machine's two CPUs may sit on cores that share a
+cache or on distant ones, and the host moves them: on a 2-core AMD EPYC
+(Zen 4) guest it was 50-100 ns for minutes, then 330-390 ns, with every
+core's arithmetic as fast as ever. Steps on two threads exchange data and
+wait at barriers: W1's two threads ran 1.72x one thread's speed at the
+short round trip and 1.35x at the long one (docs/performance.md).
 """
 import argparse
 import ctypes
@@ -35,6 +44,45 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]  # core_peaks.py; this fastmlp
 import core_peaks  # noqa: E402
 from fastmlp.kernels import dense_backward_weight  # noqa: E402
+
+# round_trip_ns: two threads bounce one int64 between them (pass the cache
+# line back and forth): side 0 writes 2i + 1 and waits for 2i + 2, which
+# side 1 writes once it has seen 2i + 1
+ROUND_TRIP_IR = """
+define void @kernel(ptr %flag, i64 %trips, i64 %side) {
+entry:
+  %is_first = icmp eq i64 %side, 0
+  br label %loop
+loop:
+  %i = phi i64 [0, %entry], [%next, %trip_done]
+  %base = shl i64 %i, 1
+  %first = add i64 %base, 1
+  %second = add i64 %base, 2
+  br i1 %is_first, label %send, label %await_first
+send:
+  store atomic i64 %first, ptr %flag release, align 8
+  br label %await_second
+await_second:
+  %seen_second = load atomic i64, ptr %flag acquire, align 8
+  %answered = icmp eq i64 %seen_second, %second
+  br i1 %answered, label %trip_done, label %await_second
+await_first:
+  %seen_first = load atomic i64, ptr %flag acquire, align 8
+  %asked = icmp eq i64 %seen_first, %first
+  br i1 %asked, label %answer, label %await_first
+answer:
+  store atomic i64 %second, ptr %flag release, align 8
+  br label %trip_done
+trip_done:
+  %next = add i64 %i, 1
+  %more = icmp ult i64 %next, %trips
+  br i1 %more, label %loop, label %done
+done:
+  ret void
+}
+"""
+ROUND_TRIPS = 100_000
+BOUNCE_TIMEOUT_SECONDS = 60
 
 # buffer sizes of the sums, KB: L1, L2, L3 (a share of it), past L3
 SUM_KB = (16, 256, 4096, 65536)
@@ -102,6 +150,43 @@ def fma_rates(rounds):
     return statistics.median(alone), statistics.median(together)
 
 
+def bounce(trips, cpus):
+    """Bounces a cache line `trips` times between two threads pinned to
+    `cpus` (two CPU numbers); returns (the seconds side 0 took, the value
+    left in the line: 2 x trips when both sides ran every trip)."""
+    engine, address = core_peaks.compile_kernel(ROUND_TRIP_IR)
+    kernel = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(address)
+    words = np.zeros(16, np.int64)
+    line = words[(-words.ctypes.data % 64) // 8:]  # (a cache line of its own)
+    seconds = [0.0, 0.0]
+
+    def side(which):
+        os.sched_setaffinity(0, {cpus[which]})  # (this thread only)
+        started = time.perf_counter()
+        kernel(line.ctypes.data, trips, which)  # (ctypes lets the GIL go)
+        seconds[which] = time.perf_counter() - started
+
+    # (daemons: a side that never hears back must not keep the process alive)
+    threads = [threading.Thread(target=side, args=(which,), daemon=True) for which in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=BOUNCE_TIMEOUT_SECONDS)
+        if thread.is_alive():
+            raise RuntimeError(f"the cache line stopped bouncing between CPUs {cpus}")
+    del engine
+    return seconds[0], int(line[0])
+
+
+def round_trip_ns(rounds=5, trips=ROUND_TRIPS):
+    """Median nanoseconds of a cache line's round trip between the first
+    two CPUs this process may run on (bounce), or None with fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        return None
+    return statistics.median(bounce(trips, cpus)[0] / trips * 1e9 for _ in range(rounds))
+
+
 def alternated(run, amount, rounds):
     """Median rate (amount per second) of run(1) and run(2), alternated;
     run(threads) does `amount` of work on each thread."""
@@ -152,6 +237,10 @@ def main(argv=None):
     flops = 2.0 * ROWS * INPUTS * OUTPUTS * repeats
     show(f"dense_backward_weight {INPUTS}x{OUTPUTS}, {ROWS} rows", "GF/s",
          *(rate / 1e9 for rate in alternated(run, flops, args.rounds)))
+    trip, cpus = round_trip_ns(args.rounds), sorted(os.sched_getaffinity(0))[:2]
+    print("cache line round trip: fewer than two CPUs" if trip is None else
+          f"cache line round trip between CPUs {cpus[0]} and {cpus[1]}: {trip:.0f} ns "
+          f"(median of {args.rounds} x {ROUND_TRIPS:,})")
 
 
 if __name__ == "__main__":

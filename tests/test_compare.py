@@ -199,3 +199,11 @@ def test_the_peak_runs_openblas_native_kernel(monkeypatch):
     pinned = subprocess.run([sys.executable, compare.__file__, "--peak"], capture_output=True,
                             text=True, check=True).stdout.strip().splitlines()[-1]
     assert native != compare.json.loads(pinned)["blas"]
+
+
+def test_round_trips_are_printed_by_round_or_said_missing():
+    compare = load_script("compare")
+    assert compare.round_trips_line([84.6, 341.2]) == (
+        "cache line round trip between the first two CPUs by round: 85 341 ns")
+    assert compare.round_trips_line([84.6, None]) == (
+        "cache line round trip: fewer than two CPUs")

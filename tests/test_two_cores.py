@@ -1,7 +1,10 @@
 """scripts/two_cores.py times work on one thread and on two: each thread
 must do its own share, and only its own, or the ratio it prints means
 nothing. (Timing is for the script.)"""
+import os
+
 import numpy as np
+import pytest
 from conftest import load_script
 
 two_cores = load_script("two_cores")
@@ -25,3 +28,25 @@ def test_each_thread_computes_its_own_gradient():
             expected = (deltas[p].T.astype(np.float64) @ inputs[p] if p < threads
                         else np.zeros_like(weights[p]))
             np.testing.assert_allclose(weights[p], expected, rtol=1e-4, atol=1e-4)
+
+
+def two_cpus():
+    return sorted(os.sched_getaffinity(0))[:2]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_line_goes_back_and_forth_every_trip():
+    seconds, last = two_cores.bounce(1000, two_cpus())
+    assert last == 2000  # side 1's answer to the 1000th trip
+    assert seconds > 0
+
+
+def test_the_round_trip_needs_two_cpus():
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        assert two_cores.round_trip_ns(rounds=1, trips=10) is None
+    finally:
+        os.sched_setaffinity(0, allowed)
+    if len(allowed) >= 2:
+        assert two_cores.round_trip_ns(rounds=1, trips=1000) > 0
