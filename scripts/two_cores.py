@@ -30,6 +30,7 @@ short round trip and 1.35x at the long one (docs/performance.md).
 """
 import argparse
 import ctypes
+import functools
 import os
 import statistics
 import sys
@@ -150,12 +151,19 @@ def fma_rates(rounds):
     return statistics.median(alone), statistics.median(together)
 
 
+@functools.cache
+def bounce_kernel():
+    """ROUND_TRIP_IR compiled: (its engine, to keep, and the function)."""
+    engine, address = core_peaks.compile_kernel(ROUND_TRIP_IR)
+    return engine, ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_int64)(address)
+
+
 def bounce(trips, cpus):
     """Bounces a cache line `trips` times between two threads pinned to
     `cpus` (two CPU numbers); returns (the seconds side 0 took, the value
     left in the line: 2 x trips when both sides ran every trip)."""
-    engine, address = core_peaks.compile_kernel(ROUND_TRIP_IR)
-    kernel = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(address)
+    kernel = bounce_kernel()[1]
     words = np.zeros(16, np.int64)
     line = words[(-words.ctypes.data % 64) // 8:]  # (a cache line of its own)
     seconds = [0.0, 0.0]
@@ -174,7 +182,6 @@ def bounce(trips, cpus):
         thread.join(timeout=BOUNCE_TIMEOUT_SECONDS)
         if thread.is_alive():
             raise RuntimeError(f"the cache line stopped bouncing between CPUs {cpus}")
-    del engine
     return seconds[0], int(line[0])
 
 

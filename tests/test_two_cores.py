@@ -30,13 +30,9 @@ def test_each_thread_computes_its_own_gradient():
             np.testing.assert_allclose(weights[p], expected, rtol=1e-4, atol=1e-4)
 
 
-def two_cpus():
-    return sorted(os.sched_getaffinity(0))[:2]
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_the_line_goes_back_and_forth_every_trip():
-    seconds, last = two_cores.bounce(1000, two_cpus())
+    seconds, last = two_cores.bounce(1000, sorted(os.sched_getaffinity(0))[:2])
     assert last == 2000  # side 1's answer to the 1000th trip
     assert seconds > 0
 
