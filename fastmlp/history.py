@@ -22,7 +22,9 @@ class History:
         self.history = {"loss": [], metric: [], "epoch_time": [], "lr": []}
         self.epoch = []
         self.compile_time = 0.0
-        self.threads = None  # the thread count fit trained on
+        # the thread count of fit's last epoch (given none, fit picks one
+        # per epoch: training.ThreadChoice)
+        self.threads = None
         self.best_epoch = None  # with early stopping
         self.stopped_epoch = None
         # with MPI: seconds spent in the per-step Allreduce, and steps taken

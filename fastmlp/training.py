@@ -82,6 +82,45 @@ PROBE_RUN_SECONDS = 0.0025
 FEWER_THREADS_GAIN = 1.05
 
 
+# fit without `threads` keeps, for each count the probe timed, the seconds
+# a step of its last whole epoch (the probe's until it has run one) and
+# trains each epoch on the count fastest_count picks from them (ThreadChoice).
+# A process that takes a core makes two threads' spin barriers wait for one
+# that is not running: beside a busy loop the regression benchmark's epochs
+# took 0.2-0.8 s on two threads, 0.11 alone, while a probe's short runs
+# (PROBE_RUN_SECONDS) may still time two threads faster. A count above the
+# current one, not run for RETRY_SECONDS of training, is tried again for an
+# epoch: its time may date from a process that has left.
+RETRY_SECONDS = 30.0
+
+
+class ThreadChoice:
+    """fit's thread count, epoch by epoch, when it was given none (see
+    RETRY_SECONDS). probe_times: {count: seconds a step}; count: the
+    probe's pick."""
+
+    def __init__(self, probe_times, count):
+        self.times = dict(probe_times)
+        self.count = count
+        self.trained = 0.0  # seconds of training so far
+        self.last_run = {count: 0.0 for count in self.times}  # `trained` when each last ran
+
+    def after_epoch(self, steps, seconds):
+        """The count for the next epoch, after one of `steps` steps in
+        `seconds` on the current count."""
+        self.trained += seconds
+        if steps:
+            self.times[self.count] = seconds / steps
+            self.last_run[self.count] = self.trained
+        above = [count for count in self.times if count > self.count]
+        stale = min(above, key=self.last_run.get, default=None)
+        if stale is not None and self.trained - self.last_run[stale] >= RETRY_SECONDS:
+            self.count = stale
+        else:
+            self.count = fastest_count({count: [time] for count, time in self.times.items()})
+        return self.count
+
+
 def thread_ladder(every):
     """The thread counts fit's probe times: every (Numba's count), then the
     powers of two below it, down to 1. Where Numba starts more threads than
@@ -255,13 +294,16 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
     with thread_count(threads), deferred_interrupt() as interrupt, \
             epochs_done_on_interrupt(history, stopper):
         history.compile_time = loop.compile(callbacks, interrupt)
+        choice = None
         if threads is None and comm is None:
             numba.set_num_threads(loop.fastest_threads())
+            if loop.probe_times:
+                choice = ThreadChoice(loop.probe_times, numba.get_num_threads())
         history.threads = numba.get_num_threads()
         total_epochs = model.training_state.epoch + epochs
         for callback in callbacks:
             callback.on_train_begin(history.compile_time)
-        for _ in range(epochs):
+        for epochs_left in range(epochs - 1, -1, -1):
             logs, done = loop.epoch(callbacks, total_epochs, interrupt)
             epoch = model.training_state.epoch - 1
             record_epoch(history, model, epoch, logs, loop.elapsed, validation)
@@ -272,6 +314,9 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             if any(asked) or (stopper is not None and stopper.should_stop(epoch, logs)):
                 history.stopped_epoch = epoch
                 break
+            if choice is not None and epochs_left:
+                numba.set_num_threads(choice.after_epoch(done, loop.elapsed))
+                history.threads = numba.get_num_threads()
         if stopper is not None:
             history.best_epoch = stopper.finish()
         if comm is not None:
@@ -488,6 +533,7 @@ class EpochLoop:
         self.saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
         self.elapsed = 0.0
         self.chunk = 1  # steps in the next call: then as many as take about CHUNK_SECONDS
+        self.probe_times = None  # (fastest_threads)
 
     def next_chunk(self, per_step):
         """Steps in the next call: a whole epoch when one takes less than
@@ -514,6 +560,7 @@ class EpochLoop:
         undone. Never more threads than the process's CPU quota (cpu_quota)."""
         every = numba.get_num_threads()
         most = min(every, cpu_quota() or every)
+        self.probe_times = None  # {count: median seconds a step}, once probed
         if most < 2 or self.n_steps < PROBE_STEPS:
             return most
         state = self.state
@@ -554,6 +601,7 @@ class EpochLoop:
                 np.copyto(live_array, copy)
             np.copyto(state.hyper, hyper)
             numba.set_num_threads(every)
+        self.probe_times = {count: float(np.median(runs)) for count, runs in times.items()}
         return fastest_count(times)
 
     def compile(self, callbacks, interrupt):

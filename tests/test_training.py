@@ -223,9 +223,11 @@ def test_fit_without_threads_trains_on_the_count_its_probe_picks(monkeypatch, on
     """fit without `threads` times a few steps on every count of its ladder
     (all of Numba's threads, the powers of two below) and trains on the
     count the probe picks (fastest_count: here made to pick one thread, or
-    every). The probe leaves no trace: the parameters are a fit's on a
-    fixed thread count, and Numba's thread count is restored. Given
-    threads, or data of fewer steps than a probe, there is no probe."""
+    every; it picks again after the first epoch, from the epoch's time and
+    the probe's: ThreadChoice). The probe leaves no trace: the parameters
+    are a fit's on a fixed thread count, and Numba's thread count is
+    restored. Given threads, or data of fewer steps than a probe, there is
+    no probe."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 threads")
     monkeypatch.setattr(training, "cpu_quota", lambda: None)  # (whatever this host's)
@@ -250,11 +252,87 @@ def test_fit_without_threads_trains_on_the_count_its_probe_picks(monkeypatch, on
             assert numba.get_num_threads() == every
             fits[threads] = (history.threads, model.params.copy())
         assert fits[None][0] == (1 if one_thread else every)
-        assert probed == [training.thread_ladder(every)[::-1]]
+        # the probe, then the pick for the second epoch
+        assert probed == [training.thread_ladder(every)[::-1]] * 2
         assert fits[2][0] == 2  # given: no probe
         assert np.array_equal(fits[None][1], fits[2][1])
         small = fastmlp.fit(fastmlp.MLP([20, 30, 3], seed=0), X[:64], y[:64], batch_size=32)
         assert small.threads == every  # 2 steps an epoch: no probe
+    finally:
+        numba.set_num_threads(previous)
+
+
+def test_each_epoch_runs_on_the_count_whose_last_epoch_was_fastest():
+    """ThreadChoice: an epoch's seconds a step replace its count's time (the
+    probe's until then), and the next epoch runs on the fastest count
+    (fastest_count: all threads unless fewer are 5% faster)."""
+    choice = training.ThreadChoice({2: 1.0e-4, 1: 1.8e-4}, 2)
+    assert choice.after_epoch(100, 0.011) == 2  # 1.1e-4 a step: still fastest
+    assert choice.after_epoch(100, 0.05) == 1  # another process took a core: 5e-4
+    assert choice.after_epoch(100, 0.019) == 1  # 1.9e-4 on one thread, 5e-4 on two
+    assert choice.times == {2: pytest.approx(5.0e-4), 1: pytest.approx(1.9e-4)}
+    choice = training.ThreadChoice({2: 1.0e-4, 1: 1.8e-4}, 2)
+    assert choice.after_epoch(100, 0.0185) == 2  # 1.85e-4: not 5% slower than one
+    assert choice.after_epoch(0, 0.0) == 2  # no steps: nothing learnt
+
+
+def test_a_count_above_the_current_one_is_tried_again_after_a_while():
+    """A count more than the current one, not run for RETRY_SECONDS of
+    training, gets an epoch again (its time may date from a process that
+    has left); counts below it are not retried."""
+    def epoch(seconds_a_step):  # an epoch of a quarter of RETRY_SECONDS
+        seconds = training.RETRY_SECONDS / 4
+        return choice.after_epoch(round(seconds / seconds_a_step), seconds)
+
+    choice = training.ThreadChoice({2: 5.0e-4, 1: 2.0e-4}, 1)
+    assert [epoch(2.0e-4) for _ in range(4)] == [1, 1, 1, 2]  # two again, after 4 quarters
+    assert epoch(1.0e-4) == 2  # the other process has left: two threads are faster
+    for _ in range(8):
+        assert epoch(1.0e-4) == 2  # fewer threads are not retried
+    choice = training.ThreadChoice({2: 5.0e-4, 1: 2.0e-4}, 1)
+    assert [epoch(2.0e-4) for _ in range(4)] == [1, 1, 1, 2]
+    assert epoch(5.0e-4) == 1  # still slower on two: back to one
+
+
+def test_a_fit_that_changes_its_thread_count_between_epochs_changes_no_value(monkeypatch):
+    """Whatever counts ThreadChoice picks, epoch by epoch, the parameters
+    are a fixed count's; History.threads is the last epoch's count and
+    Numba's count is restored."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads")
+    monkeypatch.setattr(training, "cpu_quota", lambda: None)
+    monkeypatch.setattr(training, "fastest_count", min)  # the probe picks one thread
+    picks = []
+
+    def alternate(self, steps, seconds):
+        picks.append(2 if len(picks) % 2 == 0 else 1)
+        return picks[-1]
+    monkeypatch.setattr(training.ThreadChoice, "after_epoch", alternate)
+
+    class Counts(fastmlp.progress.Callback):
+        def __init__(self):
+            self.counts = []
+
+        def on_epoch_begin(self, epoch, total_epochs, n_steps):
+            self.counts.append(numba.get_num_threads())
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((640, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 640)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        fits = {}
+        for threads in (None, 2):
+            model = fastmlp.MLP([20, 30, 3], seed=0)
+            counts = Counts()
+            history = fastmlp.fit(model, X, y, epochs=4, batch_size=32, optimizer="adam",
+                                  seed=3, threads=threads, callbacks=[counts])
+            assert numba.get_num_threads() == 2
+            fits[threads] = (history.threads, counts.counts, model.params.copy())
+        assert picks == [2, 1, 2]  # after epochs 1-3; none after the last
+        assert fits[None][:2] == (2, [1, 2, 1, 2])
+        assert fits[2][:2] == (2, [2, 2, 2, 2])
+        assert np.array_equal(fits[None][2], fits[2][2])
     finally:
         numba.set_num_threads(previous)
 
