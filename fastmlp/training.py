@@ -296,9 +296,10 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         history.compile_time = loop.compile(callbacks, interrupt)
         choice = None
         if threads is None and comm is None:
-            numba.set_num_threads(loop.fastest_threads())
-            if loop.probe_times:
-                choice = ThreadChoice(loop.probe_times, numba.get_num_threads())
+            count, probe_times = loop.fastest_threads()
+            numba.set_num_threads(count)
+            if probe_times is not None:
+                choice = ThreadChoice(probe_times, count)
         history.threads = numba.get_num_threads()
         total_epochs = model.training_state.epoch + epochs
         for callback in callbacks:
@@ -533,7 +534,6 @@ class EpochLoop:
         self.saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
         self.elapsed = 0.0
         self.chunk = 1  # steps in the next call: then as many as take about CHUNK_SECONDS
-        self.probe_times = None  # (fastest_threads)
 
     def next_chunk(self, per_step):
         """Steps in the next call: a whole epoch when one takes less than
@@ -550,9 +550,10 @@ class EpochLoop:
                 step0, step1, self.state.updates, numba.get_num_threads())
 
     def fastest_threads(self):
-        """The thread count to train on when fit was given none: the fastest
-        of thread_ladder's counts from every core (Numba's current count) in
-        a short probe on this data (fastest_count). Small steps may run
+        """(The thread count to train on when fit was given none, the
+        probe's median seconds a step by count or None without a probe):
+        the fastest of thread_ladder's counts from every core (Numba's
+        current count) in a short probe on this data (fastest_count). Small steps may run
         faster on one core than split across two (W2's batches of 32 on a
         2-core Intel Xeon: 10.46 against 9.62 epochs/s), and steps on more
         threads than the process has cores run far slower (thread_ladder).
@@ -560,9 +561,8 @@ class EpochLoop:
         undone. Never more threads than the process's CPU quota (cpu_quota)."""
         every = numba.get_num_threads()
         most = min(every, cpu_quota() or every)
-        self.probe_times = None  # {count: median seconds a step}, once probed
         if most < 2 or self.n_steps < PROBE_STEPS:
-            return most
+            return most, None
         state = self.state
         # kept where epoch() keeps its replay point (it copies them anew)
         live = (self.model.params, state.state1, state.state2)
@@ -601,8 +601,8 @@ class EpochLoop:
                 np.copyto(live_array, copy)
             np.copyto(state.hyper, hyper)
             numba.set_num_threads(every)
-        self.probe_times = {count: float(np.median(runs)) for count, runs in times.items()}
-        return fastest_count(times)
+        return fastest_count(times), {count: float(np.median(runs))
+                                      for count, runs in times.items()}
 
     def compile(self, callbacks, interrupt):
         """Compiles (or loads from the cache) without training; returns the

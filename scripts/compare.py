@@ -506,11 +506,12 @@ def round_trip():
     return two_cores.round_trip_ns()
 
 
-def round_trips_line(trips):
-    """The round trips measured by round, or what kept them from being."""
+def round_trips_line(trips, by_round=True):
+    """The round trips measured (by round), or what kept them from being."""
     if any(trip is None for trip in trips):
         return "cache line round trip: fewer than two CPUs"
-    return ("cache line round trip between the first two CPUs by round: "
+    label = " by round" if by_round else ""
+    return (f"cache line round trip between the first two CPUs{label}: "
             f"{' '.join(f'{trip:.0f}' for trip in trips)} ns")
 
 
@@ -767,7 +768,7 @@ def main(argv=None):
     print(f"sgemm peak (NumPy, float32, 1024^3), OpenBLAS's native kernel ({native}"
           f"{'; ' + pinned + ' unset for it' if pinned else ''}): {peak:.0f} GFLOP/s; "
           f"the peers' BLAS: {blas_kernel()}")
-    print(round_trips_line([round_trip()]).replace(" by round", ""))
+    print(round_trips_line([round_trip()], by_round=False))
     for workload in filter(None, args.workloads.split(",")):
         compare_workload(workload, args.peers.split(","), args.epochs, args.rounds, peak)
     if args.sklearn:

@@ -185,10 +185,15 @@ def bounce(trips, cpus):
     return seconds[0], int(line[0])
 
 
+def first_two_cpus():
+    """The first two CPUs this process may run on (fewer if it may not)."""
+    return sorted(os.sched_getaffinity(0))[:2]
+
+
 def round_trip_ns(rounds=5, trips=ROUND_TRIPS):
     """Median nanoseconds of a cache line's round trip between the first
     two CPUs this process may run on (bounce), or None with fewer than two."""
-    cpus = sorted(os.sched_getaffinity(0))[:2]
+    cpus = first_two_cpus()
     if len(cpus) < 2:
         return None
     return statistics.median(bounce(trips, cpus)[0] / trips * 1e9 for _ in range(rounds))
@@ -244,7 +249,7 @@ def main(argv=None):
     flops = 2.0 * ROWS * INPUTS * OUTPUTS * repeats
     show(f"dense_backward_weight {INPUTS}x{OUTPUTS}, {ROWS} rows", "GF/s",
          *(rate / 1e9 for rate in alternated(run, flops, args.rounds)))
-    trip, cpus = round_trip_ns(args.rounds), sorted(os.sched_getaffinity(0))[:2]
+    trip, cpus = round_trip_ns(args.rounds), first_two_cpus()
     print("cache line round trip: fewer than two CPUs" if trip is None else
           f"cache line round trip between CPUs {cpus[0]} and {cpus[1]}: {trip:.0f} ns "
           f"(median of {args.rounds} x {ROUND_TRIPS:,})")

@@ -32,7 +32,7 @@ def test_each_thread_computes_its_own_gradient():
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_the_line_goes_back_and_forth_every_trip():
-    seconds, last = two_cores.bounce(1000, sorted(os.sched_getaffinity(0))[:2])
+    seconds, last = two_cores.bounce(1000, two_cores.first_two_cpus())
     assert last == 2000  # side 1's answer to the 1000th trip
     assert seconds > 0
 
