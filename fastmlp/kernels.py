@@ -270,7 +270,9 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     for b in range(r0, r1, 4):
         for j in range(max(j0, OCT), j1, DOT_OUTPUTS):
             dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(DOT_OUTPUTS, j1 - j))
-        bias_activation(out, bias, activation, bf16, b, min(b + 4, r1), j0, j1)
+    # (after every tile: a tile's outputs read right after its stores stall
+    # on the store buffer; 100 rows of 64-1: 0.46 us, against 0.89 per tile)
+    bias_activation(out, bias, activation, bf16, r0, r1, j0, j1)
 
 
 # Layers with at least this many outputs in whole register blocks compute
@@ -400,15 +402,26 @@ def dense_backward_input(dinp, dout, weight, inp, activation, bf16, r0, r1, k0, 
     # with `reassoc`, g * (a * (1 - a)) could become (g * a) * (1 - a) in one
     # caller and not in another (seen: a fresh compile and the cached one
     # trained to different parameters).
-    rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], k0, k1,
-                      weight.shape[0])
     u0 = np.uint64(k0)  # (unsigned: see bias_activation)
     u1 = np.uint64(k1)
+    single = weight.shape[0] == 1
+    if not single:
+        rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], k0, k1,
+                          weight.shape[0])
     for b in range(r0, r1):
         g = dinp[b]
         a = inp[b]
-        for k in range(u0, u1):
-            g[k] *= activation_derivative(a[k], activation)
+        if single:
+            # one output (a regression's, a binary label's): the row is its
+            # delta times the weight row, the product rows_times_matrix
+            # gives, in half its time (100 rows of 64 columns: 0.50 us, 0.95)
+            d = dout[b, 0]
+            w = weight[0]
+            for k in range(u0, u1):
+                g[k] = d * w[k] * activation_derivative(a[k], activation)
+        else:
+            for k in range(u0, u1):
+                g[k] *= activation_derivative(a[k], activation)
         if bf16:
             for k in range(u0, u1):
                 g[k] = round_bfloat16(g[k])

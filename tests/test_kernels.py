@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastmlp import heads, expf, jit, kernels, optimizers, reference
+from fastmlp.bfloat16 import round_array
 from fastmlp.buffers import make_data
 from fastmlp.kernels import ACTIVATIONS, IDENTITY
 
@@ -139,7 +140,7 @@ def test_transpose_weight_block(dtype, j0, j1, k0, k1, rng):
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
-@pytest.mark.parametrize("C,OC", [(1, 1), (9, 6), (50, 10), (3, 17)])
+@pytest.mark.parametrize("C,OC", [(1, 1), (9, 6), (50, 10), (3, 17), (64, 1), (100, 1)])
 def test_dense_backward_input(activation, C, OC, rng):
     code = ACTIVATIONS[activation]
     dout = rng.standard_normal((6, OC))
@@ -150,6 +151,42 @@ def test_dense_backward_input(activation, C, OC, rng):
     expected = (dout @ weight) * reference.DERIVATIVE[activation](inp)
     assert relative_error(dinp[1:5], expected[1:5]) < 1e-13
     assert (dinp[0] == 7.0).all() and (dinp[5] == 7.0).all()
+
+
+@pytest.mark.parametrize("OC", [1, 10])
+def test_dense_backward_input_rounds_every_row_to_bfloat16(OC, rng):
+    """With bf16, each row of the delta is rounded as the oracle rounds."""
+    code = ACTIVATIONS["relu"]
+    dout = rng.standard_normal((12, OC)).astype(np.float32)
+    weight = rng.standard_normal((OC, 40)).astype(np.float32)
+    inp = np.maximum(rng.standard_normal((12, 40)), 0).astype(np.float32)
+    plain = np.zeros((12, 40), np.float32)
+    kernels.dense_backward_input(plain, dout, weight, inp, code, False, 2, 11, 0, 40)
+    rounded = np.zeros((12, 40), np.float32)
+    kernels.dense_backward_input(rounded, dout, weight, inp, code, True, 2, 11, 0, 40)
+    assert not np.array_equal(plain[2:11], round_array(plain[2:11]))
+    assert np.array_equal(rounded[2:11], round_array(plain[2:11]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+@pytest.mark.parametrize("k0,k1", [(0, 100), (16, 100), (32, 48)])
+def test_a_single_outputs_delta_is_the_products_bit_for_bit(dtype, activation, k0, k1, rng):
+    """A layer of one output takes its delta without rows_times_matrix; the
+    values are the ones that product gives, times the derivative."""
+    code = ACTIVATIONS[activation]
+    dout = rng.standard_normal((40, 1)).astype(dtype)
+    weight = rng.standard_normal((1, 100)).astype(dtype)
+    inp = reference.ACTIVATION[activation](rng.standard_normal((40, 100))).astype(dtype)
+    dinp = np.full((40, 100), 7.0, dtype)
+    kernels.dense_backward_input(dinp, dout, weight, inp, code, False, 3, 37, k0, k1)
+    product = np.full((40, 100), 7.0, dtype)
+    kernels.rows_times_matrix(product, dout, weight, 3, 37, 1, k0, k1, 1)
+    expected = product[3:37, k0:k1] * reference.DERIVATIVE[activation](inp[3:37, k0:k1])
+    assert np.array_equal(dinp[3:37, k0:k1], expected.astype(dtype))
+    outside = np.ones((40, 100), bool)
+    outside[3:37, k0:k1] = False
+    assert (dinp[outside] == 7.0).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
