@@ -86,6 +86,10 @@ CONFIGS = {
                         lr=0.05, weighted=True, batch_size=40, epochs=2, output="linear"),
     "sigmoid-head": dict(rows=203, sizes=[20, 16, 4], activation="relu", optimizer="adam",
                          batch_size=40, epochs=2, output="sigmoid"),
+    # shards of more than 128 rows (2 ranks) are summed by halves
+    # (gradients.part_halves), as is the single process's batch of 300
+    "halves": dict(rows=900, sizes=[40, 128, 2], activation="relu", optimizer="adam",
+                   weight_decay=1e-3, batch_size=300, epochs=2, output="linear"),
 }
 
 
