@@ -127,14 +127,12 @@ def add_blocks(out, o_first, a, a_first, b, b_first, net, t, k0, k1):
 
 
 @driver_kernel
-def task_update(weights_t, net, opt, t, grads, g_first, second, halves):
+def task_update(weights_t, net, opt, t, grads, g_first, whole_rows):
     # applies the optimizer to task t's parameters (its weight rows, or its
     # layer's biases) from their gradients in grads, laid out as
-    # task_gradient writes them from g_first; with halves, from the sums of
-    # those in grads and in second, both at the parameters' places (the
-    # halves of a batch: part_halves), to every column of its weight rows,
-    # not only its own; returns the update's check sum (NaN when a new value
-    # is not finite)
+    # task_gradient writes them from g_first; with whole_rows, to every
+    # column of its weight rows, not only its own; returns the update's
+    # check sum (NaN when a new value is not finite)
     tasks = net.tasks
     sizes = net.sizes
     params = net.params
@@ -145,8 +143,8 @@ def task_update(weights_t, net, opt, t, grads, g_first, second, halves):
     first = task_first(net, t)
     if tasks[t, 1] == WEIGHT_TASK:
         rows = tasks[t, 3] - tasks[t, 2]
-        k0 = np.int64(0) if halves else tasks[t, 4]
-        k1 = sizes[l] if halves else tasks[t, 5]
+        k0 = np.int64(0) if whole_rows else tasks[t, 4]
+        k1 = sizes[l] if whole_rows else tasks[t, 5]
         stride = sizes[l]
         decay = hyper[DECAY]  # weight decay applies to weights only
     else:
@@ -157,16 +155,14 @@ def task_update(weights_t, net, opt, t, grads, g_first, second, halves):
         decay = hyper.dtype.type(0.0)
     check = 0.0
     if opt.code == SGD:
-        check = sgd_update(params, grads, second, halves, first, g_first, first, rows, stride,
-                           k0, k1, hyper[LR], decay)
+        check = sgd_update(params, grads, first, g_first, rows, stride, k0, k1, hyper[LR], decay)
     elif opt.code == MOMENTUM:
-        check = momentum_update(params, grads, second, halves, opt.state1, first, g_first, first,
-                                rows, stride, k0, k1, hyper[LR], hyper[MOMENTUM_COEF], decay,
-                                opt.nesterov)
+        check = momentum_update(params, grads, opt.state1, first, g_first, rows, stride, k0, k1,
+                                hyper[LR], hyper[MOMENTUM_COEF], decay, opt.nesterov)
     elif opt.code == ADAM:
-        check = adam_update(params, grads, second, halves, opt.state1, opt.state2, first, g_first,
-                            first, rows, stride, k0, k1, hyper[ADAM_ALPHA], hyper[BETA1],
-                            hyper[BETA2], hyper[EPSILON], decay)
+        check = adam_update(params, grads, opt.state1, opt.state2, first, g_first, rows, stride,
+                            k0, k1, hyper[ADAM_ALPHA], hyper[BETA1], hyper[BETA2],
+                            hyper[EPSILON], decay)
     if tasks[t, 1] == WEIGHT_TASK and opt.code != NONE:
         # the new weights, still in cache, rounded for bfloat16 and into
         # dense_forward's transposed block
@@ -381,19 +377,14 @@ def gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage
             # (with halves, a later column piece is its rows' first piece's)
             if net.tasks[t, 1] != NO_TASK and not (halves and net.tasks[t, 4] > 0):
                 first = task_first(net, t)
-                if halves and update:  # the update adds the halves as it reads them
-                    check = task_update(work.weights_t, net, opt, t, opt.grads, first,
-                                        work.second_half, True)
-                else:
-                    g_first = np.int64(0) if fused else first
-                    if halves:  # (their sums, for MPI ranks to sum)
-                        add_blocks(grads, g_first, opt.grads, first, work.second_half, first, net,
-                                   t, np.int64(0), net.sizes[net.tasks[t, 0]])
-                    elif gradients:
-                        task_gradient(grads, g_first, spare, work, net, t, nrows, inputs)
-                    if update:
-                        check = task_update(work.weights_t, net, opt, t, grads, g_first, grads,
-                                            False)
+                g_first = np.int64(0) if fused else first
+                if halves:
+                    add_blocks(grads, g_first, opt.grads, first, work.second_half, first, net, t,
+                               np.int64(0), net.sizes[net.tasks[t, 0]])
+                elif gradients:
+                    task_gradient(grads, g_first, spare, work, net, t, nrows, inputs)
+                if update:
+                    check = task_update(work.weights_t, net, opt, t, grads, g_first, halves)
             work.task_checks[t] = check
             if owner >= 0:
                 owned += cycles() - owned_from

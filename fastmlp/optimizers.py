@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .buffers import Optimizer
-from .jit import kernel, ordered_kernel
+from .jit import kernel
 from .kernels import ONE, ZERO
 
 NONE = 0  # gradients only
@@ -74,10 +74,7 @@ def adam_alpha(lr, step, beta1, beta2):
 # p = p0, p0 + stride, ..., from the gradients at the same offsets from g0
 # (the optimizer's flat gradient vector, g0 = p0, or the block a gradient
 # task has just computed, gradients.py): a gradient task's weight rows, or one
-# range of biases. With halves, each gradient is the sum of the one in
-# grads and the one at the same offset from s0 in second: a batch summed by
-# halves (gradients.part_halves), added as it is read rather than in a pass
-# of its own.
+# range of biases.
 #
 # Indices are unsigned: with an index that may be negative as far as LLVM
 # knows, Numba's wraparound indexing keeps it from vectorizing the loop
@@ -85,40 +82,29 @@ def adam_alpha(lr, step, beta1, beta2):
 # reference counting per row: 32 rows of 64 took 2.5 us that way, 1.5 us
 # this way (Adam, float32, Zen 3).
 
-@ordered_kernel
-def gradient(grads, g, second, s, halves):
-    # the gradient at grads[g], plus second[s] with halves (see above);
-    # ordered, so that the sum is rounded before the weight decay is added,
-    # as when the halves were added in a pass of their own
-    return grads[g] + second[s] if halves else grads[g]
-
-
 @kernel
-def sgd_update(params, grads, second, halves, p0, g0, s0, rows, stride, k0, k1, lr, decay):
+def sgd_update(params, grads, p0, g0, rows, stride, k0, k1, lr, decay):
     check = ZERO
     for i in range(rows):
         p = np.uint64(p0 + i * stride + k0)
         g = np.uint64(g0 + i * stride + k0)
-        s = np.uint64(s0 + i * stride + k0)
         for c in range(np.uint64(k1 - k0)):
-            w = params[p + c] - lr * (gradient(grads, g + c, second, s + c, halves)
-                                      + decay * params[p + c])
+            w = params[p + c] - lr * (grads[g + c] + decay * params[p + c])
             params[p + c] = w
             check += w * ZERO
     return check
 
 
 @kernel
-def momentum_update(params, grads, second, halves, velocity, p0, g0, s0, rows, stride, k0, k1,
-                    lr, mu, decay, nesterov):
+def momentum_update(params, grads, velocity, p0, g0, rows, stride, k0, k1, lr, mu, decay,
+                    nesterov):
     # v <- mu v - lr g; w <- w + v  (Nesterov: w <- w + mu v - lr g)
     check = ZERO
     for i in range(rows):
         p = np.uint64(p0 + i * stride + k0)
         gi = np.uint64(g0 + i * stride + k0)
-        si = np.uint64(s0 + i * stride + k0)
         for c in range(np.uint64(k1 - k0)):
-            g = gradient(grads, gi + c, second, si + c, halves) + decay * params[p + c]
+            g = grads[gi + c] + decay * params[p + c]
             v = mu * velocity[p + c] - lr * g
             velocity[p + c] = v
             w = params[p + c] + (mu * v - lr * g if nesterov else v)
@@ -128,17 +114,16 @@ def momentum_update(params, grads, second, halves, velocity, p0, g0, s0, rows, s
 
 
 @kernel
-def adam_update(params, grads, second, halves, m, v, p0, g0, s0, rows, stride, k0, k1, alpha,
-                beta1, beta2, eps, decay):
+def adam_update(params, grads, m, v, p0, g0, rows, stride, k0, k1, alpha, beta1, beta2, eps,
+                decay):
     # m <- m + (g - m)(1 - b1); v <- v + (g^2 - v)(1 - b2);
     # w <- w - alpha m / (sqrt(v) + eps), alpha from adam_alpha
     check = ZERO
     for i in range(rows):
         p = np.uint64(p0 + i * stride + k0)
         gi = np.uint64(g0 + i * stride + k0)
-        si = np.uint64(s0 + i * stride + k0)
         for c in range(np.uint64(k1 - k0)):
-            g = gradient(grads, gi + c, second, si + c, halves) + decay * params[p + c]
+            g = grads[gi + c] + decay * params[p + c]
             mi = m[p + c] + (g - m[p + c]) * (ONE - beta1)
             vi = v[p + c] + (g * g - v[p + c]) * (ONE - beta2)
             m[p + c] = mi

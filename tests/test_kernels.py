@@ -448,12 +448,12 @@ def test_float32_kernels_never_widen_to_float64():
             heads.squared_error_backward, out, out, out, np.ones(4, f32), f32(0.25), 0, 4),
         "output_minus_target_backward": float32_ir(
             heads.output_minus_target_backward, out, out, out, np.ones(4, f32), f32(0.25), 0, 4),
-        "sgd_update": float32_ir(optimizers.sgd_update, vec, vec, vec, True, 0, 0, 0, 1, 3, 0, 3,
-                                 f32(0.1), f32(0)),
-        "momentum_update": float32_ir(optimizers.momentum_update, vec, vec, vec, True, vec, 0, 0,
-                                      0, 1, 3, 0, 3, f32(0.1), f32(0.9), f32(0), True),
-        "adam_update": float32_ir(optimizers.adam_update, vec, vec, vec, True, vec, vec, 0, 0, 0,
-                                  1, 3, 0, 3, f32(0.1), f32(0.9), f32(0.999), f32(1e-7), f32(0)),
+        "sgd_update": float32_ir(optimizers.sgd_update, vec, vec, 0, 0, 1, 3, 0, 3, f32(0.1),
+                                 f32(0)),
+        "momentum_update": float32_ir(optimizers.momentum_update, vec, vec, vec, 0, 0, 1, 3, 0,
+                                      3, f32(0.1), f32(0.9), f32(0), True),
+        "adam_update": float32_ir(optimizers.adam_update, vec, vec, vec, vec, 0, 0, 1, 3, 0, 3,
+                                  f32(0.1), f32(0.9), f32(0.999), f32(1e-7), f32(0)),
     }
     widened = [name for name, ir in compiled.items() if "fpext" in ir]
     assert not widened, f"float32 kernels computing in float64: {widened}"
