@@ -405,20 +405,19 @@ def dense_backward_input(dinp, dout, weight, inp, activation, bf16, r0, r1, k0, 
     # trained to different parameters).
     u0 = np.uint64(k0)  # (unsigned: see bias_activation)
     u1 = np.uint64(k1)
+    # one output (a regression's, a binary label's): each row is its delta
+    # times the weight row, the product rows_times_matrix gives, in half its
+    # time (100 rows of 64 columns: 0.50 us against 0.95)
     single = weight.shape[0] == 1
     if not single:
         rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], k0, k1,
                           weight.shape[0])
+    w = weight[0]
     for b in range(r0, r1):
         g = dinp[b]
         a = inp[b]
         if single:
-            # one output (a regression's, a binary label's): the row is its
-            # delta times the weight row, the product rows_times_matrix
-            # gives, in half its time (100 rows of 64 columns: 0.50 us
-            # against 0.95)
             d = dout[b, 0]
-            w = weight[0]
             for k in range(u0, u1):
                 g[k] = d * w[k] * activation_derivative(a[k], activation)
         else:

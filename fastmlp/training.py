@@ -304,7 +304,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
         total_epochs = model.training_state.epoch + epochs
         for callback in callbacks:
             callback.on_train_begin(history.compile_time)
-        for epochs_left in range(epochs - 1, -1, -1):
+        for epoch_index in range(epochs):
             logs, done = loop.epoch(callbacks, total_epochs, interrupt)
             epoch = model.training_state.epoch - 1
             record_epoch(history, model, epoch, logs, loop.elapsed, validation)
@@ -315,7 +315,7 @@ def fit(model, X, y, epochs=1, batch_size=100, optimizer="sgd", lr=None, momentu
             if any(asked) or (stopper is not None and stopper.should_stop(epoch, logs)):
                 history.stopped_epoch = epoch
                 break
-            if choice is not None and epochs_left:
+            if choice is not None and epoch_index + 1 < epochs:
                 numba.set_num_threads(choice.after_epoch(done, loop.elapsed))
                 history.threads = numba.get_num_threads()
         if stopper is not None:
