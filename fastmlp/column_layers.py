@@ -25,9 +25,10 @@ def column_layer(net, l, threads, own):
     # weights it updates itself (gradients_update gives it their tasks),
     # where a split by rows has every thread read every weight, half of them
     # just written by another core (W3's step 1.12x faster, measured: see
-    # the module's docstring).
+    # the module's docstring). Not in a model on packed bfloat16 products
+    # (amx_layers.py), whose packed operands are laid out by rows.
     L = net.sizes.shape[0] - 1
-    if threads < 2 or l >= L - 1 or net.bf16:
+    if threads < 2 or l >= L - 1 or net.amx:
         return False
     return wide_layer(net.sizes[l + 1]) or (l == 0 and own)
 
@@ -68,13 +69,13 @@ def narrow_columns(layer_sizes, batch_size, itemsize, input_bytes):
             and OC * itemsize > batch_size * input_bytes)
 
 
-def own_inputs_shape(layer_sizes, batch_size, threads, itemsize, input_bytes):
+def own_inputs_shape(layer_sizes, batch_size, threads, itemsize, input_bytes, amx):
     """The shape of Work.inputs: each thread's own copy of the batch's
     input rows where the first layer may be a column layer (a wide hidden
-    layer, or a narrow one by narrow_columns, on 2 or more threads), else
-    none."""
+    layer, or a narrow one by narrow_columns, on 2 or more threads, in a
+    model off packed products: amx), else none."""
     C = int(layer_sizes[0])
-    if threads >= 2 and len(layer_sizes) > 2 and (
+    if threads >= 2 and len(layer_sizes) > 2 and not amx and (
             wide_layer(layer_sizes[1])
             or narrow_columns(layer_sizes, batch_size, itemsize, input_bytes)):
         return threads, batch_size, C

@@ -117,7 +117,7 @@ class Workspace:
         halves = backward and batch_size > MAX_SUM_ROWS
         n_params = parameter_layout(layer_sizes)[2]
         inputs_shape = own_inputs_shape(layer_sizes, batch_size, threads, itemsize,
-                                        itemsize if input_bytes is None else input_bytes)
+                                        itemsize if input_bytes is None else input_bytes, amx)
         self.work = Work(
             acts=self.acts, deltas=self.deltas, act_off=self.act_off,
             labels=np.zeros(batch_size, np.int32),

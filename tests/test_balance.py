@@ -25,8 +25,8 @@ from fastmlp.buffers import Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.model import Workspace
 from fastmlp.optimizers import OPTIMIZERS, adam_betas, make_hyper
-from fastmlp.column_layers import column_cut, column_layer, own_inputs
-from fastmlp.forward_backward import packed_block_rows
+from fastmlp.column_layers import column_cut, column_delta, column_layer, own_inputs
+from fastmlp.forward_backward import COLUMNS, GATHER, packed_block_rows, region_plan
 from fastmlp.gradients import half_stretch, shared_rows
 from fastmlp.step import train_steps
 from fastmlp.tasks import (WEIGHT_TASK, make_tasks, share_first_task, task_owner, task_work,
@@ -83,6 +83,38 @@ def test_a_model_on_packed_products_cuts_its_rows_at_their_blocks():
     for dtype in ("bfloat16", "float32"):
         model = fastmlp.MLP([20, 40, 3], dtype=dtype)
         assert packed_block_rows(model.network()) == (amx.BLOCK if model.amx else 0)
+
+
+def bfloat16_kind(dtype, monkeypatch):
+    # "emulated bfloat16": bfloat16 on float32 FMAs, whatever the CPU has
+    if dtype == "emulated bfloat16":
+        monkeypatch.setenv("FASTMLP_AMX", "0")
+        return "bfloat16"
+    return dtype
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
+@pytest.mark.parametrize("dtype", ["float32", "emulated bfloat16", "bfloat16"])
+def test_wide_layers_are_column_layers_off_packed_products(dtype, monkeypatch):
+    """W3 on 2 threads: both wide layers split by outputs, the first
+    gathering its own copy of the batch in its region, and the second's
+    input delta by columns; in float32 and in emulated bfloat16, not on
+    packed bfloat16 products (where the CPU has them), which take the
+    batch by rows in one region and keep no copy."""
+    model = fastmlp.MLP([784, 512, 512, 10], dtype=bfloat16_kind(dtype, monkeypatch))
+    net = model.network()
+    work = Workspace(model.layer_sizes, 128, model.dtype, amx=model.amx, input_bytes=1).work
+    plan = region_plan(work, net, 2, True)
+    own = own_inputs(work, net, 2)
+    if model.amx:
+        assert not own and work.inputs.size == 0
+        assert not any(column_layer(net, l, 2, own) for l in range(3))
+        assert plan[:, COLUMNS].tolist() == [0] and plan[0, GATHER]
+    else:
+        assert own and work.inputs.shape == (numba.config.NUMBA_NUM_THREADS, 128, 784)
+        assert [column_layer(net, l, 2, own) for l in range(3)] == [True, True, False]
+        assert column_delta(net, 1, 2, own)
+        assert plan[:, COLUMNS].tolist() == [1, 1, 0, 1] and plan[0, GATHER]
 
 
 @pytest.mark.parametrize("halves", [False, True])
@@ -184,11 +216,15 @@ def test_timings_become_smoothed_speeds():
     assert (balance[GRADIENTS] == 0).all()
 
 
-def run_steps(threads, speeds, steps=6, batch=40, sizes=(30, 70, 64, 5)):
+def run_steps(threads, speeds, steps=6, batch=40, sizes=(30, 70, 64, 5), dtype="float32"):
     """Parameters after `steps` Adam steps of `batch` rows, with the
     workspace's balance state preset to `speeds` in every phase."""
     model, X, y = random_problem(list(sizes), steps * batch, "tanh", np.float32, seed=3)
-    ws = Workspace(model.layer_sizes, batch, model.dtype)
+    if dtype == "bfloat16":
+        bf16 = fastmlp.MLP(model.layer_sizes, activation="tanh", dtype=dtype)
+        bf16.params[:] = model.params
+        model = bf16
+    ws = Workspace(model.layer_sizes, batch, model.dtype, amx=model.amx)
     ws.work.balance[:, SPEED, :len(speeds)] = speeds
     grads, m, v = (np.zeros_like(model.params) for _ in range(3))
     optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
@@ -210,19 +246,23 @@ def run_steps(threads, speeds, steps=6, batch=40, sizes=(30, 70, 64, 5)):
 @pytest.mark.parametrize("speeds", [[1.0, 4.0], [4.0, 1.0], [1.0, 1.0]])
 @pytest.mark.parametrize("batch", [40, 200])
 @pytest.mark.parametrize("sizes", [(30, 70, 64, 5), (40, 300, 260, 5)])
-def test_any_cut_trains_bit_identical_parameters(speeds, batch, sizes):
+@pytest.mark.parametrize("dtype", ["float32", "emulated bfloat16"])
+def test_any_cut_trains_bit_identical_parameters(speeds, batch, sizes, dtype, monkeypatch):
     # (at 200 rows the batch is summed in halves, cut between the threads
     # by speed: part_halves; 300 and 260 outputs make column layers, their
     # outputs, deltas and weight tasks cut by speed too)
-    one, _ = run_steps(1, [1.0], batch=batch, sizes=sizes)
-    two, balance = run_steps(2, speeds, batch=batch, sizes=sizes)
+    dtype = bfloat16_kind(dtype, monkeypatch)
+    one, _ = run_steps(1, [1.0], batch=batch, sizes=sizes, dtype=dtype)
+    two, balance = run_steps(2, speeds, batch=batch, sizes=sizes, dtype=dtype)
     assert np.array_equal(one, two)
     # every step timed both threads' shares, in every phase it has
     phases = ([FORWARD, GRADIENTS] + ([HALF_SUMS] if batch > MAX_SUM_ROWS else [])
               + ([COLUMN_LAYERS] if max(sizes) >= 256 else []))
     assert (balance[phases, SPEED, :2] > 0).all()
+    assert (balance[phases, SPEED, :2] != speeds).all()  # (timed, not the preset speeds)
     # and one step of different training differs: the comparison can fail
-    assert not np.array_equal(one, run_steps(1, [1.0], steps=5, batch=batch, sizes=sizes)[0])
+    assert not np.array_equal(one, run_steps(1, [1.0], steps=5, batch=batch, sizes=sizes,
+                                             dtype=dtype)[0])
 
 
 @pytest.mark.parametrize("speeds", SPEEDS)
