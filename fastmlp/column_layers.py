@@ -26,7 +26,10 @@ def column_layer(net, l, threads, own):
     # where a split by rows has every thread read every weight, half of them
     # just written by another core (W3's step 1.12x faster, measured: see
     # the module's docstring). Not in a model on packed bfloat16 products
-    # (amx_layers.py), whose packed operands are laid out by rows.
+    # (amx_layers.py), which packs each part's rows: a version packing
+    # each part's outputs ran W3's step on Zen 4 1.02-1.04x slower with
+    # the two cores near, 0.88-0.98 far (docs/performance.md). Emulated
+    # bfloat16 runs float32's kernels and splits as float32 does.
     L = net.sizes.shape[0] - 1
     if threads < 2 or l >= L - 1 or net.amx:
         return False
