@@ -89,9 +89,19 @@ FEWER_THREADS_GAIN = 1.05
 # that is not running: beside a busy loop the regression benchmark's epochs
 # took 0.2-0.8 s on two threads, 0.11 alone, while a probe's short runs
 # (PROBE_RUN_SECONDS) may still time two threads faster. A count above the
-# current one, not run for RETRY_SECONDS of training, is tried again for an
-# epoch: its time may date from a process that has left.
+# current one is tried again for an epoch, since its time may date from a
+# process that has left (or a moment the host kept the CPUs apart): once
+# what that epoch would cost over one on the current count, at the times
+# known, is at most RETRY_SHARE of the training since the count last ran,
+# and at the latest after RETRY_SECONDS of it, so that retries cost at
+# most that share. A count a tenth slower gets an epoch again after about
+# 3; the regression benchmark's 2 threads beside a busy loop (epochs of
+# 0.2-0.8 s against 0.11) after 3-23 s. (A compare.py turn of bfloat16 W3
+# on Zen 4 kept the probe's 1 thread, 1.1x faster while the host kept the
+# CPUs apart, for all its 6 epochs of 1 s, where 2 threads ran 1.8x
+# faster minutes later.)
 RETRY_SECONDS = 30.0
+RETRY_SHARE = 0.03
 
 
 class ThreadChoice:
@@ -114,11 +124,20 @@ class ThreadChoice:
             self.last_run[self.count] = self.trained
         above = [count for count in self.times if count > self.count]
         stale = min(above, key=self.last_run.get, default=None)
-        if stale is not None and self.trained - self.last_run[stale] >= RETRY_SECONDS:
+        if (stale is not None
+                and self.trained - self.last_run[stale] >= self.retry_wait(stale, steps)):
             self.count = stale
         else:
             self.count = fastest_count({count: [time] for count, time in self.times.items()})
         return self.count
+
+    def retry_wait(self, count, steps):
+        """The seconds of training after which `count` gets an epoch again
+        (see RETRY_SHARE), epochs being of `steps` steps."""
+        if not steps:
+            return RETRY_SECONDS
+        extra = steps * max(0.0, self.times[count] - self.times[self.count])
+        return min(RETRY_SECONDS, extra / RETRY_SHARE)
 
 
 def thread_ladder(every):

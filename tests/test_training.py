@@ -294,6 +294,24 @@ def test_a_count_above_the_current_one_is_tried_again_after_a_while():
     assert epoch(5.0e-4) == 1  # still slower on two: back to one
 
 
+def test_a_count_a_little_slower_is_tried_again_sooner():
+    """A count above the current one that was a tenth slower gets an epoch
+    again once that epoch's extra cost (a tenth of an epoch) is
+    RETRY_SHARE of the training since it ran: after 0.1 / 0.03 = 3.3
+    epochs, not RETRY_SECONDS."""
+    assert training.RETRY_SHARE == 0.03
+    choice = training.ThreadChoice({2: 2.2e-4, 1: 2.0e-4}, 1)
+    assert [choice.after_epoch(5000, 1.0) for _ in range(4)] == [1, 1, 1, 2]
+    assert choice.after_epoch(5000, 0.55) == 2  # the host is back: 1.1e-4 a step on two
+    choice = training.ThreadChoice({2: 2.2e-4, 1: 2.0e-4}, 1)
+    assert [choice.after_epoch(5000, 1.0) for _ in range(4)] == [1, 1, 1, 2]
+    assert choice.after_epoch(5000, 1.1) == 1  # still a tenth slower: back to one
+    assert [choice.after_epoch(5000, 1.0) for _ in range(4)] == [1, 1, 1, 2]
+    # an epoch of no steps tells nothing: no retry before RETRY_SECONDS
+    choice = training.ThreadChoice({2: 2.2e-4, 1: 2.0e-4}, 1)
+    assert choice.after_epoch(0, 5.0) == 1
+
+
 def test_a_fit_that_changes_its_thread_count_between_epochs_changes_no_value(monkeypatch):
     """Whatever counts ThreadChoice picks, epoch by epoch, the parameters
     are a fixed count's; History.threads is the last epoch's count and
