@@ -106,8 +106,8 @@ RETRY_SHARE = 0.03
 
 class ThreadChoice:
     """fit's thread count, epoch by epoch, when it was given none (see
-    RETRY_SECONDS). probe_times: {count: seconds a step}; count: the
-    probe's pick."""
+    RETRY_SECONDS and RETRY_SHARE). probe_times: {count: seconds a step};
+    count: the probe's pick."""
 
     def __init__(self, probe_times, count):
         self.times = dict(probe_times)
