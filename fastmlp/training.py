@@ -133,10 +133,12 @@ class ThreadChoice:
 
     def retry_wait(self, count, steps):
         """The seconds of training after which `count` gets an epoch again
-        (see RETRY_SHARE), epochs being of `steps` steps."""
-        if not steps:
+        (see RETRY_SHARE), epochs being of `steps` steps: RETRY_SECONDS
+        unless its last time was slower than the current count's (if it
+        was faster, fastest_count picks it anyway)."""
+        extra = steps * (self.times[count] - self.times[self.count])
+        if extra <= 0:
             return RETRY_SECONDS
-        extra = steps * max(0.0, self.times[count] - self.times[self.count])
         return min(RETRY_SECONDS, extra / RETRY_SHARE)
 
 

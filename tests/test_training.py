@@ -310,6 +310,10 @@ def test_a_count_a_little_slower_is_tried_again_sooner():
     # an epoch of no steps tells nothing: no retry before RETRY_SECONDS
     choice = training.ThreadChoice({2: 2.2e-4, 1: 2.0e-4}, 1)
     assert choice.after_epoch(0, 5.0) == 1
+    assert choice.retry_wait(2, 0) == training.RETRY_SECONDS
+    # nor a count that was faster (fastest_count's to pick; here it would)
+    choice = training.ThreadChoice({2: 1.0e-4, 1: 2.0e-4}, 1)
+    assert choice.retry_wait(2, 5000) == training.RETRY_SECONDS
 
 
 def test_a_fit_that_changes_its_thread_count_between_epochs_changes_no_value(monkeypatch):
