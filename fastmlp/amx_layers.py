@@ -207,11 +207,15 @@ def amx_forward(out, outputs_t, work, net, l, r0, r1):
     inputs = b_operand(work.packed, work.packed_layout, l, XT_PAIRS)
     sums = outputs_t[:padded(OC) * BLOCK_COLUMNS].reshape((padded(OC), BLOCK_COLUMNS))
     tiled = OC // TILE_OUTPUTS * TILE_OUTPUTS
+    # the outputs in whole strips of 32 and a last one of 16 where that
+    # covers them (100 outputs: 112 computed, not 128; each output's sum is
+    # the same in either)
+    strips = -(-OC // TILE_ROWS) * TILE_ROWS
     for b0 in range(r0, r1, BLOCK_COLUMNS):
         nb = min(BLOCK_COLUMNS, r1 - b0)
         # (whole blocks of 32 of the batch's rows: those past r1 are read,
         # not copied out)
-        amx_product(sums, weight, np.int64(0), inputs, b0, padded(OC), padded(nb),
+        amx_product(sums, weight, np.int64(0), inputs, b0, strips, padded(nb),
                     padded(C) // K_STEP)
         transpose_weight_block(out[b0:b0 + nb], sums[:, ::1], np.int64(0), tiled,
                                np.int64(0), nb)

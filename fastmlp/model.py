@@ -109,7 +109,7 @@ class Workspace:
         # and each thread's scratch for the outputs of wider ones, for dense_forward
         n_transposed = transposed_layout(layer_sizes)[1]
         threads = numba.config.NUMBA_NUM_THREADS
-        block = task_block_values(layer_sizes) if backward else 0
+        block = task_block_values(layer_sizes, amx) if backward else 0
         wide = wide_scratch_values(layer_sizes)
         (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
         itemsize = np.dtype(dtype).itemsize
@@ -125,7 +125,7 @@ class Workspace:
             row_weights=np.zeros(batch_size, dtype),
             row_stats=np.zeros((batch_size, 2), np.float64),  # per-row loss, score
             target_scale=np.zeros(n_outputs, dtype),
-            task_checks=np.zeros(len(make_tasks(layer_sizes)), np.float64),
+            task_checks=np.zeros(len(make_tasks(layer_sizes, amx)), np.float64),
             task_grads=aligned_zeros(threads * 2 * block, dtype).reshape(threads, 2, block),
             weights_t=aligned_zeros(n_transposed, dtype),
             outputs_t=aligned_zeros(threads * wide, dtype).reshape(threads, wide),
@@ -176,7 +176,6 @@ class MLP:
 
         self.w_off, self.b_off, n_params = parameter_layout(self.layer_sizes)
         self._sizes = np.array(self.layer_sizes, np.int64)
-        self._tasks = make_tasks(self.layer_sizes)
         self._wt_off = transposed_layout(self.layer_sizes)[0]
         # linear: predict returns (n,) rather than (n, 1); fit sets it from y
         self.flat_targets = self.layer_sizes[-1] == 1
@@ -210,10 +209,11 @@ class MLP:
         # params, or for bfloat16 a rounded copy that the kernels keep
         # current; and whether bfloat16 products run on packed operands (AMX
         # tiles or vdpbf16ps) in this process, with the weights packed for
-        # them (amx_layers.py)
+        # them (amx_layers.py), which the gradient tasks follow
         bfloat16 = self.precision == "bfloat16"
         self._operands = aligned_zeros(self.params.size, self.dtype) if bfloat16 else self.params
         self.amx = bfloat16 and amx_usable()
+        self._tasks = make_tasks(self.layer_sizes, self.amx)
         _, (layout, size) = amx_layouts(self.layer_sizes, 0, self.amx)
         self._packed_weights = aligned_zeros(size, packed_dtype(self.amx))
         self._packed_weights_layout = layout
@@ -224,7 +224,7 @@ class MLP:
         # weights and biases are views of params, operands params or a copy
         # made from them: rebuilt after unpickling
         state = dict(self.__dict__)
-        for key in ("weights", "biases", "_operands", "amx", "_packed_weights",
+        for key in ("weights", "biases", "_operands", "amx", "_tasks", "_packed_weights",
                     "_packed_weights_layout", "_idle_workspace", "_layout_views"):
             state.pop(key, None)
         return state
@@ -233,10 +233,10 @@ class MLP:
         for key, value in (("source", None), ("preprocessing", None), ("output", "softmax"),
                            ("flat_targets", False)):
             state.setdefault(key, value)  # pickled by an earlier fastmlp
-        # the layout of the transposed weights and the task list are this
-        # version's (the workspace is sized by them), not the pickling one's
+        # the layout of the transposed weights is this version's (the
+        # workspace is sized by it), not the pickling one's; so is the task
+        # list (_operand_buffers)
         state["_wt_off"] = transposed_layout(state["layer_sizes"])[0]
-        state["_tasks"] = make_tasks(state["layer_sizes"])
         state.setdefault("precision", state["dtype"].name)
         self.__dict__.update(state)
         self.params = aligned_copy(self.params)

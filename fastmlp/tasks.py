@@ -2,8 +2,9 @@
 each task costs, and which part of a parallel region runs it.
 
 A task is a block of one layer's weight rows and columns, or one layer's
-biases. The list depends on the layer sizes only, never on the thread
-count, and which thread runs a task never changes its result: the weights
+biases. The list depends on the layer sizes (and whether the model
+multiplies on packed bfloat16 products) only, never on the thread count,
+and which thread runs a task never changes its result: the weights
 of a column layer go to the part that computes their outputs forward
 (task_owner), and the parts share the other tasks out by their measured
 speed (share_first_task).
@@ -31,21 +32,33 @@ WIDE_TASK_ROWS = 32
 # COLUMN_PIECES too
 FEW_ROW_GROUPS = 32
 COLUMN_PIECES = 2
+# ... unless it multiplies on packed bfloat16 products (amx_layers.py) and
+# has at least this many outputs: whole rows in tasks of 16 (the packed
+# products' strips), as many as the threads need to share them evenly. Its
+# tasks sum all rows of the batch at once, so a piece's task also updates
+# its piece of each row, and a thread updating row segments next to the
+# other thread's ones took 2.6-3.5x as long as alone: the stream each
+# core's prefetcher follows runs into the other's segments (784-100-10
+# bfloat16, Adam, batch 200, Zen 4: 26-36 us against 10 a task of 52 x 400
+# weights; the step 0.95 of the time in 16-row tasks, measured).
+PACKED_WHOLE_ROWS = 96
 WEIGHT_TASK = 0
 BIAS_TASK = 1
 NO_TASK = 2  # pads the task list (see make_tasks)
 
 
-def make_tasks(layer_sizes):
+def make_tasks(layer_sizes, packed=False):
     """(layer, kind, j0, j1, k0, k1) rows: blocks [j0, j1) x [k0, k1) of the
-    (fan_out, fan_in) weight matrices, then one bias task per layer. Depends
-    on the layer sizes only, never on the thread count. (A fresh, writable
-    copy: a read-only array would be another type to the kernels.)"""
-    return task_list(tuple(int(size) for size in layer_sizes)).copy()
+    (fan_out, fan_in) weight matrices, then one bias task per layer, for a
+    model that multiplies on packed bfloat16 products if `packed`
+    (Network.amx). Depends on those only, never on the thread count. (A
+    fresh, writable copy: a read-only array would be another type to the
+    kernels.)"""
+    return task_list(tuple(int(size) for size in layer_sizes), bool(packed)).copy()
 
 
 @functools.lru_cache(maxsize=64)
-def task_list(layer_sizes):
+def task_list(layer_sizes, packed):
     # make_tasks's list, built once per process and shape (0.12 ms a fit
     # for a small network, twice a fit)
     tasks = []
@@ -75,7 +88,8 @@ def task_list(layer_sizes):
         blocks = fan_in // BLOCK_COLUMNS
         pieces = (max(1, min(COLUMN_PIECES, blocks))
                   if layer == 0 and not wide_layer(fan_out)
-                  and -(-fan_out // rows) < FEW_ROW_GROUPS else 1)
+                  and -(-fan_out // rows) < FEW_ROW_GROUPS
+                  and not (packed and fan_out >= PACKED_WHOLE_ROWS) else 1)
         cuts = [piece * blocks // pieces * BLOCK_COLUMNS for piece in range(pieces)] + [fan_in]
         if pieces > 1:
             # Then each piece's rows go in as few tasks as its bins take, cut
@@ -144,13 +158,13 @@ def task_first(net, t):
     return net.b_off[l]
 
 
-def task_block_values(layer_sizes):
+def task_block_values(layer_sizes, packed=False):
     """Values of the largest gradient block of a task (its weight rows
-    times fan_in, or a layer's biases), rounded up to a multiple of 16 (a
-    float32 cache line): the scratch each thread computes a task's gradient
-    into (Work.task_grads)."""
+    times fan_in, or a layer's biases; make_tasks' list), rounded up to a
+    multiple of 16 (a float32 cache line): the scratch each thread computes
+    a task's gradient into (Work.task_grads)."""
     largest = 0
-    for layer, kind, j0, j1, _, _ in make_tasks(layer_sizes):
+    for layer, kind, j0, j1, _, _ in make_tasks(layer_sizes, packed):
         if kind == WEIGHT_TASK:
             largest = max(largest, (j1 - j0) * layer_sizes[layer])
         elif kind == BIAS_TASK:

@@ -83,14 +83,16 @@ def test_predict_evaluate_shapes_and_consistency():
 
 
 def test_a_model_pickled_with_another_layout_trains_as_a_new_one():
-    """A pickle keeps the layout of the transposed weights and the task
-    list; an earlier fastmlp laid them out otherwise (it kept wide layers'
-    weights transposed), so unpickling lays them out anew."""
+    """A pickle keeps the layout of the transposed weights, and an earlier
+    one the task list too; an earlier fastmlp laid them out otherwise (it
+    kept wide layers' weights transposed), so unpickling lays them out
+    anew."""
     model, X, y = random_problem([20, 300, 70, 3], 64, "relu", np.float32, seed=3)
     state = model.__getstate__()
+    assert "_tasks" not in state
     # as before: the 300-output layer's first 256 outputs kept transposed too
     state["_wt_off"] = np.array([0, 20 * 256, 20 * 256 + 300 * 64])
-    state["_tasks"] = state["_tasks"][::-1].copy()
+    state["_tasks"] = model._tasks[::-1].copy()
     old = fastmlp.MLP.__new__(fastmlp.MLP)
     old.__setstate__(state)
     fresh = pickle.loads(pickle.dumps(model))

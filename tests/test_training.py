@@ -25,7 +25,7 @@ from fastmlp.forward_backward import forward_backward, region, region_plan
 from fastmlp.gradients import gradients_region, gradients_update
 from fastmlp.step import RESULT_WORDS, fused_steps, train_steps
 from fastmlp.tasks import (BIAS_TASK, NO_TASK, TASK_GROUPS, WEIGHT_TASK, WIDE_TASK_ROWS,
-                           make_tasks, task_cost, task_first)
+                           make_tasks, task_block_values, task_cost, task_first)
 from fastmlp.sync import ABORTED, START, SYNC_WORDS
 
 from conftest import random_problem, reference_copy, relative_error
@@ -546,6 +546,26 @@ def test_a_first_layer_in_column_pieces_deals_its_tasks_into_balanced_bins(sizes
                if t[1] == WEIGHT_TASK and t[0] == 0} for h in range(2)]
     cuts = sorted(column_pieces(tasks)[0])
     assert halves == [{cuts[0]}, {cuts[1]}]
+
+
+@pytest.mark.parametrize("sizes", [[784, 100, 10], [784, 128, 64, 10], [256, 200, 10]])
+def test_a_packed_first_layer_of_96_outputs_takes_whole_rows_in_tasks_of_16(sizes):
+    """On packed bfloat16 products a first layer of PACKED_WHOLE_ROWS
+    outputs or more has no column pieces: tasks of 16 whole rows (the last
+    one what is left), in the parameters' order. Narrower ones, and every
+    model off packed products, keep their pieces."""
+    assert len(column_pieces(make_tasks(sizes))[0]) == 2
+    tasks = make_tasks(sizes, packed=True)
+    assert all(len(cuts) == 1 for cuts in column_pieces(tasks).values())
+    rows = [(j0, j1) for layer, kind, j0, j1, k0, k1 in tasks if layer == 0 and kind == WEIGHT_TASK]
+    assert rows == [(j, min(j + 16, sizes[1])) for j in range(0, sizes[1], 16)]
+    assert NO_TASK not in tasks[:, 1]
+    assert task_block_values(sizes, packed=True) == 16 * sizes[0]
+    assert len(column_pieces(make_tasks([784, 50, 10], packed=True))[0]) == 2
+    # a model takes the list of the products it runs on
+    for dtype in ("bfloat16", "float32"):
+        model = fastmlp.MLP(sizes, dtype=dtype)
+        assert np.array_equal(model.network().tasks, make_tasks(sizes, packed=model.amx))
 
 
 @pytest.mark.parametrize("sizes", [[784, 512, 512, 10], [130, 300, 20], [64, 1024, 10]])
