@@ -36,10 +36,10 @@ COLUMN_PIECES = 2
 # has at least this many outputs: whole rows in tasks of 16 (the packed
 # products' strips), as many as the threads need to share them evenly. Its
 # tasks sum all rows of the batch at once, so a piece's task also updates
-# its piece of each row, and a thread updating row segments next to the
-# other thread's ones took 2.6-3.5x as long as alone: the stream each
-# core's prefetcher follows runs into the other's segments (784-100-10
-# bfloat16, Adam, batch 200, Zen 4: 26-36 us against 10 a task of 52 x 400
+# its piece of each row, and the thread updating its row segments after
+# the other thread took 2.7-3.7x as long as alone: the stream each core's
+# prefetcher follows runs into the other's segments (784-100-10 bfloat16,
+# Adam, batch 200, Zen 4: 26-36 us against 10 an update of 48-52 x 400
 # weights; the step 0.95 of the time in 16-row tasks, measured).
 PACKED_WHOLE_ROWS = 96
 WEIGHT_TASK = 0
