@@ -14,23 +14,25 @@ from .jit import kernel
 
 # params: the flat parameter vector; sizes: layer widths; w_off, b_off: where
 # each layer's (fan_out, fan_in) weights and biases start in params; wt_off:
-# each layer's transposed block in Work.weights_t; tasks: gradients_update's
-# work list (tasks.make_tasks); activation, head: kernels.ACTIVATIONS and
-# heads.HEADS codes; operands: the weights the products read, params itself,
-# or for bf16 (bfloat16.py) their copy rounded to bfloat16; amx: bf16 on
-# AMX tiles, with the weights packed for them in packed_weights as laid out
-# by packed_weights_layout (amx_layers.py; empty without)
-Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", "tasks",
-                                 "activation", "head", "operands", "bf16", "amx",
-                                 "packed_weights", "packed_weights_layout"])
+# each layer's transposed block in Work.weights_t; activation, head:
+# kernels.ACTIVATIONS and heads.HEADS codes; operands: the weights the
+# products read, params itself, or for bf16 (bfloat16.py) their copy
+# rounded to bfloat16; amx: bf16 on AMX tiles, with the weights packed for
+# them in packed_weights as laid out by packed_weights_layout
+# (amx_layers.py; empty without)
+Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", "activation",
+                                 "head", "operands", "bf16", "amx", "packed_weights",
+                                 "packed_weights_layout"])
 # acts, deltas: every layer's (B, width) block at act_off[l]; labels (B,) or
 # targets (B, K): the batch's targets; row_weights (B,); row_stats (B, 2):
 # each row's weighted loss and score; target_scale (K,): see heads.py;
-# task_checks (T,): the update check sums; task_grads (threads, 2, V): each
-# thread's scratch for one task's gradient block, and for its sum over the
-# batch's second half (gradients.gradients_update); second_half (P,): the shared
-# tasks' gradients over the batch's second half (gradients.part_halves; empty
-# where a workspace's batches are never cut in two);
+# tasks (T, 6): gradients_update's work list for batches of this size
+# (tasks.make_tasks); task_checks (T,): the update check sums; task_grads
+# (threads, 2, V): each thread's scratch for one task's gradient block, and
+# for its sum over the batch's second half (gradients.gradients_update);
+# second_half (P,): the shared tasks' gradients over the batch's second
+# half (gradients.part_halves; empty where a workspace's batches are never
+# cut in two);
 # weights_t: transposed weights (kernels.kept_transposed); outputs_t
 # (threads, V): each thread's scratch for a wide layer's transposed outputs
 # (kernels.wide_forward); balance: how the parallel regions share
@@ -40,7 +42,7 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # first layer split between threads by its outputs (column_layers.own_inputs; (0, 0,
 # C) without)
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
-                           "row_stats", "target_scale", "task_checks", "task_grads",
+                           "row_stats", "target_scale", "tasks", "task_checks", "task_grads",
                            "weights_t", "outputs_t", "balance", "packed", "packed_layout",
                            "inputs", "second_half"])
 # X: the (N, C) rows' raw bytes, (N, C * x_bytes) uint8, where x_bytes is

@@ -63,7 +63,7 @@ def task_gradient(grads, g_first, spare, work, net, t, nrows, inputs):
     # the batch (gradient_cut), the second half in spare from 0 (a block of
     # the same size) and added; inputs: the batch's input rows (B, C), as
     # the forward pass read them. A layer on AMX tiles sums all rows at once.
-    tasks = net.tasks
+    tasks = work.tasks
     if tasks[t, 1] == NO_TASK:
         return
     l = tasks[t, 0]
@@ -81,14 +81,14 @@ def task_gradient(grads, g_first, spare, work, net, t, nrows, inputs):
     rows_gradient(grads, g_first, tasks[t], dout[:h], inp[:h])
     if h < nrows:
         rows_gradient(spare, np.int64(0), tasks[t], dout[h:nrows], inp[h:nrows])
-        add_blocks(grads, g_first, grads, g_first, spare, np.int64(0), net, t, tasks[t, 4],
-                   tasks[t, 5])
+        add_blocks(grads, g_first, grads, g_first, spare, np.int64(0), net, tasks[t],
+                   tasks[t, 4], tasks[t, 5])
 
 
 @inline_kernel
 def rows_gradient(grads, g_first, task, dout, inp):
     # the sum over the rows of dout (R, fan_out) and inp (R, fan_in) of the
-    # gradient of a task's parameters (task: its row of net.tasks), into
+    # gradient of a task's parameters (task: its row of work.tasks), into
     # grads from g_first: its weight rows j0:j1 as a (j1 - j0, fan_in) block
     # (columns k0:k1 written), or its layer's biases
     R, fan_in = inp.shape
@@ -103,14 +103,13 @@ def rows_gradient(grads, g_first, task, dout, inp):
 
 
 @kernel
-def add_blocks(out, o_first, a, a_first, b, b_first, net, t, k0, k1):
-    # out = a + b over task t's block, each from its first value in
-    # rows_gradient's layout: its weight rows' columns k0:k1, or its biases
-    # (out may be a)
-    tasks = net.tasks
-    l = tasks[t, 0]
-    if tasks[t, 1] == WEIGHT_TASK:
-        rows = tasks[t, 3] - tasks[t, 2]
+def add_blocks(out, o_first, a, a_first, b, b_first, net, task, k0, k1):
+    # out = a + b over a task's block (task: its row of work.tasks), each
+    # from its first value in rows_gradient's layout: its weight rows'
+    # columns k0:k1, or its biases (out may be a)
+    l = task[0]
+    if task[1] == WEIGHT_TASK:
+        rows = task[3] - task[2]
         stride = net.sizes[l]
     else:
         rows = np.int64(1)
@@ -127,20 +126,20 @@ def add_blocks(out, o_first, a, a_first, b, b_first, net, t, k0, k1):
 
 
 @driver_kernel
-def task_update(weights_t, net, opt, t, grads, g_first, whole_rows):
+def task_update(work, net, opt, t, grads, g_first, whole_rows):
     # applies the optimizer to task t's parameters (its weight rows, or its
     # layer's biases) from their gradients in grads, laid out as
     # task_gradient writes them from g_first; with whole_rows, to every
     # column of its weight rows, not only its own; returns the update's
     # check sum (NaN when a new value is not finite)
-    tasks = net.tasks
+    tasks = work.tasks
     sizes = net.sizes
     params = net.params
     hyper = opt.hyper
     l = tasks[t, 0]
     if tasks[t, 1] == NO_TASK:
         return 0.0
-    first = task_first(net, t)
+    first = task_first(net, tasks[t])
     if tasks[t, 1] == WEIGHT_TASK:
         rows = tasks[t, 3] - tasks[t, 2]
         k0 = np.int64(0) if whole_rows else tasks[t, 4]
@@ -177,7 +176,7 @@ def task_update(weights_t, net, opt, t, grads, g_first, whole_rows):
             round_columns(view2d(net.operands, net.w_off, l, OC, C)[j0:tasks[t, 3]],
                           view2d(params, net.w_off, l, OC, C)[j0:tasks[t, 3]], k0, k1)
         if j0 < OCT:
-            transpose_weight_block(view2d(weights_t, net.wt_off, l, C, OCT),
+            transpose_weight_block(view2d(work.weights_t, net.wt_off, l, C, OCT),
                                    view2d(net.operands, net.w_off, l, OC, C), j0,
                                    min(tasks[t, 3], OCT), k0, k1)
     return check
@@ -356,39 +355,41 @@ def gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage
     halves = stage == TASKS_AFTER_HALVES
     B = work.labels.shape[0]
     shares = work.balance[GRADIENTS]
-    total = total_work(work.balance, net, parts, threads, own, halves)
+    tasks = work.tasks
+    total = total_work(work.balance, net, tasks, parts, threads, own, halves)
     fused = gradients and update
-    T = net.tasks.shape[0]
+    T = tasks.shape[0]
     grads = work.task_grads[part, 0] if fused else opt.grads
     spare = work.task_grads[part, 1]
     # (its own copy, read only by the tasks it owns: own_inputs)
     inputs = (work.inputs[part] if own
               else view2d(work.acts, work.act_off, np.int64(0), B, net.sizes[0]))
-    t0 = share_first_task(work.balance, net, total, part, parts, threads, own, halves)
-    t1 = share_first_task(work.balance, net, total, part + 1, parts, threads, own, halves)
+    t0 = share_first_task(work.balance, net, tasks, total, part, parts, threads, own, halves)
+    t1 = share_first_task(work.balance, net, tasks, total, part + 1, parts, threads, own,
+                          halves)
     done = np.int64(0)
     started = cycles()
     owned = np.int64(0)  # cycles of the owned tasks, not timed for the shares
     for t in range(T):
-        owner = task_owner(work.balance, net, t, parts, threads, own)
+        owner = task_owner(work.balance, net, tasks, t, parts, threads, own)
         if owner == part or (owner < 0 and t0 <= t < t1):
             owned_from = cycles() if owner >= 0 else np.int64(0)
             check = 0.0
             # (with halves, a later column piece is its rows' first piece's)
-            if net.tasks[t, 1] != NO_TASK and not (halves and net.tasks[t, 4] > 0):
-                first = task_first(net, t)
+            if tasks[t, 1] != NO_TASK and not (halves and tasks[t, 4] > 0):
+                first = task_first(net, tasks[t])
                 g_first = np.int64(0) if fused else first
                 if halves:
-                    add_blocks(grads, g_first, opt.grads, first, work.second_half, first, net, t,
-                               np.int64(0), net.sizes[net.tasks[t, 0]])
+                    add_blocks(grads, g_first, opt.grads, first, work.second_half, first, net,
+                               tasks[t], np.int64(0), net.sizes[tasks[t, 0]])
                 elif gradients:
                     task_gradient(grads, g_first, spare, work, net, t, nrows, inputs)
                 if update:
-                    check = task_update(work.weights_t, net, opt, t, grads, g_first, halves)
+                    check = task_update(work, net, opt, t, grads, g_first, halves)
             work.task_checks[t] = check
             if owner >= 0:
                 owned += cycles() - owned_from
             else:
-                done += task_work(net, t, halves)
+                done += task_work(net, tasks, t, halves)
     write_fp_control(fp_control)
     record(shares, part, started + owned, done)

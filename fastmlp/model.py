@@ -18,7 +18,7 @@ from .column_layers import own_inputs_shape
 from .forward_backward import (PLAN_WIDTH, region, region_plan, run_regions, transpose_weights,
                                transposed_layout, wide_scratch_values)
 from .gradients import gradients_update
-from .tasks import make_tasks, task_block_values
+from .tasks import make_tasks, sums_at_once, task_block_values
 from .validation import (
     check_activation,
     check_choice,
@@ -109,7 +109,11 @@ class Workspace:
         # and each thread's scratch for the outputs of wider ones, for dense_forward
         n_transposed = transposed_layout(layer_sizes)[1]
         threads = numba.config.NUMBA_NUM_THREADS
-        block = task_block_values(layer_sizes, amx) if backward else 0
+        # the gradient tasks of its batches (a first layer in whole rows where
+        # they are summed at once: tasks.make_tasks)
+        at_once = sums_at_once(batch_size, amx)
+        self.tasks = make_tasks(layer_sizes, at_once)
+        block = task_block_values(layer_sizes, at_once) if backward else 0
         wide = wide_scratch_values(layer_sizes)
         (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
         itemsize = np.dtype(dtype).itemsize
@@ -125,7 +129,7 @@ class Workspace:
             row_weights=np.zeros(batch_size, dtype),
             row_stats=np.zeros((batch_size, 2), np.float64),  # per-row loss, score
             target_scale=np.zeros(n_outputs, dtype),
-            task_checks=np.zeros(len(make_tasks(layer_sizes, amx)), np.float64),
+            tasks=self.tasks, task_checks=np.zeros(len(self.tasks), np.float64),
             task_grads=aligned_zeros(threads * 2 * block, dtype).reshape(threads, 2, block),
             weights_t=aligned_zeros(n_transposed, dtype),
             outputs_t=aligned_zeros(threads * wide, dtype).reshape(threads, wide),
@@ -209,11 +213,10 @@ class MLP:
         # params, or for bfloat16 a rounded copy that the kernels keep
         # current; and whether bfloat16 products run on packed operands (AMX
         # tiles or vdpbf16ps) in this process, with the weights packed for
-        # them (amx_layers.py), which the gradient tasks follow
+        # them (amx_layers.py)
         bfloat16 = self.precision == "bfloat16"
         self._operands = aligned_zeros(self.params.size, self.dtype) if bfloat16 else self.params
         self.amx = bfloat16 and amx_usable()
-        self._tasks = make_tasks(self.layer_sizes, self.amx)
         _, (layout, size) = amx_layouts(self.layer_sizes, 0, self.amx)
         self._packed_weights = aligned_zeros(size, packed_dtype(self.amx))
         self._packed_weights_layout = layout
@@ -224,7 +227,7 @@ class MLP:
         # weights and biases are views of params, operands params or a copy
         # made from them: rebuilt after unpickling
         state = dict(self.__dict__)
-        for key in ("weights", "biases", "_operands", "amx", "_tasks", "_packed_weights",
+        for key in ("weights", "biases", "_operands", "amx", "_packed_weights",
                     "_packed_weights_layout", "_idle_workspace", "_layout_views"):
             state.pop(key, None)
         return state
@@ -234,9 +237,10 @@ class MLP:
                            ("flat_targets", False)):
             state.setdefault(key, value)  # pickled by an earlier fastmlp
         # the layout of the transposed weights is this version's (the
-        # workspace is sized by it), not the pickling one's; so is the task
-        # list (_operand_buffers)
+        # workspace is sized by it), not the pickling one's; an earlier
+        # one's task list goes (each workspace makes its own)
         state["_wt_off"] = transposed_layout(state["layer_sizes"])[0]
+        state.pop("_tasks", None)
         state.setdefault("precision", state["dtype"].name)
         self.__dict__.update(state)
         self.params = aligned_copy(self.params)
@@ -317,11 +321,10 @@ class MLP:
         views = self.__dict__.get("_layout_views")
         if views is None:  # made once: the layout does not change
             views = self._layout_views = tuple(read_only(a) for a in (
-                self._sizes, self.w_off, self.b_off, self._wt_off, self._tasks,
-                self._packed_weights_layout))
-        return Network(self.params, *views[:5], self.activation_code, HEADS[self.output],
+                self._sizes, self.w_off, self.b_off, self._wt_off, self._packed_weights_layout))
+        return Network(self.params, *views[:4], self.activation_code, HEADS[self.output],
                        self._operands, self.precision == "bfloat16", self.amx,
-                       self._packed_weights, views[5])
+                       self._packed_weights, views[4])
 
     def __repr__(self):
         return (f"MLP({list(self.layer_sizes)}, activation={self.activation!r}, "

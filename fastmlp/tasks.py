@@ -2,12 +2,12 @@
 each task costs, and which part of a parallel region runs it.
 
 A task is a block of one layer's weight rows and columns, or one layer's
-biases. The list depends on the layer sizes (and whether the model
-multiplies on packed bfloat16 products) only, never on the thread count,
-and which thread runs a task never changes its result: the weights
-of a column layer go to the part that computes their outputs forward
-(task_owner), and the parts share the other tasks out by their measured
-speed (share_first_task).
+biases. The list depends on the layer sizes and on whether a batch's
+gradients are summed at once (make_tasks' whole_rows: each workspace has
+its own list, Work.tasks), never on the thread count, and which thread runs
+a task never changes its result: the weights of a column layer go to the
+part that computes their outputs forward (task_owner), and the parts share
+the other tasks out by their measured speed (share_first_task).
 """
 import functools
 
@@ -16,7 +16,7 @@ import numpy as np
 from .balance import COLUMN_LAYERS, GRADIENTS, share_point
 from .column_layers import column_cut, column_layer
 from .jit import kernel
-from .kernels import BLOCK_COLUMNS, transposed_outputs, wide_layer
+from .kernels import BLOCK_COLUMNS, MAX_SUM_ROWS, transposed_outputs, wide_layer
 
 
 # A task of gradients_update covers about this many parameters.
@@ -32,33 +32,44 @@ WIDE_TASK_ROWS = 32
 # COLUMN_PIECES too
 FEW_ROW_GROUPS = 32
 COLUMN_PIECES = 2
-# ... unless it multiplies on packed bfloat16 products (amx_layers.py) and
-# has at least this many outputs: whole rows in tasks of 16 (the packed
-# products' strips), as many as the threads need to share them evenly. Its
-# tasks sum all rows of the batch at once, so a piece's task also updates
-# its piece of each row, and the thread updating its row segments after
-# the other thread took 2.7-3.7x as long as alone: the stream each core's
-# prefetcher follows runs into the other's segments (784-100-10 bfloat16,
-# Adam, batch 200, Zen 4: 26-36 us against 10 an update of 48-52 x 400
-# weights; the step 0.95 of the time in 16-row tasks, measured).
-PACKED_WHOLE_ROWS = 96
+# ... unless its batches are summed at once and it has at least this many
+# outputs: whole rows in tasks of 16 (also the strips of packed bfloat16
+# products, which sum every batch at once: amx_layers.py), as many as the
+# threads need to share them evenly. Summed at once, a piece's task also
+# updates its piece of each row, and the thread updating its row segments
+# after the other thread took 2.7-3.7x as long as alone: the stream each
+# core's prefetcher follows runs into the other's segments (784-100-10
+# bfloat16 on vdpbf16ps, Adam, batch 200, Zen 4: 26-36 us against 10 an
+# update of 48-52 x 400 weights; the step 0.95 of the time in 16-row tasks;
+# float32 at batch 128 0.91). A batch summed in halves is updated in whole
+# rows anyway (gradients.py), and there the pieces keep their edge
+# (784-100-10 float32, Adam, batch 200: whole rows 1.03x slower, measured).
+WHOLE_ROWS_MIN_OUTPUTS = 96
 WEIGHT_TASK = 0
 BIAS_TASK = 1
 NO_TASK = 2  # pads the task list (see make_tasks)
 
 
-def make_tasks(layer_sizes, packed=False):
+def make_tasks(layer_sizes, whole_rows=False):
     """(layer, kind, j0, j1, k0, k1) rows: blocks [j0, j1) x [k0, k1) of the
-    (fan_out, fan_in) weight matrices, then one bias task per layer, for a
-    model that multiplies on packed bfloat16 products if `packed`
-    (Network.amx). Depends on those only, never on the thread count. (A
-    fresh, writable copy: a read-only array would be another type to the
-    kernels.)"""
-    return task_list(tuple(int(size) for size in layer_sizes), bool(packed)).copy()
+    (fan_out, fan_in) weight matrices, then one bias task per layer. With
+    whole_rows (for batches whose gradients are summed at once: see
+    sums_at_once), a first layer of WHOLE_ROWS_MIN_OUTPUTS outputs or more
+    takes whole rows, not column pieces. Depends on those only, never on
+    the thread count. (A fresh, writable copy: a read-only array would be
+    another type to the kernels.)"""
+    return task_list(tuple(int(size) for size in layer_sizes), bool(whole_rows)).copy()
+
+
+def sums_at_once(batch_size, amx):
+    """Whether a workspace of batch_size rows sums each batch's gradients at
+    once (gradients.gradient_cut; packed bfloat16 products always do): its
+    tasks then take whole rows (make_tasks)."""
+    return amx or batch_size <= MAX_SUM_ROWS
 
 
 @functools.lru_cache(maxsize=64)
-def task_list(layer_sizes, packed):
+def task_list(layer_sizes, whole_rows):
     # make_tasks's list, built once per process and shape (0.12 ms a fit
     # for a small network, twice a fit)
     tasks = []
@@ -89,7 +100,7 @@ def task_list(layer_sizes, packed):
         pieces = (max(1, min(COLUMN_PIECES, blocks))
                   if layer == 0 and not wide_layer(fan_out)
                   and -(-fan_out // rows) < FEW_ROW_GROUPS
-                  and not (packed and fan_out >= PACKED_WHOLE_ROWS) else 1)
+                  and not (whole_rows and fan_out >= WHOLE_ROWS_MIN_OUTPUTS) else 1)
         cuts = [piece * blocks // pieces * BLOCK_COLUMNS for piece in range(pieces)] + [fan_in]
         if pieces > 1:
             # Then each piece's rows go in as few tasks as its bins take, cut
@@ -149,22 +160,22 @@ def task_cost(task):
 
 
 @kernel
-def task_first(net, t):
-    # where task t's parameters start in the flat vector: its first weight
-    # row, or its layer's biases
-    l = net.tasks[t, 0]
-    if net.tasks[t, 1] == WEIGHT_TASK:
-        return net.w_off[l] + net.tasks[t, 2] * net.sizes[l]
+def task_first(net, task):
+    # where a task's parameters start in the flat vector (task: its row of
+    # the task list): its first weight row, or its layer's biases
+    l = task[0]
+    if task[1] == WEIGHT_TASK:
+        return net.w_off[l] + task[2] * net.sizes[l]
     return net.b_off[l]
 
 
-def task_block_values(layer_sizes, packed=False):
+def task_block_values(layer_sizes, whole_rows=False):
     """Values of the largest gradient block of a task (its weight rows
     times fan_in, or a layer's biases; make_tasks' list), rounded up to a
     multiple of 16 (a float32 cache line): the scratch each thread computes
     a task's gradient into (Work.task_grads)."""
     largest = 0
-    for layer, kind, j0, j1, _, _ in make_tasks(layer_sizes, packed):
+    for layer, kind, j0, j1, _, _ in make_tasks(layer_sizes, whole_rows):
         if kind == WEIGHT_TASK:
             largest = max(largest, (j1 - j0) * layer_sizes[layer])
         elif kind == BIAS_TASK:
@@ -173,14 +184,13 @@ def task_block_values(layer_sizes, packed=False):
 
 
 @kernel
-def task_work(net, t, halves):
+def task_work(net, tasks, t, halves):
     # a task's estimated cost, in compiled code: the weights it computes (a
     # bias task sums a batch of deltas per bias: cheap; task_cost, which
     # deals the tasks into bins, counts it as nothing). With halves (the
     # update of gradients summed by halves: part_halves), a weight task
     # stands for every column of its rows (gradients_region), and the rows'
     # other column pieces for nothing.
-    tasks = net.tasks
     if tasks[t, 1] == WEIGHT_TASK:
         if halves:
             return 0 if tasks[t, 4] > 0 else (tasks[t, 3] - tasks[t, 2]) * net.sizes[tasks[t, 0]]
@@ -191,13 +201,12 @@ def task_work(net, t, halves):
 
 
 @kernel
-def task_owner(balance, net, t, parts, threads, own):
+def task_owner(balance, net, tasks, t, parts, threads, own):
     # the part that runs task t whatever the tasks' shares: for the weights
     # of a column layer, the part that computes their outputs forward as
     # balance's column shares cut them now, by the task's middle row (W1's
     # tasks of rows 0:24 and 24:50 go to the parts of outputs 0:25 and
     # 25:50); -1 for every other task
-    tasks = net.tasks
     l = tasks[t, 0]
     if tasks[t, 1] != WEIGHT_TASK or not column_layer(net, l, threads, own):
         return -1
@@ -210,35 +219,35 @@ def task_owner(balance, net, t, parts, threads, own):
 
 
 @kernel
-def shared_work(balance, net, t, parts, threads, own, halves):
+def shared_work(balance, net, tasks, t, parts, threads, own, halves):
     # task_work of a task the parts share out by speed (0 for one that has
     # its owner)
-    return (task_work(net, t, halves)
-            if task_owner(balance, net, t, parts, threads, own) < 0 else 0)
+    return (task_work(net, tasks, t, halves)
+            if task_owner(balance, net, tasks, t, parts, threads, own) < 0 else 0)
 
 
 @kernel
-def total_work(balance, net, parts, threads, own, halves):
+def total_work(balance, net, tasks, parts, threads, own, halves):
     # the estimated cost of the tasks shared out by speed
     total = 0
-    for t in range(net.tasks.shape[0]):
-        total += shared_work(balance, net, t, parts, threads, own, halves)
+    for t in range(tasks.shape[0]):
+        total += shared_work(balance, net, tasks, t, parts, threads, own, halves)
     return total
 
 
 @kernel
-def share_first_task(balance, net, total, part, parts, threads, own, halves):
+def share_first_task(balance, net, tasks, total, part, parts, threads, own, halves):
     # the first task of part `part`'s share of the task list (the list's
     # length for part = parts): the first whose cost midpoint lies at or
     # past the part's point on the cumulative cost of the shared tasks (of
     # `total` in all)
-    T = net.tasks.shape[0]
+    T = tasks.shape[0]
     if part >= parts:
         return T
     point = share_point(balance[GRADIENTS], part, parts) * total
     before = 0
     for t in range(T):
-        cost = shared_work(balance, net, t, parts, threads, own, halves)
+        cost = shared_work(balance, net, tasks, t, parts, threads, own, halves)
         if before + 0.5 * cost >= point:
             return t
         before += cost

@@ -123,16 +123,17 @@ def test_wide_layers_are_column_layers_off_packed_products(dtype, monkeypatch):
 def test_tasks_are_cut_into_contiguous_shares_by_cost(speeds, sizes, halves):
     model, _, _ = random_problem(sizes, 8, "relu", np.float32, seed=0)
     net = model.network()
+    tasks = make_tasks(sizes)
     parts = len(speeds)
     balance = balance_with(GRADIENTS, speeds)
-    firsts = [share_first_task(balance, net, total_work(balance, net, parts, 1, False, halves),
-                               p, parts, 1, False, halves)
+    total = total_work(balance, net, tasks, parts, 1, False, halves)
+    firsts = [share_first_task(balance, net, tasks, total, p, parts, 1, False, halves)
               for p in range(parts + 1)]
-    assert firsts[0] == 0 and firsts[-1] == len(make_tasks(sizes))
+    assert firsts[0] == 0 and firsts[-1] == len(tasks)
     assert firsts == sorted(firsts)
     if min(speeds) > 0:
         # each cut lies within half a task of its ideal point
-        costs = np.array([task_work(net, t, halves) for t in range(len(net.tasks))])
+        costs = np.array([task_work(net, tasks, t, halves) for t in range(len(tasks))])
         done = np.array([costs[a:b].sum() for a, b in zip(firsts[:-1], firsts[1:])])
         weights = np.clip(np.array(speeds) * parts / sum(speeds), MIN_SHARE, 1 / MIN_SHARE)
         want = costs.sum() * weights / weights.sum()
@@ -169,36 +170,37 @@ def test_column_layers_weights_go_to_the_thread_that_computes_their_outputs(
     model, _, _ = random_problem(sizes, 8, "relu", np.float32, seed=0)
     net = model.network()
     work = Workspace(sizes, batch, np.float32, input_bytes=input_bytes).work
+    tasks = work.tasks
     parts = len(speeds)
     threads = max(2, parts)
-    T = len(net.tasks)
+    T = len(tasks)
     own = own_inputs(work, net, threads)
     # (column layers cut by the speeds too)
     balance = balance_with(GRADIENTS, speeds)
     balance[COLUMN_LAYERS] = balance[GRADIENTS]
-    owners = [task_owner(balance, net, t, parts, threads, own) for t in range(T)]
-    for t, (layer, kind, j0, j1, _, _) in enumerate(net.tasks):
+    owners = [task_owner(balance, net, tasks, t, parts, threads, own) for t in range(T)]
+    for t, (layer, kind, j0, j1, _, _) in enumerate(tasks):
         if kind == WEIGHT_TASK and column_layer(net, layer, threads, own):
             OC = sizes[layer + 1]
             middle = (j0 + j1 - 1) // 2
             assert (column_cut(balance[COLUMN_LAYERS], OC, owners[t], parts) <= middle
                     < column_cut(balance[COLUMN_LAYERS], OC, owners[t] + 1, parts))
-            assert task_work(net, t, False) > 0
+            assert task_work(net, tasks, t, False) > 0
         else:
             assert owners[t] == -1
     assert [column_layer(net, l, threads, own) for l in range(len(sizes) - 1)] == expected
-    total = total_work(balance, net, parts, threads, own, halves)
-    firsts = [share_first_task(balance, net, total, p, parts, threads, own, halves)
+    total = total_work(balance, net, tasks, parts, threads, own, halves)
+    firsts = [share_first_task(balance, net, tasks, total, p, parts, threads, own, halves)
               for p in range(parts + 1)]
     assert firsts[0] == 0 and firsts[-1] == T and firsts == sorted(firsts)
     shared = [t for t in range(T) if owners[t] < 0]
-    assert total == sum(task_work(net, t, halves) for t in shared) > 0
+    assert total == sum(task_work(net, tasks, t, halves) for t in shared) > 0
     # what each part runs (gradients_update): its own tasks and its share
     runs = [t for p in range(parts) for t in range(T)
             if owners[t] == p or (owners[t] < 0 and firsts[p] <= t < firsts[p + 1])]
     assert sorted(runs) == list(range(T))
     # on one thread nothing is owned: every task is shared out
-    assert all(task_owner(balance, net, t, 1, 1, own_inputs(work, net, 1)) == -1
+    assert all(task_owner(balance, net, tasks, t, 1, 1, own_inputs(work, net, 1)) == -1
                for t in range(T))
 
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from copy import deepcopy
 
 import joblib
 import numba
@@ -25,7 +26,7 @@ from fastmlp.forward_backward import forward_backward, region, region_plan
 from fastmlp.gradients import gradients_region, gradients_update
 from fastmlp.step import RESULT_WORDS, fused_steps, train_steps
 from fastmlp.tasks import (BIAS_TASK, NO_TASK, TASK_GROUPS, WEIGHT_TASK, WIDE_TASK_ROWS,
-                           make_tasks, task_block_values, task_cost, task_first)
+                           make_tasks, sums_at_once, task_block_values, task_cost, task_first)
 from fastmlp.sync import ABORTED, START, SYNC_WORDS
 
 from conftest import random_problem, reference_copy, relative_error
@@ -549,23 +550,60 @@ def test_a_first_layer_in_column_pieces_deals_its_tasks_into_balanced_bins(sizes
 
 
 @pytest.mark.parametrize("sizes", [[784, 100, 10], [784, 128, 64, 10], [256, 200, 10]])
-def test_a_packed_first_layer_of_96_outputs_takes_whole_rows_in_tasks_of_16(sizes):
-    """On packed bfloat16 products a first layer of PACKED_WHOLE_ROWS
-    outputs or more has no column pieces: tasks of 16 whole rows (the last
-    one what is left), in the parameters' order. Narrower ones, and every
-    model off packed products, keep their pieces."""
+def test_a_first_layer_of_96_outputs_summed_at_once_takes_whole_rows_in_tasks_of_16(sizes):
+    """Where a batch's gradients are summed at once (128 rows or fewer, or
+    any batch on packed bfloat16 products), a first layer of
+    WHOLE_ROWS_MIN_OUTPUTS outputs or more has no column pieces: tasks of
+    16 whole rows (the last one what is left), in the parameters' order.
+    Narrower ones, and batches summed in halves, keep their pieces. Each
+    workspace takes the list of its batches."""
     assert len(column_pieces(make_tasks(sizes))[0]) == 2
-    tasks = make_tasks(sizes, packed=True)
+    tasks = make_tasks(sizes, whole_rows=True)
     assert all(len(cuts) == 1 for cuts in column_pieces(tasks).values())
     rows = [(j0, j1) for layer, kind, j0, j1, k0, k1 in tasks if layer == 0 and kind == WEIGHT_TASK]
     assert rows == [(j, min(j + 16, sizes[1])) for j in range(0, sizes[1], 16)]
     assert NO_TASK not in tasks[:, 1]
-    assert task_block_values(sizes, packed=True) == 16 * sizes[0]
-    assert len(column_pieces(make_tasks([784, 50, 10], packed=True))[0]) == 2
-    # a model takes the list of the products it runs on
-    for dtype in ("bfloat16", "float32"):
-        model = fastmlp.MLP(sizes, dtype=dtype)
-        assert np.array_equal(model.network().tasks, make_tasks(sizes, packed=model.amx))
+    assert task_block_values(sizes, whole_rows=True) == 16 * sizes[0]
+    assert len(column_pieces(make_tasks([784, 50, 10], whole_rows=True))[0]) == 2
+    for batch, amx, whole_rows in ((128, False, True), (129, False, False), (200, True, True)):
+        assert sums_at_once(batch, amx) == whole_rows
+        work = Workspace(sizes, batch, np.float32, amx=amx).work
+        assert np.array_equal(work.tasks, make_tasks(sizes, whole_rows))
+        assert work.task_checks.shape == (len(work.tasks),)
+        assert work.task_grads.shape[2] == task_block_values(sizes, whole_rows)
+
+
+@pytest.mark.parametrize("batch", [100, 128, 200])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_whole_row_tasks_train_exactly_as_column_pieces(batch, dtype):
+    """Which tasks a workspace cuts its gradients into changes no value: a
+    fit on whole-row tasks gives the parameters a fit on column pieces
+    gives, bit for bit, on 1 and 2 threads."""
+    model, X, y = random_problem([256, 100, 10], 400, "relu", dtype, seed=6)
+    results = {}
+    previous = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            for whole_rows in (False, True):
+                trained = deepcopy(model)
+                asked = []
+
+                def forced(batch_size, amx):
+                    asked.append(batch_size)
+                    return whole_rows
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(fastmlp.model, "sums_at_once", forced)
+                    fastmlp.fit(trained, X, y, epochs=2, batch_size=batch, optimizer="adam",
+                                lr=0.01, seed=0)
+                assert batch in asked  # the fit's workspace took the list forced
+                results[threads, whole_rows] = trained.params
+    finally:
+        numba.set_num_threads(previous)
+    first = results[1, False]
+    assert not np.array_equal(first, model.params)
+    for params in results.values():
+        assert np.array_equal(params, first)
 
 
 @pytest.mark.parametrize("sizes", [[784, 512, 512, 10], [130, 300, 20], [64, 1024, 10]])
@@ -592,14 +630,16 @@ def test_tasks_without_column_pieces_follow_the_parameters_order(sizes):
     vector (hidden layers of 128 inputs are not cut in column pieces)."""
     model = fastmlp.MLP(sizes, output="linear", seed=0)
     net = model.network()
-    assert all(len(cuts) == 1 for cuts in column_pieces(net.tasks).values())
-    end = 0
-    for t, (layer, kind, j0, j1, k0, k1) in enumerate(net.tasks):
-        assert kind != NO_TASK
-        assert task_first(net, t) == end
-        end = task_first(net, t) + ((j1 - j0) * sizes[layer] if kind == WEIGHT_TASK
-                                    else sizes[layer + 1])
-    assert end == model.params.size
+    for whole_rows in (False, True):
+        tasks = make_tasks(sizes, whole_rows)
+        assert all(len(cuts) == 1 for cuts in column_pieces(tasks).values())
+        end = 0
+        for layer, kind, j0, j1, k0, k1 in tasks:
+            assert kind != NO_TASK
+            first = task_first(net, np.array([layer, kind, j0, j1, k0, k1]))
+            assert first == end
+            end = first + ((j1 - j0) * sizes[layer] if kind == WEIGHT_TASK else sizes[layer + 1])
+        assert end == model.params.size
 
 
 def test_update_tasks_keep_the_transposed_weights_current():
