@@ -12,7 +12,7 @@ from .amx import usable as amx_usable
 from .amx_layers import layouts as amx_layouts, packed_dtype
 from .buffers import Network, Work, make_data, read_only
 from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, score, target_scale
-from .kernels import ACTIVATIONS, MAX_SUM_ROWS
+from .kernels import ACTIVATIONS
 from .optimizers import gradients_only
 from .column_layers import own_inputs_shape
 from .forward_backward import (PLAN_WIDTH, region, region_plan, run_regions, transpose_weights,
@@ -117,8 +117,9 @@ class Workspace:
         wide = wide_scratch_values(layer_sizes)
         (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
         itemsize = np.dtype(dtype).itemsize
-        # (gradients.gradient_cut: batches of more rows are summed in two halves)
-        halves = backward and batch_size > MAX_SUM_ROWS
+        # (gradients.gradient_cut: batches of more rows are summed in two
+        # halves, but on packed products, which sum every batch at once)
+        halves = backward and not at_once
         n_params = parameter_layout(layer_sizes)[2]
         inputs_shape = own_inputs_shape(layer_sizes, batch_size, threads, itemsize,
                                         itemsize if input_bytes is None else input_bytes, amx)

@@ -556,7 +556,8 @@ def test_a_first_layer_of_96_outputs_summed_at_once_takes_whole_rows_in_tasks_of
     WHOLE_ROWS_MIN_OUTPUTS outputs or more has no column pieces: tasks of
     16 whole rows (the last one what is left), in the parameters' order.
     Narrower ones, and batches summed in halves, keep their pieces. Each
-    workspace takes the list of its batches."""
+    workspace takes the list of its batches, and keeps a second half's
+    gradients only where it sums them in halves."""
     assert len(column_pieces(make_tasks(sizes))[0]) == 2
     tasks = make_tasks(sizes, whole_rows=True)
     assert all(len(cuts) == 1 for cuts in column_pieces(tasks).values())
@@ -571,6 +572,8 @@ def test_a_first_layer_of_96_outputs_summed_at_once_takes_whole_rows_in_tasks_of
         assert np.array_equal(work.tasks, make_tasks(sizes, whole_rows))
         assert work.task_checks.shape == (len(work.tasks),)
         assert work.task_grads.shape[2] == task_block_values(sizes, whole_rows)
+        # the second half's gradients only where batches are summed in halves
+        assert (work.second_half.size > 0) == (not whole_rows)
 
 
 @pytest.mark.parametrize("batch", [100, 128, 200])
