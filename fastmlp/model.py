@@ -112,7 +112,7 @@ class Workspace:
         # the gradient tasks of its batches (a first layer in whole rows where
         # they are summed at once: tasks.make_tasks)
         at_once = sums_at_once(batch_size, amx)
-        self.tasks = make_tasks(layer_sizes, at_once)
+        tasks = make_tasks(layer_sizes, at_once)
         block = task_block_values(layer_sizes, at_once) if backward else 0
         wide = wide_scratch_values(layer_sizes)
         (packed_layout, packed_size), _ = amx_layouts(layer_sizes, batch_size, amx)
@@ -130,7 +130,7 @@ class Workspace:
             row_weights=np.zeros(batch_size, dtype),
             row_stats=np.zeros((batch_size, 2), np.float64),  # per-row loss, score
             target_scale=np.zeros(n_outputs, dtype),
-            tasks=self.tasks, task_checks=np.zeros(len(self.tasks), np.float64),
+            tasks=tasks, task_checks=np.zeros(len(tasks), np.float64),
             task_grads=aligned_zeros(threads * 2 * block, dtype).reshape(threads, 2, block),
             weights_t=aligned_zeros(n_transposed, dtype),
             outputs_t=aligned_zeros(threads * wide, dtype).reshape(threads, wide),
