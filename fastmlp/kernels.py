@@ -236,8 +236,10 @@ def activation_derivative(a, activation):
 
 @driver_kernel
 def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16, r0, r1, j0, j1):
-    # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is (C, OCT)
-    # holding weight[:OCT].T or (C, 0) for a wide layer, outputs_t is this
+    # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is
+    # (OCT / BLOCK_COLUMNS, C, BLOCK_COLUMNS), panel p holding
+    # weight[p * BLOCK_COLUMNS:][:BLOCK_COLUMNS].T (transposed_panels), or
+    # (0, C, BLOCK_COLUMNS) for a wide layer, outputs_t is this
     # thread's scratch for a wide layer's transposed outputs (at least
     # OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a multiple of 16 below
     # OCT, or any output past it (column_layers.column_cut)
@@ -246,7 +248,7 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # Outputs 0:OCT (OCT = transposed_outputs(OC), whole blocks of
     # BLOCK_COLUMNS) come from rows_times_matrix's register blocks (about
     # 1.5x the rate of the dot products below, measured): as rows of inp
-    # times weight_t, or in a wide layer (wide_layer) as their transpose,
+    # times weight_t's panels, or in a wide layer (wide_layer) as their transpose,
     # rows of weight times a panel of inp.T (wide_forward). Both compute
     # each output as the same chain of multiply-adds, so which one a layer
     # takes changes no value. The rest are dot products along the long,
@@ -266,7 +268,10 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
                 wide_forward(out, inp, weight, outputs_t, b0, min(r1, b0 + BLOCK_COLUMNS), j0,
                              blocked)
         else:
-            rows_times_matrix(out, inp[:, ::1], weight_t, r0, r1, C, j0, blocked, C)
+            for p in range(j0 // BLOCK_COLUMNS, -(-blocked // BLOCK_COLUMNS)):
+                c0 = p * BLOCK_COLUMNS
+                rows_times_matrix(out, inp[:, ::1], weight_t[p], r0, r1, C, max(j0 - c0, 0),
+                                  min(blocked - c0, BLOCK_COLUMNS), C, c0)
     for b in range(r0, r1, 4):
         for j in range(max(j0, OCT), j1, DOT_OUTPUTS):
             dot_tile(out, inp, weight, b, min(4, r1 - b), j, min(DOT_OUTPUTS, j1 - j))
@@ -381,6 +386,31 @@ def transpose_weight_block(weight_t, weight, j0, j1, k0, k1):
 
 
 @kernel
+def transposed_panels(flat, start, C, OCT):
+    # flat[start:start + C * OCT] seen as dense_forward's transposed weights:
+    # OCT / BLOCK_COLUMNS panels of (C, BLOCK_COLUMNS), panel p the
+    # transpose of weight rows p * BLOCK_COLUMNS onwards. Each block of
+    # outputs is contiguous, so a thread that computes and updates one block
+    # (a column layer: column_layers.py) touches no cache line of another's.
+    # With one (C, OCT) matrix, each 512-byte row held both threads' blocks
+    # of 784-128-10 (batch 32, Adam, 2 threads on Zen 4), and the update of
+    # each 16-row task's transposed block took 8-9.5 us against 5.3-6 in
+    # panels: the prefetchers pull the other block's lines into each core.
+    return flat[start:start + C * OCT].reshape((OCT // BLOCK_COLUMNS, C, BLOCK_COLUMNS))
+
+
+@kernel
+def transpose_to_panels(panels, weight, j0, j1, k0, k1):
+    # panels is (OCT / BLOCK_COLUMNS, C, BLOCK_COLUMNS), weight is (OC, C);
+    # j0, j1 multiples of 16 (transposed_panels)
+    # transpose_weight_block of weight[j0:j1, k0:k1] into each panel it covers
+    for p in range(j0 // BLOCK_COLUMNS, -(-j1 // BLOCK_COLUMNS)):
+        c0 = p * BLOCK_COLUMNS
+        transpose_weight_block(panels[p], weight[c0:], max(j0 - c0, 0),
+                               min(j1 - c0, BLOCK_COLUMNS), k0, k1)
+
+
+@kernel
 def round_columns(out, src, k0, k1):
     # out and src are (OC, C)
     # out[:, k0:k1] = src[:, k0:k1] rounded to bfloat16: the weights' copy
@@ -411,7 +441,7 @@ def dense_backward_input(dinp, dout, weight, inp, activation, bf16, r0, r1, k0, 
     single = weight.shape[0] == 1
     if not single:
         rows_times_matrix(dinp, dout[:, ::1], weight, r0, r1, weight.shape[0], k0, k1,
-                          weight.shape[0])
+                          weight.shape[0], np.int64(0))
     w = weight[0]
     for b in range(r0, r1):
         g = dinp[b]
@@ -464,7 +494,7 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # scalars.)
     if nrows > MAX_SUM_ROWS or k1 - k0 < PACKED_DELTAS_MIN_COLUMNS or not few_sets(dout):
         rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
-                          np.int64(MAX_SUM_ROWS))
+                          np.int64(MAX_SUM_ROWS), np.int64(0))
         return
     packed = carray(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
     chunk = PACK_VALUES // max(nrows, 1) // 4 * 4
@@ -476,7 +506,7 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
             for i in range(c1 - c0):
                 coef[i, t] = row[i]
         rows_times_matrix(dweight[c0:c1], coef[:, ::1], inp, np.int64(0), c1 - c0, nrows, k0,
-                          k1, np.int64(MAX_SUM_ROWS))
+                          k1, np.int64(MAX_SUM_ROWS), np.int64(0))
 
 
 @kernel
@@ -583,9 +613,10 @@ def source_panel(packed, src, t0, t1, k, width, pack):
 
 
 @kernel
-def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
-    # out is (R, C), coef is (R, T), src is (T, C)
-    # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1], both backward
+def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col):
+    # out is (R, out_col + C), coef is (R, T), src is (T, C)
+    # out[r0:r1, out_col + k0:out_col + k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1]
+    # (out_col: where src's columns start in out's), both backward
     # products and the forward one from transposed weights (k0 a multiple of
     # 16, or 0): each output row is a sum of source rows, all
     # contiguous along C. Groups of 4 output rows (the last group may have
@@ -622,18 +653,18 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows):
             t1 = min(nt, t0 + step)
             panel = source_panel(packed, src, t0, t1, k, np.int64(BLOCK_COLUMNS), pack)
             for r in range(r0, r1, 4):
-                block_multiply_add(out[:, k:], coef[:, t0:t1], panel, r, min(4, r1 - r),
-                                   0, t1 - t0, t0 > 0, BLOCK_COLUMNS)
+                block_multiply_add(out[:, out_col + k:], coef[:, t0:t1], panel, r,
+                                   min(4, r1 - r), 0, t1 - t0, t0 > 0, BLOCK_COLUMNS)
     if narrow > blocked:  # 16, 32 or 48 columns: one block, as wide as they are
         rest = narrow - blocked
         for t0 in range(0, max(nt, 1), step):  # once when nt is 0: zeros
             t1 = min(nt, t0 + step)
             panel = source_panel(packed, src, t0, t1, blocked, rest, pack)
             for r in range(r0, r1, 4):
-                narrow_block(out[:, blocked:], coef[:, t0:t1], panel, r, min(4, r1 - r),
+                narrow_block(out[:, out_col + blocked:], coef[:, t0:t1], panel, r, min(4, r1 - r),
                              t1 - t0, t0 > 0, rest)
     if narrow < k1:
-        tail_columns(out, coef, src, packed, r0, r1, nt, narrow, k1)
+        tail_columns(out, coef, src, packed, r0, r1, nt, narrow, k1, out_col)
 
 
 @kernel
@@ -668,8 +699,8 @@ def padded_panel(packed, src, t0, t1, k0, k1):
 
 
 @kernel
-def tail_columns(out, coef, src, packed, r0, r1, nt, k0, k1):
-    # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1] for the last
+def tail_columns(out, coef, src, packed, r0, r1, nt, k0, k1, out_col):
+    # out[r0:r1, out_col + k0:out_col + k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1] for the last
     # k1 - k0 < NARROW_COLUMNS columns: the same register block as the
     # others, on a source panel padded with zero columns to NARROW_COLUMNS,
     # into a tile on the stack whose first k1 - k0 columns are then copied
@@ -688,12 +719,12 @@ def tail_columns(out, coef, src, packed, r0, r1, nt, k0, k1):
             if t0 > 0:
                 for i in range(rows):
                     for c in range(width):
-                        tile[i, c] = out[r + i, k0 + c]
+                        tile[i, c] = out[r + i, out_col + k0 + c]
             block_multiply_add(tile, coef[r:, t0:t1], panel, 0, rows, 0, t1 - t0,
                                True, NARROW_COLUMNS)
             for i in range(rows):
                 for c in range(width):
-                    out[r + i, k0 + c] = tile[i, c]
+                    out[r + i, out_col + k0 + c] = tile[i, c]
 
 
 @kernel

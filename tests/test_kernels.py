@@ -71,6 +71,19 @@ def test_forward_loss_gradients_match_oracle(sizes, n, activation, dtype):
 
 # --- single kernels on row ranges, against plain NumPy ----------------------
 
+def transposed_panels(weight):
+    """dense_forward's transposed weights for weight (OC, C): panels of
+    BLOCK_COLUMNS outputs, each its block of weight transposed, as
+    transpose_to_panels writes them (nothing for a wide layer)."""
+    OC, C = weight.shape
+    width = kernels.BLOCK_COLUMNS
+    panels = np.full((kernels.kept_transposed(OC) // width, C, width), 7.0, weight.dtype)
+    kernels.transpose_to_panels(panels, weight, 0, panels.shape[0] * width, 0, C)
+    for p in range(panels.shape[0]):
+        assert np.array_equal(panels[p], weight[p * width:(p + 1) * width].T)
+    return panels
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
 @pytest.mark.parametrize("C,OC,r0,r1", [(1, 1, 0, 1), (13, 5, 2, 9), (64, 10, 0, 64), (7, 9, 3, 4),
                                         (9, 64, 0, 8), (70, 133, 1, 10), (3, 128, 4, 5),
@@ -87,9 +100,7 @@ def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
     OCT = kernels.transposed_outputs(OC)
     assert OCT == OC // 64 * 64
     assert kernels.wide_layer(OC) == (OCT >= 256)
-    weight_t = np.full((C, kernels.kept_transposed(OC)), 7.0)
-    kernels.transpose_weight_block(weight_t, weight, 0, weight_t.shape[1], 0, C)
-    assert (weight_t == weight[:weight_t.shape[1]].T).all()
+    weight_t = transposed_panels(weight)
     outputs_t = np.full(OCT * kernels.BLOCK_COLUMNS, np.nan)
     kernels.dense_forward(out, inp, weight, weight_t, outputs_t, bias, code, False, r0, r1, 0, OC)
     z = inp[r0:r1] @ weight.T + bias
@@ -113,11 +124,11 @@ def test_wide_forward_equals_the_transposed_weights_path(dtype, C, OC, r0, r1, r
     inp = rng.standard_normal((r1 + 3, C)).astype(dtype)
     weight = rng.standard_normal((OC, C)).astype(dtype)
     wide = np.full((r1 + 3, OC), 7.0, dtype)
-    kernels.dense_forward(wide, inp, weight, np.zeros((C, 0), dtype),
+    kernels.dense_forward(wide, inp, weight, transposed_panels(weight),
                           np.full(OCT * kernels.BLOCK_COLUMNS, np.nan, dtype),
                           np.zeros(OC, dtype), IDENTITY, False, r0, r1, 0, OC)
     transposed = np.full((r1 + 3, OC), 7.0, dtype)
-    kernels.rows_times_matrix(transposed, inp, weight[:OCT].T.copy(), r0, r1, C, 0, OCT, C)
+    kernels.rows_times_matrix(transposed, inp, weight[:OCT].T.copy(), r0, r1, C, 0, OCT, C, 0)
     assert np.array_equal(wide[:, :OCT], transposed[:, :OCT])
     assert (wide[:r0] == 7.0).all() and (wide[r1:] == 7.0).all()
     assert relative_error(wide[r0:r1].astype(np.float64),
@@ -181,7 +192,7 @@ def test_a_single_outputs_delta_is_the_products_bit_for_bit(dtype, activation, k
     dinp = np.full((40, 100), 7.0, dtype)
     kernels.dense_backward_input(dinp, dout, weight, inp, code, False, 3, 37, k0, k1)
     product = np.full((40, 100), 7.0, dtype)
-    kernels.rows_times_matrix(product, dout, weight, 3, 37, 1, k0, k1, 1)
+    kernels.rows_times_matrix(product, dout, weight, 3, 37, 1, k0, k1, 1, 0)
     expected = product[3:37, k0:k1] * reference.DERIVATIVE[activation](inp[3:37, k0:k1])
     assert np.array_equal(dinp[3:37, k0:k1], expected.astype(dtype))
     outside = np.ones((40, 100), bool)
@@ -217,12 +228,16 @@ def test_dense_backward_input_by_columns_equals_all_columns(dtype, C, cuts, rng)
                                              (130, 300, 70, [0, 128, 300]),
                                              (130, 300, 70, [0, 144, 300]),
                                              (9, 260, 3, [0, 64, 128, 192, 260]),
+                                             (784, 128, 32, [0, 64, 128]),
+                                             (100, 192, 20, [0, 96, 192]),
+                                             (70, 133, 9, [0, 16, 80, 133]),
                                              (784, 50, 100, [0, 25, 50]),
                                              (20, 50, 9, [0, 1, 7, 26, 50])])
 def test_column_layer_by_columns_equals_by_rows(dtype, C, OC, nrows, cuts, rng):
     """A column layer's outputs, computed in column pieces for all rows
     (column_layers.column_layer, one piece a thread: whole blocks transposed, the
-    outputs past them in dot tiles, a narrow layer's cut at any output),
+    outputs past them in dot tiles, a narrow layer's cut at any output;
+    transposed panels cut at a panel's edge or inside one, 96 of 192),
     are bit for bit those of the same layer cut by rows; each piece writes
     its columns only."""
     inp = rng.standard_normal((nrows + 2, C)).astype(dtype)
@@ -230,13 +245,14 @@ def test_column_layer_by_columns_equals_by_rows(dtype, C, OC, nrows, cuts, rng):
     bias = rng.standard_normal(OC).astype(dtype)
     code = ACTIVATIONS["tanh"]
     outputs_t = np.full(kernels.transposed_outputs(OC) * kernels.BLOCK_COLUMNS, np.nan, dtype)
+    weight_t = transposed_panels(weight)
     rows = np.full((nrows + 2, OC), 7.0, dtype)
     for r0, r1 in [(0, nrows // 8 * 4), (nrows // 8 * 4, nrows)]:
-        kernels.dense_forward(rows, inp, weight, np.zeros((C, 0), dtype), outputs_t, bias, code,
+        kernels.dense_forward(rows, inp, weight, weight_t, outputs_t, bias, code,
                               False, r0, r1, 0, OC)
     columns = np.full((nrows + 2, OC), 7.0, dtype)
     for j0, j1 in zip(cuts[:-1], cuts[1:]):
-        kernels.dense_forward(columns, inp, weight, np.zeros((C, 0), dtype), outputs_t, bias, code,
+        kernels.dense_forward(columns, inp, weight, weight_t, outputs_t, bias, code,
                               False, 0, nrows, j0, j1)
         assert (columns[:, j1:] == 7.0).all()
     assert np.array_equal(columns, rows)
@@ -268,7 +284,7 @@ def test_dense_backward_weight_in_passes_sums_as_one_pass(nrows, rng):
     in_passes = np.full((9, 150), 7.0, np.float32)
     kernels.dense_backward_weight(in_passes, dout, inp, 0, 9, nrows, 0, 150)
     one_pass = np.full((9, 150), 7.0, np.float32)
-    kernels.rows_times_matrix(one_pass, dout.T.copy(), inp, 0, 9, nrows, 0, 150, nrows)
+    kernels.rows_times_matrix(one_pass, dout.T.copy(), inp, 0, 9, nrows, 0, 150, nrows, 0)
     assert np.array_equal(in_passes, one_pass)
     expected = dout.T.astype(np.float64) @ inp.astype(np.float64)
     assert relative_error(in_passes, expected) < 1e-5
@@ -294,9 +310,9 @@ def test_weight_gradients_from_copied_deltas_are_the_in_place_ones(fan_out, dtyp
     kernels.dense_backward_weight(out, dout, inp, j0, j1, nrows, 0, C)
     in_place = np.full((fan_out, C), 7.0, dtype)
     main = C // kernels.NARROW_COLUMNS * kernels.NARROW_COLUMNS
-    kernels.rows_times_matrix(in_place, dout.T, inp, j0, j1, nrows, 0, main, nrows)
+    kernels.rows_times_matrix(in_place, dout.T, inp, j0, j1, nrows, 0, main, nrows, 0)
     kernels.tail_columns(in_place, dout.T, inp, np.zeros(kernels.PACK_VALUES, dtype), j0, j1,
-                         nrows, main, C)
+                         nrows, main, C, 0)
     assert np.array_equal(out, in_place)
     expected = dout[:, j0:j1].T.astype(np.float64) @ inp.astype(np.float64)
     assert relative_error(out[j0:j1], expected) < (1e-5 if dtype == np.float32 else 1e-12)
@@ -314,8 +330,8 @@ def test_a_source_whose_rows_share_few_cache_sets_is_packed_to_the_same_sums(dty
     narrow = np.ascontiguousarray(wide[:, :500])
     packed = np.full((rows, 500), 7.0, dtype)
     in_place = np.full((rows, 500), 7.0, dtype)
-    kernels.rows_times_matrix(packed, coef, wide, 0, rows, nt, 0, 500, nt)
-    kernels.rows_times_matrix(in_place, coef, narrow, 0, rows, nt, 0, 500, nt)
+    kernels.rows_times_matrix(packed, coef, wide, 0, rows, nt, 0, 500, nt, 0)
+    kernels.rows_times_matrix(in_place, coef, narrow, 0, rows, nt, 0, 500, nt, 0)
     assert np.array_equal(packed, in_place)
     expected = coef.astype(np.float64) @ narrow.astype(np.float64)
     assert relative_error(packed, expected) < (1e-5 if dtype == np.float32 else 1e-12)
@@ -430,7 +446,7 @@ def test_float32_kernels_never_widen_to_float64():
     weight, vec = np.ones((3, 8), f32), np.ones(3, f32)
     labels = np.zeros(4, np.int32)
     compiled = {
-        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, inp.T.copy(),
+        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, np.ones((0, 8, 64), f32),
                                     np.ones(4 * 64, f32), vec, 0, True, 0, 4, 0, 3),
         "wide_forward": float32_ir(kernels.wide_forward, np.ones((4, 256), f32), inp,
                                    np.ones((256, 8), f32), np.ones(256 * 64, f32), 0, 4, 0, 256),
@@ -656,7 +672,7 @@ def test_rows_times_matrix_blocks_and_remainders(C, nt, sum_rows, dtype, tol, rn
     src = rng.standard_normal((13, C)).astype(dtype)
     out = np.full((11, C), 7.0, dtype)
     # 2 groups of 4 rows and 1 more
-    kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 0, C, sum_rows)
+    kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 0, C, sum_rows, 0)
     expected = coef[1:10, :nt].astype(np.float64) @ src[:nt].astype(np.float64)
     if nt:
         assert relative_error(out[1:10], expected) < tol
@@ -666,10 +682,18 @@ def test_rows_times_matrix_blocks_and_remainders(C, nt, sum_rows, dtype, tol, rn
     # a range of columns from a block boundary on, the others untouched
     if C > 64:
         out[...] = 7.0
-        kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 64, C, sum_rows)
+        kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 64, C, sum_rows, 0)
         if nt:
             assert relative_error(out[1:10, 64:], expected[:, 64:]) < tol
         assert (out[:, :64] == 7.0).all()
+    # src's columns into out's from column 5 (out_col) on: the same values,
+    # the columns before and after untouched
+    shifted = np.full((11, C + 9), 7.0, dtype)
+    kernels.rows_times_matrix(shifted, coef, src, 1, 10, nt, 0, C, sum_rows, 5)
+    out[...] = 7.0
+    kernels.rows_times_matrix(out, coef, src, 1, 10, nt, 0, C, sum_rows, 0)
+    assert np.array_equal(shifted[:, 5:C + 5], out)
+    assert (shifted[:, :5] == 7.0).all() and (shifted[:, C + 5:] == 7.0).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -682,10 +706,10 @@ def test_packed_panels_give_the_unpacked_values(dtype, rng):
     coef = rng.standard_normal((rows, nt)).astype(dtype)
     src = rng.standard_normal((nt, C)).astype(dtype)
     packed = np.zeros((rows, C), dtype)
-    kernels.rows_times_matrix(packed, coef, src, 0, rows, nt, 0, C, nt)
+    kernels.rows_times_matrix(packed, coef, src, 0, rows, nt, 0, C, nt, 0)
     unpacked = np.zeros((rows, C), dtype)
     for r0 in range(0, rows, kernels.PACK_MIN_ROWS):
         kernels.rows_times_matrix(unpacked, coef, src, r0, min(rows, r0 + kernels.PACK_MIN_ROWS),
-                                  nt, 0, C, nt)
+                                  nt, 0, C, nt, 0)
     assert np.array_equal(packed, unpacked)
     assert relative_error(packed, coef.astype(np.float64) @ src) < 1e-5

@@ -660,8 +660,10 @@ def test_update_tasks_keep_the_transposed_weights_current():
     assert status == 0
     weights_t, wt_off = ws.work.weights_t, model.network().wt_off
     for l, (fan_in, fan_out) in enumerate([(30, 200), (200, 64)]):
+        # in panels of 64 outputs (kernels.transposed_panels): 3 and 1
         block = weights_t[wt_off[l]:wt_off[l] + fan_in * (fan_out // 64 * 64)]
-        assert np.array_equal(block.reshape(fan_in, -1), model.weights[l][:, :fan_out // 64 * 64])
+        for p, panel in enumerate(block.reshape(-1, fan_in, 64)):
+            assert np.array_equal(panel, model.weights[l][:, p * 64:(p + 1) * 64])
     assert wt_off[2] == weights_t.size  # 10 outputs: no transposed block
     assert relative_error(model.weights[0], random_problem([30, 200, 64, 10], 300, "tanh",
                                                            np.float32, seed=4)[0].weights[0]) > 1e-3
