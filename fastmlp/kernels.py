@@ -237,12 +237,12 @@ def activation_derivative(a, activation):
 @driver_kernel
 def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16, r0, r1, j0, j1):
     # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is
-    # (OCT / BLOCK_COLUMNS, C, BLOCK_COLUMNS), panel p holding
-    # weight[p * BLOCK_COLUMNS:][:BLOCK_COLUMNS].T (transposed_panels), or
-    # (0, C, BLOCK_COLUMNS) for a wide layer, outputs_t is this
-    # thread's scratch for a wide layer's transposed outputs (at least
-    # OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a multiple of 16 below
-    # OCT, or any output past it (column_layers.column_cut)
+    # (OCT / BLOCK_COLUMNS, C, BLOCK_COLUMNS), panel p holding the transpose
+    # of weight rows p * BLOCK_COLUMNS:(p + 1) * BLOCK_COLUMNS
+    # (transposed_panels), or (0, C, BLOCK_COLUMNS) for a wide layer,
+    # outputs_t is this thread's scratch for a wide layer's transposed
+    # outputs (at least OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a
+    # multiple of 16 below OCT, or any output past it (column_layers.column_cut)
     # out = activation(inp @ weight.T + bias) for rows r0:r1 and outputs
     # j0:j1, rounded to bfloat16 if bf16.
     # Outputs 0:OCT (OCT = transposed_outputs(OC), whole blocks of
@@ -700,10 +700,10 @@ def padded_panel(packed, src, t0, t1, k0, k1):
 
 @kernel
 def tail_columns(out, coef, src, packed, r0, r1, nt, k0, k1, out_col):
-    # out[r0:r1, out_col + k0:out_col + k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1] for the last
-    # k1 - k0 < NARROW_COLUMNS columns: the same register block as the
-    # others, on a source panel padded with zero columns to NARROW_COLUMNS,
-    # into a tile on the stack whose first k1 - k0 columns are then copied
+    # out[r0:r1, out_col + k0:out_col + k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1]
+    # for the last k1 - k0 < NARROW_COLUMNS columns: the same register block
+    # as the others, on a source panel padded with zero columns to
+    # NARROW_COLUMNS, into a tile on the stack whose first k1 - k0 columns are then copied
     # out. Source rows go in passes of TAIL_ROWS (the padded panel fills
     # `packed`), each continuing the sums the pass before stored.
     tile = carray(stack_buffer(TILE_VALUES, out), (4, NARROW_COLUMNS))

@@ -446,7 +446,8 @@ def test_float32_kernels_never_widen_to_float64():
     weight, vec = np.ones((3, 8), f32), np.ones(3, f32)
     labels = np.zeros(4, np.int32)
     compiled = {
-        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight, np.ones((0, 8, 64), f32),
+        "dense_forward": float32_ir(kernels.dense_forward, out, inp, weight,
+                                    np.ones((0, 8, kernels.BLOCK_COLUMNS), f32),
                                     np.ones(4 * 64, f32), vec, 0, True, 0, 4, 0, 3),
         "wide_forward": float32_ir(kernels.wide_forward, np.ones((4, 256), f32), inp,
                                    np.ones((256, 8), f32), np.ones(256 * 64, f32), 0, 4, 0, 256),
