@@ -34,7 +34,7 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # half (gradients.part_halves; empty where a workspace's batches are never
 # cut in two);
 # weights_t: transposed weights (kernels.kept_transposed), in panels of 64
-# outputs (kernels.transposed_panels); outputs_t
+# outputs (kernels.weight_panels); outputs_t
 # (threads, V): each thread's scratch for a wide layer's transposed outputs
 # (kernels.wide_forward); balance: how the parallel regions share
 # work between threads (balance.py); packed, packed_layout: activations and

@@ -47,12 +47,12 @@ from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
 from .kernels import (BLOCK_COLUMNS, IDENTITY, bias_activation, dense_backward_input,
                       dense_forward, gather_inputs, gather_rows, gather_targets, kept_transposed,
                       prefetch_rows, round_columns, round_row, transpose_to_panels,
-                      transposed_panels, wide_layer)
+                      weight_panels, wide_layer)
 
 
 def transposed_layout(layer_sizes):
     """Offsets of the transposed weight blocks (fan_in, kept_transposed)
-    that dense_forward reads (in panels: kernels.transposed_panels), each
+    that dense_forward reads (in panels: kernels.weight_panels), each
     on a cache line, and their total size."""
     offsets, offset = [], 0
     for fan_in, fan_out in zip(layer_sizes[:-1], layer_sizes[1:]):
@@ -95,7 +95,7 @@ def transpose_weights(weights_t, net):
             continue
         if net.bf16:
             round_columns(weight, view2d(net.params, net.w_off, l, OC, C), k0, k1)
-        transpose_to_panels(transposed_panels(weights_t, net.wt_off[l], C, OCT), weight,
+        transpose_to_panels(weight_panels(weights_t, net.wt_off[l], C, OCT), weight,
                             np.int64(0), OCT, k0, k1)
 
 
@@ -297,8 +297,8 @@ def region_part(work, net, data, start, nrows, inv_total, backward, next_rows, t
             j0 = column_cut(column_shares, OC, cut, cuts)
             j1 = column_cut(column_shares, OC, cut + 1, cuts)
             dense_forward(out, inp, view2d(net.operands, net.w_off, l, OC, sizes[l]),
-                          transposed_panels(work.weights_t, net.wt_off[l], sizes[l],
-                                            kept_transposed(OC)),
+                          weight_panels(work.weights_t, net.wt_off[l], sizes[l],
+                                        kept_transposed(OC)),
                           outputs_t, bias, activation, net.bf16 and hidden, r0, r1, j0, j1)
             products += (j1 - j0) * sizes[l] * (r1 - r0)
         if AMX_COMPILED and hidden and amx_layer(net, l + 1):

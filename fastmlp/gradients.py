@@ -36,7 +36,7 @@ from .column_layers import column_cut, column_layer, own_inputs
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
 from .kernels import (MAX_SUM_ROWS, dense_backward_bias, dense_backward_weight, kept_transposed,
-                      round_columns, transpose_to_panels, transposed_panels)
+                      round_columns, transpose_to_panels, weight_panels)
 from .optimizers import (ADAM, ADAM_ALPHA, BETA1, BETA2, DECAY, EPSILON, LR, MOMENTUM,
                          MOMENTUM_COEF, NONE, SGD, adam_update, momentum_update, sgd_update)
 from .tasks import (NO_TASK, WEIGHT_TASK, share_first_task, task_first, task_owner, task_work,
@@ -176,7 +176,7 @@ def task_update(work, net, opt, t, grads, g_first, whole_rows):
             round_columns(view2d(net.operands, net.w_off, l, OC, C)[j0:tasks[t, 3]],
                           view2d(params, net.w_off, l, OC, C)[j0:tasks[t, 3]], k0, k1)
         if j0 < OCT:
-            transpose_to_panels(transposed_panels(work.weights_t, net.wt_off[l], C, OCT),
+            transpose_to_panels(weight_panels(work.weights_t, net.wt_off[l], C, OCT),
                                 view2d(net.operands, net.w_off, l, OC, C), j0,
                                 min(tasks[t, 3], OCT), k0, k1)
     return check

@@ -239,7 +239,7 @@ def dense_forward(out, inp, weight, weight_t, outputs_t, bias, activation, bf16,
     # out is (B, OC), inp is (B, C), weight is (OC, C), weight_t is
     # (OCT / BLOCK_COLUMNS, C, BLOCK_COLUMNS), panel p holding the transpose
     # of weight rows p * BLOCK_COLUMNS:(p + 1) * BLOCK_COLUMNS
-    # (transposed_panels), or (0, C, BLOCK_COLUMNS) for a wide layer,
+    # (weight_panels), or (0, C, BLOCK_COLUMNS) for a wide layer,
     # outputs_t is this thread's scratch for a wide layer's transposed
     # outputs (at least OCT * BLOCK_COLUMNS values), bias is (OC,); j0 a
     # multiple of 16 below OCT, or any output past it (column_layers.column_cut)
@@ -386,10 +386,11 @@ def transpose_weight_block(weight_t, weight, j0, j1, k0, k1):
 
 
 @kernel
-def transposed_panels(flat, start, C, OCT):
+def weight_panels(flat, start, C, OCT):
     # flat[start:start + C * OCT] seen as dense_forward's transposed weights:
     # OCT / BLOCK_COLUMNS panels of (C, BLOCK_COLUMNS), panel p the
-    # transpose of weight rows p * BLOCK_COLUMNS onwards. Each block of
+    # transpose of weight rows p * BLOCK_COLUMNS:(p + 1) * BLOCK_COLUMNS
+    # (kept by transpose_to_panels). Each block of
     # outputs is contiguous, so a thread that computes and updates one block
     # (a column layer: column_layers.py) touches no cache line of another's.
     # With one (C, OCT) matrix, each 512-byte row held both threads' blocks
@@ -402,7 +403,7 @@ def transposed_panels(flat, start, C, OCT):
 @kernel
 def transpose_to_panels(panels, weight, j0, j1, k0, k1):
     # panels is (OCT / BLOCK_COLUMNS, C, BLOCK_COLUMNS), weight is (OC, C);
-    # j0, j1 multiples of 16 (transposed_panels)
+    # j0, j1 multiples of 16 (weight_panels)
     # transpose_weight_block of weight[j0:j1, k0:k1] into each panel it covers
     for p in range(j0 // BLOCK_COLUMNS, -(-j1 // BLOCK_COLUMNS)):
         c0 = p * BLOCK_COLUMNS

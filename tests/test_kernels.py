@@ -71,7 +71,7 @@ def test_forward_loss_gradients_match_oracle(sizes, n, activation, dtype):
 
 # --- single kernels on row ranges, against plain NumPy ----------------------
 
-def transposed_panels(weight):
+def panels_of(weight):
     """dense_forward's transposed weights for weight (OC, C): panels of
     BLOCK_COLUMNS outputs, each its block of weight transposed, as
     transpose_to_panels writes them (nothing for a wide layer)."""
@@ -100,7 +100,7 @@ def test_dense_forward_rows(activation, C, OC, r0, r1, rng):
     OCT = kernels.transposed_outputs(OC)
     assert OCT == OC // 64 * 64
     assert kernels.wide_layer(OC) == (OCT >= 256)
-    weight_t = transposed_panels(weight)
+    weight_t = panels_of(weight)
     outputs_t = np.full(OCT * kernels.BLOCK_COLUMNS, np.nan)
     kernels.dense_forward(out, inp, weight, weight_t, outputs_t, bias, code, False, r0, r1, 0, OC)
     z = inp[r0:r1] @ weight.T + bias
@@ -124,7 +124,7 @@ def test_wide_forward_equals_the_transposed_weights_path(dtype, C, OC, r0, r1, r
     inp = rng.standard_normal((r1 + 3, C)).astype(dtype)
     weight = rng.standard_normal((OC, C)).astype(dtype)
     wide = np.full((r1 + 3, OC), 7.0, dtype)
-    kernels.dense_forward(wide, inp, weight, transposed_panels(weight),
+    kernels.dense_forward(wide, inp, weight, panels_of(weight),
                           np.full(OCT * kernels.BLOCK_COLUMNS, np.nan, dtype),
                           np.zeros(OC, dtype), IDENTITY, False, r0, r1, 0, OC)
     transposed = np.full((r1 + 3, OC), 7.0, dtype)
@@ -245,7 +245,7 @@ def test_column_layer_by_columns_equals_by_rows(dtype, C, OC, nrows, cuts, rng):
     bias = rng.standard_normal(OC).astype(dtype)
     code = ACTIVATIONS["tanh"]
     outputs_t = np.full(kernels.transposed_outputs(OC) * kernels.BLOCK_COLUMNS, np.nan, dtype)
-    weight_t = transposed_panels(weight)
+    weight_t = panels_of(weight)
     rows = np.full((nrows + 2, OC), 7.0, dtype)
     for r0, r1 in [(0, nrows // 8 * 4), (nrows // 8 * 4, nrows)]:
         kernels.dense_forward(rows, inp, weight, weight_t, outputs_t, bias, code,

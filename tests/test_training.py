@@ -660,7 +660,7 @@ def test_update_tasks_keep_the_transposed_weights_current():
     assert status == 0
     weights_t, wt_off = ws.work.weights_t, model.network().wt_off
     for l, (fan_in, fan_out) in enumerate([(30, 200), (200, 64)]):
-        # in panels of 64 outputs (kernels.transposed_panels): 3 and 1
+        # in panels of 64 outputs (kernels.weight_panels): 3 and 1
         block = weights_t[wt_off[l]:wt_off[l] + fan_in * (fan_out // 64 * 64)]
         for p, panel in enumerate(block.reshape(-1, fan_in, 64)):
             assert np.array_equal(panel, model.weights[l][:, p * 64:(p + 1) * 64])
