@@ -390,9 +390,9 @@ def weight_panels(flat, start, C, OCT):
     # flat[start:start + C * OCT] seen as dense_forward's transposed weights:
     # OCT / BLOCK_COLUMNS panels of (C, BLOCK_COLUMNS), panel p the
     # transpose of weight rows p * BLOCK_COLUMNS:(p + 1) * BLOCK_COLUMNS
-    # (kept by transpose_to_panels). Each block of
-    # outputs is contiguous, so a thread that computes and updates one block
-    # (a column layer: column_layers.py) touches no cache line of another's.
+    # (kept by transpose_to_panels). Each block of outputs is contiguous,
+    # so a thread that computes and updates one block (a column layer:
+    # column_layers.py) touches no cache line of another's.
     # With one (C, OCT) matrix, each 512-byte row held both threads' blocks
     # of 784-128-10 (batch 32, Adam, 2 threads on Zen 4), and the update of
     # each 16-row task's transposed block took 8-9.5 us against 5.3-6 in
@@ -704,8 +704,8 @@ def tail_columns(out, coef, src, packed, r0, r1, nt, k0, k1, out_col):
     # out[r0:r1, out_col + k0:out_col + k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1]
     # for the last k1 - k0 < NARROW_COLUMNS columns: the same register block
     # as the others, on a source panel padded with zero columns to
-    # NARROW_COLUMNS, into a tile on the stack whose first k1 - k0 columns are then copied
-    # out. Source rows go in passes of TAIL_ROWS (the padded panel fills
+    # NARROW_COLUMNS, into a tile on the stack whose first k1 - k0 columns
+    # are then copied out. Source rows go in passes of TAIL_ROWS (the padded panel fills
     # `packed`), each continuing the sums the pass before stored.
     tile = carray(stack_buffer(TILE_VALUES, out), (4, NARROW_COLUMNS))
     width = k1 - k0
