@@ -11,6 +11,7 @@ from fastmlp.jit import FASTMATH
 from fastmlp.microkernel import (
     DOT_OUTPUTS,
     block_multiply_add,
+    compiled_target,
     dot_tile,
     panel_vectors,
     panels,
@@ -115,6 +116,43 @@ def test_a_dot_tile_of_fewer_outputs_computes_them_alike(dtype, rng):
             one_dot_tile(part, inp, weight, j, outs)
             assert np.array_equal(part[:, j:j + outs], whole[:, j:j + outs])
             assert (np.delete(part, np.s_[j:j + outs], axis=1) == 7.0).all()
+
+
+def few_bit_values(rng, shape, dtype):
+    # values of 12-bit significands and exponents over 2^-12..2^12: any
+    # product of two is exact, so a multiply-add rounds only its sum, while
+    # sums of them round, in an order-dependent way
+    significands = rng.integers(-2048, 2048, shape) / 2048
+    return (significands * 2.0 ** rng.integers(-12, 13, shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [50, 64, 100])
+def test_dot_tile_adds_each_lane_in_order_then_halves(dtype, C, rng):
+    # lane l of an output's accumulator sums the products at c = l, l +
+    # lanes, ... in turn (the lanes past C adding exact zeros), then the
+    # lanes are added up in halves: lanes l and l + lanes/2, and so on; bit
+    # for bit, whether or not C fills the last vector
+    inp = few_bit_values(rng, (4, C), dtype)
+    weight = few_bit_values(rng, (DOT_OUTPUTS, C), dtype)
+    out = np.zeros((4, DOT_OUTPUTS), dtype)
+    one_dot_tile(out, inp, weight, 0, DOT_OUTPUTS)
+    lanes = compiled_target()[1] // 8 // np.dtype(dtype).itemsize
+    steps = -(-C // lanes)
+    products = np.zeros((4, DOT_OUTPUTS, steps * lanes), dtype)
+    products[:, :, :C] = inp[:, None, :] * weight[None, :, :]  # exact
+    partial = np.zeros((4, DOT_OUTPUTS, lanes), dtype)
+    for step in range(steps):
+        partial = partial + products[:, :, step * lanes:(step + 1) * lanes]
+    halves = partial
+    while halves.shape[-1] > 1:
+        width = halves.shape[-1] // 2
+        halves = halves[..., :width] + halves[..., width:]
+    np.testing.assert_array_equal(out, halves[..., 0])
+    in_lane_order = partial[..., 0]
+    for lane in range(1, lanes):
+        in_lane_order = in_lane_order + partial[..., lane]
+    assert not np.array_equal(out, in_lane_order)  # (the order shows in these values)
 
 
 def test_panels_fit_the_register_file():
