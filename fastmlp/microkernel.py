@@ -356,10 +356,10 @@ def dot_function(module, value, itemsize, lanes, outs_per_tile):
     The tile's fixed cost, against its C / lanes steps, weighs on short
     rows. One core of Zen 4, 100 rows, dense_forward's dot tiles alone (same
     values bit for bit): with the masked step run for C % lanes == 0 too and
-    each accumulator's tree on its own, 784-25 took 40.2-42.3 us, 100-36
-    13.5-13.7 and 50-10 3.7-3.8; with the step skipped and the trees
-    shared, 37.5-39.7, 11.5-11.6 and 3.3-3.4 (the same under `haswell` and
-    `skylake-avx512` code generation)."""
+    each accumulator's tree on its own, 784-25 took 39.9-41.0 us, 100-36
+    13.6-13.8 and 50-10 3.73-3.75; with the step skipped and the trees
+    shared, 37.3-38.0, 11.4-11.8 and 3.29-3.35 (alike under `haswell` and
+    `skylake-avx512` code generation: docs/performance.md)."""
     i64 = ir.IntType(64)
     i32 = ir.IntType(32)
     byte_pointer = ir.IntType(8).as_pointer()
