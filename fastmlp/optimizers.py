@@ -80,10 +80,25 @@ def adam_alpha(lr, step, beta1, beta2):
 # knows, Numba's wraparound indexing keeps it from vectorizing the loop
 # (measured: 10x slower for Adam). A slice per row instead costs Numba's
 # reference counting per row: 32 rows of 64 took 2.5 us that way, 1.5 us
-# this way (Adam, float32, Zen 3).
+# this way (Adam, float32, Zen 3). Whole rows (k0 = 0, k1 = stride) are one
+# contiguous range, updated as one row (one_range): a loop over rows of 100
+# spent a third of its time on each row's last 36 values, which fill no
+# whole 64-value turn of the vectorized loop (Adam on 32 rows of 100: 1.34
+# us by rows, 0.91 us as one range; Zen 4, one core).
+
+
+@kernel
+def one_range(rows, stride, k0, k1):
+    # (rows, k1) of an update over whole rows as one range: (1, rows *
+    # stride) when k0 == 0 and k1 == stride, else unchanged
+    if k0 == 0 and k1 == stride:
+        return 1, rows * stride
+    return rows, k1
+
 
 @kernel
 def sgd_update(params, grads, p0, g0, rows, stride, k0, k1, lr, decay):
+    rows, k1 = one_range(rows, stride, k0, k1)
     check = ZERO
     for i in range(rows):
         p = np.uint64(p0 + i * stride + k0)
@@ -99,6 +114,7 @@ def sgd_update(params, grads, p0, g0, rows, stride, k0, k1, lr, decay):
 def momentum_update(params, grads, velocity, p0, g0, rows, stride, k0, k1, lr, mu, decay,
                     nesterov):
     # v <- mu v - lr g; w <- w + v  (Nesterov: w <- w + mu v - lr g)
+    rows, k1 = one_range(rows, stride, k0, k1)
     check = ZERO
     for i in range(rows):
         p = np.uint64(p0 + i * stride + k0)
@@ -118,6 +134,7 @@ def adam_update(params, grads, m, v, p0, g0, rows, stride, k0, k1, alpha, beta1,
                 decay):
     # m <- m + (g - m)(1 - b1); v <- v + (g^2 - v)(1 - b2);
     # w <- w - alpha m / (sqrt(v) + eps), alpha from adam_alpha
+    rows, k1 = one_range(rows, stride, k0, k1)
     check = ZERO
     for i in range(rows):
         p = np.uint64(p0 + i * stride + k0)

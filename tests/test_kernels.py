@@ -478,6 +478,44 @@ def test_float32_kernels_never_widen_to_float64():
     assert "fpext" in float32_ir(_widening_kernel, vec)
 
 
+def _update(name, state, p0, g0, rows, stride, k0, k1):
+    # optimizer kernel `name` on state = (params, grads, state1, state2)
+    f32 = np.float32
+    params, grads, first, second = state
+    if name == "sgd":
+        return optimizers.sgd_update(params, grads, p0, g0, rows, stride, k0, k1, f32(0.1),
+                                     f32(0.01))
+    if name == "momentum":
+        return optimizers.momentum_update(params, grads, first, p0, g0, rows, stride, k0, k1,
+                                          f32(0.1), f32(0.9), f32(0.01), True)
+    return optimizers.adam_update(params, grads, first, second, p0, g0, rows, stride, k0, k1,
+                                  f32(0.1), f32(0.9), f32(0.999), f32(1e-7), f32(0.01))
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("k0, k1", [(0, 100), (0, 48), (48, 100), (16, 52)])
+def test_an_update_of_rows_is_each_row_updated_alone(name, k0, k1):
+    # 7 rows of 100 from parameter 300 (their gradients from 20): whole rows
+    # go as one range (optimizers.one_range), pieces by rows; the same
+    # values either way, bit for bit, and nothing outside rows x [k0, k1)
+    # changes
+    def state():
+        values = np.random.default_rng(1).standard_normal((4, 1200)).astype(np.float32)
+        values[3] = np.abs(values[3])  # Adam's second moments
+        return values
+    together, alone = state(), state()
+    check = _update(name, together, 300, 20, 7, 100, k0, k1)
+    for row in range(7):
+        _update(name, alone, 300 + 100 * row, 20 + 100 * row, 1, 100, k0, k1)
+    np.testing.assert_array_equal(together, alone)
+    assert check == 0.0
+    changed = np.zeros(1200, bool)
+    for row in range(7):
+        changed[300 + 100 * row + k0:300 + 100 * row + k1] = True
+    assert (together[0] != state()[0])[changed].all()
+    np.testing.assert_array_equal(together[0][~changed], state()[0][~changed])
+
+
 @numba.njit
 def _widening_kernel(v):
     for i in range(v.shape[0]):
