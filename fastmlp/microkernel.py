@@ -315,7 +315,8 @@ def lane_sums(builder, vectors, lanes, flags):
     vector out pairs with itself. Each sum is the same chain of additions
     as a tree of its own vector's, bit for bit."""
     i32 = ir.IntType(32)
-    level = [(v, [k]) for k, v in enumerate(vectors)]  # (vector, the vector of each group)
+    # (vector, the index in `vectors` of each of its groups' partial sums)
+    level = [(v, [k]) for k, v in enumerate(vectors)]
     width = lanes
     while width > 1:
         half = width // 2
