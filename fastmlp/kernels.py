@@ -705,8 +705,8 @@ def tail_columns(out, coef, src, packed, r0, r1, nt, k0, k1, out_col):
     # for the last k1 - k0 < NARROW_COLUMNS columns: the same register block
     # as the others, on a source panel padded with zero columns to
     # NARROW_COLUMNS, into a tile on the stack whose first k1 - k0 columns
-    # are then copied out. Source rows go in passes of TAIL_ROWS (the padded panel fills
-    # `packed`), each continuing the sums the pass before stored.
+    # are then copied out. Source rows go in passes of TAIL_ROWS (the padded
+    # panel fills `packed`), each continuing the sums the pass before stored.
     tile = carray(stack_buffer(TILE_VALUES, out), (4, NARROW_COLUMNS))
     width = k1 - k0
     for t0 in range(0, max(nt, 1), TAIL_ROWS):  # once when nt is 0: zeros

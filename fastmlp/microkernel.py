@@ -393,21 +393,20 @@ def dot_function(module, value, itemsize, lanes, outs_per_tile):
         lambda c, acc: multiply_add(
             acc, [builder.load(vector_at(r, c), align=itemsize) for r in x_rows],
             [builder.load(vector_at(r, c), align=itemsize) for r in w_rows]))
-    # the last C % lanes values, as a step with the rest masked off (adding
-    # exact zeros where the mask is off)
-    lane_indices = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
-    mask = builder.icmp_signed("<", lane_indices,
-                               splat(builder, builder.sub(C, full), ir.VectorType(i64, lanes)))
-    masked_load = cgutils.get_or_insert_function(
-        module, ir.FunctionType(vector, [vector.as_pointer(), i32, mask.type, vector]),
-        f"llvm.masked.load.v{lanes}{'f32' if itemsize == 4 else 'f64'}.p0")
-    zero = ir.Constant(vector, None)
-
-    def tail(row):
-        return builder.call(masked_load, [vector_at(row, full), ir.Constant(i32, itemsize),
-                                          mask, zero])
+    # the last C % lanes values, if any, as a step with the rest masked off
+    # (adding exact zeros where the mask is off)
     looped = builder.block
     with builder.if_then(builder.icmp_signed("<", full, C), likely=False):
+        lane_indices = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+        mask = builder.icmp_signed("<", lane_indices,
+                                   splat(builder, builder.sub(C, full), ir.VectorType(i64, lanes)))
+        masked_load = cgutils.get_or_insert_function(
+            module, ir.FunctionType(vector, [vector.as_pointer(), i32, mask.type, vector]),
+            f"llvm.masked.load.v{lanes}{'f32' if itemsize == 4 else 'f64'}.p0")
+
+        def tail(row):
+            return builder.call(masked_load, [vector_at(row, full), ir.Constant(i32, itemsize),
+                                              mask, ir.Constant(vector, None)])
         tailed = multiply_add(acc, [tail(r) for r in x_rows], [tail(r) for r in w_rows])
         tail_end = builder.block
     merged = []
