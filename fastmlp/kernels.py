@@ -28,8 +28,8 @@ from .bfloat16 import round_bfloat16
 from .expf import fast_exp, fast_tanh
 from .heads import copy_targets
 from .jit import driver_kernel, kernel, ordered_kernel
-from .microkernel import (DOT_OUTPUTS, TRANSPOSE_BYTES, block_multiply_add, dot_tile,
-                          transpose_tile)
+from .microkernel import (DOT_OUTPUTS, LISTED_ROWS, TRANSPOSE_BYTES, block_multiply_add,
+                          dot_tile, listed_block, transpose_tile)
 
 SIGMOID = 0
 TANH = 1
@@ -613,8 +613,68 @@ def source_panel(packed, src, t0, t1, k, width, pack):
     return panel[:, ::1]  # typed as the view above: one compiled caller
 
 
+# rows_times_matrix takes pairs of rows over the sources where either row's
+# coefficient is not 0 (listed_block) where the coefficients are rows, at
+# least LISTED_MIN_ZEROS of those of the first LISTED_SAMPLE_ROWS rows are 0
+# (a relu layer's outputs and the deltas below it: about half) and the
+# source block stays in cache (LISTED_MAX_BYTES).
+LISTED_MAX_SOURCES = 256
+# its list of sources, and room for the last vector of indices stored whole
+LISTED_SCRATCH = LISTED_MAX_SOURCES + 16
+LISTED_MAX_BYTES = 64 * 1024
+LISTED_SAMPLE_ROWS = 8
+LISTED_MIN_ZEROS = 0.4
+
+
+@intrinsic
+def stack_indices(typingctx, size):
+    # a pointer to `size` (a literal) int32 values on the stack of the
+    # function this is inlined into
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        buffer = cgutils.alloca_once(builder, ir.IntType(32),
+                                     size=ir.Constant(ir.IntType(64), size.literal_value))
+        buffer.align = 64
+        return buffer
+    return types.CPointer(types.int32)(size), codegen
+
+
+@kernel
+def listed_rows(coef, src, r0, r1, nt, k0, k1):
+    # whether rows_times_matrix takes rows r0:r1 in listed blocks
+    if (coef.strides[1] != coef.itemsize or nt > LISTED_MAX_SOURCES or nt == 0
+            or nt * (k1 - k0) * src.itemsize > LISTED_MAX_BYTES):
+        return False
+    sampled = min(r1, r0 + LISTED_SAMPLE_ROWS)
+    zeros = 0
+    for r in range(r0, sampled):
+        row = coef[r]
+        for t in range(nt):
+            zeros += row[t] == 0
+    return zeros >= LISTED_MIN_ZEROS * (sampled - r0) * nt
+
+
 @kernel
 def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col):
+    # out is (R, out_col + C), coef is (R, T), src is (T, C)
+    # out[r0:r1, out_col + k0:out_col + k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1]:
+    # by dense_rows_times_matrix's register blocks, or where many
+    # coefficients are 0 (listed_rows) by pairs of rows over the sources
+    # either needs (listed_block). Each output is the same chain of
+    # multiply-adds either way, less terms that add 0: the same values.
+    if not listed_rows(coef, src, r0, r1, nt, k0, k1):
+        dense_rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col)
+        return
+    sources = carray(stack_indices(LISTED_SCRATCH), LISTED_SCRATCH)
+    target = out[:, out_col:]
+    for r in range(r0, r1, LISTED_ROWS):
+        listed_block(target, coef, src, sources, r, min(LISTED_ROWS, r1 - r), nt, k0, k1)
+
+
+@kernel
+def dense_rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col):
     # out is (R, out_col + C), coef is (R, T), src is (T, C)
     # out[r0:r1, out_col + k0:out_col + k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1]
     # (out_col: where src's columns start in out's), both backward

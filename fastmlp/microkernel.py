@@ -295,6 +295,246 @@ def block_multiply_add(typingctx, out, coef, src, r, rows, k0, nt, add, width):
     return types.void(out, coef, src, index, index, index, index, types.boolean, width), codegen
 
 
+# Rows of a listed-sources block, and its vectors of columns per row a call
+# (accumulators in registers: 16 of AVX-512's 32, 8 of AVX2's 16, whose 4
+# source vectors, each taken by both rows, need registers too)
+LISTED_ROWS = 2
+LISTED_VECTORS = {512: 8, 256: 4, 128: 4}
+
+
+def nonzero_sources_function(module, value, itemsize, lanes):
+    """The LLVM function that lists a pair of coefficient rows' nonzero
+    sources:
+
+      void listed(sources, count, c0, c1, nt)
+
+    sources[:n] = the t < nt, ascending, where c0[t] or c1[t] is not 0
+    (NaN counts as not 0; under DAZ a subnormal as 0, as the FMAs take
+    it), *count = n; c0 and c1 point to unit-stride rows. A vector of each
+    row is compared at once and the indices of its nonzero lanes stored
+    packed (`llvm.masked.compressstore`: vpcompressd on AVX-512); the last
+    nt % lanes one at a time."""
+    i64 = ir.IntType(64)
+    i32 = ir.IntType(32)
+    byte_pointer = ir.IntType(8).as_pointer()
+    function, builder = out_of_line_function(
+        module, f"fastmlp_listed_{value}_{lanes}",
+        [i32.as_pointer(), i64.as_pointer(), byte_pointer, byte_pointer, i64])
+    if builder is None:
+        return function
+    sources, count, c0, c1, nt = function.args
+    vector = ir.VectorType(value, lanes)
+    mask_type = ir.VectorType(ir.IntType(1), lanes)
+    indices = ir.VectorType(i32, lanes)
+    # vpcompressd into a register, then a plain store: its form that stores
+    # to memory is microcoded on Zen 4 (about 140 cycles)
+    if lanes * itemsize == 64:
+        compress = cgutils.get_or_insert_function(
+            module, ir.FunctionType(indices, [indices, indices, mask_type]),
+            f"llvm.x86.avx512.mask.compress.v{lanes}i32")
+    popcount = cgutils.get_or_insert_function(
+        module, ir.FunctionType(ir.IntType(lanes), [ir.IntType(lanes)]), f"llvm.ctpop.i{lanes}")
+    zero = ir.Constant(vector, None)
+    lane_numbers = ir.Constant(indices, list(range(lanes)))
+
+    def at(row, t, kind):
+        byte = builder.gep(row, [builder.mul(t, ir.Constant(i64, itemsize))])
+        return builder.bitcast(byte, kind.as_pointer())
+
+    def nonzero(a, b):
+        return builder.or_(builder.fcmp_unordered("!=", a, zero if a.type == vector else
+                                                  ir.Constant(value, 0)),
+                           builder.fcmp_unordered("!=", b, zero if b.type == vector else
+                                                  ir.Constant(value, 0)))
+
+    # (AVX2 and SSE have no compress: all t one at a time)
+    vectorized = lanes * itemsize == 64
+    full = (builder.mul(builder.sdiv(nt, ir.Constant(i64, lanes)), ir.Constant(i64, lanes))
+            if vectorized else ir.Constant(i64, 0))
+
+    def vector_step(t, acc):
+        (n,) = acc
+        mask = nonzero(builder.load(at(c0, t, vector), align=itemsize),
+                       builder.load(at(c1, t, vector), align=itemsize))
+        base = splat(builder, builder.trunc(t, i32), indices)
+        packed = builder.call(compress, [builder.add(base, lane_numbers),
+                                         ir.Constant(indices, None), mask])
+        builder.store(packed, builder.bitcast(builder.gep(sources, [n]), indices.as_pointer()),
+                      align=4)
+        listed = builder.call(popcount, [builder.bitcast(mask, ir.IntType(lanes))])
+        return [builder.add(n, builder.zext(listed, i64))]
+
+    n = ir.Constant(i64, 0)
+    if vectorized:
+        (n,) = accumulating_loop(builder, [n], full, lanes, vector_step)
+
+    def scalar_step(i, acc):
+        (n,) = acc
+        t = builder.add(full, i)
+        builder.store(builder.trunc(t, i32), builder.gep(sources, [n]))
+        listed = nonzero(builder.load(at(c0, t, value)), builder.load(at(c1, t, value)))
+        return [builder.add(n, builder.zext(listed, i64))]
+
+    (n,) = accumulating_loop(builder, [n], builder.sub(nt, full), 1, scalar_step)
+    builder.store(n, count)
+    builder.ret_void()
+    return function
+
+
+def listed_function(module, value, itemsize, lanes, nvec, masked):
+    """The LLVM function that runs a pair of rows' sums over their listed
+    sources:
+
+      void listed_block(out, out_stride, coef, coef_stride, src, src_stride,
+                        sources, n, rows, tail)
+
+    out[i, 0:nvec vectors] = sum over j < n of coef[i, t] * src[t, 0:nvec
+    vectors], t = sources[j], for rows i < rows (1 or 2), from 0; pointers
+    to out[r, k], coef[r, 0] (unit stride along t) and src[0, k], strides
+    in bytes. With `masked`, the last vector holds `tail` values. Each
+    output is the chain of FMAs block_multiply_add gives it over all t, less
+    the terms whose coefficient is 0."""
+    i64 = ir.IntType(64)
+    i32 = ir.IntType(32)
+    byte_pointer = ir.IntType(8).as_pointer()
+    function, builder = out_of_line_function(
+        module, f"fastmlp_listed_{value}_{lanes}x{nvec}{'m' if masked else ''}",
+        [byte_pointer, i64, byte_pointer, i64, byte_pointer, i64, i32.as_pointer(), i64, i64,
+         i64])
+    if builder is None:
+        return function
+    out, out_stride, coef, coef_stride, src, src_stride, sources, n, rows, tail = function.args
+    vector = ir.VectorType(value, lanes)
+    flags = ("contract",)
+    row = clamped_rows(builder, rows, LISTED_ROWS)
+    out_rows = [builder.gep(out, [builder.mul(i, out_stride)]) for i in row]
+    coef_rows = [builder.gep(coef, [builder.mul(i, coef_stride)]) for i in row]
+    suffix = f"v{lanes}{'f32' if itemsize == 4 else 'f64'}.p0"
+    if masked:
+        lane_indices = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+        mask = builder.icmp_signed("<", lane_indices,
+                                   splat(builder, tail, ir.VectorType(i64, lanes)))
+        masked_load = cgutils.get_or_insert_function(
+            module, ir.FunctionType(vector, [vector.as_pointer(), i32, mask.type, vector]),
+            f"llvm.masked.load.{suffix}")
+        masked_store = cgutils.get_or_insert_function(
+            module, ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), i32, mask.type]),
+            f"llvm.masked.store.{suffix}")
+
+    def vector_at(pointer, v):
+        byte = builder.gep(pointer, [ir.Constant(i64, v * lanes * itemsize)])
+        return builder.bitcast(byte, vector.as_pointer())
+
+    def load(pointer, v):
+        if masked and v == nvec - 1:
+            return builder.call(masked_load, [vector_at(pointer, v), ir.Constant(i32, itemsize),
+                                              mask, ir.Constant(vector, None)])
+        return builder.load(vector_at(pointer, v), align=itemsize)
+
+    def step(j, acc):
+        t = builder.zext(builder.load(builder.gep(sources, [j])), i64)
+        src_row = builder.gep(src, [builder.mul(t, src_stride)])
+        x = [load(src_row, v) for v in range(nvec)]
+        offset = builder.mul(t, ir.Constant(i64, itemsize))
+        new = []
+        for i in range(LISTED_ROWS):
+            byte = builder.gep(coef_rows[i], [offset])
+            a = splat(builder, builder.load(builder.bitcast(byte, value.as_pointer())), vector)
+            new += [builder.fadd(acc[i * nvec + v], builder.fmul(a, x[v], flags=flags),
+                                 flags=flags) for v in range(nvec)]
+        return new
+
+    acc = accumulating_loop(builder, [ir.Constant(vector, None)] * (LISTED_ROWS * nvec), n, 1,
+                            step)
+    for i in range(LISTED_ROWS):
+        with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, i), rows), likely=True):
+            for v in range(nvec):
+                if masked and v == nvec - 1:
+                    builder.call(masked_store, [acc[i * nvec + v], vector_at(out_rows[i], v),
+                                                ir.Constant(i32, itemsize), mask])
+                else:
+                    builder.store(acc[i * nvec + v], vector_at(out_rows[i], v), align=itemsize)
+    builder.ret_void()
+    return function
+
+
+@intrinsic
+def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1):
+    # out is (R, C), coef is (R, T) with unit stride along T, src is (T, C),
+    # 2-D arrays of one float type, out and src with unit stride along their
+    # last axis; sources an int32 array of at least nt values (scratch):
+    # out[r:r + rows, k0:k1] = coef[r:r + rows, :nt] @ src[:nt, k0:k1] for
+    # rows of 1 or 2, over the t where either row's coefficient is not 0
+    # (nonzero_sources_function), in calls of LISTED_VECTORS vectors of
+    # columns, the last one as wide as they are (masked). Each output is the
+    # chain block_multiply_add gives it, less terms that add 0 * x: the same
+    # value, as long as the chain holds no -0 (one started from +0 never
+    # does) and x is finite.
+    if not all(isinstance(a, types.Array) and a.ndim == 2 for a in (out, coef, src)):
+        return None
+    dtype = out.dtype
+    if not isinstance(dtype, types.Float) or coef.dtype != dtype or src.dtype != dtype:
+        return None
+    if not (isinstance(sources, types.Array) and sources.dtype == types.int32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        out_arr, coef_arr, src_arr, sources_arr = (
+            context.make_array(t)(context, builder, a)
+            for t, a in zip(signature.args[:4], args[:4]))
+        r_, rows_, nt_, k0_, k1_ = args[4:9]
+        i64 = ir.IntType(64)
+        value = context.get_value_type(dtype)
+        itemsize = context.get_abi_sizeof(value)
+        bits = target_vector_bits(context)
+        lanes = bits // 8 // itemsize
+        most = LISTED_VECTORS[bits]
+        chunk = most * lanes
+        zero = ir.Constant(i64, 0)
+        one = ir.Constant(i64, 1)
+        coef_stride = builder.extract_value(coef_arr.strides, 0)
+        first = element_address(builder, coef_arr, r_, zero, itemsize)
+        second = builder.gep(first, [builder.mul(builder.sub(rows_, one), coef_stride)])
+        pointer = builder.bitcast(sources_arr.data, ir.IntType(32).as_pointer())
+        count = cgutils.alloca_once(builder, i64)
+        builder.call(nonzero_sources_function(builder.module, value, itemsize, lanes),
+                     [pointer, count, first, second, nt_])
+        n = builder.load(count)
+
+        def call(function, k, tail):
+            builder.call(function, [
+                element_address(builder, out_arr, r_, k, itemsize),
+                builder.extract_value(out_arr.strides, 0), first, coef_stride,
+                element_address(builder, src_arr, zero, k, itemsize),
+                builder.extract_value(src_arr.strides, 0), pointer, n, rows_, tail])
+
+        width = builder.sub(k1_, k0_)
+        whole = builder.sdiv(width, ir.Constant(i64, chunk))
+        full = listed_function(builder.module, value, itemsize, lanes, most, False)
+        with cgutils.for_range(builder, whole) as loop:
+            call(full, builder.add(k0_, builder.mul(loop.index, ir.Constant(i64, chunk))),
+                 ir.Constant(i64, lanes))
+        k = builder.add(k0_, builder.mul(whole, ir.Constant(i64, chunk)))
+        rest = builder.sub(k1_, k)
+        vectors = builder.sdiv(builder.add(rest, ir.Constant(i64, lanes - 1)),
+                               ir.Constant(i64, lanes))
+        tail = builder.sub(rest, builder.mul(builder.sub(vectors, one), ir.Constant(i64, lanes)))
+        ragged = builder.icmp_signed("<", tail, ir.Constant(i64, lanes))
+        for nvec in range(1, most + 1):
+            with builder.if_then(builder.icmp_signed("==", vectors, ir.Constant(i64, nvec))):
+                with builder.if_else(ragged) as (then, otherwise):
+                    with then:
+                        call(listed_function(builder.module, value, itemsize, lanes, nvec, True),
+                             k, tail)
+                    with otherwise:
+                        call(listed_function(builder.module, value, itemsize, lanes, nvec,
+                                             False), k, tail)
+        return context.get_dummy_value()
+
+    index = types.intp
+    return types.void(out, coef, src, sources, index, index, index, index, index), codegen
+
+
 # Outputs a dot_tile call covers at most: whole tiles of 3 or of 4 outputs
 DOT_OUTPUTS = 12
 

@@ -46,14 +46,14 @@ CPUS = {
 MODELS = {"skylake-avx512": "skylake-avx512", "icelake-server": "icelake-server",
           "sapphirerapids": "sapphirerapids", "haswell": "haswell", "znver3": "znver2"}
 
-# Compiles block_multiply_add (64, 48 and 16 columns), dot_tile and
-# transpose_tile for float32 and float64; prints {"<dtype>-<kernel>": assembly}
+# Compiles block_multiply_add (64, 48 and 16 columns), dot_tile, transpose_tile
+# and listed_block for float32 and float64; prints {"<dtype>-<kernel>": assembly}
 CHILD = textwrap.dedent("""
     import json, sys
     import numba
     from numba import njit, types
     from fastmlp.jit import FASTMATH
-    from fastmlp.microkernel import block_multiply_add, dot_tile, transpose_tile
+    from fastmlp.microkernel import block_multiply_add, dot_tile, listed_block, transpose_tile
     out = {}
     for dtype in (types.float32, types.float64):
         matrix = types.Array(dtype, 2, "A")
@@ -74,6 +74,12 @@ CHILD = textwrap.dedent("""
         compiled = njit(types.void(matrix, matrix, types.intp, types.intp))(
             lambda dst, src, j, k: transpose_tile(dst, src, j, k))
         out[f"{dtype}-transpose"] = compiled.inspect_asm(compiled.signatures[0])
+        listed_signature = types.void(matrix, matrix, matrix, types.Array(types.int32, 1, "C"),
+                                      types.intp, types.intp, types.intp, types.intp, types.intp)
+        compiled = njit(listed_signature, fastmath=FASTMATH)(
+            lambda out, coef, src, sources, r, rows, nt, k0, k1: listed_block(
+                out, coef, src, sources, r, rows, nt, k0, k1))
+        out[f"{dtype}-listed"] = compiled.inspect_asm(compiled.signatures[0])
     print(json.dumps(out))
 """)
 

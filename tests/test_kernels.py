@@ -752,3 +752,59 @@ def test_packed_panels_give_the_unpacked_values(dtype, rng):
                                   nt, 0, C, nt, 0)
     assert np.array_equal(packed, unpacked)
     assert relative_error(packed, coef.astype(np.float64) @ src) < 1e-5
+
+
+def relu_like(rng, shape, zeros, dtype):
+    # a matrix with about `zeros` of its values 0, half of those -0 (a
+    # delta below a relu unit that is off: g * 0)
+    values = rng.standard_normal(shape).astype(dtype)
+    off = rng.random(shape) < zeros
+    values[off] = np.where(rng.random(shape) < 0.5, -0.0, 0.0)[off]
+    return values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# a listed block's columns: one call, one call and a masked vector, several
+# calls (float32: 128 a call), fewer than a vector
+@pytest.mark.parametrize("C", [64, 100, 300, 5])
+@pytest.mark.parametrize("zeros", [0.5, 0.9, 1.0])
+def test_listed_rows_give_the_register_blocks_values(dtype, C, zeros, rng):
+    """Where many coefficients are 0, rows_times_matrix sums pairs of rows
+    over the sources either needs: the same bits as the register blocks'
+    chains over every source, signs of zeros included, for odd row ranges
+    and a shifted output."""
+    nt = 25  # (300 float64 columns: 60 KB, within LISTED_MAX_BYTES)
+    coef = relu_like(rng, (13, nt), zeros, dtype)
+    src = rng.standard_normal((nt, C)).astype(dtype)
+    assert kernels.listed_rows(coef, src, 1, 12, nt, 0, C)
+    listed = np.full((13, C + 3), 7.0, dtype)
+    blocks = listed.copy()
+    kernels.rows_times_matrix(listed, coef, src, 1, 12, nt, 0, C, nt, 3)
+    kernels.dense_rows_times_matrix(blocks, coef, src, 1, 12, nt, 0, C, nt, 3)
+    assert np.array_equal(listed, blocks)
+    assert np.array_equal(np.signbit(listed), np.signbit(blocks))
+    assert (listed[0] == 7.0).all() and (listed[12] == 7.0).all()
+    assert (listed[:, :3] == 7.0).all()
+    expected = coef[1:12].astype(np.float64) @ src
+    assert relative_error(listed[1:12, 3:], expected) < (1e-5 if dtype == np.float32 else 1e-13)
+
+
+def test_listed_rows_skip_the_sources_of_zero_coefficients(rng):
+    # a source that only zero coefficients multiply is never read: an inf
+    # there leaves the listed sums finite, where the register blocks' give
+    # NaN (0 * inf); which path runs depends on the share of zeros and on
+    # the source block's size
+    coef = relu_like(rng, (10, 64), 0.5, np.float32)
+    coef[:, 3] = 0
+    src = rng.standard_normal((64, 128)).astype(np.float32)
+    src[3] = np.inf
+    listed = np.zeros((10, 128), np.float32)
+    blocks = listed.copy()
+    kernels.rows_times_matrix(listed, coef, src, 0, 10, 64, 0, 128, 64, 0)
+    kernels.dense_rows_times_matrix(blocks, coef, src, 0, 10, 64, 0, 128, 64, 0)
+    assert np.isfinite(listed).all() and np.isnan(blocks).all()
+    dense_coef = rng.standard_normal((10, 64)).astype(np.float32)
+    assert not kernels.listed_rows(dense_coef, src, 0, 10, 64, 0, 128)
+    big = rng.standard_normal((64, 512)).astype(np.float32)  # 128 KB
+    assert not kernels.listed_rows(coef, big, 0, 10, 64, 0, 512)
+    assert not kernels.listed_rows(np.asfortranarray(coef), src, 0, 10, 64, 0, 128)
