@@ -6,6 +6,10 @@ both backward products and the forward pass of wide layers) and `dot_tile`
 and `transpose_tile`, which keeps the forward pass's transposed weights
 current.
 
+`listed_block` is the register block of 2 rows over only the source rows
+that either row's coefficient needs (not 0): a relu layer's outputs and the
+deltas below it are about half zeros.
+
 `block_multiply_add(out, coef, src, r, rows, k0, nt, add, width)` computes
 out[r:r + rows, k0:k0 + width] (+)= coef[r:r + rows, :nt] @ src[:nt, k0:k0 + width]
 for rows 1 to 4; each output is one chain of multiply-adds over t = 0..nt-1
@@ -310,10 +314,12 @@ def nonzero_sources_function(module, value, itemsize, lanes):
 
     sources[:n] = the t < nt, ascending, where c0[t] or c1[t] is not 0
     (NaN counts as not 0; under DAZ a subnormal as 0, as the FMAs take
-    it), *count = n; c0 and c1 point to unit-stride rows. A vector of each
-    row is compared at once and the indices of its nonzero lanes stored
-    packed (`llvm.masked.compressstore`: vpcompressd on AVX-512); the last
-    nt % lanes one at a time."""
+    it), *count = n; c0 and c1 point to unit-stride rows, sources has room
+    for nt + lanes values. With AVX-512, a vector of each row is compared at
+    once and the indices of its nonzero lanes packed by vpcompressd into a
+    register, stored whole (its form that stores to memory is microcoded on
+    Zen 4: about 140 cycles); the last nt % lanes, and all of them on AVX2
+    (no compress), one at a time."""
     i64 = ir.IntType(64)
     i32 = ir.IntType(32)
     byte_pointer = ir.IntType(8).as_pointer()
@@ -326,15 +332,14 @@ def nonzero_sources_function(module, value, itemsize, lanes):
     vector = ir.VectorType(value, lanes)
     mask_type = ir.VectorType(ir.IntType(1), lanes)
     indices = ir.VectorType(i32, lanes)
-    # vpcompressd into a register, then a plain store: its form that stores
-    # to memory is microcoded on Zen 4 (about 140 cycles)
-    if lanes * itemsize == 64:
+    vectorized = lanes * itemsize == 64
+    if vectorized:
         compress = cgutils.get_or_insert_function(
             module, ir.FunctionType(indices, [indices, indices, mask_type]),
             f"llvm.x86.avx512.mask.compress.v{lanes}i32")
-    popcount = cgutils.get_or_insert_function(
-        module, ir.FunctionType(ir.IntType(lanes), [ir.IntType(lanes)]), f"llvm.ctpop.i{lanes}")
-    zero = ir.Constant(vector, None)
+        popcount = cgutils.get_or_insert_function(
+            module, ir.FunctionType(ir.IntType(lanes), [ir.IntType(lanes)]),
+            f"llvm.ctpop.i{lanes}")
     lane_numbers = ir.Constant(indices, list(range(lanes)))
 
     def at(row, t, kind):
@@ -342,13 +347,11 @@ def nonzero_sources_function(module, value, itemsize, lanes):
         return builder.bitcast(byte, kind.as_pointer())
 
     def nonzero(a, b):
-        return builder.or_(builder.fcmp_unordered("!=", a, zero if a.type == vector else
-                                                  ir.Constant(value, 0)),
-                           builder.fcmp_unordered("!=", b, zero if b.type == vector else
-                                                  ir.Constant(value, 0)))
+        # a != 0 or b != 0, of two scalars or two vectors
+        zero = ir.Constant(a.type, None)
+        return builder.or_(builder.fcmp_unordered("!=", a, zero),
+                           builder.fcmp_unordered("!=", b, zero))
 
-    # (AVX2 and SSE have no compress: all t one at a time)
-    vectorized = lanes * itemsize == 64
     full = (builder.mul(builder.sdiv(nt, ir.Constant(i64, lanes)), ir.Constant(i64, lanes))
             if vectorized else ir.Constant(i64, 0))
 
@@ -462,7 +465,7 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
 def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1):
     # out is (R, C), coef is (R, T) with unit stride along T, src is (T, C),
     # 2-D arrays of one float type, out and src with unit stride along their
-    # last axis; sources an int32 array of at least nt values (scratch):
+    # last axis; sources an int32 array of at least nt + 16 values (scratch):
     # out[r:r + rows, k0:k1] = coef[r:r + rows, :nt] @ src[:nt, k0:k1] for
     # rows of 1 or 2, over the t where either row's coefficient is not 0
     # (nonzero_sources_function), in calls of LISTED_VECTORS vectors of
