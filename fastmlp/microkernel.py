@@ -100,6 +100,21 @@ def target_vector_bits(context):
     return vector_bits(codegen._get_host_cpu_name(), codegen._tm_features)
 
 
+def array_arguments(context, builder, signature, args, count):
+    """An intrinsic's first `count` arguments as Numba array structs."""
+    return [context.make_array(t)(context, builder, a)
+            for t, a in zip(signature.args[:count], args[:count])]
+
+
+def value_layout(context, dtype):
+    """(LLVM type, size in bytes, target vector bits, lanes a vector) of dtype's
+    values in the code `context` generates."""
+    value = context.get_value_type(dtype)
+    itemsize = context.get_abi_sizeof(value)
+    bits = target_vector_bits(context)
+    return value, itemsize, bits, bits // 8 // itemsize
+
+
 def panel_vectors(bits):
     """Vectors per row in one column panel: 4 rows of accumulators plus the
     panel's source vectors and one broadcast within the register file."""
@@ -269,14 +284,10 @@ def block_multiply_add(typingctx, out, coef, src, r, rows, k0, nt, add, width):
     columns = width.literal_value
 
     def codegen(context, builder, signature, args):
-        out_arr, coef_arr, src_arr = (context.make_array(t)(context, builder, a)
-                                      for t, a in zip(signature.args[:3], args[:3]))
+        out_arr, coef_arr, src_arr = array_arguments(context, builder, signature, args, 3)
         r_, rows_, k0_, nt_, add_ = args[3:8]
         i64 = ir.IntType(64)
-        value = context.get_value_type(dtype)
-        itemsize = context.get_abi_sizeof(value)
-        bits = target_vector_bits(context)
-        lanes = bits // 8 // itemsize
+        value, itemsize, bits, lanes = value_layout(context, dtype)
 
         def address(array, row, column):
             return element_address(builder, array, row, column, itemsize)
@@ -482,15 +493,11 @@ def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1):
         return None
 
     def codegen(context, builder, signature, args):
-        out_arr, coef_arr, src_arr, sources_arr = (
-            context.make_array(t)(context, builder, a)
-            for t, a in zip(signature.args[:4], args[:4]))
+        out_arr, coef_arr, src_arr, sources_arr = array_arguments(context, builder, signature,
+                                                                  args, 4)
         r_, rows_, nt_, k0_, k1_ = args[4:9]
         i64 = ir.IntType(64)
-        value = context.get_value_type(dtype)
-        itemsize = context.get_abi_sizeof(value)
-        bits = target_vector_bits(context)
-        lanes = bits // 8 // itemsize
+        value, itemsize, bits, lanes = value_layout(context, dtype)
         most = LISTED_VECTORS[bits]
         chunk = most * lanes
         zero = ir.Constant(i64, 0)
