@@ -205,6 +205,38 @@ def splat(builder, scalar, vector):
         ir.Constant(ir.VectorType(i32, vector.count), [0] * vector.count))
 
 
+def first_lanes(builder, count, lanes):
+    # a mask of `lanes` lanes whose first `count` (an i64 value) are on
+    i64 = ir.VectorType(ir.IntType(64), lanes)
+    return builder.icmp_signed("<", ir.Constant(i64, list(range(lanes))),
+                               splat(builder, count, i64))
+
+
+def masked_load(builder, pointer, mask, itemsize):
+    # the vector at `pointer` where `mask` is on, 0 elsewhere (never read)
+    vector = pointer.type.pointee
+    i32 = ir.IntType(32)
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vector, [pointer.type, i32, mask.type, vector]),
+        f"llvm.masked.load.{masked_suffix(vector, itemsize)}")
+    return builder.call(function, [pointer, ir.Constant(i32, itemsize), mask,
+                                   ir.Constant(vector, None)])
+
+
+def masked_store(builder, value, pointer, mask, itemsize):
+    # value's lanes where `mask` is on, stored at `pointer`
+    i32 = ir.IntType(32)
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [value.type, pointer.type, i32, mask.type]),
+        f"llvm.masked.store.{masked_suffix(value.type, itemsize)}")
+    builder.call(function, [value, pointer, ir.Constant(i32, itemsize), mask])
+
+
+def masked_suffix(vector, itemsize):
+    # the type suffix of llvm.masked.load/store for `vector`
+    return f"v{vector.count}{'f32' if itemsize == 4 else 'f64'}.p0"
+
+
 def element_address(builder, array, row, column, itemsize):
     # &array[row, column] of a Numba array struct, as a byte pointer
     # (column in elements of `itemsize` bytes: the last axis has unit stride)
@@ -423,17 +455,7 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
     row = clamped_rows(builder, rows, LISTED_ROWS)
     out_rows = [builder.gep(out, [builder.mul(i, out_stride)]) for i in row]
     coef_rows = [builder.gep(coef, [builder.mul(i, coef_stride)]) for i in row]
-    suffix = f"v{lanes}{'f32' if itemsize == 4 else 'f64'}.p0"
-    if masked:
-        lane_indices = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
-        mask = builder.icmp_signed("<", lane_indices,
-                                   splat(builder, tail, ir.VectorType(i64, lanes)))
-        masked_load = cgutils.get_or_insert_function(
-            module, ir.FunctionType(vector, [vector.as_pointer(), i32, mask.type, vector]),
-            f"llvm.masked.load.{suffix}")
-        masked_store = cgutils.get_or_insert_function(
-            module, ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), i32, mask.type]),
-            f"llvm.masked.store.{suffix}")
+    mask = first_lanes(builder, tail, lanes) if masked else None
 
     def vector_at(pointer, v):
         byte = builder.gep(pointer, [ir.Constant(i64, v * lanes * itemsize)])
@@ -441,8 +463,7 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
 
     def load(pointer, v):
         if masked and v == nvec - 1:
-            return builder.call(masked_load, [vector_at(pointer, v), ir.Constant(i32, itemsize),
-                                              mask, ir.Constant(vector, None)])
+            return masked_load(builder, vector_at(pointer, v), mask, itemsize)
         return builder.load(vector_at(pointer, v), align=itemsize)
 
     def step(j, acc):
@@ -464,8 +485,8 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
         with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, i), rows), likely=True):
             for v in range(nvec):
                 if masked and v == nvec - 1:
-                    builder.call(masked_store, [acc[i * nvec + v], vector_at(out_rows[i], v),
-                                                ir.Constant(i32, itemsize), mask])
+                    masked_store(builder, acc[i * nvec + v], vector_at(out_rows[i], v), mask,
+                                 itemsize)
                 else:
                     builder.store(acc[i * nvec + v], vector_at(out_rows[i], v), align=itemsize)
     builder.ret_void()
@@ -612,7 +633,6 @@ def dot_function(module, value, itemsize, lanes, outs_per_tile):
     shared, 37.3-38.0, 11.4-11.8 and 3.29-3.35 (alike under `haswell` and
     `skylake-avx512` code generation: docs/performance.md)."""
     i64 = ir.IntType(64)
-    i32 = ir.IntType(32)
     byte_pointer = ir.IntType(8).as_pointer()
     function, builder = out_of_line_function(
         module, f"fastmlp_dot_{value}_{lanes}x{outs_per_tile}",
@@ -647,16 +667,10 @@ def dot_function(module, value, itemsize, lanes, outs_per_tile):
     # (adding exact zeros where the mask is off)
     looped = builder.block
     with builder.if_then(builder.icmp_signed("<", full, C), likely=False):
-        lane_indices = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
-        mask = builder.icmp_signed("<", lane_indices,
-                                   splat(builder, builder.sub(C, full), ir.VectorType(i64, lanes)))
-        masked_load = cgutils.get_or_insert_function(
-            module, ir.FunctionType(vector, [vector.as_pointer(), i32, mask.type, vector]),
-            f"llvm.masked.load.v{lanes}{'f32' if itemsize == 4 else 'f64'}.p0")
+        mask = first_lanes(builder, builder.sub(C, full), lanes)
 
         def tail(row):
-            return builder.call(masked_load, [vector_at(row, full), ir.Constant(i32, itemsize),
-                                              mask, ir.Constant(vector, None)])
+            return masked_load(builder, vector_at(row, full), mask, itemsize)
         tailed = multiply_add(acc, [tail(r) for r in x_rows], [tail(r) for r in w_rows])
         tail_end = builder.block
     merged = []
