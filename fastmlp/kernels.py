@@ -616,19 +616,26 @@ def source_panel(packed, src, t0, t1, k, width, pack):
 
 
 # rows_times_matrix takes pairs of rows over the sources where either row's
-# coefficient is not 0 (listed_block) where the coefficients are rows, at
-# least LISTED_MIN_ZEROS of those of the first LISTED_SAMPLE_ROWS rows are 0
-# (a relu layer's outputs and the deltas below it: about half) and the
-# source block stays in cache (LISTED_MAX_BYTES). One core of Zen 4, 100 rows
-# of the regression benchmark's network after 3 epochs (49% and 44% zeros):
-# its 128-64 forward in 0.83 of the register blocks' time, the delta of its
-# 128 hidden units in 0.64 (after 20 epochs, 82% and 57%: 0.42, 0.48); its
-# step 0.955 on 2 threads, 0.900 on 1 (docs/performance.md). The weight
-# gradients, whose coefficients are columns, keep the register blocks.
+# coefficient is not 0 (listed_block) where the coefficients are rows and
+# at least LISTED_MIN_ZEROS of those of the first LISTED_SAMPLE_ROWS rows are
+# 0: a relu layer's outputs and the deltas below it (about half), an image's
+# pixels (Fashion-MNIST's: half, and a third of two images' both). One core
+# of Zen 4, 100 rows of the regression benchmark's network after 3 epochs
+# (49% and 44% zeros): its 128-64 forward in 0.83 of the register blocks'
+# time, the delta of its 128 hidden units in 0.64 (after 20 epochs, 82% and
+# 57%: 0.42, 0.48); 100 Fashion-MNIST rows times 64 columns of 784-100's
+# transposed weights 0.72-0.74 (float32), 0.75-0.79 (float64)
+# (docs/performance.md).
 LISTED_MAX_SOURCES = 256
 # its list of sources, and room for the last vector of indices stored whole
 LISTED_SCRATCH = LISTED_MAX_SOURCES + 16
-LISTED_MAX_BYTES = 64 * 1024
+# A listed block's sources go in passes whose rows fit L1 (784 sources of
+# 64 float32 columns: 7 passes of 112, 0.72-0.74 of the register blocks'
+# time in three runs; 4 passes of 196 within 64 KB, 0.86 in one), in
+# blocks of columns of at most LISTED_COLUMN_BYTES a row: one call of
+# LISTED_VECTORS 512-bit vectors.
+LISTED_MAX_BYTES = 32 * 1024
+LISTED_COLUMN_BYTES = 512
 LISTED_SAMPLE_ROWS = 8
 LISTED_MIN_ZEROS = 0.4
 
@@ -648,8 +655,7 @@ def stack_indices(typingctx, size):
 @kernel
 def listed_rows(coef, src, r0, r1, nt, k0, k1):
     # whether rows_times_matrix takes rows r0:r1 in listed blocks
-    if (coef.strides[1] != coef.itemsize or nt > LISTED_MAX_SOURCES or nt == 0
-            or nt * (k1 - k0) * src.itemsize > LISTED_MAX_BYTES):
+    if coef.strides[1] != coef.itemsize or nt == 0:
         return False
     sampled = min(r1, r0 + LISTED_SAMPLE_ROWS)
     zeros = 0
@@ -668,13 +674,33 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col):
     # coefficients are 0 (listed_rows) by pairs of rows over the sources
     # either needs (listed_block). Each output is the same chain of
     # multiply-adds either way, less terms that add 0: the same values.
-    if not listed_rows(coef, src, r0, r1, nt, k0, k1):
+    if listed_rows(coef, src, r0, r1, nt, k0, k1):
+        listed_product(out[:, out_col:], coef, src, r0, r1, nt, k0, k1)
+    else:
         dense_rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col)
+
+
+@kernel
+def listed_product(out, coef, src, r0, r1, nt, k0, k1):
+    # out is (R, C), coef is (R, T) with unit stride along T, src is (T, C)
+    # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1] by pairs of rows
+    # over the sources either needs (listed_block)
+    if k1 <= k0:
         return
     sources = carray(stack_indices(LISTED_SCRATCH), LISTED_SCRATCH)
-    target = out[:, out_col:]
-    for r in range(r0, r1, LISTED_ROWS):
-        listed_block(target, coef, src, sources, r, min(LISTED_ROWS, r1 - r), nt, k0, k1)
+    # blocks of columns of at most LISTED_COLUMN_BYTES a source row, each
+    # over the sources in equal passes whose rows of the block fit
+    # LISTED_MAX_BYTES, each pass continuing the sums the one before stored
+    width = min(k1 - k0, LISTED_COLUMN_BYTES // src.itemsize)
+    most = max(1, min(LISTED_MAX_SOURCES, LISTED_MAX_BYTES // (width * src.itemsize)))
+    step = -(-nt // -(-nt // most))
+    for k in range(k0, k1, width):
+        k_end = min(k1, k + width)
+        for t0 in range(0, nt, step):
+            t1 = min(nt, t0 + step)
+            for r in range(r0, r1, LISTED_ROWS):
+                listed_block(out, coef[:, t0:t1], src[t0:t1], sources, r,
+                             min(LISTED_ROWS, r1 - r), t1 - t0, k, k_end, t0 > 0)
 
 
 @kernel

@@ -432,10 +432,11 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
     sources:
 
       void listed_block(out, out_stride, coef, coef_stride, src, src_stride,
-                        sources, n, rows, tail)
+                        sources, n, rows, tail, add)
 
     out[i, 0:nvec vectors] = sum over j < n of coef[i, t] * src[t, 0:nvec
-    vectors], t = sources[j], for rows i < rows (1 or 2), from 0; pointers
+    vectors], t = sources[j], for rows i < rows (1 or 2), from what out
+    holds if `add`, else from 0; pointers
     to out[r, k], coef[r, 0] (unit stride along t) and src[0, k], strides
     in bytes. With `masked`, the last vector holds `tail` values. Each
     output is the chain of FMAs block_multiply_add gives it over all t, less
@@ -446,10 +447,11 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
     function, builder = out_of_line_function(
         module, f"fastmlp_listed_{value}_{lanes}x{nvec}{'m' if masked else ''}",
         [byte_pointer, i64, byte_pointer, i64, byte_pointer, i64, i32.as_pointer(), i64, i64,
-         i64])
+         i64, ir.IntType(1)])
     if builder is None:
         return function
-    out, out_stride, coef, coef_stride, src, src_stride, sources, n, rows, tail = function.args
+    (out, out_stride, coef, coef_stride, src, src_stride, sources, n, rows, tail,
+     add) = function.args
     vector = ir.VectorType(value, lanes)
     flags = ("contract",)
     row = clamped_rows(builder, rows, LISTED_ROWS)
@@ -479,8 +481,10 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
                                  flags=flags) for v in range(nvec)]
         return new
 
-    acc = accumulating_loop(builder, [ir.Constant(vector, None)] * (LISTED_ROWS * nvec), n, 1,
-                            step)
+    zero = ir.Constant(vector, None)
+    start = [builder.select(add, load(out_rows[i], v), zero)
+             for i in range(LISTED_ROWS) for v in range(nvec)]
+    acc = accumulating_loop(builder, start, n, 1, step)
     for i in range(LISTED_ROWS):
         with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, i), rows), likely=True):
             for v in range(nvec):
@@ -494,12 +498,13 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
 
 
 @intrinsic
-def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1):
+def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1, add):
     # out is (R, C), coef is (R, T) with unit stride along T, src is (T, C),
     # 2-D arrays of one float type, out and src with unit stride along their
     # last axis; sources an int32 array of at least nt + 16 values (scratch):
-    # out[r:r + rows, k0:k1] = coef[r:r + rows, :nt] @ src[:nt, k0:k1] for
-    # rows of 1 or 2, over the t where either row's coefficient is not 0
+    # out[r:r + rows, k0:k1] = coef[r:r + rows, :nt] @ src[:nt, k0:k1] (added
+    # to what out holds if `add`) for rows of 1 or 2, over the t where
+    # either row's coefficient is not 0
     # (nonzero_sources_function), in calls of LISTED_VECTORS vectors of
     # columns, the last one as wide as they are (masked). Each output is the
     # chain block_multiply_add gives it, less terms that add 0 * x: the same
@@ -516,7 +521,7 @@ def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1):
     def codegen(context, builder, signature, args):
         out_arr, coef_arr, src_arr, sources_arr = array_arguments(context, builder, signature,
                                                                   args, 4)
-        r_, rows_, nt_, k0_, k1_ = args[4:9]
+        r_, rows_, nt_, k0_, k1_, add_ = args[4:10]
         i64 = ir.IntType(64)
         value, itemsize, bits, lanes = value_layout(context, dtype)
         most = LISTED_VECTORS[bits]
@@ -537,7 +542,7 @@ def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1):
                 element_address(builder, out_arr, r_, k, itemsize),
                 builder.extract_value(out_arr.strides, 0), first, coef_stride,
                 element_address(builder, src_arr, zero, k, itemsize),
-                builder.extract_value(src_arr.strides, 0), pointer, n, rows_, tail])
+                builder.extract_value(src_arr.strides, 0), pointer, n, rows_, tail, add_])
 
         width = builder.sub(k1_, k0_)
         whole = builder.sdiv(width, ir.Constant(i64, chunk))
@@ -563,7 +568,8 @@ def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1):
         return context.get_dummy_value()
 
     index = types.intp
-    return types.void(out, coef, src, sources, index, index, index, index, index), codegen
+    return types.void(out, coef, src, sources, index, index, index, index, index,
+                      types.boolean), codegen
 
 
 # Outputs a dot_tile call covers at most: whole tiles of 3 or of 4 outputs

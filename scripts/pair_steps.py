@@ -4,6 +4,8 @@
     python scripts/pair_steps.py --before 28c5601 --after HEAD --workload W3 --threads 1
     python scripts/pair_steps.py --before HEAD~1 --sizes 100-128-64-1 --batch 200 \\
         --rows 200000 --input float32 --output linear --optimizer adam
+    python scripts/pair_steps.py --before HEAD~1 --sizes 784-100-10 --activation relu \\
+        --batch 200 --optimizer adam --input float32 --data fashion-mnist   # MLPClassifier's
 
 On a shared machine a step's time moves by up to 2x from one minute to the
 next, so two versions timed in separate runs, even alternated, compare the
@@ -100,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--input", default="uint8", choices=["uint8", "float32", "float64"],
                         help="dtype of the random training rows")
     parser.add_argument("--rows", type=int, default=60000, help="rows of training data")
+    parser.add_argument("--data", default="random", choices=["random", "fashion-mnist"],
+                        help="random rows, or Fashion-MNIST's training images (pixels "
+                             "scaled to [0, 1] unless --input uint8; its 60,000 rows at most)")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"])
     parser.add_argument("--lr", type=float,
                         help="learning rate of sgd/momentum (default: the workload's)")
@@ -123,12 +128,17 @@ def main(argv=None):
     args.activation = args.activation or activation
     args.batch = args.batch or batch
     args.lr = args.lr or lr
+    if args.data == "fashion-mnist":
+        if args.layer_sizes[0] != 784 or args.output != "softmax" or args.layer_sizes[-1] != 10:
+            parser.error("--data fashion-mnist needs 784 inputs and 10 softmax outputs")
+        args.rows = min(args.rows, 60000)
     if args.batch * 2 > args.rows:
         parser.error("--rows must hold at least two batches")
     if args.first is None:
         return both_orders(sys.argv[1:] if argv is None else argv)
 
-    times = alternate(args, *random_data(args))
+    times = alternate(args, *(random_data(args) if args.data == "random"
+                              else fashion_mnist(args)))
     before, after = np.array(times["fastmlp_before"]), np.array(times["fastmlp_after"])
     ratio = after / before
     shape = "-".join(map(str, args.layer_sizes))
@@ -154,6 +164,18 @@ def random_data(args):
         np.float64 if args.dtype == "float64" else np.float32) if args.output == "linear"
          else rng.integers(0, args.layer_sizes[-1], n).astype(np.int32))
     return X, y, rng.permutation(n)
+
+
+def fashion_mnist(args):
+    """(X, y, row order) of Fashion-MNIST's first --rows training images
+    (whose pixels are half zeros) and their labels."""
+    sys.path.insert(0, ROOT)
+    from fastmlp import datasets
+    images, labels, _, _ = datasets.load("fashion-mnist")
+    X = images.reshape(len(images), -1)[:args.rows]
+    if args.input != "uint8":
+        X = X.astype(args.input) / 255
+    return X, labels[:args.rows].astype(np.int32), np.random.default_rng(0).permutation(len(X))
 
 
 def alternate(args, X, y, order):

@@ -768,12 +768,15 @@ def relu_like(rng, shape, zeros, dtype):
 # calls (float32: 128 a call), fewer than a vector
 @pytest.mark.parametrize("C", [64, 100, 300, 5])
 @pytest.mark.parametrize("zeros", [0.5, 0.9, 1.0])
-def test_listed_rows_give_the_register_blocks_values(dtype, C, zeros, rng):
+# one pass over the sources; several (300 x 64 float32 values: 75 KB,
+# beyond LISTED_MAX_BYTES), as an image's pixels take
+@pytest.mark.parametrize("nt", [25, 300])
+def test_listed_rows_give_the_register_blocks_values(dtype, C, zeros, nt, rng):
     """Where many coefficients are 0, rows_times_matrix sums pairs of rows
     over the sources either needs: the same bits as the register blocks'
     chains over every source, signs of zeros included, for odd row ranges
-    and a shifted output."""
-    nt = 25  # (300 float64 columns: 60 KB, within LISTED_MAX_BYTES)
+    and a shifted output, whether the sums take one pass over the sources
+    or several, each continuing the last."""
     coef = relu_like(rng, (13, nt), zeros, dtype)
     src = rng.standard_normal((nt, C)).astype(dtype)
     assert kernels.listed_rows(coef, src, 1, 12, nt, 0, C)
@@ -793,18 +796,20 @@ def test_listed_rows_skip_the_sources_of_zero_coefficients(rng):
     # a source that only zero coefficients multiply is never read: an inf
     # there leaves the listed sums finite, where the register blocks' give
     # NaN (0 * inf); which path runs depends on the share of zeros and on
-    # the source block's size
-    coef = relu_like(rng, (10, 64), 0.5, np.float32)
-    coef[:, 3] = 0
-    src = rng.standard_normal((64, 128)).astype(np.float32)
-    src[3] = np.inf
-    listed = np.zeros((10, 128), np.float32)
-    blocks = listed.copy()
-    kernels.rows_times_matrix(listed, coef, src, 0, 10, 64, 0, 128, 64, 0)
-    kernels.dense_rows_times_matrix(blocks, coef, src, 0, 10, 64, 0, 128, 64, 0)
-    assert np.isfinite(listed).all() and np.isnan(blocks).all()
+    # the coefficients' layout. 784 sources (an image's pixels) take 13
+    # passes; the one zero source is in the last.
+    for nt, zero in ((64, 3), (784, 700)):
+        coef = relu_like(rng, (10, nt), 0.5, np.float32)
+        coef[:, zero] = 0
+        src = rng.standard_normal((nt, 128)).astype(np.float32)
+        src[zero] = np.inf
+        listed = np.zeros((10, 128), np.float32)
+        blocks = listed.copy()
+        kernels.rows_times_matrix(listed, coef, src, 0, 10, nt, 0, 128, nt, 0)
+        kernels.dense_rows_times_matrix(blocks, coef, src, 0, 10, nt, 0, 128, nt, 0)
+        assert np.isfinite(listed).all() and np.isnan(blocks).all()
     dense_coef = rng.standard_normal((10, 64)).astype(np.float32)
+    src = src[:64]
     assert not kernels.listed_rows(dense_coef, src, 0, 10, 64, 0, 128)
-    big = rng.standard_normal((64, 512)).astype(np.float32)  # 128 KB
-    assert not kernels.listed_rows(coef, big, 0, 10, 64, 0, 512)
-    assert not kernels.listed_rows(np.asfortranarray(coef), src, 0, 10, 64, 0, 128)
+    assert kernels.listed_rows(coef[:, :64], src, 0, 10, 64, 0, 128)
+    assert not kernels.listed_rows(np.asfortranarray(coef[:, :64]), src, 0, 10, 64, 0, 128)
