@@ -624,7 +624,7 @@ def source_panel(packed, src, t0, t1, k, width, pack):
 # (49% and 44% zeros): its 128-64 forward in 0.83 of the register blocks'
 # time, the delta of its 128 hidden units in 0.64 (after 20 epochs, 82% and
 # 57%: 0.42, 0.48); 100 Fashion-MNIST rows times 64 columns of 784-100's
-# transposed weights 0.72-0.74 (float32), 0.75-0.79 (float64)
+# transposed weights 0.72-0.74 (float32), 0.73-0.79 (float64)
 # (docs/performance.md).
 LISTED_MAX_SOURCES = 256
 # its list of sources, and room for the last vector of indices stored whole

@@ -100,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64",
                                                                 "bfloat16"])
     parser.add_argument("--input", default="uint8", choices=["uint8", "float32", "float64"],
-                        help="dtype of the random training rows")
+                        help="dtype of the training rows")
     parser.add_argument("--rows", type=int, default=60000, help="rows of training data")
     parser.add_argument("--data", default="random", choices=["random", "fashion-mnist"],
                         help="random rows, or Fashion-MNIST's training images (pixels "
