@@ -653,7 +653,7 @@ def stack_indices(typingctx, size):
 
 
 @kernel
-def listed_rows(coef, src, r0, r1, nt, k0, k1):
+def listed_rows(coef, r0, r1, nt):
     # whether rows_times_matrix takes rows r0:r1 in listed blocks
     if coef.strides[1] != coef.itemsize or nt == 0:
         return False
@@ -674,7 +674,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col):
     # coefficients are 0 (listed_rows) by pairs of rows over the sources
     # either needs (listed_block). Each output is the same chain of
     # multiply-adds either way, less terms that add 0: the same values.
-    if listed_rows(coef, src, r0, r1, nt, k0, k1):
+    if listed_rows(coef, r0, r1, nt):
         listed_product(out[:, out_col:], coef, src, r0, r1, nt, k0, k1)
     else:
         dense_rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col)
