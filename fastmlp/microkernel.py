@@ -100,6 +100,15 @@ def target_vector_bits(context):
     return vector_bits(codegen._get_host_cpu_name(), codegen._tm_features)
 
 
+@intrinsic
+def compiled_vector_bits(typingctx):
+    # the vector width (512, 256 or 128) of the CPU the calling kernel is
+    # compiled for, as a constant (target_vector_bits)
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(64), target_vector_bits(context))
+    return types.int64(), codegen
+
+
 def array_arguments(context, builder, signature, args, count):
     """An intrinsic's first `count` arguments as Numba array structs."""
     return [context.make_array(t)(context, builder, a)

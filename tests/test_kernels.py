@@ -812,3 +812,63 @@ def test_listed_rows_skip_the_sources_of_zero_coefficients(rng):
     assert not kernels.listed_rows(dense_coef, 0, 10, 64)
     assert kernels.listed_rows(coef[:, :64], 0, 10, 64)
     assert not kernels.listed_rows(np.asfortranarray(coef[:, :64]), 0, 10, 64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# weight rows and inputs: the regression benchmark's first and second
+# layers (a masked last vector; one listed call), odd rows of a wide layer
+# past a column piece at 64 (several calls a row, and at 100 batch rows
+# chunks of 80 weight rows), a few of each
+@pytest.mark.parametrize("j0,j1,k0,C", [(0, 128, 0, 100), (0, 64, 0, 128), (3, 200, 64, 300),
+                                        (1, 6, 0, 5)])
+# batch rows: fewer than a transposed tile, not a multiple of one, a batch
+# summed at once
+@pytest.mark.parametrize("nrows", [3, 100, kernels.MAX_SUM_ROWS])
+def test_listed_deltas_give_the_register_blocks_values(dtype, j0, j1, k0, C, nrows, rng):
+    """Where many pairs of deltas are both 0, dense_backward_weight sums
+    pairs of weight rows over the batch rows either needs: the same bits as
+    the register blocks' chains over every row, signs of zeros included, and
+    nothing written outside rows j0:j1 and columns k0:C."""
+    dout = relu_like(rng, (kernels.MAX_SUM_ROWS + 2, 201), 0.8, dtype)
+    inp = rng.standard_normal((kernels.MAX_SUM_ROWS + 2, C)).astype(dtype)
+    assert kernels.listed_deltas(dout, j0, j1, nrows)
+    listed = np.full((201, C), 7.0, dtype)
+    blocks = listed.copy()
+    kernels.dense_backward_weight(listed, dout, inp, j0, j1, nrows, k0, C)
+    kernels.blocked_backward_weight(blocks, dout, inp, j0, j1, nrows, k0, C)
+    assert np.array_equal(listed, blocks)
+    assert np.array_equal(np.signbit(listed), np.signbit(blocks))
+    assert (listed[:j0] == 7.0).all() and (listed[j1:] == 7.0).all()
+    assert (listed[:, :k0] == 7.0).all()
+    expected = dout[:nrows, j0:j1].T.astype(np.float64) @ inp[:nrows, k0:]
+    assert relative_error(listed[j0:j1, k0:], expected) < (1e-5 if dtype == np.float32 else 1e-13)
+
+
+def test_listed_deltas_skip_the_inputs_of_zero_deltas(rng):
+    # an input row whose deltas are all 0 is never read by the listed pairs:
+    # an inf there leaves their sums finite, where the register blocks'
+    # give NaN (0 * inf); which path runs depends on the share of pairs of
+    # zeros sampled, the dtype and the number of batch rows
+    dout = relu_like(rng, (100, 128), 0.8, np.float32)
+    dout[40] = 0
+    inp = rng.standard_normal((100, 100)).astype(np.float32)
+    inp[40] = np.inf
+    listed = np.zeros((128, 100), np.float32)
+    blocks = listed.copy()
+    kernels.dense_backward_weight(listed, dout, inp, 0, 128, 100, 0, 100)
+    kernels.blocked_backward_weight(blocks, dout, inp, 0, 128, 100, 0, 100)
+    assert np.isfinite(listed).all() and np.isnan(blocks).all()
+    # about 49% of pairs both 0 (0.7 zeros) and 36% (0.6): taken where that
+    # reaches the compiled target's share (AVX-512: float32 30%, float64
+    # 40%; AVX2 50%); none, and more rows than one sum takes, never
+    for zeros in (0.6, 0.7):
+        deltas = relu_like(rng, (100, 128), zeros, np.float32)
+        sampled = deltas[:kernels.LISTED_DELTA_ROWS, :2 * kernels.LISTED_DELTA_PAIRS]
+        both = ((sampled[:, 0::2] == 0) & (sampled[:, 1::2] == 0)).mean()
+        for dtype in (np.float32, np.float64):
+            share = kernels.listed_min_pair_zeros(np.dtype(dtype).itemsize)
+            assert abs(both - share) > 0.02
+            assert kernels.listed_deltas(deltas.astype(dtype), 0, 128, 100) == (both >= share)
+    assert not kernels.listed_deltas(rng.standard_normal((100, 128)), 0, 128, 100)
+    tall = relu_like(rng, (kernels.MAX_SUM_ROWS + 1, 128), 0.9, np.float32)
+    assert not kernels.listed_deltas(tall, 0, 128, kernels.MAX_SUM_ROWS + 1)
