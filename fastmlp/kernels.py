@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 from .bfloat16 import round_bfloat16
 from .expf import fast_exp, fast_tanh
 from .heads import copy_targets
-from .jit import driver_kernel, kernel, ordered_kernel
+from .jit import driver_kernel, inline_kernel, kernel, ordered_kernel
 from .microkernel import (DOT_OUTPUTS, LISTED_ROWS, TRANSPOSE_BYTES, block_multiply_add,
                           compiled_vector_bits, dot_tile, listed_block, transpose_tile)
 
@@ -467,16 +467,19 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # weight row, and each row sums over batch rows in the same order
     # whatever the thread count: by blocked_backward_weight's register
     # blocks or, where many pairs of weight rows have deltas that are both 0
-    # (listed_deltas), by listed pairs (listed_deltas_times_inputs). Each
-    # weight is the same chain of multiply-adds either way, less terms that
-    # add 0: the same values.
+    # (listed_deltas), by pairs of weight rows over the batch rows either
+    # needs (deltas_times_inputs on the deltas' columns copied as rows,
+    # which rows_times_matrix lists). Each weight is the same chain of
+    # multiply-adds either way, less terms that add 0: the same values.
+    # (`copied` as np.bool_: a literal True or False would compile
+    # deltas_times_inputs twice.)
     if listed_deltas(dout, j0, j1, nrows):
-        listed_deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1)
+        deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1, np.bool_(True))
     else:
         blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1)
 
 
-@kernel
+@inline_kernel
 def blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # dense_backward_weight by register blocks: the last (k1 - k0) % 16
     # columns go transposed for whole blocks of 16 weight rows
@@ -485,10 +488,11 @@ def blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     main = k0 + (k1 - k0) // NARROW_COLUMNS * NARROW_COLUMNS
     tail_rows = j0 + (j1 - j0) // NARROW_COLUMNS * NARROW_COLUMNS if main < k1 else j0
     if tail_rows > j0:
-        deltas_times_inputs(dweight, dout, inp, j0, tail_rows, nrows, k0, main)
+        deltas_times_inputs(dweight, dout, inp, j0, tail_rows, nrows, k0, main,
+                            np.bool_(False))
         weight_tail_columns(dweight, dout, inp, j0, tail_rows, nrows, main, k1)
     if j1 > tail_rows:
-        deltas_times_inputs(dweight, dout, inp, tail_rows, j1, nrows, k0, k1)
+        deltas_times_inputs(dweight, dout, inp, tail_rows, j1, nrows, k0, k1, np.bool_(False))
 
 
 # dense_backward_weight takes weight rows in listed pairs (rows of the
@@ -498,7 +502,7 @@ def blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
 # come shuffled) are both 0: on AVX-512, LISTED_MIN_PAIR_ZEROS_512 for
 # float32, float64; on AVX2, LISTED_MIN_PAIR_ZEROS_256. One core of Zen 4,
 # 100 batch rows, deltas 0 at random, against the register blocks (the
-# transpose included) of 128 x 100, 64 x 128, 100 x 784 and 32 x 512
+# copy included) of 128 x 100, 64 x 128, 100 x 784 and 32 x 512
 # weights, pairs both 0:
 # - 36%: float32 0.71-0.88 (`skylake-avx512` 0.73-0.87, `haswell` 0.87-1.22);
 #   float64 0.85 (128 x 100);
@@ -515,7 +519,7 @@ LISTED_DELTA_PAIRS = 32
 LISTED_DELTA_ROWS = 16
 
 
-@kernel
+@inline_kernel
 def listed_min_pair_zeros(itemsize):
     # the share of pairs of deltas both 0 from which dense_backward_weight
     # lists them, for values of `itemsize` bytes on the compiled target
@@ -524,7 +528,7 @@ def listed_min_pair_zeros(itemsize):
     return LISTED_MIN_PAIR_ZEROS_512[0] if itemsize == 4 else LISTED_MIN_PAIR_ZEROS_512[1]
 
 
-@kernel
+@inline_kernel
 def listed_deltas(dout, j0, j1, nrows):
     # whether dense_backward_weight takes weight rows j0:j1 in listed pairs
     if nrows > MAX_SUM_ROWS or j1 - j0 < 2:
@@ -540,24 +544,7 @@ def listed_deltas(dout, j0, j1, nrows):
 
 
 @kernel
-def listed_deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
-    # dweight is (OC, C), dout is (B, OC), inp is (B, C); nrows at most
-    # MAX_SUM_ROWS
-    # dweight[j0:j1, k0:k1] = dout[:nrows, j0:j1].T @ inp[:nrows, k0:k1] by
-    # listed pairs of weight rows (listed_product): as many columns of dout
-    # as fit the stack's panel are copied as its rows (transposed_panel),
-    # whose nonzero values the lists then pick. The same values as
-    # deltas_times_inputs', less terms that add 0 * x.
-    packed = carray(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
-    chunk = PACK_VALUES // max(nrows, 1) // 2 * 2
-    for c0 in range(j0, j1, chunk):
-        c1 = min(j1, c0 + chunk)
-        coef = transposed_panel(packed, dout, np.int64(0), nrows, nrows, c0, c1)
-        listed_product(dweight[c0:c1], coef, inp, np.int64(0), c1 - c0, nrows, k0, k1)
-
-
-@kernel
-def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
+def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1, copied):
     # dweight is (OC, C), dout is (B, OC), inp is (B, C)
     # dweight[j0:j1, k0:k1] = dout[:nrows, j0:j1].T @ inp[:nrows, k0:k1] by
     # rows_times_matrix, whose coefficients are dout's columns. Read in
@@ -568,11 +555,14 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # again. There, for PACKED_DELTAS_MIN_COLUMNS inputs or more (a copy
     # that many multiply-adds repay), the columns are first copied into
     # contiguous rows on the stack, as many weight rows at a time as fit
-    # (MAX_SUM_ROWS batch rows at most). The copy changes no value. (Both
+    # (MAX_SUM_ROWS batch rows at most). The copy changes no value. With
+    # `copied` (listed_deltas), the columns are copied whatever their
+    # stride, and rows_times_matrix takes their rows in listed pairs. (Both
     # calls pass coef as `[:, ::1]`, which Numba types as any-layout: one
     # compiled rows_times_matrix for all callers; it only reads coef's
     # scalars.)
-    if nrows > MAX_SUM_ROWS or k1 - k0 < PACKED_DELTAS_MIN_COLUMNS or not few_sets(dout):
+    if nrows > MAX_SUM_ROWS or not (copied or (k1 - k0 >= PACKED_DELTAS_MIN_COLUMNS
+                                               and few_sets(dout))):
         rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
                           np.int64(MAX_SUM_ROWS), np.int64(0))
         return
