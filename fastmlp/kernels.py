@@ -502,17 +502,16 @@ def blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
 # come shuffled) are both 0: on AVX-512, LISTED_MIN_PAIR_ZEROS_512 for
 # float32, float64; on AVX2, LISTED_MIN_PAIR_ZEROS_256. One core of Zen 4,
 # 100 batch rows, deltas 0 at random, against the register blocks (the
-# copy included) of 128 x 100, 64 x 128, 100 x 784 and 32 x 512
-# weights, pairs both 0:
-# - 36%: float32 0.71-0.88 (`skylake-avx512` 0.73-0.87, `haswell` 0.87-1.22);
-#   float64 0.85 (128 x 100);
-# - 49%: float32 0.61-0.74 (`haswell` 0.75-1.04), float64 0.67-0.77
-#   (`haswell` 0.73-0.88);
-# - 64%: 0.46-0.60 (`haswell` 0.59-0.76).
-# (Not 32 x 512 in float64, which deltas_times_inputs' copy already lists:
-# 0.94-1.01.)
-# The regression benchmark's network after 20 epochs (67% of its first
-# layer's pairs): its first weight gradient 0.54 (float64 0.58).
+# copy included) of 128 x 100, 64 x 128, 100 x 784 and 32 x 512 weights,
+# pairs both 0:
+# - 36%: float32 0.76-0.97 (`skylake-avx512` 0.84-0.98); float64 0.94
+#   (128 x 100);
+# - 49%: float32 0.64-0.82, float64 0.61-0.78 (`haswell` 0.97-1.03 where taken);
+# - 64%: 0.47-0.69 (`haswell` 0.68-0.87).
+# (Not 32 x 512 in float64, whose deltas' columns, 256 bytes apart, are
+# copied and listed anyway: 0.98-1.03.) The regression benchmark's network
+# after 20 epochs (67% of its first layer's pairs): its first weight
+# gradient 0.68 (float64 0.55), its second 0.86 (docs/performance.md).
 LISTED_MIN_PAIR_ZEROS_512 = (0.3, 0.4)
 LISTED_MIN_PAIR_ZEROS_256 = 0.5
 LISTED_DELTA_PAIRS = 32
