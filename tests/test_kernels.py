@@ -821,7 +821,7 @@ def test_listed_rows_skip_the_sources_of_zero_coefficients(rng):
 # chunks of 80 weight rows), a few of each
 @pytest.mark.parametrize("j0,j1,k0,C", [(0, 128, 0, 100), (0, 64, 0, 128), (3, 200, 64, 300),
                                         (1, 6, 0, 5)])
-# batch rows: fewer than a transposed tile, not a multiple of one, a batch
+# batch rows: fewer than listed_rows samples on the copy, 100, a batch
 # summed at once
 @pytest.mark.parametrize("nrows", [3, 100, kernels.MAX_SUM_ROWS])
 def test_listed_deltas_give_the_register_blocks_values(dtype, j0, j1, k0, C, nrows, rng):
