@@ -530,7 +530,7 @@ def listed_min_pair_zeros(itemsize):
 @inline_kernel
 def listed_deltas(dout, j0, j1, nrows):
     # whether dense_backward_weight takes weight rows j0:j1 in listed pairs
-    if nrows > MAX_SUM_ROWS or j1 - j0 < 2:
+    if nrows == 0 or nrows > MAX_SUM_ROWS or j1 - j0 < 2:
         return False
     pairs = min(j1 - j0, 2 * LISTED_DELTA_PAIRS) // 2
     rows = min(nrows, LISTED_DELTA_ROWS)
@@ -539,7 +539,7 @@ def listed_deltas(dout, j0, j1, nrows):
         row = dout[t, j0:j0 + 2 * pairs]
         for i in range(pairs):
             both += (row[2 * i] == 0) & (row[2 * i + 1] == 0)
-    return both > 0 and both >= listed_min_pair_zeros(dout.itemsize) * pairs * rows
+    return both >= listed_min_pair_zeros(dout.itemsize) * pairs * rows
 
 
 @kernel
