@@ -466,17 +466,29 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # k0 a multiple of BLOCK_COLUMNS (or k0:k1 all of C). One writer per
     # weight row, and each row sums over batch rows in the same order
     # whatever the thread count: by blocked_backward_weight's register
-    # blocks or, where many pairs of weight rows have deltas that are both 0
-    # (listed_deltas), by pairs of weight rows over the batch rows either
-    # needs (deltas_times_inputs on the deltas' columns copied as rows,
-    # which rows_times_matrix lists). Each weight is the same chain of
+    # blocks or, in windows of weight rows where many pairs of them have
+    # deltas that are both 0 once sorted by their zeros (zero_sorted_pairs),
+    # by those pairs over the batch rows either needs
+    # (sorted_pairs_times_inputs). Each weight is the same chain of
     # multiply-adds either way, less terms that add 0: the same values.
-    # (`copied` as np.bool_: a literal True or False would compile
-    # deltas_times_inputs twice.)
-    if listed_deltas(dout, j0, j1, nrows):
-        deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1, np.bool_(True))
-    else:
+    if not 0 < nrows <= MAX_SUM_ROWS or j1 - j0 < 2 or k1 <= k0:
         blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1)
+        return
+    order = carray(stack_indices(SORTED_MAX_ROWS), SORTED_MAX_ROWS)
+    # equal windows whose deltas, copied as rows, fit PACK_VALUES
+    most = min(SORTED_MAX_ROWS, PACK_VALUES // nrows)
+    windows = -(-(j1 - j0) // most)
+    span = -(-(j1 - j0) // windows)
+    blocked = j0  # the windows from here on not yet computed take the blocks
+    for w0 in range(j0, j1, span):
+        w1 = min(j1, w0 + span)
+        if zero_sorted_pairs(order, dout, w0, w1, nrows) >= listed_min_pair_zeros(dout.itemsize):
+            if blocked < w0:
+                blocked_backward_weight(dweight, dout, inp, blocked, w0, nrows, k0, k1)
+            sorted_pairs_times_inputs(dweight, dout, inp, order, w0, w1 - w0, nrows, k0, k1)
+            blocked = w1
+    if blocked < j1:
+        blocked_backward_weight(dweight, dout, inp, blocked, j1, nrows, k0, k1)
 
 
 @inline_kernel
@@ -488,34 +500,38 @@ def blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     main = k0 + (k1 - k0) // NARROW_COLUMNS * NARROW_COLUMNS
     tail_rows = j0 + (j1 - j0) // NARROW_COLUMNS * NARROW_COLUMNS if main < k1 else j0
     if tail_rows > j0:
-        deltas_times_inputs(dweight, dout, inp, j0, tail_rows, nrows, k0, main,
-                            np.bool_(False))
+        deltas_times_inputs(dweight, dout, inp, j0, tail_rows, nrows, k0, main)
         weight_tail_columns(dweight, dout, inp, j0, tail_rows, nrows, main, k1)
     if j1 > tail_rows:
-        deltas_times_inputs(dweight, dout, inp, tail_rows, j1, nrows, k0, k1, np.bool_(False))
+        deltas_times_inputs(dweight, dout, inp, tail_rows, j1, nrows, k0, k1)
 
 
-# dense_backward_weight takes weight rows in listed pairs (rows of the
-# deltas' transpose: the batch rows where either delta is not 0) where at
-# least a share of the pairs of deltas sampled (the first
-# LISTED_DELTA_PAIRS pairs over the first LISTED_DELTA_ROWS batch rows, which
-# come shuffled) are both 0: on AVX-512, LISTED_MIN_PAIR_ZEROS_512 for
-# float32, float64; on AVX2, LISTED_MIN_PAIR_ZEROS_256. One core of Zen 4,
-# 100 batch rows, deltas 0 at random, against the register blocks (the
-# copy included) of 128 x 100, 64 x 128, 100 x 784 and 32 x 512 weights,
+# dense_backward_weight sorts a window's weight rows by how many of their
+# deltas are 0 over the first PAIR_SAMPLE_ROWS batch rows (which come
+# shuffled), pairs them in that order (units that are 0 for most rows
+# together), and lists the pairs where at least a share of the sampled pairs
+# of deltas are both 0: on AVX-512, LISTED_MIN_PAIR_ZEROS_512 for float32,
+# float64; on AVX2, LISTED_MIN_PAIR_ZEROS_256. One core of Zen 4, 100 batch
+# rows, deltas 0 at random, against the register blocks (the copy and the
+# sort included) of 128 x 100, 64 x 128, 100 x 784 and 32 x 512 weights,
 # pairs both 0:
-# - 36%: float32 0.76-0.97 (`skylake-avx512` 0.84-0.98); float64 0.94
-#   (128 x 100);
-# - 49%: float32 0.64-0.82, float64 0.61-0.78 (`haswell` 0.97-1.03 where taken);
-# - 64%: 0.47-0.69 (`haswell` 0.68-0.87).
-# (Not 32 x 512 in float64, whose deltas' columns, 256 bytes apart, are
-# copied and listed anyway: 0.98-1.03.) The regression benchmark's network
-# after 20 epochs (67% of its first layer's pairs): its first weight
-# gradient 0.68 (float64 0.55), its second 0.86 (docs/performance.md).
+# - 26-29%: float32 0.84-1.06 were it taken (not);
+# - 31-40%: float32 0.75-0.90 (`skylake-avx512` 0.75-0.91); float64
+#   0.88-0.98 were it taken (not, but 100 x 784 at 40%: 0.89-0.97);
+# - 46-55%: float32 0.62-0.81, float64 0.76-0.80 (`haswell`, where taken:
+#   0.82-0.97);
+# - 62-70%: 0.48-0.64 (`haswell` 0.66-0.82).
+# (Not 32 x 512 in float64, whose sums over 512 inputs in 4 calls a pair
+# gain nothing: 1.01-1.03.) On the regression benchmark's network, whose
+# second layer has units 0 for a whole half batch, sorted pairs give its
+# second weight gradient 0.38-0.44 pairs both 0 where neighbours give
+# 0.17-0.21: 0.73-0.85 of the blocks' time after 1-10 epochs, 0.63 after 20
+# (docs/performance.md).
 LISTED_MIN_PAIR_ZEROS_512 = (0.3, 0.4)
 LISTED_MIN_PAIR_ZEROS_256 = 0.5
-LISTED_DELTA_PAIRS = 32
-LISTED_DELTA_ROWS = 16
+PAIR_SAMPLE_ROWS = 16  # at most 64: one int64 of zero flags a weight row
+SORTED_MAX_ROWS = 256  # weight rows of a window at most
+SORT_KEYS = PAIR_SAMPLE_ROWS + 2  # zero_sorted_pairs' counting sort: its bins, and one
 
 
 @inline_kernel
@@ -527,23 +543,81 @@ def listed_min_pair_zeros(itemsize):
     return LISTED_MIN_PAIR_ZEROS_512[0] if itemsize == 4 else LISTED_MIN_PAIR_ZEROS_512[1]
 
 
-@inline_kernel
-def listed_deltas(dout, j0, j1, nrows):
-    # whether dense_backward_weight takes weight rows j0:j1 in listed pairs
-    if nrows == 0 or nrows > MAX_SUM_ROWS or j1 - j0 < 2:
-        return False
-    pairs = min(j1 - j0, 2 * LISTED_DELTA_PAIRS) // 2
-    rows = min(nrows, LISTED_DELTA_ROWS)
+@kernel
+def zero_sorted_pairs(order, dout, j0, j1, nrows):
+    # order[:j1 - j0] = 0..j1 - j0 - 1 (weight rows j0:j1) by descending
+    # count of zero deltas over the first PAIR_SAMPLE_ROWS batch rows
+    # (stable), to be taken in pairs order[2p], order[2p + 1]; returns the
+    # share of those pairs' deltas both 0 over those rows. (A bit a sampled
+    # row in each weight row's word: 0.25-0.53 us for 50-128 weight rows.)
+    n = j1 - j0
+    zeros = carray(stack_words(SORTED_MAX_ROWS), SORTED_MAX_ROWS)
+    starts = carray(stack_indices(SORT_KEYS), SORT_KEYS)
+    for i in range(n):
+        zeros[i] = 0
+    sampled = min(nrows, PAIR_SAMPLE_ROWS)
+    for t in range(sampled):
+        row = dout[t, j0:j1]
+        for i in range(n):
+            zeros[i] |= np.int64(row[i] == 0) << t
+    # counting sort on sampled - count (0..sampled), stable
+    for c in range(sampled + 2):
+        starts[c] = 0
+    for i in range(n):
+        starts[sampled - popcount(zeros[i]) + 1] += 1
+    for c in range(1, sampled + 2):
+        starts[c] += starts[c - 1]
+    for i in range(n):
+        key = sampled - popcount(zeros[i])
+        order[starts[key]] = i
+        starts[key] += 1
     both = 0
-    for t in range(rows):
-        row = dout[t, j0:j0 + 2 * pairs]
-        for i in range(pairs):
-            both += (row[2 * i] == 0) & (row[2 * i + 1] == 0)
-    return both >= listed_min_pair_zeros(dout.itemsize) * pairs * rows
+    for p in range(0, n - 1, 2):
+        both += popcount(zeros[order[p]] & zeros[order[p + 1]])
+    return both / (sampled * (n // 2))
 
 
 @kernel
-def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1, copied):
+def sorted_pairs_times_inputs(dweight, dout, inp, order, j0, n, nrows, k0, k1):
+    # dweight is (OC, C), dout is (B, OC), inp is (B, C), order as
+    # zero_sorted_pairs gives it, n * nrows <= PACK_VALUES
+    # dweight[j, k0:k1] = dout[:nrows, j] @ inp[:nrows, k0:k1] for the
+    # weight rows j = j0 + order[i], i < n, in pairs (order[2p],
+    # order[2p + 1], in either order: listed_block's gap may be negative)
+    # over the batch rows where either delta is not 0 (listed_block), with
+    # listed_product's loops. The deltas' columns are
+    # first copied as rows on the stack, in tiles transposed whole.
+    packed = carray(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
+    sources = carray(stack_indices(LISTED_SCRATCH), LISTED_SCRATCH)
+    coef = packed[:n * nrows].reshape((n, nrows))
+    deltas = dout[:, j0:]
+    tile = TRANSPOSE_BYTES // dout.itemsize
+    rows = nrows // tile * tile
+    cols = n // tile * tile
+    for t in range(0, rows, tile):
+        for u in range(0, cols, tile):
+            transpose_tile(coef, deltas, t, u)
+    for t in range(nrows):
+        row = deltas[t]
+        for u in range(cols if t < rows else 0, n):
+            coef[u, t] = row[u]
+    width = min(k1 - k0, LISTED_COLUMN_BYTES // inp.itemsize)
+    most = max(1, min(LISTED_MAX_SOURCES, LISTED_MAX_BYTES // (width * inp.itemsize)))
+    step = -(-nrows // -(-nrows // most))
+    for k in range(k0, k1, width):
+        k_end = min(k1, k + width)
+        for t0 in range(0, nrows, step):
+            t1 = min(nrows, t0 + step)
+            for p in range(0, n, 2):
+                pair = min(2, n - p)
+                gap = order[p + 1] - order[p] if pair == 2 else 1
+                listed_block(dweight[j0:], coef[:, t0:t1], inp[t0:t1], sources,
+                             np.int64(order[p]), np.int64(pair), np.int64(gap), t1 - t0, k,
+                             k_end, t0 > 0)
+
+
+@kernel
+def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # dweight is (OC, C), dout is (B, OC), inp is (B, C)
     # dweight[j0:j1, k0:k1] = dout[:nrows, j0:j1].T @ inp[:nrows, k0:k1] by
     # rows_times_matrix, whose coefficients are dout's columns. Read in
@@ -554,14 +628,12 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1, copied):
     # again. There, for PACKED_DELTAS_MIN_COLUMNS inputs or more (a copy
     # that many multiply-adds repay), the columns are first copied into
     # contiguous rows on the stack, as many weight rows at a time as fit
-    # (MAX_SUM_ROWS batch rows at most). The copy changes no value. With
-    # `copied` (listed_deltas), the columns are copied whatever their
-    # stride, and rows_times_matrix takes their rows in listed pairs. (Both
+    # (MAX_SUM_ROWS batch rows at most). The copy changes no value. (Both
     # calls pass coef as `[:, ::1]`, which Numba types as any-layout: one
     # compiled rows_times_matrix for all callers; it only reads coef's
     # scalars.)
-    if nrows > MAX_SUM_ROWS or not (copied or (k1 - k0 >= PACKED_DELTAS_MIN_COLUMNS
-                                               and few_sets(dout))):
+    if nrows > MAX_SUM_ROWS or not (k1 - k0 >= PACKED_DELTAS_MIN_COLUMNS
+                                    and few_sets(dout)):
         rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
                           np.int64(MAX_SUM_ROWS), np.int64(0))
         return
@@ -709,6 +781,33 @@ LISTED_MIN_ZEROS = 0.4
 
 
 @intrinsic
+def stack_words(typingctx, size):
+    # a pointer to `size` (a literal) int64 values on the stack of the
+    # function this is inlined into
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return stack_values(builder, ir.IntType(64), size.literal_value)
+    return types.CPointer(types.int64)(size), codegen
+
+
+@intrinsic
+def popcount(typingctx, word):
+    # the number of bits set in an integer (llvm.ctpop)
+    if not isinstance(word, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(value.type, [value.type]),
+            f"llvm.ctpop.i{value.type.width}")
+        return builder.call(function, [value])
+    return word(word), codegen
+
+
+@intrinsic
 def stack_indices(typingctx, size):
     # a pointer to `size` (a literal) int32 values on the stack of the
     # function this is inlined into
@@ -768,7 +867,7 @@ def listed_product(out, coef, src, r0, r1, nt, k0, k1):
             t1 = min(nt, t0 + step)
             for r in range(r0, r1, LISTED_ROWS):
                 listed_block(out, coef[:, t0:t1], src[t0:t1], sources, r,
-                             min(LISTED_ROWS, r1 - r), t1 - t0, k, k_end, t0 > 0)
+                             min(LISTED_ROWS, r1 - r), np.int64(1), t1 - t0, k, k_end, t0 > 0)
 
 
 @kernel

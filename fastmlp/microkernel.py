@@ -507,14 +507,14 @@ def listed_function(module, value, itemsize, lanes, nvec, masked):
 
 
 @intrinsic
-def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1, add):
+def listed_block(typingctx, out, coef, src, sources, r, rows, gap, nt, k0, k1, add):
     # out is (R, C), coef is (R, T) with unit stride along T, src is (T, C),
     # 2-D arrays of one float type, out and src with unit stride along their
     # last axis; sources an int32 array of at least nt + 16 values (scratch):
-    # out[r:r + rows, k0:k1] = coef[r:r + rows, :nt] @ src[:nt, k0:k1] (added
-    # to what out holds if `add`) for rows of 1 or 2, over the t where
-    # either row's coefficient is not 0
-    # (nonzero_sources_function), in calls of LISTED_VECTORS vectors of
+    # out[i, k0:k1] = coef[i, :nt] @ src[:nt, k0:k1] (added to what out
+    # holds if `add`) for the rows i = r (rows 1) or r and r + gap (rows 2;
+    # gap may be negative), over the t where either row's coefficient is not
+    # 0 (nonzero_sources_function), in calls of LISTED_VECTORS vectors of
     # columns, the last one as wide as they are (masked). Each output is the
     # chain block_multiply_add gives it, less terms that add 0 * x: the same
     # value, as long as the chain holds no -0 (one started from +0 never
@@ -530,14 +530,16 @@ def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1, add):
     def codegen(context, builder, signature, args):
         out_arr, coef_arr, src_arr, sources_arr = array_arguments(context, builder, signature,
                                                                   args, 4)
-        r_, rows_, nt_, k0_, k1_, add_ = args[4:10]
+        r_, rows_, gap_, nt_, k0_, k1_, add_ = args[4:11]
         i64 = ir.IntType(64)
         value, itemsize, bits, lanes = value_layout(context, dtype)
         most = LISTED_VECTORS[bits]
         chunk = most * lanes
         zero = ir.Constant(i64, 0)
         one = ir.Constant(i64, 1)
-        coef_stride = builder.extract_value(coef_arr.strides, 0)
+        # the strides from one row of the block to the next
+        coef_stride = builder.mul(builder.extract_value(coef_arr.strides, 0), gap_)
+        out_stride = builder.mul(builder.extract_value(out_arr.strides, 0), gap_)
         first = element_address(builder, coef_arr, r_, zero, itemsize)
         second = builder.gep(first, [builder.mul(builder.sub(rows_, one), coef_stride)])
         pointer = builder.bitcast(sources_arr.data, ir.IntType(32).as_pointer())
@@ -548,8 +550,8 @@ def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1, add):
 
         def call(function, k, tail):
             builder.call(function, [
-                element_address(builder, out_arr, r_, k, itemsize),
-                builder.extract_value(out_arr.strides, 0), first, coef_stride,
+                element_address(builder, out_arr, r_, k, itemsize), out_stride, first,
+                coef_stride,
                 element_address(builder, src_arr, zero, k, itemsize),
                 builder.extract_value(src_arr.strides, 0), pointer, n, rows_, tail, add_])
 
@@ -577,7 +579,7 @@ def listed_block(typingctx, out, coef, src, sources, r, rows, nt, k0, k1, add):
         return context.get_dummy_value()
 
     index = types.intp
-    return types.void(out, coef, src, sources, index, index, index, index, index,
+    return types.void(out, coef, src, sources, index, index, index, index, index, index,
                       types.boolean), codegen
 
 

@@ -76,10 +76,10 @@ CHILD = textwrap.dedent("""
         out[f"{dtype}-transpose"] = compiled.inspect_asm(compiled.signatures[0])
         listed_signature = types.void(matrix, matrix, matrix, types.Array(types.int32, 1, "C"),
                                       types.intp, types.intp, types.intp, types.intp, types.intp,
-                                      types.boolean)
+                                      types.intp, types.boolean)
         compiled = njit(listed_signature, fastmath=FASTMATH)(
-            lambda out, coef, src, sources, r, rows, nt, k0, k1, add: listed_block(
-                out, coef, src, sources, r, rows, nt, k0, k1, add))
+            lambda out, coef, src, sources, r, rows, gap, nt, k0, k1, add: listed_block(
+                out, coef, src, sources, r, rows, gap, nt, k0, k1, add))
         out[f"{dtype}-listed"] = compiled.inspect_asm(compiled.signatures[0])
     print(json.dumps(out))
 """)

@@ -814,24 +814,68 @@ def test_listed_rows_skip_the_sources_of_zero_coefficients(rng):
     assert not kernels.listed_rows(np.asfortranarray(coef[:, :64]), 0, 10, 64)
 
 
+def sorted_pairs(dout, j0, j1, nrows):
+    """zero_sorted_pairs' twin: (the pairs of weight rows j0:j1, relative to
+    j0, by descending count of zero deltas over the first PAIR_SAMPLE_ROWS
+    batch rows, stable; the share of those pairs' deltas both 0 over those
+    rows)"""
+    zeros = dout[:min(nrows, kernels.PAIR_SAMPLE_ROWS), j0:j1] == 0
+    order = np.argsort(-zeros.sum(axis=0), kind="stable")
+    pairs = [tuple(order[p:p + 2]) for p in range(0, j1 - j0, 2)]
+    both = [zeros[:, pair[0]] & zeros[:, pair[1]] for pair in pairs if len(pair) == 2]
+    return pairs, float(np.mean(both))
+
+
+def sorted_windows(j0, j1, nrows):
+    """dense_backward_weight's windows of weight rows"""
+    most = min(kernels.SORTED_MAX_ROWS, kernels.PACK_VALUES // nrows)
+    span = -(-(j1 - j0) // -(-(j1 - j0) // most))
+    return [(w0, min(j1, w0 + span)) for w0 in range(j0, j1, span)]
+
+
+def test_zero_sorted_pairs_puts_weight_rows_of_many_zeros_together(rng):
+    # units 0 for a whole batch, units 0 for half of it and units never 0,
+    # shuffled: the sort pairs each kind with its own
+    for dtype in (np.float32, np.float64):
+        for j0, j1, nrows in ((0, 64, 100), (5, 106, 100), (0, 7, 3), (2, 4, 128)):
+            dout = relu_like(rng, (kernels.MAX_SUM_ROWS, 120), 0.5, dtype)
+            kind = rng.integers(0, 3, 120)
+            dout[:, kind == 0] = 0.0
+            dout[:, kind == 2] = rng.uniform(1, 2, (kernels.MAX_SUM_ROWS, (kind == 2).sum()))
+            order = np.full(kernels.SORTED_MAX_ROWS, -1, np.int32)
+            share = kernels.zero_sorted_pairs(order, dout, j0, j1, nrows)
+            pairs, expected = sorted_pairs(dout, j0, j1, nrows)
+            n = j1 - j0
+            assert sorted(order[:n]) == list(range(n))
+            assert [tuple(order[p:min(p + 2, n)]) for p in range(0, n, 2)] == pairs
+            assert share == pytest.approx(expected, abs=1e-12)
+            dead = np.flatnonzero(kind[j0:j1] == 0)
+            assert set(order[:len(dead) // 2 * 2]) <= set(dead)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 # weight rows and inputs: the regression benchmark's first and second
 # layers (a masked last vector; one listed call), odd rows of a wide layer
 # past a column piece at 64 (several calls a row, and at 100 batch rows
-# chunks of 80 weight rows), a few of each
+# three windows), a few of each
 @pytest.mark.parametrize("j0,j1,k0,C", [(0, 128, 0, 100), (0, 64, 0, 128), (3, 200, 64, 300),
                                         (1, 6, 0, 5)])
-# batch rows: fewer than listed_rows samples on the copy, 100, a batch
-# summed at once
+# batch rows: fewer than a transposed tile, 100, a batch summed at once
 @pytest.mark.parametrize("nrows", [3, 100, kernels.MAX_SUM_ROWS])
-def test_listed_deltas_give_the_register_blocks_values(dtype, j0, j1, k0, C, nrows, rng):
-    """Where many pairs of deltas are both 0, dense_backward_weight sums
-    pairs of weight rows over the batch rows either needs: the same bits as
-    the register blocks' chains over every row, signs of zeros included, and
+def test_sorted_pairs_give_the_register_blocks_values(dtype, j0, j1, k0, C, nrows, rng):
+    """Where many pairs of deltas are both 0 once sorted by their zeros,
+    dense_backward_weight sums those pairs of weight rows, most of them not
+    neighbours, over the batch rows either needs: the same bits as the
+    register blocks' chains over every row, signs of zeros included, and
     nothing written outside rows j0:j1 and columns k0:C."""
     dout = relu_like(rng, (kernels.MAX_SUM_ROWS + 2, 201), 0.8, dtype)
+    dout[:, rng.choice(201, 40, replace=False)] = -0.0  # units off for the whole batch
     inp = rng.standard_normal((kernels.MAX_SUM_ROWS + 2, C)).astype(dtype)
-    assert kernels.listed_deltas(dout, j0, j1, nrows)
+    share = kernels.listed_min_pair_zeros(np.dtype(dtype).itemsize)
+    for w0, w1 in sorted_windows(j0, j1, nrows):
+        pairs, both = sorted_pairs(dout, w0, w1, nrows)
+        assert both >= share
+        assert w1 - w0 < 8 or sum(abs(pair[-1] - pair[0]) > 1 for pair in pairs) > (w1 - w0) // 4
     listed = np.full((201, C), 7.0, dtype)
     blocks = listed.copy()
     kernels.dense_backward_weight(listed, dout, inp, j0, j1, nrows, k0, C)
@@ -844,11 +888,10 @@ def test_listed_deltas_give_the_register_blocks_values(dtype, j0, j1, k0, C, nro
     assert relative_error(listed[j0:j1, k0:], expected) < (1e-5 if dtype == np.float32 else 1e-13)
 
 
-def test_listed_deltas_skip_the_inputs_of_zero_deltas(rng):
+def test_sorted_pairs_skip_the_inputs_of_zero_deltas(rng):
     # an input row whose deltas are all 0 is never read by the listed pairs:
     # an inf there leaves their sums finite, where the register blocks'
-    # give NaN (0 * inf); which path runs depends on the share of pairs of
-    # zeros sampled, the dtype and the number of batch rows
+    # give NaN (0 * inf)
     dout = relu_like(rng, (100, 128), 0.8, np.float32)
     dout[40] = 0
     inp = rng.standard_normal((100, 100)).astype(np.float32)
@@ -858,17 +901,39 @@ def test_listed_deltas_skip_the_inputs_of_zero_deltas(rng):
     kernels.dense_backward_weight(listed, dout, inp, 0, 128, 100, 0, 100)
     kernels.blocked_backward_weight(blocks, dout, inp, 0, 128, 100, 0, 100)
     assert np.isfinite(listed).all() and np.isnan(blocks).all()
-    # about 49% of pairs both 0 (0.7 zeros) and 36% (0.6): taken where that
-    # reaches the compiled target's share (AVX-512: float32 30%, float64
-    # 40%; AVX2 50%); none, and more rows than one sum takes, never
-    for zeros in (0.6, 0.7):
+    # Each window goes its own way: the first 64 weight rows' deltas are 0
+    # in row 40 alone, so only the last 64's are listed (windows of 64 at
+    # 128 rows).
+    dout = relu_like(rng, (128, 128), 0.8, np.float32)
+    dout[:, :64] = 1.0
+    dout[40] = 0
+    inp = rng.standard_normal((128, 100)).astype(np.float32)
+    inp[40] = np.inf
+    listed[:] = 0
+    kernels.dense_backward_weight(listed, dout, inp, 0, 128, 128, 0, 100)
+    assert np.isnan(listed[:64]).all() and np.isfinite(listed[64:]).all()
+    # which windows are listed: where the share of pairs of sampled deltas
+    # both 0 reaches the compiled target's (AVX-512: float32 30%, float64
+    # 40%; AVX2 50%); about 35% (0.58 zeros), 46% (0.67) and 58% (0.76) here
+    for zeros in (0.58, 0.67, 0.76):
         deltas = relu_like(rng, (100, 128), zeros, np.float32)
-        sampled = deltas[:kernels.LISTED_DELTA_ROWS, :2 * kernels.LISTED_DELTA_PAIRS]
-        both = ((sampled[:, 0::2] == 0) & (sampled[:, 1::2] == 0)).mean()
+        deltas[40] = 0
+        inputs = rng.standard_normal((100, 100)).astype(np.float32)
+        inputs[40] = np.inf
         for dtype in (np.float32, np.float64):
             share = kernels.listed_min_pair_zeros(np.dtype(dtype).itemsize)
-            assert abs(both - share) > 0.02
-            assert kernels.listed_deltas(deltas.astype(dtype), 0, 128, 100) == (both >= share)
-    assert not kernels.listed_deltas(rng.standard_normal((100, 128)), 0, 128, 100)
+            out = np.zeros((128, 100), dtype)
+            kernels.dense_backward_weight(out, deltas.astype(dtype), inputs.astype(dtype),
+                                          0, 128, 100, 0, 100)
+            for w0, w1 in sorted_windows(0, 128, 100):
+                both = sorted_pairs(deltas, w0, w1, 100)[1]
+                assert abs(both - share) > 0.02
+                assert np.isfinite(out[w0:w1]).all() == (both >= share)
+    # more rows than one sum takes: never listed
     tall = relu_like(rng, (kernels.MAX_SUM_ROWS + 1, 128), 0.9, np.float32)
-    assert not kernels.listed_deltas(tall, 0, 128, kernels.MAX_SUM_ROWS + 1)
+    tall[40] = 0
+    tall_inputs = rng.standard_normal((kernels.MAX_SUM_ROWS + 1, 100)).astype(np.float32)
+    tall_inputs[40] = np.inf
+    kernels.dense_backward_weight(listed, tall, tall_inputs, 0, 128, kernels.MAX_SUM_ROWS + 1,
+                                  0, 100)
+    assert np.isnan(listed).all()
