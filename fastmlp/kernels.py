@@ -471,24 +471,27 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # by those pairs over the batch rows either needs
     # (sorted_pairs_times_inputs). Each weight is the same chain of
     # multiply-adds either way, less terms that add 0: the same values.
-    if not 0 < nrows <= MAX_SUM_ROWS or j1 - j0 < 2 or k1 <= k0:
-        blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1)
-        return
+    sortable = 0 < nrows <= MAX_SUM_ROWS and j1 - j0 >= 2 and k1 > k0
     order = carray(stack_indices(SORTED_MAX_ROWS), SORTED_MAX_ROWS)
     # equal windows whose deltas, copied as rows, fit PACK_VALUES
-    most = min(SORTED_MAX_ROWS, PACK_VALUES // nrows)
-    windows = -(-(j1 - j0) // most)
+    windows = -(-(j1 - j0) // min(SORTED_MAX_ROWS, PACK_VALUES // nrows)) if sortable else 1
     span = -(-(j1 - j0) // windows)
-    blocked = j0  # the windows from here on not yet computed take the blocks
-    for w0 in range(j0, j1, span):
+    # the register blocks take each stretch of windows not listed in one call
+    # (one call site: blocked_backward_weight is inlined)
+    blocked = j0  # the first weight row not computed yet
+    w0 = j0
+    while blocked < j1:
         w1 = min(j1, w0 + span)
-        if zero_sorted_pairs(order, dout, w0, w1, nrows) >= listed_min_pair_zeros(dout.itemsize):
-            if blocked < w0:
-                blocked_backward_weight(dweight, dout, inp, blocked, w0, nrows, k0, k1)
-            sorted_pairs_times_inputs(dweight, dout, inp, order, w0, w1 - w0, nrows, k0, k1)
+        listed = sortable and (zero_sorted_pairs(order, dout, w0, w1, nrows)
+                               >= listed_min_pair_zeros(dout.itemsize))
+        if listed or w1 == j1:
+            end = w0 if listed else j1
+            if blocked < end:
+                blocked_backward_weight(dweight, dout, inp, blocked, end, nrows, k0, k1)
+            if listed:
+                sorted_pairs_times_inputs(dweight, dout, inp, order, w0, w1 - w0, nrows, k0, k1)
             blocked = w1
-    if blocked < j1:
-        blocked_backward_weight(dweight, dout, inp, blocked, j1, nrows, k0, k1)
+        w0 = w1
 
 
 @inline_kernel
@@ -543,7 +546,7 @@ def listed_min_pair_zeros(itemsize):
     return LISTED_MIN_PAIR_ZEROS_512[0] if itemsize == 4 else LISTED_MIN_PAIR_ZEROS_512[1]
 
 
-@kernel
+@inline_kernel
 def zero_sorted_pairs(order, dout, j0, j1, nrows):
     # order[:j1 - j0] = 0..j1 - j0 - 1 (weight rows j0:j1) by descending
     # count of zero deltas over the first PAIR_SAMPLE_ROWS batch rows
@@ -577,18 +580,17 @@ def zero_sorted_pairs(order, dout, j0, j1, nrows):
     return both / (sampled * (n // 2))
 
 
-@kernel
+@inline_kernel
 def sorted_pairs_times_inputs(dweight, dout, inp, order, j0, n, nrows, k0, k1):
     # dweight is (OC, C), dout is (B, OC), inp is (B, C), order as
     # zero_sorted_pairs gives it, n * nrows <= PACK_VALUES
     # dweight[j, k0:k1] = dout[:nrows, j] @ inp[:nrows, k0:k1] for the
     # weight rows j = j0 + order[i], i < n, in pairs (order[2p],
     # order[2p + 1], in either order: listed_block's gap may be negative)
-    # over the batch rows where either delta is not 0 (listed_block), with
-    # listed_product's loops. The deltas' columns are
-    # first copied as rows on the stack, in tiles transposed whole.
+    # over the batch rows where either delta is not 0 (listed_product). The
+    # deltas' columns are first copied as rows on the stack, in tiles
+    # transposed whole.
     packed = carray(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
-    sources = carray(stack_indices(LISTED_SCRATCH), LISTED_SCRATCH)
     coef = packed[:n * nrows].reshape((n, nrows))
     deltas = dout[:, j0:]
     tile = TRANSPOSE_BYTES // dout.itemsize
@@ -601,19 +603,9 @@ def sorted_pairs_times_inputs(dweight, dout, inp, order, j0, n, nrows, k0, k1):
         row = deltas[t]
         for u in range(cols if t < rows else 0, n):
             coef[u, t] = row[u]
-    width = min(k1 - k0, LISTED_COLUMN_BYTES // inp.itemsize)
-    most = max(1, min(LISTED_MAX_SOURCES, LISTED_MAX_BYTES // (width * inp.itemsize)))
-    step = -(-nrows // -(-nrows // most))
-    for k in range(k0, k1, width):
-        k_end = min(k1, k + width)
-        for t0 in range(0, nrows, step):
-            t1 = min(nrows, t0 + step)
-            for p in range(0, n, 2):
-                pair = min(2, n - p)
-                gap = order[p + 1] - order[p] if pair == 2 else 1
-                listed_block(dweight[j0:], coef[:, t0:t1], inp[t0:t1], sources,
-                             np.int64(order[p]), np.int64(pair), np.int64(gap), t1 - t0, k,
-                             k_end, t0 > 0)
+    first_column = np.int64(0)  # (out typed as rows_times_matrix's: one listed_product)
+    listed_product(dweight[j0:][:, first_column:], coef[:, ::1], inp, np.int64(0), n, nrows,
+                   k0, k1, order, np.bool_(True))
 
 
 @kernel
@@ -842,16 +834,19 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col):
     # either needs (listed_block). Each output is the same chain of
     # multiply-adds either way, less terms that add 0: the same values.
     if listed_rows(coef, r0, r1, nt):
-        listed_product(out[:, out_col:], coef, src, r0, r1, nt, k0, k1)
+        rows_in_order = carray(stack_indices(1), 1)  # (not read)
+        listed_product(out[:, out_col:], coef, src, r0, r1, nt, k0, k1, rows_in_order,
+                       np.bool_(False))
     else:
         dense_rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col)
 
 
 @kernel
-def listed_product(out, coef, src, r0, r1, nt, k0, k1):
+def listed_product(out, coef, src, r0, r1, nt, k0, k1, order, ordered):
     # out is (R, C), coef is (R, T) with unit stride along T, src is (T, C)
     # out[r0:r1, k0:k1] = coef[r0:r1, :nt] @ src[:nt, k0:k1] by pairs of rows
-    # over the sources either needs (listed_block)
+    # over the sources either needs (listed_block): rows r, r + 1 or, if
+    # `ordered`, rows order[r], order[r + 1] (an int32 array)
     if k1 <= k0:
         return
     sources = carray(stack_indices(LISTED_SCRATCH), LISTED_SCRATCH)
@@ -866,8 +861,11 @@ def listed_product(out, coef, src, r0, r1, nt, k0, k1):
         for t0 in range(0, nt, step):
             t1 = min(nt, t0 + step)
             for r in range(r0, r1, LISTED_ROWS):
-                listed_block(out, coef[:, t0:t1], src[t0:t1], sources, r,
-                             min(LISTED_ROWS, r1 - r), np.int64(1), t1 - t0, k, k_end, t0 > 0)
+                rows = min(LISTED_ROWS, r1 - r)
+                first = np.int64(order[r]) if ordered else r
+                gap = np.int64(order[r + 1]) - first if ordered and rows == 2 else np.int64(1)
+                listed_block(out, coef[:, t0:t1], src[t0:t1], sources, first, rows, gap,
+                             t1 - t0, k, k_end, t0 > 0)
 
 
 @kernel
