@@ -528,7 +528,7 @@ def blocked_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
 # gain nothing: 1.01-1.03.) On the regression benchmark's network, whose
 # second layer has units 0 for a whole half batch, sorted pairs give its
 # second weight gradient 0.38-0.44 pairs both 0 where neighbours give
-# 0.17-0.21: 0.73-0.85 of the blocks' time after 1-10 epochs, 0.63 after 20
+# 0.17-0.21: 0.74-0.79 of the blocks' time after 1-10 epochs, 0.65 after 20
 # (docs/performance.md).
 LISTED_MIN_PAIR_ZEROS_512 = (0.3, 0.4)
 LISTED_MIN_PAIR_ZEROS_256 = 0.5
@@ -773,18 +773,6 @@ LISTED_MIN_ZEROS = 0.4
 
 
 @intrinsic
-def stack_words(typingctx, size):
-    # a pointer to `size` (a literal) int64 values on the stack of the
-    # function this is inlined into
-    if not isinstance(size, types.IntegerLiteral):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return stack_values(builder, ir.IntType(64), size.literal_value)
-    return types.CPointer(types.int64)(size), codegen
-
-
-@intrinsic
 def popcount(typingctx, word):
     # the number of bits set in an integer (llvm.ctpop)
     if not isinstance(word, types.Integer):
@@ -799,16 +787,27 @@ def popcount(typingctx, word):
     return word(word), codegen
 
 
-@intrinsic
-def stack_indices(typingctx, size):
-    # a pointer to `size` (a literal) int32 values on the stack of the
-    # function this is inlined into
+def stack_integers(size, integer):
+    # an intrinsic's typing: a pointer to `size` (a literal) values of the
+    # integer type `integer` on the stack of the function it is inlined into
     if not isinstance(size, types.IntegerLiteral):
         return None
 
     def codegen(context, builder, signature, args):
-        return stack_values(builder, ir.IntType(32), size.literal_value)
-    return types.CPointer(types.int32)(size), codegen
+        return stack_values(builder, ir.IntType(integer.bitwidth), size.literal_value)
+    return types.CPointer(integer)(size), codegen
+
+
+@intrinsic
+def stack_indices(typingctx, size):
+    # a pointer to `size` (a literal) int32 values on the stack
+    return stack_integers(size, types.int32)
+
+
+@intrinsic
+def stack_words(typingctx, size):
+    # a pointer to `size` (a literal) int64 values on the stack
+    return stack_integers(size, types.int64)
 
 
 @kernel
