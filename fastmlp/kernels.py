@@ -588,24 +588,13 @@ def sorted_pairs_times_inputs(dweight, dout, inp, order, j0, n, nrows, k0, k1):
     # weight rows j = j0 + order[i], i < n, in pairs (order[2p],
     # order[2p + 1], in either order: listed_block's gap may be negative)
     # over the batch rows where either delta is not 0 (listed_product). The
-    # deltas' columns are first copied as rows on the stack, in tiles
-    # transposed whole.
+    # deltas' columns are first copied as rows on the stack
+    # (transposed_panel).
     packed = carray(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
-    coef = packed[:n * nrows].reshape((n, nrows))
-    deltas = dout[:, j0:]
-    tile = TRANSPOSE_BYTES // dout.itemsize
-    rows = nrows // tile * tile
-    cols = n // tile * tile
-    for t in range(0, rows, tile):
-        for u in range(0, cols, tile):
-            transpose_tile(coef, deltas, t, u)
-    for t in range(nrows):
-        row = deltas[t]
-        for u in range(cols if t < rows else 0, n):
-            coef[u, t] = row[u]
+    coef = transposed_panel(packed, dout, np.int64(0), nrows, nrows, j0, j0 + n)
     first_column = np.int64(0)  # (out typed as rows_times_matrix's: one listed_product)
-    listed_product(dweight[j0:][:, first_column:], coef[:, ::1], inp, np.int64(0), n, nrows,
-                   k0, k1, order, np.bool_(True))
+    listed_product(dweight[j0:][:, first_column:], coef, inp, np.int64(0), n, nrows, k0, k1,
+                   order, np.bool_(True))
 
 
 @kernel
@@ -624,8 +613,7 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # calls pass coef as `[:, ::1]`, which Numba types as any-layout: one
     # compiled rows_times_matrix for all callers; it only reads coef's
     # scalars.)
-    if nrows > MAX_SUM_ROWS or not (k1 - k0 >= PACKED_DELTAS_MIN_COLUMNS
-                                    and few_sets(dout)):
+    if nrows > MAX_SUM_ROWS or k1 - k0 < PACKED_DELTAS_MIN_COLUMNS or not few_sets(dout):
         rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
                           np.int64(MAX_SUM_ROWS), np.int64(0))
         return
