@@ -41,14 +41,14 @@ import platform
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import dpbf16
 from .bfloat16 import round_bfloat16
 from .jit import kernel
-from .kernels import stack_buffer
+from .kernels import pointer_array, stack_buffer
 from .microkernel import (accumulating_loop, element_address, strip_function_shell,
                           transpose_function)
 
@@ -397,7 +397,7 @@ def pack_columns(dst, src, r0, r1, zero_to):
     # make words (as pack_row_pairs), which go transposed in tiles.
     C = src.shape[1]
     end = max(r1, zero_to)
-    scratch = carray(stack_buffer(WORD_VALUES, dst), WORD_VALUES)
+    scratch = pointer_array(stack_buffer(WORD_VALUES, dst), WORD_VALUES)
     zero = np.float32(0.0)
     for c0 in range(0, C, WORD_COLUMNS):
         nc = min(WORD_COLUMNS, C - c0)
@@ -430,7 +430,7 @@ def pack_column_pairs(dst, src, r0, r1):
     # along src's rows, transposed in tiles
     C = src.shape[1]
     P = (C + 1) // 2
-    scratch = carray(stack_buffer(WORD_VALUES, dst), WORD_VALUES)
+    scratch = pointer_array(stack_buffer(WORD_VALUES, dst), WORD_VALUES)
     zero = np.float32(0.0)
     for q0 in range(0, P, WORD_COLUMNS):
         nq = min(WORD_COLUMNS, P - q0)

@@ -31,12 +31,13 @@ padded to whole steps of 32 with zeros, and rows and columns where a block
 of 32 may start anywhere by 32 more.
 """
 import numpy as np
-from numba import carray, types
+from numba import types
 from numba.extending import overload
 
 from .amx import (BLOCK, K_STEP, TILE_ROWS, amx_block, pack_column_pairs, pack_columns,
                   pack_row_pairs, pack_rows, padded)
-from .jit import kernel, ordered_kernel
+from .jit import inline_kernel, kernel, ordered_kernel
+from .kernels import pointer_array
 from .kernels import (BLOCK_COLUMNS, TRANSPOSE_BYTES, activation_derivative, round_row,
                       stack_buffer, transpose_weight_block)
 
@@ -93,14 +94,14 @@ def layouts(layer_sizes, batch_size, amx):
     return (acts, act_size), (weights, weight_size)
 
 
-@kernel
+@inline_kernel
 def a_operand(flat, layout, l, kind):
     # the packed A operand `kind` of layer l: a (rows, columns) uint16 view
     start, rows, columns = layout[l, kind, 0], layout[l, kind, 1], layout[l, kind, 2]
     return flat[start:start + rows * columns].reshape((rows, columns))
 
 
-@kernel
+@inline_kernel
 def a_operand_words(flat, layout, l, kind):
     # the packed A operand `kind` of layer l as words: its pairs of uint16
     # values along K, a (rows, columns / 2) uint32 view
@@ -108,7 +109,7 @@ def a_operand_words(flat, layout, l, kind):
     return flat[start:start + rows * columns].view(np.uint32).reshape((rows, columns // 2))
 
 
-@kernel
+@inline_kernel
 def b_operand(flat, layout, l, kind):
     # the packed B operand `kind` of layer l: a (rows, columns) uint32 view
     start, rows, columns = layout[l, kind, 0], layout[l, kind, 1], layout[l, kind, 2]
@@ -169,7 +170,7 @@ def amx_product(out, a, a0, b, b0, rows, columns, ksteps):
     # of 32 rows (16 for a last 16) by all whole blocks of 32 columns; the
     # last columns, and a last strip of other heights, go block by block
     # through a block on the stack
-    scratch = carray(stack_buffer(SCRATCH_VALUES, out), (BLOCK, BLOCK))
+    scratch = pointer_array(stack_buffer(SCRATCH_VALUES, out), (BLOCK, BLOCK))
     whole = columns // BLOCK
     for i in range(0, rows, BLOCK):
         left = rows - i

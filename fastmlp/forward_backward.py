@@ -43,7 +43,7 @@ from .column_layers import (column_cut, column_delta, column_layer, column_parts
                             row_split_below)
 from .fpenv import flush_subnormals, write_fp_control
 from .heads import head_backward, head_forward
-from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
+from .jit import allocating_kernel, driver_kernel, inline_kernel, kernel, parallel_kernel
 from .kernels import (BLOCK_COLUMNS, IDENTITY, bias_activation, dense_backward_input,
                       dense_forward, gather_inputs, gather_rows, gather_targets, kept_transposed,
                       prefetch_rows, round_columns, round_row, transpose_to_panels,
@@ -120,7 +120,7 @@ COLUMNS, GATHER, F0, F1, HEAD, BACK_HI, BACK_LO, NEXT_ROWS = range(8)
 PLAN_WIDTH = 8
 
 
-@kernel
+@allocating_kernel
 def region_plan(work, net, threads, backward):
     # forward_backward's parallel regions in turn, a row each: runs of
     # layers split by rows, and column layers (column_layer) split by

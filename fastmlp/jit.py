@@ -269,14 +269,28 @@ def numba_without_scipy_linalg():
         del sys.modules["scipy.linalg"]
 
 
+# Kernels count no references to arrays (Numba's `_nrt` off). With counts,
+# a kernel that is not inlined took a reference to every array of the
+# Network and Work it was passed (a dozen each) and dropped them on return,
+# each an atomic add on a counter that both threads' kernels share:
+# tasks.total_work over 12 tasks took 3,350 cycles, 94 without; the
+# regression benchmark's step 0.985 of the time without, W1's 0.973 (Zen 4,
+# docs/performance.md). Without counts a kernel may not allocate, and Numba
+# refuses to compile one that returns a view or calls a function that does:
+# those are inline kernels (buffers.view2d), lowered in their callers' code.
+NO_COUNTS = {"_nrt": False}
+
 # A serial kernel: called from inside parallel loops, never parallel itself.
-kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy")
+kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy", **NO_COUNTS)
+# One that allocates (forward_backward.region_plan): with counts.
+allocating_kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 # A serial kernel whose sums run in source order (no `reassoc`): for loops
 # that vectorize without reordering, so that their results cannot depend on
 # the function they are inlined into. LLVM compiles a kernel anew inside each
 # caller, and with `reassoc` it may associate the same sum differently there.
-ordered_kernel = package_jit(fastmath=ORDERED_FASTMATH, nogil=True, error_model="numpy")
+ordered_kernel = package_jit(fastmath=ORDERED_FASTMATH, nogil=True, error_model="numpy",
+                            **NO_COUNTS)
 
 # A serial kernel that Numba inlines, as its IR, into the kernels that call
 # it: no compiled code of its own, which LLVM would link and optimize again
@@ -402,14 +416,17 @@ LINK_AS_COMPILED = link_as_compiled_pipeline()
 # kernels: a plain kernel would link its code, whose calls to kernels stay
 # declarations that a load from the cache leaves unresolved.
 driver_kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy",
-                            pipeline_class=LINK_AS_COMPILED)
+                            pipeline_class=LINK_AS_COMPILED, **NO_COUNTS)
+# One that allocates (step.train_steps, whose steps run in parallel kernels)
+allocating_driver_kernel = package_jit(fastmath=FASTMATH, nogil=True, error_model="numpy",
+                                       pipeline_class=LINK_AS_COMPILED)
 
 # A kernel that owns one `prange` region (both cores). Its loop body calls
 # kernels that do each part's work (forward_backward.region_part, say): the body and
 # the region are linked as compiled, without copies of those kernels
 # (link_as_compiled_pipeline).
 parallel_kernel = package_jit(parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy",
-                              pipeline_class=LINK_AS_COMPILED)
+                              pipeline_class=LINK_AS_COMPILED, **NO_COUNTS)
 
 
 # (dispatcher, argument fingerprints) found ready: compiled code stays for

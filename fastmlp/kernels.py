@@ -20,11 +20,12 @@ weight rows a call covers, so that parallel callers write disjoint memory.
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .bfloat16 import round_bfloat16
+from .buffers import row_weight
 from .expf import fast_exp, fast_tanh
 from .heads import copy_targets
 from .jit import driver_kernel, inline_kernel, kernel, ordered_kernel
@@ -149,7 +150,7 @@ def gather_targets(labels_out, targets_out, weights_out, data, start, r0, r1):
     # gather_rows' targets and sample weights only
     copy_targets(labels_out, targets_out, data.labels, data.targets, data.idx, start, r0, r1)
     for b in range(r0, r1):
-        weights_out[b] = data.sample_weight[data.idx[start + b]]
+        weights_out[b] = row_weight(data.sample_weight, data.idx[start + b])
 
 
 @kernel
@@ -325,7 +326,7 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1, j0, j1):
     width = -(-nb // NARROW_COLUMNS) * NARROW_COLUMNS
     # (any-layout, as rows_times_matrix passes it: one compiled narrow_block)
     sums = outputs_t[:OCT * width].reshape((OCT, width))[:, ::1]
-    packed = carray(stack_buffer(PACK_VALUES, out), PACK_VALUES)
+    packed = pointer_array(stack_buffer(PACK_VALUES, out), PACK_VALUES)
     passes = max(1, -(-C // panel_rows(out)))
     step = max(1, -(-C // passes))
     for c0 in range(0, max(C, 1), step):  # once when C is 0: zeros
@@ -339,7 +340,7 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1, j0, j1):
     transpose_weight_block(out[b0:b1], sums, j0, j1, np.int64(0), nb)
 
 
-@kernel
+@inline_kernel
 def transposed_panel(packed, inp, b0, b1, width, c0, c1):
     # inp[b0:b1, c0:c1].T copied into the first values of packed as a
     # contiguous (c1 - c0, width) matrix, zero past column b1 - b0: the
@@ -385,7 +386,7 @@ def transpose_weight_block(weight_t, weight, j0, j1, k0, k1):
             dst[j] = weight[j, k]
 
 
-@kernel
+@inline_kernel
 def weight_panels(flat, start, C, OCT):
     # flat[start:start + C * OCT] seen as dense_forward's transposed weights:
     # OCT / BLOCK_COLUMNS panels of (C, BLOCK_COLUMNS), panel p the
@@ -472,7 +473,7 @@ def dense_backward_weight(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # (sorted_pairs_times_inputs). Each weight is the same chain of
     # multiply-adds either way, less terms that add 0: the same values.
     sortable = 0 < nrows <= MAX_SUM_ROWS and j1 - j0 >= 2 and k1 > k0
-    order = carray(stack_indices(SORTED_MAX_ROWS), SORTED_MAX_ROWS)
+    order = pointer_array(stack_indices(SORTED_MAX_ROWS), SORTED_MAX_ROWS)
     # equal windows whose deltas, copied as rows, fit PACK_VALUES
     windows = -(-(j1 - j0) // min(SORTED_MAX_ROWS, PACK_VALUES // nrows)) if sortable else 1
     span = -(-(j1 - j0) // windows)
@@ -554,8 +555,8 @@ def zero_sorted_pairs(order, dout, j0, j1, nrows):
     # share of those pairs' deltas both 0 over those rows. (A bit a sampled
     # row in each weight row's word: 0.25-0.53 us for 50-128 weight rows.)
     n = j1 - j0
-    zeros = carray(stack_words(SORTED_MAX_ROWS), SORTED_MAX_ROWS)
-    starts = carray(stack_indices(SORT_KEYS), SORT_KEYS)
+    zeros = pointer_array(stack_words(SORTED_MAX_ROWS), SORTED_MAX_ROWS)
+    starts = pointer_array(stack_indices(SORT_KEYS), SORT_KEYS)
     for i in range(n):
         zeros[i] = 0
     sampled = min(nrows, PAIR_SAMPLE_ROWS)
@@ -590,7 +591,7 @@ def sorted_pairs_times_inputs(dweight, dout, inp, order, j0, n, nrows, k0, k1):
     # over the batch rows where either delta is not 0 (listed_product). The
     # deltas' columns are first copied as rows on the stack
     # (transposed_panel).
-    packed = carray(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
+    packed = pointer_array(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
     coef = transposed_panel(packed, dout, np.int64(0), nrows, nrows, j0, j0 + n)
     first_column = np.int64(0)  # (out typed as rows_times_matrix's: one listed_product)
     listed_product(dweight[j0:][:, first_column:], coef, inp, np.int64(0), n, nrows, k0, k1,
@@ -617,7 +618,7 @@ def deltas_times_inputs(dweight, dout, inp, j0, j1, nrows, k0, k1):
         rows_times_matrix(dweight, dout.T[:, ::1], inp, j0, j1, nrows, k0, k1,
                           np.int64(MAX_SUM_ROWS), np.int64(0))
         return
-    packed = carray(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
+    packed = pointer_array(stack_buffer(PACK_VALUES, dweight), PACK_VALUES)
     chunk = PACK_VALUES // max(nrows, 1) // 4 * 4
     for c0 in range(j0, j1, chunk):
         c1 = min(j1, c0 + chunk)
@@ -649,7 +650,8 @@ def weight_tail_columns(dweight, dout, inp, j0, j1, nrows, k0, k1):
     # order, from 0), without tail_columns' padded panel and 16 computed
     # columns for a few (the regression benchmark's 100 inputs: 4 columns of
     # 32 rows took 6.1 us there, 23% of the task, on Zen 3).
-    tile = carray(stack_buffer(SQUARE_TILE_VALUES, dweight), (NARROW_COLUMNS, NARROW_COLUMNS))
+    tile = pointer_array(stack_buffer(SQUARE_TILE_VALUES, dweight),
+                         (NARROW_COLUMNS, NARROW_COLUMNS))
     columns = inp.T[k0:k1]
     width = k1 - k0
     for j in range(j0, j1, NARROW_COLUMNS):
@@ -711,6 +713,41 @@ def stack_buffer(typingctx, size, like):
     return types.CPointer(like.dtype)(size, like), codegen
 
 
+@intrinsic
+def pointer_array(typingctx, pointer, shape):
+    # numba.carray(pointer, shape) for a stack buffer, in kernels without
+    # reference counts (jit.py), which cannot call carray (a function that
+    # returns an array): a C-contiguous array over pointer's values, with
+    # no owner
+    if not isinstance(pointer, types.CPointer):
+        return None
+    if isinstance(shape, types.Integer):
+        ndim = 1
+    elif isinstance(shape, types.UniTuple) and isinstance(shape.dtype, types.Integer):
+        ndim = shape.count
+    else:
+        return None
+    array_type = types.Array(pointer.dtype, ndim, "C")
+
+    def codegen(context, builder, signature, args):
+        from numba.np.arrayobj import make_array, populate_array
+        data, dims = args
+        intp = context.get_value_type(types.intp)
+        dims = [dims] if ndim == 1 else cgutils.unpack_tuple(builder, dims, ndim)
+        dims = [builder.sext(d, intp) if d.type.width < intp.width else d for d in dims]
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
+            context.get_data_type(pointer.dtype)))
+        strides = [itemsize]
+        for d in reversed(dims[1:]):
+            strides.insert(0, builder.mul(strides[0], d))
+        array = make_array(array_type)(context, builder)
+        populate_array(array, data=data, shape=cgutils.pack_array(builder, dims),
+                       strides=cgutils.pack_array(builder, strides), itemsize=itemsize,
+                       meminfo=None)
+        return array._getvalue()
+    return array_type(pointer, shape), codegen
+
+
 def stack_values(builder, value_type, size):
     # `size` values of one type, not an array type: LLVM's scalar
     # replacement of aggregates spent 2.9 s compiling each function that
@@ -720,7 +757,7 @@ def stack_values(builder, value_type, size):
     return buffer
 
 
-@kernel
+@inline_kernel
 def source_panel(packed, src, t0, t1, k, width, pack):
     # src[t0:t1, k:k + width], copied into the first values of packed as a
     # contiguous (t1 - t0, width) matrix if `pack`, else as it is
@@ -821,7 +858,7 @@ def rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_col):
     # either needs (listed_block). Each output is the same chain of
     # multiply-adds either way, less terms that add 0: the same values.
     if listed_rows(coef, r0, r1, nt):
-        rows_in_order = carray(stack_indices(1), 1)  # (not read)
+        rows_in_order = pointer_array(stack_indices(1), 1)  # (not read)
         listed_product(out[:, out_col:], coef, src, r0, r1, nt, k0, k1, rows_in_order,
                        np.bool_(False))
     else:
@@ -836,7 +873,7 @@ def listed_product(out, coef, src, r0, r1, nt, k0, k1, order, ordered):
     # `ordered`, rows order[r], order[r + 1] (an int32 array)
     if k1 <= k0:
         return
-    sources = carray(stack_indices(LISTED_SCRATCH), LISTED_SCRATCH)
+    sources = pointer_array(stack_indices(LISTED_SCRATCH), LISTED_SCRATCH)
     # blocks of columns of at most LISTED_COLUMN_BYTES a source row, each
     # over the sources in equal passes whose rows of the block fit
     # LISTED_MAX_BYTES, each pass continuing the sums the one before stored
@@ -881,7 +918,7 @@ def dense_rows_times_matrix(out, coef, src, r0, r1, nt, k0, k1, sum_rows, out_co
     # on the stack that every row group then reads: source rows whose
     # stride is a multiple of 2 KB (512 columns) fall into few L1 sets and
     # would be fetched from L2 again for every row group
-    packed = carray(stack_buffer(PACK_VALUES, out), PACK_VALUES)
+    packed = pointer_array(stack_buffer(PACK_VALUES, out), PACK_VALUES)
     # a panel read by few row groups is not worth its copy (W3's weight
     # gradient tasks of 16 rows: 7.7-8.1 to 5.4-7.4 ms a step on Zen 3; the
     # tasks of 24 and 32 rows of W1 and the regression benchmark: their
@@ -924,7 +961,7 @@ def narrow_block(out, coef, src, r, rows, nt, add, width):
         block_multiply_add(out, coef, src, r, rows, 0, nt, add, 64)
 
 
-@kernel
+@inline_kernel
 def padded_panel(packed, src, t0, t1, k0, k1):
     # src[t0:t1, k0:k1] (fewer than NARROW_COLUMNS columns) copied into the
     # first values of packed as a (t1 - t0, NARROW_COLUMNS) matrix, zero
@@ -949,7 +986,7 @@ def tail_columns(out, coef, src, packed, r0, r1, nt, k0, k1, out_col):
     # NARROW_COLUMNS, into a tile on the stack whose first k1 - k0 columns
     # are then copied out. Source rows go in passes of TAIL_ROWS (the padded
     # panel fills `packed`), each continuing the sums the pass before stored.
-    tile = carray(stack_buffer(TILE_VALUES, out), (4, NARROW_COLUMNS))
+    tile = pointer_array(stack_buffer(TILE_VALUES, out), (4, NARROW_COLUMNS))
     width = k1 - k0
     for t0 in range(0, max(nt, 1), TAIL_ROWS):  # once when nt is 0: zeros
         t1 = min(nt, t0 + TAIL_ROWS)

@@ -357,8 +357,10 @@ class MLP:
         # total weight scales the output deltas: only backward needs it
         inv_total = self.dtype.type(0.0)
         if backward:
-            weights = data.sample_weight[data.idx[start:start + nrows]]
-            inv_total = self.dtype.type(1.0 / weights.sum())
+            # (every row weighs 1 where the weights are empty: buffers.row_weight)
+            total = (data.sample_weight[data.idx[start:start + nrows]].sum()
+                     if data.sample_weight.size else nrows)
+            inv_total = self.dtype.type(1.0 / total)
         threads = numba.get_num_threads()
         with parallel_launch_guard():
             run_regions(workspace.work, net, data, start, nrows, inv_total, backward, 0, threads,

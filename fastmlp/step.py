@@ -33,7 +33,7 @@ from .forward_backward import (compiled_run_regions, region_part, region_parts, 
                                transpose_weights)
 from .gradients import (HALVES, TASKS, TASKS_AFTER_HALVES, compiled_gradients_update,
                         gradient_parts, gradients_part, sum_halves)
-from .jit import driver_kernel, kernel, parallel_kernel
+from .jit import allocating_driver_kernel, driver_kernel, kernel, parallel_kernel
 from .kernels import finite
 from .optimizers import ADAM, ADAM_ALPHA, LR, adam_alpha
 from .schedules import COSINE, KIND, step_lr
@@ -54,7 +54,10 @@ def sum_row_stats(row_stats, nrows):
 
 @kernel
 def batch_weight(sample_weight, idx, start, nrows):
-    # total sample weight of rows idx[start:start + nrows], in float64
+    # total sample weight of rows idx[start:start + nrows], in float64 (with
+    # every weight 1, buffers.row_weight: nrows, what the sum gives)
+    if sample_weight.shape[0] == 0:
+        return float(nrows)
     total = 0.0
     for b in range(start, start + nrows):
         total += sample_weight[idx[b]]
@@ -108,7 +111,7 @@ INTERRUPTED = 3  # a rank was interrupted: every rank stops at the returned step
 REDUCE_FAILED = 4  # MPI_Allreduce failed at the returned step (nothing applied)
 
 
-@driver_kernel
+@allocating_driver_kernel
 def train_steps(work, net, opt, data, batches, step0, step1, update_count, threads):
     # Runs steps step0..step1 of an epoch whose rows, in order, are data.idx;
     # step s covers the batch idx[s*B : (s+1)*B] (B = batches.size; the last

@@ -273,7 +273,7 @@ CALLER_RUN = textwrap.dedent("""
     import numpy as np
     import callers
     if sys.argv[1] == "renumber":  # compile others first: leaf gets another name
-        callers.other(1.0), callers.other(np.arange(3.0))
+        callers.other(1.0), callers.other(np.int64(3))
         callers.leaf(np.arange(4.0))
     result = callers.caller(np.arange(4.0)) if sys.argv[1] != "renumber" else None
     leaf = callers.leaf.overloads[callers.leaf.signatures[0]]
