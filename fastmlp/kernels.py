@@ -343,9 +343,17 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1, j0, j1):
 @inline_kernel
 def transposed_panel(packed, inp, b0, b1, width, c0, c1):
     # inp[b0:b1, c0:c1].T copied into the first values of packed as a
-    # contiguous (c1 - c0, width) matrix, zero past column b1 - b0: the
-    # batch rows in whole tiles as the weights' transposes are made, the
-    # rows past those one value at a time
+    # contiguous (c1 - c0, width) matrix, zero past column b1 - b0 (by
+    # transpose_into_panel, which compiles once: inlined, its copy made W3's
+    # step 1.03x slower); that matrix
+    transpose_into_panel(packed, inp, b0, b1, width, c0, c1)
+    return packed[:(c1 - c0) * width].reshape((c1 - c0, width))[:, ::1]  # (source_panel's type)
+
+
+@kernel
+def transpose_into_panel(packed, inp, b0, b1, width, c0, c1):
+    # transposed_panel's copy: the batch rows in whole tiles as the weights'
+    # transposes are made, the rows past those one value at a time
     n = TRANSPOSE_BYTES // inp.itemsize
     nc = c1 - c0
     nb = b1 - b0
@@ -361,7 +369,6 @@ def transposed_panel(packed, inp, b0, b1, width, c0, c1):
         dst = panel[c]
         for i in range(nb, width):
             dst[i] = ZERO
-    return panel[:, ::1]  # typed as a packed source_panel: one compiled block
 
 
 @kernel
@@ -760,16 +767,24 @@ def stack_values(builder, value_type, size):
 @inline_kernel
 def source_panel(packed, src, t0, t1, k, width, pack):
     # src[t0:t1, k:k + width], copied into the first values of packed as a
-    # contiguous (t1 - t0, width) matrix if `pack`, else as it is
+    # contiguous (t1 - t0, width) matrix if `pack` (copy_into_panel), else
+    # as it is
     if not pack:
         return src[t0:t1, k:k + width]
+    copy_into_panel(packed, src, t0, t1, k, width)
+    # (typed as the view above: one compiled caller)
+    return packed[:(t1 - t0) * width].reshape((t1 - t0, width))[:, ::1]
+
+
+@kernel
+def copy_into_panel(packed, src, t0, t1, k, width):
+    # source_panel's copy
     panel = packed[:(t1 - t0) * width].reshape((t1 - t0, width))
     for t in range(t0, t1):
         row = src[t, k:k + width]
         dst = panel[t - t0]
         for c in range(width):
             dst[c] = row[c]
-    return panel[:, ::1]  # typed as the view above: one compiled caller
 
 
 # rows_times_matrix takes pairs of rows over the sources where either row's
@@ -965,7 +980,14 @@ def narrow_block(out, coef, src, r, rows, nt, add, width):
 def padded_panel(packed, src, t0, t1, k0, k1):
     # src[t0:t1, k0:k1] (fewer than NARROW_COLUMNS columns) copied into the
     # first values of packed as a (t1 - t0, NARROW_COLUMNS) matrix, zero
-    # past column k1 - k0
+    # past column k1 - k0 (pad_into_panel)
+    pad_into_panel(packed, src, t0, t1, k0, k1)
+    return packed[:(t1 - t0) * NARROW_COLUMNS].reshape((t1 - t0, NARROW_COLUMNS))[:, ::1]
+
+
+@kernel
+def pad_into_panel(packed, src, t0, t1, k0, k1):
+    # padded_panel's copy
     panel = packed[:(t1 - t0) * NARROW_COLUMNS].reshape((t1 - t0, NARROW_COLUMNS))
     width = k1 - k0
     for t in range(t0, t1):
@@ -975,7 +997,6 @@ def padded_panel(packed, src, t0, t1, k0, k1):
             dst[c] = row[c]
         for c in range(width, NARROW_COLUMNS):
             dst[c] = ZERO
-    return panel[:, ::1]
 
 
 @kernel
