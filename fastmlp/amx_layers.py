@@ -37,9 +37,8 @@ from numba.extending import overload
 from .amx import (BLOCK, K_STEP, TILE_ROWS, amx_block, pack_column_pairs, pack_columns,
                   pack_row_pairs, pack_rows, padded)
 from .jit import inline_kernel, kernel, ordered_kernel
-from .kernels import pointer_array
-from .kernels import (BLOCK_COLUMNS, TRANSPOSE_BYTES, activation_derivative, round_row,
-                      stack_buffer, transpose_weight_block)
+from .kernels import (BLOCK_COLUMNS, TRANSPOSE_BYTES, activation_derivative, pointer_array,
+                      round_row, stack_buffer, transpose_weight_block)
 
 XT_PAIRS, X_PAIRS, D_COLS, D_ROWS = range(4)
 W_ROWS, W_PAIRS = range(2)
