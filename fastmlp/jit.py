@@ -273,11 +273,12 @@ def numba_without_scipy_linalg():
 # a kernel that is not inlined took a reference to every array of the
 # Network and Work it was passed (a dozen each) and dropped them on return,
 # each an atomic add on a counter that both threads' kernels share:
-# tasks.total_work over 12 tasks took 3,350 cycles, 94 without; the
-# regression benchmark's step 0.985 of the time without, W1's 0.973 (Zen 4,
-# docs/performance.md). Without counts a kernel may not allocate, and Numba
-# refuses to compile one that returns a view or calls a function that does:
-# those are inline kernels (buffers.view2d), lowered in their callers' code.
+# tasks.total_work over 12 tasks took 3,350 cycles, 94 without. With
+# buffers.row_weight, W1's step took 0.952 of the time and the regression
+# benchmark's 0.933 (Zen 4, docs/performance.md). Without counts a kernel
+# may not allocate, and Numba refuses to compile one that returns a view or
+# calls a function that does: those are inline kernels (buffers.view2d),
+# lowered in their callers' code.
 NO_COUNTS = {"_nrt": False}
 
 # A serial kernel: called from inside parallel loops, never parallel itself.
