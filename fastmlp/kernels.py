@@ -341,13 +341,20 @@ def wide_forward(out, inp, weight, outputs_t, b0, b1, j0, j1):
 
 
 @inline_kernel
+def packed_matrix(packed, rows, cols):
+    # the first rows * cols values of packed (a stack panel) as a C-contiguous
+    # (rows, cols) matrix: the panels' view, for their copies and callers
+    return packed[:rows * cols].reshape((rows, cols))
+
+
+@inline_kernel
 def transposed_panel(packed, inp, b0, b1, width, c0, c1):
     # inp[b0:b1, c0:c1].T copied into the first values of packed as a
     # contiguous (c1 - c0, width) matrix, zero past column b1 - b0 (by
     # transpose_into_panel, which compiles once: inlined, its copy made W3's
     # step 1.03x slower); that matrix
     transpose_into_panel(packed, inp, b0, b1, width, c0, c1)
-    return packed[:(c1 - c0) * width].reshape((c1 - c0, width))[:, ::1]  # (source_panel's type)
+    return packed_matrix(packed, c1 - c0, width)[:, ::1]  # (source_panel's type)
 
 
 @kernel
@@ -357,7 +364,7 @@ def transpose_into_panel(packed, inp, b0, b1, width, c0, c1):
     n = TRANSPOSE_BYTES // inp.itemsize
     nc = c1 - c0
     nb = b1 - b0
-    panel = packed[:nc * width].reshape((nc, width))
+    panel = packed_matrix(packed, nc, width)
     src = inp[b0:b1, c0:c1]
     tiled = nb // n * n
     transpose_weight_block(panel, src, np.int64(0), tiled, np.int64(0), nc)
@@ -773,13 +780,13 @@ def source_panel(packed, src, t0, t1, k, width, pack):
         return src[t0:t1, k:k + width]
     copy_into_panel(packed, src, t0, t1, k, width)
     # (typed as the view above: one compiled caller)
-    return packed[:(t1 - t0) * width].reshape((t1 - t0, width))[:, ::1]
+    return packed_matrix(packed, t1 - t0, width)[:, ::1]
 
 
 @kernel
 def copy_into_panel(packed, src, t0, t1, k, width):
     # source_panel's copy
-    panel = packed[:(t1 - t0) * width].reshape((t1 - t0, width))
+    panel = packed_matrix(packed, t1 - t0, width)
     for t in range(t0, t1):
         row = src[t, k:k + width]
         dst = panel[t - t0]
@@ -982,13 +989,13 @@ def padded_panel(packed, src, t0, t1, k0, k1):
     # first values of packed as a (t1 - t0, NARROW_COLUMNS) matrix, zero
     # past column k1 - k0 (pad_into_panel)
     pad_into_panel(packed, src, t0, t1, k0, k1)
-    return packed[:(t1 - t0) * NARROW_COLUMNS].reshape((t1 - t0, NARROW_COLUMNS))[:, ::1]
+    return packed_matrix(packed, t1 - t0, NARROW_COLUMNS)[:, ::1]
 
 
 @kernel
 def pad_into_panel(packed, src, t0, t1, k0, k1):
     # padded_panel's copy
-    panel = packed[:(t1 - t0) * NARROW_COLUMNS].reshape((t1 - t0, NARROW_COLUMNS))
+    panel = packed_matrix(packed, t1 - t0, NARROW_COLUMNS)
     width = k1 - k0
     for t in range(t0, t1):
         row = src[t, k0:k1]
