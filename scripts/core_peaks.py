@@ -3,8 +3,8 @@
     python scripts/core_peaks.py [--seconds 0.5] [--rounds 5]
 
 Times, on the calling thread, register-only loops compiled by llvmlite for
-this CPU: float32 FMAs on the widest vectors (12 independent accumulators,
-so that the FMA latency is hidden); AVX512_BF16's `vdpbf16ps` (12
+this CPU: float32 and float64 FMAs on the widest vectors (12 independent
+accumulators, so that the FMA latency is hidden); AVX512_BF16's `vdpbf16ps` (12
 accumulators, 2 multiply-adds a float32 lane); and AMX's `tdpbf16ps` (4
 accumulator tiles of 16 x 16, each instruction 16 x 16 x 32 multiply-adds),
 each where the CPU has it. Prints the median GFLOP/s of each over
@@ -28,10 +28,11 @@ ACCUMULATORS = 12
 UNROLL = 8  # instructions a chain per loop trip
 
 
-def vector_loop(name, lanes, instruction):
+def vector_loop(name, lanes, instruction, element="float"):
     """LLVM IR of `void name(i64 trips)`: ACCUMULATORS chains of
-    `instruction` (a format string of acc, a, b giving the new acc)."""
-    vector = f"<{lanes} x float>"
+    `instruction` (a format string of acc, a, b giving the new acc) on
+    vectors of `lanes` values of `element`."""
+    vector = f"<{lanes} x {element}>"
     lines = [f"define void @{name}(i64 %trips) {{", "entry:", "  br label %loop", "loop:",
              "  %i = phi i64 [0, %entry], [%next, %loop]"]
     for k in range(ACCUMULATORS):
@@ -40,7 +41,7 @@ def vector_loop(name, lanes, instruction):
     for step in range(UNROLL):
         for k in range(ACCUMULATORS):
             lines.append(f"  %acc{k}_{step + 1} = " + instruction.format(
-                acc=f"{vector} %acc{k}_{step}", a=f"{vector} splat (float 5.0e-1)"))
+                acc=f"{vector} %acc{k}_{step}", a=f"{vector} splat ({element} 5.0e-1)"))
     lines += ["  %next = add i64 %i, 1", "  %more = icmp ult i64 %next, %trips",
               "  br i1 %more, label %loop, label %done", "done:"]
     # keep the sums: store them nowhere visible, through a volatile asm use
@@ -50,11 +51,12 @@ def vector_loop(name, lanes, instruction):
     return "\n".join(lines)
 
 
-def fma_ir(lanes):
-    return ("declare <{l} x float> @llvm.fma.v{l}f32(<{l} x float>, <{l} x float>, "
-            "<{l} x float>)\n".format(l=lanes)
-            + vector_loop("kernel", lanes,
-                          f"call <{lanes} x float> @llvm.fma.v{lanes}f32({{a}}, {{a}}, {{acc}})"))
+def fma_ir(lanes, element="float"):
+    # `lanes` values of float (float32) or double (float64) a vector
+    v = f"<{lanes} x {element}>"
+    name = f"@llvm.fma.v{lanes}{'f32' if element == 'float' else 'f64'}"
+    return (f"declare {v} {name}({v}, {v}, {v})\n"
+            + vector_loop("kernel", lanes, f"call {v} {name}({{a}}, {{a}}, {{acc}})", element))
 
 
 def dpbf16_ir():
@@ -132,6 +134,10 @@ def main(argv=None):
     engines.append(engine)
     per_trip = 2 * lanes * ACCUMULATORS * UNROLL
     show(f"float32 FMA, {32 * lanes}-bit", rate(signature(address), per_trip, args.seconds,
+                                               args.rounds))
+    engine, address = compile_kernel(fma_ir(lanes // 2, "double"))
+    engines.append(engine)
+    show(f"float64 FMA, {32 * lanes}-bit", rate(signature(address), per_trip // 2, args.seconds,
                                                args.rounds))
     if "avx512_bf16" in native_support():
         engine, address = compile_kernel(dpbf16_ir())

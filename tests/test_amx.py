@@ -169,9 +169,12 @@ def test_the_peak_loops_are_valid_llvm(monkeypatch):
     import llvmlite.binding as llvm
     from conftest import load_script
     peaks = load_script("core_peaks")
-    for text in (peaks.fma_ir(16), peaks.fma_ir(8), peaks.dpbf16_ir(), peaks.amx_ir()):
+    for text in (peaks.fma_ir(16), peaks.fma_ir(8), peaks.fma_ir(8, "double"),
+                 peaks.fma_ir(4, "double"), peaks.dpbf16_ir(), peaks.amx_ir()):
         llvm.parse_assembly(text).verify()
     assert peaks.fma_ir(8).count("@llvm.fma.v8f32(") == 1 + peaks.ACCUMULATORS * peaks.UNROLL
+    assert (peaks.fma_ir(8, "double").count("@llvm.fma.v8f64(")
+            == 1 + peaks.ACCUMULATORS * peaks.UNROLL)
 
 
 def strip_assembly(strip_function, row_tiles, cpu):
