@@ -4,10 +4,10 @@
 
 Times, on the calling thread, register-only loops compiled by llvmlite for
 this CPU: float32 and float64 FMAs on the widest vectors (12 independent
-accumulators, so that the FMA latency is hidden); AVX512_BF16's `vdpbf16ps` (12
-accumulators, 2 multiply-adds a float32 lane); and AMX's `tdpbf16ps` (4
-accumulator tiles of 16 x 16, each instruction 16 x 16 x 32 multiply-adds),
-each where the CPU has it. Prints the median GFLOP/s of each over
+accumulators, so that the FMA latency is hidden); AVX512_BF16's
+`vdpbf16ps` (12 accumulators, 2 multiply-adds a float32 lane); and AMX's
+`tdpbf16ps` (4 accumulator tiles of 16 x 16, each instruction 16 x 16 x 32
+multiply-adds), each where the CPU has it. Prints the median GFLOP/s of each over
 --rounds (a multiply-add counts 2), so that bfloat16 speed-ups can be read
 against what the core itself does.
 """
@@ -130,15 +130,12 @@ def main(argv=None):
           f"{args.rounds} rounds of {args.seconds} s, median")
     engines = []
     signature = ctypes.CFUNCTYPE(None, ctypes.c_int64)
-    engine, address = compile_kernel(fma_ir(lanes))
-    engines.append(engine)
-    per_trip = 2 * lanes * ACCUMULATORS * UNROLL
-    show(f"float32 FMA, {32 * lanes}-bit", rate(signature(address), per_trip, args.seconds,
-                                               args.rounds))
-    engine, address = compile_kernel(fma_ir(lanes // 2, "double"))
-    engines.append(engine)
-    show(f"float64 FMA, {32 * lanes}-bit", rate(signature(address), per_trip // 2, args.seconds,
-                                               args.rounds))
+    for name, element, values in (("float32", "float", lanes), ("float64", "double", lanes // 2)):
+        engine, address = compile_kernel(fma_ir(values, element))
+        engines.append(engine)
+        per_trip = 2 * values * ACCUMULATORS * UNROLL
+        show(f"{name} FMA, {32 * lanes}-bit", rate(signature(address), per_trip, args.seconds,
+                                                   args.rounds))
     if "avx512_bf16" in native_support():
         engine, address = compile_kernel(dpbf16_ir())
         engines.append(engine)
