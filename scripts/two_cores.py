@@ -19,6 +19,13 @@ It prints each one's median rate per thread, alone and together, and the
 ratio: the fraction of a second core's speed-up that the host leaves. The
 threads are Numba's (`NUMBA_NUM_THREADS` at least 2).
 
+Then what two threads pay to exchange data, as a step's do (`exchange`):
+each thread writes a buffer of its own, and after a barrier reads either
+its own or the other's. Where it reads the other's, the next write finds
+its lines in the other core's cache too. A step on two threads exchanges
+that way its half sums and its updated weights: 84 KB each for the
+float64 regression network (21,249 parameters), half that in float32.
+
 Last, the round trip of a cache line between the process's first two CPUs
 (`round_trip_ns`): what a barrier, or a value one core wrote and the other
 reads, costs. A virtual machine's two CPUs may sit on cores that share a
@@ -39,12 +46,17 @@ import time
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]  # core_peaks.py; this fastmlp
 import core_peaks  # noqa: E402
+from fastmlp.balance import cycles  # noqa: E402
 from fastmlp.kernels import dense_backward_weight  # noqa: E402
+from fastmlp.sync import START_TIMEOUT_CYCLES, all_started, barrier, make_sync  # noqa: E402
 
 # round_trip_ns: two threads bounce one int64 between them (pass the cache
 # line back and forth): side 0 writes 2i + 1 and waits for 2i + 2, which
@@ -89,6 +101,10 @@ BOUNCE_TIMEOUT_SECONDS = 60
 SUM_KB = (16, 256, 4096, 65536)
 # the MLPClassifier halves stage's gradient: rows, inputs, outputs
 ROWS, INPUTS, OUTPUTS = 100, 784, 100
+# the buffer each thread writes and the other reads in `exchange`, KB: a
+# float64 regression step's half sums, or its updated weights (the
+# MLPRegressor((128, 64)) benchmark's 21,249 parameters over two threads)
+EXCHANGE_KB = 84
 
 
 @njit(fastmath=True)
@@ -119,6 +135,135 @@ def gradients(weights, deltas, inputs, repeats, threads):
                 dense_backward_weight(weights[p], deltas[p], inputs[p], np.int64(0),
                                       np.int64(OUTPUTS), np.int64(ROWS), np.int64(0),
                                       np.int64(INPUTS))
+
+
+@njit(fastmath=True)
+def buffer_total(values):
+    # the sum of a float64 buffer (vectorised: fastmath reassociates it)
+    total = 0.0
+    for i in range(values.shape[0]):
+        total += values[i]
+    return total
+
+
+@intrinsic
+def streamed_line(typingctx, address, value):
+    # the 64-byte line at `address` (a multiple of 64) filled with `value`
+    # (a float64) by one non-temporal store: the line goes to memory, and
+    # out of every core's cache
+    def codegen(context, builder, signature, args):
+        line = ir.VectorType(ir.DoubleType(), 8)
+        values = builder.insert_element(ir.Constant(line, ir.Undefined), args[1],
+                                        ir.IntType(32)(0))
+        values = builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(
+            ir.IntType(32), 8), [0] * 8))
+        store = builder.store(values, builder.inttoptr(args[0], line.as_pointer()), align=64)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+    return types.void(types.uintp, types.float64), codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    # x86's sfence: the non-temporal stores before it are seen before any
+    # store after it (the barrier's)
+    def codegen(context, builder, signature, args):
+        fence = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+        builder.call(fence, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+# exchange's kinds: each thread reads its own buffer (OWN) or the other's
+# (SHARED), or writes its own by non-temporal stores and reads the other's
+# from memory (STREAMED)
+OWN, SHARED, STREAMED = range(3)
+EXCHANGE_LABELS = {
+    OWN: "own buffer",
+    SHARED: "the other's (written into lines the other read)",
+    STREAMED: "the other's, written by non-temporal stores",
+}
+
+
+def line_aligned(n):
+    """n float64 zeros from a multiple of 64 bytes (fill's streamed stores
+    need whole lines)."""
+    block = np.zeros(n + 8)
+    first = (-block.ctypes.data % 64) // 8
+    return block[first:first + n]
+
+
+@njit
+def fill(values, value, streamed):
+    # values[:] = value, by non-temporal stores if `streamed` (values: whole
+    # lines from a multiple of 64 bytes, as line_aligned gives)
+    if not streamed:
+        values[:] = value
+        return
+    address = values.ctypes.data
+    for line in range(address, address + values.shape[0] * 8, 64):
+        streamed_line(np.uintp(line), value)
+    store_fence()
+
+
+@njit
+def exchange_part(buffers, times, totals, kind, sync, part):
+    # exchange's thread `part`: in each round, fills buffers[part] with the
+    # round's number plus 1000 x part (the write, timed in cycles into
+    # times[part, round, 0]), waits for the other thread, sums its own
+    # buffer (OWN) or the other thread's (times[part, round, 1], the total
+    # into totals[part]), and waits again
+    if not all_started(sync, 2, START_TIMEOUT_CYCLES):
+        return False
+    own = buffers[part]
+    source = own if kind == OWN else buffers[1 - part]
+    for r in range(times.shape[1]):
+        started = cycles()
+        fill(own, r + 1000.0 * part, kind == STREAMED)
+        written = cycles()
+        barrier(sync, 2)
+        began = cycles()
+        totals[part] = buffer_total(source)
+        times[part, r, 0] = written - started
+        times[part, r, 1] = cycles() - began
+        barrier(sync, 2)
+    return True
+
+
+@njit(parallel=True)
+def exchange(buffers, times, totals, kind, sync):
+    # both threads' exchange_part at once; False if the two did not run on
+    # threads of their own (the region then gave up at once)
+    done = np.zeros(2, np.bool_)
+    for p in prange(2):
+        done[p] = exchange_part(buffers, times, totals, kind, sync, np.int64(p))
+    return done.all()
+
+
+def exchange_cycles(kb, kind, rounds):
+    """Median cycles of (the write, the read) per round and thread, of
+    buffers of kb KB, as `kind` says (EXCHANGE_LABELS); the first quarter of the
+    rounds left out (warm-up)."""
+    buffers = line_aligned(2 * kb * 128).reshape(2, kb * 128)
+    times = np.zeros((2, rounds, 2), np.int64)
+    if not exchange(buffers, times, np.zeros(2), kind, make_sync()):
+        raise RuntimeError("the two parts of the exchange did not run at once")
+    kept = times[:, rounds // 4:, :].reshape(-1, 2)
+    return float(np.median(kept[:, 0])), float(np.median(kept[:, 1]))
+
+
+@njit
+def cycle_count():
+    return cycles()
+
+
+def cycles_per_us():
+    """The cycle counter's rate (exchange's unit), against perf_counter."""
+    cycle_count()  # (compiled)
+    started, first = time.perf_counter(), cycle_count()
+    time.sleep(0.05)
+    return (cycle_count() - first) / (time.perf_counter() - started) / 1e6
 
 
 def fma_rates(rounds):
@@ -249,6 +394,11 @@ def main(argv=None):
     flops = 2.0 * ROWS * INPUTS * OUTPUTS * repeats
     show(f"dense_backward_weight {INPUTS}x{OUTPUTS}, {ROWS} rows", "GF/s",
          *(rate / 1e9 for rate in alternated(run, flops, args.rounds)))
+    rate = cycles_per_us()
+    print(f"exchange of {EXCHANGE_KB} KB a thread, both at once, us: {'write':>8} {'read':>8}")
+    for kind in EXCHANGE_LABELS:
+        write, read = exchange_cycles(EXCHANGE_KB, kind, 40 * args.rounds)
+        print(f"  {EXCHANGE_LABELS[kind]:54} {write / rate:8.1f} {read / rate:8.1f}")
     trip, cpus = round_trip_ns(args.rounds), first_two_cpus()
     print("cache line round trip: fewer than two CPUs" if trip is None else
           f"cache line round trip between CPUs {cpus[0]} and {cpus[1]}: {trip:.0f} ns "

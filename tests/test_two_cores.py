@@ -3,6 +3,7 @@ must do its own share, and only its own, or the ratio it prints means
 nothing. (Timing is for the script.)"""
 import os
 
+import numba
 import numpy as np
 import pytest
 from conftest import load_script
@@ -46,3 +47,26 @@ def test_the_round_trip_needs_two_cpus():
         os.sched_setaffinity(0, allowed)
     if len(allowed) >= 2:
         assert two_cores.round_trip_ns(rounds=1, trips=1000) > 0
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_fill_writes_every_value(streamed):
+    values = two_cores.line_aligned(8 * 5)
+    two_cores.fill(values, 2.5, streamed)
+    assert values.tolist() == [2.5] * 40
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2 or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two threads on two CPUs")
+@pytest.mark.parametrize("kind", sorted(two_cores.EXCHANGE_LABELS))
+def test_each_thread_reads_the_buffer_its_kind_names(kind):
+    n, rounds = 8 * 16, 6
+    buffers = two_cores.line_aligned(2 * n).reshape(2, n)
+    times = np.zeros((2, rounds, 2), np.int64)
+    totals = np.zeros(2)
+    numba.set_num_threads(2)
+    assert two_cores.exchange(buffers, times, totals, kind, two_cores.make_sync())
+    # the last round wrote rounds - 1 + 1000 x part into each part's buffer
+    source = [0, 1] if kind == two_cores.OWN else [1, 0]
+    assert totals.tolist() == [n * (rounds - 1 + 1000.0 * source[p]) for p in range(2)]
+    assert (times > 0).all()
