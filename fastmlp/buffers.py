@@ -41,11 +41,15 @@ Network = namedtuple("Network", ["params", "sizes", "w_off", "b_off", "wt_off", 
 # deltas packed for AMX tiles (amx_layers.py; empty without); inputs
 # (threads, B, C): each thread's own copy of the batch's input rows, for a
 # first layer split between threads by its outputs (column_layers.own_inputs; (0, 0,
-# C) without)
+# C) without); exchange (1,): how the update writes the transposed weights
+# that other threads read, PLAIN or STREAMED (training.ExchangeChoice)
 Work = namedtuple("Work", ["acts", "deltas", "act_off", "labels", "targets", "row_weights",
                            "row_stats", "target_scale", "tasks", "task_checks", "task_grads",
                            "weights_t", "outputs_t", "balance", "packed", "packed_layout",
-                           "inputs", "second_half"])
+                           "inputs", "second_half", "exchange"])
+# work.exchange[0]: plain stores, or non-temporal ones
+# (kernels.transposed_panels_streamed)
+PLAIN, STREAMED = 0, 1
 # X: the (N, C) rows' raw bytes, (N, C * x_bytes) uint8, where x_bytes is
 # 1, 4 or 8 for uint8, float32 or float64 rows; labels (N,) int32 for
 # softmax, else targets (N, K) (the other one has no rows); sample_weight

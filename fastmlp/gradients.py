@@ -31,12 +31,13 @@ from .amx_layers import amx_layer
 from .amx_layers import step_amx_backward_weight as amx_backward_weight
 from .amx_layers import step_pack_weights as pack_weights
 from .balance import COLUMN_LAYERS, GRADIENTS, HALF_SUMS, cycles, fold_timings, record, share_point
-from .buffers import view2d
+from .buffers import STREAMED, view2d
 from .column_layers import column_cut, column_layer, own_inputs
 from .fpenv import flush_subnormals, write_fp_control
 from .jit import driver_kernel, inline_kernel, kernel, parallel_kernel
 from .kernels import (MAX_SUM_ROWS, dense_backward_bias, dense_backward_weight, kept_transposed,
-                      round_columns, transpose_to_panels, weight_panels)
+                      round_columns, streamable, transpose_to_panels, transposed_panels_streamed,
+                      weight_panels)
 from .optimizers import (ADAM, ADAM_ALPHA, BETA1, BETA2, DECAY, EPSILON, LR, MOMENTUM,
                          MOMENTUM_COEF, NONE, SGD, adam_update, momentum_update, sgd_update)
 from .tasks import (NO_TASK, WEIGHT_TASK, share_first_task, task_first, task_owner, task_work,
@@ -126,12 +127,14 @@ def add_blocks(out, o_first, a, a_first, b, b_first, net, task, k0, k1):
 
 
 @driver_kernel
-def task_update(work, net, opt, t, grads, g_first, whole_rows):
+def task_update(work, net, opt, t, grads, g_first, whole_rows, scratch):
     # applies the optimizer to task t's parameters (its weight rows, or its
     # layer's biases) from their gradients in grads, laid out as
     # task_gradient writes them from g_first; with whole_rows, to every
     # column of its weight rows, not only its own; returns the update's
-    # check sum (NaN when a new value is not finite)
+    # check sum (NaN when a new value is not finite). scratch: the part's
+    # spare buffer, for the transposed weights' streamed copy
+    # (work.exchange: kernels.transposed_panels_streamed)
     tasks = work.tasks
     sizes = net.sizes
     params = net.params
@@ -176,9 +179,13 @@ def task_update(work, net, opt, t, grads, g_first, whole_rows):
             round_columns(view2d(net.operands, net.w_off, l, OC, C)[j0:tasks[t, 3]],
                           view2d(params, net.w_off, l, OC, C)[j0:tasks[t, 3]], k0, k1)
         if j0 < OCT:
-            transpose_to_panels(weight_panels(work.weights_t, net.wt_off[l], C, OCT),
-                                view2d(net.operands, net.w_off, l, OC, C), j0,
-                                min(tasks[t, 3], OCT), k0, k1)
+            panels = weight_panels(work.weights_t, net.wt_off[l], C, OCT)
+            weight = view2d(net.operands, net.w_off, l, OC, C)
+            j1 = min(tasks[t, 3], OCT)
+            if work.exchange[0] == STREAMED and streamable(panels, j0, j1, k0, k1, scratch):
+                transposed_panels_streamed(panels, weight, scratch, j0, j1)
+            else:
+                transpose_to_panels(panels, weight, j0, j1, k0, k1)
     return check
 
 
@@ -385,7 +392,7 @@ def gradients_part(work, net, opt, nrows, gradients, update, threads, own, stage
                 elif gradients:
                     task_gradient(grads, g_first, spare, work, net, t, nrows, inputs)
                 if update:
-                    check = task_update(work, net, opt, t, grads, g_first, halves)
+                    check = task_update(work, net, opt, t, grads, g_first, halves, spare)
             work.task_checks[t] = check
             if owner >= 0:
                 owned += cycles() - owned_from

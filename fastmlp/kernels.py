@@ -27,6 +27,7 @@ from numba.extending import intrinsic
 from .bfloat16 import round_bfloat16
 from .buffers import row_weight
 from .expf import fast_exp, fast_tanh
+from .fpenv import is_x86
 from .heads import copy_targets
 from .jit import driver_kernel, inline_kernel, kernel, ordered_kernel
 from .microkernel import (DOT_OUTPUTS, LISTED_ROWS, TRANSPOSE_BYTES, block_multiply_add,
@@ -69,6 +70,34 @@ def prefetch(typingctx, address):
                                 ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(types.uintp), codegen
+
+
+@intrinsic
+def stream_line(typingctx, dst, src):
+    # the 64 bytes at address src copied to address dst (a multiple of 64)
+    # by one non-temporal store: the line goes to memory and out of every
+    # core's cache, so that no core must take it back from another's
+    # before it writes it next time (transposed_panels_streamed)
+    def codegen(context, builder, signature, args):
+        line = ir.VectorType(ir.IntType(64), 8)
+        values = builder.load(builder.inttoptr(args[1], line.as_pointer()), align=1)
+        store = builder.store(values, builder.inttoptr(args[0], line.as_pointer()), align=64)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+    return types.void(types.uint64, types.uint64), codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    # x86's sfence: the non-temporal stores before it are seen before any
+    # store after it (a barrier's); nothing where the target is not x86
+    def codegen(context, builder, signature, args):
+        if is_x86(context):
+            fence = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(fence, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
 
 
 # A thread's rows of the next batch are asked for a step early
@@ -424,6 +453,49 @@ def transpose_to_panels(panels, weight, j0, j1, k0, k1):
         c0 = p * BLOCK_COLUMNS
         transpose_weight_block(panels[p], weight[c0:], max(j0 - c0, 0),
                                min(j1 - c0, BLOCK_COLUMNS), k0, k1)
+
+
+# transposed_panels_streamed's blocks: 16 outputs, one task's rows at least
+STREAMED_OUTPUTS = 16
+
+
+@kernel
+def streamable(panels, j0, j1, k0, k1, block):
+    # whether transposed_panels_streamed can copy weight rows j0:j1, columns
+    # k0:k1, into panels: whole rows in blocks of STREAMED_OUTPUTS, each
+    # block's row of a panel whole cache lines, and block has room
+    C = panels.shape[1]
+    line_values = 64 // panels.itemsize
+    return (k0 == 0 and k1 == C and j0 % STREAMED_OUTPUTS == 0
+            and (j1 - j0) % STREAMED_OUTPUTS == 0 and STREAMED_OUTPUTS % line_values == 0
+            and np.int64(panels.ctypes.data) % 64 == 0 and block.shape[0] >= STREAMED_OUTPUTS * C)
+
+
+@kernel
+def transposed_panels_streamed(panels, weight, block, j0, j1):
+    # transpose_to_panels(panels, weight, j0, j1, 0, C) where streamable,
+    # each block of STREAMED_OUTPUTS weight rows transposed into `block`
+    # (a thread's scratch), then copied into its panel by non-temporal
+    # stores (stream_line): the same values. Where the other thread reads
+    # the panels, its next forward takes the lines from memory instead of
+    # this core's cache, and this core's next update writes them without
+    # taking them back from the other's (docs/performance.md: the float64
+    # regression step 0.83 of the time where the two cores are far apart,
+    # 1.03 near; training.ExchangeChoice picks).
+    C = panels.shape[1]
+    n = STREAMED_OUTPUTS
+    transposed = block[:C * n].reshape((C, n))
+    row_bytes = panels.shape[2] * panels.itemsize
+    for j in range(j0, j1, n):
+        transpose_weight_block(transposed, weight[j:j + n], np.int64(0), n, np.int64(0), C)
+        p = j // panels.shape[2]
+        src = np.int64(transposed.ctypes.data)
+        dst = np.int64(panels[p].ctypes.data) + (j - p * panels.shape[2]) * panels.itemsize
+        for c in range(C):
+            for line in range(0, n * panels.itemsize, 64):
+                stream_line(np.uint64(dst + c * row_bytes + line),
+                            np.uint64(src + c * n * panels.itemsize + line))
+    store_fence()
 
 
 @kernel

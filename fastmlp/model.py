@@ -10,7 +10,7 @@ from . import jit
 from .balance import make_balance
 from .amx import usable as amx_usable
 from .amx_layers import layouts as amx_layouts, packed_dtype
-from .buffers import Network, Work, make_data, read_only
+from .buffers import PLAIN, Network, Work, make_data, read_only
 from .heads import HEADS, METRICS, VALUE_HEADS, check_targets, predictions, score, target_scale
 from .kernels import ACTIVATIONS
 from .optimizers import gradients_only
@@ -137,7 +137,8 @@ class Workspace:
             balance=make_balance(threads),
             packed=aligned_zeros(packed_size, packed_dtype(amx)), packed_layout=packed_layout,
             inputs=aligned_zeros(int(np.prod(inputs_shape)), dtype).reshape(inputs_shape),
-            second_half=aligned_zeros(n_params if halves else 0, dtype))
+            second_half=aligned_zeros(n_params if halves else 0, dtype),
+            exchange=np.full(1, PLAIN, np.int64))
         self.row_stats = self.work.row_stats
         start = int(self.act_off[-1])
         self.output = self.acts[start:start + batch_size * n_outputs].reshape(batch_size,

@@ -2,6 +2,7 @@
 into compiled code (`step.train_steps`), each many steps long."""
 import contextlib
 import mmap
+import platform
 import signal
 import threading
 import time
@@ -10,7 +11,7 @@ import numba
 import numpy as np
 
 from . import compile_ahead, distributed, jit, schedules
-from .buffers import Optimizer, make_data
+from .buffers import PLAIN, STREAMED, Optimizer, make_data
 from .cores import cpu_quota
 from .heads import VALUE_HEADS, score, target_scale
 from .history import History
@@ -508,6 +509,64 @@ def record_epoch(history, model, epoch, logs, elapsed, validation):
             history.history.setdefault(key, []).append(float(value))
 
 
+# How an update writes the transposed weights that the other threads read
+# next (work.exchange): plain stores leave each line in this core's cache,
+# where the other core's next read leaves a copy, so this core's next write
+# must take the line back from it first; non-temporal stores
+# (kernels.transposed_panels_streamed) send the lines to memory, where
+# every core then reads them, this one too. Near cores gain nothing by it
+# (the float64 regression step 1.03x as long streamed, float32 1.06x), far
+# ones much (0.83x, 0.95x; 2-core Zen 4 guest, docs/performance.md). So
+# fit measures: every EXCHANGE_TRY_EVERY-th call (one of EXCHANGE_MIN_STEPS
+# steps or more) runs the form it does not use, and each call after runs
+# the faster of the two by their last seconds a step (a change of form
+# only for one EXCHANGE_GAIN faster). One thread reads only its own
+# weights: plain; so do MPI ranks, and machines other than X86 (where
+# kernels.store_fence orders nothing).
+EXCHANGE_TRY_EVERY = 8
+EXCHANGE_MIN_STEPS = 16
+EXCHANGE_GAIN = 1.02
+X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+class ExchangeChoice:
+    """fit's choice of work.exchange (PLAIN or STREAMED), call by call, for
+    each thread count (see EXCHANGE_TRY_EVERY); PLAIN throughout unless
+    `enabled`."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.times = {}  # {(threads, form): seconds a step of its last call}
+        self.current = {}  # {threads: the form in use}
+        self.calls = 0
+
+    def next_form(self, threads, steps):
+        """The form for a call of `steps` steps on `threads` threads."""
+        if threads < 2 or not self.enabled:
+            return PLAIN
+        current = self.current.setdefault(threads, PLAIN)
+        if steps < EXCHANGE_MIN_STEPS:
+            return current
+        self.calls += 1
+        other = STREAMED if current == PLAIN else PLAIN
+        if (threads, current) in self.times and (
+                (threads, other) not in self.times or self.calls % EXCHANGE_TRY_EVERY == 0):
+            return other
+        return current
+
+    def record(self, threads, form, steps, seconds):
+        """A call's time: the form in use from now on is the faster (the
+        other only if EXCHANGE_GAIN faster)."""
+        if threads < 2 or not self.enabled or steps < EXCHANGE_MIN_STEPS:
+            return
+        self.times[threads, form] = seconds / steps
+        current = self.current.setdefault(threads, PLAIN)
+        other = STREAMED if current == PLAIN else PLAIN
+        if ((threads, other) in self.times and (threads, current) in self.times
+                and self.times[threads, other] * EXCHANGE_GAIN < self.times[threads, current]):
+            self.current[threads] = other
+
+
 class EpochLoop:
     """fit's training loop: the workspace and buffers of one fit, its compile,
     and its epochs run as calls into compiled code of about CHUNK_SECONDS
@@ -555,6 +614,7 @@ class EpochLoop:
         self.saved = [np.empty_like(a) for a in (model.params, state.state1, state.state2)]
         self.elapsed = 0.0
         self.chunk = 1  # steps in the next call: then as many as take about CHUNK_SECONDS
+        self.exchange = ExchangeChoice(comm is None and platform.machine().lower() in X86)
 
     def next_chunk(self, per_step):
         """Steps in the next call: a whole epoch when one takes less than
@@ -680,10 +740,14 @@ class EpochLoop:
         step0 = first
         while step0 < n_steps:
             step1 = min(step0 + self.chunk, n_steps)
+            threads = numba.get_num_threads()
+            form = self.exchange.next_form(threads, step1 - step0)
+            self.workspace.work.exchange[0] = form
             start = time.perf_counter()
             chunk_loss, chunk_weight, chunk_score, status, at = self.run(step0, step1)
             seconds = time.perf_counter() - start
             self.elapsed += seconds
+            self.exchange.record(threads, form, at - step0, seconds)
             if status != STEPS_DONE:
                 diverged(model, state, progress, self.run, self.saved, first, first_update,
                          status, at, step0, n_steps, state.name, self.lr)

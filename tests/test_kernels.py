@@ -84,6 +84,39 @@ def panels_of(weight):
     return panels
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("j0,j1", [(0, 128), (16, 48), (48, 80), (112, 128)])
+def test_streamed_panels_are_the_plain_ones(dtype, j0, j1, rng):
+    # transposed_panels_streamed writes what transpose_to_panels writes,
+    # and nothing else
+    from fastmlp.model import aligned_zeros
+    C, OC = 100, 130
+    weight = rng.standard_normal((OC, C)).astype(dtype)
+    plain, streamed = (aligned_zeros(2 * C * 64, dtype).reshape(2, C, 64) for _ in range(2))
+    plain[:] = streamed[:] = 7.0
+    block = np.zeros(16 * C, dtype)
+    assert kernels.streamable(streamed, j0, j1, 0, C, block)
+    kernels.transpose_to_panels(plain, weight, j0, j1, 0, C)
+    kernels.transposed_panels_streamed(streamed, weight, block, j0, j1)
+    np.testing.assert_array_equal(streamed, plain)
+    assert (plain == 7.0).sum() == (2 * 64 - (j1 - j0)) * C
+
+
+def test_only_whole_blocks_of_whole_rows_on_whole_lines_stream():
+    from fastmlp.model import aligned_zeros
+    C = 100
+    panels = aligned_zeros(2 * C * 64 + 2, np.float32)
+    whole = panels[:2 * C * 64].reshape(2, C, 64)
+    block = np.zeros(16 * C, np.float32)
+    assert kernels.streamable(whole, 16, 64, 0, C, block)
+    assert not kernels.streamable(whole, 8, 64, 0, C, block)  # not a block's start
+    assert not kernels.streamable(whole, 16, 56, 0, C, block)
+    assert not kernels.streamable(whole, 16, 64, 4, C, block)  # not whole rows
+    assert not kernels.streamable(whole, 16, 64, 0, C, block[:-1])  # no room
+    off_line = panels[1:2 * C * 64 + 1].reshape(2, C, 64)
+    assert not kernels.streamable(off_line, 16, 64, 0, C, block)
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
 @pytest.mark.parametrize("C,OC,r0,r1", [(1, 1, 0, 1), (13, 5, 2, 9), (64, 10, 0, 64), (7, 9, 3, 4),
                                         (9, 64, 0, 8), (70, 133, 1, 10), (3, 128, 4, 5),

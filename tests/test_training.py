@@ -15,8 +15,8 @@ import pytest
 from numba.core.runtime import _nrt_python, rtsys
 
 import fastmlp
-from fastmlp import cores, reference, training
-from fastmlp.buffers import Optimizer, make_data
+from fastmlp import cores, kernels, reference, training
+from fastmlp.buffers import PLAIN, STREAMED, Optimizer, make_data
 from fastmlp.distributed import local_batches
 from fastmlp.kernels import wide_layer
 from fastmlp.model import Workspace
@@ -667,6 +667,74 @@ def test_update_tasks_keep_the_transposed_weights_current():
     assert wt_off[2] == weights_t.size  # 10 outputs: no transposed block
     assert relative_error(model.weights[0], random_problem([30, 200, 64, 10], 300, "tanh",
                                                            np.float32, seed=4)[0].weights[0]) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streamed_transposed_weights_train_the_same_parameters(dtype, threads):
+    """With work.exchange STREAMED, each update task of whole weight rows
+    copies its transposed block into the panels by non-temporal stores
+    (kernels.transposed_panels_streamed): the same parameters and panels
+    as plain stores, bit for bit."""
+    runs = []
+    for form in (PLAIN, STREAMED):
+        model, X, y = random_problem([30, 200, 64, 10], 600, "relu", dtype, seed=4)
+        ws = Workspace(model.layer_sizes, 200, model.dtype)  # (summed in halves)
+        ws.work.exchange[0] = form
+        grads, m, v = (np.zeros_like(model.params) for _ in range(3))
+        optimizer = Optimizer(grads, m, v, make_hyper(model.dtype, 0.01, 0.9, 0.0),
+                              OPTIMIZERS["adam"], False, np.zeros(5), adam_betas())
+        data = make_data(X, y.astype(np.int32), np.ones(600, model.dtype), np.arange(600),
+                         model.dtype)
+        with training.thread_count(threads):
+            status = train_steps(ws.work, model.network(), optimizer, data,
+                                 local_batches(200, model.dtype), 0, 3, 0, threads)[3]
+        assert status == 0
+        runs.append((model.params.copy(), ws.work.weights_t.copy()))
+        net = model.network()
+        # the streamed copy ran: the tasks of the 200- and 64-output layers
+        # are whole rows in blocks of 16, and their panels start on a line
+        streamed = 0
+        for layer, kind, j0, j1, k0, k1 in ws.work.tasks:
+            if kind == WEIGHT_TASK and layer < 2:
+                C, OC = model.layer_sizes[layer], model.layer_sizes[layer + 1]
+                OCT = kernels.kept_transposed(OC)
+                panels = kernels.weight_panels(ws.work.weights_t, net.wt_off[layer], C, OCT)
+                streamed += j0 < OCT and kernels.streamable(panels, j0, min(j1, OCT), 0, C,
+                                                             ws.work.task_grads[0, 1])
+        assert streamed >= 4
+        for l, fan_in in enumerate([30, 200]):
+            panels = ws.work.weights_t[net.wt_off[l]:net.wt_off[l + 1]].reshape(-1, fan_in, 64)
+            for p, panel in enumerate(panels):
+                assert np.array_equal(panel, model.weights[l][:, p * 64:(p + 1) * 64])
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert np.array_equal(runs[0][1], runs[1][1])
+
+
+def test_exchange_choice_keeps_the_faster_form():
+    """fit's ExchangeChoice: plain first; the other form as soon as plain has
+    a time, then every EXCHANGE_TRY_EVERY-th call; the faster kept (the
+    other only when EXCHANGE_GAIN faster); one thread, short calls and a
+    disabled choice: plain, untimed."""
+    choice = training.ExchangeChoice()
+    steps = training.EXCHANGE_MIN_STEPS
+    assert choice.next_form(1, steps) == PLAIN
+    choice.record(1, STREAMED, steps, 0.001)
+    assert choice.times == {}
+    assert choice.next_form(2, steps - 1) == PLAIN and choice.calls == 0
+    assert choice.next_form(2, steps) == PLAIN
+    choice.record(2, PLAIN, steps, 1.0)
+    assert choice.next_form(2, steps) == STREAMED
+    choice.record(2, STREAMED, steps, 1.0 / training.EXCHANGE_GAIN)  # not faster enough
+    forms = [choice.next_form(2, steps) for _ in range(2 * training.EXCHANGE_TRY_EVERY)]
+    assert forms.count(STREAMED) == 2 and forms.count(PLAIN) == len(forms) - 2
+    choice.record(2, STREAMED, steps, 0.9)
+    assert choice.current[2] == STREAMED
+    assert choice.next_form(2, steps) in (STREAMED, PLAIN)
+    choice.record(2, PLAIN, steps, 0.5)  # plain faster again
+    assert choice.current[2] == PLAIN
+    off = training.ExchangeChoice(enabled=False)
+    assert [off.next_form(2, steps) for _ in range(20)] == [PLAIN] * 20
 
 
 @pytest.mark.parametrize("optimizer,options", OPTIMIZER_CASES)
