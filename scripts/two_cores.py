@@ -48,14 +48,13 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]  # core_peaks.py; this fastmlp
 import core_peaks  # noqa: E402
 from fastmlp.balance import cycles  # noqa: E402
-from fastmlp.kernels import dense_backward_weight  # noqa: E402
+from fastmlp.kernels import dense_backward_weight, store_fence  # noqa: E402
 from fastmlp.sync import START_TIMEOUT_CYCLES, all_started, barrier, make_sync  # noqa: E402
 
 # round_trip_ns: two threads bounce one int64 between them (pass the cache
@@ -162,18 +161,6 @@ def streamed_line(typingctx, address, value):
         store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
         return context.get_dummy_value()
     return types.void(types.uintp, types.float64), codegen
-
-
-@intrinsic
-def store_fence(typingctx):
-    # x86's sfence: the non-temporal stores before it are seen before any
-    # store after it (the barrier's)
-    def codegen(context, builder, signature, args):
-        fence = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
-        builder.call(fence, [])
-        return context.get_dummy_value()
-    return types.void(), codegen
 
 
 # exchange's kinds: each thread reads its own buffer (OWN) or the other's
