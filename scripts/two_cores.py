@@ -231,8 +231,8 @@ def exchange(buffers, times, totals, kind, sync):
 
 def exchange_cycles(kb, kind, rounds):
     """Median cycles of (the write, the read) per round and thread, of
-    buffers of kb KB, as `kind` says (EXCHANGE_LABELS); the first quarter of the
-    rounds left out (warm-up)."""
+    buffers of kb KB, as `kind` says (EXCHANGE_LABELS); the first quarter
+    of the rounds left out (warm-up)."""
     buffers = line_aligned(2 * kb * 128).reshape(2, kb * 128)
     times = np.zeros((2, rounds, 2), np.int64)
     # (a thread that slept long may wake after the region gave up: again)

@@ -15,6 +15,7 @@ from fastmlp import heads, expf, jit, kernels, optimizers, reference
 from fastmlp.bfloat16 import round_array
 from fastmlp.buffers import make_data
 from fastmlp.kernels import ACTIVATIONS, IDENTITY
+from fastmlp.model import aligned_zeros
 
 from conftest import random_problem, reference_copy, relative_error
 
@@ -89,7 +90,6 @@ def panels_of(weight):
 def test_streamed_panels_are_the_plain_ones(dtype, j0, j1, rng):
     # transposed_panels_streamed writes what transpose_to_panels writes,
     # and nothing else
-    from fastmlp.model import aligned_zeros
     C, OC = 100, 130
     weight = rng.standard_normal((OC, C)).astype(dtype)
     plain, streamed = (aligned_zeros(2 * C * 64, dtype).reshape(2, C, 64) for _ in range(2))
@@ -103,7 +103,6 @@ def test_streamed_panels_are_the_plain_ones(dtype, j0, j1, rng):
 
 
 def test_only_whole_blocks_of_whole_rows_on_whole_lines_stream():
-    from fastmlp.model import aligned_zeros
     C = 100
     panels = aligned_zeros(2 * C * 64 + 2, np.float32)
     whole = panels[:2 * C * 64].reshape(2, C, 64)
