@@ -529,6 +529,11 @@ EXCHANGE_GAIN = 1.02
 X86 = ("x86_64", "amd64", "i386", "i686")
 
 
+def other_form(form):
+    """STREAMED for PLAIN, PLAIN for STREAMED (work.exchange)."""
+    return STREAMED if form == PLAIN else PLAIN
+
+
 class ExchangeChoice:
     """fit's choice of work.exchange (PLAIN or STREAMED), call by call, for
     each thread count (see EXCHANGE_TRY_EVERY); PLAIN throughout unless
@@ -548,7 +553,7 @@ class ExchangeChoice:
         if steps < EXCHANGE_MIN_STEPS:
             return current
         self.calls += 1
-        other = STREAMED if current == PLAIN else PLAIN
+        other = other_form(current)
         if (threads, current) in self.times and (
                 (threads, other) not in self.times or self.calls % EXCHANGE_TRY_EVERY == 0):
             return other
@@ -561,7 +566,7 @@ class ExchangeChoice:
             return
         self.times[threads, form] = seconds / steps
         current = self.current.setdefault(threads, PLAIN)
-        other = STREAMED if current == PLAIN else PLAIN
+        other = other_form(current)
         if ((threads, other) in self.times and (threads, current) in self.times
                 and self.times[threads, other] * EXCHANGE_GAIN < self.times[threads, current]):
             self.current[threads] = other

@@ -46,15 +46,13 @@ import time
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]  # core_peaks.py; this fastmlp
 import core_peaks  # noqa: E402
 from fastmlp.balance import cycles  # noqa: E402
-from fastmlp.kernels import dense_backward_weight, store_fence  # noqa: E402
+from fastmlp.kernels import dense_backward_weight, store_fence, stream_line  # noqa: E402
 from fastmlp.sync import START_TIMEOUT_CYCLES, all_started, barrier, make_sync  # noqa: E402
 
 # round_trip_ns: two threads bounce one int64 between them (pass the cache
@@ -146,23 +144,6 @@ def buffer_total(values):
     return total
 
 
-@intrinsic
-def streamed_line(typingctx, address, value):
-    # the 64-byte line at `address` (a multiple of 64) filled with `value`
-    # (a float64) by one non-temporal store: the line goes to memory, and
-    # out of every core's cache
-    def codegen(context, builder, signature, args):
-        line = ir.VectorType(ir.DoubleType(), 8)
-        values = builder.insert_element(ir.Constant(line, ir.Undefined), args[1],
-                                        ir.IntType(32)(0))
-        values = builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(
-            ir.IntType(32), 8), [0] * 8))
-        store = builder.store(values, builder.inttoptr(args[0], line.as_pointer()), align=64)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
-        return context.get_dummy_value()
-    return types.void(types.uintp, types.float64), codegen
-
-
 # exchange's kinds: each thread reads its own buffer (OWN) or the other's
 # (SHARED), or writes its own by non-temporal stores and reads the other's
 # from memory (STREAMED)
@@ -189,9 +170,11 @@ def fill(values, value, streamed):
     if not streamed:
         values[:] = value
         return
+    line = np.full(8, value)  # copied by the kernels' stream_line
     address = values.ctypes.data
-    for line in range(address, address + values.shape[0] * 8, 64):
-        streamed_line(np.uintp(line), value)
+    for dst in range(address, address + values.shape[0] * 8, 64):
+        # (line read in the loop: alive until its end)
+        stream_line(np.uint64(dst), np.uint64(line.ctypes.data))
     store_fence()
 
 
